@@ -1,0 +1,222 @@
+"""Configuration: frozen dataclasses for every stage, with YAML load/save and dotted overrides.
+
+One place for defaults. The CLI loads ``--config FILE.yaml`` (if any) and applies the flags the user gave as
+dotted overrides (``{"train.lr": 1e-4}``), so flags win over the file and the file wins over these defaults.
+The resolved configuration is written next to every output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+from cdkd.errors import ConfigError
+
+T = TypeVar("T")
+
+PATCH_SIZE = 16  # SAM and the ViT-S students all use 16 px patches
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Unlabeled imagery for distillation."""
+
+    root: str = ""  # folder searched recursively for JPEG, PNG, TIFF and GeoTIFF files
+    tile_size: int = 1024  # training crop in pixels; a multiple of the patch size
+    bands: tuple[int, ...] | None = None  # 1-based band indexes to read; None = the first `in_chans` bands
+    stats_samples: int = 64  # windows read once to compute the dataset-level normalisation statistics
+    augment: bool = True  # random flips and 90-degree rotations
+    num_workers: int = 2  # DataLoader worker processes
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Frozen SAM image encoder calibrated by multi-scale mixture-of-adapters (MMoA)."""
+
+    variant: str = "vit_l"  # vit_b | vit_l | vit_h
+    checkpoint: str | None = None  # official SAM checkpoint or an encoder-only state dict
+    random_init: bool = False  # random SAM weights: tests and smoke runs only
+    adapter: str = "multi"  # multi (fine + coarse atrous pyramids) | single (one plain bottleneck)
+    fusion: str = "gate"  # gate (attention gate over FFN/fine/coarse) | add (plain sum)
+    adapter_blocks: tuple[int, ...] | None = None  # 1-based blocks that get MMoA; None = every block
+    adapter_dim: int = 64  # bottleneck width of each adapter
+    fine_dilations: tuple[int, ...] = (1, 3, 5)
+    coarse_dilations: tuple[int, ...] = (7, 9, 11)
+    gate_dim: int = 64  # width of the gate's query/key projections
+    grad_checkpointing: bool = False  # recompute teacher blocks in backward (saves memory on large tiles)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """The small ViT that is distilled; see ``cdkd.models.student.STUDENT_REGISTRY``."""
+
+    arch: str = "vit_s"  # vit_s (global attention) | vit_s_win (windowed + a few global blocks)
+    in_chans: int = 3
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Mask-CDKD objective: feature alignment (KD) + masked reconstruction for teacher and student."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 256
+    decoder_depth: int = 4
+    decoder_heads: int = 8
+    norm_pix_loss: bool = True  # per-patch normalised pixel targets (MAE), same scale as the KD term
+    student_taps: tuple[int, ...] = (3, 6, 9)  # 1-based student blocks aligned to the teacher
+    teacher_taps: tuple[int, ...] | None = None  # 1-based; None = the first global-attention blocks
+    direction: str = "bi"  # bi: KD also trains the teacher adapters | uni: teacher features detached for KD
+    schedule: str = "dynamic"  # dynamic (driven by r = L_T_MAE / L_S_MAE) | fixed
+    fixed_weights: tuple[float, float, float] = (0.6, 0.2, 0.2)  # (KD, T_MAE, S_MAE) for schedule=fixed
+    ema_decay: float = 0.98  # smoothing of the losses that drive r
+    schedule_warmup: int = 20  # loss updates before the schedule may change stage
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping."""
+
+    steps: int | None = None  # optimiser steps; exclusive with epochs; None with epochs None = 1000
+    epochs: float | None = None  # passes over the image files
+    batch_size: int = 4  # images per device per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    clip_grad: float = 1.0
+    amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dict / YAML conversion
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML-safe dict (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config") -> T:
+    """Build dataclass ``cls`` from a nested mapping; unknown keys and wrong types are a ``ConfigError``."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)} in {cls.__name__}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{source}: {k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, source=where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        last: Exception | None = None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError as e:
+                last = e
+        raise last or ConfigError(f"{where}: invalid value {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        item = args[0] if args else Any
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(item, v, where) for v in value)
+        if args and len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value)) if args else tuple(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    """Read a YAML file into dataclass ``cls``; a missing or malformed file is a ``ConfigError``."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return from_dict(cls, data, source=str(path))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write ``cfg`` as YAML (atomically: a reader never sees half a file)."""
+    from cdkd.utils.atomic import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def apply_overrides(cfg: T, overrides: Mapping[str, Any]) -> T:
+    """Return ``cfg`` with dotted-key overrides applied: ``{"train.lr": 1e-4, "data.root": "tiles/"}``."""
+    data = to_dict(cfg)
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"override {key}: no section {p!r}")
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"override {key}: unknown key {leaf!r}")
+        node[leaf] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return from_dict(type(cfg), data, source="overrides")

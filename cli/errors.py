@@ -1,0 +1,28 @@
+"""Library errors become one clean line and an exit code at the CLI's edge (rasterio's ``rio`` does the same)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+import typer
+
+from cdkd.errors import CdkdError, CdkdValueError
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Print ``Error: ...`` for cdkd's own errors and exit 2 for bad values, 1 for everything else cdkd raises.
+
+    Only ``CdkdError`` is caught: anything else is a bug and keeps its traceback. (Never catch bare
+    ``Exception`` here: typer's ``Exit`` is an exception too and must pass through.)
+    """
+    try:
+        yield
+    except CdkdError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        raise typer.Exit(2 if isinstance(e, CdkdValueError) else 1) from None
+    except KeyboardInterrupt:
+        print("Interrupted; rerun with --resume to continue from the last checkpoint.", file=sys.stderr)
+        raise typer.Exit(130) from None

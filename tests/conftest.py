@@ -1,0 +1,157 @@
+"""Shared test fixtures: the real-data folder (skipped when absent) and small synthetic rasters written in code."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import Affine
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# real imagery lives beside the repository (../shared/data) and is never copied into it
+SHARED_DATA = Path(os.environ.get("CDKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def _require(path: Path) -> Path:
+    if not path.is_dir():
+        pytest.skip(f"real data not available: {path} (set CDKD_SHARED_DATA to the shared data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-data folder, or skip."""
+    return _require(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def rsscn7_dir() -> Path:
+    """350 real 400x400 RGB JPEG tiles (RSSCN7), or skip."""
+    return _require(SHARED_DATA / "unlabeled" / "rsscn7")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# synthetic rasters
+
+
+def synthetic_image(shape: tuple[int, int, int], seed: int = 0, dtype: str = "uint8") -> np.ndarray:
+    """(C, H, W) image with structure: per-band smooth gradients, a few Gaussian blobs and mild noise.
+
+    Values span most of the dtype's range (uint8: ~10..245, uint16: ~1000..~12000) and are never 0, so a
+    nodata value of 0 can be placed deliberately.
+    """
+    c, h, w = shape
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    out = np.empty((c, h, w), dtype=np.float64)
+    for b in range(c):
+        angle = rng.uniform(0, 2 * np.pi)
+        band = 0.5 + 0.3 * (np.cos(angle) * xx / w + np.sin(angle) * yy / h - 0.5)
+        for _ in range(4):
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            r = rng.uniform(0.05, 0.2) * max(h, w)
+            band += rng.uniform(-0.3, 0.3) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        band += rng.normal(0, 0.02, size=(h, w))
+        out[b] = np.clip(band, 0.04, 0.96)
+    if dtype == "uint8":
+        return np.round(out * 255).astype(np.uint8)
+    if dtype == "uint16":
+        return np.round(out * 12000 + 500).astype(np.uint16)
+    return out.astype(dtype)
+
+
+def make_geotiff(
+    path: str | Path,
+    array: np.ndarray,
+    crs: str | None = "EPSG:32633",
+    transform: Affine | None = None,
+    nodata: float | None = None,
+    **profile,
+) -> Path:
+    """Write (C, H, W) ``array`` as a GeoTIFF (10 m UTM pixels by default); ``profile`` overrides creation options."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count, height, width = array.shape
+    options = dict(
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=count,
+        dtype=array.dtype.name,
+        crs=crs,
+        transform=transform if transform is not None else Affine(10, 0, 500_000, 0, -10, 5_000_000),
+        nodata=nodata,
+    )
+    options.update(profile)
+    with rasterio.open(path, "w", **options) as dst:
+        dst.write(array)
+    return path
+
+
+def make_image(path: str | Path, array: np.ndarray, driver: str) -> Path:
+    """Write (C, H, W) uint8 ``array`` as a plain JPEG or PNG (no georeferencing) through rasterio."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count, height, width = array.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver=driver, width=width, height=height, count=count, dtype="uint8") as dst:
+            dst.write(array)
+    for aux in path.parent.glob(path.name + ".aux.xml"):
+        aux.unlink()  # GDAL may leave a sidecar for formats without georeferencing
+    return path
+
+
+@pytest.fixture
+def geotiff_factory(tmp_path):
+    """``geotiff_factory(name, array, **kw)`` writes ``tmp_path/name`` with ``make_geotiff``."""
+
+    def factory(name: str, array: np.ndarray, **kwargs) -> Path:
+        return make_geotiff(tmp_path / name, array, **kwargs)
+
+    return factory
+
+
+# sizes below are (height, width)
+TILE_DIR_USABLE = {
+    "scenes/a/grass.jpg": (3, 96, 96),
+    "scenes/b/FIELD.JPG": (3, 96, 96),  # upper-case suffix must match too
+    "scenes/b/deep/river.png": (3, 80, 120),
+    "geo/rgb.tif": (3, 260, 300),
+    "geo/ms_uint16.tif": (4, 200, 200),
+}
+TILE_DIR_BROKEN = ("geo/broken.tif", "geo/truncated.tif")
+MS_NODATA_CORNER = 40  # ms_uint16.tif: the top-left 40x40 pixels are nodata (0 in every band)
+
+
+@pytest.fixture
+def tile_dir(tmp_path) -> Path:
+    """A nested folder of small structured images, plus files that must be skipped.
+
+    Usable (5): two 96x96 RGB JPEGs, an RGB PNG of 80 rows x 120 columns, a 3-band uint8 GeoTIFF 260x300 and a
+    4-band uint16 GeoTIFF 200x200 with nodata 0 in its top-left ``MS_NODATA_CORNER`` square.
+    Skipped (2 of 7 candidates): ``broken.tif`` (random bytes) and ``truncated.tif`` (header intact, the second
+    half of its strips cut off; its top-left 64 rows still decode). ``notes.txt`` is not a candidate.
+    """
+    root = tmp_path / "tiles"
+    make_image(root / "scenes/a/grass.jpg", synthetic_image((3, 96, 96), seed=1), "JPEG")
+    make_image(root / "scenes/b/FIELD.JPG", synthetic_image((3, 96, 96), seed=2), "JPEG")
+    make_image(root / "scenes/b/deep/river.png", synthetic_image((3, 80, 120), seed=3), "PNG")
+    make_geotiff(root / "geo/rgb.tif", synthetic_image((3, 260, 300), seed=4))
+    ms = synthetic_image((4, 200, 200), seed=5, dtype="uint16")
+    ms[:, :MS_NODATA_CORNER, :MS_NODATA_CORNER] = 0
+    make_geotiff(root / "geo/ms_uint16.tif", ms, nodata=0)
+
+    (root / "notes.txt").write_text("not an image\n")
+    (root / "geo/broken.tif").write_bytes(np.random.default_rng(6).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    truncated = make_geotiff(
+        root / "geo/truncated.tif", synthetic_image((3, 128, 128), seed=7), blockysize=16, interleave="pixel"
+    )
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: int(len(data) * 0.75)])
+    return root
