@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import typer
 
 from cli import distill
@@ -19,6 +22,12 @@ app.command("distill", no_args_is_help=True)(distill.distill_command)
 @app.callback()
 def _main() -> None:
     """cdkd: Mask-CDKD distillation, land-cover fine-tuning, export and scene mapping."""
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Warnings as one readable line on stderr; the source line Python would add means nothing to a user."""
+    print(f"Warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,16 @@ def test_ddp_two_gloo_processes_match_one_process(tile_dir: Path, tmp_path: Path
     worst = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
     # Two AdamW steps move weights by up to ~2e-4; summation-order noise must stay far below that.
     assert worst < 2e-5, worst
+
+
+def test_windowed_student_and_fixed_uni_ablation_run(tile_dir: Path, tmp_path: Path) -> None:
+    """vit_s_win (full grid + mask token) with the single-adapter, additive, one-way, fixed-weight ablation."""
+    cfg = small_config(tile_dir, **{"student.arch": "vit_s_win", "train.steps": 2, "teacher.adapter": "single",
+                                    "teacher.fusion": "add", "objective.direction": "uni",
+                                    "objective.schedule": "fixed", "objective.fixed_weights": (0.5, 0.25, 0.25)})
+    distill(cfg, tmp_path / "run", progress=False)
+    rows = _metrics(tmp_path / "run")
+    assert all(r["weights"] == [0.5, 0.25, 0.25] and r["stage"] == "fixed" for r in rows)
+    model, info = load_student(tmp_path / "run" / "student.pt")
+    assert info.arch == "vit_s_win" and not model.encodes_visible_only
+    assert model.forward_features(torch.randn(1, 3, 96, 96)).shape == (1, 36, 384)

@@ -35,8 +35,8 @@ from cdkd.distill.objective import MaskCDKD
 from cdkd.distill.schedule import LossSchedule
 from cdkd.errors import CheckpointError, CdkdValueError, ConfigError, OutputExistsError
 from cdkd.models.mae import PatchMasker
-from cdkd.models.student import build_student
-from cdkd.models.teacher import build_teacher, teacher_provenance
+from cdkd.models.student import STUDENT_REGISTRY, build_student
+from cdkd.models.teacher import build_teacher, check_teacher_source, teacher_provenance
 from cdkd.utils.atomic import atomic_write_text
 from cdkd.utils.distributed import DistContext, cleanup_distributed, init_distributed, resolve_device
 
@@ -93,6 +93,10 @@ def validate_config(cfg: DistillConfig) -> None:
         raise CdkdValueError(f"amp must be auto, bf16, fp16 or none, got {cfg.train.amp!r}")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise CdkdValueError("batch size and gradient accumulation must be >= 1")
+    if cfg.student.arch not in STUDENT_REGISTRY:
+        raise CdkdValueError(f"unknown student {cfg.student.arch!r}; choose one of {', '.join(STUDENT_REGISTRY)}")
+    # Fail on a missing SAM checkpoint before minutes of data scanning, not after.
+    check_teacher_source(cfg.teacher.variant, cfg.teacher.checkpoint, cfg.teacher.random_init)
     if cfg.data.bands is not None and len(cfg.data.bands) != cfg.student.in_chans:
         raise CdkdValueError(f"--bands selects {len(cfg.data.bands)} bands but the student takes "
                              f"{cfg.student.in_chans} (--in-chans)")

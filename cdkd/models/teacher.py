@@ -48,6 +48,15 @@ def build_sam_encoder(variant: str, checkpoint: str | Path | None = None, random
     """
     from segment_anything import sam_model_registry
 
+    check_teacher_source(variant, checkpoint, random_init)
+    encoder = sam_model_registry[variant](checkpoint=None).image_encoder
+    if checkpoint is not None:
+        encoder.load_state_dict(_read_encoder_state(Path(checkpoint), variant))
+    return encoder
+
+
+def check_teacher_source(variant: str, checkpoint: str | Path | None, random_init: bool) -> None:
+    """Cheap checks of the teacher's variant and weights source, so a bad one fails before any heavy work."""
     if variant not in SAM_VARIANTS:
         raise CdkdValueError(f"unknown teacher {variant!r}; choose one of {', '.join(SAM_VARIANTS)}")
     if checkpoint is None and not random_init:
@@ -55,15 +64,11 @@ def build_sam_encoder(variant: str, checkpoint: str | Path | None = None, random
                               "or pass --random-teacher for a smoke test")
     if checkpoint is not None and random_init:
         raise CdkdValueError("give either a teacher checkpoint or random_init, not both")
-    encoder = sam_model_registry[variant](checkpoint=None).image_encoder
-    if checkpoint is not None:
-        encoder.load_state_dict(_read_encoder_state(Path(checkpoint), variant))
-    return encoder
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise CheckpointError(f"{checkpoint}: SAM checkpoint not found; {SAM_CHECKPOINT_HELP}")
 
 
 def _read_encoder_state(path: Path, variant: str) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: SAM checkpoint not found; {SAM_CHECKPOINT_HELP}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file: pickle, zip, runtime errors

@@ -1,0 +1,105 @@
+"""The command line: help for every command, and one clear line plus a non-zero exit for every bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from conftest import make_geotiff
+
+runner = CliRunner()
+
+
+def _run(args: list[str]):
+    res = runner.invoke(app, [str(a) for a in args])
+    return res, res.output
+
+
+def _one_clean_error(output: str) -> str:
+    assert "Traceback" not in output
+    errors = [ln for ln in output.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1, output
+    return errors[0]
+
+
+@pytest.mark.parametrize("cmd", [[], ["distill"]])
+def test_help(cmd: list[str]) -> None:
+    res = runner.invoke(app, cmd + ["--help"])
+    assert res.exit_code == 0
+    assert "Usage" in res.output
+
+
+def _distill(data: Path, out: Path, *extra: str):
+    return _run(["distill", "--data", data, "--out", out, "--teacher", "vit_b", "--tile-size", "64",
+                 "--steps", "1", "--workers", "0", "--no-progress", *extra])
+
+
+def test_missing_checkpoint_says_where_to_get_one(tile_dir: Path, tmp_path: Path) -> None:
+    res, out = _distill(tile_dir, tmp_path / "run", "--teacher-checkpoint", tmp_path / "sam_vit_b.pth")
+    assert res.exit_code == 1
+    line = _one_clean_error(out)
+    assert "sam_vit_b.pth" in line and "model-checkpoints" in line
+    res, out = _distill(tile_dir, tmp_path / "run")  # neither a checkpoint nor --random-teacher
+    assert res.exit_code == 1 and "--random-teacher" in _one_clean_error(out)
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_tile_size_not_multiple_of_patch(tile_dir: Path, tmp_path: Path) -> None:
+    res, out = _distill(tile_dir, tmp_path / "run", "--random-teacher", "--tile-size", "100")
+    assert res.exit_code == 2
+    assert "tile size 100 is not a multiple of the patch size 16" in _one_clean_error(out)
+
+
+def test_no_usable_images(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    (empty / "broken.tif").write_bytes(b"II*\x00garbage")
+    res, out = _distill(empty, tmp_path / "run", "--random-teacher")
+    assert res.exit_code == 1
+    line = _one_clean_error(out)
+    assert str(empty) in line and "no usable image" in line
+    res, out = _distill(tmp_path / "missing", tmp_path / "run", "--random-teacher")
+    assert res.exit_code == 1 and "missing" in _one_clean_error(out)
+
+
+def test_wrong_band_count(tmp_path: Path) -> None:
+    data = tmp_path / "pan"
+    data.mkdir()
+    make_geotiff(data / "pan.tif", np.full((1, 80, 80), 7, dtype=np.uint16))
+    res, out = _distill(data, tmp_path / "run", "--random-teacher")  # a 3-band student, 1-band data
+    assert res.exit_code == 1
+    assert "band" in _one_clean_error(out)
+    res, out = _distill(data, tmp_path / "run", "--random-teacher", "--bands", "1,2")
+    assert res.exit_code == 2 and "--bands selects 2 bands" in _one_clean_error(out)
+
+
+def test_existing_run_needs_resume_or_overwrite_and_resume_needs_a_checkpoint(tile_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "student.pt").write_bytes(b"earlier result")
+    res, out = _distill(tile_dir, run, "--random-teacher")
+    assert res.exit_code == 1 and "--overwrite" in _one_clean_error(out)
+    assert (run / "student.pt").read_bytes() == b"earlier result"
+    res, out = _distill(tile_dir, tmp_path / "fresh", "--random-teacher", "--resume")
+    assert res.exit_code == 1 and "nothing to resume" in _one_clean_error(out)
+
+
+def test_bad_config_file_and_bad_flags(tile_dir: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train: {lr: [1, 2}\n")
+    res, out = _distill(tile_dir, tmp_path / "run", "--random-teacher", "--config", cfg)
+    assert res.exit_code == 2 and str(cfg) in _one_clean_error(out)
+    cfg.write_text("train: {learning_rate: 0.1}\n")
+    res, out = _distill(tile_dir, tmp_path / "run", "--random-teacher", "--config", cfg)
+    assert res.exit_code == 2 and "learning_rate" in _one_clean_error(out)
+    res, out = _distill(tile_dir, tmp_path / "run", "--random-teacher", "--teacher", "vit_x")
+    assert res.exit_code == 2 and "vit_x" in _one_clean_error(out)
+    res, out = _distill(tile_dir, tmp_path / "run", "--random-teacher", "--teacher-checkpoint", cfg)
+    assert res.exit_code == 2 and "exclude each other" in out
+    res, out = _distill(tile_dir, tmp_path / "run", "--random-teacher", "--steps", "2", "--epochs", "1")
+    assert res.exit_code == 2 and "--steps or --epochs" in _one_clean_error(out)
