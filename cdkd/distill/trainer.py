@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 import cdkd
 from cdkd.artifacts import StudentInfo, save_student
-from cdkd.config import PATCH_SIZE, DistillConfig, save_config, to_dict
-from cdkd.data import NormStats, StepSampler, UnlabeledTiles, compute_stats, find_rasters
+from cdkd.config import DistillConfig, save_config, to_dict
+from cdkd.data import NormStats, StepSampler, UnlabeledTiles, check_tile_size, compute_stats, find_rasters
 from cdkd.distill.checkpoint import (list_checkpoints, load_checkpoint, restore_model, rng_state, save_checkpoint,
                                      set_rng_state, trainable_state)
 from cdkd.distill.objective import MaskCDKD
@@ -84,9 +84,7 @@ class DistillResult:
 
 def validate_config(cfg: DistillConfig) -> None:
     """User-facing checks before any heavy work."""
-    t = cfg.data.tile_size
-    if t <= 0 or t % PATCH_SIZE:
-        raise CdkdValueError(f"tile size {t} is not a multiple of the patch size {PATCH_SIZE} (try {max(16, t // 16 * 16)})")
+    check_tile_size(cfg.data.tile_size)
     if cfg.train.steps is not None and cfg.train.epochs is not None:
         raise CdkdValueError("give --steps or --epochs, not both")
     if cfg.train.amp not in ("auto", "bf16", "fp16", "none"):
