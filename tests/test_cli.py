@@ -103,3 +103,25 @@ def test_bad_config_file_and_bad_flags(tile_dir: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "exclude each other" in out
     res, out = _distill(tile_dir, tmp_path / "run", "--random-teacher", "--steps", "2", "--epochs", "1")
     assert res.exit_code == 2 and "--steps or --epochs" in _one_clean_error(out)
+
+
+def test_mixed_data_types_are_refused(tmp_path: Path) -> None:
+    data = tmp_path / "mixed"
+    data.mkdir()
+    for i in range(2):
+        make_geotiff(data / f"rgb{i}.tif", np.full((3, 80, 80), 100, dtype=np.uint8))
+    make_geotiff(data / "deep.tif", np.full((3, 80, 80), 3000, dtype=np.uint16))
+    res, out = _distill(data, tmp_path / "run", "--random-teacher")
+    assert res.exit_code == 1
+    line = _one_clean_error(out)
+    assert "uint8: 2 files" in line and "uint16: 1 files" in line and "deep.tif" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_real_scenes_folder_with_broken_files_is_refused_clearly(shared_data: Path, tmp_path: Path) -> None:
+    """../shared/data/scenes mixes uint8 and uint16 and holds corrupt files: a warning, then one clear error."""
+    res, out = _distill(shared_data / "scenes", tmp_path / "run", "--random-teacher")
+    assert res.exit_code == 1
+    assert "Warning: skipped" in out and "corrupt.tif" in out
+    assert "different data types" in _one_clean_error(out)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

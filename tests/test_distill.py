@@ -23,6 +23,22 @@ from cli.main import app
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def rgb_tiles(tile_dir: Path) -> Path:
+    """The shared synthetic folder (JPEG, PNG, GeoTIFF, broken files) without its uint16 file: one data type."""
+    import rasterio
+
+    for path in tile_dir.rglob("*.tif"):
+        try:
+            with rasterio.open(path) as src:
+                deep = src.dtypes[0] != "uint8"
+        except rasterio.errors.RasterioIOError:
+            continue  # the broken files stay: the run must skip them
+        if deep:
+            path.unlink()
+    return tile_dir
+
+
 def small_config(data: Path, **overrides) -> DistillConfig:
     base = {
         "data.root": str(data), "data.tile_size": 64, "data.num_workers": 0, "data.stats_samples": 16,
@@ -59,9 +75,9 @@ def test_loss_decreases_on_real_tiles(rsscn7_dir: Path, tmp_path: Path) -> None:
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 384)
 
 
-def test_run_folder_contract_and_refusal_to_overwrite(tile_dir: Path, tmp_path: Path) -> None:
+def test_run_folder_contract_and_refusal_to_overwrite(rgb_tiles: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cfg = small_config(tile_dir, **{"train.steps": 2})
+    cfg = small_config(rgb_tiles, **{"train.steps": 2})
     distill(cfg, run, progress=False)
     for name in ("student.pt", "config.yaml", "metrics.jsonl", "report.json"):
         assert (run / name).is_file(), name
@@ -77,9 +93,9 @@ def test_run_folder_contract_and_refusal_to_overwrite(tile_dir: Path, tmp_path: 
     distill(cfg, run, overwrite=True, progress=False)
 
 
-def test_resume_continues_the_same_trajectory(tile_dir: Path, tmp_path: Path) -> None:
+def test_resume_continues_the_same_trajectory(rgb_tiles: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cfg = small_config(tile_dir, **{"train.steps": 4, "train.checkpoint_every": 2})
+    cfg = small_config(rgb_tiles, **{"train.steps": 4, "train.checkpoint_every": 2})
     distill(cfg, run, progress=False)
     uninterrupted = _student_state(run)
     full_metrics = _metrics(run)
@@ -98,19 +114,19 @@ def test_resume_continues_the_same_trajectory(tile_dir: Path, tmp_path: Path) ->
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
 
-def test_resume_refuses_a_changed_configuration(tile_dir: Path, tmp_path: Path) -> None:
+def test_resume_refuses_a_changed_configuration(rgb_tiles: Path, tmp_path: Path) -> None:
     from cdkd.errors import ConfigError
 
     run = tmp_path / "run"
-    distill(small_config(tile_dir, **{"train.steps": 2}), run, progress=False)
+    distill(small_config(rgb_tiles, **{"train.steps": 2}), run, progress=False)
     with pytest.raises(ConfigError, match="train.lr"):
-        distill(small_config(tile_dir, **{"train.steps": 2, "train.lr": 1.0}), run, resume=True, progress=False)
+        distill(small_config(rgb_tiles, **{"train.steps": 2, "train.lr": 1.0}), run, resume=True, progress=False)
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_processes_match_one_process(tile_dir: Path, tmp_path: Path) -> None:
+def test_ddp_two_gloo_processes_match_one_process(rgb_tiles: Path, tmp_path: Path) -> None:
     """2 ranks x batch 1 see exactly the samples of 1 process x batch 2, so losses and weights agree."""
-    common = ["distill", "--data", str(tile_dir), "--teacher", "vit_b", "--random-teacher", "--tile-size", "64",
+    common = ["distill", "--data", str(rgb_tiles), "--teacher", "vit_b", "--random-teacher", "--tile-size", "64",
               "--steps", "2", "--workers", "0", "--log-every", "1", "--lr", "1e-4", "--no-progress"]
     cfg_file = tmp_path / "small.yaml"
     cfg_file.write_text("teacher: {adapter_dim: 16}\nobjective: {decoder_dim: 64, decoder_depth: 1, decoder_heads: 4}\n"
@@ -134,9 +150,9 @@ def test_ddp_two_gloo_processes_match_one_process(tile_dir: Path, tmp_path: Path
     assert worst < 2e-5, worst
 
 
-def test_windowed_student_and_fixed_uni_ablation_run(tile_dir: Path, tmp_path: Path) -> None:
+def test_windowed_student_and_fixed_uni_ablation_run(rgb_tiles: Path, tmp_path: Path) -> None:
     """vit_s_win (full grid + mask token) with the single-adapter, additive, one-way, fixed-weight ablation."""
-    cfg = small_config(tile_dir, **{"student.arch": "vit_s_win", "train.steps": 2, "teacher.adapter": "single",
+    cfg = small_config(rgb_tiles, **{"student.arch": "vit_s_win", "train.steps": 2, "teacher.adapter": "single",
                                     "teacher.fusion": "add", "objective.direction": "uni",
                                     "objective.schedule": "fixed", "objective.fixed_weights": (0.5, 0.25, 0.25)})
     distill(cfg, tmp_path / "run", progress=False)

@@ -227,3 +227,20 @@ def read_window(
         raise
     except (RasterioError, OSError) as e:
         raise CdkdIOError(f"{path}: cannot read pixels ({_gdal_reason(e)})") from e
+
+
+def require_one_dtype(rasters: Sequence[RasterInfo], root: str | Path) -> str:
+    """The data type all ``rasters`` share; mixed types are a ``DataError``.
+
+    One set of normalisation statistics cannot serve uint8 and uint16 imagery at once (their value ranges differ
+    by two orders of magnitude), so a mixed folder would train on mis-scaled inputs without any sign of it.
+    """
+    by_dtype: dict[str, list[RasterInfo]] = {}
+    for r in rasters:
+        by_dtype.setdefault(r.dtype, []).append(r)
+    if len(by_dtype) > 1:
+        counts = ", ".join(f"{d}: {len(v)} files" for d, v in sorted(by_dtype.items(), key=lambda kv: -len(kv[1])))
+        minority = min(by_dtype.values(), key=len)[0]
+        raise DataError(f"{root}: images of different data types ({counts}, e.g. {Path(minority.path).name}); "
+                        "one set of normalisation statistics cannot serve them all: put each type in its own folder")
+    return next(iter(by_dtype))

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 import cdkd
 from cdkd.artifacts import StudentInfo, save_student
 from cdkd.config import DistillConfig, save_config, to_dict
-from cdkd.data import NormStats, StepSampler, UnlabeledTiles, check_tile_size, compute_stats, find_rasters
+from cdkd.data import (NormStats, StepSampler, UnlabeledTiles, check_tile_size, compute_stats, find_rasters,
+                       require_one_dtype)
 from cdkd.distill.checkpoint import (list_checkpoints, load_checkpoint, restore_model, rng_state, save_checkpoint,
                                      set_rng_state, trainable_state)
 from cdkd.distill.objective import MaskCDKD
@@ -146,7 +147,8 @@ class _Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
 
     # ----------------------------------------------------------------------------------------------- set-up
-    def _prepare_out_dir(self, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    def _check_out_dir(self, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+        """Refuse to clobber an earlier run; for ``resume``, return the newest checkpoint. Writes nothing."""
         root = self.paths.root
         existing = [n for n in RUN_FILES if (root / n).exists()]
         if resume:
@@ -159,13 +161,19 @@ class _Run:
         if existing and not overwrite:
             raise OutputExistsError(f"{root}: already holds a distillation run ({', '.join(existing)}); "
                                     "pass --resume to continue it or --overwrite to start again")
+        return None
+
+    def _reset_out_dir(self) -> None:
+        """Create the run folder, removing an earlier run's files (``--overwrite``), once all checks passed."""
         self.ctx.barrier()  # every rank has looked before rank 0 deletes
         if self.ctx.is_main:
-            for name in existing:
-                p = root / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-            root.mkdir(parents=True, exist_ok=True)
-        return None
+            for name in RUN_FILES:
+                p = self.paths.root / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+            self.paths.root.mkdir(parents=True, exist_ok=True)
 
     def _check_resumable(self, blob: dict[str, Any], path: Path) -> None:
         saved = _flatten(blob["config"])
@@ -219,9 +227,12 @@ class _Run:
     # ----------------------------------------------------------------------------------------------- the run
     def run(self, resume: bool, overwrite: bool) -> DistillResult:
         cfg = self.cfg
-        blob = self._prepare_out_dir(resume, overwrite)
+        blob = self._check_out_dir(resume, overwrite)
         bands = cfg.data.bands or tuple(range(1, cfg.student.in_chans + 1))
         rasters = find_rasters(cfg.data.root, bands=bands, min_bands=max(bands))
+        require_one_dtype(rasters, cfg.data.root)
+        if blob is None:
+            self._reset_out_dir()
         if blob is not None:
             stats = NormStats.from_dict(blob["norm"])
         else:
