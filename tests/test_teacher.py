@@ -152,3 +152,19 @@ def test_full_and_encoder_only_checkpoints_load_and_wrong_variant_is_named(tmp_p
         assert torch.equal(enc.pos_embed, sam.image_encoder.pos_embed)
     with pytest.raises(CheckpointError, match="vit_b checkpoint, but the teacher is vit_l"):
         build_sam_encoder("vit_l", full)
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    x = torch.randn(1, 3, 64, 64)
+    grads = []
+    for ckpt in (False, True):
+        teacher = MMoATeacher(_randomised_sam_b(), TeacherConfig(variant="vit_b", random_init=True, adapter_dim=8,
+                                                                 grad_checkpointing=ckpt)).train()
+        with torch.no_grad():
+            for blk in teacher.blocks:
+                for a in blk.mmoa.adapters:
+                    a.up.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
+        teacher.forward_masked(x, None, [5])[1].square().mean().backward()
+        grads.append(teacher.blocks[0].mmoa.adapters[0].down.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
