@@ -1,13 +1,16 @@
-"""``student.pt``: the distilled student with everything a later stage needs, in one file.
+"""Artifacts: ``student.pt`` and ``segmenter.pt``, each carrying everything a later stage needs, in one file.
 
-Contents (a plain dict, loadable with ``torch.load(weights_only=True)``):
+``student.pt`` (a plain dict, loadable with ``torch.load(weights_only=True)``):
 
     format        "cdkd.student"          version   1
     arch          registry name           arch_args builder arguments (img_size, in_chans, overrides)
     state_dict    student weights         norm      NormStats.to_dict(): bands, per-band mean/std, dtype
     provenance    teacher (variant, checkpoint, sha256, random or not), data, steps, cdkd version, time
 
-Nothing else has to be kept in sync by hand: ``load_student`` rebuilds the network from ``arch``/``arch_args``.
+``segmenter.pt`` adds to the student: ``head`` (decoder configuration), ``classes`` (ids, names, colours,
+ignore index), ``tile_size`` and ``overlap`` for inference, and the whole segmenter's weights.
+
+Nothing else has to be kept in sync by hand: the loaders rebuild the networks from what the file says.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from cdkd.data.classes import ClassSchema
 from cdkd.data.stats import NormStats
 from cdkd.errors import CheckpointError
 from cdkd.models.student import build_student
+from cdkd.models.upernet import Segmenter
 from cdkd.utils.atomic import atomic_torch_save
 
 STUDENT_FORMAT = "cdkd.student"
 STUDENT_VERSION = 1
+SEGMENTER_FORMAT = "cdkd.segmenter"
+SEGMENTER_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -56,26 +63,81 @@ def save_student(path: str | Path, student: nn.Module, info: StudentInfo) -> Non
     )
 
 
+def _read_artifact(path: Path, fmt: str, version: int, what: str, hint: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} file not found ({hint})")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file: pickle, zip, runtime errors
+        raise CheckpointError(f"{path}: not a readable {what} file ({type(e).__name__})") from None
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise CheckpointError(f"{path}: not a cdkd {what} file (expected format {fmt!r})")
+    if int(blob.get("version", 0)) > version:
+        raise CheckpointError(f"{path}: {what} format version {blob['version']} is newer than this cdkd "
+                              f"understands ({version}); upgrade cdkd")
+    return blob
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match architecture {arch} ({str(e).splitlines()[0]})") from None
+
+
 def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, StudentInfo]:
     """Rebuild the student in ``student.pt``; returns (model in eval mode, its info)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: student file not found (cdkd distill writes RUN_DIR/student.pt)")
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file: pickle, zip, runtime errors
-        raise CheckpointError(f"{path}: not a readable student file ({type(e).__name__})") from None
-    if not isinstance(blob, dict) or blob.get("format") != STUDENT_FORMAT:
-        raise CheckpointError(f"{path}: not a cdkd student file (expected format {STUDENT_FORMAT!r})")
-    if int(blob.get("version", 0)) > STUDENT_VERSION:
-        raise CheckpointError(f"{path}: student format version {blob['version']} is newer than this cdkd "
-                              f"understands ({STUDENT_VERSION}); upgrade cdkd")
+    blob = _read_artifact(path, STUDENT_FORMAT, STUDENT_VERSION, "student", "cdkd distill writes RUN_DIR/student.pt")
     info = StudentInfo(arch=blob["arch"], arch_args=dict(blob["arch_args"]), norm=NormStats.from_dict(blob["norm"]),
                        provenance=dict(blob.get("provenance", {})))
     model = build_student(info.arch, **info.arch_args)
-    try:
-        model.load_state_dict(blob["state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match architecture {info.arch} "
-                              f"({str(e).splitlines()[0]})") from None
-    return model.eval(), info
+    _load_weights(model, blob["state_dict"], path, info.arch)
+    return model.to(map_location).eval(), info
+
+
+@dataclass(frozen=True)
+class SegmenterInfo:
+    """What ``segmenter.pt`` says besides the weights: the student it stands on, classes, inference settings."""
+
+    student: StudentInfo
+    head: dict[str, Any]
+    classes: ClassSchema
+    tile_size: int
+    overlap: int
+
+    @property
+    def norm(self) -> NormStats:
+        return self.student.norm
+
+    @property
+    def in_chans(self) -> int:
+        return self.student.in_chans
+
+
+def save_segmenter(path: str | Path, segmenter: Segmenter, info: SegmenterInfo) -> None:
+    """Write ``segmenter.pt`` atomically."""
+    state = {k: v.detach().cpu() for k, v in segmenter.state_dict().items()}
+    st = info.student
+    atomic_torch_save(
+        {"format": SEGMENTER_FORMAT, "version": SEGMENTER_VERSION,
+         "student": {"arch": st.arch, "arch_args": st.arch_args, "provenance": st.provenance},
+         "head": info.head, "state_dict": state, "classes": info.classes.to_dict(), "norm": st.norm.to_dict(),
+         "tile_size": info.tile_size, "overlap": info.overlap},
+        path,
+    )
+
+
+def load_segmenter(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Segmenter, SegmenterInfo]:
+    """Rebuild the segmenter in ``segmenter.pt``; returns (model in eval mode, its info)."""
+    path = Path(path)
+    blob = _read_artifact(path, SEGMENTER_FORMAT, SEGMENTER_VERSION, "segmenter",
+                          "cdkd finetune writes RUN_DIR/segmenter.pt")
+    st = blob["student"]
+    student = StudentInfo(arch=st["arch"], arch_args=dict(st["arch_args"]), norm=NormStats.from_dict(blob["norm"]),
+                          provenance=dict(st.get("provenance", {})))
+    info = SegmenterInfo(student=student, head=dict(blob["head"]), classes=ClassSchema.from_dict(blob["classes"]),
+                         tile_size=int(blob["tile_size"]), overlap=int(blob["overlap"]))
+    model = Segmenter(build_student(student.arch, **student.arch_args), **info.head)
+    _load_weights(model, blob["state_dict"], path, f"{student.arch} + {info.head.get('head', '?')}")
+    return model.to(map_location).eval(), info

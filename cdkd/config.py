@@ -89,6 +89,7 @@ class TrainConfig:
     lr: float = 1e-5
     weight_decay: float = 0.01
     warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # cosine | poly (after the linear warm-up)
     clip_grad: float = 1.0
     amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
     seed: int = 0
@@ -104,6 +105,45 @@ class DistillConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class LabeledDataConfig:
+    """Labeled land-cover pairs for fine-tuning and evaluation."""
+
+    root: str = ""
+    format: str = "folder"  # dubai | deepglobe | loveda | isprs | openearthmap | folder
+    classes: str | None = None  # class file (YAML); required for format "folder"
+    split: tuple[str, ...] | None = None  # fnmatch patterns on path components, e.g. ["tile[1-6]"] or ["train"]
+    tile_size: int | None = None  # None = the student's tile size
+    overlap: int | None = None  # sliding-window overlap for evaluation; None = a quarter of the tile
+    augment: bool = True
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The decoder trained on the frozen student."""
+
+    type: str = "upernet"  # upernet | linear (linear-probe baseline)
+    layers: tuple[int, ...] = (3, 6, 9, 12)  # 1-based student blocks that feed the decoder
+    channels: int = 512
+    norm: str = "bn"  # bn | gn
+    unfreeze: bool = False  # train the student too (full fine-tuning)
+    class_balanced: bool = False  # cross-entropy weighted by inverse sqrt class frequency
+
+
+def _finetune_train() -> TrainConfig:
+    # The paper's decoder protocol: AdamW lr 1e-4, 30 epochs, polynomial decay.
+    return TrainConfig(lr=1e-4, batch_size=8, warmup_steps=0, lr_schedule="poly", checkpoint_every=200)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    student: str = ""  # path to student.pt
+    data: LabeledDataConfig = field(default_factory=LabeledDataConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=_finetune_train)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -123,8 +163,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config") -> T:
-    """Build dataclass ``cls`` from a nested mapping; unknown keys and wrong types are a ``ConfigError``."""
+def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config", base: T | None = None) -> T:
+    """Build dataclass ``cls`` from a nested mapping; unknown keys and wrong types are a ``ConfigError``.
+
+    Keys not in ``data`` keep their value in ``base`` (default: ``cls()``). Nested sections merge onto the
+    parent's default for that section, so ``train: {log_every: 1}`` in a fine-tuning file keeps fine-tuning's
+    own training defaults rather than falling back to the ``TrainConfig`` class defaults.
+    """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -132,8 +177,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config") 
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)} in {cls.__name__}; known: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{source}: {k}") for k, v in data.items()}
-    return cls(**kwargs)
+    base = cls() if base is None else base
+    kwargs = {}
+    for k, v in data.items():
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = from_dict(tp, v or {}, source=f"{source}: {k}", base=getattr(base, k))
+        else:
+            kwargs[k] = _coerce(tp, v, f"{source}: {k}")
+    return dataclasses.replace(base, **kwargs)
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

@@ -7,7 +7,7 @@ import warnings
 
 import typer
 
-from cli import distill
+from cli import distill, evaluate, finetune
 
 app = typer.Typer(
     name="cdkd",
@@ -17,6 +17,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("distill", no_args_is_help=True)(distill.distill_command)
+app.command("finetune", no_args_is_help=True)(finetune.finetune_command)
+app.command("evaluate", no_args_is_help=True)(evaluate.evaluate_command)
 
 
 @app.callback()

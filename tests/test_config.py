@@ -51,3 +51,12 @@ def test_total_steps_from_epochs() -> None:
     assert total_steps(cfg, 350, world_size=1) == 88  # ceil(350 / 4)
     assert total_steps(cfg, 350, world_size=2) == 44
     assert total_steps(apply_overrides(cfg, {"train.epochs": None, "train.steps": 7}), 350, 1) == 7
+
+
+def test_partial_section_keeps_the_parent_defaults(tmp_path) -> None:
+    from cdkd.config import FinetuneConfig
+
+    (tmp_path / "c.yaml").write_text("train: {log_every: 1}\n")
+    cfg = load_config(FinetuneConfig, tmp_path / "c.yaml")
+    assert cfg.train == FinetuneConfig().train.__class__(**{**to_dict(FinetuneConfig())["train"], "log_every": 1})
+    assert cfg.train.lr == 1e-4 and cfg.train.lr_schedule == "poly"  # fine-tuning's, not TrainConfig's class defaults

@@ -85,7 +85,7 @@ def test_run_folder_contract_and_refusal_to_overwrite(rgb_tiles: Path, tmp_path:
     assert load_config(DistillConfig, run / "config.yaml") == cfg
     report = json.loads((run / "report.json").read_text())
     assert report["steps"] == 2 and report["images_seen"] == 4
-    assert not list(run.glob(".*.tmp"))  # no temporary left behind
+    assert not list(run.glob(".*.tmp*"))  # no temporary left behind
     from cdkd.errors import OutputExistsError
 
     with pytest.raises(OutputExistsError, match="--resume"):

@@ -11,9 +11,7 @@ step's samples (``StepSampler``) and the loss schedule is steered by losses aver
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -30,47 +28,29 @@ from cdkd.artifacts import StudentInfo, save_student
 from cdkd.config import DistillConfig, save_config, to_dict
 from cdkd.data import (NormStats, StepSampler, UnlabeledTiles, check_tile_size, compute_stats, find_rasters,
                        require_one_dtype)
-from cdkd.distill.checkpoint import (list_checkpoints, load_checkpoint, restore_model, rng_state, save_checkpoint,
-                                     set_rng_state, trainable_state)
 from cdkd.distill.objective import MaskCDKD
 from cdkd.distill.schedule import LossSchedule
-from cdkd.errors import CheckpointError, CdkdValueError, ConfigError, OutputExistsError
+from cdkd.errors import CheckpointError, CdkdValueError
 from cdkd.models.mae import PatchMasker
 from cdkd.models.student import STUDENT_REGISTRY, build_student
 from cdkd.models.teacher import build_teacher, check_teacher_source, teacher_provenance
-from cdkd.utils.atomic import atomic_write_text
+from cdkd.utils.checkpoint import restore_model, rng_state, save_checkpoint, set_rng_state, trainable_state
 from cdkd.utils.distributed import DistContext, cleanup_distributed, init_distributed, resolve_device
+from cdkd.utils.optim import adamw, lr_lambda
+from cdkd.utils.rundir import RunDir, check_resumable
 
 DEFAULT_STEPS = 1000
 # Settings a resumed run may change: they do not alter the trajectory (or, for steps, only extend it).
 RESUMABLE_KEYS = {"train.steps", "train.epochs", "train.checkpoint_every", "train.log_every", "train.device",
                   "data.num_workers", "data.root", "teacher.checkpoint", "teacher.grad_checkpointing"}
-RUN_FILES = ("student.pt", "config.yaml", "metrics.jsonl", "report.json", "checkpoints")
 
 
-@dataclass(frozen=True)
-class RunPaths:
-    root: Path
+CHECKPOINT_FORMAT = "cdkd.distill-checkpoint"
 
-    @property
-    def student(self) -> Path:
-        return self.root / "student.pt"
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+def run_dir(root: str | Path) -> RunDir:
+    """The layout of a distillation run folder (artifact ``student.pt``)."""
+    return RunDir(Path(root), "student.pt", "distillation run")
 
 
 @dataclass(frozen=True)
@@ -127,7 +107,7 @@ def distill(
     validate_config(cfg)
     ctx = init_distributed(cfg.train.device)
     try:
-        return _Run(cfg, RunPaths(Path(out_dir)), ctx, progress, log or _stderr).run(resume, overwrite)
+        return _Run(cfg, run_dir(out_dir), ctx, progress, log or _stderr).run(resume, overwrite)
     finally:
         cleanup_distributed(ctx)
 
@@ -137,7 +117,7 @@ def _stderr(msg: str) -> None:
 
 
 class _Run:
-    def __init__(self, cfg: DistillConfig, paths: RunPaths, ctx: DistContext, progress: bool,
+    def __init__(self, cfg: DistillConfig, paths: RunDir, ctx: DistContext, progress: bool,
                  log: Callable[[str], None]) -> None:
         self.cfg, self.paths, self.ctx, self.progress = cfg, paths, ctx, progress
         self.log = log if ctx.is_main else (lambda _msg: None)
@@ -148,41 +128,15 @@ class _Run:
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _check_out_dir(self, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-        """Refuse to clobber an earlier run; for ``resume``, return the newest checkpoint. Writes nothing."""
-        root = self.paths.root
-        existing = [n for n in RUN_FILES if (root / n).exists()]
-        if resume:
-            ckpts = list_checkpoints(self.paths.checkpoints)
-            if not ckpts:
-                raise CheckpointError(f"{root}: nothing to resume (no checkpoint in {self.paths.checkpoints})")
-            blob = load_checkpoint(ckpts[-1])
-            self._check_resumable(blob, ckpts[-1])
-            return blob
-        if existing and not overwrite:
-            raise OutputExistsError(f"{root}: already holds a distillation run ({', '.join(existing)}); "
-                                    "pass --resume to continue it or --overwrite to start again")
-        return None
+        blob = self.paths.check(resume, overwrite, CHECKPOINT_FORMAT)
+        if blob is not None:
+            check_resumable(blob["config"], to_dict(self.cfg), RESUMABLE_KEYS, self.paths.checkpoints)
+        return blob
 
     def _reset_out_dir(self) -> None:
-        """Create the run folder, removing an earlier run's files (``--overwrite``), once all checks passed."""
         self.ctx.barrier()  # every rank has looked before rank 0 deletes
         if self.ctx.is_main:
-            for name in RUN_FILES:
-                p = self.paths.root / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-            self.paths.root.mkdir(parents=True, exist_ok=True)
-
-    def _check_resumable(self, blob: dict[str, Any], path: Path) -> None:
-        saved = _flatten(blob["config"])
-        now = _flatten(to_dict(self.cfg))
-        changed = sorted(k for k in saved if k not in RESUMABLE_KEYS and saved[k] != now.get(k))
-        if changed:
-            diffs = ", ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in changed[:4])
-            raise ConfigError(f"{path}: cannot resume with a different configuration ({diffs}); "
-                              "resume with the run's own config.yaml")
+            self.paths.reset()
 
     def _build(self, stats: NormStats) -> tuple[MaskCDKD, StudentInfo]:
         cfg = self.cfg
@@ -195,28 +149,6 @@ class _Run:
         model = MaskCDKD(teacher, student, cfg.objective, in_chans=cfg.student.in_chans)
         info = StudentInfo(arch=cfg.student.arch, arch_args=arch_args, norm=stats, provenance={})
         return model.to(self.device), info
-
-    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            # No weight decay on biases, norms, tokens and position embeddings (standard ViT practice).
-            (no_decay if p.ndim <= 1 or "token" in name or "pos_embed" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.cfg.train.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.cfg.train.lr)
-
-    def _lr_lambda(self, steps: int) -> Callable[[int], float]:
-        warm = min(self.cfg.train.warmup_steps, max(steps - 1, 0))
-
-        def f(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            progress = (step - warm) / max(1, steps - warm)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-        return f
 
     def _amp(self) -> tuple[torch.dtype | None, bool]:
         amp = self.cfg.train.amp
@@ -240,8 +172,9 @@ class _Run:
                                   seed=cfg.train.seed)
         steps = total_steps(cfg, len(rasters), self.ctx.world_size)
         model, info = self._build(stats)
-        optimizer = self._optimizer(model)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(steps))
+        optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, steps))
         o = cfg.objective
         schedule = LossSchedule(o.schedule, o.fixed_weights, o.ema_decay, o.schedule_warmup)
         start = 0
@@ -260,7 +193,7 @@ class _Run:
             self.log(f"resuming {self.paths.root} at step {start} (stage {schedule.stage_name})")
         if self.ctx.is_main:
             save_config(cfg, self.paths.config)
-            self._truncate_metrics(start)
+            self.paths.truncate_metrics(start)
         self.ctx.barrier()
 
         dataset = UnlabeledTiles(rasters, stats, cfg.data.tile_size, augment=cfg.data.augment, seed=cfg.train.seed,
@@ -270,7 +203,10 @@ class _Run:
                               start_micro_step=start * accum, num_micro_steps=steps * accum)
         loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
                             num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
+                            persistent_workers=False,
+                        # Its own generator: drawing the workers' base seed from the global RNG would shift
+                        # dropout's random stream after a resume.
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
         net: nn.Module = model
         if self.ctx.enabled:
             net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -283,14 +219,14 @@ class _Run:
 
         if self.ctx.is_main:
             info = replace(info, provenance=self._provenance(steps, len(rasters)))
-            save_student(self.paths.student, model.student, info)
-            report = {"student": str(self.paths.student), "steps": steps, "resumed_from": start,
+            save_student(self.paths.artifact, model.student, info)
+            report = {"student": str(self.paths.artifact), "steps": steps, "resumed_from": start,
                       "images_seen": (steps - start) * cfg.train.batch_size * accum * self.ctx.world_size,
                       "seconds": round(seconds, 2), "final_losses": last, "stage": schedule.stage_name,
                       "ratio": schedule.ratio, "files": len(rasters), "cdkd_version": cdkd.__version__}
-            atomic_write_text(self.paths.report, json.dumps(report, indent=2))
+            self.paths.write_report(report)
         self.ctx.barrier()
-        return DistillResult(self.paths.root, self.paths.student, steps, last, schedule.stage_name, seconds)
+        return DistillResult(self.paths.root, self.paths.artifact, steps, last, schedule.stage_name, seconds)
 
     def _loop(self, net: nn.Module, model: MaskCDKD, optimizer: torch.optim.Optimizer,
               scheduler: torch.optim.lr_scheduler.LRScheduler, schedule: LossSchedule, batches: Iterator[dict],
@@ -364,7 +300,7 @@ class _Run:
                     scheduler: torch.optim.lr_scheduler.LRScheduler, schedule: LossSchedule, stats: NormStats) -> None:
         if not self.ctx.is_main:
             return
-        save_checkpoint(self.paths.checkpoints, step, {
+        save_checkpoint(self.paths.checkpoints, step, fmt=CHECKPOINT_FORMAT, payload={
             "config": to_dict(self.cfg), "model": trainable_state(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "schedule": schedule.state_dict(), "rng": rng_state(),
             "scaler": self.scaler.state_dict(),
@@ -374,37 +310,9 @@ class _Run:
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if self.ctx.is_main:
-            with self.paths.metrics.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def _truncate_metrics(self, step: int) -> None:
-        """On resume, drop metric lines written after the checkpoint, so each step is logged once."""
-        path = self.paths.metrics
-        if not path.exists():
-            return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+            self.paths.write_metrics(record)
 
     def _provenance(self, steps: int, files: int) -> dict[str, Any]:
         return {"teacher": teacher_provenance(self.cfg.teacher), "data": {"root": self.cfg.data.root, "files": files},
                 "steps": steps, "objective": to_dict(self.cfg.objective), "cdkd_version": cdkd.__version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def load_run_config(run_dir: str | Path) -> DistillConfig:
-    """The resolved configuration of an earlier run (``RUN_DIR/config.yaml``)."""
-    from cdkd.config import load_config
-
-    return load_config(DistillConfig, RunPaths(Path(run_dir)).config)
-
-

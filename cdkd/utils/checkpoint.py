@@ -1,9 +1,9 @@
-"""Training checkpoints of a distillation run: save, find the latest, restore.
+"""Training checkpoints: save, find the newest, load, restore trainable weights and RNG states.
 
-A checkpoint holds what changes during training: the trainable weights (SAM's frozen weights come from their
-own file, or from the seed for a random teacher, checked by a fingerprint), optimiser, LR scheduler, loss
-schedule (stage and loss EMAs), step, RNG states, normalisation statistics and the resolved configuration.
-Files are written atomically; the newest ``keep`` are kept.
+A checkpoint holds what changes during training: trainable weights (frozen weights come from their own file;
+the caller checks them by a fingerprint), optimiser, LR scheduler, step, RNG states and whatever else the job
+adds (loss schedule, normalisation, resolved configuration). Files are written atomically; the newest ``keep``
+are kept. ``format`` tags which job wrote a file, so one job never resumes another's checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import torch.nn as nn
 from cdkd.errors import CheckpointError
 from cdkd.utils.atomic import atomic_torch_save
 
-CHECKPOINT_FORMAT = "cdkd.distill-checkpoint"
 _NAME = re.compile(r"step_(\d+)\.pt$")
 
 
@@ -45,10 +44,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, step: int, payload: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``folder/step_XXXXXXX.pt`` and delete all but the newest ``keep`` checkpoints."""
+def save_checkpoint(folder: Path, step: int, payload: dict[str, Any], fmt: str, keep: int = 2) -> Path:
+    """Write ``folder/step_XXXXXXX.pt`` tagged ``fmt`` and delete all but the newest ``keep`` checkpoints."""
     path = folder / f"step_{step:07d}.pt"
-    atomic_torch_save(dict(payload, format=CHECKPOINT_FORMAT, step=step), path)
+    atomic_torch_save(dict(payload, format=fmt, step=step), path)
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -62,14 +61,14 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, fmt: str) -> dict[str, Any]:
     try:
         # RNG states hold numpy objects, so this is a full unpickle: only load checkpoints you wrote yourself.
         blob = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file raises pickle, zip or runtime errors
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a cdkd distillation checkpoint")
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise CheckpointError(f"{path}: not a {fmt} checkpoint (found {blob.get('format') if isinstance(blob, dict) else '?'})")
     return blob
 
 

@@ -1,0 +1,93 @@
+"""Sliding-window inference over a whole image held in memory.
+
+Used by evaluation and by the scene engine's in-memory path: plan the windows (``tiler.plan_windows``), cut
+each tile out of the image (padding tiles of images smaller than the tile), run the model on batches of tiles,
+crop the padding off its logits and blend overlapping tiles (``blend.blend_weights`` + ``LogitAccumulator``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from cdkd.errors import CdkdValueError
+from cdkd.scene.blend import LogitAccumulator, blend_weights
+from cdkd.scene.tiler import PAD_MODES, TileWindow, _as_int, pad_to_tile, plan_windows
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _batches(windows: Sequence[TileWindow], batch_size: int) -> Iterator[Sequence[TileWindow]]:
+    """Consecutive chunks of at most ``batch_size`` windows (the last may be shorter)."""
+    for start in range(0, len(windows), batch_size):
+        yield windows[start : start + batch_size]
+
+
+def _extract_tile(image: torch.Tensor, window: TileWindow, tile: int, pad_mode: str) -> torch.Tensor:
+    """(C, tile, tile) tile of the (C, H, W) ``image`` at ``window``, on the image's device.
+
+    A window is smaller than the tile only when the image is, which makes the padding path rare and small;
+    it goes through numpy because torch's reflect padding cannot extend an axis by more than its own length.
+    """
+    rows, cols = window.slices
+    crop = image[:, rows, cols]
+    if window.shape == (tile, tile):
+        return crop
+    padded, _ = pad_to_tile(crop.cpu().numpy(), tile, mode=pad_mode)
+    return torch.from_numpy(padded).to(image.device)
+
+
+def _as_image(image: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """The (C, H, W) image as a float32 tensor (numpy arrays are wrapped, not copied, when already float32)."""
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if not isinstance(image, torch.Tensor):
+        raise CdkdValueError(f"image must be a torch tensor or numpy array, got {type(image).__name__}")
+    if image.ndim != 3 or 0 in image.shape:
+        raise CdkdValueError(f"image must have shape (C, H, W) with no empty dimension, got {tuple(image.shape)}")
+    return image.float()
+
+
+def sliding_window_logits(
+    predict: Predict,
+    image: torch.Tensor | np.ndarray,
+    tile: int,
+    overlap: int,
+    num_classes: int,
+    batch_size: int = 4,
+    pad_mode: str = "reflect",
+) -> torch.Tensor:
+    """Blended (K, H, W) float32 CPU logits of ``predict`` over the whole (C, H, W) ``image``.
+
+    ``predict`` maps a (B, C, tile, tile) float32 batch (on the image's device: move the image to the GPU
+    first, or let ``predict`` move the batch) to (B, K, tile, tile) logits, K = ``num_classes``. It is called
+    under ``torch.inference_mode``. Windows overlap by ``overlap`` pixels and are blended with cosine weights
+    (``blend_weights``); the output does not depend on ``batch_size``. Tiles of images smaller than the tile
+    are padded at the bottom/right with ``pad_mode`` (see ``pad_to_tile``) and the padding is cropped from the
+    logits, so it only influences the prediction through the model's context.
+    """
+    image = _as_image(image)
+    tile = _as_int("tile", tile)
+    batch_size = _as_int("batch_size", batch_size)
+    if batch_size <= 0:
+        raise CdkdValueError(f"batch_size must be > 0, got batch_size={batch_size}")
+    if pad_mode not in PAD_MODES:  # checked up front: padding is only reached for images smaller than the tile
+        raise CdkdValueError(f"unknown pad mode {pad_mode!r}; choose one of {', '.join(PAD_MODES)}")
+    _, height, width = image.shape
+    windows = plan_windows(height, width, tile, overlap)  # validates tile and overlap
+    weights = blend_weights(tile, overlap)
+    accumulator = LogitAccumulator(num_classes, height, width)
+    with torch.inference_mode():
+        for chunk in _batches(windows, batch_size):
+            batch = torch.stack([_extract_tile(image, w, tile, pad_mode) for w in chunk])
+            logits = predict(batch)
+            expected = (len(chunk), accumulator.num_classes, tile, tile)
+            if tuple(logits.shape) != expected:
+                raise CdkdValueError(f"predict returned logits of shape {tuple(logits.shape)}, expected {expected}")
+            logits = logits.detach().float().cpu().numpy()
+            for window, tile_logits in zip(chunk, logits):
+                h, w = window.shape  # crop the padding off (only images smaller than the tile have any)
+                accumulator.add(window, tile_logits[:, :h, :w], weights[:h, :w])
+    return torch.from_numpy(accumulator.result())

@@ -1,0 +1,174 @@
+"""Planning the fixed-size tile windows that cover an image, and padding tiles that the image cannot fill.
+
+The segmenter takes ``tile`` x ``tile`` inputs, so an image of any size is covered by a grid of overlapping
+windows. As with torchgeo's samplers, windows are *planned* here by pure functions of the image size: nothing
+in this module reads pixels. The same plan serves evaluation (whole images in memory, ``sliding.py``) and the
+streaming scene engine (multi-gigapixel GeoTIFFs read window by window with rasterio, written row by row).
+
+Conventions: sizes and offsets are in pixels; ``row``/``height`` run along the first (y) image axis and
+``col``/``width`` along the second (x) axis, as in numpy's ``array[..., row, col]``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cdkd.errors import CdkdValueError
+
+if TYPE_CHECKING:  # rasterio is imported lazily: planning must not pay for GDAL
+    from rasterio.windows import Window
+
+PAD_MODES = ("reflect", "symmetric", "edge", "constant")
+
+
+def _as_int(name: str, value: Any) -> int:
+    """``value`` as a Python int (numpy integers accepted), else CdkdValueError; bools and floats are refused."""
+    if isinstance(value, bool):
+        raise CdkdValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise CdkdValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class TileWindow:
+    """One window of the plan: pixel offsets ``(row, col)`` of its top-left corner and its size.
+
+    ``height``/``width`` equal the tile size except in a dimension where the whole image is smaller than the
+    tile; there the window spans the image and the reader pads the rest (``pad_to_tile``).
+    """
+
+    row: int
+    col: int
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        if self.row < 0 or self.col < 0 or self.height <= 0 or self.width <= 0:
+            raise CdkdValueError(
+                f"invalid tile window row={self.row}, col={self.col}, height={self.height}, width={self.width}: "
+                "offsets must be >= 0 and sizes > 0"
+            )
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        """``(rows, cols)`` slices selecting the window from an (..., H, W) array: ``array[(..., *w.slices)]``."""
+        return slice(self.row, self.row + self.height), slice(self.col, self.col + self.width)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(height, width)`` in pixels."""
+        return self.height, self.width
+
+    def to_rasterio(self) -> Window:
+        """The same window as ``rasterio.windows.Window(col_off, row_off, width, height)`` for windowed reads."""
+        from rasterio.windows import Window
+
+        return Window(self.col, self.row, self.width, self.height)
+
+
+def _check_tiling(tile: Any, overlap: Any) -> tuple[int, int]:
+    """Validated ``(tile, overlap)``: ``tile > 0`` and ``0 <= overlap < tile`` (overlap need not be even)."""
+    tile = _as_int("tile", tile)
+    overlap = _as_int("overlap", overlap)
+    if tile <= 0:
+        raise CdkdValueError(f"tile size must be > 0, got tile={tile}")
+    if not 0 <= overlap < tile:
+        raise CdkdValueError(
+            f"overlap must satisfy 0 <= overlap < tile, got overlap={overlap} with tile={tile} "
+            "(the stride tile - overlap must be at least 1 pixel)"
+        )
+    return tile, overlap
+
+
+def grid_offsets(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets (pixels) of the windows along one axis of ``size`` pixels.
+
+    Offsets step by ``tile - overlap`` from 0; the last window is shifted inward so that it ends exactly at
+    ``size``: no window runs past the image and every pixel of ``[0, size)`` is covered. The last window may
+    therefore overlap its neighbour by more than ``overlap``. Offsets are strictly increasing without
+    duplicates. ``size <= tile`` gives ``[0]`` (one window, cut to ``size`` by ``plan_windows``).
+    """
+    size = _as_int("size", size)
+    tile, overlap = _check_tiling(tile, overlap)
+    if size <= 0:
+        raise CdkdValueError(f"image size must be > 0 pixels, got size={size}")
+    if size <= tile:
+        return [0]
+    last = size - tile
+    offsets = list(range(0, last + 1, tile - overlap))
+    if offsets[-1] != last:  # the regular grid stops short of the end: add one window flush with the border
+        offsets.append(last)
+    return offsets
+
+
+def plan_rows(height: int, width: int, tile: int, overlap: int) -> list[list[TileWindow]]:
+    """The windows of ``plan_windows`` grouped by window row, top to bottom, each row left to right.
+
+    The streaming scene engine writes its output band by band: once every window of a row (and of the rows
+    above it) is done, the image rows that no later window touches are final.
+    """
+    height = _as_int("height", height)
+    width = _as_int("width", width)
+    tile, overlap = _check_tiling(tile, overlap)
+    rows = grid_offsets(height, tile, overlap)
+    cols = grid_offsets(width, tile, overlap)
+    # an image smaller than the tile in a dimension gets a window of its own size there; the reader pads
+    win_h, win_w = min(tile, height), min(tile, width)
+    return [[TileWindow(r, c, win_h, win_w) for c in cols] for r in rows]
+
+
+def plan_windows(height: int, width: int, tile: int, overlap: int) -> list[TileWindow]:
+    """All windows covering a ``height`` x ``width`` image, in row-major order.
+
+    The plan is the product of ``grid_offsets`` along rows and columns: ``len(rows) * len(cols)`` windows, each
+    ``tile`` x ``tile`` (or the image's size in a dimension where it is smaller than the tile), all inside the
+    image. Raises CdkdValueError unless ``tile > 0``, ``0 <= overlap < tile`` and both sizes are > 0.
+    """
+    return [window for row in plan_rows(height, width, tile, overlap) for window in row]
+
+
+def pad_to_tile(
+    array: np.ndarray, tile: int, mode: str = "reflect", value: float = 0
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pad an (h, w) or (C, h, w) array at the bottom/right to ``tile`` x ``tile``.
+
+    Returns ``(padded, (h, w))``: the padded array (same dtype, shape (tile, tile) or (C, tile, tile)) and the
+    original size, so that ``padded[..., :h, :w]`` (or a prediction made on it) crops back to the original.
+    The original pixels keep their positions and values; an array already ``tile`` x ``tile`` is returned as
+    is (not copied).
+
+    ``mode`` is one of ``PAD_MODES``; ``value`` is the fill for ``"constant"``. ``"reflect"`` (mirror without
+    repeating the edge pixel) is the default because it continues the local texture instead of inventing an
+    edge. numpy's reflect needs no fallback for small images: numpy >= 1.17 (cdkd needs >= 1.24) reflects
+    repeatedly when the pad is longer than the axis, so a 5 px row padded to 64 runs 0 1 2 3 4 3 2 1 0 1 ...
+    (a triangle wave), and an axis of 1 px is repeated (edge padding), the only reflection it has. torch's
+    ``F.pad(mode="reflect")`` by contrast refuses pads >= the input size, hence numpy here.
+    """
+    if not isinstance(array, np.ndarray):
+        raise CdkdValueError(f"pad_to_tile expects a numpy array, got {type(array).__name__}")
+    if array.ndim not in (2, 3):
+        raise CdkdValueError(f"pad_to_tile expects an (h, w) or (C, h, w) array, got shape {array.shape}")
+    if mode not in PAD_MODES:
+        raise CdkdValueError(f"unknown pad mode {mode!r}; choose one of {', '.join(PAD_MODES)}")
+    tile = _as_int("tile", tile)
+    if tile <= 0:
+        raise CdkdValueError(f"tile size must be > 0, got tile={tile}")
+    h, w = array.shape[-2:]
+    if h == 0 or w == 0:
+        raise CdkdValueError(f"cannot pad an empty array of shape {array.shape}")
+    if h > tile or w > tile:
+        raise CdkdValueError(f"array of {h}x{w} pixels is larger than the {tile}x{tile} tile; plan windows first")
+    if (h, w) == (tile, tile):
+        return array, (h, w)
+    pad = [(0, 0)] * (array.ndim - 2) + [(0, tile - h), (0, tile - w)]
+    if mode == "constant":
+        padded = np.pad(array, pad, mode="constant", constant_values=value)
+    else:
+        padded = np.pad(array, pad, mode=mode)
+    return padded, (h, w)

@@ -1,0 +1,43 @@
+"""Optimiser parameter groups and learning-rate schedules shared by distillation and fine-tuning."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from cdkd.errors import CdkdValueError
+
+LR_SCHEDULES = ("cosine", "poly")
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, without weight decay on biases, norms, tokens and position embeddings
+    (decaying those only pulls them toward zero, the standard ViT practice since DeiT)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or "token" in name or "pos_embed" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def lr_lambda(kind: str, warmup: int, steps: int, power: float = 0.9) -> Callable[[int], float]:
+    """LR multiplier per step: linear warm-up over ``warmup`` steps, then cosine or polynomial (power 0.9,
+    mmsegmentation's default) decay to zero at ``steps``."""
+    if kind not in LR_SCHEDULES:
+        raise CdkdValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {kind!r}")
+    warm = min(warmup, max(steps - 1, 0))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min((step - warm) / max(1, steps - warm), 1.0)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return (1.0 - progress) ** power
+
+    return f

@@ -1,0 +1,68 @@
+"""Options and helpers shared by several commands (defined once, as rasterio's ``rio/options.py`` does)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import typer
+
+T = TypeVar("T")
+
+TRAIN = "Training"
+
+config_opt = typer.Option(None, "--config", help="YAML configuration; flags override it.")
+resume_opt = typer.Option(False, "--resume", help="Continue the newest checkpoint in --out.")
+overwrite_opt = typer.Option(False, "--overwrite", help="Replace earlier results in --out.")
+progress_opt = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
+device_opt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=TRAIN)
+workers_opt = typer.Option(None, "--workers", help="Data loader processes.", rich_help_panel=TRAIN)
+batch_opt = typer.Option(None, "--batch-size", help="Images per micro-batch.", rich_help_panel=TRAIN)
+steps_opt = typer.Option(None, "--steps", help="Optimiser steps.", rich_help_panel=TRAIN)
+epochs_opt = typer.Option(None, "--epochs", help="Passes over the image files.", rich_help_panel=TRAIN)
+lr_opt = typer.Option(None, "--lr", help="Peak learning rate.", rich_help_panel=TRAIN)
+amp_opt = typer.Option(None, "--amp", help="auto, bf16, fp16 or none.", rich_help_panel=TRAIN)
+seed_opt = typer.Option(None, "--seed", help="Makes runs repeatable.", rich_help_panel=TRAIN)
+tile_opt = typer.Option(None, "--tile-size", help="Tile size in px, a multiple of 16.")
+
+
+def ints(text: Optional[str], name: str) -> Optional[tuple[int, ...]]:
+    if not text:
+        return None
+    try:
+        return tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated integers, got {text!r}") from None
+
+
+def floats(text: Optional[str], n: int, name: str) -> Optional[tuple[float, ...]]:
+    if not text:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise typer.BadParameter(f"{name} must be {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def words(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    return tuple(w for w in text.replace(",", " ").split()) if text else None
+
+
+def resolve_config(cls: type[T], config: Optional[Path], run_config: Optional[Path], overrides: dict[str, Any]) -> T:
+    """Defaults < ``config`` file (or, when resuming without one, the run's own ``run_config``) < ``overrides``.
+
+    ``overrides`` holds only what the user gave (see ``given``): a None there means "set to None".
+    """
+    from cdkd.config import apply_overrides, load_config
+
+    base = config if config is not None else (run_config if run_config is not None and run_config.is_file() else None)
+    cfg = load_config(cls, base) if base is not None else cls()
+    return apply_overrides(cfg, overrides)
+
+
+def given(flags: dict[str, Any]) -> dict[str, Any]:
+    """The flags the user actually passed (typer leaves the others at None)."""
+    return {k: v for k, v in flags.items() if v is not None}
