@@ -168,3 +168,25 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
         grads.append(teacher.blocks[0].mmoa.adapters[0].down.weight.grad.clone())
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_vit_t_and_timm_contract_let_a_decoder_sit_on_the_teacher(tmp_path) -> None:
+    """The small SAM-architecture variant loads from its own checkpoint, and the teacher speaks
+    forward_intermediates, so the UPerNet segmenter fits it (bench/transfer.py relies on both)."""
+    from cdkd.models.upernet import Segmenter
+
+    torch.manual_seed(0)
+    enc = build_sam_encoder("vit_t", random_init=True)
+    path = tmp_path / "vit_t.pth"
+    torch.save(enc.state_dict(), path)
+    loaded = build_sam_encoder("vit_t", path)
+    assert torch.equal(loaded.blocks[3].mlp.lin1.weight, enc.blocks[3].mlp.lin1.weight)
+    assert default_teacher_taps("vit_t") == (2, 4, 6)
+    teacher = MMoATeacher(loaded, TeacherConfig(variant="vit_t", random_init=True))
+    x = torch.randn(1, 3, 64, 64)
+    feats = teacher.forward_intermediates(x, indices=[1, 3], stop_early=True)
+    ref, _ = teacher.forward_masked(x, None, [1, 3])
+    assert [f.shape for f in feats] == [(1, 256, 4, 4)] * 2
+    assert torch.allclose(feats[1].permute(0, 2, 3, 1).flatten(1, 2), ref[1])
+    seg = Segmenter(teacher, num_classes=4, layers=(2, 4, 6, 8), channels=32, norm="gn", feature_norm=False)
+    assert seg(x).shape == (1, 4, 64, 64)

@@ -26,11 +26,25 @@ from cdkd.errors import SAM_CHECKPOINT_HELP, CheckpointError, CdkdValueError
 from cdkd.models.mmoa import MMoA
 
 # SAM variant -> (embed dim, 0-based global-attention blocks), as in segment_anything/build_sam.py.
+# vit_t is SAM's architecture at a small size (8 blocks, 256-d, 8 px windows) for CPU experiments such as
+# bench/transfer.py; it has no official weights, so it takes your own checkpoint or --random-teacher.
 SAM_VARIANTS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "vit_t": (256, (1, 3, 5, 7)),
     "vit_b": (768, (2, 5, 8, 11)),
     "vit_l": (1024, (5, 11, 17, 23)),
     "vit_h": (1280, (7, 15, 23, 31)),
 }
+
+
+def _build_sam_vit_t() -> nn.Module:
+    """SAM's ``ImageEncoderViT`` (the real class) at a small size: 8 blocks, 256-d, 8 heads, 8 px windows."""
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT
+
+    return ImageEncoderViT(img_size=1024, patch_size=16, embed_dim=256, depth=8, num_heads=8, mlp_ratio=4.0,
+                           out_chans=256, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                           use_rel_pos=True, window_size=8, global_attn_indexes=SAM_VARIANTS["vit_t"][1])
 
 
 def default_teacher_taps(variant: str) -> tuple[int, ...]:
@@ -49,7 +63,7 @@ def build_sam_encoder(variant: str, checkpoint: str | Path | None = None, random
     from segment_anything import sam_model_registry
 
     check_teacher_source(variant, checkpoint, random_init)
-    encoder = sam_model_registry[variant](checkpoint=None).image_encoder
+    encoder = _build_sam_vit_t() if variant == "vit_t" else sam_model_registry[variant](checkpoint=None).image_encoder
     if checkpoint is not None:
         encoder.load_state_dict(_read_encoder_state(Path(checkpoint), variant))
     return encoder
@@ -135,6 +149,7 @@ class MMoATeacher(nn.Module):
         self.patch_embed = encoder.patch_embed
         self.pos_embed = encoder.pos_embed
         self.embed_dim = int(self.pos_embed.shape[-1])
+        self.patch_size = 16
         self.global_blocks = SAM_VARIANTS[cfg.variant][1]
         for p in encoder.parameters():
             p.requires_grad_(False)
@@ -206,6 +221,30 @@ class MMoATeacher(nn.Module):
             if i in taps:
                 feats.append(t.flatten(1, 2))
         return feats, t.flatten(1, 2)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] | int | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = True,
+                              ) -> list[torch.Tensor]:
+        """timm's contract (0-based ``indices``; NCHW maps), so decoders built for students also fit the teacher.
+
+        ``norm`` is accepted for compatibility and ignored: SAM's blocks have no final norm before the neck.
+        """
+        if not intermediates_only or output_fmt != "NCHW":
+            raise CdkdValueError("the teacher returns NCHW intermediates only")
+        if indices is None:
+            indices = range(self.depth)
+        elif isinstance(indices, int):
+            indices = range(self.depth - indices, self.depth)
+        wanted = sorted(indices)
+        t = self.embed(x)
+        out = []
+        for i, blk in enumerate(self.blocks):
+            t = blk(t)
+            if i in wanted:
+                out.append(t.permute(0, 3, 1, 2))
+            if stop_early and i >= wanted[-1]:
+                break
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """SAM's image embedding (B, 256, H/16, W/16), through the neck, with adapters active."""

@@ -1,0 +1,219 @@
+"""A miniature of the paper's claim on CPU: does Mask-CDKD transfer land-cover knowledge to the student?
+
+    python bench/transfer.py --out runs/transfer            # about 30-40 minutes on 2 CPU cores
+
+1. Teacher that knows land cover: a small SAM-architecture encoder (``vit_t``: SAM's ImageEncoderViT, 8 blocks,
+   256-d) trained supervised with a UPerNet head on the Dubai train tiles (tile1-6).
+2. Distil it into ViT-S students on unlabeled RSSCN7 tiles with cdkd's ``distill`` (the code behind
+   ``cdkd distill``): full Mask-CDKD (KD + MAE, dynamic schedule), MAE-only (S_MAE weight 1) and KD-only (KD weight 1).
+3. Freeze each student (and a random-init one) and train the same UPerNet decoder on Dubai tile1-6 with
+   ``finetune``; evaluate on a fixed sample of 512 windows from tile7-8 (see ``evaluate_model``). The teacher row is the supervised
+   teacher itself (its own decoder), the upper bound.
+
+Prints one table (mIoU, OA, mF1, encoder GFLOPs at the tile size) and writes it to OUT/transfer.md and .json.
+Every stage's budget is a flag, so a longer run is one command away. Needs ../shared/data (Dubai and RSSCN7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def encoder_gflops(encoder: torch.nn.Module, tile: int, layers: list[int]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        encoder.forward_intermediates(torch.zeros(1, 3, tile, tile), indices=[i - 1 for i in layers],
+                                      output_fmt="NCHW", intermediates_only=True)
+    return fc.get_total_flops() / 1e9
+
+
+def train_teacher(a: argparse.Namespace, out: Path) -> tuple[Path, dict]:
+    """Supervised vit_t + UPerNet on Dubai tile1-6; returns the encoder checkpoint and its evaluation."""
+    from cdkd.artifacts import SegmenterInfo, StudentInfo
+    from cdkd.config import TeacherConfig
+    from cdkd.data import StepSampler, compute_stats
+    from cdkd.data.files import RasterInfo
+    from cdkd.data.labeled import LabeledTiles, find_pairs, schema_for
+    from cdkd.models.teacher import MMoATeacher, build_sam_encoder
+    from cdkd.models.upernet import Segmenter
+    from cdkd.utils.optim import adamw, lr_lambda
+
+    torch.manual_seed(0)
+    dubai = SHARED / "labeled" / "dubai"
+    schema = schema_for("dubai", None)
+    pairs = find_pairs(dubai, "dubai", ["tile[1-6]"])
+    import rasterio
+
+    infos = []
+    for p in pairs:
+        with rasterio.open(p.image) as src:
+            infos.append(RasterInfo(p.image, src.width, src.height, src.count, src.dtypes[0]))
+    stats = compute_stats(infos, (1, 2, 3), n_samples=64, window=a.tile, seed=0)
+    teacher = MMoATeacher(build_sam_encoder("vit_t", random_init=True),
+                          TeacherConfig(variant="vit_t", random_init=True, adapter_blocks=()))
+    teacher.requires_grad_(True)
+    teacher.mask_token.requires_grad_(False)
+    seg = Segmenter(teacher, num_classes=schema.num_classes, layers=(2, 4, 6, 8), channels=a.channels,
+                    freeze_encoder=False, feature_norm=False)
+    opt = adamw(seg, a.teacher_lr, 0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("poly", 20, a.teacher_steps))
+    data = LabeledTiles(pairs, schema, stats, a.tile, augment=True, seed=0)
+    loader = DataLoader(data, batch_size=a.batch_size, sampler=StepSampler(a.batch_size, num_micro_steps=a.teacher_steps),
+                        num_workers=0)
+    seg.train()
+    for step, batch in enumerate(loader, 1):
+        loss = F.cross_entropy(seg(batch["image"]), batch["label"], ignore_index=schema.ignore_index)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(seg.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0:
+            log(f"teacher step {step}/{a.teacher_steps} loss {float(loss):.3f}")
+    ckpt = out / "teacher_vit_t.pth"
+    torch.save({k: v for k, v in teacher.state_dict().items() if k != "mask_token"}, ckpt)
+    student_like = StudentInfo("sam_vit_t", {"img_size": a.tile, "in_chans": 3}, stats, {})
+    info = SegmenterInfo(student_like, seg.config(), schema, a.tile, a.overlap)
+    metrics = evaluate_model(seg.eval(), info)
+    return ckpt, dict(metrics, gflops=encoder_gflops(teacher, a.tile, [2, 4, 6, 8]))
+
+
+def evaluate_model(model: torch.nn.Module, info, samples: int = 512) -> dict:
+    """mIoU/OA/mF1 on a fixed, seeded sample of ``samples`` tiles from Dubai tile7-8 (the same for every model).
+
+    The 18 held-out images hold 62 Mpx: scoring them whole with sliding windows costs about 6 minutes per ViT-S on
+    2 CPU cores, so the benchmark scores 512 windows (8.4 Mpx, every image visited ~28 times); ``cdkd evaluate``
+    itself always covers whole images.
+    """
+    from cdkd.data.labeled import LabeledTiles, find_pairs
+    from cdkd.finetune.metrics import MetricAccumulator
+
+    pairs = find_pairs(SHARED / "labeled" / "dubai", "dubai", ["tile[7-8]"])
+    tiles = LabeledTiles(pairs, info.classes, info.norm, info.tile_size, augment=False, seed=1234)
+    acc = MetricAccumulator(info.classes.num_classes, info.classes.ignore_index, class_names=info.classes.names)
+    loader = DataLoader(torch.utils.data.Subset(tiles, range(samples)), batch_size=32, num_workers=0)
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            acc.update(model(batch["image"]).argmax(1), batch["label"])
+    m = acc.compute()
+    return {"miou": float(m.miou), "oa": float(m.oa), "mf1": float(m.mf1)}
+
+
+def distill_student(a: argparse.Namespace, out: Path, name: str, teacher_ckpt: Path, schedule: str,
+                    weights: tuple[float, float, float]) -> Path:
+    from cdkd.config import DistillConfig, apply_overrides
+    from cdkd.distill.trainer import distill
+
+    cfg = apply_overrides(DistillConfig(), {
+        "data.root": str(SHARED / "unlabeled" / "rsscn7"), "data.tile_size": a.tile, "data.num_workers": 1,
+        "teacher.variant": "vit_t", "teacher.checkpoint": str(teacher_ckpt), "teacher.adapter_dim": 32,
+        "objective.decoder_dim": 128, "objective.decoder_depth": 2, "objective.decoder_heads": 4,
+        "objective.schedule": schedule, "objective.fixed_weights": weights, "objective.schedule_warmup": 20,
+        "train.steps": a.distill_steps, "train.batch_size": a.batch_size, "train.lr": a.distill_lr,
+        "train.warmup_steps": 20, "train.log_every": 10, "train.checkpoint_every": a.distill_steps,
+    })
+    res = distill(cfg, out / name, overwrite=True, progress=False, log=log)
+    return res.student_path
+
+
+def random_student(a: argparse.Namespace, out: Path, like: Path) -> Path:
+    from cdkd.artifacts import StudentInfo, load_student, save_student
+    from cdkd.models.student import build_student
+
+    _, info = load_student(like)  # same normalisation as the distilled students
+    torch.manual_seed(0)
+    path = out / "random" / "student.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_student(path, build_student("vit_s", img_size=a.tile), StudentInfo("vit_s", info.arch_args, info.norm,
+                                                                              {"init": "random"}))
+    return path
+
+
+def transfer(a: argparse.Namespace, out: Path, name: str, student: Path) -> dict:
+    from cdkd.artifacts import load_segmenter
+    from cdkd.config import FinetuneConfig, apply_overrides
+    from cdkd.finetune.trainer import finetune
+
+    cfg = apply_overrides(FinetuneConfig(), {
+        "student": str(student), "data.root": str(SHARED / "labeled" / "dubai"), "data.format": "dubai",
+        "data.split": ("tile[1-6]",), "data.tile_size": a.tile, "data.overlap": a.overlap, "data.num_workers": 1,
+        "head.channels": a.channels, "train.steps": a.decoder_steps, "train.batch_size": a.batch_size,
+        "train.lr": a.decoder_lr, "train.checkpoint_every": a.decoder_steps, "train.log_every": 10,
+    })
+    res = finetune(cfg, out / f"{name}-seg", overwrite=True, progress=False, log=log)
+    model, info = load_segmenter(res.segmenter_path)
+    return dict(evaluate_model(model, info), gflops=encoder_gflops(model.encoder, a.tile, [3, 6, 9, 12]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("runs/transfer"))
+    p.add_argument("--tile", type=int, default=128)
+    p.add_argument("--overlap", type=int, default=32, help="stored in segmenter.pt for later whole-image use")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--channels", type=int, default=128, help="UPerNet width (512 in the paper; 128 for CPU)")
+    p.add_argument("--teacher-steps", type=int, default=200)
+    p.add_argument("--teacher-lr", type=float, default=5e-4)
+    p.add_argument("--distill-steps", type=int, default=150)
+    p.add_argument("--distill-lr", type=float, default=5e-4)
+    p.add_argument("--decoder-steps", type=int, default=120)
+    p.add_argument("--decoder-lr", type=float, default=1e-3)
+    a = p.parse_args()
+    if not (SHARED / "labeled" / "dubai").is_dir() or not (SHARED / "unlabeled" / "rsscn7").is_dir():
+        sys.exit(f"needs the shared data folder with labeled/dubai and unlabeled/rsscn7: {SHARED}")
+    torch.set_num_threads(torch.get_num_threads())
+    a.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows: dict[str, dict] = {}
+    log("1/3 supervised teacher (vit_t) on Dubai tile1-6")
+    teacher_ckpt, rows["teacher (supervised vit_t)"] = train_teacher(a, a.out)
+    log(f"teacher: {rows['teacher (supervised vit_t)']}")
+    log("2/3 distillation on RSSCN7")
+    students = {
+        "Mask-CDKD (KD + MAE, dynamic)": distill_student(a, a.out, "cdkd", teacher_ckpt, "dynamic", (0.6, 0.2, 0.2)),
+        "MAE only": distill_student(a, a.out, "mae", teacher_ckpt, "fixed", (0.0, 0.0, 1.0)),
+        "KD only": distill_student(a, a.out, "kd", teacher_ckpt, "fixed", (1.0, 0.0, 0.0)),
+    }
+    students = {"random init": random_student(a, a.out, next(iter(students.values()))), **students}
+    log("3/3 frozen students + UPerNet on Dubai tile1-6, evaluated on tile7-8")
+    for name, path in students.items():
+        rows[name] = transfer(a, a.out, path.parent.name, path)
+        log(f"{name}: {rows[name]}")
+    minutes = (time.perf_counter() - t0) / 60
+    order = ["random init", "MAE only", "KD only", "Mask-CDKD (KD + MAE, dynamic)", "teacher (supervised vit_t)"]
+    lines = ["| encoder | mIoU | OA | mF1 | encoder GFLOPs |", "|---|---|---|---|---|"]
+    for name in order:
+        r = rows[name]
+        lines.append(f"| {name} | {100 * r['miou']:.2f} | {100 * r['oa']:.2f} | {100 * r['mf1']:.2f} | "
+                     f"{r['gflops']:.2f} |")
+    table = "\n".join(lines)
+    note = (f"\n\nDubai tile7-8: 512 seeded {a.tile} px windows from the 18 held-out images; teacher {a.teacher_steps} steps, "
+            f"distillation {a.distill_steps} steps, decoder {a.decoder_steps} steps, batch {a.batch_size}; "
+            f"{minutes:.0f} min in all.")
+    print(table + note)
+    (a.out / "transfer.md").write_text(table + note + "\n")
+    (a.out / "transfer.json").write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(a).items()},
+                                                     "minutes": minutes}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
