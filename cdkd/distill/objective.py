@@ -89,7 +89,8 @@ class MaskCDKD(nn.Module):
     def forward_student(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.student.forward_masked(images, mask, self.student_taps)
 
-    def kd_loss(self, t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    def kd_loss(self, t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor],
+                keep: torch.Tensor) -> torch.Tensor:
         """MSE between projected student and teacher features on ``keep`` tokens (visible and valid), per pair.
 
         Teacher features are layer-normalised (no affine) first: SAM's raw activations have block-dependent

@@ -281,7 +281,8 @@ class _Run:
             mask = batch["mask"].to(self.device, non_blocking=True)
             valid = batch["valid"].to(self.device, non_blocking=True)
             # Skip the gradient all-reduce on all but the last micro-batch of the step.
-            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or not hasattr(net, "no_sync") else net.no_sync()
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
             with sync:
                 with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     losses = net(images, mask, valid)

@@ -76,7 +76,8 @@ class MAEDecoder(nn.Module):
     """Light transformer decoder: tokens (B, N, in_dim) on an (h, w) grid -> pixels (B, N, p*p*out_chans).
 
     ``fill``: (B, N) bool; where True the token is replaced by the learned mask token (for an encoder that saw
-    visible tokens only; build with ``fills_masked=True``). Position embeddings are fixed 2-D sin-cos computed for the grid, so any tile size works.
+    visible tokens only; build with ``fills_masked=True``). Position embeddings are fixed 2-D sin-cos computed
+    for the grid, so any tile size works.
     """
 
     def __init__(self, in_dim: int, dim: int = 256, depth: int = 4, num_heads: int = 8, patch_size: int = 16,

@@ -68,7 +68,8 @@ def load_checkpoint(path: Path, fmt: str) -> dict[str, Any]:
     except Exception as e:  # a truncated or foreign file raises pickle, zip or runtime errors
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(blob, dict) or blob.get("format") != fmt:
-        raise CheckpointError(f"{path}: not a {fmt} checkpoint (found {blob.get('format') if isinstance(blob, dict) else '?'})")
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise CheckpointError(f"{path}: not a {fmt} checkpoint (found {found})")
     return blob
 
 
