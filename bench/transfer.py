@@ -10,7 +10,7 @@
    ``finetune``; evaluate on a fixed sample of 512 windows from tile7-8 (see ``evaluate_model``). The teacher row is the supervised
    teacher itself (its own decoder), the upper bound.
 
-Prints one table (mIoU, OA, mF1, encoder GFLOPs at the tile size) and writes it to OUT/transfer.md and .json.
+Prints one table (mIoU, OA, mF1, encoder GFLOPs at the tile size) and writes it to OUT/transfer-HEAD.md and .json.
 Every stage's budget is a flag, so a longer run is one command away. Needs ../shared/data (Dubai and RSSCN7).
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -43,55 +44,86 @@ def encoder_gflops(encoder: torch.nn.Module, tile: int, layers: list[int]) -> fl
     return fc.get_total_flops() / 1e9
 
 
-def train_teacher(a: argparse.Namespace, out: Path) -> tuple[Path, dict]:
-    """Supervised vit_t + UPerNet on Dubai tile1-6; returns the encoder checkpoint and its evaluation."""
-    from cdkd.artifacts import SegmenterInfo, StudentInfo
-    from cdkd.config import TeacherConfig
-    from cdkd.data import StepSampler, compute_stats
-    from cdkd.data.files import RasterInfo
-    from cdkd.data.labeled import LabeledTiles, find_pairs, schema_for
-    from cdkd.models.teacher import MMoATeacher, build_sam_encoder
-    from cdkd.models.upernet import Segmenter
-    from cdkd.utils.optim import adamw, lr_lambda
-
-    torch.manual_seed(0)
-    dubai = SHARED / "labeled" / "dubai"
-    schema = schema_for("dubai", None)
-    pairs = find_pairs(dubai, "dubai", ["tile[1-6]"])
+def dubai_train(a: argparse.Namespace):
+    """Dubai tile1-6 pairs, the class schema and normalisation statistics computed from those images."""
     import rasterio
 
+    from cdkd.data import compute_stats
+    from cdkd.data.files import RasterInfo
+    from cdkd.data.labeled import find_pairs, schema_for
+
+    pairs = find_pairs(SHARED / "labeled" / "dubai", "dubai", ["tile[1-6]"])
     infos = []
     for p in pairs:
         with rasterio.open(p.image) as src:
             infos.append(RasterInfo(p.image, src.width, src.height, src.count, src.dtypes[0]))
-    stats = compute_stats(infos, (1, 2, 3), n_samples=64, window=a.tile, seed=0)
-    teacher = MMoATeacher(build_sam_encoder("vit_t", random_init=True),
-                          TeacherConfig(variant="vit_t", random_init=True, adapter_blocks=()))
-    teacher.requires_grad_(True)
-    teacher.mask_token.requires_grad_(False)
-    seg = Segmenter(teacher, num_classes=schema.num_classes, layers=(2, 4, 6, 8), channels=a.channels,
-                    freeze_encoder=False, feature_norm=False)
-    opt = adamw(seg, a.teacher_lr, 0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("poly", 20, a.teacher_steps))
+    return pairs, schema_for("dubai", None), compute_stats(infos, (1, 2, 3), n_samples=64, window=a.tile, seed=0)
+
+
+def train_segmenter(seg: torch.nn.Module, a: argparse.Namespace, steps: int, lr: float, what: str) -> None:
+    """Cross-entropy training of ``seg`` on random Dubai tile1-6 crops (the parameters that require grad)."""
+    from cdkd.data import StepSampler
+    from cdkd.data.labeled import LabeledTiles
+    from cdkd.utils.optim import adamw, lr_lambda
+
+    pairs, schema, stats = dubai_train(a)
+    opt = adamw(seg, lr, 0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("poly", 20, steps))
     data = LabeledTiles(pairs, schema, stats, a.tile, augment=True, seed=0)
-    loader = DataLoader(data, batch_size=a.batch_size, sampler=StepSampler(a.batch_size, num_micro_steps=a.teacher_steps),
+    loader = DataLoader(data, batch_size=a.batch_size, sampler=StepSampler(a.batch_size, num_micro_steps=steps),
                         num_workers=0)
     seg.train()
     for step, batch in enumerate(loader, 1):
         loss = F.cross_entropy(seg(batch["image"]), batch["label"], ignore_index=schema.ignore_index)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(seg.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in seg.parameters() if p.requires_grad], 1.0)
         opt.step()
         sched.step()
         if step % 25 == 0:
-            log(f"teacher step {step}/{a.teacher_steps} loss {float(loss):.3f}")
+            log(f"{what} step {step}/{steps} loss {float(loss):.3f}")
+
+
+def teacher_segmenter(a: argparse.Namespace, ckpt: Path | None, head: str, frozen: bool):
+    """vit_t (random, or from ``ckpt``) under a segmenter head, and the info evaluation needs."""
+    from cdkd.artifacts import SegmenterInfo, StudentInfo
+    from cdkd.config import TeacherConfig
+    from cdkd.models.teacher import MMoATeacher, build_sam_encoder
+    from cdkd.models.upernet import Segmenter
+
+    torch.manual_seed(0)
+    _, schema, stats = dubai_train(a)
+    teacher = MMoATeacher(build_sam_encoder("vit_t", ckpt, random_init=ckpt is None),
+                          TeacherConfig(variant="vit_t", random_init=True, adapter_blocks=()))
+    if not frozen:
+        teacher.requires_grad_(True)
+        teacher.mask_token.requires_grad_(False)
+    seg = Segmenter(teacher, num_classes=schema.num_classes, head=head, layers=(2, 4, 6, 8), channels=a.channels,
+                    freeze_encoder=frozen, feature_norm=False)
+    info = SegmenterInfo(StudentInfo("sam_vit_t", {"img_size": a.tile, "in_chans": 3}, stats, {}), seg.config(),
+                         schema, a.tile, a.overlap)
+    return seg, info, teacher
+
+
+def train_teacher(a: argparse.Namespace, out: Path) -> tuple[Path, dict]:
+    """Supervised vit_t + UPerNet on Dubai tile1-6; returns the encoder checkpoint and its own evaluation."""
     ckpt = out / "teacher_vit_t.pth"
+    if a.reuse and ckpt.is_file():
+        log(f"reusing {ckpt}")
+        seg, info, teacher = teacher_segmenter(a, ckpt, "upernet", frozen=True)
+        return ckpt, {"miou": float("nan"), "oa": float("nan"), "mf1": float("nan"),
+                      "gflops": encoder_gflops(teacher, a.tile, [2, 4, 6, 8])}
+    seg, info, teacher = teacher_segmenter(a, None, "upernet", frozen=False)
+    train_segmenter(seg, a, a.teacher_steps, a.teacher_lr, "teacher")
     torch.save({k: v for k, v in teacher.state_dict().items() if k != "mask_token"}, ckpt)
-    student_like = StudentInfo("sam_vit_t", {"img_size": a.tile, "in_chans": 3}, stats, {})
-    info = SegmenterInfo(student_like, seg.config(), schema, a.tile, a.overlap)
-    metrics = evaluate_model(seg.eval(), info)
-    return ckpt, dict(metrics, gflops=encoder_gflops(teacher, a.tile, [2, 4, 6, 8]))
+    return ckpt, dict(evaluate_model(seg.eval(), info), gflops=encoder_gflops(teacher, a.tile, [2, 4, 6, 8]))
+
+
+def probe_teacher(a: argparse.Namespace, ckpt: Path) -> dict:
+    """The same decoder as the students get, on the frozen supervised teacher's features."""
+    seg, info, teacher = teacher_segmenter(a, ckpt, a.head, frozen=True)
+    train_segmenter(seg, a, a.decoder_steps, a.decoder_lr, "teacher probe")
+    return dict(evaluate_model(seg.eval(), info), gflops=encoder_gflops(teacher, a.tile, [2, 4, 6, 8]))
 
 
 def evaluate_model(model: torch.nn.Module, info, samples: int = 512) -> dict:
@@ -121,6 +153,9 @@ def distill_student(a: argparse.Namespace, out: Path, name: str, teacher_ckpt: P
     from cdkd.config import DistillConfig, apply_overrides
     from cdkd.distill.trainer import distill
 
+    if a.reuse and (out / name / "student.pt").is_file():
+        log(f"reusing {out / name / 'student.pt'}")
+        return out / name / "student.pt"
     cfg = apply_overrides(DistillConfig(), {
         "data.root": str(SHARED / "unlabeled" / "rsscn7"), "data.tile_size": a.tile, "data.num_workers": 1,
         "teacher.variant": "vit_t", "teacher.checkpoint": str(teacher_ckpt), "teacher.adapter_dim": 32,
@@ -154,10 +189,10 @@ def transfer(a: argparse.Namespace, out: Path, name: str, student: Path) -> dict
     cfg = apply_overrides(FinetuneConfig(), {
         "student": str(student), "data.root": str(SHARED / "labeled" / "dubai"), "data.format": "dubai",
         "data.split": ("tile[1-6]",), "data.tile_size": a.tile, "data.overlap": a.overlap, "data.num_workers": 1,
-        "head.channels": a.channels, "train.steps": a.decoder_steps, "train.batch_size": a.batch_size,
+        "head.type": a.head, "head.channels": a.channels, "train.steps": a.decoder_steps, "train.batch_size": a.batch_size,
         "train.lr": a.decoder_lr, "train.checkpoint_every": a.decoder_steps, "train.log_every": 10,
     })
-    res = finetune(cfg, out / f"{name}-seg", overwrite=True, progress=False, log=log)
+    res = finetune(cfg, out / f"{name}-{a.head}", overwrite=True, progress=False, log=log)
     model, info = load_segmenter(res.segmenter_path)
     return dict(evaluate_model(model, info), gflops=encoder_gflops(model.encoder, a.tile, [3, 6, 9, 12]))
 
@@ -175,6 +210,9 @@ def main() -> None:
     p.add_argument("--distill-lr", type=float, default=5e-4)
     p.add_argument("--decoder-steps", type=int, default=120)
     p.add_argument("--decoder-lr", type=float, default=1e-3)
+    p.add_argument("--head", default="upernet", choices=["upernet", "linear"],
+                   help="the decoder every encoder gets (linear = the DINOv2 linear probe)")
+    p.add_argument("--reuse", action="store_true", help="reuse the teacher and students already in --out")
     a = p.parse_args()
     if not (SHARED / "labeled" / "dubai").is_dir() or not (SHARED / "unlabeled" / "rsscn7").is_dir():
         sys.exit(f"needs the shared data folder with labeled/dubai and unlabeled/rsscn7: {SHARED}")
@@ -192,24 +230,28 @@ def main() -> None:
         "KD only": distill_student(a, a.out, "kd", teacher_ckpt, "fixed", (1.0, 0.0, 0.0)),
     }
     students = {"random init": random_student(a, a.out, next(iter(students.values()))), **students}
-    log("3/3 frozen students + UPerNet on Dubai tile1-6, evaluated on tile7-8")
+    log(f"3/3 frozen encoders + {a.head} decoder on Dubai tile1-6, evaluated on tile7-8")
     for name, path in students.items():
         rows[name] = transfer(a, a.out, path.parent.name, path)
         log(f"{name}: {rows[name]}")
+    rows["teacher features (frozen vit_t)"] = probe_teacher(a, teacher_ckpt)
+    log(f"teacher probe: {rows['teacher features (frozen vit_t)']}")
     minutes = (time.perf_counter() - t0) / 60
-    order = ["random init", "MAE only", "KD only", "Mask-CDKD (KD + MAE, dynamic)", "teacher (supervised vit_t)"]
+    order = ["random init", "MAE only", "KD only", "Mask-CDKD (KD + MAE, dynamic)", "teacher features (frozen vit_t)",
+             "teacher (supervised vit_t)"]
     lines = ["| encoder | mIoU | OA | mF1 | encoder GFLOPs |", "|---|---|---|---|---|"]
     for name in order:
         r = rows[name]
-        lines.append(f"| {name} | {100 * r['miou']:.2f} | {100 * r['oa']:.2f} | {100 * r['mf1']:.2f} | "
-                     f"{r['gflops']:.2f} |")
+        cells = " | ".join("—" if math.isnan(r[k]) else f"{100 * r[k]:.2f}" for k in ("miou", "oa", "mf1"))
+        lines.append(f"| {name} | {cells} | {r['gflops']:.2f} |")
     table = "\n".join(lines)
-    note = (f"\n\nDubai tile7-8: 512 seeded {a.tile} px windows from the 18 held-out images; teacher {a.teacher_steps} steps, "
+    note = (f"\n\n{a.head} decoder on every frozen encoder (the last row: the teacher with its own UPerNet, "
+            f"trained end to end). Dubai tile7-8: 512 seeded {a.tile} px windows from the 18 held-out images; teacher {a.teacher_steps} steps, "
             f"distillation {a.distill_steps} steps, decoder {a.decoder_steps} steps, batch {a.batch_size}; "
             f"{minutes:.0f} min in all.")
     print(table + note)
-    (a.out / "transfer.md").write_text(table + note + "\n")
-    (a.out / "transfer.json").write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(a).items()},
+    (a.out / f"transfer-{a.head}.md").write_text(table + note + "\n")
+    (a.out / f"transfer-{a.head}.json").write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(a).items()},
                                                      "minutes": minutes}, indent=2))
 
 
