@@ -188,5 +188,5 @@ def test_vit_t_and_timm_contract_let_a_decoder_sit_on_the_teacher(tmp_path) -> N
     ref, _ = teacher.forward_masked(x, None, [1, 3])
     assert [f.shape for f in feats] == [(1, 256, 4, 4)] * 2
     assert torch.allclose(feats[1].permute(0, 2, 3, 1).flatten(1, 2), ref[1])
-    seg = Segmenter(teacher, num_classes=4, layers=(2, 4, 6, 8), channels=32, norm="gn", feature_norm=False)
+    seg = Segmenter(teacher, num_classes=4, layers=(2, 4, 6, 8), channels=32, feature_norm=False).eval()
     assert seg(x).shape == (1, 4, 64, 64)
