@@ -26,7 +26,7 @@ def _one_clean_error(output: str) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("cmd", [[], ["distill"]])
+@pytest.mark.parametrize("cmd", [[], ["distill"], ["finetune"], ["evaluate"]])
 def test_help(cmd: list[str]) -> None:
     res = runner.invoke(app, cmd + ["--help"])
     assert res.exit_code == 0
