@@ -36,7 +36,7 @@ from cdkd.models.student import STUDENT_REGISTRY, build_student
 from cdkd.models.teacher import build_teacher, check_teacher_source, teacher_provenance
 from cdkd.utils.checkpoint import restore_model, rng_state, save_checkpoint, set_rng_state, trainable_state
 from cdkd.utils.distributed import DistContext, cleanup_distributed, init_distributed, resolve_device
-from cdkd.utils.optim import adamw, lr_lambda
+from cdkd.utils.optim import adamw, autocast_dtype, check_train_config, lr_lambda
 from cdkd.utils.rundir import RunDir, check_resumable
 
 DEFAULT_STEPS = 1000
@@ -66,12 +66,7 @@ class DistillResult:
 def validate_config(cfg: DistillConfig) -> None:
     """User-facing checks before any heavy work."""
     check_tile_size(cfg.data.tile_size)
-    if cfg.train.steps is not None and cfg.train.epochs is not None:
-        raise CdkdValueError("give --steps or --epochs, not both")
-    if cfg.train.amp not in ("auto", "bf16", "fp16", "none"):
-        raise CdkdValueError(f"amp must be auto, bf16, fp16 or none, got {cfg.train.amp!r}")
-    if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
-        raise CdkdValueError("batch size and gradient accumulation must be >= 1")
+    check_train_config(cfg.train)
     if cfg.student.arch not in STUDENT_REGISTRY:
         raise CdkdValueError(f"unknown student {cfg.student.arch!r}; choose one of {', '.join(STUDENT_REGISTRY)}")
     # Fail on a missing SAM checkpoint before minutes of data scanning, not after.
@@ -122,9 +117,8 @@ class _Run:
         self.cfg, self.paths, self.ctx, self.progress = cfg, paths, ctx, progress
         self.log = log if ctx.is_main else (lambda _msg: None)
         self.device = resolve_device(cfg.train.device, ctx)
-        self.amp_dtype, use_scaler = self._amp()
-        # fp16 needs loss scaling against underflow; bf16 and fp32 do not (the scaler is then a pass-through).
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _check_out_dir(self, resume: bool, overwrite: bool) -> dict[str, Any] | None:
@@ -149,12 +143,6 @@ class _Run:
         model = MaskCDKD(teacher, student, cfg.objective, in_chans=cfg.student.in_chans)
         info = StudentInfo(arch=cfg.student.arch, arch_args=arch_args, norm=stats, provenance={})
         return model.to(self.device), info
-
-    def _amp(self) -> tuple[torch.dtype | None, bool]:
-        amp = self.cfg.train.amp
-        if self.device.type != "cuda" or amp == "none":
-            return None, False
-        return (torch.float16, True) if amp == "fp16" else (torch.bfloat16, False)
 
     # ----------------------------------------------------------------------------------------------- the run
     def run(self, resume: bool, overwrite: bool) -> DistillResult:

@@ -30,7 +30,7 @@ from cdkd.errors import CdkdValueError
 from cdkd.models.upernet import Segmenter
 from cdkd.utils.checkpoint import restore_model, rng_state, save_checkpoint, set_rng_state, trainable_state
 from cdkd.utils.distributed import DistContext, resolve_device
-from cdkd.utils.optim import adamw, lr_lambda
+from cdkd.utils.optim import adamw, autocast_dtype, check_train_config, lr_lambda
 from cdkd.utils.rundir import RunDir, check_resumable
 
 CHECKPOINT_FORMAT = "cdkd.finetune-checkpoint"
@@ -84,8 +84,7 @@ def finetune(
         raise CdkdValueError(f"unknown format {cfg.data.format!r}; choose one of {', '.join(FORMATS)}")
     if cfg.head.type not in ("upernet", "linear"):
         raise CdkdValueError(f"head must be 'upernet' or 'linear', got {cfg.head.type!r}")
-    if cfg.train.steps is not None and cfg.train.epochs is not None:
-        raise CdkdValueError("give --steps or --epochs, not both")
+    check_train_config(cfg.train)
     student, sinfo = load_student(cfg.student)
     tile, overlap = resolve_tiling(cfg, sinfo)
     schema = schema_for(cfg.data.format, cfg.data.classes)
@@ -147,9 +146,7 @@ class _Loop:
                  device: torch.device, paths: RunDir) -> None:
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.schema, self.weight, self.device, self.paths = schema, weight, device, paths
-        amp = cfg.train.amp
-        use_amp = device.type == "cuda" and amp != "none"
-        self.amp_dtype = (torch.float16 if amp == "fp16" else torch.bfloat16) if use_amp else None
+        self.amp_dtype = autocast_dtype(cfg.train.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
 
     def run(self, batches: Iterator[dict], start: int, steps: int, progress: bool) -> float:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
 
 from cdkd.errors import CdkdValueError
 
+if TYPE_CHECKING:
+    from cdkd.config import TrainConfig
+
 LR_SCHEDULES = ("cosine", "poly")
+AMP_MODES = ("auto", "bf16", "fp16", "none")
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -41,3 +45,25 @@ def lr_lambda(kind: str, warmup: int, steps: int, power: float = 0.9) -> Callabl
         return (1.0 - progress) ** power
 
     return f
+
+
+def check_train_config(train: "TrainConfig") -> None:
+    """User-facing checks of the training settings every job shares."""
+    if train.steps is not None and train.epochs is not None:
+        raise CdkdValueError("give --steps or --epochs, not both")
+    if train.amp not in AMP_MODES:
+        raise CdkdValueError(f"amp must be {', '.join(AMP_MODES)}, got {train.amp!r}")
+    if train.batch_size < 1 or train.grad_accum < 1:
+        raise CdkdValueError("batch size and gradient accumulation must be >= 1")
+    if train.lr_schedule not in LR_SCHEDULES:
+        raise CdkdValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {train.lr_schedule!r}")
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on ``device``: bf16 by default on CUDA, none on the CPU.
+
+    fp16 needs a ``GradScaler`` against underflow (enable it when this returns ``torch.float16``); bf16 does not.
+    """
+    if device.type != "cuda" or amp == "none":
+        return None
+    return torch.float16 if amp == "fp16" else torch.bfloat16
