@@ -15,6 +15,7 @@ Nothing else has to be kept in sync by hand: the loaders rebuild the networks fr
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,57 @@ class SegmenterInfo:
     @property
     def in_chans(self) -> int:
         return self.student.in_chans
+
+    def inference_meta(self) -> InferenceMeta:
+        """What a runtime needs besides the network (embedded in exported ONNX models and engine sidecars)."""
+        return InferenceMeta(classes=self.classes, norm=self.norm, tile_size=self.tile_size, overlap=self.overlap,
+                             in_chans=self.in_chans, arch=self.student.arch, head=str(self.head.get("head", "?")))
+
+
+INFERENCE_META_FORMAT = "cdkd.inference"
+
+
+@dataclass(frozen=True)
+class InferenceMeta:
+    """Everything the scene engine needs to run a segmenter of any runtime (PyTorch, ONNX, TensorRT).
+
+    The network maps (B, in_chans, tile_size, tile_size) float32 inputs, normalised with ``norm``, to
+    (B, K, tile_size, tile_size) logits, K = ``classes.num_classes``. ``overlap`` is the default window overlap.
+    ``to_json``/``from_json`` give the one serialised form (ONNX ``metadata_props`` and ``.engine.json`` sidecars).
+    """
+
+    classes: ClassSchema
+    norm: NormStats
+    tile_size: int
+    overlap: int
+    in_chans: int
+    arch: str = "?"
+    head: str = "?"
+
+    @property
+    def num_classes(self) -> int:
+        return self.classes.num_classes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": INFERENCE_META_FORMAT, "version": 1, "classes": self.classes.to_dict(),
+                "norm": self.norm.to_dict(), "tile_size": self.tile_size, "overlap": self.overlap,
+                "in_chans": self.in_chans, "arch": self.arch, "head": self.head}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "model metadata") -> InferenceMeta:
+        """Parse ``to_json`` output; anything else is a CheckpointError naming ``source``."""
+        try:
+            d = json.loads(text)
+            if d.get("format") != INFERENCE_META_FORMAT:
+                raise ValueError(f"format is {d.get('format')!r}, expected {INFERENCE_META_FORMAT!r}")
+            return cls(classes=ClassSchema.from_dict(d["classes"]), norm=NormStats.from_dict(d["norm"]),
+                       tile_size=int(d["tile_size"]), overlap=int(d["overlap"]), in_chans=int(d["in_chans"]),
+                       arch=str(d.get("arch", "?")), head=str(d.get("head", "?")))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{source}: no usable cdkd inference metadata ({e})") from None
 
 
 def save_segmenter(path: str | Path, segmenter: Segmenter, info: SegmenterInfo) -> None:

@@ -155,3 +155,42 @@ def tile_dir(tmp_path) -> Path:
     data = truncated.read_bytes()
     truncated.write_bytes(data[: int(len(data) * 0.75)])
     return root
+
+
+TINY_STUDENT = {"embed_dim": 48, "depth": 4, "num_heads": 2}  # a real vit_s, shrunk so tests run in milliseconds
+
+
+def make_segmenter(
+    path: str | Path,
+    tile: int = 64,
+    overlap: int = 16,
+    in_chans: int = 3,
+    schema=None,
+    norm=None,
+    seed: int = 0,
+) -> Path:
+    """Write a real (untrained, seeded) ``segmenter.pt``: a tiny vit_s + UPerNet, as ``cdkd finetune`` saves it."""
+    import torch
+
+    from cdkd.artifacts import SegmenterInfo, StudentInfo, save_segmenter
+    from cdkd.data.classes import BUILTIN_SCHEMAS
+    from cdkd.data.stats import NormStats
+    from cdkd.models.student import build_student
+    from cdkd.models.upernet import Segmenter
+
+    schema = schema or BUILTIN_SCHEMAS["dubai"]
+    norm = norm or NormStats(mean=(110.0,) * in_chans, std=(50.0,) * in_chans, bands=tuple(range(1, in_chans + 1)),
+                             dtype="uint8")
+    torch.manual_seed(seed)
+    arch_args = dict(TINY_STUDENT, img_size=tile, in_chans=in_chans)
+    model = Segmenter(build_student("vit_s", **arch_args), schema.num_classes, layers=(1, 2, 3, 4), channels=32)
+    student = StudentInfo("vit_s", arch_args, norm, {"teacher": "none (test fixture)"})
+    info = SegmenterInfo(student=student, head=model.config(), classes=schema, tile_size=tile, overlap=overlap)
+    save_segmenter(path, model.eval(), info)
+    return Path(path)
+
+
+@pytest.fixture
+def segmenter_pt(tmp_path) -> Path:
+    """A tiny 3-band, 64 px, 5-class (Dubai schema) segmenter.pt with seeded random weights."""
+    return make_segmenter(tmp_path / "segmenter.pt")
