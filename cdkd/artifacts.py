@@ -122,6 +122,13 @@ class SegmenterInfo:
 
 
 INFERENCE_META_FORMAT = "cdkd.inference"
+ONNX_METADATA_KEY = "cdkd.inference"  # key of InferenceMeta.to_json() in an exported model's ONNX metadata_props
+
+
+def engine_sidecar(engine: str | Path) -> Path:
+    """``model.engine`` -> ``model.engine.json``: a TensorRT engine cannot hold metadata, so it sits beside it."""
+    engine = Path(engine)
+    return engine.with_name(engine.name + ".json")
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ class RasterInfo:
 # helpers
 
 
-def _check_bands(bands: Sequence[int]) -> tuple[int, ...]:
+def check_bands(bands: Sequence[int]) -> tuple[int, ...]:
     """Validate 1-based band indexes (rasterio's convention) and return them as a tuple."""
     out = tuple(bands)
     if not out:
@@ -66,7 +66,7 @@ def _open(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
         yield src
 
 
-def _gdal_reason(err: BaseException) -> str:
+def gdal_reason(err: BaseException) -> str:
     """The most specific message in an exception chain.
 
     rasterio raises ``RasterioIOError("Read failed. See previous exception for details.")`` and chains GDAL's
@@ -88,7 +88,7 @@ def _gdal_reason(err: BaseException) -> str:
     return messages[0] if messages else type(err).__name__
 
 
-def _read(src: rasterio.io.DatasetReader, bands: tuple[int, ...], window: Window) -> tuple[np.ndarray, np.ndarray]:
+def read_pixels(src: rasterio.io.DatasetReader, bands: tuple[int, ...], window: Window) -> tuple[np.ndarray, np.ndarray]:
     """Pixels (C, h, w) and validity (h, w) of ``window`` in an open dataset."""
     pixels = src.read(indexes=list(bands), window=window)
     # GDAL semantics: a pixel is invalid where the nodata value / alpha / internal mask says so
@@ -124,9 +124,9 @@ def _probe(path: Path, bands: tuple[int, ...] | None, min_bands: int) -> tuple[R
             h, w = min(PROBE_SIZE, src.height), min(PROBE_SIZE, src.width)
             try:
                 for row, col in ((0, 0), (src.height - h, src.width - w)):
-                    _read(src, indexes, Window(col, row, w, h))
+                    read_pixels(src, indexes, Window(col, row, w, h))
             except (RasterioError, OSError) as e:
-                return None, f"pixel data cannot be read: {_gdal_reason(e)}"
+                return None, f"pixel data cannot be read: {gdal_reason(e)}"
     except (RasterioError, OSError):
         return None, "not a readable raster"
     return info, ""
@@ -157,7 +157,7 @@ def find_rasters(root: str | Path, bands: Sequence[int] | None = None, min_bands
         DataError: ``root`` is missing or not a folder, or no usable image is found.
         CdkdValueError: a band index is < 1 or ``min_bands`` < 1.
     """
-    checked = _check_bands(bands) if bands is not None else None
+    checked = check_bands(bands) if bands is not None else None
     if min_bands < 1:
         raise CdkdValueError(f"min_bands must be at least 1, got {min_bands}")
     root = Path(root)
@@ -210,7 +210,7 @@ def read_window(
         DataError: the file has fewer bands than requested.
         CdkdValueError: bad band index or a window outside the image.
     """
-    indexes = _check_bands(bands)
+    indexes = check_bands(bands)
     if height < 1 or width < 1 or row < 0 or col < 0:
         raise CdkdValueError(f"{path}: invalid window row={row} col={col} height={height} width={width}")
     try:
@@ -222,11 +222,11 @@ def read_window(
                     f"{path}: window rows {row}..{row + height} cols {col}..{col + width} lies outside the "
                     f"{src.height}x{src.width} image"
                 )
-            return _read(src, indexes, Window(col, row, width, height))
+            return read_pixels(src, indexes, Window(col, row, width, height))
     except CdkdError:
         raise
     except (RasterioError, OSError) as e:
-        raise CdkdIOError(f"{path}: cannot read pixels ({_gdal_reason(e)})") from e
+        raise CdkdIOError(f"{path}: cannot read pixels ({gdal_reason(e)})") from e
 
 
 def require_one_dtype(rasters: Sequence[RasterInfo], root: str | Path) -> str:

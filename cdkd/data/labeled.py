@@ -32,7 +32,7 @@ from rasterio.windows import Window
 from torch.utils.data import Dataset
 
 from cdkd.data.classes import BUILTIN_SCHEMAS, ClassSchema
-from cdkd.data.files import IMAGE_SUFFIXES, _check_bands, _gdal_reason, _open, read_window
+from cdkd.data.files import IMAGE_SUFFIXES, check_bands, gdal_reason, _open, read_window
 from cdkd.data.stats import NormStats
 from cdkd.data.unlabeled import UnlabeledTiles, _augment, check_tile_size
 from cdkd.errors import CdkdError, CdkdIOError, CdkdValueError, DataError
@@ -241,7 +241,7 @@ def _header(path: str) -> tuple[int, int, int, str]:
         with _open(path) as src:
             return src.height, src.width, src.count, src.dtypes[0]
     except (RasterioError, OSError) as e:
-        raise CdkdIOError(f"{path}: cannot open ({_gdal_reason(e)})") from e
+        raise CdkdIOError(f"{path}: cannot open ({gdal_reason(e)})") from e
 
 
 def _check_sizes(pair: LabeledPair, image_hw: tuple[int, int], mask_hw: tuple[int, int]) -> None:
@@ -307,7 +307,7 @@ def _read_label(path: str, schema: ClassSchema, window: Window | None) -> np.nda
     except CdkdError:
         raise
     except (RasterioError, OSError) as e:
-        raise CdkdIOError(f"{path}: cannot read the mask ({_gdal_reason(e)})") from e
+        raise CdkdIOError(f"{path}: cannot read the mask ({gdal_reason(e)})") from e
     if colors is not None:
         return _decode_palette(band, colors, schema, path)
     return schema.decode_index(band, path)
@@ -367,7 +367,7 @@ def read_pair(
         DataError: image and mask sizes differ (both files and sizes named), unknown colours or values.
         CdkdIOError: a file cannot be read. CdkdValueError: bad band or window.
     """
-    image, valid, label = _read_pair(pair, schema, _check_bands(bands), window)
+    image, valid, label = _read_pair(pair, schema, check_bands(bands), window)
     return image, np.where(valid, label, schema.ignore_index)
 
 

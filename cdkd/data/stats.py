@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cdkd.data.files import RasterInfo, _check_bands, read_window
+from cdkd.data.files import RasterInfo, check_bands, read_window
 from cdkd.errors import CdkdValueError, DataError
 
 STD_EPS = 1e-6  # floor for std: a constant band normalises to 0 instead of dividing by zero
@@ -35,7 +35,7 @@ class NormStats:
     def __post_init__(self) -> None:
         mean = tuple(float(m) for m in self.mean)
         std = tuple(max(float(s), STD_EPS) for s in self.std)
-        bands = _check_bands(self.bands)
+        bands = check_bands(self.bands)
         if not (len(mean) == len(std) == len(bands)):
             raise CdkdValueError(
                 f"normalisation statistics disagree: {len(mean)} means, {len(std)} stds, {len(bands)} bands"
@@ -118,7 +118,7 @@ def compute_stats(
         DataError: no raster, or no valid pixel in any window. CdkdIOError: a window cannot be read.
         CdkdValueError: bad band index, ``n_samples`` or ``window`` < 1.
     """
-    indexes = _check_bands(bands)
+    indexes = check_bands(bands)
     if not rasters:
         raise DataError("cannot compute normalisation statistics: no image file given")
     if n_samples < 1 or window < 1:

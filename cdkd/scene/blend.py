@@ -103,3 +103,67 @@ class LogitAccumulator:
     def argmax(self) -> np.ndarray:
         """(H, W) int64 class index of the largest blended logit per pixel."""
         return self.result().argmax(axis=0)
+
+
+class RowBandAccumulator:
+    """Weighted sum of tile logits over a band of rows that slides down a scene: what keeps memory flat.
+
+    The streaming engine processes one row of windows at a time (``tiler.plan_rows``). Windows of row ``i`` start
+    at image row ``top`` and span ``tile`` rows, so the band holds rows ``[top, top + tile)`` only: (K, tile, W)
+    float32 sums, whatever the scene's height. Once row ``i`` is added, the rows above the next window row's
+    offset are final: ``pop(next_top)`` returns their blended logits and moves the band down, keeping the
+    partial sums of the rows that the next windows overlap.
+    """
+
+    def __init__(self, num_classes: int, band_height: int, width: int, top: int = 0) -> None:
+        self.num_classes, self.band_height, self.width, self.top = num_classes, band_height, width, top
+        self.logit_sum = np.zeros((num_classes, band_height, width), dtype=np.float32)
+        self.weight_sum = np.zeros((band_height, width), dtype=np.float32)
+        self.valid = np.zeros((band_height, width), dtype=bool)
+
+    def _rows(self, window: TileWindow) -> slice:
+        r0 = window.row - self.top
+        if r0 < 0 or r0 + window.height > self.band_height or window.col + window.width > self.width:
+            raise CdkdValueError(f"{window} lies outside the band of rows {self.top}..{self.top + self.band_height}")
+        return slice(r0, r0 + window.height)
+
+    def add_valid(self, window: TileWindow, valid: np.ndarray) -> None:
+        """Mark the (h, w) ``valid`` pixels of ``window`` (every window's, including those with no valid pixel)."""
+        self.valid[self._rows(window), window.col : window.col + window.width] |= valid
+
+    def add(self, window: TileWindow, logits: np.ndarray, weights: np.ndarray) -> None:
+        """Accumulate (K, h, w) ``logits`` weighted by (h, w) ``weights`` at ``window``."""
+        rows, cols = self._rows(window), slice(window.col, window.col + window.width)
+        self.logit_sum[:, rows, cols] += logits * weights
+        self.weight_sum[rows, cols] += weights
+
+    def pop(self, next_top: int) -> tuple[np.ndarray, np.ndarray]:
+        """Final rows ``[top, next_top)``: ((K, n, W) blended logits, (n, W) validity); the band moves down.
+
+        Pixels no window predicted (only those of skipped, all-invalid windows) get logits 0; they are invalid.
+        """
+        n = next_top - self.top
+        if not 0 < n <= self.band_height:
+            raise CdkdValueError(f"cannot pop rows {self.top}..{next_top} from a band of {self.band_height} rows")
+        weight = self.weight_sum[:n]
+        logits = np.divide(self.logit_sum[:, :n], weight, out=np.zeros_like(self.logit_sum[:, :n]),
+                           where=weight > 0)
+        valid = self.valid[:n].copy()
+        # slide: the rows below next_top move up, the freed rows at the bottom start empty
+        for array in (self.logit_sum, self.weight_sum, self.valid):
+            array[..., : self.band_height - n, :] = array[..., n:, :]
+            array[..., self.band_height - n :, :] = 0
+        self.top = next_top
+        return logits, valid
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The partial sums, for checkpointing (``from_state`` restores them)."""
+        return {"logit_sum": self.logit_sum, "weight_sum": self.weight_sum, "valid": self.valid,
+                "top": np.asarray(self.top)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> RowBandAccumulator:
+        k, h, w = state["logit_sum"].shape
+        acc = cls(k, h, w, int(state["top"]))
+        acc.logit_sum[:], acc.weight_sum[:], acc.valid[:] = state["logit_sum"], state["weight_sum"], state["valid"]
+        return acc

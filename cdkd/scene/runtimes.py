@@ -1,0 +1,231 @@
+"""Three runtimes behind one interface: PyTorch (``segmenter.pt``), ONNX Runtime (``.onnx``), TensorRT (``.engine``).
+
+A runtime is a callable that maps a (B, C, T, T) float32 batch, already normalised, to (B, K, T, T) float32
+logits, and carries the model's ``InferenceMeta`` (classes, normalisation, tile size). The scene engine does all
+pre- and post-processing itself, so the three runtimes differ only in how they run the network. ``open_runtime``
+picks one from the model file's suffix (or ``runtime=``). Heavy optional packages (onnxruntime, tensorrt) are
+imported where they are used, with an error naming the package when missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from cdkd.artifacts import ONNX_METADATA_KEY, InferenceMeta, engine_sidecar
+from cdkd.errors import CheckpointError, CdkdValueError
+
+RUNTIMES = ("torch", "onnx", "tensorrt")
+SUFFIXES = {".pt": "torch", ".pth": "torch", ".onnx": "onnx", ".engine": "tensorrt", ".plan": "tensorrt",
+            ".trt": "tensorrt"}
+AMP_MODES = ("auto", "none", "fp16", "bf16")
+
+
+class Runtime(Protocol):
+    """(B, C, T, T) float32 normalised tiles -> (B, K, T, T) float32 logits, with the model's metadata."""
+
+    name: str
+    meta: InferenceMeta
+    device: str
+    max_batch: int | None  # None: any batch size; else the largest batch the model accepts
+    fixed_tile: bool  # True: only meta.tile_size; False: any multiple of the patch size
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def runtime_for(path: str | Path, runtime: str | None = None) -> str:
+    """The runtime that runs ``path``: ``runtime`` if given, else the one its suffix names."""
+    if runtime is not None:
+        if runtime not in RUNTIMES:
+            raise CdkdValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        return runtime
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise CdkdValueError(f"{path}: cannot tell the runtime from the suffix {suffix!r} (known: "
+                             f"{', '.join(SUFFIXES)}); pass --runtime {'|'.join(RUNTIMES)}")
+    return SUFFIXES[suffix]
+
+
+def _check_batch(batch: np.ndarray, meta: InferenceMeta, fixed_tile: bool = True) -> np.ndarray:
+    expected = (meta.in_chans, meta.tile_size, meta.tile_size)
+    ok = batch.ndim == 4 and (tuple(batch.shape[1:]) == expected if fixed_tile else batch.shape[1] == meta.in_chans)
+    if not ok:
+        raise CdkdValueError(f"runtime input must be (B, {', '.join(map(str, expected))}), got {batch.shape}")
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def _chunked(run, batch: np.ndarray, max_batch: int | None, fixed: bool) -> np.ndarray:  # noqa: ANN001
+    """Run ``run`` on at most ``max_batch`` tiles at a time; a fixed-batch model gets its last chunk padded."""
+    if max_batch is None or len(batch) <= max_batch and not (fixed and len(batch) < max_batch):
+        return run(batch)
+    outs = []
+    for start in range(0, len(batch), max_batch):
+        chunk = batch[start : start + max_batch]
+        n = len(chunk)
+        if fixed and n < max_batch:  # a static-batch graph only accepts its own batch size
+            chunk = np.concatenate([chunk, np.zeros((max_batch - n, *chunk.shape[1:]), chunk.dtype)])
+        outs.append(run(chunk)[:n])
+    return np.concatenate(outs)
+
+
+class TorchRuntime:
+    """A ``segmenter.pt`` on the CPU or a CUDA GPU; fp16/bf16 autocast on CUDA (``amp="auto"`` = bf16)."""
+
+    name = "torch"
+    max_batch = None
+    fixed_tile = False  # the ViT resamples its position embedding: any multiple of the patch size
+
+    def __init__(self, path: str | Path, device: str = "auto", amp: str = "auto") -> None:
+        import torch
+
+        from cdkd.artifacts import load_segmenter
+        from cdkd.utils.distributed import DistContext, resolve_device
+
+        if amp not in AMP_MODES:
+            raise CdkdValueError(f"unknown amp mode {amp!r}; choose one of {', '.join(AMP_MODES)}")
+        self._device = resolve_device(device, DistContext())
+        model, info = load_segmenter(path, map_location=self._device)
+        self.model, self.meta = model.eval(), info.inference_meta()
+        self.device = str(self._device)
+        self._dtype = None
+        if self._device.type == "cuda" and amp != "none":
+            self._dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(_check_batch(batch, self.meta, fixed_tile=False)).to(self._device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype,
+                                                    enabled=self._dtype is not None):
+            return self.model(x).float().cpu().numpy()
+
+
+def read_onnx_meta(path: str | Path) -> InferenceMeta:
+    """The ``InferenceMeta`` that ``cdkd export`` embedded in an ONNX model's metadata."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError, onnx its own types
+        raise CheckpointError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if ONNX_METADATA_KEY not in props:
+        raise CheckpointError(f"{path}: has no cdkd metadata ({ONNX_METADATA_KEY!r}); export it with cdkd export")
+    return InferenceMeta.from_json(props[ONNX_METADATA_KEY], str(path))
+
+
+class OnnxRuntime:
+    """An exported ``.onnx`` model in ONNX Runtime: the CUDA provider when installed and wanted, else the CPU."""
+
+    name = "onnx"
+    fixed_tile = True
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise CdkdValueError("the onnx runtime needs the onnxruntime package (pip install onnxruntime)") from None
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: ONNX model not found (cdkd export --format onnx writes one)")
+        self.meta = read_onnx_meta(path)
+        available = ort.get_available_providers()
+        if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
+            raise CdkdValueError(f"device {device!r} requested but onnxruntime has no CUDA provider here "
+                                 "(install onnxruntime-gpu) ; use --device cpu")
+        want_cuda = device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider" in available)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        inp = self.session.get_inputs()[0]
+        self._input = inp.name
+        dim = inp.shape[0]
+        self._fixed = isinstance(dim, int)
+        self.max_batch = dim if self._fixed else None
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: batch})[0].astype(np.float32, copy=False)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return _chunked(self._run, _check_batch(batch, self.meta), self.max_batch, self._fixed)
+
+
+class TensorRTRuntime:
+    """A serialized TensorRT engine (``.engine``/``.plan``) with its ``.json`` sidecar; needs CUDA and tensorrt.
+
+    Engines are specific to the GPU and TensorRT version that built them: build them on the target device
+    (README: ``trtexec --onnx=model.onnx --saveEngine=model.engine``, then copy the sidecar with it).
+    """
+
+    name = "tensorrt"
+    fixed_tile = True
+
+    def __init__(self, path: str | Path, device: str = "auto") -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: TensorRT engine not found")
+        sidecar = engine_sidecar(path)
+        if not sidecar.is_file():
+            raise CheckpointError(f"{path}: its metadata sidecar {sidecar.name} is missing (cdkd export writes it; "
+                                  "for a trtexec-built engine copy the .onnx model's with cdkd export --sidecar)")
+        self.meta = InferenceMeta.from_json(sidecar.read_text(), str(sidecar))
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise CdkdValueError("the tensorrt runtime needs NVIDIA TensorRT (pip install tensorrt) and a CUDA GPU; "
+                                 "use the .onnx model with --runtime onnx elsewhere") from None
+        import torch
+
+        if not torch.cuda.is_available() or device == "cpu":
+            raise CdkdValueError(f"{path}: a TensorRT engine runs only on a CUDA GPU, and none is in use here")
+        self._torch = torch
+        self._stream = torch.cuda.Stream()
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise CheckpointError(f"{path}: TensorRT could not deserialize the engine (built for another GPU or "
+                                  "TensorRT version? rebuild it on this device)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self._input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self._output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.device = "cuda"
+        shape = tuple(self.engine.get_tensor_shape(self._input))
+        self._fixed = shape[0] != -1
+        if self._fixed:
+            self.max_batch = shape[0]
+        else:  # the largest batch of the optimisation profile
+            self.max_batch = int(self.engine.get_tensor_profile_shape(self._input, 0)[2][0])
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        x = torch.from_numpy(batch).cuda()
+        self.context.set_input_shape(self._input, tuple(x.shape))
+        out_shape = tuple(self.context.get_tensor_shape(self._output))
+        y = torch.empty(out_shape, dtype=torch.float32, device="cuda")
+        self.context.set_tensor_address(self._input, x.data_ptr())
+        self.context.set_tensor_address(self._output, y.data_ptr())
+        with torch.cuda.stream(self._stream):
+            if not self.context.execute_async_v3(self._stream.cuda_stream):
+                raise CdkdValueError("TensorRT failed to run the engine")
+        self._stream.synchronize()
+        return y.cpu().numpy()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return _chunked(self._run, _check_batch(batch, self.meta), self.max_batch, self._fixed)
+
+
+def open_runtime(path: str | Path, runtime: str | None = None, device: str = "auto", amp: str = "auto",
+                 threads: int | None = None) -> Runtime:
+    """The runtime for the model file ``path`` (``segmenter.pt``, ``.onnx`` or ``.engine``)."""
+    kind = runtime_for(path, runtime)
+    if kind == "torch":
+        return TorchRuntime(path, device=device, amp=amp)
+    if kind == "onnx":
+        return OnnxRuntime(path, device=device, threads=threads)
+    return TensorRTRuntime(path, device=device)

@@ -1,0 +1,168 @@
+"""Reading a scene: one open GeoTIFF, checked once up front, then read window by window.
+
+``SceneSource`` holds the dataset open for the whole job (re-opening per tile would re-parse the header and lose
+GDAL's block cache) and never reads more than one window: memory does not depend on the scene's size. Every
+problem a user can cause is found before any tile runs and named in one line: a file that is not a raster or
+whose pixels do not decode, no CRS, too few bands for the model, a pixel type the model's statistics do not
+describe.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+from cdkd.data.files import RasterInfo, check_bands, gdal_reason, read_pixels
+from cdkd.data.stats import NormStats, compute_stats
+from cdkd.errors import CdkdIOError, CdkdValueError, DataError
+from cdkd.scene.tiler import TileWindow
+
+PROBE = 256  # side of the probe windows read at open: corrupt pixel data fails here, not hours into a job
+STATS_MODES = ("model", "scene")
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    """Header facts about a scene, as the report and the writer need them."""
+
+    path: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: Any  # rasterio CRS
+    transform: Any  # affine.Affine
+    nodata: float | None
+
+    @property
+    def pixel_area_m2(self) -> float:
+        """Area of one pixel in m² (projected CRS: |det| times the unit's metre factor squared; geographic: at
+        the scene's centre latitude on the WGS84 authalic sphere, good to a fraction of a percent per scene)."""
+        det = abs(self.transform.a * self.transform.e - self.transform.b * self.transform.d)
+        if self.crs.is_geographic:
+            lat = math.radians(abs((self.transform * (self.width / 2, self.height / 2))[1]))
+            metres_per_degree = math.pi * 6371007.2 / 180.0
+            return det * metres_per_degree**2 * math.cos(lat)
+        return det * self.crs.linear_units_factor[1] ** 2
+
+
+def _open_dataset(path: Path) -> Any:
+    if not path.exists():
+        raise CdkdIOError(f"{path}: scene not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except (RasterioError, OSError) as e:
+        raise CdkdIOError(f"{path}: not a readable raster ({gdal_reason(e)})") from None
+
+
+class SceneSource:
+    """An open scene, ready to be read one ``TileWindow`` at a time in the model's band order.
+
+    Args:
+        path: the GeoTIFF (any GDAL raster with a CRS).
+        in_chans: the number of input channels the model takes.
+        bands: 1-based scene bands to feed the model, in order (``--bands 3,2,1``); default ``norm.bands``.
+            A band may repeat (``1,1,1`` feeds a panchromatic band to an RGB model).
+        norm: the model's normalisation statistics; ``stats="scene"`` replaces them by statistics computed once
+            from sampled windows of this scene (never per tile: per-tile statistics shift the colours of every
+            tile differently and leave seams).
+    """
+
+    def __init__(self, path: str | Path, in_chans: int, norm: NormStats, bands: Sequence[int] | None = None,
+                 stats: str = "model", stats_samples: int = 64) -> None:
+        self.path = Path(path)
+        if stats not in STATS_MODES:
+            raise CdkdValueError(f"unknown --stats {stats!r}; choose one of {', '.join(STATS_MODES)}")
+        self._src = _open_dataset(self.path)
+        try:
+            self.info = self._check_header()
+            self.bands = self._check_bands(in_chans, norm, bands)
+            self._probe()
+            self.norm = self._norm(norm, stats, stats_samples)
+        except BaseException:
+            self._src.close()
+            raise
+
+    # ---------------------------------------------------------------------------------------------------- checks
+
+    def _check_header(self) -> SceneInfo:
+        src = self._src
+        if src.crs is None:
+            raise DataError(f"{self.path}: has no CRS, so its output could not be placed on a map; assign one "
+                            "(e.g. gdal_edit.py -a_srs EPSG:XXXX) and run again")
+        if src.width < 1 or src.height < 1:
+            raise DataError(f"{self.path}: has no pixels")
+        dtypes = set(src.dtypes)
+        if len(dtypes) != 1:
+            raise DataError(f"{self.path}: bands of different pixel types {sorted(dtypes)} are not supported")
+        if np.dtype(src.dtypes[0]).kind == "c":
+            raise DataError(f"{self.path}: complex pixel type {src.dtypes[0]} is not supported")
+        return SceneInfo(str(self.path), src.width, src.height, src.count, src.dtypes[0], src.crs, src.transform,
+                         src.nodata)
+
+    def _check_bands(self, in_chans: int, norm: NormStats, bands: Sequence[int] | None) -> tuple[int, ...]:
+        chosen = check_bands(bands) if bands is not None else norm.bands
+        if len(chosen) != in_chans:
+            raise DataError(f"{self.path}: --bands {','.join(map(str, chosen))} gives {len(chosen)} band(s), but "
+                            f"the model takes {in_chans}")
+        if max(chosen) > self.info.count:
+            hint = (f"; map the scene's bands onto the model's with --bands, e.g. --bands "
+                    f"{','.join(['1'] * in_chans)}" if bands is None else "")
+            raise DataError(f"{self.path}: has {self.info.count} band(s), but band {max(chosen)} is needed "
+                            f"(the model reads bands {','.join(map(str, chosen))}){hint}")
+        return chosen
+
+    def _probe(self) -> None:
+        """Decode the first and last small windows: a header can be intact while the pixel data is broken."""
+        h, w = min(PROBE, self.info.height), min(PROBE, self.info.width)
+        for row, col in ((0, 0), (self.info.height - h, self.info.width - w)):
+            self.read(TileWindow(row, col, h, w))
+
+    def _norm(self, norm: NormStats, stats: str, samples: int) -> NormStats:
+        if stats == "scene":
+            info = RasterInfo(str(self.path), self.info.width, self.info.height, self.info.count, self.info.dtype)
+            try:
+                scene = compute_stats([info], self.bands, n_samples=samples, window=512)
+            except DataError:
+                raise DataError(f"{self.path}: no valid pixel in {samples} sampled windows; the scene is empty "
+                                "(all nodata) or nearly so") from None
+            return scene
+        if norm.dtype != self.info.dtype:
+            raise DataError(f"{self.path}: pixels are {self.info.dtype} but the model's normalisation statistics "
+                            f"are for {norm.dtype}; pass --stats scene to normalise with this scene's statistics")
+        return NormStats(norm.mean, norm.std, self.bands, norm.dtype)
+
+    # ---------------------------------------------------------------------------------------------------- reads
+
+    def read(self, window: TileWindow) -> tuple[np.ndarray, np.ndarray]:
+        """``(pixels, valid)``: (C, h, w) pixels in the scene's dtype and (h, w) bool validity (GDAL's mask)."""
+        try:
+            return read_pixels(self._src, self.bands, window.to_rasterio())
+        except (RasterioError, OSError) as e:
+            raise CdkdIOError(f"{self.path}: cannot read pixels at row {window.row}, col {window.col} "
+                              f"({gdal_reason(e)})") from None
+
+    def read_normalized(self, window: TileWindow) -> tuple[np.ndarray, np.ndarray]:
+        """``(x, valid)``: (C, h, w) float32 normalised pixels, 0 (the mean) where invalid, and validity."""
+        pixels, valid = self.read(window)
+        x = self.norm.normalize(pixels)
+        x[:, ~valid] = 0.0  # nodata values (0, -9999, NaN) would be far outliers to the network
+        return x, valid
+
+    def close(self) -> None:
+        self._src.close()
+
+    def __enter__(self) -> SceneSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
