@@ -45,6 +45,7 @@ class SceneResult:
     ok: bool
     error: str | None = None
     report: dict[str, Any] | None = None
+    worker: str = "local"  # the dask worker's address on a cluster
 
 
 @dataclass(frozen=True)
@@ -77,19 +78,20 @@ def plan_outputs(scenes: Sequence[str | Path], out_dir: str | Path) -> list[tupl
     return pairs
 
 
-def _result(scene: Path, out: Path, run: Callable[[], SceneReport]) -> SceneResult:
+def _result(scene: Path, out: Path, run: Callable[[], SceneReport], worker: str = "local") -> SceneResult:
     try:
-        return SceneResult(str(scene), str(out), True, report=run().to_dict())
+        return SceneResult(str(scene), str(out), True, report=run().to_dict(), worker=worker)
     except CdkdError as e:  # bad input: reported per scene; programming errors still propagate
-        return SceneResult(str(scene), str(out), False, error=str(e))
+        return SceneResult(str(scene), str(out), False, error=str(e), worker=worker)
 
 
 def _segment_on_worker(scene: str, out: str, options: SegmentOptions) -> SceneResult:
     """A dask task: segment one scene with the runtime this worker's plugin opened."""
     from distributed import get_worker
 
-    runtime = get_worker().plugins[PLUGIN_NAME].runtime
-    return _result(Path(scene), Path(out), lambda: segment_scene(scene, runtime, out, options))
+    worker = get_worker()
+    runtime = worker.plugins[PLUGIN_NAME].runtime
+    return _result(Path(scene), Path(out), lambda: segment_scene(scene, runtime, out, options), worker.address)
 
 
 def _runtime_plugin(spec: RuntimeSpec) -> Any:

@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cdkd.errors import CdkdValueError, CheckpointError, DataError, OutputExistsError
 from cdkd.config import PATCH_SIZE
+from cdkd.errors import CdkdValueError, CheckpointError, DataError, OutputExistsError
 from cdkd.scene.blend import RowBandAccumulator, blend_weights
 from cdkd.scene.classraster import NODATA, check_num_classes
 from cdkd.scene.runtimes import Runtime

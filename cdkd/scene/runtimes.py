@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from cdkd.artifacts import ONNX_METADATA_KEY, InferenceMeta, engine_sidecar
-from cdkd.errors import CheckpointError, CdkdValueError
+from cdkd.errors import CdkdValueError, CheckpointError
 
 RUNTIMES = ("torch", "onnx", "tensorrt")
 SUFFIXES = {".pt": "torch", ".pth": "torch", ".onnx": "onnx", ".engine": "tensorrt", ".plan": "tensorrt",
@@ -56,7 +56,7 @@ def _check_batch(batch: np.ndarray, meta: InferenceMeta, fixed_tile: bool = True
     return np.ascontiguousarray(batch, dtype=np.float32)
 
 
-def _chunked(run, batch: np.ndarray, max_batch: int | None, fixed: bool) -> np.ndarray:  # noqa: ANN001
+def _chunked(run, batch: np.ndarray, max_batch: int | None, fixed: bool) -> np.ndarray:
     """Run ``run`` on at most ``max_batch`` tiles at a time; a fixed-batch model gets its last chunk padded."""
     if max_batch is None or len(batch) <= max_batch and not (fixed and len(batch) < max_batch):
         return run(batch)

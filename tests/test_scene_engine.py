@@ -1,0 +1,315 @@
+"""The scene engine: streaming equals in-memory blending, nodata exactness, COG output, resume, errors, many scenes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import make_geotiff, make_segmenter, synthetic_image
+from typer.testing import CliRunner
+
+from cdkd.errors import CheckpointError, DataError, OutputExistsError
+from cdkd.scene.batch import RuntimeSpec, segment_many
+from cdkd.scene.classraster import NODATA, read_class_schema
+from cdkd.scene.engine import SegmentOptions, output_paths, segment_scene
+from cdkd.scene.runtimes import open_runtime
+from cdkd.scene.sliding import sliding_window_logits
+from cdkd.scene.writer import overview_factors
+from cli.main import app
+
+runner = CliRunner()
+QUIET = dict(progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_pt(tmp_path_factory) -> Path:
+    return make_segmenter(tmp_path_factory.mktemp("model") / "segmenter.pt", tile=64, overlap=16)
+
+
+@pytest.fixture(scope="module")
+def runtime(model_pt):
+    return open_runtime(model_pt)
+
+
+@pytest.fixture
+def scene(tmp_path) -> Path:
+    return make_geotiff(tmp_path / "scene.tif", synthetic_image((3, 150, 203), seed=1))
+
+
+def _classes(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read(1)
+
+
+def test_streaming_equals_whole_image_blending(scene, runtime, tmp_path):
+    """Row-band streaming must give exactly the argmax of blending the whole image at once (no seams)."""
+    report = segment_scene(scene, runtime, tmp_path / "out.tif", SegmentOptions(batch_size=1, **QUIET))
+    with rasterio.open(scene) as src:
+        image = runtime.meta.norm.normalize(src.read())
+    logits = sliding_window_logits(runtime_as_torch(runtime), image, 64, 16, runtime.meta.num_classes, batch_size=1)
+    expected = logits.argmax(0).numpy()
+    assert np.array_equal(_classes(tmp_path / "out.tif"), expected)
+    assert report.tiles == report.tiles_run == 12  # 150 -> rows 0, 48, 86; 203 -> cols 0, 48, 96, 139
+    assert report.valid_pixels == 150 * 203
+
+
+def runtime_as_torch(runtime):
+    import torch
+
+    return lambda batch: torch.from_numpy(runtime(batch.numpy()))
+
+
+def test_output_is_a_labelled_cog_with_the_input_georeferencing(scene, runtime, tmp_path):
+    out = tmp_path / "lc.tif"
+    report = segment_scene(scene, runtime, out, SegmentOptions(probs=True, **QUIET))
+    with rasterio.open(scene) as src, rasterio.open(out) as dst:
+        assert dst.crs == src.crs and dst.transform == src.transform
+        assert (dst.width, dst.height, dst.count, dst.dtypes[0], dst.nodata) == (203, 150, 1, "uint8", NODATA)
+        assert dst.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert dst.compression.value == "DEFLATE"
+        assert read_class_schema(dst).names == runtime.meta.classes.names
+        assert dst.colormap(1)[0][:3] == runtime.meta.classes.classes[0].color
+    conf = _classes(Path(report.confidence))
+    assert conf.min() >= 255 // runtime.meta.num_classes and conf.max() <= 255
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["valid_pixels"] == 150 * 203 and sum(c["pixels"] for c in saved["classes"].values()) == 150 * 203
+    assert saved["area_km2"] == pytest.approx(150 * 203 * 100 / 1e6)
+    assert not output_paths(out)[3].exists()  # the partial-work folder is gone
+
+
+def test_overview_factors():
+    assert overview_factors(500, 300) == []
+    assert overview_factors(1024, 600) == [2]
+    assert overview_factors(5000, 2000) == [2, 4, 8, 16]
+
+
+def test_nodata_is_exact_and_empty_windows_are_skipped(tmp_path, runtime):
+    image = synthetic_image((3, 160, 160), seed=2)
+    image[:, :, :80] = 0  # a nodata collar: the left half, wider than a window
+    image[1, 100:110, 100:110] = 0  # only one band 0: still valid (GDAL: all bands must equal nodata)
+    path = make_geotiff(tmp_path / "collar.tif", image, nodata=0)
+    report = segment_scene(path, runtime, tmp_path / "out.tif", SegmentOptions(**QUIET))
+    with rasterio.open(path) as src:
+        valid = src.dataset_mask() > 0
+    out = _classes(tmp_path / "out.tif")
+    assert np.array_equal(out == NODATA, ~valid)
+    assert valid[105, 105] and out[105, 105] != NODATA
+    assert report.tiles_skipped > 0 and report.tiles_run + report.tiles_skipped == report.tiles
+
+
+def test_float_nan_pixels_become_nodata(tmp_path, runtime):
+    image = synthetic_image((3, 70, 90), seed=3).astype("float32")
+    image[:, 10:20, 30:40] = np.nan
+    path = make_geotiff(tmp_path / "float.tif", image)
+    segment_scene(path, runtime, tmp_path / "out.tif", SegmentOptions(stats="scene", **QUIET))
+    out = _classes(tmp_path / "out.tif")
+    assert (out[10:20, 30:40] == NODATA).all() and (out != NODATA).sum() == 70 * 90 - 100
+
+
+def test_scene_smaller_than_a_tile(tmp_path, runtime):
+    path = make_geotiff(tmp_path / "small.tif", synthetic_image((3, 23, 41), seed=4))
+    report = segment_scene(path, runtime, tmp_path / "out.tif", SegmentOptions(**QUIET))
+    assert report.tiles == 1 and _classes(tmp_path / "out.tif").shape == (23, 41)
+
+
+class Interrupting:
+    """A runtime that raises KeyboardInterrupt on its ``after``-th call, as Ctrl-C would."""
+
+    def __init__(self, runtime, after: int) -> None:
+        self.inner, self.after, self.calls = runtime, after, 0
+        self.name, self.meta, self.device = runtime.name, runtime.meta, runtime.device
+        self.max_batch, self.fixed_tile = runtime.max_batch, runtime.fixed_tile
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.calls == self.after:
+            raise KeyboardInterrupt
+        return self.inner(batch)
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(scene, runtime, tmp_path):
+    whole = tmp_path / "whole.tif"
+    segment_scene(scene, runtime, whole, SegmentOptions(batch_size=2, **QUIET))
+    out = tmp_path / "out.tif"
+    with pytest.raises(KeyboardInterrupt):  # 2 calls per window row: dies in the third row
+        segment_scene(scene, Interrupting(runtime, after=5), out, SegmentOptions(batch_size=2, **QUIET))
+    assert not out.exists() and (output_paths(out)[3] / "state.json").exists()
+    with pytest.raises(OutputExistsError, match="--resume"):
+        segment_scene(scene, runtime, out, SegmentOptions(batch_size=2, **QUIET))
+    counting = Interrupting(runtime, after=-1)
+    report = segment_scene(scene, counting, out, SegmentOptions(batch_size=2, resume=True, **QUIET))
+    assert report.resumed_from_row == 2 and counting.calls == 2  # only the last window row was run again
+    assert np.array_equal(_classes(out), _classes(whole))
+    assert report.valid_pixels == 150 * 203
+
+
+def test_resume_refuses_a_changed_setting(scene, runtime, tmp_path):
+    out = tmp_path / "out.tif"
+    with pytest.raises(KeyboardInterrupt):
+        segment_scene(scene, Interrupting(runtime, after=2), out, SegmentOptions(batch_size=4, **QUIET))
+    with pytest.raises(CheckpointError, match="overlap"):
+        segment_scene(scene, runtime, out, SegmentOptions(overlap=8, resume=True, **QUIET))
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        segment_scene(scene, runtime, tmp_path / "other.tif", SegmentOptions(resume=True, **QUIET))
+
+
+def test_refuses_to_overwrite_unless_asked(scene, runtime, tmp_path):
+    out = tmp_path / "out.tif"
+    segment_scene(scene, runtime, out, SegmentOptions(**QUIET))
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        segment_scene(scene, runtime, out, SegmentOptions(**QUIET))
+    segment_scene(scene, runtime, out, SegmentOptions(overwrite=True, **QUIET))
+
+
+def test_uint16_needs_scene_statistics_and_band_selection_works(tmp_path, runtime):
+    path = make_geotiff(tmp_path / "ms.tif", synthetic_image((4, 80, 80), seed=5, dtype="uint16"))
+    with pytest.raises(DataError, match="--stats scene"):
+        segment_scene(path, runtime, tmp_path / "a.tif", SegmentOptions(**QUIET))
+    report = segment_scene(path, runtime, tmp_path / "b.tif", SegmentOptions(bands=(4, 3, 2), stats="scene", **QUIET))
+    assert report.valid_pixels == 80 * 80
+
+
+def test_all_nodata_scene_is_refused_and_leaves_nothing(tmp_path, runtime):
+    path = make_geotiff(tmp_path / "empty.tif", np.zeros((3, 70, 70), np.uint8), nodata=0)
+    out = tmp_path / "out.tif"
+    with pytest.raises(DataError, match="no valid pixel"):
+        segment_scene(path, runtime, out, SegmentOptions(**QUIET))
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_other_tile_size_with_torch(scene, runtime, tmp_path):
+    report = segment_scene(scene, runtime, tmp_path / "out.tif", SegmentOptions(tile_size=96, overlap=32, **QUIET))
+    assert report.tile_size == 96 and report.tiles == 6
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+
+
+def _segment(*args) -> object:
+    return runner.invoke(app, ["segment", *[str(a) for a in args], "--no-progress"])
+
+
+@pytest.mark.parametrize(
+    "make, extra, code, message",
+    [
+        (lambda p: make_geotiff(p, synthetic_image((3, 40, 40)), crs=None), [], 1, "has no CRS"),
+        (lambda p: make_geotiff(p, synthetic_image((1, 40, 40))), [], 1, "--bands 1,1,1"),
+        (lambda p: make_geotiff(p, synthetic_image((3, 40, 40))), ["--tile-size", "50"], 2, "multiple of the patch"),
+        (lambda p: p.write_bytes(b"II*\x00garbage"), [], 1, "not a readable raster"),
+        (lambda p: make_geotiff(p, synthetic_image((3, 40, 40))), ["--bands", "1,2"], 1, "the model takes 3"),
+    ],
+    ids=["no-crs", "one-band", "tile-size", "not-a-tiff", "band-count"],
+)
+def test_cli_bad_input_is_one_line(tmp_path, model_pt, make, extra, code, message):
+    scene = tmp_path / "bad.tif"
+    make(scene)
+    res = _segment(scene, "--model", model_pt, "--out", tmp_path / "out.tif", *extra)
+    assert res.exit_code == code, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_cli_missing_model(tmp_path, scene):
+    res = _segment(scene, "--model", tmp_path / "nope.pt", "--out", tmp_path / "out.tif")
+    assert res.exit_code == 1 and "not found" in res.output
+
+
+def test_cli_segments_and_reports(tmp_path, scene, model_pt):
+    res = _segment(scene, "--model", model_pt, "--out", tmp_path / "lc.tif", "--probs")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "lc.tif").exists() and (tmp_path / "lc_confidence.tif").exists()
+    assert "building" in res.output
+
+
+def test_many_scenes_locally_report_each_failure(tmp_path, model_pt):
+    good = [make_geotiff(tmp_path / f"s{i}.tif", synthetic_image((3, 70, 90), seed=i)) for i in range(2)]
+    bad = make_geotiff(tmp_path / "nocrs.tif", synthetic_image((3, 40, 40)), crs=None)
+    out = tmp_path / "lc"
+    res = _segment(good[0], bad, good[1], "--model", model_pt, "--out-dir", out, "--on-error", "skip")
+    assert res.exit_code == 1 and "nocrs.tif: has no CRS" in res.output
+    report = json.loads((out / "segment_report.json").read_text())
+    assert [s["ok"] for s in report["scenes"]] == [True, False, True]
+    assert (out / "s0.tif").exists() and (out / "s1.tif").exists()
+    res = _segment(bad, *good, "--model", model_pt, "--out-dir", tmp_path / "lc2", "--on-error", "fail")
+    assert res.exit_code == 1 and not (tmp_path / "lc2" / "s0.tif").exists()
+
+
+@pytest.mark.slow
+def test_dask_cluster_of_two_workers_processes_three_scenes(tmp_path, model_pt):
+    distributed = pytest.importorskip("distributed")
+    scenes = [make_geotiff(tmp_path / f"s{i}.tif", synthetic_image((3, 80, 100), seed=i)) for i in range(3)]
+    local = segment_many(scenes, tmp_path / "local", RuntimeSpec(str(model_pt)),
+                         SegmentOptions(progress=False))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+        addresses = set(c.scheduler_info["workers"])  # the workers' own addresses (not their nannies')
+        report = segment_many(scenes, tmp_path / "dask", RuntimeSpec(str(model_pt)), SegmentOptions(),
+                              c.scheduler_address)
+    assert report.failed == [] and [Path(s.scene) for s in report.scenes] == scenes
+    assert {s.worker for s in report.scenes} <= addresses  # ran on the cluster's workers, not here
+    for s in scenes:
+        assert np.array_equal(_classes(tmp_path / "dask" / s.name), _classes(tmp_path / "local" / s.name))
+    assert not local.failed
+
+
+# ------------------------------------------------------------------------------------------------- real scenes
+
+
+@pytest.fixture(scope="module")
+def big_model_pt(tmp_path_factory) -> Path:
+    """512 px tiles: colorado_hro (383x232) is smaller than one tile."""
+    return make_segmenter(tmp_path_factory.mktemp("big") / "segmenter.pt", tile=512, overlap=64)
+
+
+@pytest.mark.parametrize("name", ["colorado_hro.tif", "colorado_hro_nodata.tif", "colorado_hro_alpha.tif",
+                                  "colorado_hro_mask.tif", "RGB.byte.tif", "pix4d_rgba_nodata.tif"])
+def test_real_scenes_keep_georeferencing_and_nodata(shared_data, big_model_pt, tmp_path, name):
+    scene = shared_data / "scenes" / name
+    report = segment_scene(scene, open_runtime(big_model_pt), tmp_path / "out.tif", SegmentOptions(**QUIET))
+    with rasterio.open(scene) as src, rasterio.open(tmp_path / "out.tif") as dst:
+        assert dst.crs == src.crs and dst.transform == src.transform and dst.shape == src.shape
+        valid = src.dataset_mask() > 0
+        assert np.array_equal(dst.read(1) == NODATA, ~valid)
+    assert report.valid_pixels == int(valid.sum())
+
+
+def test_real_cogeo_is_a_valid_cog(shared_data, runtime, tmp_path):
+    out = tmp_path / "out.tif"
+    segment_scene(shared_data / "scenes" / "cogeo.tif", runtime, out, SegmentOptions(overlap=0, batch_size=16, **QUIET))
+    with rasterio.open(out) as dst, rasterio.open(shared_data / "scenes" / "cogeo.tif") as src:
+        assert dst.crs == src.crs and dst.transform == src.transform
+        assert dst.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and dst.block_shapes[0] == (512, 512)
+        assert dst.overviews(1) == [2]
+
+
+def test_real_naip_band_selection(shared_data, runtime, tmp_path):
+    scene = shared_data / "scenes" / "naip_4band.tif"
+    report = segment_scene(scene, runtime, tmp_path / "out.tif", SegmentOptions(bands=(4, 1, 2), overlap=0,
+                                                                                batch_size=16, **QUIET))
+    assert report.valid_pixels > 0
+
+
+@pytest.mark.parametrize("name, message", [
+    ("corrupt.tif", "cannot read pixels"),
+    ("rotated.tif", "has no CRS"),
+    ("spacenet_pan_uint16.tif", "--bands"),
+    ("all-nodata.tif", "uint16"),
+])
+def test_real_broken_scenes_fail_clearly(shared_data, model_pt, tmp_path, name, message):
+    res = _segment(shared_data / "scenes" / name, "--model", model_pt, "--out", tmp_path / "out.tif")
+    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_real_all_nodata_with_scene_stats_is_empty(shared_data, model_pt, tmp_path):
+    res = _segment(shared_data / "scenes" / "all-nodata.tif", "--model", model_pt, "--out", tmp_path / "out.tif",
+                   "--stats", "scene")
+    assert res.exit_code == 1 and "no valid pixel" in res.output
+
+
+def test_real_pan_uint16_with_mapped_bands(shared_data, runtime, tmp_path):
+    report = segment_scene(shared_data / "scenes" / "spacenet_pan_uint16.tif", runtime, tmp_path / "out.tif",
+                           SegmentOptions(bands=(1, 1, 1), stats="scene", overlap=0, batch_size=16, **QUIET))
+    assert report.valid_pixels > 0
