@@ -7,7 +7,7 @@ import warnings
 
 import typer
 
-from cli import distill, evaluate, finetune, segment
+from cli import demo, distill, evaluate, export, finetune, segment
 
 app = typer.Typer(
     name="cdkd",
@@ -19,7 +19,9 @@ app = typer.Typer(
 app.command("distill", no_args_is_help=True)(distill.distill_command)
 app.command("finetune", no_args_is_help=True)(finetune.finetune_command)
 app.command("evaluate", no_args_is_help=True)(evaluate.evaluate_command)
+app.command("export", no_args_is_help=True)(export.export_command)
 app.command("segment", no_args_is_help=True)(segment.segment_command)
+app.command("demo")(demo.demo_command)
 
 
 @app.callback()

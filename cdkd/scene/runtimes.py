@@ -134,7 +134,7 @@ class OnnxRuntime:
         available = ort.get_available_providers()
         if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
             raise CdkdValueError(f"device {device!r} requested but onnxruntime has no CUDA provider here "
-                                 "(install onnxruntime-gpu) ; use --device cpu")
+                                 "(install onnxruntime-gpu); use --device cpu")
         want_cuda = device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider" in available)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
         options = ort.SessionOptions()
