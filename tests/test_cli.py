@@ -26,7 +26,7 @@ def _one_clean_error(output: str) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("cmd", [[], ["distill"], ["finetune"], ["evaluate"]])
+@pytest.mark.parametrize("cmd", [[], ["distill"], ["finetune"], ["evaluate"], ["export"], ["segment"], ["vectorize"], ["demo"]])
 def test_help(cmd: list[str]) -> None:
     res = runner.invoke(app, cmd + ["--help"])
     assert res.exit_code == 0

@@ -313,3 +313,26 @@ def test_real_pan_uint16_with_mapped_bands(shared_data, runtime, tmp_path):
     report = segment_scene(shared_data / "scenes" / "spacenet_pan_uint16.tif", runtime, tmp_path / "out.tif",
                            SegmentOptions(bands=(1, 1, 1), stats="scene", overlap=0, batch_size=16, **QUIET))
     assert report.valid_pixels > 0
+
+
+def test_torch_and_onnx_runtimes_give_the_same_map(scene, model_pt, runtime, tmp_path):
+    from cdkd.export.onnx import export_onnx
+
+    onnx_path = tmp_path / "model.onnx"
+    export_onnx(model_pt, onnx_path, dynamic_batch=True)
+    onnx_runtime = open_runtime(onnx_path)
+    assert onnx_runtime.name == "onnx" and onnx_runtime.meta == runtime.meta
+    a = segment_scene(scene, runtime, tmp_path / "torch.tif", SegmentOptions(**QUIET))
+    b = segment_scene(scene, onnx_runtime, tmp_path / "onnx.tif", SegmentOptions(**QUIET))
+    agreement = (_classes(tmp_path / "torch.tif") == _classes(tmp_path / "onnx.tif")).mean()
+    assert agreement >= 0.999 and b.runtime == "onnx" and a.classes.keys() == b.classes.keys()
+    with pytest.raises(Exception, match="cannot take --tile-size 96"):
+        segment_scene(scene, onnx_runtime, tmp_path / "x.tif", SegmentOptions(tile_size=96, **QUIET))
+
+
+def test_tensorrt_engine_without_tensorrt_is_a_clear_error(scene, tmp_path, model_pt):
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not an engine")
+    res = _segment(scene, "--engine", engine, "--out", tmp_path / "out.tif")
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "model.engine.json" in res.output or "TensorRT" in res.output
