@@ -21,7 +21,7 @@ from cdkd.scene.writer import overview_factors
 from cli.main import app
 
 runner = CliRunner()
-QUIET = dict(progress=False)
+QUIET = dict(progress=False, checkpoint_seconds=0)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,19 @@ def test_output_is_a_labelled_cog_with_the_input_georeferencing(scene, runtime, 
     assert conf.min() >= 255 // runtime.meta.num_classes and conf.max() <= 255
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["valid_pixels"] == 150 * 203 and sum(c["pixels"] for c in saved["classes"].values()) == 150 * 203
-    assert saved["area_km2"] == pytest.approx(150 * 203 * 100 / 1e6)
+    assert saved["area_km2"] == pytest.approx(150 * 203 * 100 / 1e6, rel=2e-3)  # UTM: ground ~ grid area
     assert not output_paths(out)[3].exists()  # the partial-work folder is gone
+
+
+def test_areas_are_ground_areas_in_web_mercator():
+    from rasterio.transform import from_origin
+
+    from cdkd.scene.source import footprint_area_m2
+
+    # 100 x 100 pixels of 10 "m" at 60° N: Web Mercator stretches lengths by 1/cos(60°) = 2
+    y60 = 8399737.89  # EPSG:3857 northing of latitude 60°
+    area = footprint_area_m2("EPSG:3857", from_origin(0, y60 + 500, 10, 10), 100, 100)
+    assert area == pytest.approx(1e6 * 0.25, rel=0.01)
 
 
 def test_overview_factors():

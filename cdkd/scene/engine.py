@@ -7,8 +7,9 @@ a valid pixel, runs the rest through the runtime in batches, blends overlapping 
 (``writer.RasterWriter``). Output pixels are nodata exactly where the input is invalid (GDAL's dataset mask).
 
 Memory is one band of ``tile`` rows across the scene (K x tile x W float32 sums) plus one batch of tiles: it grows
-with the scene's width, never with its height. After every window row the working files and the band's partial
-sums are checkpointed in ``OUT.partial/``, so ``resume=True`` continues an interrupted scene from the next row.
+with the scene's width, never with its height. The working files and the band's partial
+sums are checkpointed in ``OUT.partial/`` (every ``checkpoint_seconds``), so ``resume=True`` continues an
+interrupted scene from the row after the last checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import rasterio
+import rasterio.errors
 
 from cdkd.config import PATCH_SIZE
 from cdkd.errors import CdkdValueError, CheckpointError, DataError, OutputExistsError
@@ -35,6 +38,7 @@ from cdkd.scene.writer import CONFIDENCE_NODATA, RasterWriter, confidence_raster
 from cdkd.utils.atomic import atomic_write_text
 
 STATE_FORMAT = "cdkd.scene-state"
+MAX_UNWRITTEN_BYTES = 256 * 2**20  # finished rows held between checkpoints before they are written regardless
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class SegmentOptions:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    checkpoint_seconds: float = 30.0  # least time between checkpoints (--resume restarts from the last one)
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,8 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
     tile, overlap = _resolve_tiling(runtime, options)
     _check_outputs(out, options)
     final, conf_path, report_path, partial = output_paths(out)
-    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source:
+    with rasterio.Env(GDAL_CACHEMAX=_cache_budget(scene, tile)), \
+            SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source:
         info = source.info
         fingerprint = _fingerprint(scene, runtime, source, tile, overlap, options.probs)
         rows = plan_rows(info.height, info.width, tile, overlap)
@@ -194,7 +200,7 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
         band = (RowBandAccumulator.from_state(dict(np.load(partial / "band.npz"))) if state else
                 RowBandAccumulator(meta.num_classes, min(tile, info.height), info.width))
         counts = _Counts(meta.num_classes, state["counts"] if state else None)
-        tiles_run, skipped = (state["tiles_run"], state["tiles_skipped"]) if state else (0, 0)
+        tiles = [state["tiles_run"], state["tiles_skipped"]] if state else [0, 0]
         writers = [RasterWriter(partial / "classes.tif", info, NODATA, meta.classes, resume=state is not None)]
         if options.probs:
             writers.append(RasterWriter(partial / "confidence.tif", info, CONFIDENCE_NODATA, None,
@@ -202,22 +208,25 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
         weights = blend_weights(tile, overlap)
         total = sum(len(r) for r in rows)
         progress = _Progress(total, sum(len(r) for r in rows[:done_rows]), options.progress, scene.name)
+        finished = _FinishedRows(writers)
+        last_checkpoint = time.monotonic()
         try:
             for i in range(done_rows, len(rows)):
                 ran, skip = _run_row(rows[i], source, runtime, band, weights, tile, options)
-                tiles_run, skipped = tiles_run + ran, skipped + skip
+                tiles[0], tiles[1] = tiles[0] + ran, tiles[1] + skip
                 next_top = rows[i + 1][0].row if i + 1 < len(rows) else info.height
+                top = band.top
                 logits, valid = band.pop(next_top)
                 classes = logits.argmax(axis=0).astype(np.uint8)
                 classes[~valid] = NODATA
                 counts.add(classes, valid)
-                writers[0].write(next_top - logits.shape[1], classes)
-                if options.probs:
-                    writers[1].write(next_top - logits.shape[1], confidence_raster(logits, valid))
-                for w in writers:
-                    w.checkpoint()
-                _save_state(partial, band, fingerprint, i + 1, counts, tiles_run, skipped)
+                finished.add(top, classes, confidence_raster(logits, valid) if options.probs else None)
                 progress.update(len(rows[i]))
+                due = time.monotonic() - last_checkpoint >= options.checkpoint_seconds
+                if i + 1 == len(rows) or due or finished.nbytes > MAX_UNWRITTEN_BYTES:
+                    finished.flush()
+                    _save_state(partial, band, fingerprint, i + 1, counts, *tiles)
+                    last_checkpoint = time.monotonic()
         finally:
             progress.close()
             for w in writers:
@@ -231,10 +240,50 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
             writers[1].finish(conf_path)
         seconds = time.perf_counter() - start
         report = _report(scene, final, conf_path if options.probs else None, runtime, info, tile, overlap, options,
-                         total, tiles_run, skipped, counts, seconds, done_rows)
+                         total, *tiles, counts, seconds, done_rows)
         atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2))
         shutil.rmtree(partial)
     return report
+
+
+class _FinishedRows:
+    """Final rows kept in memory (uint8: small) between checkpoints, then written and flushed together.
+
+    The working GeoTIFF is touched only at a checkpoint, so after a crash it is exactly as the last checkpoint
+    left it: nothing half-written for ``--resume`` to trip over.
+    """
+
+    def __init__(self, writers: list[RasterWriter]) -> None:
+        self.writers = writers
+        self.rows: list[tuple[int, list[np.ndarray]]] = []
+        self.nbytes = 0
+
+    def add(self, top: int, classes: np.ndarray, confidence: np.ndarray | None) -> None:
+        arrays = [classes] if confidence is None else [classes, confidence]
+        self.rows.append((top, arrays))
+        self.nbytes += sum(a.nbytes for a in arrays)
+
+    def flush(self) -> None:
+        for top, arrays in self.rows:
+            for writer, values in zip(self.writers, arrays):
+                writer.write(top, values)
+        for writer in self.writers:
+            writer.checkpoint()
+        self.rows, self.nbytes = [], 0
+
+
+def _cache_budget(scene: Path, tile: int) -> int:
+    """GDAL block cache in bytes: two bands of input blocks across the scene, at least 64 MB.
+
+    GDAL's default (5% of RAM) would keep every decoded block of a large scene, so memory would creep up with
+    the scene's height; the windows of one row of tiles and the next need no more than this.
+    """
+    try:
+        with rasterio.open(scene) as src:
+            need = 2 * (tile + 512) * src.width * src.count * np.dtype(src.dtypes[0]).itemsize
+    except (rasterio.errors.RasterioError, OSError, TypeError):
+        need = 0  # SceneSource reports the problem
+    return max(64 * 2**20, need)
 
 
 def _run_row(windows: Sequence[TileWindow], source: SceneSource, runtime: Runtime, band: RowBandAccumulator,

@@ -9,7 +9,6 @@ describe.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +42,26 @@ class SceneInfo:
 
     @property
     def pixel_area_m2(self) -> float:
-        """Area of one pixel in m² (projected CRS: |det| times the unit's metre factor squared; geographic: at
-        the scene's centre latitude on the WGS84 authalic sphere, good to a fraction of a percent per scene)."""
-        det = abs(self.transform.a * self.transform.e - self.transform.b * self.transform.d)
-        if self.crs.is_geographic:
-            lat = math.radians(abs((self.transform * (self.width / 2, self.height / 2))[1]))
-            metres_per_degree = math.pi * 6371007.2 / 180.0
-            return det * metres_per_degree**2 * math.cos(lat)
-        return det * self.crs.linear_units_factor[1] ** 2
+        """Mean ground area of one pixel in m²: the scene footprint's area on the WGS84 ellipsoid / pixel count.
+
+        Ground area, not the CRS's planar area: in Web Mercator (EPSG:3857) the planar area overstates the ground
+        by 1/cos²(latitude) (1.6x at 38°); in UTM the two agree to ~0.1%.
+        """
+        return footprint_area_m2(self.crs, self.transform, self.width, self.height) / (self.width * self.height)
+
+
+def footprint_area_m2(crs: Any, transform: Any, width: int, height: int, points_per_side: int = 64) -> float:
+    """Geodesic area (m², WGS84 ellipsoid) of a raster's footprint, its edges densified before reprojection."""
+    from pyproj import Geod
+    from rasterio.warp import transform as reproject_points
+
+    t = np.linspace(0.0, 1.0, points_per_side, endpoint=False)
+    cols = np.concatenate([t * width, np.full_like(t, width), (1 - t) * width, np.zeros_like(t)])
+    rows = np.concatenate([np.zeros_like(t), t * height, np.full_like(t, height), (1 - t) * height])
+    xs, ys = transform @ (cols, rows)
+    lons, lats = reproject_points(crs, "EPSG:4326", list(xs), list(ys))
+    area, _ = Geod(ellps="WGS84").polygon_area_perimeter(lons, lats)
+    return abs(area)
 
 
 def _open_dataset(path: Path) -> Any:

@@ -1,0 +1,527 @@
+"""Scene engine: throughput of ``segment_scene`` per runtime, and its peak memory as scenes grow, vs a baseline.
+
+Run by hand::
+
+    python bench/scene.py                                     # ~10 min on 2 CPU cores
+    python bench/scene.py --model-size full --repeats 1 --parts throughput      # vit_s + UPerNet 512 at 1024 px
+    python bench/scene.py --base naip_4band.tif --bands 1,2,3 --factors 1,4,16,64 --workdir /tmp/scene-bench
+    python bench/scene.py --parts memory --gdal-cachemax 16MB  # the engine with GDAL's block cache bounded
+
+1. Throughput: Mpx/s and km²/h of ``segment_scene`` (read, normalise, run, blend, write the COG) with the PyTorch
+   runtime (``segmenter.pt``) and ONNX Runtime (the same model exported to ``.onnx``), on the CPU, plus CUDA
+   variants where a GPU (and onnxruntime's CUDA provider) is present. ``--model-size small`` (default): the real
+   vit_s encoder at 256 px tiles with a 128-channel UPerNet; ``full``: vit_s + UPerNet 512 at 1024 px tiles as
+   users run it. Random weights: speed does not depend on them.
+2. Memory: peak RSS of ``segment_scene`` on mosaics of 1x, 4x, 16x ... the base scene's area, against the
+   baseline most tools implement: read the whole scene, normalise, ``sliding_window_logits`` (a (K, H, W)
+   float32 logit sum in memory), argmax, write a GeoTIFF. Same model (tiny by default, so its weights do not
+   dominate RSS), tile and overlap.
+
+Every measurement runs in a fresh subprocess that reports its own peak RSS (VmHWM; ``_peak_mb`` says why not
+``ru_maxrss``; RUSAGE_CHILDREN in the parent would give the largest child so far, not each child's). Throughput
+runs alternate between runtimes, so load from other processes on the machine hits them alike. Mosaics are the base tiled n x n with windowed writes into a
+DEFLATE-tiled GeoTIFF (same CRS, centred on the base) in a temporary folder or ``--workdir``, never the repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+SHARED_DATA = Path(os.environ.get("CDKD_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# Segmenters built here: vit_s variants + UPerNet, written as cdkd finetune writes segmenter.pt.
+MODELS = {
+    "tiny": {"student": {"embed_dim": 48, "depth": 4, "num_heads": 2}, "layers": (1, 2, 3, 4), "channels": 32,
+             "tile": 256, "what": "vit_s shrunk to embed 48, depth 4 (the tests' fixture) + UPerNet 32 ch"},
+    "small": {"student": {}, "layers": (3, 6, 9, 12), "channels": 128, "tile": 256,
+              "what": "vit_s (embed 384, depth 12) + UPerNet 128 ch"},
+    "full": {"student": {}, "layers": (3, 6, 9, 12), "channels": 512, "tile": 1024,
+             "what": "vit_s (embed 384, depth 12) + UPerNet 512 ch, as cdkd finetune builds it"},
+}
+SCHEMA = "dubai"
+BLOCK = 512
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+
+
+def build_segmenter(path: Path, size: str, tile: int, bands: tuple[int, ...], dtype: str) -> dict:
+    """Write a seeded random ``segmenter.pt`` of the ``MODELS[size]`` recipe; returns its description."""
+    import torch
+
+    from cdkd.artifacts import SegmenterInfo, StudentInfo, save_segmenter
+    from cdkd.data.classes import BUILTIN_SCHEMAS
+    from cdkd.data.stats import NormStats
+    from cdkd.models.student import build_student
+    from cdkd.models.upernet import Segmenter
+
+    spec = MODELS[size]
+    schema = BUILTIN_SCHEMAS[SCHEMA]
+    norm = NormStats(mean=(110.0,) * len(bands), std=(50.0,) * len(bands), bands=bands, dtype=dtype)
+    torch.manual_seed(0)
+    arch_args = dict(spec["student"], img_size=tile, in_chans=len(bands))
+    model = Segmenter(build_student("vit_s", **arch_args), schema.num_classes, layers=spec["layers"],
+                      channels=spec["channels"])
+    student = StudentInfo("vit_s", arch_args, norm, {"teacher": "none (bench/scene.py, random weights)"})
+    info = SegmenterInfo(student=student, head=model.config(), classes=schema, tile_size=tile, overlap=tile // 4)
+    save_segmenter(path, model.eval(), info)
+    params = sum(p.numel() for p in model.parameters())
+    return {"size": size, "what": spec["what"], "path": str(path), "tile": tile, "overlap": tile // 4,
+            "classes": schema.num_classes, "params_m": params / 1e6, "weights_mb": params * 4 / 2**20}
+
+
+def export_onnx_model(pt: Path, out: Path) -> str:
+    """``pt`` as a dynamic-batch ``.onnx`` with cdkd's metadata; returns how it was exported."""
+    try:
+        from cdkd.export.onnx import export_onnx
+    except ImportError:
+        export_onnx = None
+    if export_onnx is not None:
+        # As `cdkd export` writes it. Random weights give near-tied logits, so the exporter's argmax parity check
+        # is reported, not enforced.
+        report = export_onnx(pt, out, dynamic_batch=True, check_tiles=1, min_agreement=0.0, overwrite=True)
+        return f"cdkd.export.export_onnx (opset {report.opset}, dynamic batch; {report.parity.summary()})"
+    # Fallback for checkouts without cdkd.export. Unlike it, this keeps timm's per-call bicubic resampling of the
+    # position embedding in the graph (a little slower in ONNX Runtime).
+    import onnx
+    import torch
+
+    from cdkd.artifacts import ONNX_METADATA_KEY, load_segmenter
+
+    model, info = load_segmenter(pt)
+    meta = info.inference_meta()
+    example = torch.zeros(2, meta.in_chans, meta.tile_size, meta.tile_size)  # batch 1 would be specialised
+    program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"], dynamo=True,
+                                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=False,
+                                verbose=False)
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, meta.to_json()
+    onnx.save(proto, str(out))
+    return "torch.onnx.export(dynamo=True) in this bench (cdkd.export not importable), dynamic batch"
+
+
+def build_mosaic(base: Path, n: int, out: Path) -> Path:
+    """The base scene tiled ``n`` x ``n`` into a DEFLATE-tiled GeoTIFF centred on the base, written window by
+    window (nodata, and an internal mask if the base has one, carried over); only one base copy is in memory."""
+    import rasterio
+    from rasterio.enums import MaskFlags
+    from rasterio.transform import Affine
+    from rasterio.windows import Window
+
+    with rasterio.open(base) as src:
+        data = src.read()
+        flags = src.mask_flag_enums[0]
+        internal_mask = MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags
+        mask = src.dataset_mask() if internal_mask else None
+        w, h = src.width, src.height
+        shift = Affine.translation(-(n - 1) * w / 2, -(n - 1) * h / 2)  # keep the base's centre (and latitude)
+        profile = {"driver": "GTiff", "width": w * n, "height": h * n, "count": src.count, "dtype": src.dtypes[0],
+                   "crs": src.crs, "transform": src.transform * shift, "nodata": src.nodata, "tiled": True,
+                   "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "deflate", "interleave": "pixel",
+                   "BIGTIFF": "IF_SAFER"}
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(out, "w", **profile) as dst:
+        for i in range(n):
+            for j in range(n):
+                window = Window(j * w, i * h, w, h)
+                dst.write(data, window=window)
+                if mask is not None:
+                    dst.write_mask(mask, window=window)
+    return out
+
+
+def scene_facts(path: Path) -> dict:
+    import rasterio
+
+    with rasterio.open(path) as src:
+        res = abs(src.transform.a)
+        return {"width": src.width, "height": src.height, "count": src.count, "dtype": src.dtypes[0],
+                "crs": src.crs.to_string(), "res": res}
+
+
+def ground_km2(path: Path) -> float | None:
+    """The scene footprint's area on the WGS84 ellipsoid (km²), to check the engine's; None without pyproj."""
+    try:
+        from pyproj import Geod
+    except ImportError:
+        return None
+    import rasterio
+    from rasterio.warp import transform
+
+    with rasterio.open(path) as src:
+        w, h, t = src.width, src.height, src.transform
+        edge = np.linspace(0, 1, 65)[:-1]  # 64 points per side: curved edges in geographic coordinates
+        cols = np.concatenate([edge * w, np.full(64, w), (1 - edge) * w, np.zeros(64)])
+        rows = np.concatenate([np.zeros(64), edge * h, np.full(64, h), (1 - edge) * h])
+        xs, ys = t * (cols, rows)
+        lon, lat = transform(src.crs, "EPSG:4326", xs, ys)
+    area, _ = Geod(ellps="WGS84").polygon_area_perimeter(lon, lat)
+    return abs(area) / 1e6
+
+
+# ---------------------------------------------------------------------------------------------------- child jobs
+
+
+def _peak_mb() -> float:
+    """This process's peak RSS so far in MiB.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this program's memory since its exec. Not
+    ``ru_maxrss``: Linux carries the parent's peak over fork + exec into the child's ru_maxrss, so a child of a
+    large parent would report the parent's peak. Elsewhere ru_maxrss (KiB; bytes on macOS) is all there is.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's intra-op threads (onnxruntime gets ``threads`` through ``open_runtime``)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def job_throughput(model: str, scene: str, out: str, runtime: str, device: str, batch: int, bands: list[int],
+                   threads: int | None) -> dict:
+    """One warm-up batch, then one timed ``segment_scene``."""
+    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.runtimes import open_runtime
+
+    _set_threads(threads)
+    rt = open_runtime(model, runtime=runtime, device=device, threads=threads)
+    t = rt.meta.tile_size
+    rt(np.zeros((batch, rt.meta.in_chans, t, t), np.float32))
+    report = segment_scene(scene, rt, out, SegmentOptions(batch_size=batch, bands=tuple(bands), overwrite=True,
+                                                          progress=False))
+    return {"seconds": report.seconds, "mpx_s": report.mpx_per_s, "km2": report.area_km2, "tiles": report.tiles_run,
+            "device": rt.device, "peak_mb": _peak_mb()}
+
+
+def job_cdkd(model: str, scene: str, out: str, batch: int, bands: list[int], threads: int | None) -> dict:
+    """Streaming: ``segment_scene`` with the torch runtime on the CPU."""
+    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.runtimes import open_runtime
+
+    _set_threads(threads)
+    rt = open_runtime(model, device="cpu")
+    start_mb = _peak_mb()
+    report = segment_scene(scene, rt, out, SegmentOptions(batch_size=batch, bands=tuple(bands), overwrite=True,
+                                                          progress=False))
+    return {"seconds": report.seconds, "start_mb": start_mb, "peak_mb": _peak_mb()}
+
+
+def job_baseline(model: str, scene: str, out: str, batch: int, bands: list[int], threads: int | None) -> dict:
+    """What most tools do: the whole scene in memory, ``sliding_window_logits`` over it, argmax, one write."""
+    import rasterio
+    import torch
+
+    from cdkd.data.stats import NormStats
+    from cdkd.scene.classraster import NODATA
+    from cdkd.scene.runtimes import open_runtime
+    from cdkd.scene.sliding import sliding_window_logits
+
+    _set_threads(threads)
+    rt = open_runtime(model, device="cpu")
+    meta = rt.meta
+    start_mb = _peak_mb()
+    start = time.perf_counter()
+    with rasterio.open(scene) as src:
+        pixels = src.read(indexes=bands)
+        valid = src.dataset_mask() > 0
+        profile = {"driver": "GTiff", "width": src.width, "height": src.height, "count": 1, "dtype": "uint8",
+                   "crs": src.crs, "transform": src.transform, "nodata": NODATA, "tiled": True, "blockxsize": BLOCK,
+                   "blockysize": BLOCK, "compress": "deflate"}
+    x = NormStats(meta.norm.mean, meta.norm.std, tuple(bands), meta.norm.dtype).normalize(pixels)
+    x[:, ~valid] = 0.0
+    logits = sliding_window_logits(lambda b: torch.from_numpy(rt(b.numpy())), x, meta.tile_size, meta.overlap,
+                                   meta.num_classes, batch_size=batch)
+    classes = logits.argmax(dim=0).numpy().astype(np.uint8)
+    classes[~valid] = NODATA
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(classes, 1)
+    return {"seconds": time.perf_counter() - start, "start_mb": start_mb, "peak_mb": _peak_mb()}
+
+
+JOBS = {"throughput": job_throughput, "cdkd": job_cdkd, "baseline": job_baseline}
+
+
+GDAL_CACHEMAX: str | None = None  # --gdal-cachemax, passed to the children's environment
+
+
+def run_child(job: str, **kwargs) -> dict | None:
+    """Run ``JOBS[job](**kwargs)`` in a fresh interpreter; its result, or None (and the error printed)."""
+    env = dict(os.environ, **({"GDAL_CACHEMAX": GDAL_CACHEMAX} if GDAL_CACHEMAX else {}))
+    proc = subprocess.run([sys.executable, __file__, "--_job", json.dumps({"job": job, **kwargs})], cwd=REPO,
+                          capture_output=True, text=True, env=env, check=False)
+    if proc.returncode:
+        err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"  {job} {Path(kwargs['scene']).name} failed: {err}", flush=True)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------- parts
+
+
+def runtime_variants(runtimes: list[str]) -> list[tuple[str, str]]:
+    """(runtime, device) pairs: each runtime on the CPU, and on CUDA where it can run there."""
+    import torch
+
+    variants = [(r, "cpu") for r in runtimes]
+    if torch.cuda.is_available():
+        if "torch" in runtimes:
+            variants.append(("torch", "cuda"))
+        if "onnx" in runtimes:
+            import onnxruntime
+
+            if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+                variants.append(("onnx", "cuda"))
+    return variants
+
+
+_MOSAICS: dict[int, Path] = {}
+
+
+def mosaic(base: Path, factor: int, work: Path) -> Path:
+    """The ``factor`` x area mosaic of ``base`` in ``work``, built once per run."""
+    if factor not in _MOSAICS:
+        n = math.isqrt(factor)
+        _MOSAICS[factor] = build_mosaic(base, n, work / f"mosaic_{factor}x_{base.stem}.tif")
+    return _MOSAICS[factor]
+
+
+def throughput(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) -> dict:
+    model = build_segmenter(work / f"segmenter_{args.model_size}.pt", args.model_size,
+                            args.tile_size or MODELS[args.model_size]["tile"], tuple(bands), dtype)
+    files = {"torch": Path(model["path"])}
+    exporter = None
+    if "onnx" in args.runtimes:
+        from cdkd.errors import CdkdError
+
+        files["onnx"] = work / f"segmenter_{args.model_size}.onnx"
+        try:
+            exporter = export_onnx_model(files["torch"], files["onnx"])
+        except CdkdError as e:  # the torch rows are still worth having
+            exporter = f"export failed, onnx skipped: {e}"
+            args.runtimes = [r for r in args.runtimes if r != "onnx"]
+    scene = mosaic(args.base, args.throughput_factor, work)
+    times: dict[str, list[dict]] = {}
+    variants = runtime_variants(args.runtimes)
+    for _ in range(args.repeats):  # rounds alternate between runtimes
+        for runtime, device in variants:
+            r = run_child("throughput", model=str(files[runtime]), scene=str(scene),
+                          out=str(work / f"out_{runtime}_{device}.tif"), runtime=runtime, device=device,
+                          batch=args.batch_size, bands=bands, threads=args.threads)
+            if r is not None:
+                times.setdefault(f"{runtime}/{device}", []).append(r)
+    facts = scene_facts(scene)
+    mpx = facts["width"] * facts["height"] / 1e6
+    rows = {}
+    for name, runs in times.items():
+        sec = statistics.median(r["seconds"] for r in runs)
+        km2 = runs[0]["km2"]
+        rows[name] = {"seconds": sec, "seconds_all": [r["seconds"] for r in runs], "mpx_s": mpx / sec,
+                      "km2_h": km2 / sec * 3600, "km2": km2, "tiles": runs[0]["tiles"],
+                      "peak_mb": max(r["peak_mb"] for r in runs)}
+    note, ground = "", ground_km2(scene)
+    if rows and ground:
+        engine = next(iter(rows.values()))["km2"]
+        if abs(engine / ground - 1) > 0.01:
+            note = (f"; the footprint on the WGS84 ellipsoid is {ground:.3f} km²: the engine's areas are "
+                    f"{engine / ground:.2f}x the ground's")
+    return {"model": model, "exporter": exporter, "scene": str(scene), "factor": args.throughput_factor,
+            "scene_facts": facts, "rows": rows, "area_note": note, "ground_km2": ground}
+
+
+def memory(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) -> dict:
+    model = build_segmenter(work / f"segmenter_{args.memory_model}_mem.pt", args.memory_model,
+                            args.tile_size or MODELS[args.memory_model]["tile"], tuple(bands), dtype)
+    rows = []
+    for factor in args.factors:
+        scene = mosaic(args.base, factor, work)
+        facts = scene_facts(scene)
+        common = {"model": model["path"], "scene": str(scene), "batch": args.batch_size, "bands": bands,
+                  "threads": args.threads}
+        cdkd = run_child("cdkd", out=str(work / f"mem_cdkd_{factor}x.tif"), **common)
+        base = run_child("baseline", out=str(work / f"mem_baseline_{factor}x.tif"), **common)
+        rows.append({"factor": factor, "pixels": facts["width"] * facts["height"], "cdkd": cdkd, "baseline": base})
+        print(f"  {factor}x done", flush=True)
+    return {"model": model, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def print_throughput(t: dict, threads: str) -> None:
+    m, s = t["model"], t["scene_facts"]
+    print(f"\n1. Throughput of segment_scene per runtime (end to end: read, normalise, run, blend, write COG), "
+          f"{threads}")
+    print(f"   model: {m['size']} = {m['what']}, random weights, {m['params_m']:.1f} M params, tile {m['tile']}, "
+          f"overlap {m['overlap']}, {m['classes']} classes")
+    if t["exporter"]:
+        print(f"   onnx: {t['exporter']}")
+    print(f"   scene: {t['factor']}x mosaic, {s['width']} x {s['height']} ({s['width'] * s['height'] / 1e6:.2f} Mpx); "
+          "median over runs, each in a fresh process after one warm-up batch")
+    print(f"{'runtime':<14}{'tiles':>7}{'s':>9}{'Mpx/s':>9}{'km²/h':>10}{'peak MB':>10}   runs (s)")
+    for name, r in t["rows"].items():
+        runs = ", ".join(f"{x:.1f}" for x in r["seconds_all"])
+        print(f"{name:<14}{r['tiles']:>7}{r['seconds']:>9.2f}{r['mpx_s']:>9.3f}{r['km2_h']:>10.2f}"
+              f"{r['peak_mb']:>10.0f}   {runs}")
+    ref = t["rows"].get("torch/cpu")
+    for name, r in t["rows"].items():
+        if ref and name != "torch/cpu":
+            print(f"{name} / torch/cpu: {r['mpx_s'] / ref['mpx_s']:.2f}x Mpx/s")
+    if t["rows"]:
+        km2 = next(iter(t["rows"].values()))["km2"]
+        print(f"   km² = the engine's SceneReport.area_km2 of the valid pixels ({km2:.3f} km² per run){t['area_note']}")
+
+
+def _mb(r: dict | None, key: str) -> str:
+    return "failed" if r is None else f"{r[key]:.0f}" if key != "delta" else f"{r['peak_mb'] - r['start_mb']:.0f}"
+
+
+def print_memory(mem: dict, threads: str) -> None:
+    m = mem["model"]
+    print(f"\n2. Peak memory vs scene area: cdkd segment_scene (streaming) vs the whole-scene baseline, torch CPU, "
+          f"{threads}")
+    print(f"   model: {m['size']} = {m['what']}, {m['params_m']:.2f} M params ({m['weights_mb']:.1f} MB of weights), "
+          f"tile {m['tile']}, overlap {m['overlap']}, {m['classes']} classes")
+    print("   baseline: rasterio full read -> normalise -> sliding_window_logits (K x H x W float32 sums) -> argmax "
+          "-> tiled GeoTIFF (cdkd writes a COG with overviews)")
+    print("   peak = peak RSS (VmHWM) of a fresh process, imports and model included; + = peak minus the high-water "
+          "mark just before the call")
+    print("   (what the call itself needed). An n x n mosaic is n times wider: cdkd's row band (K x tile x W float32) "
+          "grows with the width by design")
+    print(f"{'':>6}{'':>12}{'peak MB':>14}{'':>5}{'+ MB':>13}{'':>6}{'seconds':>14}")
+    print(f"{'area':>6}{'pixels':>12}" + f"{'cdkd':>9}{'baseline':>10}" * 3)
+    for row in mem["rows"]:
+        c, b = row["cdkd"], row["baseline"]
+        cs = "-" if c is None else f"{c['seconds']:.1f}"
+        bs = "-" if b is None else f"{b['seconds']:.1f}"
+        print(f"{str(row['factor']) + 'x':>6}{row['pixels']:>12,}{_mb(c, 'peak_mb'):>9}{_mb(b, 'peak_mb'):>10}"
+              f"{_mb(c, 'delta'):>9}{_mb(b, 'delta'):>10}{cs:>9}{bs:>10}")
+    ok = [r for r in mem["rows"] if r["cdkd"] and r["baseline"]]
+    if not ok:
+        return
+    first, last = ok[0], ok[-1]
+
+    def delta(r: dict) -> float:
+        return max(r["peak_mb"] - r["start_mb"], 1.0)
+
+    c, b = last["cdkd"], last["baseline"]
+    print(f"baseline / cdkd at {last['factor']}x: peak {b['peak_mb'] / c['peak_mb']:.2f}x, + MB "
+          f"{delta(b) / delta(c):.1f}x")
+    if first is not last:
+        fc, fb = first["cdkd"], first["baseline"]
+        print(f"growth {last['factor']}x / {first['factor']}x: cdkd peak {c['peak_mb'] / fc['peak_mb']:.2f}x "
+              f"(+ MB {delta(c) / delta(fc):.1f}x), baseline peak {b['peak_mb'] / fb['peak_mb']:.2f}x "
+              f"(+ MB {delta(b) / delta(fb):.1f}x)")
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def _factors(text: str) -> list[int]:
+    factors = [int(f) for f in text.split(",")]
+    bad = [f for f in factors if f < 1 or math.isqrt(f) ** 2 != f]
+    if bad:
+        raise argparse.ArgumentTypeError(f"area factors must be perfect squares (the base tiled n x n), got {bad}")
+    return factors
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-size", choices=["small", "full"], default="small", help="throughput model")
+    parser.add_argument("--memory-model", choices=list(MODELS), default="tiny", help="model of the memory part")
+    parser.add_argument("--base", default="cogeo.tif", help="base scene: a path, or a name in SHARED/scenes")
+    parser.add_argument("--bands", default="1,2,3", help="scene bands fed to the model")
+    parser.add_argument("--factors", type=_factors, default=[1, 4, 16], help="mosaic areas (x base) for memory")
+    parser.add_argument("--throughput-factor", type=int, default=1, help="mosaic area (x base) for throughput")
+    parser.add_argument("--runtimes", default="torch,onnx", help="comma list of torch, onnx")
+    parser.add_argument("--tile-size", type=int, default=None, help="tile px for every model (default: its own)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per runtime")
+    parser.add_argument("--threads", type=int, default=None, help="torch/onnxruntime intra-op threads")
+    parser.add_argument("--parts", default="throughput,memory", help="which parts to run")
+    parser.add_argument("--gdal-cachemax", default=None,
+                        help="GDAL block cache for the measured processes, e.g. 16MB (default: GDAL's, 5%% of RAM)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep models, mosaics and outputs here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--_job", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._job:  # child process: one measurement, result as JSON on the last stdout line
+        spec = json.loads(args._job)
+        print(json.dumps(JOBS[spec.pop("job")](**spec)))
+        return
+    args.runtimes = [r for r in args.runtimes.split(",") if r]
+    unknown = set(args.runtimes) - {"torch", "onnx"}
+    if unknown:
+        parser.error(f"--runtimes: unknown {sorted(unknown)}; choose from torch, onnx")
+    if math.isqrt(args.throughput_factor) ** 2 != args.throughput_factor:
+        parser.error(f"--throughput-factor {args.throughput_factor} is not a perfect square")
+    base = Path(args.base) if Path(args.base).is_file() else SHARED_DATA / "scenes" / args.base
+    if not base.is_file():
+        parser.error(f"--base {args.base}: not a file, nor in {SHARED_DATA / 'scenes'} (set CDKD_SHARED_DATA)")
+    args.base = base
+    bands = [int(b) for b in args.bands.split(",")]
+    global GDAL_CACHEMAX
+    GDAL_CACHEMAX = args.gdal_cachemax
+    parts = set(args.parts.split(","))
+
+    import onnxruntime
+    import torch
+
+    facts = scene_facts(base)
+    threads = f"{args.threads or torch.get_num_threads()} threads"
+    print(f"cdkd scene bench: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__}, onnxruntime {onnxruntime.__version__}, load average {os.getloadavg()[0]:.1f} at start")
+    if torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.get_device_name()}; torch on CUDA runs with amp=auto (bf16 autocast) as cdkd segment")
+    print(f"base: {base.name} ({facts['width']} x {facts['height']}, {facts['count']} x {facts['dtype']}, "
+          f"{facts['crs']}, {facts['res']:.2f} m px), bands {args.bands}, batch {args.batch_size}, GDAL_CACHEMAX "
+          f"{args.gdal_cachemax or os.environ.get('GDAL_CACHEMAX', 'default (5% of RAM)')}")
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1):
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs: other processes compete and timings are "
+              "inflated (torch's OpenMP threads suffer most; --threads 1 helps); memory is unaffected")
+    result = {"base": str(base), "bands": bands, "batch": args.batch_size, "torch": torch.__version__,
+              "onnxruntime": onnxruntime.__version__}
+    with tempfile.TemporaryDirectory(prefix="cdkd-bench-scene-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        print(f"work folder: {work}", flush=True)
+        if "throughput" in parts:
+            result["throughput"] = throughput(args, work, bands, facts["dtype"])
+            print_throughput(result["throughput"], threads)
+        if "memory" in parts:
+            result["memory"] = memory(args, work, bands, facts["dtype"])
+            print_memory(result["memory"], threads)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end (other processes share these CPUs)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
