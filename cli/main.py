@@ -7,7 +7,7 @@ import warnings
 
 import typer
 
-from cli import demo, distill, evaluate, export, finetune, segment
+from cli import demo, distill, evaluate, export, finetune, segment, vectorize
 
 app = typer.Typer(
     name="cdkd",
@@ -21,6 +21,7 @@ app.command("finetune", no_args_is_help=True)(finetune.finetune_command)
 app.command("evaluate", no_args_is_help=True)(evaluate.evaluate_command)
 app.command("export", no_args_is_help=True)(export.export_command)
 app.command("segment", no_args_is_help=True)(segment.segment_command)
+app.command("vectorize", no_args_is_help=True)(vectorize.vectorize_command)
 app.command("demo")(demo.demo_command)
 
 

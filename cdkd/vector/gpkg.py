@@ -1,0 +1,82 @@
+"""Writing land-cover polygons to a GeoPackage through pyogrio, in batches.
+
+Features are buffered per layer and appended ``batch`` at a time (``pyogrio.write_dataframe(..., append=True)``),
+so memory holds one batch, not the whole layer. Layers are created on their first batch with an R-tree spatial
+index (``SPATIAL_INDEX=YES``), which GDAL keeps up to date while appending. Fields: ``class_id`` (int),
+``class_name`` (str), ``area_m2`` and ``perimeter_m`` (float; see ``cdkd.vector.measure``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import pyproj
+
+from cdkd.errors import CdkdValueError
+
+BATCH = 10_000  # features per append
+
+
+def check_layer_names(names: list[str]) -> None:
+    """GeoPackage layers are SQLite tables, whose names ignore case: names must differ in more than case."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if not name.strip():
+            raise CdkdValueError("a GeoPackage layer name must not be empty")
+        other = seen.setdefault(name.lower(), name)
+        if other != name:
+            raise CdkdValueError(f"layer names {other!r} and {name!r} differ only in case, which a GeoPackage "
+                                 "cannot hold; rename one of the classes")
+
+
+class GpkgWriter:
+    """Appends polygons (already in ``crs`` coordinates) to layers of a new GeoPackage at ``path``.
+
+    ``path`` must not hold anything worth keeping: an existing file (e.g. the empty temporary that
+    ``atomic_path`` creates) is removed first, because GDAL cannot open an empty file as a GeoPackage.
+    """
+
+    def __init__(self, path: str | Path, crs: pyproj.CRS, batch: int = BATCH) -> None:
+        self.path = Path(path)
+        self.path.unlink(missing_ok=True)
+        self.crs = crs
+        self.batch = batch
+        self._buffers: dict[str, list[dict[str, np.ndarray]]] = {}
+        self._buffered: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # features written per layer
+
+    def add(self, layer: str, polygons: np.ndarray, class_ids: np.ndarray, class_names: np.ndarray,
+            area_m2: np.ndarray, perimeter_m: np.ndarray) -> None:
+        """Queue (n,) polygons and their fields for ``layer``; full batches are written at once."""
+        if not len(polygons):
+            return
+        chunk = {"class_id": np.asarray(class_ids, dtype=np.int32), "class_name": np.asarray(class_names, dtype=object),
+                 "area_m2": np.asarray(area_m2, dtype=np.float64),
+                 "perimeter_m": np.asarray(perimeter_m, dtype=np.float64), "geometry": polygons}
+        self._buffers.setdefault(layer, []).append(chunk)
+        self._buffered[layer] = self._buffered.get(layer, 0) + len(polygons)
+        if self._buffered[layer] >= self.batch:
+            self._flush(layer)
+
+    def _flush(self, layer: str) -> None:
+        chunks = self._buffers.pop(layer, [])
+        self._buffered.pop(layer, None)
+        if not chunks:
+            return
+        columns = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        frame = gpd.GeoDataFrame(columns, geometry="geometry", crs=self.crs)
+        new = layer not in self.counts
+        # append=True also creates the file and new layers; index options only matter when a layer is created
+        pyogrio.write_dataframe(frame, self.path, layer=layer, driver="GPKG", append=True,
+                                geometry_type="Polygon", promote_to_multi=False,
+                                layer_options={"SPATIAL_INDEX": "YES"} if new else None)
+        self.counts[layer] = self.counts.get(layer, 0) + len(frame)
+
+    def close(self) -> dict[str, int]:
+        """Write what is still buffered; features written per layer."""
+        for layer in list(self._buffers):
+            self._flush(layer)
+        return dict(self.counts)

@@ -1,0 +1,255 @@
+"""``vectorize(...)``, what ``cdkd vectorize`` calls: a class raster -> land-cover polygons in a GeoPackage.
+
+Stages, each in its own module:
+
+1. ``source``: check the raster's header and legend, then ``scan`` every value once (unknown values and an
+   all-nodata raster are refused before anything is written);
+2. ``sieve`` (``--min-area``): merge small regions into their largest neighbour, strip by strip with a halo;
+3. ``polygonize``: polygonise each strip in pixel coordinates and merge the pieces cut by strip borders;
+4. ``coverage`` (``--simplify``): simplify all polygons together, so neighbours keep sharing their edges;
+   ``measure``: move polygons into the CRS and measure them (m², m);
+5. ``gpkg``: append them to a temporary GeoPackage in batches, renamed to ``out`` when complete, and write
+   the JSON report ``<out>.json`` beside it.
+
+Memory is bounded by the strip size for the raster (see ``strips``). Without ``--simplify`` polygons are written
+as strips complete; with it every polygon is held until the end, because ``shapely.coverage_simplify`` needs
+the whole coverage to keep neighbours' shared edges identical. Vectors are far smaller than the raster they
+came from (a polygon costs its boundary vertices, a raster every pixel), so this is affordable.
+Polygons that stay open across many strips are held too (see ``polygonize``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyproj
+from tqdm.auto import tqdm
+
+from cdkd.errors import CdkdValueError, OutputExistsError
+from cdkd.utils.atomic import atomic_path, atomic_write_text
+from cdkd.vector.coverage import simplify_coverage
+from cdkd.vector.gpkg import BATCH, GpkgWriter, check_layer_names
+from cdkd.vector.measure import area_perimeter, to_crs
+from cdkd.vector.polygonize import StripMerger, polygonize
+from cdkd.vector.sieve import MinArea, parse_min_area, sieve_halo, sieve_ids, sieve_size
+from cdkd.vector.source import (
+    ClassRaster,
+    inspect,
+    open_raster,
+    read_rows,
+    scan,
+    to_ids,
+)
+from cdkd.vector.strips import Strip, default_window_rows, plan_strips
+
+
+@dataclass(frozen=True)
+class VectorizeSettings:
+    """What a run did, as derived once from the arguments (logged in the JSON report)."""
+
+    legend: str  # where the class names came from: "raster metadata" or the class file
+    min_area: str | None  # as given, e.g. "100m2"
+    min_area_px: int | None  # GDAL sieve threshold: regions of fewer pixels were merged
+    sieve_halo_rows: int
+    simplify: float | None  # coverage simplification tolerance, CRS units
+    layer: str | None
+    layer_per_class: bool
+    window_rows: int  # core rows per strip
+    strips: int
+    connectivity: int = 4
+
+
+@dataclass(frozen=True)
+class ClassResult:
+    class_id: int
+    name: str
+    polygons: int
+    area_m2: float
+
+
+@dataclass(frozen=True)
+class VectorizeReport:
+    input: Path
+    output: Path
+    json_path: Path
+    crs: str
+    layers: tuple[str, ...]
+    classes: tuple[ClassResult, ...]
+    polygons: int
+    area_m2: float
+    seconds: float
+    settings: VectorizeSettings
+
+    def table(self) -> str:
+        """Per-class polygons and areas (m² and ha) as an aligned text table."""
+        width = max([len("class")] + [len(c.name) for c in self.classes])
+        lines = [f"{'id':>3}  {'class':<{width}}  {'polygons':>9}  {'area (ha)':>12}"]
+        for c in self.classes:
+            lines.append(f"{c.class_id:>3}  {c.name:<{width}}  {c.polygons:>9}  {c.area_m2 / 1e4:>12.2f}")
+        lines.append(f"{'':>3}  {'total':<{width}}  {self.polygons:>9}  {self.area_m2 / 1e4:>12.2f}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("input", "output", "json_path"):
+            d[key] = str(d[key])
+        return d
+
+
+def _check_simplify(simplify: float | None) -> float | None:
+    if simplify is None:
+        return None
+    try:
+        value = float(simplify)
+    except (TypeError, ValueError):
+        raise CdkdValueError(f"--simplify {simplify!r} is not a number (a tolerance in CRS units)") from None
+    if not np.isfinite(value) or value <= 0:
+        raise CdkdValueError(f"--simplify must be a tolerance > 0 in CRS units, got {simplify!r}")
+    return value
+
+
+def _check_output(out: Path, json_path: Path, overwrite: bool) -> None:
+    if out.suffix.lower() != ".gpkg":
+        raise CdkdValueError(f"{out}: the output is a GeoPackage; give a file name ending in .gpkg")
+    existing = [p for p in (out, json_path) if p.exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
+
+
+def _bar(strips: list[Strip], desc: str, progress: bool) -> Iterable[Strip]:
+    return tqdm(strips, desc=desc, unit="strip", disable=not progress, dynamic_ncols=True)
+
+
+def final_polygons(src: Any, raster: ClassRaster, strips: Iterable[Strip],
+                   sieve_px: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Final polygons in pixel coordinates and their class ids, a batch per strip (top to bottom)."""
+    merger = StripMerger()
+    for strip in strips:
+        raw, valid = read_rows(src, raster, strip.read0, strip.read1)
+        ids, valid = to_ids(raster, raw, valid)
+        if sieve_px:
+            ids = sieve_ids(ids, valid, sieve_px)
+        ids, valid = ids[strip.core], valid[strip.core]
+        polygons, classes = polygonize(ids, valid, strip.row0)
+        yield merger.add(polygons, classes, ids, valid, strip.row0, last=strip.row1 == raster.height)
+    if merger.open_components:
+        raise RuntimeError(f"{merger.open_components} polygons left open after the last strip")
+
+
+def vectorize(
+    raster: str | Path,
+    out: str | Path,
+    *,
+    min_area: str | MinArea | None = None,
+    simplify: float | None = None,
+    layer: str | None = None,
+    layer_per_class: bool = False,
+    classes: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    window_rows: int | None = None,
+) -> VectorizeReport:
+    """Polygonise the class raster ``raster`` into the GeoPackage ``out`` (see the module docstring).
+
+    Args:
+        raster: single-band integer GeoTIFF of class ids (``cdkd segment`` output, or any with ``classes``).
+        out: ``*.gpkg`` to write; the report goes to ``<out>.json``.
+        min_area: ``"100m2"`` or ``"25px"``: regions smaller than this join their largest neighbour.
+        simplify: coverage simplification tolerance in CRS units (neighbours keep sharing their edges).
+        layer: the layer's name (default: the raster's file stem); not with ``layer_per_class``.
+        layer_per_class: one layer per class present, named after the class.
+        classes: YAML class file; needed when the raster carries no cdkd class metadata.
+        overwrite: replace an existing ``out`` / ``<out>.json``.
+        window_rows: core rows per strip (default: ~8 M pixels per strip, ``strips.STRIP_PIXELS``).
+
+    Raises:
+        CdkdIOError: unreadable raster, or an existing output without ``overwrite`` (``OutputExistsError``).
+        DataError: wrong band count or type, no CRS, no legend, unknown values, nothing but nodata.
+        CdkdValueError: a bad ``min_area``, ``simplify`` or layer name.
+    """
+    start = time.perf_counter()
+    raster_path, out = Path(raster), Path(out)
+    json_path = out.with_name(out.name + ".json")
+    area_limit = parse_min_area(min_area) if min_area is not None else None
+    tolerance = _check_simplify(simplify)
+    if layer is not None and layer_per_class:
+        raise CdkdValueError("give --layer or --layer-per-class, not both")
+    _check_output(out, json_path, overwrite)
+
+    info = inspect(raster_path, classes)
+    names = info.schema.names
+    layer_name = layer if layer is not None else raster_path.stem
+    check_layer_names(list(names) if layer_per_class else [layer_name])
+    sieve_px = sieve_size(area_limit, info.transform, info.crs, info.width, info.height) if area_limit else None
+    halo = sieve_halo(sieve_px) if sieve_px else 0
+    rows = window_rows if window_rows is not None else default_window_rows(info.width)
+    strips = plan_strips(info.height, rows, halo)
+    settings = VectorizeSettings(info.legend, str(area_limit) if area_limit else None, sieve_px, halo, tolerance,
+                                 None if layer_per_class else layer_name, layer_per_class, rows, len(strips))
+
+    with open_raster(raster_path) as src:
+        scan(info, src, _bar(strips, "scan", progress))
+        with atomic_path(out) as tmp:
+            writer = GpkgWriter(tmp, pyproj.CRS.from_wkt(info.crs.to_wkt()))
+            sink = PolygonSink(writer, info, None if layer_per_class else layer_name)
+            held: list[tuple[np.ndarray, np.ndarray]] = []  # pixel polygons, kept only for --simplify
+            for pixel_polygons, class_ids in final_polygons(src, info, _bar(strips, "vectorize", progress),
+                                                            sieve_px):
+                if tolerance is None:
+                    # a batch at a time: each stage copies the polygons, and a strip can finish millions of vertices
+                    for i in range(0, len(pixel_polygons), BATCH):
+                        sink.add(to_crs(pixel_polygons[i:i + BATCH], info.transform), class_ids[i:i + BATCH])
+                else:
+                    held.append((pixel_polygons, class_ids))
+            if tolerance is not None:
+                polygons = simplify_coverage(np.concatenate([p for p, _ in held]), info.transform, tolerance)
+                class_ids = np.concatenate([c for _, c in held])
+                for i in range(0, len(polygons), BATCH):
+                    sink.add(polygons[i:i + BATCH], class_ids[i:i + BATCH])
+            layers = tuple(writer.close())
+
+    classes_out = sink.results()
+    report = VectorizeReport(raster_path, out, json_path, info.crs.to_string(), layers, classes_out,
+                             sum(c.polygons for c in classes_out), sum(c.area_m2 for c in classes_out),
+                             time.perf_counter() - start, settings)
+    atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+class PolygonSink:
+    """Measures final polygons, tallies them per class and queues them for their layer of ``writer``.
+
+    ``layer`` names the one layer; None writes one layer per class, named after it.
+    """
+
+    def __init__(self, writer: GpkgWriter, raster: ClassRaster, layer: str | None) -> None:
+        self.writer, self.raster, self.layer = writer, raster, layer
+        self.names = np.asarray(raster.schema.names, dtype=object)
+        self.polygons = np.zeros(len(self.names), dtype=np.int64)
+        self.area_m2 = np.zeros(len(self.names))
+
+    def add(self, polygons: np.ndarray, class_ids: np.ndarray) -> None:
+        """(n,) polygons in CRS coordinates and their (n,) class ids."""
+        if not len(polygons):
+            return
+        area, perimeter = area_perimeter(polygons, self.raster.crs)
+        np.add.at(self.polygons, class_ids, 1)
+        np.add.at(self.area_m2, class_ids, area)
+        names = self.names[class_ids]
+        if self.layer is not None:
+            self.writer.add(self.layer, polygons, class_ids, names, area, perimeter)
+            return
+        for cid in np.unique(class_ids):
+            pick = class_ids == cid
+            self.writer.add(self.names[cid], polygons[pick], class_ids[pick], names[pick], area[pick],
+                            perimeter[pick])
+
+    def results(self) -> tuple[ClassResult, ...]:
+        return tuple(ClassResult(i, str(n), int(self.polygons[i]), float(self.area_m2[i]))
+                     for i, n in enumerate(self.names))
