@@ -85,8 +85,17 @@ def make_demo_data(root: Path, s: DemoSettings) -> dict[str, Path]:
 def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite: bool = False,
              progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
     """Run every stage into ``out`` and return where the outputs are."""
-    from cdkd.config import (DataConfig, DistillConfig, FinetuneConfig, HeadConfig, LabeledDataConfig,
-                             ObjectiveConfig, StudentConfig, TeacherConfig, TrainConfig)
+    from cdkd.config import (
+        DataConfig,
+        DistillConfig,
+        FinetuneConfig,
+        HeadConfig,
+        LabeledDataConfig,
+        ObjectiveConfig,
+        StudentConfig,
+        TeacherConfig,
+        TrainConfig,
+    )
     from cdkd.distill.trainer import distill
     from cdkd.export.onnx import export_onnx
     from cdkd.finetune.trainer import finetune

@@ -12,8 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -46,5 +44,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    import torch  # here, not at the top: raster and vector outputs should not pay for importing torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
