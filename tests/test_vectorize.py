@@ -489,3 +489,27 @@ def test_cli_errors(tmp_path: Path, case: str, code: int, expected: str) -> None
         assert src.name in line or "nope.yaml" in line
     assert not out.exists() and not Path(str(out) + ".json").exists()  # nothing written
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+@pytest.mark.parametrize("name", ["colorado_hro_nodata.tif", "RGB.byte.tif"])
+def test_real_scene_segmented_then_vectorised(shared_data: Path, tmp_path: Path, name: str) -> None:
+    """End to end on a real scene: cdkd segment's class raster -> polygons that cover exactly its valid pixels."""
+    from conftest import make_segmenter
+
+    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.runtimes import open_runtime
+
+    model = make_segmenter(tmp_path / "segmenter.pt", tile=512, overlap=64)
+    raster = tmp_path / "lc.tif"
+    segment_scene(shared_data / "scenes" / name, open_runtime(model), raster, SegmentOptions(progress=False))
+    report = vectorize(raster, tmp_path / "lc.gpkg", progress=False, window_rows=97)
+    with rasterio.open(raster) as src:
+        ids = src.read(1)
+        pixel_m2 = abs(src.transform.a * src.transform.e)
+        crs = src.crs
+    frame = pyogrio.read_dataframe(tmp_path / "lc.gpkg")
+    assert frame.crs == crs and shapely.is_valid(frame.geometry.values).all()
+    for c in report.classes:
+        assert c.area_m2 == pytest.approx((ids == c.class_id).sum() * pixel_m2, rel=1e-9)
+    assert report.area_m2 == pytest.approx((ids != NODATA).sum() * pixel_m2, rel=1e-9)
+    assert frame["area_m2"].sum() == pytest.approx(report.area_m2, rel=1e-9)
