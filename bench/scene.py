@@ -116,8 +116,8 @@ def export_onnx_model(pt: Path, out: Path) -> str:
     return "torch.onnx.export(dynamo=True) in this bench (cdkd.export not importable), dynamic batch"
 
 
-def build_mosaic(base: Path, n: int, out: Path) -> Path:
-    """The base scene tiled ``n`` x ``n`` into a DEFLATE-tiled GeoTIFF centred on the base, written window by
+def build_mosaic(base: Path, rows: int, cols: int, out: Path) -> Path:
+    """The base scene tiled ``rows`` x ``cols`` into a DEFLATE-tiled GeoTIFF centred on the base, written window by
     window (nodata, and an internal mask if the base has one, carried over); only one base copy is in memory."""
     import rasterio
     from rasterio.enums import MaskFlags
@@ -130,14 +130,14 @@ def build_mosaic(base: Path, n: int, out: Path) -> Path:
         internal_mask = MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags
         mask = src.dataset_mask() if internal_mask else None
         w, h = src.width, src.height
-        shift = Affine.translation(-(n - 1) * w / 2, -(n - 1) * h / 2)  # keep the base's centre (and latitude)
-        profile = {"driver": "GTiff", "width": w * n, "height": h * n, "count": src.count, "dtype": src.dtypes[0],
+        shift = Affine.translation(-(cols - 1) * w / 2, -(rows - 1) * h / 2)  # keep the base's centre (latitude)
+        profile = {"driver": "GTiff", "width": w * cols, "height": h * rows, "count": src.count, "dtype": src.dtypes[0],
                    "crs": src.crs, "transform": src.transform * shift, "nodata": src.nodata, "tiled": True,
                    "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "deflate", "interleave": "pixel",
                    "BIGTIFF": "IF_SAFER"}
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(out, "w", **profile) as dst:
-        for i in range(n):
-            for j in range(n):
+        for i in range(rows):
+            for j in range(cols):
                 window = Window(j * w, i * h, w, h)
                 dst.write(data, window=window)
                 if mask is not None:
@@ -303,12 +303,14 @@ def runtime_variants(runtimes: list[str]) -> list[tuple[str, str]]:
 _MOSAICS: dict[int, Path] = {}
 
 
-def mosaic(base: Path, factor: int, work: Path) -> Path:
-    """The ``factor`` x area mosaic of ``base`` in ``work``, built once per run."""
-    if factor not in _MOSAICS:
-        n = math.isqrt(factor)
-        _MOSAICS[factor] = build_mosaic(base, n, work / f"mosaic_{factor}x_{base.stem}.tif")
-    return _MOSAICS[factor]
+def mosaic(base: Path, factor: int, work: Path, layout: str = "square") -> Path:
+    """The ``factor`` x area mosaic of ``base`` in ``work``, built once per run: ``square`` tiles the base
+    sqrt(factor) x sqrt(factor) (wider and taller), ``tall`` stacks ``factor`` copies (taller only)."""
+    key = (factor, layout)
+    if key not in _MOSAICS:
+        rows, cols = (factor, 1) if layout == "tall" else (math.isqrt(factor), math.isqrt(factor))
+        _MOSAICS[key] = build_mosaic(base, rows, cols, work / f"mosaic_{factor}x_{layout}_{base.stem}.tif")
+    return _MOSAICS[key]
 
 
 def throughput(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) -> dict:
@@ -359,7 +361,7 @@ def memory(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) -
                             args.tile_size or MODELS[args.memory_model]["tile"], tuple(bands), dtype)
     rows = []
     for factor in args.factors:
-        scene = mosaic(args.base, factor, work)
+        scene = mosaic(args.base, factor, work, args.layout)
         facts = scene_facts(scene)
         common = {"model": model["path"], "scene": str(scene), "batch": args.batch_size, "bands": bands,
                   "threads": args.threads}
@@ -367,7 +369,7 @@ def memory(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) -
         base = run_child("baseline", out=str(work / f"mem_baseline_{factor}x.tif"), **common)
         rows.append({"factor": factor, "pixels": facts["width"] * facts["height"], "cdkd": cdkd, "baseline": base})
         print(f"  {factor}x done", flush=True)
-    return {"model": model, "rows": rows}
+    return {"model": model, "rows": rows, "layout": args.layout}
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -411,8 +413,12 @@ def print_memory(mem: dict, threads: str) -> None:
           "-> tiled GeoTIFF (cdkd writes a COG with overviews)")
     print("   peak = peak RSS (VmHWM) of a fresh process, imports and model included; + = peak minus the high-water "
           "mark just before the call")
-    print("   (what the call itself needed). An n x n mosaic is n times wider: cdkd's row band (K x tile x W float32) "
-          "grows with the width by design")
+    if mem.get("layout") == "tall":
+        print("   (what the call itself needed). Tall mosaics: the base stacked vertically, same width, so only the height "
+              "grows")
+    else:
+        print("   (what the call itself needed). An n x n mosaic is n times wider: cdkd's row band (K x tile x W "
+              "float32) grows with the width by design; --layout tall grows the height only")
     print(f"{'':>6}{'':>12}{'peak MB':>14}{'':>5}{'+ MB':>13}{'':>6}{'seconds':>14}")
     print(f"{'area':>6}{'pixels':>12}" + f"{'cdkd':>9}{'baseline':>10}" * 3)
     for row in mem["rows"]:
@@ -457,6 +463,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default="cogeo.tif", help="base scene: a path, or a name in SHARED/scenes")
     parser.add_argument("--bands", default="1,2,3", help="scene bands fed to the model")
     parser.add_argument("--factors", type=_factors, default=[1, 4, 16], help="mosaic areas (x base) for memory")
+    parser.add_argument("--layout", choices=["square", "tall"], default="square",
+                        help="memory mosaics: square (n x n, grows in width too) or tall (factor x 1, height only)")
     parser.add_argument("--throughput-factor", type=int, default=1, help="mosaic area (x base) for throughput")
     parser.add_argument("--runtimes", default="torch,onnx", help="comma list of torch, onnx")
     parser.add_argument("--tile-size", type=int, default=None, help="tile px for every model (default: its own)")

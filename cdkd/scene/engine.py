@@ -38,7 +38,7 @@ from cdkd.scene.writer import CONFIDENCE_NODATA, RasterWriter, confidence_raster
 from cdkd.utils.atomic import atomic_write_text
 
 STATE_FORMAT = "cdkd.scene-state"
-MAX_UNWRITTEN_BYTES = 256 * 2**20  # finished rows held between checkpoints before they are written regardless
+MAX_UNWRITTEN_BYTES = 32 * 2**20  # finished rows held between checkpoints before they are written regardless
 
 
 @dataclass(frozen=True)
