@@ -17,6 +17,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CDKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+def one_clean_error(output: str) -> str:
+    """The one ``Error: ...`` line of a CLI run's output (no traceback, no second error line)."""
+    assert "Traceback" not in output
+    errors = [ln for ln in output.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1, output
+    return errors[0]
+
+
 def _require(path: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not available: {path} (set CDKD_SHARED_DATA to the shared data folder)")

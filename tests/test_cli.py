@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_geotiff, one_clean_error
 from typer.testing import CliRunner
 
 from cli.main import app
-from conftest import make_geotiff
 
 runner = CliRunner()
 
@@ -17,13 +17,6 @@ runner = CliRunner()
 def _run(args: list[str]):
     res = runner.invoke(app, [str(a) for a in args])
     return res, res.output
-
-
-def _one_clean_error(output: str) -> str:
-    assert "Traceback" not in output
-    errors = [ln for ln in output.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1, output
-    return errors[0]
 
 
 @pytest.mark.parametrize("cmd", [[], ["distill"], ["finetune"], ["evaluate"], ["export"], ["segment"], ["vectorize"], ["demo"]])
@@ -41,17 +34,17 @@ def _distill(data: Path, out: Path, *extra: str):
 def test_missing_checkpoint_says_where_to_get_one(tile_dir: Path, tmp_path: Path) -> None:
     res, out = _distill(tile_dir, tmp_path / "run", "--teacher-checkpoint", tmp_path / "sam_vit_b.pth")
     assert res.exit_code == 1
-    line = _one_clean_error(out)
+    line = one_clean_error(out)
     assert "sam_vit_b.pth" in line and "model-checkpoints" in line
     res, out = _distill(tile_dir, tmp_path / "run")  # neither a checkpoint nor --random-teacher
-    assert res.exit_code == 1 and "--random-teacher" in _one_clean_error(out)
+    assert res.exit_code == 1 and "--random-teacher" in one_clean_error(out)
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 
 def test_tile_size_not_multiple_of_patch(tile_dir: Path, tmp_path: Path) -> None:
     res, out = _distill(tile_dir, tmp_path / "run", "--random-teacher", "--tile-size", "100")
     assert res.exit_code == 2
-    assert "tile size 100 is not a multiple of the patch size 16" in _one_clean_error(out)
+    assert "tile size 100 is not a multiple of the patch size 16" in one_clean_error(out)
 
 
 def test_no_usable_images(tmp_path: Path) -> None:
@@ -61,10 +54,10 @@ def test_no_usable_images(tmp_path: Path) -> None:
     (empty / "broken.tif").write_bytes(b"II*\x00garbage")
     res, out = _distill(empty, tmp_path / "run", "--random-teacher")
     assert res.exit_code == 1
-    line = _one_clean_error(out)
+    line = one_clean_error(out)
     assert str(empty) in line and "no usable image" in line
     res, out = _distill(tmp_path / "missing", tmp_path / "run", "--random-teacher")
-    assert res.exit_code == 1 and "missing" in _one_clean_error(out)
+    assert res.exit_code == 1 and "missing" in one_clean_error(out)
 
 
 def test_wrong_band_count(tmp_path: Path) -> None:
@@ -73,9 +66,9 @@ def test_wrong_band_count(tmp_path: Path) -> None:
     make_geotiff(data / "pan.tif", np.full((1, 80, 80), 7, dtype=np.uint16))
     res, out = _distill(data, tmp_path / "run", "--random-teacher")  # a 3-band student, 1-band data
     assert res.exit_code == 1
-    assert "band" in _one_clean_error(out)
+    assert "band" in one_clean_error(out)
     res, out = _distill(data, tmp_path / "run", "--random-teacher", "--bands", "1,2")
-    assert res.exit_code == 2 and "--bands selects 2 bands" in _one_clean_error(out)
+    assert res.exit_code == 2 and "--bands selects 2 bands" in one_clean_error(out)
 
 
 def test_existing_run_needs_resume_or_overwrite_and_resume_needs_a_checkpoint(tile_dir: Path, tmp_path: Path) -> None:
@@ -83,26 +76,26 @@ def test_existing_run_needs_resume_or_overwrite_and_resume_needs_a_checkpoint(ti
     run.mkdir()
     (run / "student.pt").write_bytes(b"earlier result")
     res, out = _distill(tile_dir, run, "--random-teacher")
-    assert res.exit_code == 1 and "--overwrite" in _one_clean_error(out)
+    assert res.exit_code == 1 and "--overwrite" in one_clean_error(out)
     assert (run / "student.pt").read_bytes() == b"earlier result"
     res, out = _distill(tile_dir, tmp_path / "fresh", "--random-teacher", "--resume")
-    assert res.exit_code == 1 and "nothing to resume" in _one_clean_error(out)
+    assert res.exit_code == 1 and "nothing to resume" in one_clean_error(out)
 
 
 def test_bad_config_file_and_bad_flags(tile_dir: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train: {lr: [1, 2}\n")
     res, out = _distill(tile_dir, tmp_path / "run", "--random-teacher", "--config", cfg)
-    assert res.exit_code == 2 and str(cfg) in _one_clean_error(out)
+    assert res.exit_code == 2 and str(cfg) in one_clean_error(out)
     cfg.write_text("train: {learning_rate: 0.1}\n")
     res, out = _distill(tile_dir, tmp_path / "run", "--random-teacher", "--config", cfg)
-    assert res.exit_code == 2 and "learning_rate" in _one_clean_error(out)
+    assert res.exit_code == 2 and "learning_rate" in one_clean_error(out)
     res, out = _distill(tile_dir, tmp_path / "run", "--random-teacher", "--teacher", "vit_x")
-    assert res.exit_code == 2 and "vit_x" in _one_clean_error(out)
+    assert res.exit_code == 2 and "vit_x" in one_clean_error(out)
     res, out = _distill(tile_dir, tmp_path / "run", "--random-teacher", "--teacher-checkpoint", cfg)
     assert res.exit_code == 2 and "exclude each other" in out
     res, out = _distill(tile_dir, tmp_path / "run", "--random-teacher", "--steps", "2", "--epochs", "1")
-    assert res.exit_code == 2 and "--steps or --epochs" in _one_clean_error(out)
+    assert res.exit_code == 2 and "--steps or --epochs" in one_clean_error(out)
 
 
 def test_mixed_data_types_are_refused(tmp_path: Path) -> None:
@@ -113,7 +106,7 @@ def test_mixed_data_types_are_refused(tmp_path: Path) -> None:
     make_geotiff(data / "deep.tif", np.full((3, 80, 80), 3000, dtype=np.uint16))
     res, out = _distill(data, tmp_path / "run", "--random-teacher")
     assert res.exit_code == 1
-    line = _one_clean_error(out)
+    line = one_clean_error(out)
     assert "uint8: 2 files" in line and "uint16: 1 files" in line and "deep.tif" in line
     assert not (tmp_path / "run").exists()
 
@@ -123,5 +116,5 @@ def test_real_scenes_folder_with_broken_files_is_refused_clearly(shared_data: Pa
     res, out = _distill(shared_data / "scenes", tmp_path / "run", "--random-teacher")
     assert res.exit_code == 1
     assert "Warning: skipped" in out and "corrupt.tif" in out
-    assert "different data types" in _one_clean_error(out)
+    assert "different data types" in one_clean_error(out)
     assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import typer
-from conftest import TINY_STUDENT, make_segmenter
+from conftest import TINY_STUDENT, make_segmenter, one_clean_error
 from typer.testing import CliRunner
 
 from cdkd.artifacts import InferenceMeta, engine_sidecar, load_segmenter
@@ -40,13 +40,6 @@ runner = CliRunner()
 def _run(*args: object):
     res = runner.invoke(app, ["export", *map(str, args)])
     return res, res.output
-
-
-def _one_clean_error(output: str) -> str:
-    assert "Traceback" not in output
-    errors = [ln for ln in output.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1, output
-    return errors[0]
 
 
 def _segmenter_on_larger_student(path: Path, student_size: int = 224, tile: int = 64) -> Path:
@@ -210,16 +203,16 @@ def test_cli_exports_a_fixed_batch_four_band_model(tmp_path: Path) -> None:
     x = _tiles(3, in_chans=4)  # more than the fixed batch, not a multiple of it: the runtime chunks and pads
     np.testing.assert_allclose(rt(x), TorchRuntime(seg, device="cpu", amp="none")(x), atol=1e-4)
     res, output = _run(seg, "--out", out)
-    assert res.exit_code == 1 and "--overwrite" in _one_clean_error(output)
+    assert res.exit_code == 1 and "--overwrite" in one_clean_error(output)
 
 
 def test_cli_missing_or_corrupt_segmenter(tmp_path: Path) -> None:
     res, output = _run(tmp_path / "nope.pt", "--out", tmp_path / "m.onnx")
-    assert res.exit_code == 1 and "not found" in _one_clean_error(output)
+    assert res.exit_code == 1 and "not found" in one_clean_error(output)
     corrupt = tmp_path / "segmenter.pt"
     corrupt.write_bytes(b"PK\x03\x04 this is not a checkpoint")
     res, output = _run(corrupt, "--out", tmp_path / "m.onnx")
-    assert res.exit_code == 1 and "segmenter.pt" in _one_clean_error(output)
+    assert res.exit_code == 1 and "segmenter.pt" in one_clean_error(output)
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -245,7 +238,7 @@ def test_cli_tensorrt_without_a_gpu_says_how(seg: Path, exported, tmp_path: Path
     for model in (exported.onnx, seg):
         res, output = _run(model, "--format", "tensorrt", "--fp16", "--out", engine)
         assert res.exit_code == 2
-        line = _one_clean_error(output)
+        line = one_clean_error(output)
         assert "built on the target GPU" in line and "trtexec --onnx=" in line and "--saveEngine=m.engine" in line
         assert "--fp16" in line and "--sidecar m.engine" in line
     assert not engine.exists() and not engine_sidecar(engine).exists()
@@ -254,7 +247,7 @@ def test_cli_tensorrt_without_a_gpu_says_how(seg: Path, exported, tmp_path: Path
 def test_cli_sidecar_for_a_trtexec_engine(exported, tmp_path: Path) -> None:
     engine = tmp_path / "model.engine"
     res, output = _run(exported.onnx, "--sidecar", engine)
-    assert res.exit_code == 1 and "engine not found" in _one_clean_error(output)
+    assert res.exit_code == 1 and "engine not found" in one_clean_error(output)
     engine.write_bytes(b"\x00not really an engine\x00")
     res, output = _run(exported.onnx, "--sidecar", engine)
     assert res.exit_code == 0, output
@@ -262,7 +255,7 @@ def test_cli_sidecar_for_a_trtexec_engine(exported, tmp_path: Path) -> None:
     assert engine_sidecar(engine) == sidecar
     assert InferenceMeta.from_json(sidecar.read_text()) == read_onnx_meta(exported.onnx)
     res, output = _run(exported.onnx, "--sidecar", engine)
-    assert res.exit_code == 1 and "--overwrite" in _one_clean_error(output)
+    assert res.exit_code == 1 and "--overwrite" in one_clean_error(output)
     res, output = _run(exported.onnx, "--sidecar", engine, "--overwrite")
     assert res.exit_code == 0, output
 
@@ -342,4 +335,4 @@ def test_build_engine_wiring_with_a_fake_tensorrt(exported, tmp_path: Path, monk
     assert ("profile", "image", (1, 3, 64, 64), (6, 3, 64, 64), (6, 3, 64, 64)) in fake.calls
     assert f"wrote {engine} (fp16, batch 1..6, TensorRT 10.0.0) and {engine_sidecar(engine)}" in output
     res, output = _run(exported.onnx, "--format", "tensorrt", "--int8", "--out", tmp_path / "q.engine")
-    assert res.exit_code == 2 and "--calib" in _one_clean_error(output)  # no images, no calibration cache
+    assert res.exit_code == 2 and "--calib" in one_clean_error(output)  # no images, no calibration cache

@@ -13,7 +13,7 @@ import pytest
 import rasterio
 import shapely
 import typer
-from conftest import make_geotiff
+from conftest import make_geotiff, one_clean_error
 from rasterio.features import shapes
 from rasterio.transform import Affine
 from typer.testing import CliRunner
@@ -391,20 +391,13 @@ def test_refuses_to_overwrite_without_overwrite(tmp_path: Path) -> None:
         vectorize(src, out, progress=False)
     assert out.read_bytes() == before
     res = runner.invoke(app, ["vectorize", str(src), "--out", str(out), "--no-progress"])
-    assert res.exit_code == 1 and "--overwrite" in _one_clean_error(res.output)
+    assert res.exit_code == 1 and "--overwrite" in one_clean_error(res.output)
     report = vectorize(src, out, overwrite=True, min_area="2px", progress=False)
     assert report.settings.min_area_px == 2 and read(out).area_m2.sum() == report.area_m2
 
 
 # --------------------------------------------------------------------------------------------------------------
 # command line
-
-
-def _one_clean_error(output: str) -> str:
-    assert "Traceback" not in output
-    errors = [ln for ln in output.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1, output
-    return errors[0]
 
 
 def _run(*args) -> tuple[int, str]:
@@ -483,7 +476,7 @@ def test_cli_errors(tmp_path: Path, case: str, code: int, expected: str) -> None
             out = tmp_path / "out.shp"
     exit_code, text = _run(src, "--out", out, *extra)
     assert exit_code == code, text
-    line = _one_clean_error(text)
+    line = one_clean_error(text)
     assert expected in line
     if case not in ("min_area", "simplify", "suffix", "both_layers"):
         assert src.name in line or "nope.yaml" in line

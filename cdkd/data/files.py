@@ -66,6 +66,19 @@ def _open(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
         yield src
 
 
+def open_raster(path: str | Path) -> rasterio.io.DatasetReader:
+    """``rasterio.open(path)`` for a file that must exist and be a raster, else a one-line CdkdIOError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CdkdIOError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except (RasterioError, OSError) as e:
+        raise CdkdIOError(f"{path}: not a readable raster ({gdal_reason(e)})") from None
+
+
 def gdal_reason(err: BaseException) -> str:
     """The most specific message in an exception chain.
 

@@ -9,16 +9,20 @@ describe.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import rasterio
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.errors import RasterioError
 
-from cdkd.data.files import RasterInfo, check_bands, gdal_reason, read_pixels
+from cdkd.data.files import (
+    RasterInfo,
+    check_bands,
+    gdal_reason,
+    open_raster,
+    read_pixels,
+)
 from cdkd.data.stats import NormStats, compute_stats
 from cdkd.errors import CdkdIOError, CdkdValueError, DataError
 from cdkd.scene.tiler import TileWindow
@@ -64,17 +68,6 @@ def footprint_area_m2(crs: Any, transform: Any, width: int, height: int, points_
     return abs(area)
 
 
-def _open_dataset(path: Path) -> Any:
-    if not path.exists():
-        raise CdkdIOError(f"{path}: scene not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
-    except (RasterioError, OSError) as e:
-        raise CdkdIOError(f"{path}: not a readable raster ({gdal_reason(e)})") from None
-
-
 class SceneSource:
     """An open scene, ready to be read one ``TileWindow`` at a time in the model's band order.
 
@@ -93,7 +86,7 @@ class SceneSource:
         self.path = Path(path)
         if stats not in STATS_MODES:
             raise CdkdValueError(f"unknown --stats {stats!r}; choose one of {', '.join(STATS_MODES)}")
-        self._src = _open_dataset(self.path)
+        self._src = open_raster(self.path)
         try:
             self.info = self._check_header()
             self.bands = self._check_bands(in_chans, norm, bands)

@@ -12,7 +12,6 @@ the values of valid pixels, so an unknown value is reported with its pixel count
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 from rasterio.crs import CRS
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.errors import RasterioError
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from cdkd.data.classes import ClassSchema
-from cdkd.data.files import gdal_reason
+from cdkd.data.files import gdal_reason, open_raster
 from cdkd.errors import CdkdIOError, DataError
 from cdkd.scene.classraster import read_class_schema
 from cdkd.vector.measure import is_geographic, metres_per_unit
@@ -58,18 +56,6 @@ class ClassRaster:
     def id_dtype(self) -> np.dtype:
         """The type ids are polygonised in: uint8 when every id fits, else int32 (both GDAL-native)."""
         return np.dtype(np.uint8) if self.schema.num_classes <= 256 else np.dtype(np.int32)
-
-
-def open_raster(path: Path) -> Any:
-    """``rasterio.open(path)``, or a CdkdIOError naming the file."""
-    if not path.is_file():
-        raise CdkdIOError(f"{path}: no such file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
-    except (RasterioError, OSError) as e:
-        raise CdkdIOError(f"{path}: not a readable raster ({gdal_reason(e)})") from None
 
 
 def inspect(path: str | Path, classes: str | Path | None = None) -> ClassRaster:

@@ -31,6 +31,7 @@ import numpy as np
 import pyproj
 from tqdm.auto import tqdm
 
+from cdkd.data.files import open_raster
 from cdkd.errors import CdkdValueError, OutputExistsError
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 from cdkd.vector.coverage import simplify_coverage
@@ -41,7 +42,6 @@ from cdkd.vector.sieve import MinArea, parse_min_area, sieve_halo, sieve_ids, si
 from cdkd.vector.source import (
     ClassRaster,
     inspect,
-    open_raster,
     read_rows,
     scan,
     to_ids,
