@@ -91,7 +91,7 @@ def distill_command(
     }
     if random_teacher and teacher_checkpoint is not None:
         raise typer.BadParameter("--random-teacher and --teacher-checkpoint exclude each other")
-    with cli_errors():
+    with cli_errors(resumable=True):
         from cdkd.config import DistillConfig
         from cdkd.distill.trainer import distill, run_dir
         from cdkd.errors import ConfigError

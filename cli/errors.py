@@ -12,8 +12,10 @@ from cdkd.errors import CdkdError, CdkdValueError
 
 
 @contextlib.contextmanager
-def cli_errors() -> Iterator[None]:
+def cli_errors(resumable: bool = False) -> Iterator[None]:
     """Print ``Error: ...`` for cdkd's own errors and exit 2 for bad values, 1 for everything else cdkd raises.
+
+    ``resumable``: the command has ``--resume``, so an interrupted run says how to continue it.
 
     Only ``CdkdError`` is caught: anything else is a bug and keeps its traceback. (Never catch bare
     ``Exception`` here: typer's ``Exit`` is an exception too and must pass through.)
@@ -24,5 +26,6 @@ def cli_errors() -> Iterator[None]:
         print(f"Error: {e}", file=sys.stderr)
         raise typer.Exit(2 if isinstance(e, CdkdValueError) else 1) from None
     except KeyboardInterrupt:
-        print("Interrupted; rerun with --resume to continue from the last checkpoint.", file=sys.stderr)
+        hint = "; rerun with --resume to continue from the last checkpoint" if resumable else ""
+        print(f"Interrupted{hint}.", file=sys.stderr)
         raise typer.Exit(130) from None

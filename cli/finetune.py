@@ -70,7 +70,7 @@ def finetune_command(
         "train.seed": seed,
         "train.device": device,
     })
-    with cli_errors():
+    with cli_errors(resumable=True):
         from cdkd.config import FinetuneConfig
         from cdkd.errors import ConfigError
         from cdkd.finetune.trainer import finetune, run_dir

@@ -54,7 +54,7 @@ def segment_command(
       cdkd segment scene.tif --engine orin.engine --out scene_lc.tif --probs
       cdkd segment a.tif b.tif c.tif --engine model.onnx --out-dir lc/ --scheduler tcp://10.0.0.5:8786
     """
-    with cli_errors():
+    with cli_errors(resumable=True):
         from cdkd.errors import CdkdValueError
         from cdkd.scene.batch import RuntimeSpec, segment_many
         from cdkd.scene.engine import SegmentOptions, segment_scene
@@ -65,18 +65,19 @@ def segment_command(
             raise CdkdValueError("give exactly one of --out FILE (one scene) or --out-dir DIR")
         if out is not None and len(scenes) != 1:
             raise CdkdValueError(f"--out names one output but {len(scenes)} scenes were given; use --out-dir")
+        if scheduler is not None and out_dir is None:
+            raise CdkdValueError("--scheduler writes <stem>.tif per scene: give --out-dir DIR instead of --out")
         if resume and overwrite:
             raise CdkdValueError("--resume and --overwrite contradict each other; pick one")
         spec = RuntimeSpec(str(model or engine), runtime, device, amp, threads)
         options = SegmentOptions(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
                                  bands=o.ints(bands, "--bands"), stats=stats, probs=probs, overwrite=overwrite,
                                  resume=resume, progress=progress)
-        if out is not None and scheduler is None:
+        if out is not None:
             report = segment_scene(scenes[0], spec.open(), out, options)
             _print_scene(report.to_dict())
             return
-        batch = segment_many(scenes, out_dir if out_dir is not None else out.parent, spec, options, scheduler,
-                             on_error)
+        batch = segment_many(scenes, out_dir, spec, options, scheduler, on_error)
         for result in batch.scenes:
             if result.ok:
                 _print_scene(result.report)

@@ -347,3 +347,14 @@ def test_tensorrt_engine_without_tensorrt_is_a_clear_error(scene, tmp_path, mode
     res = _segment(scene, "--engine", engine, "--out", tmp_path / "out.tif")
     assert res.exit_code != 0 and "Traceback" not in res.output
     assert "model.engine.json" in res.output or "TensorRT" in res.output
+
+
+def test_cli_scheduler_needs_an_output_folder(tmp_path, scene, model_pt):
+    res = _segment(scene, "--model", model_pt, "--out", tmp_path / "out.tif", "--scheduler", "tcp://127.0.0.1:1")
+    assert res.exit_code == 2 and "--out-dir" in res.output
+
+
+def test_cli_unreachable_scheduler_is_one_line(tmp_path, scene, model_pt):
+    pytest.importorskip("distributed")
+    res = _segment(scene, "--model", model_pt, "--out-dir", tmp_path / "lc", "--scheduler", "tcp://127.0.0.1:9")
+    assert res.exit_code == 2 and "cannot reach the dask scheduler" in res.output and "Traceback" not in res.output

@@ -153,7 +153,7 @@ def _run_cluster(pairs: list[tuple[Path, Path]], spec: RuntimeSpec, options: Seg
         raise CdkdValueError("--scheduler needs dask.distributed (pip install 'dask[distributed]')") from None
     options = SegmentOptions(**dict(asdict(options), progress=False))  # workers have no terminal
     try:
-        client = Client(scheduler, timeout="20s")
+        client = Client(scheduler, timeout="10s")
     except (OSError, TimeoutError) as e:
         raise CdkdValueError(f"cannot reach the dask scheduler at {scheduler} ({e})") from None
     with client:
