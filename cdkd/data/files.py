@@ -120,6 +120,16 @@ def _missing_bands(count: int, bands: tuple[int, ...] | None, min_bands: int) ->
     return None
 
 
+def probe_windows(height: int, width: int, size: int) -> list[Window]:
+    """The top-left and bottom-right ``size`` px windows (clipped to the image) that a probe decodes.
+
+    A file can open (its header is intact) and still have broken pixel data, and truncation loses the end of a
+    file first; decoding these two is cheap, where reading the whole file would cost a full decode.
+    """
+    h, w = min(size, height), min(size, width)
+    return [Window(0, 0, w, h), Window(width - w, height - h, w, h)]
+
+
 def _probe(path: Path, bands: tuple[int, ...] | None, min_bands: int) -> tuple[RasterInfo | None, str]:
     """Open ``path`` and decode two small windows; return its RasterInfo, or None and the reason it is unusable.
 
@@ -134,10 +144,9 @@ def _probe(path: Path, bands: tuple[int, ...] | None, min_bands: int) -> tuple[R
                 return None, reason
             info = RasterInfo(str(path), src.width, src.height, src.count, src.dtypes[0])
             indexes = bands if bands is not None else tuple(range(1, src.count + 1))
-            h, w = min(PROBE_SIZE, src.height), min(PROBE_SIZE, src.width)
             try:
-                for row, col in ((0, 0), (src.height - h, src.width - w)):
-                    read_pixels(src, indexes, Window(col, row, w, h))
+                for window in probe_windows(src.height, src.width, PROBE_SIZE):
+                    read_pixels(src, indexes, window)
             except (RasterioError, OSError) as e:
                 return None, f"pixel data cannot be read: {gdal_reason(e)}"
     except (RasterioError, OSError):

@@ -32,7 +32,7 @@ from rasterio.windows import Window
 from torch.utils.data import Dataset
 
 from cdkd.data.classes import BUILTIN_SCHEMAS, ClassSchema
-from cdkd.data.files import IMAGE_SUFFIXES, check_bands, gdal_reason, _open, read_window
+from cdkd.data.files import IMAGE_SUFFIXES, _open, check_bands, gdal_reason, read_window
 from cdkd.data.stats import NormStats
 from cdkd.data.unlabeled import UnlabeledTiles, _augment, check_tile_size
 from cdkd.errors import CdkdError, CdkdIOError, CdkdValueError, DataError
@@ -474,9 +474,8 @@ class LabeledTiles(Dataset):
         col = int(rng.integers(0, width - w + 1))
         label = _read_label(pair.mask, self.schema, Window(col, row, w, h))
         pixels, ok = read_window(pair.image, self.stats.bands, row, col, h, w)
-        # select rather than multiply by the mask: a NaN under the mask would survive NaN * 0
         image = np.zeros((len(self.stats.bands), t, t), dtype=np.float32)
-        image[:, :h, :w] = np.where(ok[None], self.stats.normalize(pixels), np.float32(0))
+        image[:, :h, :w] = self.stats.normalize(pixels, ok)
         valid = np.zeros((t, t), dtype=bool)
         valid[:h, :w] = ok
         out = np.full((t, t), self.schema.ignore_index, dtype=np.int64)

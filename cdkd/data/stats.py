@@ -60,8 +60,13 @@ class NormStats:
             raise CdkdValueError(f"normalisation statistics lack {', '.join(missing)}: {dict(d)!r}")
         return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), bands=tuple(d["bands"]), dtype=str(d["dtype"]))
 
-    def normalize(self, pixels: np.ndarray) -> np.ndarray:
-        """(C, H, W) pixels of any dtype -> float32 ``(x - mean) / std`` per band, C = len(bands)."""
+    def normalize(self, pixels: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """(C, H, W) pixels of any dtype -> float32 ``(x - mean) / std`` per band, C = len(bands).
+
+        With (H, W) bool ``valid``, invalid pixels become 0, the band mean: nodata values (0, -9999, NaN) would be
+        far outliers to a network, and every stage (training, export checks, scenes) must treat them alike. They
+        are assigned, not multiplied by the mask: a NaN under the mask would survive NaN * 0.
+        """
         if pixels.ndim != 3 or pixels.shape[0] != len(self.bands):
             raise CdkdValueError(
                 f"expected pixels of shape ({len(self.bands)}, H, W) for bands {list(self.bands)}, "
@@ -69,7 +74,10 @@ class NormStats:
             )
         mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
         std = np.asarray(self.std, dtype=np.float32)[:, None, None]
-        return (pixels.astype(np.float32) - mean) / std
+        x = (pixels.astype(np.float32) - mean) / std
+        if valid is not None:
+            x[:, ~valid] = 0.0
+        return x
 
 
 def _window_moments(pixels: np.ndarray, valid: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:

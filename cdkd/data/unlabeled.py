@@ -117,8 +117,7 @@ class UnlabeledTiles(Dataset):
         row = int(rng.integers(0, info.height - h + 1))
         col = int(rng.integers(0, info.width - w + 1))
         pixels, valid = read_window(info.path, self.stats.bands, row, col, h, w)
-        # select rather than multiply by the mask: a NaN under the mask would survive NaN * 0
-        norm = np.where(valid[None], self.stats.normalize(pixels), np.float32(0))
+        norm = self.stats.normalize(pixels, valid)
         image = np.zeros((len(self.stats.bands), t, t), dtype=np.float32)
         mask = np.zeros((t, t), dtype=bool)
         image[:, :h, :w] = norm

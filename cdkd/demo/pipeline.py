@@ -22,6 +22,8 @@ from rasterio.transform import from_origin
 
 from cdkd.demo.landscape import demo_schema, make_landscape
 from cdkd.errors import OutputExistsError
+from cdkd.scene.classraster import NODATA
+from cdkd.utils.atomic import atomic_write_text
 
 CRS = "EPSG:32633"  # UTM 33N, 10 m pixels: a Sentinel-2-like scene
 GSD = 10.0
@@ -77,8 +79,8 @@ def make_demo_data(root: Path, s: DemoSettings) -> dict[str, Path]:
     image[:, :, :collar] = 0
     _write_tif(scene, image, (600_000, 5_100_000), nodata=0)
     truth = classes.copy()
-    truth[:, :collar] = 255
-    _write_tif(root / "scene_truth.tif", truth[None], (600_000, 5_100_000), nodata=255)
+    truth[:, :collar] = NODATA
+    _write_tif(root / "scene_truth.tif", truth[None], (600_000, 5_100_000), nodata=NODATA)
     return {"unlabeled": unlabeled, "labeled": labeled, "scene": scene, "truth": root / "scene_truth.tif"}
 
 
@@ -154,8 +156,8 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
                "landcover": landcover, "confidence": Path(scene.confidence), "scene_report": landcover.with_suffix(".json"),
                "polygons": polygons, "polygons_report": vector.json_path}
     result = DemoResult(out, outputs, agreement, time.perf_counter() - start)
-    (out / "demo.json").write_text(json.dumps({"outputs": {k: str(v) for k, v in outputs.items()},
-                                               "agreement": agreement, "seconds": result.seconds}, indent=2))
+    atomic_write_text(out / "demo.json", json.dumps({"outputs": {k: str(v) for k, v in outputs.items()},
+                                                     "agreement": agreement, "seconds": result.seconds}, indent=2))
     return result
 
 
@@ -177,7 +179,7 @@ def _timed(log: Callable[[str], None]) -> Callable[[str], None]:
 def _agreement(pred_path: Path, truth_path: Path) -> float:
     with rasterio.open(pred_path) as p, rasterio.open(truth_path) as t:
         pred, truth = p.read(1), t.read(1)
-    valid = truth != 255
+    valid = truth != NODATA
     return float((pred[valid] == truth[valid]).mean())
 
 

@@ -66,7 +66,7 @@ def _tile(raster: RasterInfo, meta: InferenceMeta, rng: np.random.Generator) -> 
         row = int(rng.integers(0, raster.height - h + 1))
         col = int(rng.integers(0, raster.width - w + 1))
         pixels, valid = read_window(raster.path, meta.norm.bands, row, col, h, w)
-        x = np.where(valid, meta.norm.normalize(pixels), np.float32(0))
+        x = meta.norm.normalize(pixels, valid)
         frac = float(valid.mean())
         if best is None or frac > best[1]:
             best = (x, frac)

@@ -25,14 +25,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import rasterio
-import rasterio.errors
 
 from cdkd.config import PATCH_SIZE
 from cdkd.errors import CdkdValueError, CheckpointError, DataError, OutputExistsError
 from cdkd.scene.blend import RowBandAccumulator, blend_weights
-from cdkd.scene.classraster import NODATA, check_num_classes
+from cdkd.scene.classraster import NODATA, check_num_classes, to_class_raster
 from cdkd.scene.runtimes import Runtime
-from cdkd.scene.source import SceneSource
+from cdkd.scene.source import SceneInfo, SceneSource
 from cdkd.scene.tiler import PAD_MODES, TileWindow, pad_to_tile, plan_rows
 from cdkd.scene.writer import CONFIDENCE_NODATA, RasterWriter, confidence_raster
 from cdkd.utils.atomic import atomic_write_text
@@ -107,7 +106,7 @@ def _resolve_tiling(runtime: Runtime, options: SegmentOptions) -> tuple[int, int
     overlap = meta.overlap if options.overlap is None else int(options.overlap)
     if tile <= 0 or tile % PATCH_SIZE:
         raise CdkdValueError(f"tile size {tile} is not a positive multiple of the patch size {PATCH_SIZE}")
-    if tile != meta.tile_size and getattr(runtime, "fixed_tile", True):
+    if tile != meta.tile_size and runtime.fixed_tile:
         raise CdkdValueError(f"the {runtime.name} model was built for {meta.tile_size} px tiles and cannot take "
                              f"--tile-size {tile}; export it again at that size or use the segmenter.pt")
     if not 0 <= overlap < tile:
@@ -186,8 +185,8 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
     tile, overlap = _resolve_tiling(runtime, options)
     _check_outputs(out, options)
     final, conf_path, report_path, partial = output_paths(out)
-    with rasterio.Env(GDAL_CACHEMAX=_cache_budget(scene, tile)), \
-            SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source:
+    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
+            rasterio.Env(GDAL_CACHEMAX=_cache_budget(source.info, tile)):
         info = source.info
         fingerprint = _fingerprint(scene, runtime, source, tile, overlap, options.probs)
         rows = plan_rows(info.height, info.width, tile, overlap)
@@ -217,8 +216,7 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
                 next_top = rows[i + 1][0].row if i + 1 < len(rows) else info.height
                 top = band.top
                 logits, valid = band.pop(next_top)
-                classes = logits.argmax(axis=0).astype(np.uint8)
-                classes[~valid] = NODATA
+                classes = to_class_raster(logits.argmax(axis=0), valid)
                 counts.add(classes, valid)
                 finished.add(top, classes, confidence_raster(logits, valid) if options.probs else None)
                 progress.update(len(rows[i]))
@@ -272,17 +270,14 @@ class _FinishedRows:
         self.rows, self.nbytes = [], 0
 
 
-def _cache_budget(scene: Path, tile: int) -> int:
+def _cache_budget(info: SceneInfo, tile: int) -> int:
     """GDAL block cache in bytes: two bands of input blocks across the scene, at least 64 MB.
 
     GDAL's default (5% of RAM) would keep every decoded block of a large scene, so memory would creep up with
-    the scene's height; the windows of one row of tiles and the next need no more than this.
+    the scene's height; the windows of one row of tiles and the next need no more than this. (Set once the scene
+    is open: by then only its two small probe windows have been read.)
     """
-    try:
-        with rasterio.open(scene) as src:
-            need = 2 * (tile + 512) * src.width * src.count * np.dtype(src.dtypes[0]).itemsize
-    except (rasterio.errors.RasterioError, OSError, TypeError):
-        need = 0  # SceneSource reports the problem
+    need = 2 * (tile + 512) * info.width * info.count * np.dtype(info.dtype).itemsize
     return max(64 * 2**20, need)
 
 

@@ -21,6 +21,7 @@ from cdkd.data.files import (
     check_bands,
     gdal_reason,
     open_raster,
+    probe_windows,
     read_pixels,
 )
 from cdkd.data.stats import NormStats, compute_stats
@@ -127,9 +128,8 @@ class SceneSource:
 
     def _probe(self) -> None:
         """Decode the first and last small windows: a header can be intact while the pixel data is broken."""
-        h, w = min(PROBE, self.info.height), min(PROBE, self.info.width)
-        for row, col in ((0, 0), (self.info.height - h, self.info.width - w)):
-            self.read(TileWindow(row, col, h, w))
+        for w in probe_windows(self.info.height, self.info.width, PROBE):
+            self.read(TileWindow(int(w.row_off), int(w.col_off), int(w.height), int(w.width)))
 
     def _norm(self, norm: NormStats, stats: str, samples: int) -> NormStats:
         if stats == "scene":
@@ -158,9 +158,7 @@ class SceneSource:
     def read_normalized(self, window: TileWindow) -> tuple[np.ndarray, np.ndarray]:
         """``(x, valid)``: (C, h, w) float32 normalised pixels, 0 (the mean) where invalid, and validity."""
         pixels, valid = self.read(window)
-        x = self.norm.normalize(pixels)
-        x[:, ~valid] = 0.0  # nodata values (0, -9999, NaN) would be far outliers to the network
-        return x, valid
+        return self.norm.normalize(pixels, valid), valid
 
     def close(self) -> None:
         self._src.close()

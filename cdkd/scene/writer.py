@@ -48,7 +48,7 @@ class RasterWriter:
     """One uint8 output band written by row bands into a working GeoTIFF, finished as a COG."""
 
     def __init__(self, work: Path, info: SceneInfo, nodata: int, schema: ClassSchema | None, resume: bool) -> None:
-        self.work, self.info, self.nodata, self.schema = work, info, nodata, schema
+        self.work, self.info, self.schema = work, info, schema
         try:
             if resume:
                 self._dst = rasterio.open(work, "r+")
