@@ -94,7 +94,7 @@ def export_command(
 
             res = build_engine(model, out, fp16=fp16, int8=int8, calib=calib, calib_tiles=calib_tiles,
                                max_batch=max_batch, workspace_gb=workspace_gb, opset=opset, check_data=check_data,
-                               overwrite=overwrite)
+                               check_tiles=check_tiles, min_agreement=min_agreement, overwrite=overwrite)
             if res.onnx_parity is not None:
                 typer.echo(res.onnx_parity.summary())
             lo, _, hi = res.batch

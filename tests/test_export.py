@@ -336,3 +336,18 @@ def test_build_engine_wiring_with_a_fake_tensorrt(exported, tmp_path: Path, monk
     assert f"wrote {engine} (fp16, batch 1..6, TensorRT 10.0.0) and {engine_sidecar(engine)}" in output
     res, output = _run(exported.onnx, "--format", "tensorrt", "--int8", "--out", tmp_path / "q.engine")
     assert res.exit_code == 2 and "--calib" in one_clean_error(output)  # no images, no calibration cache
+
+
+def test_engine_from_segmenter_checks_parity_as_asked(seg: Path, tmp_path: Path, monkeypatch) -> None:
+    """segmenter.pt -> engine goes through a temporary ONNX export whose parity check takes --check-tiles and
+    --min-agreement from the command line."""
+    import cdkd.export.tensorrt as trt_module
+
+    fake = _FakeTensorRT()
+    monkeypatch.setattr(trt_module, "_tensorrt", lambda: (fake, ""))
+    engine = tmp_path / "m.engine"
+    res, output = _run(seg, "--format", "tensorrt", "--fp16", "--check-tiles", "3", "--min-agreement", "0.5",
+                       "--out", engine)
+    assert res.exit_code == 0, output
+    assert "on 3 synthetic tiles" in output and ("parse", ".onnx") in fake.calls
+    assert engine.read_bytes() == b"serialized engine"

@@ -245,13 +245,16 @@ def build_engine(
     workspace_gb: float = 4.0,
     opset: int = DEFAULT_OPSET,
     check_data: str | Path | None = None,
+    check_tiles: int = 8,
+    min_agreement: float = 0.999,
     overwrite: bool = False,
 ) -> EngineReport:
     """Build the TensorRT engine ``out`` (and its sidecar ``<out>.json``) on this machine's GPU.
 
     Args:
         model: an exported ``.onnx`` (from ``export_onnx``), or a ``segmenter.pt``, exported first to a temporary
-            dynamic-batch ONNX model (``opset``, ``check_data``: as for ``export_onnx``, parity check included).
+            dynamic-batch ONNX model (``opset``, ``check_data``, ``check_tiles``, ``min_agreement``: as for
+            ``export_onnx``, parity check included).
         out: ``.engine``/``.plan`` file to write.
         fp16, int8: let TensorRT use fp16 / int8 kernels (both may be given; neither gives fp32).
         calib: folder of images for INT8 calibration (``calib_tiles`` tiles, normalised as the engine's inputs);
@@ -296,7 +299,8 @@ def build_engine(
     else:
         with tempfile.TemporaryDirectory(prefix="cdkd-export-") as tmp:
             onnx_path = Path(tmp) / f"{out.stem}.onnx"
-            parity = export_onnx(model, onnx_path, opset=opset, dynamic_batch=True, check_data=check_data).parity
+            parity = export_onnx(model, onnx_path, opset=opset, dynamic_batch=True, check_data=check_data,
+                                 check_tiles=check_tiles, min_agreement=min_agreement).parity
             batches, used = build(onnx_path)
     atomic_write_text(sidecar, meta.to_json())
     precision = "+".join(p for p, on in (("int8", int8), ("fp16", fp16)) if on) or "fp32"
