@@ -20,6 +20,10 @@ simplify_opt = typer.Option(None, "--simplify", help="Simplify as one coverage (
 layer_opt = typer.Option(None, "--layer", help="Layer name (default: the raster's file stem).")
 layer_per_class_opt = typer.Option(False, "--layer-per-class", help="One layer per class, named after the class.")
 classes_opt = typer.Option(None, "--classes", help="Class file (YAML) for rasters without cdkd class metadata.")
+area_opt = typer.Option("auto", "--area", help="How area_m2, perimeter_m and --min-area in m2 are measured: auto "
+                        "(ellipsoidal for a geographic CRS, planar otherwise), planar (CRS metres), or ellipsoidal "
+                        "(ground measures on the CRS's ellipsoid; use it for Web Mercator, whose planar areas "
+                        "overstate the ground by 1/cos²(latitude)).")
 overwrite_opt = typer.Option(False, "--overwrite", help="Replace an existing output and its report.")
 
 
@@ -31,6 +35,7 @@ def vectorize_command(
     layer: str | None = layer_opt,
     layer_per_class: bool = layer_per_class_opt,
     classes: Path | None = classes_opt,
+    area: str = area_opt,
     overwrite: bool = overwrite_opt,
     progress: bool = o.progress_opt,
 ) -> None:
@@ -42,7 +47,10 @@ def vectorize_command(
         from cdkd.vector import vectorize
 
         report = vectorize(raster, out, min_area=min_area, simplify=simplify, layer=layer,
-                           layer_per_class=layer_per_class, classes=classes, overwrite=overwrite, progress=progress)
+                           layer_per_class=layer_per_class, classes=classes, area=area, overwrite=overwrite,
+                           progress=progress)
         typer.echo(report.table())
+        for warning in report.warnings:
+            typer.echo(f"Warning: {warning}", err=True)
         typer.echo(f"\nwrote {report.output} (layers: {', '.join(report.layers)}) and {report.json_path} "
                    f"in {report.seconds:.1f} s")

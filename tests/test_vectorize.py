@@ -242,6 +242,65 @@ def test_min_area_in_m2_on_a_geographic_crs_uses_the_centre_pixel() -> None:
     assert sieve_size(MinArea(10.5 * pixel_m2, "m2"), transform, CRS.from_epsg(4326), 100, 40) == 11
 
 
+def _mercator_scene(tmp_path: Path) -> tuple[Path, np.ndarray, Affine]:
+    """(60, 80) ids in Web Mercator at ~38° N with 0.6 m pixels (as cogeo.tif): planar areas are 1.6x the ground."""
+    ids = np.zeros((60, 80), dtype=np.uint8)
+    ids[10:50, 20:60] = 1
+    ids[0:5, 0:80] = 2
+    transform = Affine(0.6, 0, 1_340_000.0, 0, -0.6, 4_580_000.0)
+    return write_class_raster(tmp_path / "merc.tif", ids, crs="EPSG:3857", transform=transform), ids, transform
+
+
+def test_ellipsoidal_areas_are_ground_areas_in_web_mercator(tmp_path: Path) -> None:
+    from rasterio.crs import CRS
+
+    from cdkd.scene.source import footprint_area_m2
+
+    src, ids, transform = _mercator_scene(tmp_path)
+    planar = vectorize(src, tmp_path / "planar.gpkg", window_rows=7, progress=False)
+    ground = vectorize(src, tmp_path / "ground.gpkg", area="ellipsoidal", window_rows=7, progress=False)
+    assert planar.settings.area == "planar" and ground.settings.area == "ellipsoidal"
+    assert [c.area_m2 for c in planar.classes] == list(pixel_counts(ids) * 0.36)  # auto = planar, exact
+    assert planar.warnings and "--area ellipsoidal" in planar.warnings[0] and not ground.warnings
+    # the whole raster's ground area, measured independently on the densified footprint (scene engine's rule)
+    footprint = footprint_area_m2(CRS.from_epsg(3857), transform, 80, 60)
+    assert ground.area_m2 == pytest.approx(footprint, rel=1e-6)
+    # textbook scales of the spherical Web Mercator on the WGS84 ellipsoid at the centre latitude: east-west
+    # N cos(lat) / R, north-south M cos(lat) / R (N, M: the ellipsoid's radii of curvature; R: the sphere's)
+    lat = np.radians(pyproj.Transformer.from_crs(3857, 4326, always_xy=True).transform(1_340_024.0, 4_579_982.0)[1])
+    a, e2 = 6_378_137.0, 0.00669437999014
+    w = 1 - e2 * np.sin(lat) ** 2
+    east, north = a / np.sqrt(w) * np.cos(lat) / a, a * (1 - e2) / w**1.5 * np.cos(lat) / a
+    for p, g in zip(planar.classes, ground.classes):
+        assert g.area_m2 == pytest.approx(p.area_m2 * east * north, rel=1e-4)
+    water = read(ground.output).query("class_id == 1")
+    assert water.perimeter_m.iloc[0] == pytest.approx(2 * 40 * 0.6 * (east + north), rel=1e-4)
+
+
+def test_ellipsoidal_areas_in_utm_stay_close_to_planar(tmp_path: Path) -> None:
+    ids = scene_ids()
+    src = write_class_raster(tmp_path / "utm.tif", ids)
+    planar = vectorize(src, tmp_path / "p.gpkg", area="planar", progress=False)
+    ground = vectorize(src, tmp_path / "g.gpkg", area="ellipsoidal", progress=False)
+    assert not planar.warnings  # Transverse Mercator: no warning
+    for p, g in zip(planar.classes, ground.classes):
+        # UTM's scale factor is 0.9996..1.001 (area -0.08..+0.2 %), here at 500 km easting, its centre meridian
+        assert g.area_m2 == pytest.approx(p.area_m2, rel=2e-3)
+        assert g.polygons == p.polygons
+
+
+def test_min_area_in_m2_follows_the_area_measure(tmp_path: Path) -> None:
+    from rasterio.crs import CRS
+
+    _, _, transform = _mercator_scene(tmp_path)
+    crs = CRS.from_epsg(3857)
+    assert sieve_size(MinArea(3.6, "m2"), transform, crs, 80, 60, "planar") == 10  # 0.36 m² a pixel
+    ground_px = sieve_size(MinArea(3.6, "m2"), transform, crs, 80, 60, "ellipsoidal")
+    assert ground_px == 17  # ground pixels are 0.224 m²: 3.6 m² is 16.1 of them, so regions under 17 px go
+    with pytest.raises(CdkdValueError, match="--area 'flat'"):
+        sieve_size(MinArea(3.6, "m2"), transform, crs, 80, 60, "flat")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # simplification
 
@@ -439,6 +498,8 @@ def _truncated(path: Path) -> Path:
     ("suffix", 2, "ending in .gpkg"),
     ("both_layers", 2, "not both"),
     ("classes_missing", 1, "class file not found"),
+    ("planar_degrees", 1, "is in degrees: planar areas would be in square degrees"),
+    ("area_mode", 2, "--area 'flat': choose one of auto, planar, ellipsoidal"),
 ])
 def test_cli_errors(tmp_path: Path, case: str, code: int, expected: str) -> None:
     ids = scene_ids()
@@ -467,18 +528,22 @@ def test_cli_errors(tmp_path: Path, case: str, code: int, expected: str) -> None
         write_class_raster(src, bad)
     elif case == "all_nodata":
         write_class_raster(src, np.full_like(ids, NODATA))
+    elif case == "planar_degrees":
+        write_class_raster(src, ids, crs="EPSG:4326", transform=Affine(0.001, 0, 10.0, 0, -0.001, 45.0))
+        extra = ["--area", "planar"]
     elif case != "missing":
         write_class_raster(src, ids)
         extra = {"min_area": ["--min-area", "100 acres"], "simplify": ["--simplify", "-1"],
                  "both_layers": ["--layer", "x", "--layer-per-class"],
-                 "classes_missing": ["--classes", tmp_path / "nope.yaml"]}.get(case, [])
+                 "classes_missing": ["--classes", tmp_path / "nope.yaml"],
+                 "area_mode": ["--area", "flat"]}.get(case, [])
         if case == "suffix":
             out = tmp_path / "out.shp"
     exit_code, text = _run(src, "--out", out, *extra)
     assert exit_code == code, text
     line = one_clean_error(text)
     assert expected in line
-    if case not in ("min_area", "simplify", "suffix", "both_layers"):
+    if case not in ("min_area", "simplify", "suffix", "both_layers", "area_mode"):
         assert src.name in line or "nope.yaml" in line
     assert not out.exists() and not Path(str(out) + ".json").exists()  # nothing written
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left

@@ -34,8 +34,8 @@ from shapely import box
 
 from cdkd.errors import CdkdValueError
 from cdkd.vector.measure import (
+    area_mode,
     geodesic_area_perimeter,
-    is_geographic,
     metres_per_unit,
     to_crs,
 )
@@ -69,29 +69,29 @@ def parse_min_area(text: str | MinArea) -> MinArea:
     return MinArea(value, "px" if m.group(3) == "px" else "m2")
 
 
-def pixel_area_m2(transform: Affine, crs: CRS, width: int, height: int) -> float:
-    """Area of one pixel in m².
+def pixel_area_m2(transform: Affine, crs: CRS, width: int, height: int, area: str = "auto") -> float:
+    """Area of one pixel in m², measured as ``area`` (``measure.AREA_MODES``) measures polygons.
 
-    Projected CRS: ``|det(transform)|`` times the square of the CRS unit's size in metres (exact for every
-    pixel). Geographic CRS: the geodesic area of the raster's *centre* pixel on the CRS's ellipsoid; pixels
-    nearer the poles are smaller (by the cosine of the latitude), so a threshold in m² is converted once, at the
-    centre latitude, and applied in pixels everywhere.
+    Planar: ``|det(transform)|`` times the square of the CRS unit's size in metres (exact for every pixel).
+    Ellipsoidal: the geodesic area of the raster's *centre* pixel; pixels nearer the poles are smaller (by the
+    cosine of the latitude in a geographic CRS), so a threshold in m² is converted once, at the centre, and
+    applied in pixels everywhere.
     """
-    if not is_geographic(crs):
+    if area_mode(area, crs) == "planar":
         return abs(transform.determinant) * metres_per_unit(crs) ** 2
     col, row = width // 2, height // 2
     pixel = to_crs(np.array([box(col, row, col + 1, row + 1)]), transform)
-    area, _ = geodesic_area_perimeter(pixel, crs)
-    return float(area[0])
+    pixel_area, _ = geodesic_area_perimeter(pixel, crs)
+    return float(pixel_area[0])
 
 
-def sieve_size(min_area: MinArea, transform: Affine, crs: CRS, width: int, height: int) -> int:
+def sieve_size(min_area: MinArea, transform: Affine, crs: CRS, width: int, height: int, area: str = "auto") -> int:
     """GDAL's sieve threshold for ``min_area``: regions of fewer pixels than this are merged away.
 
     A region of ``n`` pixels is smaller than ``A`` when ``n * pixel_area < A``, i.e. ``n < ceil(A / pixel_area)``.
     """
-    pixels = min_area.value if min_area.unit == "px" else min_area.value / pixel_area_m2(transform, crs, width,
-                                                                                        height)
+    pixels = (min_area.value if min_area.unit == "px" else
+              min_area.value / pixel_area_m2(transform, crs, width, height, area))
     return max(1, math.ceil(pixels - 1e-9))  # 1e-9: 100 m2 at exactly 100 m2 a pixel is 1 px, not 2
 
 

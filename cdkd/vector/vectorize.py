@@ -7,7 +7,7 @@ Stages, each in its own module:
 2. ``sieve`` (``--min-area``): merge small regions into their largest neighbour, strip by strip with a halo;
 3. ``polygonize``: polygonise each strip in pixel coordinates and merge the pieces cut by strip borders;
 4. ``coverage`` (``--simplify``): simplify all polygons together, so neighbours keep sharing their edges;
-   ``measure``: move polygons into the CRS and measure them (m², m);
+   ``measure``: move polygons into the CRS and measure them (m², m; planar or on the ellipsoid, ``--area``);
 5. ``gpkg``: append them to a temporary GeoPackage in batches, renamed to ``out`` when complete, and write
    the JSON report ``<out>.json`` beside it.
 
@@ -32,11 +32,11 @@ import pyproj
 from tqdm.auto import tqdm
 
 from cdkd.data.files import open_raster
-from cdkd.errors import CdkdValueError, OutputExistsError
+from cdkd.errors import CdkdValueError, DataError, OutputExistsError
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 from cdkd.vector.coverage import simplify_coverage
 from cdkd.vector.gpkg import BATCH, GpkgWriter, check_layer_names
-from cdkd.vector.measure import area_perimeter, to_crs
+from cdkd.vector.measure import area_mode, area_perimeter, mercator_note, to_crs
 from cdkd.vector.polygonize import StripMerger, polygonize
 from cdkd.vector.sieve import MinArea, parse_min_area, sieve_halo, sieve_ids, sieve_size
 from cdkd.vector.source import (
@@ -62,6 +62,7 @@ class VectorizeSettings:
     layer_per_class: bool
     window_rows: int  # core rows per strip
     strips: int
+    area: str = "planar"  # how area_m2 and perimeter_m were measured: planar | ellipsoidal
     connectivity: int = 4
 
 
@@ -85,6 +86,7 @@ class VectorizeReport:
     area_m2: float
     seconds: float
     settings: VectorizeSettings
+    warnings: tuple[str, ...] = ()
 
     def table(self) -> str:
         """Per-class polygons and areas (m² and ha) as an aligned text table."""
@@ -151,6 +153,7 @@ def vectorize(
     layer: str | None = None,
     layer_per_class: bool = False,
     classes: str | Path | None = None,
+    area: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
     window_rows: int | None = None,
@@ -165,13 +168,16 @@ def vectorize(
         layer: the layer's name (default: the raster's file stem); not with ``layer_per_class``.
         layer_per_class: one layer per class present, named after the class.
         classes: YAML class file; needed when the raster carries no cdkd class metadata.
+        area: how ``area_m2``, ``perimeter_m`` and an ``m2`` ``min_area`` are measured: ``"auto"`` (ellipsoidal
+            in a geographic CRS, planar otherwise), ``"planar"`` or ``"ellipsoidal"`` (ground measures in any
+            CRS; see ``measure``).
         overwrite: replace an existing ``out`` / ``<out>.json``.
         window_rows: core rows per strip (default: ~8 M pixels per strip, ``strips.STRIP_PIXELS``).
 
     Raises:
         CdkdIOError: unreadable raster, or an existing output without ``overwrite`` (``OutputExistsError``).
         DataError: wrong band count or type, no CRS, no legend, unknown values, nothing but nodata.
-        CdkdValueError: a bad ``min_area``, ``simplify`` or layer name.
+        CdkdValueError: a bad ``min_area``, ``simplify``, ``area`` or layer name.
     """
     start = time.perf_counter()
     raster_path, out = Path(raster), Path(out)
@@ -183,21 +189,27 @@ def vectorize(
     _check_output(out, json_path, overwrite)
 
     info = inspect(raster_path, classes)
+    try:
+        measure = area_mode(area, info.crs)
+    except DataError as e:
+        raise DataError(f"{raster_path}: {e}") from None
     names = info.schema.names
     layer_name = layer if layer is not None else raster_path.stem
     check_layer_names(list(names) if layer_per_class else [layer_name])
-    sieve_px = sieve_size(area_limit, info.transform, info.crs, info.width, info.height) if area_limit else None
+    sieve_px = (sieve_size(area_limit, info.transform, info.crs, info.width, info.height, measure) if area_limit
+                else None)
     halo = sieve_halo(sieve_px) if sieve_px else 0
     rows = window_rows if window_rows is not None else default_window_rows(info.width)
     strips = plan_strips(info.height, rows, halo)
     settings = VectorizeSettings(info.legend, str(area_limit) if area_limit else None, sieve_px, halo, tolerance,
-                                 None if layer_per_class else layer_name, layer_per_class, rows, len(strips))
+                                 None if layer_per_class else layer_name, layer_per_class, rows, len(strips),
+                                 area=measure)
 
     with open_raster(raster_path) as src:
         scan(info, src, _bar(strips, "scan", progress))
         with atomic_path(out) as tmp:
             writer = GpkgWriter(tmp, pyproj.CRS.from_wkt(info.crs.to_wkt()))
-            sink = PolygonSink(writer, info, None if layer_per_class else layer_name)
+            sink = PolygonSink(writer, info, None if layer_per_class else layer_name, measure)
             held: list[tuple[np.ndarray, np.ndarray]] = []  # pixel polygons, kept only for --simplify
             for pixel_polygons, class_ids in final_polygons(src, info, _bar(strips, "vectorize", progress),
                                                             sieve_px):
@@ -217,7 +229,8 @@ def vectorize(
     classes_out = sink.results()
     report = VectorizeReport(raster_path, out, json_path, info.crs.to_string(), layers, classes_out,
                              sum(c.polygons for c in classes_out), sum(c.area_m2 for c in classes_out),
-                             time.perf_counter() - start, settings)
+                             time.perf_counter() - start, settings,
+                             tuple(w for w in [mercator_note(info.crs, measure)] if w))
     atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
 
@@ -225,11 +238,12 @@ def vectorize(
 class PolygonSink:
     """Measures final polygons, tallies them per class and queues them for their layer of ``writer``.
 
-    ``layer`` names the one layer; None writes one layer per class, named after it.
+    ``layer`` names the one layer; None writes one layer per class, named after it. ``area``: ``"planar"`` or
+    ``"ellipsoidal"`` (``measure.area_mode``).
     """
 
-    def __init__(self, writer: GpkgWriter, raster: ClassRaster, layer: str | None) -> None:
-        self.writer, self.raster, self.layer = writer, raster, layer
+    def __init__(self, writer: GpkgWriter, raster: ClassRaster, layer: str | None, area: str = "auto") -> None:
+        self.writer, self.raster, self.layer, self.area = writer, raster, layer, area
         self.names = np.asarray(raster.schema.names, dtype=object)
         self.polygons = np.zeros(len(self.names), dtype=np.int64)
         self.area_m2 = np.zeros(len(self.names))
@@ -238,7 +252,7 @@ class PolygonSink:
         """(n,) polygons in CRS coordinates and their (n,) class ids."""
         if not len(polygons):
             return
-        area, perimeter = area_perimeter(polygons, self.raster.crs)
+        area, perimeter = area_perimeter(polygons, self.raster.crs, self.area)
         np.add.at(self.polygons, class_ids, 1)
         np.add.at(self.area_m2, class_ids, area)
         names = self.names[class_ids]
