@@ -83,7 +83,7 @@ def test_output_is_a_labelled_cog_with_the_input_georeferencing(scene, runtime, 
 def test_areas_are_ground_areas_in_web_mercator():
     from rasterio.transform import from_origin
 
-    from cdkd.scene.source import footprint_area_m2
+    from cdkd.geodesy import footprint_area_m2
 
     # 100 x 100 pixels of 10 "m" at 60° N: Web Mercator stretches lengths by 1/cos(60°) = 2
     y60 = 8399737.89  # EPSG:3857 northing of latitude 60°

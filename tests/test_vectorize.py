@@ -254,7 +254,7 @@ def _mercator_scene(tmp_path: Path) -> tuple[Path, np.ndarray, Affine]:
 def test_ellipsoidal_areas_are_ground_areas_in_web_mercator(tmp_path: Path) -> None:
     from rasterio.crs import CRS
 
-    from cdkd.scene.source import footprint_area_m2
+    from cdkd.geodesy import footprint_area_m2
 
     src, ids, transform = _mercator_scene(tmp_path)
     planar = vectorize(src, tmp_path / "planar.gpkg", window_rows=7, progress=False)

@@ -8,9 +8,8 @@ Measures (``AREA_MODES``), as QGIS offers them:
 - ``planar``: area and length in the CRS times the CRS linear unit's size in metres (squared for areas), so
   feet-based CRSs also give m². Right for equal-area and conformal local CRSs (UTM: within 0.1 % of the
   ground), wrong for Web Mercator, whose planar areas overstate the ground by 1/cos²(latitude) (1.6x at 38°).
-- ``ellipsoidal``: geodesic area and perimeter on the CRS's own ellipsoid (WGS84 for EPSG:4326 and 3857) with
-  ``pyproj.Geod.geometry_area_perimeter``, after moving the vertices to the CRS's geographic CRS. Edges join
-  vertices by geodesics; pixel polygons have short edges, so this is the ground area to ~1e-6.
+- ``ellipsoidal``: geodesic area and perimeter on the CRS's own ellipsoid (WGS84 for EPSG:4326 and 3857),
+  ``cdkd.geodesy.geodesic_area_perimeter``: the ground measures the scene engine reports.
 - ``auto`` (default): ellipsoidal in a geographic CRS (planar measures in degrees mean nothing), planar
   otherwise.
 
@@ -19,36 +18,20 @@ Perimeters include the rings of holes in every mode.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
-import pyproj
 import shapely
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 
 from cdkd.errors import CdkdValueError, DataError
+from cdkd.geodesy import (
+    geodesic_area_perimeter,
+    is_geographic,
+    metres_per_unit,
+    pyproj_crs,
+)
 
 AREA_MODES = ("auto", "planar", "ellipsoidal")
-
-
-@lru_cache(maxsize=8)
-def _pyproj_crs(wkt: str) -> pyproj.CRS:
-    return pyproj.CRS.from_wkt(wkt)
-
-
-def is_geographic(crs: CRS) -> bool:
-    """True for a CRS in degrees (longitude, latitude)."""
-    return _pyproj_crs(crs.to_wkt()).is_geographic
-
-
-def metres_per_unit(crs: CRS) -> float:
-    """Metres per linear unit of a projected CRS's x axis (1.0 for metres, 0.3048 for feet)."""
-    axis = _pyproj_crs(crs.to_wkt()).axis_info
-    factor = axis[0].unit_conversion_factor if axis else None
-    if not factor or axis[0].unit_name in ("degree", "radian", "unknown"):
-        raise DataError(f"CRS {crs.to_string()!r} has no linear unit: cannot measure areas in m²")
-    return float(factor)
 
 
 def to_crs(geoms: np.ndarray, transform: Affine) -> np.ndarray:
@@ -76,37 +59,12 @@ def area_mode(mode: str, crs: CRS) -> str:
 
 def mercator_note(crs: CRS, mode: str) -> str | None:
     """A warning when planar measures in ``crs`` are far from the ground: the (pseudo-)Mercator family."""
-    operation = _pyproj_crs(crs.to_wkt()).coordinate_operation
+    operation = pyproj_crs(crs.to_wkt()).coordinate_operation
     method = operation.method_name if operation is not None else ""
     if mode != "planar" or "Mercator" not in method or "Transverse" in method:
         return None
     return (f"areas are planar in {crs.to_string()} ({method}), which overstates ground areas by "
             "1/cos²(latitude); pass --area ellipsoidal for ground areas")
-
-
-@lru_cache(maxsize=8)
-def _to_lonlat(wkt: str) -> pyproj.Transformer | None:
-    """CRS -> its own geographic CRS (longitude, latitude), or None when it is geographic already."""
-    crs = _pyproj_crs(wkt)
-    if crs.is_geographic:
-        return None
-    return pyproj.Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True)
-
-
-def geodesic_area_perimeter(geoms: np.ndarray, crs: CRS) -> tuple[np.ndarray, np.ndarray]:
-    """Geodesic area (m², positive) and perimeter (m) of polygons in ``crs`` (any CRS), on its ellipsoid."""
-    wkt = crs.to_wkt()
-    geod = _pyproj_crs(wkt).get_geod() or pyproj.Geod(ellps="WGS84")
-    to_lonlat = _to_lonlat(wkt)
-    if to_lonlat is not None:
-        geoms = shapely.transform(geoms, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
-    area = np.empty(len(geoms))
-    perimeter = np.empty(len(geoms))
-    for i, g in enumerate(geoms):
-        # the sign follows ring orientation, which depends on the transform's signs: only the magnitude counts
-        a, p = geod.geometry_area_perimeter(g)
-        area[i], perimeter[i] = abs(a), p
-    return area, perimeter
 
 
 def area_perimeter(geoms: np.ndarray, crs: CRS, mode: str = "auto") -> tuple[np.ndarray, np.ndarray]:

@@ -33,12 +33,8 @@ from rasterio.transform import Affine
 from shapely import box
 
 from cdkd.errors import CdkdValueError
-from cdkd.vector.measure import (
-    area_mode,
-    geodesic_area_perimeter,
-    metres_per_unit,
-    to_crs,
-)
+from cdkd.geodesy import geodesic_area_perimeter, metres_per_unit
+from cdkd.vector.measure import area_mode, to_crs
 
 _MIN_AREA = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*(m2|m²|px)\s*$")
 

@@ -27,8 +27,8 @@ from rasterio.windows import Window
 from cdkd.data.classes import ClassSchema
 from cdkd.data.files import gdal_reason, open_raster
 from cdkd.errors import CdkdIOError, DataError
+from cdkd.geodesy import is_geographic, metres_per_unit
 from cdkd.scene.classraster import read_class_schema
-from cdkd.vector.measure import is_geographic, metres_per_unit
 
 MAX_LISTED = 10  # unknown values named in an error message (most frequent first)
 
