@@ -16,7 +16,7 @@ TILING = "Tiling"
 
 
 def segment_command(
-    scenes: List[Path] = typer.Argument(..., help="GeoTIFF scene(s)."),
+    scenes: List[Path] = typer.Argument(..., help="GeoTIFF (or VRT) scene(s), or folders of them."),
     model: Optional[Path] = typer.Option(None, "--model", help="segmenter.pt from cdkd finetune (PyTorch).",
                                          rich_help_panel=RUN),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Exported model.onnx or TensorRT model.engine.",
@@ -53,14 +53,16 @@ def segment_command(
       cdkd segment scene.tif --model runs/seg/segmenter.pt --out scene_lc.tif
       cdkd segment scene.tif --engine orin.engine --out scene_lc.tif --probs
       cdkd segment a.tif b.tif c.tif --engine model.onnx --out-dir lc/ --scheduler tcp://10.0.0.5:8786
+      cdkd segment scenes/ --engine model.onnx --out-dir lc/   (every *.tif, *.tiff, *.vrt, *.jp2 in scenes/)
     """
     with cli_errors(resumable=True):
         from cdkd.errors import CdkdValueError
-        from cdkd.scene.batch import RuntimeSpec, segment_many
+        from cdkd.scene.batch import RuntimeSpec, expand_scenes, segment_many
         from cdkd.scene.engine import SegmentOptions, segment_scene
 
         if (model is None) == (engine is None):
             raise CdkdValueError("give exactly one of --model segmenter.pt or --engine model.onnx|model.engine")
+        scenes = expand_scenes(scenes)
         if (out is None) == (out_dir is None):
             raise CdkdValueError("give exactly one of --out FILE (one scene) or --out-dir DIR")
         if out is not None and len(scenes) != 1:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import make_geotiff, make_segmenter, synthetic_image
+from conftest import make_geotiff, make_segmenter, one_clean_error, synthetic_image
 from typer.testing import CliRunner
 
 from cdkd.errors import CheckpointError, DataError, OutputExistsError
@@ -246,6 +246,44 @@ def test_many_scenes_locally_report_each_failure(tmp_path, model_pt):
     assert (out / "s0.tif").exists() and (out / "s1.tif").exists()
     res = _segment(bad, *good, "--model", model_pt, "--out-dir", tmp_path / "lc2", "--on-error", "fail")
     assert res.exit_code == 1 and not (tmp_path / "lc2" / "s0.tif").exists()
+
+
+def test_a_folder_stands_for_its_scenes_including_a_vrt(tmp_path, model_pt):
+    """A folder is replaced by its scene files: GeoTIFFs and VRT mosaics, not sub-folders or hidden files."""
+    from rasterio.shutil import copy as gdal_copy
+
+    folder = tmp_path / "scenes"
+    (folder / "sources").mkdir(parents=True)
+    make_geotiff(folder / "a.tif", synthetic_image((3, 70, 90), seed=0))
+    source = make_geotiff(folder / "sources" / "b_src.tif", synthetic_image((3, 60, 80), seed=1))
+    gdal_copy(source, folder / "b.vrt", driver="VRT")  # a VRT that points at a file in a sub-folder
+    make_geotiff(folder / ".hidden.tif", synthetic_image((3, 40, 40), seed=2))
+    out = tmp_path / "lc"
+    res = _segment(folder, "--model", model_pt, "--out-dir", out)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "segment_report.json").read_text())
+    assert [Path(s["scene"]).name for s in report["scenes"]] == ["a.tif", "b.vrt"]
+    direct = tmp_path / "b_direct.tif"
+    assert _segment(source, "--model", model_pt, "--out", direct).exit_code == 0
+    assert np.array_equal(_classes(out / "b.tif"), _classes(direct))  # the VRT reads as its source does
+    res = _segment(tmp_path / "lc" / "nothing_here", "--model", model_pt, "--out-dir", out)
+    assert res.exit_code == 1
+    (tmp_path / "empty").mkdir()
+    res = _segment(tmp_path / "empty", "--model", model_pt, "--out-dir", out)
+    assert res.exit_code == 1 and "empty: no scene in this folder" in one_clean_error(res.output)
+
+
+def test_an_output_never_replaces_its_scene(tmp_path, model_pt):
+    scene = make_geotiff(tmp_path / "s.tif", synthetic_image((3, 40, 40)))
+    before = scene.read_bytes()
+    for args in (["--out", scene, "--overwrite"], ["--out-dir", tmp_path, "--overwrite"],
+                 ["--out", tmp_path / "s.tiff", "--overwrite"]):
+        res = _segment(scene, "--model", model_pt, *args)
+        if args[1] == tmp_path / "s.tiff":  # a different file: allowed
+            assert res.exit_code == 0, res.output
+            continue
+        assert res.exit_code != 0 and "would replace the scene being segmented" in res.output, res.output
+    assert scene.read_bytes() == before
 
 
 @pytest.mark.slow

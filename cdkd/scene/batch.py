@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from cdkd.errors import CdkdError, CdkdValueError
+from cdkd.errors import CdkdError, CdkdValueError, DataError
 from cdkd.scene.engine import SceneReport, SegmentOptions, segment_scene
 from cdkd.scene.runtimes import open_runtime
 from cdkd.utils.atomic import atomic_write_text
@@ -61,6 +61,25 @@ class BatchReport:
     def to_dict(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler, "seconds": self.seconds, "scenes": [asdict(r) for r in self.scenes],
                 "succeeded": sum(r.ok for r in self.scenes), "failed": len(self.failed)}
+
+
+SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2")
+
+
+def expand_scenes(paths: Sequence[str | Path]) -> list[Path]:
+    """Scenes to segment: files as given, and each folder replaced by its scene files (sorted, not recursive,
+    hidden files left out: a folder of outputs or partial work below it is never taken for input)."""
+    scenes: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            scenes.append(p)
+            continue
+        found = sorted(f for f in p.iterdir()
+                       if f.suffix.lower() in SCENE_SUFFIXES and f.is_file() and not f.name.startswith("."))
+        if not found:
+            raise DataError(f"{p}: no scene in this folder (looked for {', '.join('*' + s for s in SCENE_SUFFIXES)})")
+        scenes.extend(found)
+    return scenes
 
 
 def plan_outputs(scenes: Sequence[str | Path], out_dir: str | Path) -> list[tuple[Path, Path]]:

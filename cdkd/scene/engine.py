@@ -147,8 +147,13 @@ class _Progress:
             self.bar.close()
 
 
-def _check_outputs(out: Path, options: SegmentOptions) -> None:
+def _check_outputs(scene: Path, out: Path, options: SegmentOptions) -> None:
     final, conf, report, partial = output_paths(out)
+    target = scene.resolve()
+    for path in (final, conf, report):
+        if path.resolve() == target:
+            # the rename at the end would replace the scene while (or after) it is read: the input would be lost
+            raise CdkdValueError(f"{path}: the output would replace the scene being segmented; choose another output")
     if options.resume:
         if not (partial / "state.json").is_file():
             raise CheckpointError(f"{out}: nothing to resume (no interrupted run in {partial})")
@@ -183,7 +188,7 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
     meta = runtime.meta
     check_num_classes(meta.classes)
     tile, overlap = _resolve_tiling(runtime, options)
-    _check_outputs(out, options)
+    _check_outputs(scene, out, options)
     final, conf_path, report_path, partial = output_paths(out)
     with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
             rasterio.Env(GDAL_CACHEMAX=_cache_budget(source.info, tile)):
