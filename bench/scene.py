@@ -527,8 +527,9 @@ def main(argv: list[str] | None = None) -> None:
             print_memory(result["memory"], threads)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end (other processes share these CPUs)")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        from cdkd.utils.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args.size, args.repeats, args.batch)
     print_table(result)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        from cdkd.utils.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

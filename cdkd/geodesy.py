@@ -35,10 +35,11 @@ def is_geographic(crs: Any) -> bool:
 
 def metres_per_unit(crs: Any) -> float:
     """Metres per linear unit of a projected CRS's x axis (1.0 for metres, 0.3048 for feet)."""
-    axis = pyproj_crs(_wkt(crs)).axis_info
+    parsed = pyproj_crs(_wkt(crs))
+    axis = parsed.axis_info
     factor = axis[0].unit_conversion_factor if axis else None
     if not factor or axis[0].unit_name in ("degree", "radian", "unknown"):
-        raise DataError(f"CRS {pyproj_crs(_wkt(crs)).to_string()!r} has no linear unit: cannot measure areas in m²")
+        raise DataError(f"CRS {parsed.to_string()!r} has no linear unit: cannot measure areas in m²")
     return float(factor)
 
 
