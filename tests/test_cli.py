@@ -41,6 +41,17 @@ def test_missing_checkpoint_says_where_to_get_one(tile_dir: Path, tmp_path: Path
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 
+def test_unreadable_checkpoint_leaves_no_run_folder(tmp_path: Path) -> None:
+    """The checkpoint is read after the data are scanned and the run folder is reset: still nothing on disk."""
+    data = tmp_path / "tiles"
+    make_geotiff(data / "a.tif", np.full((3, 80, 80), 90, dtype=np.uint8))
+    bad = tmp_path / "sam_vit_b.pth"
+    bad.write_bytes(b"not a checkpoint")
+    res, out = _distill(data, tmp_path / "run", "--teacher-checkpoint", bad)
+    assert res.exit_code == 1 and "not a readable PyTorch checkpoint" in one_clean_error(out)
+    assert not (tmp_path / "run").exists()
+
+
 def test_tile_size_not_multiple_of_patch(tile_dir: Path, tmp_path: Path) -> None:
     res, out = _distill(tile_dir, tmp_path / "run", "--random-teacher", "--tile-size", "100")
     assert res.exit_code == 2

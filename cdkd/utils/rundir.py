@@ -60,15 +60,20 @@ class RunDir:
         return None
 
     def reset(self) -> None:
-        """Create the folder, removing an earlier run's files (``--overwrite``); call once all checks passed."""
+        """Remove an earlier run's files (``--overwrite``); call once all checks passed.
+
+        The folder itself is not created here but by the first file the run writes (``config.yaml``, through
+        ``atomic_path``), so a run that fails while setting up (an unreadable SAM checkpoint, say) leaves no
+        empty run folder behind.
+        """
         for p in self._files():
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-        self.root.mkdir(parents=True, exist_ok=True)
 
     def write_metrics(self, record: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
