@@ -117,16 +117,18 @@ def _fixed_position_embedding(encoder: Any, grid: int) -> Iterator[None]:
     skips its same-size shortcut on purpose (to keep graphs size-generic): the ONNX graph would carry a bicubic,
     antialiased Resize of a constant, which opset 17 cannot express, TensorRT may not parse and every run would
     recompute. The tile size of an export is fixed, so the embedding is computed once here, by the same function
-    the forward calls, and captured as a constant. The same holds for the windowed student's own resampling.
+    the forward calls, and captured as a constant. The same holds for the windowed and RSMamba students' own
+    resampling.
     """
     import torch
     from timm.layers import resample_abs_pos_embed
     from timm.models.vision_transformer import VisionTransformer
 
+    from cdkd.models.rsmamba import RSMamba
     from cdkd.models.windowed_vit import WindowedViT
 
     with torch.no_grad():
-        if isinstance(encoder, WindowedViT):
+        if isinstance(encoder, (WindowedViT, RSMamba)):  # both resample in _pos_embed(h, w) -> (1, h, w, C)
             pos = encoder._pos_embed(grid, grid)  # (1, grid, grid, C)
 
             def fixed(h: int, w: int) -> torch.Tensor:

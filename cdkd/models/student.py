@@ -1,9 +1,9 @@
-"""Students: ViT-S/16 variants that speak timm's contract.
+"""Students: ViT-S/16 variants and RS4D's RSMamba state-space variants, all speaking timm's contract.
 
 Every student offers ``forward_features``, ``forward_head`` and ``forward_intermediates(x, indices)`` (timm), and
 for distillation ``forward_masked(x, mask, taps)``. ``encodes_visible_only`` says how a student treats masked
 patches: the global-attention ViT encodes the visible tokens only (MAE, 4x fewer tokens at a 75% mask); the
-windowed ViT needs its full grid and swaps in a mask token instead (SimMIM).
+windowed ViT and RSMamba need their full grid and swap in a mask token instead (SimMIM).
 
 Variants are small builder functions collected in ``STUDENT_REGISTRY``; ``build_student`` merges overrides as
 ``dict(model_args, **overrides)`` the way timm's ``@register_model`` functions do.
@@ -78,7 +78,38 @@ def vit_s_win(img_size: int = 1024, in_chans: int = 3, **overrides: Any) -> nn.M
     return WindowedViT(**dict(args, **overrides))
 
 
-STUDENT_REGISTRY: dict[str, Callable[..., nn.Module]] = {"vit_s": vit_s, "vit_s_win": vit_s_win}
+def _rsmamba(img_size: int, in_chans: int, depth: int, d_inner: int, overrides: dict[str, Any]) -> nn.Module:
+    from cdkd.models.rsmamba import RSMamba
+
+    args = dict(img_size=img_size, in_chans=in_chans, patch_size=16, embed_dim=256, depth=depth, d_inner=d_inner,
+                d_state=16, d_conv=4)
+    return RSMamba(**dict(args, **overrides))
+
+
+def rsmamba_s(img_size: int = 1024, in_chans: int = 3, **overrides: Any) -> nn.Module:
+    """RS4D's RSMamba-S: 16 bidirectional Mamba blocks, d_model 256, d_inner 512, d_state 16 (8.3 M params)."""
+    return _rsmamba(img_size, in_chans, 16, 512, overrides)
+
+
+def rsmamba_b(img_size: int = 1024, in_chans: int = 3, **overrides: Any) -> nn.Module:
+    """RSMamba-B: 24 blocks, d_inner 512 (11.8 M params)."""
+    return _rsmamba(img_size, in_chans, 24, 512, overrides)
+
+
+def rsmamba_l(img_size: int = 1024, in_chans: int = 3, **overrides: Any) -> nn.Module:
+    """RSMamba-L: 28 blocks, d_inner 640 (16.6 M params)."""
+    return _rsmamba(img_size, in_chans, 28, 640, overrides)
+
+
+def rsmamba_h(img_size: int = 1024, in_chans: int = 3, **overrides: Any) -> nn.Module:
+    """RSMamba-H: 32 blocks, d_inner 640 (18.8 M params)."""
+    return _rsmamba(img_size, in_chans, 32, 640, overrides)
+
+
+STUDENT_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "vit_s": vit_s, "vit_s_win": vit_s_win,
+    "rsmamba_s": rsmamba_s, "rsmamba_b": rsmamba_b, "rsmamba_l": rsmamba_l, "rsmamba_h": rsmamba_h,
+}
 
 
 def build_student(arch: str, img_size: int = 1024, in_chans: int = 3, **overrides: Any) -> nn.Module:

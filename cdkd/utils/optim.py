@@ -19,12 +19,14 @@ AMP_MODES = ("auto", "bf16", "fp16", "none")
 
 def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, without weight decay on biases, norms, tokens and position embeddings
-    (decaying those only pulls them toward zero, the standard ViT practice since DeiT)."""
+    (decaying those only pulls them toward zero, the standard ViT practice since DeiT), nor on parameters marked
+    ``_no_weight_decay`` (mamba_ssm's convention, e.g. the SSM's ``A_log``)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or "token" in name or "pos_embed" in name else decay).append(p)
+        keep = p.ndim <= 1 or "token" in name or "pos_embed" in name or getattr(p, "_no_weight_decay", False)
+        (no_decay if keep else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr)
 
