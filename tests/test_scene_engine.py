@@ -127,18 +127,25 @@ def test_scene_smaller_than_a_tile(tmp_path, runtime):
 
 
 class Interrupting:
-    """A runtime that raises KeyboardInterrupt on its ``after``-th call, as Ctrl-C would."""
+    """A runtime that is interrupted on its ``after``-th call: by a raised KeyboardInterrupt, or (``signal=True``)
+    by a real SIGINT sent to this process, as Ctrl-C in a terminal would."""
 
-    def __init__(self, runtime, after: int) -> None:
-        self.inner, self.after, self.calls = runtime, after, 0
-        self.name, self.meta, self.device = runtime.name, runtime.meta, runtime.device
-        self.max_batch, self.fixed_tile = runtime.max_batch, runtime.fixed_tile
+    def __init__(self, runtime, after: int, signal: bool = False) -> None:
+        self.inner, self.after, self.calls, self.signal = runtime, after, 0, signal
 
-    def __call__(self, batch):
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward(self, batch):
         self.calls += 1
         if self.calls == self.after:
-            raise KeyboardInterrupt
-        return self.inner(batch)
+            if not self.signal:
+                raise KeyboardInterrupt
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.inner.forward(batch)
 
 
 def test_resume_continues_and_matches_an_uninterrupted_run(scene, runtime, tmp_path):

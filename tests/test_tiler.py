@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cdkd.errors import CdkdValueError
-from cdkd.scene.blend import LogitAccumulator, blend_weights
+from cdkd.scene.blend import axis_profile, window_weights
 from cdkd.scene.sliding import sliding_window_logits
 from cdkd.scene.tiler import TileWindow, grid_offsets, pad_to_tile, plan_rows, plan_windows
 
@@ -196,83 +196,62 @@ def test_pad_to_tile_errors():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# blend_weights
+# window_weights
 
 
-@pytest.mark.parametrize("tile, overlap", [(64, 16), (64, 17), (64, 1), (32, 31), (64, 32), (7, 3)])
-def test_blend_weights_shape_symmetry_interior_and_ramp(tile, overlap):
-    eps = 1e-3
-    weights = blend_weights(tile, overlap, eps=eps)
-    assert weights.shape == (tile, tile) and weights.dtype == np.float32
-    np.testing.assert_array_equal(weights, weights.T)
-    np.testing.assert_array_equal(weights, weights[::-1, :])
-    np.testing.assert_array_equal(weights, weights[:, ::-1])
-    assert weights.min() >= eps and weights.max() <= 1
-    if tile > 2 * overlap:
-        assert (weights[overlap : tile - overlap, overlap : tile - overlap] == 1).all()
-    profile = weights[tile // 2]  # a row through the middle: the 1-D profile scaled by the middle value
-    half = profile[: (tile + 1) // 2]
-    assert (np.diff(half) >= 0).all(), "non-decreasing towards the middle"
-    ramp = half[:overlap]
-    above = ramp[ramp > ramp.min()]  # strictly rising wherever the eps floor does not apply
-    assert (np.diff(above) > 0).all()
-    middle = tile // 2  # exactly separable: w[i, j] = p[i] p[j] with p the middle row (p[middle] = 1)
-    if tile > 2 * overlap:
-        np.testing.assert_allclose(weights, np.outer(weights[middle], weights[middle]), rtol=1e-6)
+@pytest.mark.parametrize("size, tile, overlap", [(200, 64, 16), (150, 64, 17), (130, 64, 1), (90, 32, 15), (7, 7, 3)])
+def test_profiles_of_a_plan_sum_to_one_in_the_interior_and_ramp_to_zero_at_inner_edges(size, tile, overlap):
+    offsets = grid_offsets(size, tile, overlap)
+    length = min(tile, size)
+    total = np.zeros(size)
+    for o in offsets:
+        p = axis_profile(o, length, size, overlap)
+        assert p.shape == (length,) and (p > 0).all() and (p <= 1).all()
+        first = 0.5 - 0.5 * np.cos(np.pi * 0.5 / overlap)  # the Hann ramp's first sample: ~0 for wide overlaps
+        if o > 0:  # a neighbour before: the window's first pixel counts (almost) nothing
+            assert p[0] == pytest.approx(first) and (np.diff(p[:overlap]) > 0).all()
+        else:  # the image border: full weight, border pixels keep their prediction
+            assert p[0] == 1
+        if o + length < size:
+            assert p[-1] == pytest.approx(first)
+        else:
+            assert p[-1] == 1
+        total[o : o + length] += p
+    # every pixel is covered with weight >= ~1: the plan's windows take over from each other
+    assert total.min() > 0.999
+    # with the regular stride two neighbours' ramps sum to exactly 1 (the shifted last window overlaps more)
+    regular_end = offsets[-1] if len(offsets) > 1 and offsets[-1] - offsets[-2] != tile - overlap else size
+    np.testing.assert_allclose(total[:regular_end], 1.0, atol=1e-9)
 
 
-def test_blend_weights_ramps_of_neighbours_sum_to_one():
-    tile, overlap = 64, 16
-    profile = blend_weights(tile, overlap, eps=1e-9)[tile // 2].astype(np.float64)
-    stride = tile - overlap
-    # the falling ramp of a window and the rising ramp of its right neighbour overlap on `overlap` pixels
-    np.testing.assert_allclose(profile[stride:] + profile[:overlap], 1.0, atol=1e-6)
-
-
-def test_blend_weights_flat_and_zero_overlap():
-    assert (blend_weights(64, 16, kind="flat") == 1).all()
-    assert (blend_weights(64, 0) == 1).all()
-    assert blend_weights(64, 0).shape == (64, 64)
-
-
-def test_blend_weights_errors():
+def test_window_weights_are_separable_and_flat_at_image_borders():
+    h, w, tile, overlap = 150, 203, 64, 16
+    rows = plan_rows(h, w, tile, overlap)
+    corner = window_weights(rows[0][0], h, w, overlap)
+    assert corner.dtype == np.float32 and corner.shape == (64, 64)
+    assert corner[0, 0] == 1 and corner[-1, -1] < 1e-3  # outer corner at the border, inner corner ramps out
+    middle = window_weights(rows[1][1], h, w, overlap)
+    np.testing.assert_allclose(middle, np.outer(middle[32], middle[:, 32]).T / middle[32, 32], rtol=1e-6)
+    assert middle.min() > 0 and middle.min() < 1e-4
+    assert (window_weights(rows[1][1], h, w, overlap, kind="flat") == 1).all()
+    assert (window_weights(rows[1][1], h, w, 0) == 1).all()
     with pytest.raises(CdkdValueError, match="kind"):
-        blend_weights(64, 16, kind="gauss")
-    with pytest.raises(CdkdValueError, match="eps"):
-        blend_weights(64, 16, eps=0)
-    with pytest.raises(CdkdValueError, match="overlap=64"):
-        blend_weights(64, 64)
+        window_weights(rows[0][0], h, w, overlap, kind="gauss")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# LogitAccumulator
-
-
-def test_accumulator_weighted_mean_and_argmax():
-    acc = LogitAccumulator(num_classes=2, height=4, width=6)
-    a, b = TileWindow(0, 0, 4, 4), TileWindow(0, 2, 4, 4)
-    acc.add(a, np.stack([np.full((4, 4), 1.0), np.zeros((4, 4))]), np.full((4, 4), 1.0))
-    acc.add(b, np.stack([np.full((4, 4), 4.0), np.full((4, 4), 9.0)]), np.full((4, 4), 3.0))
-    result = acc.result()
-    assert result.shape == (2, 4, 6) and result.dtype == np.float32
-    np.testing.assert_allclose(result[0, :, :2], 1.0)
-    np.testing.assert_allclose(result[0, :, 2:4], (1 * 1 + 4 * 3) / 4)
-    np.testing.assert_allclose(result[0, :, 4:], 4.0)
-    argmax = acc.argmax()
-    assert argmax.shape == (4, 6)
-    assert (argmax[:, :2] == 0).all() and (argmax[:, 2:] == 1).all()
-
-
-def test_accumulator_errors():
-    acc = LogitAccumulator(num_classes=2, height=4, width=6)
-    with pytest.raises(CdkdValueError, match="covered by no window"):
-        acc.result()
-    with pytest.raises(CdkdValueError, match="runs past"):
-        acc.add(TileWindow(0, 4, 4, 4), np.zeros((2, 4, 4)), np.ones((4, 4)))
-    with pytest.raises(CdkdValueError, match="logits"):
-        acc.add(TileWindow(0, 0, 4, 4), np.zeros((3, 4, 4)), np.ones((4, 4)))
-    with pytest.raises(CdkdValueError, match="weights"):
-        acc.add(TileWindow(0, 0, 4, 4), np.zeros((2, 4, 4)), np.ones((4, 3)))
+def test_blended_weights_have_no_step_at_window_edges():
+    """The sum of the plan's weights is continuous: no window contributes a jump where it starts or ends."""
+    size, tile, overlap = 300, 64, 16
+    total = np.zeros(size)
+    share = np.zeros(size)  # the share of the second window along the axis, 0..1
+    offsets = grid_offsets(size, tile, overlap)
+    for i, o in enumerate(offsets):
+        p = axis_profile(o, tile, size, overlap)
+        total[o : o + tile] += p
+        if i == 1:
+            share[o : o + tile] += p
+    share /= total
+    assert np.abs(np.diff(share)).max() < 0.1  # a window fades in over the overlap instead of switching on
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ read whole: callers ask for windows, so a 20 000 px scene costs no more than a 4
 
 from __future__ import annotations
 
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,10 +67,30 @@ def _open(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
         yield src
 
 
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+def is_virtual_path(path: str | Path) -> bool:
+    """True for what GDAL opens but the local file system does not hold: ``/vsizip/...``, ``/vsis3/...``,
+    ``/vsicurl/...`` and URLs (``https://``, ``s3://``, ...). Keep such paths as strings: ``pathlib`` would fold
+    the ``//`` of a URL."""
+    text = str(path)
+    return text.startswith("/vsi") or bool(_URL.match(text))
+
+
+def raster_path(path: str | Path) -> str | Path:
+    """``path`` as a ``Path`` for a local file, unchanged (a string) for a GDAL virtual path or URL."""
+    return str(path) if is_virtual_path(path) else Path(path)
+
+
 def open_raster(path: str | Path) -> rasterio.io.DatasetReader:
-    """``rasterio.open(path)`` for a file that must exist and be a raster, else a one-line CdkdIOError."""
-    path = Path(path)
-    if not path.is_file():
+    """``rasterio.open(path)`` for a file that must exist and be a raster, else a one-line CdkdIOError.
+
+    GDAL virtual paths and URLs (``is_virtual_path``) are handed to GDAL as they are: only it can tell whether
+    they exist.
+    """
+    path = raster_path(path)
+    if isinstance(path, Path) and not path.is_file():
         raise CdkdIOError(f"{path}: no such file")
     try:
         with warnings.catch_warnings():

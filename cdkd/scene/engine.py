@@ -1,43 +1,56 @@
-"""The scene engine: one GeoTIFF of any size in, a seamless georeferenced class raster (COG) out, in flat memory.
+"""The scene engine: one raster of any size in, a seamless georeferenced class raster (COG) out, in flat memory.
 
-``segment_scene`` walks the window plan row by row (``tiler.plan_rows``): it reads each window
-(``source.SceneSource``: the model's bands and normalisation, nodata filled with the mean), skips windows without
-a valid pixel, runs the rest through the runtime in batches, blends overlapping logits with the cosine window
-(``blend.RowBandAccumulator``) and streams every row band that no later window touches to the output
-(``writer.RasterWriter``). Output pixels are nodata exactly where the input is invalid (GDAL's dataset mask).
+``segment_scene`` runs the window plan (``tiler.plan_rows``) through three overlapping stages:
 
-Memory is one band of ``tile`` rows across the scene (K x tile x W float32 sums) plus one batch of tiles: it grows
-with the scene's width, never with its height. The working files and the band's partial
-sums are checkpointed in ``OUT.partial/`` (every ``checkpoint_seconds``), so ``resume=True`` continues an
-interrupted scene from the row after the last checkpoint.
+1. read + normalise: background threads read windows ahead of the model (``pipeline.TilePrefetcher``); windows
+   without a valid pixel are skipped;
+2. model + blend + reduce: batches run through the runtime, and the logits are blended and reduced to uint8 class
+   ids (and confidence) on the runtime's device (``rowblend``), row of windows by row of windows, so memory is one
+   row's sums (K x tile x W) whatever the scene's height, and only uint8 leaves a GPU;
+3. write: finished rows become chunk files with their overviews in a writer thread, and one multi-threaded GDAL
+   pass writes the COG at the end (``writer``).
+
+Output pixels are nodata exactly where the input is invalid (GDAL's dataset mask). The state needed to continue
+(the blended sums the next row still adds to, the writer's progress, counts) is checkpointed in ``OUT.partial/``
+every ``checkpoint_seconds`` and on Ctrl-C, so ``resume=True`` continues an interrupted scene from the last
+checkpoint; the result is bitwise the one an uninterrupted run gives. ``cdkd.scene.blocks`` splits a scene into
+blocks of window rows for a dask cluster with the same stages.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import rasterio
 
+import cdkd
 from cdkd.config import PATCH_SIZE
+from cdkd.data.files import is_virtual_path, raster_path
 from cdkd.errors import CdkdValueError, CheckpointError, DataError, OutputExistsError
-from cdkd.scene.blend import RowBandAccumulator, blend_weights
-from cdkd.scene.classraster import NODATA, check_num_classes, to_class_raster
+from cdkd.scene.classraster import NODATA, check_num_classes
+from cdkd.scene.pipeline import RowCounts, StageTimes, TilePrefetcher, WeightCache, row_partials
+from cdkd.scene.rowblend import FinishedRows, Partial, RowBlender, RowStitcher, finish
 from cdkd.scene.runtimes import Runtime
 from cdkd.scene.source import SceneInfo, SceneSource
-from cdkd.scene.tiler import PAD_MODES, TileWindow, pad_to_tile, plan_rows
-from cdkd.scene.writer import CONFIDENCE_NODATA, RasterWriter, confidence_raster
+from cdkd.scene.tiler import PAD_MODES, plan_rows
+from cdkd.scene.writer import SceneWriter, class_layers, load_arrays, save_state
 from cdkd.utils.atomic import atomic_write_text
 
-STATE_FORMAT = "cdkd.scene-state"
-MAX_UNWRITTEN_BYTES = 32 * 2**20  # finished rows held between checkpoints before they are written regardless
+STATE_FORMAT = "cdkd.scene-state/2"
+OUTPUT_SUFFIXES = (".tif", ".tiff")
+
+Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,7 @@ class SegmentOptions:
     resume: bool = False
     progress: bool = True
     checkpoint_seconds: float = 30.0  # least time between checkpoints (--resume restarts from the last one)
+    read_threads: int = 2  # threads reading and normalising ahead of the model; 0 reads in the engine's thread
 
 
 @dataclass(frozen=True)
@@ -66,7 +80,7 @@ class ClassArea:
 
 @dataclass(frozen=True)
 class SceneReport:
-    """What ``segment_scene`` did; also written as ``OUT.json``."""
+    """What ``segment_scene`` did; also written as ``OUT.json``. Enough to reproduce the run."""
 
     scene: str
     output: str
@@ -80,13 +94,21 @@ class SceneReport:
     overlap: int
     batch_size: int
     tiles: int
-    tiles_run: int
+    tiles_run: int  # over the whole scene, earlier runs of a resumed scene included
     tiles_skipped: int  # windows without a valid pixel
     valid_pixels: int
     area_km2: float
-    seconds: float
-    mpx_per_s: float  # scene pixels (valid or not) per second of this run
+    seconds: float  # this run
+    mpx_per_s: float  # scene pixels this run covered (valid or not) per second of this run
     resumed_from_row: int  # window rows already done when this run started (0 for a fresh run)
+    pixels_this_run: int = 0
+    bands: list[int] = field(default_factory=list)  # 1-based scene bands fed to the model, in order
+    scene_bands: int = 0  # bands the scene has
+    stats: dict[str, Any] = field(default_factory=dict)  # normalisation: mode ("model"/"scene"), mean, std, dtype
+    model: dict[str, Any] = field(default_factory=dict)  # path, sha256, arch, head
+    runtime_options: dict[str, Any] = field(default_factory=dict)  # amp, threads, provider, read threads
+    cdkd_version: str = ""
+    stages: dict[str, float] = field(default_factory=dict)  # seconds each stage was busy (pipeline.StageTimes)
     classes: dict[str, ClassArea] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,7 +122,7 @@ def output_paths(out: Path) -> tuple[Path, Path, Path, Path]:
             out.with_name(out.name + ".partial"))
 
 
-def _resolve_tiling(runtime: Runtime, options: SegmentOptions) -> tuple[int, int]:
+def resolve_tiling(runtime: Runtime, options: SegmentOptions) -> tuple[int, int]:
     meta = runtime.meta
     tile = meta.tile_size if options.tile_size is None else int(options.tile_size)
     overlap = meta.overlap if options.overlap is None else int(options.overlap)
@@ -115,17 +137,84 @@ def _resolve_tiling(runtime: Runtime, options: SegmentOptions) -> tuple[int, int
         raise CdkdValueError(f"batch size must be at least 1, got {options.batch_size}")
     if options.pad_mode not in PAD_MODES:
         raise CdkdValueError(f"unknown pad mode {options.pad_mode!r}; choose one of {', '.join(PAD_MODES)}")
+    if options.read_threads < 0:
+        raise CdkdValueError(f"read threads must be >= 0, got {options.read_threads}")
     return tile, overlap
 
 
-def _fingerprint(scene: Path, runtime: Runtime, source: SceneSource, tile: int, overlap: int,
-                 probs: bool) -> dict[str, Any]:
+def model_sha256(runtime: Runtime) -> str:
+    """SHA-256 of the runtime's model file, computed once per runtime (engines can be hundreds of MB)."""
+    cached = getattr(runtime, "_cdkd_sha256", None)
+    if cached is None:
+        digest = hashlib.sha256()
+        with open(runtime.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        cached = digest.hexdigest()
+        try:
+            runtime._cdkd_sha256 = cached  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+    return cached
+
+
+def fingerprint(scene: str | Path, runtime: Runtime, source: SceneSource, tile: int, overlap: int,
+                probs: bool) -> dict[str, Any]:
     """What must not change between an interrupted run and its resumption."""
-    st = scene.stat()
     model = hashlib.sha256(runtime.meta.to_json().encode()).hexdigest()[:16]
-    return {"scene": str(scene.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "model": model,
-            "tile": tile, "overlap": overlap, "bands": list(source.bands), "norm": source.norm.to_dict(),
-            "probs": probs}
+    if is_virtual_path(scene):
+        identity: dict[str, Any] = {"scene": str(scene)}  # GDAL alone can stat it; the header facts stand in
+    else:
+        st = Path(scene).stat()
+        identity = {"scene": str(Path(scene).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    info = source.info
+    return {**identity, "shape": [info.height, info.width, info.count], "model": model, "tile": tile,
+            "overlap": overlap, "bands": list(source.bands), "norm": source.norm.to_dict(), "probs": probs}
+
+
+def check_outputs(scene: str | Path, out: Path, options: SegmentOptions) -> None:
+    """Refuse outputs that would replace the scene, are not GeoTIFFs, or are in the way (``--overwrite``)."""
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise CdkdValueError(f"{out}: the class raster is a GeoTIFF (COG); give an output ending in .tif or .tiff")
+    final, conf, report, partial = output_paths(out)
+    if not is_virtual_path(scene):
+        target = Path(scene).resolve()
+        for path in (final, conf, report):
+            if path.resolve() == target:
+                # the rename at the end would replace the scene while (or after) it is read: the input would be lost
+                raise CdkdValueError(f"{path}: the output would replace the scene being segmented; choose another "
+                                     "output")
+    if options.resume:
+        if not (partial / "state.json").is_file():
+            raise CheckpointError(f"{out}: nothing to resume (no interrupted run in {partial})")
+        return
+    existing = [p.name for p in (final, conf, report, partial) if p.exists()]
+    if existing and not options.overwrite:
+        what = "an interrupted run" if partial.exists() and not final.exists() else "existing output"
+        raise OutputExistsError(f"{out}: {what} is in the way ({', '.join(existing)}); pass --overwrite to replace "
+                                "it" + (" or --resume to continue" if partial.exists() else ""))
+
+
+class PixelTally:
+    """Per-class pixel counts of the finished rows; ground areas at the scene's mean pixel area."""
+
+    def __init__(self, num_classes: int, info: SceneInfo) -> None:
+        self.pixels = np.zeros(num_classes, dtype=np.int64)
+        self.pixel_area_m2 = info.pixel_area_m2
+
+    def add(self, top: int, classes: np.ndarray) -> None:
+        valid = classes[classes != NODATA]
+        self.pixels += np.bincount(valid, minlength=len(self.pixels))[: len(self.pixels)]
+
+    @property
+    def area_m2(self) -> np.ndarray:
+        return self.pixels * self.pixel_area_m2
+
+    def state(self) -> dict[str, Any]:
+        return {"pixels": self.pixels.tolist()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.pixels = np.asarray(state["pixels"], dtype=np.int64)
 
 
 class _Progress:
@@ -147,213 +236,230 @@ class _Progress:
             self.bar.close()
 
 
-def _check_outputs(scene: Path, out: Path, options: SegmentOptions) -> None:
-    final, conf, report, partial = output_paths(out)
-    target = scene.resolve()
-    for path in (final, conf, report):
-        if path.resolve() == target:
-            # the rename at the end would replace the scene while (or after) it is read: the input would be lost
-            raise CdkdValueError(f"{path}: the output would replace the scene being segmented; choose another output")
-    if options.resume:
-        if not (partial / "state.json").is_file():
-            raise CheckpointError(f"{out}: nothing to resume (no interrupted run in {partial})")
+@contextlib.contextmanager
+def deferred_sigint() -> Iterator[Callable[[], bool]]:
+    """Yields ``interrupted()``. The first Ctrl-C only sets it: the engine finishes its batch, saves a checkpoint
+    and then raises KeyboardInterrupt, so ``--resume`` works even before the first timed checkpoint. A second
+    Ctrl-C interrupts at once. (Only the main thread receives signals; elsewhere nothing is installed.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
         return
-    existing = [p.name for p in (final, conf, report, partial) if p.exists()]
-    if existing and not options.overwrite:
-        what = "an interrupted run" if partial.exists() and not final.exists() else "existing output"
-        raise OutputExistsError(f"{out}: {what} is in the way ({', '.join(existing)}); pass --overwrite to replace "
-                                "it" + (" or --resume to continue" if partial.exists() else ""))
+    hit = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if hit.is_set():
+            raise KeyboardInterrupt
+        hit.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield hit.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
-class _Counts:
-    """Per-class pixel counts of the rows written so far."""
-
-    def __init__(self, num_classes: int, counts: Sequence[int] | None = None) -> None:
-        self.counts = np.zeros(num_classes, dtype=np.int64) if counts is None else np.asarray(counts, np.int64)
-
-    def add(self, classes: np.ndarray, valid: np.ndarray) -> None:
-        self.counts += np.bincount(classes[valid].ravel(), minlength=len(self.counts))[: len(self.counts)]
-
-
-def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
-                  options: SegmentOptions = SegmentOptions()) -> SceneReport:
-    """Segment ``scene`` with ``runtime`` into the COG ``out`` (and ``OUT_confidence.tif`` with ``probs``).
-
-    Raises DataError/CdkdIOError for a scene that cannot be used (see ``SceneSource``) or holds no valid pixel,
-    OutputExistsError for outputs in the way (``overwrite``), CheckpointError for a ``resume`` that does not
-    match the interrupted run.
-    """
-    scene, out = Path(scene), Path(out)
-    start = time.perf_counter()
-    meta = runtime.meta
-    check_num_classes(meta.classes)
-    tile, overlap = _resolve_tiling(runtime, options)
-    _check_outputs(scene, out, options)
-    final, conf_path, report_path, partial = output_paths(out)
-    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
-            rasterio.Env(GDAL_CACHEMAX=_cache_budget(source.info, tile)):
-        info = source.info
-        fingerprint = _fingerprint(scene, runtime, source, tile, overlap, options.probs)
-        rows = plan_rows(info.height, info.width, tile, overlap)
-        state = _load_state(partial, fingerprint) if options.resume else None
-        if state is None:
-            if partial.exists():
-                shutil.rmtree(partial)
-            partial.mkdir(parents=True)
-        done_rows = state["rows_done"] if state else 0
-        band = (RowBandAccumulator.from_state(dict(np.load(partial / "band.npz"))) if state else
-                RowBandAccumulator(meta.num_classes, min(tile, info.height), info.width))
-        counts = _Counts(meta.num_classes, state["counts"] if state else None)
-        tiles = [state["tiles_run"], state["tiles_skipped"]] if state else [0, 0]
-        writers = [RasterWriter(partial / "classes.tif", info, NODATA, meta.classes, resume=state is not None)]
-        if options.probs:
-            writers.append(RasterWriter(partial / "confidence.tif", info, CONFIDENCE_NODATA, None,
-                                        resume=state is not None))
-        weights = blend_weights(tile, overlap)
-        total = sum(len(r) for r in rows)
-        progress = _Progress(total, sum(len(r) for r in rows[:done_rows]), options.progress, scene.name)
-        finished = _FinishedRows(writers)
-        last_checkpoint = time.monotonic()
-        try:
-            for i in range(done_rows, len(rows)):
-                ran, skip = _run_row(rows[i], source, runtime, band, weights, tile, options)
-                tiles[0], tiles[1] = tiles[0] + ran, tiles[1] + skip
-                next_top = rows[i + 1][0].row if i + 1 < len(rows) else info.height
-                top = band.top
-                logits, valid = band.pop(next_top)
-                classes = to_class_raster(logits.argmax(axis=0), valid)
-                counts.add(classes, valid)
-                finished.add(top, classes, confidence_raster(logits, valid) if options.probs else None)
-                progress.update(len(rows[i]))
-                due = time.monotonic() - last_checkpoint >= options.checkpoint_seconds
-                if i + 1 == len(rows) or due or finished.nbytes > MAX_UNWRITTEN_BYTES:
-                    finished.flush()
-                    _save_state(partial, band, fingerprint, i + 1, counts, *tiles)
-                    last_checkpoint = time.monotonic()
-        finally:
-            progress.close()
-            for w in writers:
-                w.close()
-        valid_pixels = int(counts.counts.sum())
-        if valid_pixels == 0:
-            shutil.rmtree(partial)
-            raise DataError(f"{scene}: has no valid pixel (every pixel is nodata or masked); nothing to segment")
-        writers[0].finish(final)
-        if options.probs:
-            writers[1].finish(conf_path)
-        seconds = time.perf_counter() - start
-        report = _report(scene, final, conf_path if options.probs else None, runtime, info, tile, overlap, options,
-                         total, *tiles, counts, seconds, done_rows)
-        atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2))
-        shutil.rmtree(partial)
-    return report
-
-
-class _FinishedRows:
-    """Final rows kept in memory (uint8: small) between checkpoints, then written and flushed together.
-
-    The working GeoTIFF is touched only at a checkpoint, so after a crash it is exactly as the last checkpoint
-    left it: nothing half-written for ``--resume`` to trip over.
-    """
-
-    def __init__(self, writers: list[RasterWriter]) -> None:
-        self.writers = writers
-        self.rows: list[tuple[int, list[np.ndarray]]] = []
-        self.nbytes = 0
-
-    def add(self, top: int, classes: np.ndarray, confidence: np.ndarray | None) -> None:
-        arrays = [classes] if confidence is None else [classes, confidence]
-        self.rows.append((top, arrays))
-        self.nbytes += sum(a.nbytes for a in arrays)
-
-    def flush(self) -> None:
-        for top, arrays in self.rows:
-            for writer, values in zip(self.writers, arrays):
-                writer.write(top, values)
-        for writer in self.writers:
-            writer.checkpoint()
-        self.rows, self.nbytes = [], 0
-
-
-def _cache_budget(info: SceneInfo, tile: int) -> int:
+def cache_budget(info: SceneInfo, tile: int) -> int:
     """GDAL block cache in bytes: two bands of input blocks across the scene, at least 64 MB.
 
     GDAL's default (5% of RAM) would keep every decoded block of a large scene, so memory would creep up with
-    the scene's height; the windows of one row of tiles and the next need no more than this. (Set once the scene
-    is open: by then only its two small probe windows have been read.)
+    the scene's height; the windows of one row of tiles and the next need no more than this.
     """
     need = 2 * (tile + 512) * info.width * info.count * np.dtype(info.dtype).itemsize
     return max(64 * 2**20, need)
 
 
-def _run_row(windows: Sequence[TileWindow], source: SceneSource, runtime: Runtime, band: RowBandAccumulator,
-             weights: np.ndarray, tile: int, options: SegmentOptions) -> tuple[int, int]:
-    """Predict one row of windows into ``band``; returns (windows run, windows skipped as all-invalid)."""
-    pending: list[tuple[TileWindow, np.ndarray]] = []
-    ran = skipped = 0
-
-    def flush() -> None:
-        batch = np.stack([x for _, x in pending])
-        logits = runtime(batch)
-        for (window, _), tile_logits in zip(pending, logits):
-            h, w = window.shape  # crop the padding of scenes smaller than the tile
-            band.add(window, tile_logits[:, :h, :w], weights[:h, :w])
-        pending.clear()
-
-    for window in windows:
-        x, valid = source.read_normalized(window)
-        band.add_valid(window, valid)
-        if not valid.any():
-            skipped += 1
-            continue
-        if x.shape[1:] != (tile, tile):
-            x, _ = pad_to_tile(x, tile, mode=options.pad_mode)
-        pending.append((window, x))
-        ran += 1
-        if len(pending) == options.batch_size:
-            flush()
-    if pending:
-        flush()
-    return ran, skipped
+def announce_bands(source: SceneSource, log: Log) -> None:
+    """Say once which scene bands the model reads when that is not simply all of them in order."""
+    info, bands = source.info, source.bands
+    if bands != tuple(range(1, info.count + 1)):
+        log(f"{info.path}: the model reads band(s) {','.join(map(str, bands))} of the scene's {info.count} "
+            "(choose others with --bands)")
 
 
-def _save_state(partial: Path, band: RowBandAccumulator, fingerprint: dict[str, Any], rows_done: int,
-                counts: _Counts, tiles_run: int, skipped: int) -> None:
-    """Band sums first, then the state that points at them: a crash between the two redoes one row."""
-    tmp = partial / "band.tmp.npz"
-    np.savez(tmp, **band.state())
-    os.replace(tmp, partial / "band.npz")
-    state = {"format": STATE_FORMAT, "fingerprint": fingerprint, "rows_done": rows_done,
-             "counts": counts.counts.tolist(), "tiles_run": tiles_run, "tiles_skipped": skipped}
-    atomic_write_text(partial / "state.json", json.dumps(state))
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
-def _load_state(partial: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
+                  options: SegmentOptions = SegmentOptions(), log: Log | None = None) -> SceneReport:
+    """Segment ``scene`` (a path, GDAL virtual path or URL) with ``runtime`` into the COG ``out`` (and
+    ``OUT_confidence.tif`` with ``probs``); ``log`` gets one-line notices (default: stderr).
+
+    Raises DataError/CdkdIOError for a scene that cannot be used (see ``SceneSource``) or holds no valid pixel,
+    OutputExistsError for outputs in the way (``overwrite``), CheckpointError for a ``resume`` that does not
+    match the interrupted run, KeyboardInterrupt after saving a checkpoint on Ctrl-C.
+    """
+    scene, out = raster_path(scene), Path(out)
+    start = time.perf_counter()
+    check_num_classes(runtime.meta.classes)
+    tile, overlap = resolve_tiling(runtime, options)
+    check_outputs(scene, out, options)
+    meta = runtime.meta
+    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
+            rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, tile)):
+        announce_bands(source, log or _stderr)
+        run = _LocalRun(scene, source, runtime, out, options, tile, overlap)
+        run.execute()
+        report = run.report(time.perf_counter() - start)
+    final, _, report_path, partial = output_paths(out)
+    atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2))
+    shutil.rmtree(partial)
+    return report
+
+
+class _LocalRun:
+    """One scene in this process: the three stages, checkpoints, and the numbers for the report."""
+
+    def __init__(self, scene: str | Path, source: SceneSource, runtime: Runtime, out: Path, options: SegmentOptions,
+                 tile: int, overlap: int) -> None:
+        self.scene, self.source, self.runtime, self.out, self.options = scene, source, runtime, out, options
+        self.tile, self.overlap, self.info = tile, overlap, source.info
+        self.plan = plan_rows(self.info.height, self.info.width, tile, overlap)
+        self.partial = output_paths(out)[3]
+        self.fingerprint = fingerprint(scene, runtime, source, tile, overlap, options.probs)
+        self.times, self.counts = StageTimes(), RowCounts()
+        self.tally = PixelTally(runtime.meta.num_classes, self.info)
+        self.rows_done = self.resumed_from = 0
+        self.sequence = 0
+
+    # ------------------------------------------------------------------------------------------------ run
+
+    def execute(self) -> None:
+        options, info = self.options, self.info
+        state = self._load() if options.resume else None
+        if state is None:
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
+            self.partial.mkdir(parents=True)
+        device = self.runtime.blend_device
+        writer = SceneWriter(self.partial, info, class_layers(self.runtime.meta.classes, options.probs), self.times,
+                             on_rows=lambda rows: self.tally.add(rows.top, rows.classes))
+        carry = None
+        if state is not None:
+            carry = self._restore(state, writer)
+        stitcher = RowStitcher([row[0].row for row in self.plan], info.height, carry)
+        prefetcher = TilePrefetcher(self.source.read_normalized, self.tile, options.pad_mode, options.read_threads,
+                                    depth=2 * options.batch_size + options.read_threads, times=self.times)
+        blender = RowBlender(self.runtime.meta.num_classes, info.width, device)
+        weights = WeightCache(info.height, info.width, self.overlap, blender.device)
+        total = sum(len(r) for r in self.plan)
+        progress = _Progress(total, sum(len(r) for r in self.plan[: self.rows_done]), options.progress,
+                             Path(str(self.scene)).name)
+        last_checkpoint = time.monotonic()
+        try:
+            with deferred_sigint() as interrupted:
+                rows = row_partials(self.plan, self.rows_done, len(self.plan), prefetcher, self.runtime.forward,
+                                    blender, weights, options.batch_size, self.times, self.counts, interrupted)
+                for index, partial in rows:
+                    self._finish_row(stitcher, index, partial, writer)
+                    progress.update(len(self.plan[index]))
+                    if interrupted():
+                        break
+                    if self.rows_done < len(self.plan) and \
+                            time.monotonic() - last_checkpoint >= options.checkpoint_seconds:
+                        self._checkpoint(writer, stitcher.carry)
+                        last_checkpoint = time.monotonic()
+                if self.rows_done < len(self.plan):  # stopped early: by Ctrl-C
+                    self._checkpoint(writer, stitcher.carry)
+                    writer.close()
+                    raise KeyboardInterrupt
+            writer.close()
+        finally:
+            progress.close()
+            prefetcher.close()
+            writer.close()
+        if int(self.tally.pixels.sum()) == 0:
+            shutil.rmtree(self.partial)
+            raise DataError(f"{self.scene}: has no valid pixel (every pixel is nodata or masked); nothing to segment")
+        final, conf, _, _ = output_paths(self.out)
+        writer.finish({"classes": final, "confidence": conf})
+
+    def _finish_row(self, stitcher: RowStitcher, index: int, partial: Partial, writer: SceneWriter) -> None:
+        _, final = stitcher.push(index, partial)
+        if final is not None:
+            t0 = time.perf_counter()
+            rows = finish(final, self.options.probs)
+            self.times.add("blend", time.perf_counter() - t0)
+            writer.put(rows)
+        self.rows_done = index + 1
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def _checkpoint(self, writer: SceneWriter, carry: Partial | None) -> None:
+        """Queue a checkpoint: the writer saves it once every finished row before it is on disk."""
+        self.sequence += 1
+        engine = {"format": STATE_FORMAT, "fingerprint": self.fingerprint, "rows_done": self.rows_done,
+                  "tiles_run": self.counts.run, "tiles_skipped": self.counts.skipped, "sequence": self.sequence}
+        arrays = {} if carry is None else {f"carry.{k}": v for k, v in carry.state().items()}
+        tally = self.tally
+
+        def save(writer_meta: dict[str, Any], writer_arrays: dict[str, np.ndarray]) -> None:
+            save_state(self.partial, {**engine, "writer": writer_meta, "tally": tally.state()},
+                       {**arrays, **writer_arrays})
+
+        writer.checkpoint(save)
+
+    def _load(self) -> dict[str, Any]:
+        return load_state(self.partial, self.fingerprint)
+
+    def _restore(self, state: dict[str, Any], writer: SceneWriter) -> Partial | None:
+        arrays = load_arrays(self.partial, state)
+        writer.restore(state["writer"], arrays)
+        self.tally.restore(state["tally"])
+        self.rows_done = self.resumed_from = int(state["rows_done"])
+        self.counts.run, self.counts.skipped = int(state["tiles_run"]), int(state["tiles_skipped"])
+        self.sequence = int(state["sequence"])
+        carry = {k[len("carry."):]: v for k, v in arrays.items() if k.startswith("carry.")}
+        return Partial.from_state(carry, self.runtime.blend_device) if carry else None
+
+    # ------------------------------------------------------------------------------------------------ report
+
+    def report(self, seconds: float) -> SceneReport:
+        info, runtime, options = self.info, self.runtime, self.options
+        final, conf, _, _ = output_paths(self.out)
+        tops = [row[0].row for row in self.plan]
+        first = tops[self.resumed_from] if self.resumed_from < len(tops) else info.height
+        pixels_run = (info.height - first) * info.width
+        return build_report(
+            scene=self.scene, final=final, conf=conf if options.probs else None, runtime=runtime, info=info,
+            tile=self.tile, overlap=self.overlap, options=options, tiles=sum(len(r) for r in self.plan),
+            counts=self.counts, tally=self.tally, seconds=seconds, resumed_from=self.resumed_from,
+            pixels_run=pixels_run, bands=self.source.bands, norm=self.source.norm, stages=self.times.to_dict())
+
+
+def load_state(partial: Path, expected: dict[str, Any]) -> dict[str, Any]:
     try:
         state = json.loads((partial / "state.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{partial}: unreadable resume state ({e}); run again with --overwrite") from None
     if state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{partial}: not a cdkd scene state; run again with --overwrite")
+        raise CheckpointError(f"{partial}: not a resume state of this cdkd version; run again with --overwrite")
     old = state["fingerprint"]
-    changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+    changed = sorted(k for k in set(old) | set(expected) if old.get(k) != expected.get(k))
     if changed:
         raise CheckpointError(f"{partial}: cannot resume: {', '.join(changed)} changed since the interrupted run; "
                               "run again with --overwrite")
     return state
 
 
-def _report(scene: Path, final: Path, conf: Path | None, runtime: Runtime, info: Any, tile: int, overlap: int,
-            options: SegmentOptions, total: int, tiles_run: int, skipped: int, counts: _Counts, seconds: float,
-            resumed_from: int) -> SceneReport:
-    pixel_km2 = info.pixel_area_m2 / 1e6
-    valid = int(counts.counts.sum())
-    classes = {c.name: ClassArea(int(n), float(n) * pixel_km2, float(n) / valid)
-               for c, n in zip(runtime.meta.classes.classes, counts.counts)}
+def build_report(*, scene: str | Path, final: Path, conf: Path | None, runtime: Runtime, info: SceneInfo, tile: int,
+                 overlap: int, options: SegmentOptions, tiles: int, counts: RowCounts, tally: Any, seconds: float,
+                 resumed_from: int, pixels_run: int, bands: tuple[int, ...], norm: Any,
+                 stages: dict[str, float]) -> SceneReport:
+    """The report of one scene, local or on a cluster."""
+    valid = int(tally.pixels.sum())
+    areas = np.asarray(tally.area_m2, dtype=np.float64)
+    classes = {c.name: ClassArea(int(n), float(a) / 1e6, float(n) / valid)
+               for c, n, a in zip(runtime.meta.classes.classes, tally.pixels, areas)}
+    meta = runtime.meta
     return SceneReport(
         scene=str(scene), output=str(final), confidence=str(conf) if conf else None, runtime=runtime.name,
         device=runtime.device, crs=info.crs.to_string(), width=info.width, height=info.height, tile_size=tile,
-        overlap=overlap, batch_size=options.batch_size, tiles=total, tiles_run=tiles_run, tiles_skipped=skipped,
-        valid_pixels=valid, area_km2=valid * pixel_km2, seconds=seconds,
-        mpx_per_s=info.width * info.height / 1e6 / max(seconds, 1e-9), resumed_from_row=resumed_from,
-        classes=classes)
+        overlap=overlap, batch_size=options.batch_size, tiles=tiles, tiles_run=counts.run,
+        tiles_skipped=counts.skipped, valid_pixels=valid, area_km2=float(areas.sum()) / 1e6, seconds=seconds,
+        mpx_per_s=pixels_run / 1e6 / max(seconds, 1e-9), resumed_from_row=resumed_from, pixels_this_run=pixels_run,
+        bands=list(bands), scene_bands=info.count,
+        stats={"mode": options.stats, "mean": list(norm.mean), "std": list(norm.std), "dtype": norm.dtype},
+        model={"path": runtime.path, "sha256": model_sha256(runtime), "arch": meta.arch, "head": meta.head},
+        runtime_options={**runtime.options, "read_threads": options.read_threads},
+        cdkd_version=cdkd.__version__, stages=stages, classes=classes)

@@ -2,7 +2,10 @@
 
 A runtime is a callable that maps a (B, C, T, T) float32 batch, already normalised, to (B, K, T, T) float32
 logits, and carries the model's ``InferenceMeta`` (classes, normalisation, tile size). The scene engine does all
-pre- and post-processing itself, so the three runtimes differ only in how they run the network. ``open_runtime``
+pre- and post-processing itself, so the three runtimes differ only in how they run the network. ``forward``
+returns the logits as a torch tensor where they already are (``blend_device``: the GPU for PyTorch on CUDA,
+ONNX Runtime's CUDA provider and TensorRT; the CPU otherwise), so the engine blends them there and only class
+ids cross back to the host. ``open_runtime``
 picks one from the model file's suffix (or ``runtime=``). Heavy optional packages (onnxruntime, tensorrt) are
 imported where they are used, with an error naming the package when missing.
 """
@@ -10,12 +13,15 @@ imported where they are used, with an error naming the package when missing.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from cdkd.artifacts import ONNX_METADATA_KEY, InferenceMeta, engine_sidecar
 from cdkd.errors import CdkdValueError, CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 RUNTIMES = ("torch", "onnx", "tensorrt")
 SUFFIXES = {".pt": "torch", ".pth": "torch", ".onnx": "onnx", ".engine": "tensorrt", ".plan": "tensorrt",
@@ -27,12 +33,17 @@ class Runtime(Protocol):
     """(B, C, T, T) float32 normalised tiles -> (B, K, T, T) float32 logits, with the model's metadata."""
 
     name: str
+    path: str  # the model file
     meta: InferenceMeta
     device: str
+    blend_device: str  # the torch device that ``forward``'s logits live on
     max_batch: int | None  # None: any batch size; else the largest batch the model accepts
     fixed_tile: bool  # True: only meta.tile_size; False: any multiple of the patch size
+    options: dict  # how it runs (amp, threads, provider), for reports
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def forward(self, batch: np.ndarray) -> "torch.Tensor": ...
 
 
 def runtime_for(path: str | Path, runtime: str | None = None) -> str:
@@ -56,8 +67,10 @@ def _check_batch(batch: np.ndarray, meta: InferenceMeta, fixed_tile: bool = True
     return np.ascontiguousarray(batch, dtype=np.float32)
 
 
-def _chunked(run, batch: np.ndarray, max_batch: int | None, fixed: bool) -> np.ndarray:
-    """Run ``run`` on at most ``max_batch`` tiles at a time; a fixed-batch model gets its last chunk padded."""
+def _chunked(run, batch: np.ndarray, max_batch: int | None, fixed: bool):
+    """Run ``run`` on at most ``max_batch`` tiles at a time; a fixed-batch model gets its last chunk padded.
+
+    ``run`` returns numpy arrays or torch tensors; the chunks' outputs are joined in the same kind."""
     if max_batch is None or len(batch) <= max_batch and not (fixed and len(batch) < max_batch):
         return run(batch)
     outs = []
@@ -67,7 +80,11 @@ def _chunked(run, batch: np.ndarray, max_batch: int | None, fixed: bool) -> np.n
         if fixed and n < max_batch:  # a static-batch graph only accepts its own batch size
             chunk = np.concatenate([chunk, np.zeros((max_batch - n, *chunk.shape[1:]), chunk.dtype)])
         outs.append(run(chunk)[:n])
-    return np.concatenate(outs)
+    if isinstance(outs[0], np.ndarray):
+        return np.concatenate(outs)
+    import torch
+
+    return torch.cat(outs)
 
 
 class TorchRuntime:
@@ -88,18 +105,31 @@ class TorchRuntime:
         self._device = resolve_device(device, DistContext())
         model, info = load_segmenter(path, map_location=self._device)
         self.model, self.meta = model.eval(), info.inference_meta()
-        self.device = str(self._device)
+        self.path = str(path)
+        self.device = self.blend_device = str(self._device)
         self._dtype = None
         if self._device.type == "cuda" and amp != "none":
             self._dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+        self.options = {"amp": str(self._dtype).replace("torch.", "") if self._dtype else "none",
+                        "threads": torch.get_num_threads() if self._device.type == "cpu" else None}
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def forward(self, batch: np.ndarray) -> torch.Tensor:
         import torch
 
         x = torch.from_numpy(_check_batch(batch, self.meta, fixed_tile=False)).to(self._device, non_blocking=True)
         with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype,
                                                     enabled=self._dtype is not None):
-            return self.model(x).float().cpu().numpy()
+            return self.model(x).float()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.forward(batch).cpu().numpy()
+
+
+def _torch_cuda() -> bool:
+    """Whether torch can hold ONNX Runtime's CUDA outputs (a CPU build of torch beside onnxruntime-gpu cannot)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def read_onnx_meta(path: str | Path) -> InferenceMeta:
@@ -136,14 +166,19 @@ class OnnxRuntime:
             raise CdkdValueError(f"device {device!r} requested but onnxruntime has no CUDA provider here "
                                  "(install onnxruntime-gpu); use --device cpu")
         want_cuda = device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider" in available)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+        self._device_id = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+        providers = ([("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"] if want_cuda
+                     else ["CPUExecutionProvider"])
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.path = str(path)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.blend_device = f"cuda:{self._device_id}" if self.device == "cuda" and _torch_cuda() else "cpu"
+        self.options = {"provider": self.session.get_providers()[0], "threads": threads}
         inp = self.session.get_inputs()[0]
-        self._input = inp.name
+        self._input, self._output = inp.name, self.session.get_outputs()[0].name
         dim = inp.shape[0]
         self._fixed = isinstance(dim, int)
         self.max_batch = dim if self._fixed else None
@@ -151,8 +186,30 @@ class OnnxRuntime:
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self._input: batch})[0].astype(np.float32, copy=False)
 
+    def _run_cuda(self, batch: np.ndarray) -> torch.Tensor:
+        """Input and output bound to torch CUDA tensors (IOBinding): the logits stay on the GPU."""
+        import torch
+
+        x = torch.from_numpy(batch).to(self.blend_device)
+        y = torch.empty((x.shape[0], self.meta.num_classes, *x.shape[2:]), dtype=torch.float32,
+                        device=self.blend_device)
+        torch.cuda.current_stream(x.device).synchronize()  # ONNX Runtime runs on its own stream
+        binding = self.session.io_binding()
+        binding.bind_input(self._input, "cuda", self._device_id, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(self._output, "cuda", self._device_id, np.float32, tuple(y.shape), y.data_ptr())
+        self.session.run_with_iobinding(binding)  # returns once the provider's stream is done
+        return y
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return _chunked(self._run, _check_batch(batch, self.meta), self.max_batch, self._fixed)
+
+    def forward(self, batch: np.ndarray) -> torch.Tensor:
+        import torch
+
+        batch = _check_batch(batch, self.meta)
+        if self.blend_device != "cpu":
+            return _chunked(self._run_cuda, batch, self.max_batch, self._fixed)
+        return torch.from_numpy(_chunked(self._run, batch, self.max_batch, self._fixed))
 
 
 class TensorRTRuntime:
@@ -194,7 +251,9 @@ class TensorRTRuntime:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self._output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        self.device = "cuda"
+        self.path = str(path)
+        self.device = self.blend_device = "cuda"
+        self.options = {"tensorrt": trt.__version__}
         shape = tuple(self.engine.get_tensor_shape(self._input))
         self._fixed = shape[0] != -1
         if self._fixed:
@@ -202,7 +261,7 @@ class TensorRTRuntime:
         else:  # the largest batch of the optimisation profile
             self.max_batch = int(self.engine.get_tensor_profile_shape(self._input, 0)[2][0])
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> torch.Tensor:
         torch = self._torch
         x = torch.from_numpy(batch).cuda()
         self.context.set_input_shape(self._input, tuple(x.shape))
@@ -214,10 +273,13 @@ class TensorRTRuntime:
             if not self.context.execute_async_v3(self._stream.cuda_stream):
                 raise CdkdValueError("TensorRT failed to run the engine")
         self._stream.synchronize()
-        return y.cpu().numpy()
+        return y
+
+    def forward(self, batch: np.ndarray) -> torch.Tensor:
+        return _chunked(self._run, _check_batch(batch, self.meta), self.max_batch, self._fixed)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return _chunked(self._run, _check_batch(batch, self.meta), self.max_batch, self._fixed)
+        return self.forward(batch).cpu().numpy()
 
 
 def open_runtime(path: str | Path, runtime: str | None = None, device: str = "auto", amp: str = "auto",

@@ -1,8 +1,9 @@
 """Sliding-window inference over a whole image held in memory.
 
-Used by evaluation and by the scene engine's in-memory path: plan the windows (``tiler.plan_windows``), cut
-each tile out of the image (padding tiles of images smaller than the tile), run the model on batches of tiles,
-crop the padding off its logits and blend overlapping tiles (``blend.blend_weights`` + ``LogitAccumulator``).
+Used by evaluation: plan the windows (``tiler.plan_rows``), cut each tile out of the image (padding tiles of
+images smaller than the tile), run the model on batches of tiles, crop the padding off its logits and blend
+overlapping tiles with the scene engine's weights and order (``blend.window_weights``, ``rowblend``), so an
+image evaluated here and the same image segmented as a scene get the same classes.
 """
 
 from __future__ import annotations
@@ -13,10 +14,18 @@ import numpy as np
 import torch
 
 from cdkd.errors import CdkdValueError
-from cdkd.scene.blend import LogitAccumulator, blend_weights
-from cdkd.scene.tiler import PAD_MODES, TileWindow, _as_int, pad_to_tile, plan_windows
+from cdkd.scene.blend import window_weights
+from cdkd.scene.rowblend import RowBlender, RowStitcher, blended_logits
+from cdkd.scene.tiler import PAD_MODES, TileWindow, _as_int, pad_to_tile, plan_rows
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
+
+
+def runtime_predict(runtime: Callable[[np.ndarray], np.ndarray]) -> Predict:
+    """A runtime of ``cdkd.scene.runtimes`` (numpy (B, C, T, T) float32 -> numpy (B, K, T, T) logits: PyTorch,
+    ONNX Runtime or TensorRT) as the ``predict`` of ``sliding_window_logits``, so any runtime plugs into the
+    same windows and blending."""
+    return lambda batch: torch.from_numpy(runtime(batch.cpu().numpy()))
 
 
 def _batches(windows: Sequence[TileWindow], batch_size: int) -> Iterator[Sequence[TileWindow]]:
@@ -64,30 +73,45 @@ def sliding_window_logits(
     ``predict`` maps a (B, C, tile, tile) float32 batch (on the image's device: move the image to the GPU
     first, or let ``predict`` move the batch) to (B, K, tile, tile) logits, K = ``num_classes``. It is called
     under ``torch.inference_mode``. Windows overlap by ``overlap`` pixels and are blended with cosine weights
-    (``blend_weights``); the output does not depend on ``batch_size``. Tiles of images smaller than the tile
-    are padded at the bottom/right with ``pad_mode`` (see ``pad_to_tile``) and the padding is cropped from the
-    logits, so it only influences the prediction through the model's context.
+    (``window_weights``) in the canonical order of ``rowblend``; the output does not depend on ``batch_size``.
+    Tiles of images smaller than the tile are padded at the bottom/right with ``pad_mode`` (see ``pad_to_tile``)
+    and the padding is cropped from the logits, so it only influences the prediction through the model's context.
     """
     image = _as_image(image)
     tile = _as_int("tile", tile)
     batch_size = _as_int("batch_size", batch_size)
+    num_classes = _as_int("num_classes", num_classes)
     if batch_size <= 0:
         raise CdkdValueError(f"batch_size must be > 0, got batch_size={batch_size}")
+    if num_classes <= 0:
+        raise CdkdValueError(f"num_classes must be > 0, got num_classes={num_classes}")
     if pad_mode not in PAD_MODES:  # checked up front: padding is only reached for images smaller than the tile
         raise CdkdValueError(f"unknown pad mode {pad_mode!r}; choose one of {', '.join(PAD_MODES)}")
     _, height, width = image.shape
-    windows = plan_windows(height, width, tile, overlap)  # validates tile and overlap
-    weights = blend_weights(tile, overlap)
-    accumulator = LogitAccumulator(num_classes, height, width)
+    rows = plan_rows(height, width, tile, overlap)  # validates tile and overlap
+    windows = [w for row in rows for w in row]
+    last_of_row = {id(row[-1]) for row in rows}
+    blender = RowBlender(num_classes, width, image.device)
+    stitcher = RowStitcher([row[0].row for row in rows], height)
+    out = torch.zeros((num_classes, height, width), dtype=torch.float32)
+    index = 0
     with torch.inference_mode():
         for chunk in _batches(windows, batch_size):
             batch = torch.stack([_extract_tile(image, w, tile, pad_mode) for w in chunk])
             logits = predict(batch)
-            expected = (len(chunk), accumulator.num_classes, tile, tile)
+            expected = (len(chunk), num_classes, tile, tile)
             if tuple(logits.shape) != expected:
                 raise CdkdValueError(f"predict returned logits of shape {tuple(logits.shape)}, expected {expected}")
-            logits = logits.detach().float().cpu().numpy()
+            logits = logits.detach().float().to(image.device)
             for window, tile_logits in zip(chunk, logits):
+                if window.col == 0:
+                    blender.begin(window.row, window.height)
                 h, w = window.shape  # crop the padding off (only images smaller than the tile have any)
-                accumulator.add(window, tile_logits[:, :h, :w], weights[:h, :w])
-    return torch.from_numpy(accumulator.result())
+                weights = torch.from_numpy(window_weights(window, height, width, overlap)).to(image.device)
+                blender.add(window, tile_logits[:, :h, :w], weights)
+                if id(window) in last_of_row:
+                    _, final = stitcher.push(index, blender.partial())
+                    index += 1
+                    if final is not None:
+                        out[:, final.top : final.bottom] = blended_logits(final).cpu()
+    return out

@@ -1,7 +1,10 @@
 """Reading a scene: one open GeoTIFF, checked once up front, then read window by window.
 
-``SceneSource`` holds the dataset open for the whole job (re-opening per tile would re-parse the header and lose
-GDAL's block cache) and never reads more than one window: memory does not depend on the scene's size. Every
+``SceneSource`` holds the dataset open for the whole job (re-opening per tile would re-parse the header) and
+never reads more than one window: memory does not depend on the scene's size. A GDAL dataset handle must not be
+shared between threads, so each thread that reads gets its own handle, opened on its first read (GDAL's block
+cache is shared by all of them). The scene may be a local file, a GDAL virtual path (``/vsizip/``, ``/vsis3/``)
+or a URL. Every
 problem a user can cause is found before any tile runs and named in one line: a file that is not a raster or
 whose pixels do not decode, no CRS, too few bands for the model, a pixel type the model's statistics do not
 describe.
@@ -9,6 +12,7 @@ describe.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +26,7 @@ from cdkd.data.files import (
     gdal_reason,
     open_raster,
     probe_windows,
+    raster_path,
     read_pixels,
 )
 from cdkd.data.stats import NormStats, compute_stats
@@ -71,10 +76,14 @@ class SceneSource:
 
     def __init__(self, path: str | Path, in_chans: int, norm: NormStats, bands: Sequence[int] | None = None,
                  stats: str = "model", stats_samples: int = 64) -> None:
-        self.path = Path(path)
+        self.path = raster_path(path)
         if stats not in STATS_MODES:
             raise CdkdValueError(f"unknown --stats {stats!r}; choose one of {', '.join(STATS_MODES)}")
         self._src = open_raster(self.path)
+        self._local = threading.local()
+        self._local.src = self._src
+        self._handles = [self._src]
+        self._lock = threading.Lock()
         try:
             self.info = self._check_header()
             self.bands = self._check_bands(in_chans, norm, bands)
@@ -137,7 +146,7 @@ class SceneSource:
     def read(self, window: TileWindow) -> tuple[np.ndarray, np.ndarray]:
         """``(pixels, valid)``: (C, h, w) pixels in the scene's dtype and (h, w) bool validity (GDAL's mask)."""
         try:
-            return read_pixels(self._src, self.bands, window.to_rasterio())
+            return read_pixels(self._dataset(), self.bands, window.to_rasterio())
         except (RasterioError, OSError) as e:
             raise CdkdIOError(f"{self.path}: cannot read pixels at row {window.row}, col {window.col} "
                               f"({gdal_reason(e)})") from None
@@ -147,8 +156,20 @@ class SceneSource:
         pixels, valid = self.read(window)
         return self.norm.normalize(pixels, valid), valid
 
+    def _dataset(self) -> Any:
+        """This thread's handle on the scene."""
+        src = getattr(self._local, "src", None)
+        if src is None:
+            src = self._local.src = open_raster(self.path)
+            with self._lock:
+                self._handles.append(src)
+        return src
+
     def close(self) -> None:
-        self._src.close()
+        with self._lock:
+            for src in self._handles:
+                src.close()
+            self._handles.clear()
 
     def __enter__(self) -> SceneSource:
         return self

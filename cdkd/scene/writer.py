@@ -1,38 +1,49 @@
-"""Writing the class raster (and optional confidence raster) row band by row band, then as a Cloud-Optimized GeoTIFF.
+"""Writing class rasters: finished rows -> row-chunk GeoTIFFs (+ overviews streamed alongside) -> one COG.
 
-Rows stream into a tiled, DEFLATE-compressed working GeoTIFF as soon as they are final, so nothing scene-sized is
-held in memory. The working file is closed at every checkpoint, so an interrupted job leaves a consistent file
-that ``--resume`` reopens. When the scene is done, overviews are built (mode resampling: an overview pixel shows
-the most frequent class beneath it, not an average of class ids) and GDAL's COG driver lays the file out as a
-COG (512-px blocks, DEFLATE with predictor, overviews) under a temporary name renamed into place.
+Each band of finished rows becomes a small closed GeoTIFF (``OUT.partial/<layer>/L0_<top>.tif``, ZSTD: cheap to
+write, decoded once), and its 2 x 2 overviews are reduced as it arrives (``pyramid.Pyramid``) and written the same
+way per level. A finished chunk never changes, so a checkpoint needs no flush of a half-written file and a cluster
+worker can write its own chunks. At the end a VRT stitches the chunks (its ``<Overview>`` elements point at the
+levels' VRTs) and GDAL's COG driver writes the final file in one multi-threaded pass (``NUM_THREADS``), keeping
+those overviews (``OVERVIEWS=FORCE_USE_EXISTING``) instead of resampling the whole raster again. The colour table,
+class tags and nodata travel in the VRT; the GIS legend sidecar (``classraster.write_gis_legend``) is written
+beside the final file.
+
+``SceneWriter`` runs all of this in a background thread fed by a bounded queue, so compression and overviews
+overlap the model; checkpoints pass through the same queue, so a saved state never runs ahead of the rows on disk.
 """
 
 from __future__ import annotations
 
+import json
+import queue
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import rasterio
 import rasterio.shutil
-from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
-from rasterio.windows import Window
 
 from cdkd.data.classes import ClassSchema
 from cdkd.errors import CdkdIOError
-from cdkd.scene.classraster import NODATA, write_class_metadata
+from cdkd.scene.classraster import NODATA, class_tags, colormap, write_gis_legend
+from cdkd.scene.pyramid import Pyramid
+from cdkd.scene.rowblend import CONFIDENCE_NODATA, FinishedRows
 from cdkd.scene.source import SceneInfo
 from cdkd.utils.atomic import atomic_path
 
 BLOCK = 512
-CONFIDENCE_NODATA = 0  # confidence is round(255 * max softmax) >= 255 / K >= 1 wherever a pixel is valid
-
-
-def _profile(info: SceneInfo, nodata: int) -> dict[str, Any]:
-    return dict(driver="GTiff", width=info.width, height=info.height, count=1, dtype="uint8", crs=info.crs,
-                transform=info.transform, nodata=nodata, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
-                compress="deflate", predictor=2, BIGTIFF="IF_SAFER")
+OVERVIEW_CHUNK_ROWS = BLOCK  # overview rows are gathered into chunks of at least this many rows
+QUEUE_ITEMS = 4  # finished bands waiting for the writer: bounds memory when writing falls behind
+CHUNK_PROFILE = dict(driver="GTiff", count=1, dtype="uint8", tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
+                     compress="zstd", zstd_level=1)
+COG_OPTIONS = dict(driver="COG", COMPRESS="DEFLATE", PREDICTOR="YES", BLOCKSIZE=BLOCK, BIGTIFF="IF_SAFER",
+                   OVERVIEWS="FORCE_USE_EXISTING", NUM_THREADS="ALL_CPUS")
 
 
 def overview_factors(width: int, height: int, smallest: int = BLOCK) -> list[int]:
@@ -44,54 +55,297 @@ def overview_factors(width: int, height: int, smallest: int = BLOCK) -> list[int
     return factors
 
 
-class RasterWriter:
-    """One uint8 output band written by row bands into a working GeoTIFF, finished as a COG."""
+@dataclass(frozen=True)
+class Layer:
+    """One output raster: ``classes`` (mode overviews, colour table and class tags) or ``confidence`` (means)."""
 
-    def __init__(self, work: Path, info: SceneInfo, nodata: int, schema: ClassSchema | None, resume: bool) -> None:
-        self.work, self.info, self.schema = work, info, schema
+    name: str
+    nodata: int
+    schema: ClassSchema | None = None
+
+    @property
+    def overview_kind(self) -> str:
+        return "mode" if self.schema is not None else "mean"
+
+
+def class_layers(schema: ClassSchema, probs: bool) -> list[Layer]:
+    layers = [Layer("classes", NODATA, schema)]
+    if probs:
+        layers.append(Layer("confidence", CONFIDENCE_NODATA))
+    return layers
+
+
+def write_chunk(path: Path, rows: np.ndarray) -> None:
+    """(n, W) uint8 ``rows`` as a closed GeoTIFF at ``path`` (temporary name, then rename)."""
+    try:
+        with atomic_path(path) as tmp, rasterio.open(tmp, "w", width=rows.shape[1], height=rows.shape[0],
+                                                     **CHUNK_PROFILE) as dst:
+            dst.write(rows, 1)
+    except (RasterioError, OSError) as e:
+        raise CdkdIOError(f"{path}: cannot write ({e})") from None
+
+
+def read_chunk(path: Path) -> np.ndarray:
+    try:
+        with rasterio.open(path) as src:
+            return src.read(1)
+    except (RasterioError, OSError) as e:
+        raise CdkdIOError(f"{path}: cannot read a finished chunk ({e}); run again with --overwrite") from None
+
+
+def chunk_name(level: int, top: int) -> str:
+    return f"L{level}_{top:09d}.tif"
+
+
+class LayerChunks:
+    """One layer's chunk files: full-resolution bands as they come, overview rows gathered per level."""
+
+    def __init__(self, folder: Path, info: SceneInfo, layer: Layer) -> None:
+        self.folder, self.info, self.layer = folder, info, layer
+        self.levels = len(overview_factors(info.width, info.height))
+        self.pyramid = Pyramid(info.width, info.height, self.levels, layer.overview_kind, layer.nodata)
+        self.chunks: list[list[tuple[int, int]]] = [[] for _ in range(self.levels + 1)]  # per level: (top, rows)
+        self.pending: list[list[np.ndarray]] = [[] for _ in range(self.levels + 1)]  # overview rows not yet written
+        self.pending_top = [0] * (self.levels + 1)
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, top: int, rows: np.ndarray, on_disk: bool = False) -> None:
+        """Full-resolution rows ``[top, top + n)``, in order; ``on_disk``: their chunk file exists already."""
+        if not on_disk:
+            write_chunk(self.folder / chunk_name(0, top), rows)
+        self.chunks[0].append((top, rows.shape[0]))
+        for level, level_top, reduced in self.pyramid.push(rows):
+            self._gather(level, level_top, reduced)
+
+    def _gather(self, level: int, top: int, rows: np.ndarray, flush: bool = False) -> None:
+        if not self.pending[level]:
+            self.pending_top[level] = top
+        self.pending[level].append(rows)
+        if flush or sum(r.shape[0] for r in self.pending[level]) >= OVERVIEW_CHUNK_ROWS:
+            self._flush(level)
+
+    def _flush(self, level: int) -> None:
+        if not self.pending[level]:
+            return
+        rows = np.concatenate(self.pending[level])
+        write_chunk(self.folder / chunk_name(level, self.pending_top[level]), rows)
+        self.chunks[level].append((self.pending_top[level], rows.shape[0]))
+        self.pending[level] = []
+
+    def close_levels(self) -> None:
+        """The scene's last rows are in: write every level's remainder."""
+        for level, top, reduced in self.pyramid.finish():
+            self._gather(level, top, reduced)
+        for level in range(1, self.levels + 1):
+            self._flush(level)
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(JSON part, arrays) that ``restore`` turns back into this writer."""
+        pyramid = self.pyramid.state()
+        arrays = {f"{self.layer.name}.{k}": v for k, v in pyramid.items() if k != "next_top"}
+        for level, rows in enumerate(self.pending):
+            if rows:
+                arrays[f"{self.layer.name}.pending_{level}"] = np.concatenate(rows)
+        return {"chunks": self.chunks, "pending_top": self.pending_top, "next_top": pyramid["next_top"]}, arrays
+
+    def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        prefix = f"{self.layer.name}."
+        mine = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        self.pyramid.restore({"next_top": meta["next_top"], **mine})
+        self.chunks = [[tuple(c) for c in level] for level in meta["chunks"]]
+        self.pending_top = list(meta["pending_top"])
+        self.pending = [[mine[f"pending_{level}"]] if f"pending_{level}" in mine else []
+                        for level in range(self.levels + 1)]
+        self._remove_stale()
+
+    def _remove_stale(self) -> None:
+        """Chunks written after the checkpoint: the resumed run writes them again."""
+        keep = {chunk_name(level, top) for level, chunks in enumerate(self.chunks) for top, _ in chunks}
+        for f in self.folder.glob("L*_*.tif"):
+            if f.name not in keep:
+                f.unlink()
+
+    # ------------------------------------------------------------------------------------------------ output
+
+    def _vrt(self, level: int) -> Path:
+        factor = 2**level
+        width, height = -(-self.info.width // factor), -(-self.info.height // factor)
+        root = ET.Element("VRTDataset", rasterXSize=str(width), rasterYSize=str(height))
+        if level == 0:
+            ET.SubElement(root, "SRS").text = self.info.crs.to_wkt()
+            ET.SubElement(root, "GeoTransform").text = ", ".join(repr(v) for v in self.info.transform.to_gdal())
+        band = ET.SubElement(root, "VRTRasterBand", dataType="Byte", band="1")
+        ET.SubElement(band, "NoDataValue").text = str(self.layer.nodata)
+        if self.layer.schema is not None and level == 0:
+            _label(root, band, self.layer.schema)
+        elif level == 0:
+            ET.SubElement(band, "Description").text = "confidence (255 x max softmax)"
+        for top, rows in self.chunks[level]:
+            src = ET.SubElement(band, "SimpleSource")
+            ET.SubElement(src, "SourceFilename", relativeToVRT="1").text = f"{self.folder.name}/{chunk_name(level, top)}"
+            ET.SubElement(src, "SourceBand").text = "1"
+            rect = dict(xOff="0", xSize=str(width), ySize=str(rows))
+            ET.SubElement(src, "SrcRect", yOff="0", **rect)
+            ET.SubElement(src, "DstRect", yOff=str(top), **rect)
+        if level == 0:
+            for sub in range(1, self.levels + 1):
+                ov = ET.SubElement(band, "Overview")
+                ET.SubElement(ov, "SourceFilename", relativeToVRT="1").text = self._vrt(sub).name
+                ET.SubElement(ov, "SourceBand").text = "1"
+        path = self.folder.parent / f"{self.layer.name}_L{level}.vrt"
+        path.write_text(ET.tostring(root, encoding="unicode"))
+        return path
+
+    def write_cog(self, out: Path) -> None:
+        """The final COG at ``out`` (temporary name, then rename), and the legend sidecar for class rasters."""
+        vrt = self._vrt(0)
         try:
-            if resume:
-                self._dst = rasterio.open(work, "r+")
-            else:
-                self._dst = rasterio.open(work, "w", **_profile(info, nodata))
-                if schema is not None:
-                    write_class_metadata(self._dst, schema)
+            with atomic_path(out) as tmp:
+                rasterio.shutil.copy(vrt, tmp, **COG_OPTIONS)
         except (RasterioError, OSError) as e:
-            raise CdkdIOError(f"{work}: cannot open the working output ({e})") from None
+            raise CdkdIOError(f"{out}: cannot write the Cloud-Optimized GeoTIFF ({e})") from None
+        if self.layer.schema is not None:
+            write_gis_legend(out, self.layer.schema)
 
-    def write(self, row: int, values: np.ndarray) -> None:
-        """Write (n, W) uint8 ``values`` at image rows ``[row, row + n)``."""
-        self._dst.write(values, 1, window=Window(0, row, self.info.width, values.shape[0]))
 
-    def checkpoint(self) -> None:
-        """Flush everything to disk: closing is the only way rasterio guarantees it; reopen for update."""
-        self._dst.close()
-        self._dst = rasterio.open(self.work, "r+")
+def _label(root: ET.Element, band: ET.Element, schema: ClassSchema) -> None:
+    """The class raster's legend, in VRT form: the COG driver copies it into the final file."""
+    dataset_tags, band_tags = class_tags(schema)
+    md = ET.SubElement(root, "Metadata")
+    for k, v in dataset_tags.items():
+        ET.SubElement(md, "MDI", key=k).text = v
+    ET.SubElement(band, "Description").text = "land-cover class"
+    ET.SubElement(band, "ColorInterp").text = "Palette"
+    table = ET.SubElement(band, "ColorTable")
+    cmap = colormap(schema)
+    for value in range(max(cmap) + 1):
+        r, g, b, a = cmap.get(value, (0, 0, 0, 0))
+        ET.SubElement(table, "Entry", c1=str(r), c2=str(g), c3=str(b), c4=str(a))
+    bmd = ET.SubElement(band, "Metadata")
+    for k, v in band_tags.items():
+        ET.SubElement(bmd, "MDI", key=k).text = v
 
-    def finish(self, out: Path) -> None:
-        """Build mode overviews and write ``out`` as a COG (temporary name, then rename)."""
-        self._dst.close()
-        with rasterio.open(self.work, "r+") as dst:
-            factors = overview_factors(dst.width, dst.height)
-            if factors:
-                dst.build_overviews(factors, Resampling.mode if self.schema is not None else Resampling.average)
-        with atomic_path(out) as tmp:
-            # FORCE_USE_EXISTING keeps our mode overviews; the COG driver would otherwise resample its own
-            rasterio.shutil.copy(self.work, tmp, driver="COG", COMPRESS="DEFLATE", PREDICTOR="YES",
-                                 BLOCKSIZE=BLOCK, OVERVIEWS="FORCE_USE_EXISTING", BIGTIFF="IF_SAFER")
+
+class SceneWriter:
+    """Finished rows of every layer -> chunks, overviews and (``finish``) the COGs, in a background thread.
+
+    ``put`` hands over a band of finished rows, ``checkpoint`` a state to save once every earlier band is on
+    disk, ``close`` waits for the queue to empty. An error in the thread is raised again by the next call.
+    ``on_rows(finished)`` runs in the writer thread for every band (the engine's area tally).
+    """
+
+    def __init__(self, partial: Path, info: SceneInfo, layers: list[Layer], times: Any,
+                 on_rows: Callable[[FinishedRows], None], threaded: bool = True) -> None:
+        self.partial, self.info, self.times, self.on_rows = partial, info, times, on_rows
+        self.layers = {layer.name: LayerChunks(partial / layer.name, info, layer) for layer in layers}
+        self._queue: queue.Queue = queue.Queue(QUEUE_ITEMS)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="cdkd-write", daemon=True) if threaded else None
+        if self._thread is not None:
+            self._thread.start()
+
+    # ------------------------------------------------------------------------------------------------ main side
+
+    def put(self, rows: FinishedRows, on_disk: bool = False) -> None:
+        self._submit(("rows", rows, on_disk))
+
+    def checkpoint(self, save: Callable[[dict[str, Any], dict[str, np.ndarray]], None]) -> None:
+        """Call ``save(writer json state, writer arrays)`` in the writer thread after the rows queued so far."""
+        self._submit(("checkpoint", save))
 
     def close(self) -> None:
-        if not self._dst.closed:
-            self._dst.close()
+        """Wait for every queued item; re-raise the writer's error, if any."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(("stop",))
+            self._thread.join()
+        self._raise()
+
+    def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        for name, layer in self.layers.items():
+            layer.restore(meta[name], arrays)
+
+    def finish(self, outputs: dict[str, Path]) -> None:
+        """After ``close``: the last overview rows, then each layer's COG at ``outputs[layer name]``."""
+        start = time.perf_counter()
+        for name, layer in self.layers.items():
+            layer.close_levels()
+            layer.write_cog(outputs[name])
+        self.times.add("finish", time.perf_counter() - start)
+
+    def _submit(self, item: tuple) -> None:
+        self._raise()
+        if self._thread is None:
+            self._handle(item)
+        else:
+            while True:  # a bounded put that notices a writer that died meanwhile
+                try:
+                    self._queue.put(item, timeout=0.5)
+                    return
+                except queue.Full:
+                    self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    # ------------------------------------------------------------------------------------------------ thread
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item[0] == "stop":
+                return
+            if self._error is not None:
+                continue  # drain: the main thread will raise the first error
+            try:
+                self._handle(item)
+            except BaseException as e:  # handed to the main thread, which raises it
+                self._error = e
+
+    def _handle(self, item: tuple) -> None:
+        start = time.perf_counter()
+        if item[0] == "rows":
+            rows, on_disk = item[1], item[2]
+            self.layers["classes"].add(rows.top, rows.classes, on_disk)
+            if rows.confidence is not None:
+                self.layers["confidence"].add(rows.top, rows.confidence, on_disk)
+            self.on_rows(rows)
+        elif item[0] == "checkpoint":
+            meta, arrays = {}, {}
+            for name, layer in self.layers.items():
+                meta[name], a = layer.state()
+                arrays.update(a)
+            item[1](meta, arrays)
+        self.times.add("write", time.perf_counter() - start)
 
 
-def confidence_raster(logits: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """(K, n, W) blended logits -> (n, W) uint8 ``round(255 * max softmax)``, ``CONFIDENCE_NODATA`` if invalid."""
-    z = logits - logits.max(axis=0, keepdims=True)
-    p = 1.0 / np.exp(z).sum(axis=0)  # the max class's softmax: exp(0) / sum exp
-    conf = np.clip(np.rint(255.0 * p), 1, 255).astype(np.uint8)
-    conf[~valid] = CONFIDENCE_NODATA
-    return conf
+def save_state(partial: Path, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """``state.json`` and the arrays it names (``state_<n>.npz``): arrays first, then the JSON that points at them,
+    so a crash between the two leaves the previous, consistent pair."""
+    n = int(state.get("sequence", 0))
+    npz = partial / f"state_{n}.npz"
+    with atomic_path(npz) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    state = dict(state, arrays=npz.name)
+    with atomic_path(partial / "state.json") as tmp:
+        tmp.write_text(json.dumps(state))
+    for old in partial.glob("state_*.npz"):
+        if old.name != npz.name:
+            old.unlink(missing_ok=True)
 
 
-__all__ = ["NODATA", "CONFIDENCE_NODATA", "RasterWriter", "confidence_raster", "overview_factors"]
+def load_arrays(partial: Path, state: dict[str, Any]) -> dict[str, np.ndarray]:
+    path = partial / state["arrays"]
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, KeyError) as e:
+        raise CdkdIOError(f"{path}: unreadable resume state ({e}); run again with --overwrite") from None
+
+
+__all__ = ["BLOCK", "Layer", "LayerChunks", "SceneWriter", "class_layers", "overview_factors", "read_chunk",
+           "save_state", "load_arrays", "write_chunk"]

@@ -1,0 +1,196 @@
+"""The engine's front half as stages: read + normalise (background threads) -> model -> blend on the device.
+
+``row_partials`` turns a range of window rows of the plan into one ``rowblend.Partial`` per row:
+
+- reads run ahead of the model in ``read_threads`` threads (``TilePrefetcher``: each thread its own GDAL handle,
+  results in plan order, at most ``depth`` tiles ahead, so memory stays bounded);
+- tiles are batched across row boundaries (a GPU gets full batches even when a row's tile count is not a multiple
+  of the batch size), windows without a valid pixel are skipped;
+- the model's output stays on the runtime's device (``Runtime.forward``) and is blended there.
+
+Every stage adds its busy time to a ``StageTimes``, so a run reports where its time went.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from cdkd.scene.blend import window_weights
+from cdkd.scene.rowblend import Partial, RowBlender
+from cdkd.scene.tiler import TileWindow, pad_to_tile
+
+Reader = Callable[[TileWindow], "tuple[np.ndarray, np.ndarray]"]  # window -> (x (C, h, w) float32, valid (h, w))
+
+
+@dataclass
+class StageTimes:
+    """Seconds each stage was busy. Reads run in threads, so ``read`` can exceed the wall time; ``wait_read`` is
+    the time the model stage sat idle waiting for tiles (0 when reading keeps up). On CUDA the model and blend
+    kernels run asynchronously: their split is approximate, their sum is not."""
+
+    read: float = 0.0
+    wait_read: float = 0.0
+    model: float = 0.0
+    blend: float = 0.0
+    write: float = 0.0
+    finish: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            setattr(self, stage, getattr(self, stage) + seconds)
+
+    def to_dict(self) -> dict[str, float]:
+        return {f.name: round(getattr(self, f.name), 3) for f in fields(self) if not f.name.startswith("_")}
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One read window: ``x`` (C, T, T) float32 normalised and padded to the tile, or None when no pixel is valid."""
+
+    row: int  # index of its window row in the plan
+    last_in_row: bool
+    window: TileWindow
+    x: np.ndarray | None
+    valid: np.ndarray
+
+
+class TilePrefetcher:
+    """Reads windows in ``threads`` background threads, handing them out in order, at most ``depth`` ahead.
+
+    ``threads=0`` reads in the calling thread (a plain, sequential reference).
+    """
+
+    def __init__(self, read: Reader, tile: int, pad_mode: str, threads: int, depth: int,
+                 times: StageTimes) -> None:
+        self.read, self.tile, self.pad_mode, self.depth, self.times = read, tile, pad_mode, max(1, depth), times
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cdkd-read") if threads > 0 else None
+
+    def _load(self, row: int, last: bool, window: TileWindow) -> Tile:
+        start = time.perf_counter()
+        x, valid = self.read(window)
+        if not valid.any():
+            x = None
+        elif x.shape[1:] != (self.tile, self.tile):
+            x, _ = pad_to_tile(x, self.tile, mode=self.pad_mode)
+        self.times.add("read", time.perf_counter() - start)
+        return Tile(row, last, window, x, valid)
+
+    def map(self, items: Iterable[tuple[int, bool, TileWindow]]) -> Iterator[Tile]:
+        if self._pool is None:
+            for item in items:
+                yield self._load(*item)
+            return
+        ahead: deque[Future] = deque()
+        items = iter(items)
+        try:
+            for item in items:
+                ahead.append(self._pool.submit(self._load, *item))
+                if len(ahead) >= self.depth:
+                    yield self._wait(ahead.popleft())
+            while ahead:
+                yield self._wait(ahead.popleft())
+        finally:
+            for f in ahead:
+                f.cancel()
+
+    def _wait(self, future: Future) -> Tile:
+        start = time.perf_counter()
+        tile = future.result()
+        self.times.add("wait_read", time.perf_counter() - start)
+        return tile
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class WeightCache:
+    """``window_weights`` as tensors on the device: a plan has at most nine distinct ones (first, middle and last
+    window along each axis), so each is built once."""
+
+    def __init__(self, height: int, width: int, overlap: int, device: torch.device) -> None:
+        self.height, self.width, self.overlap, self.device = height, width, overlap, device
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, w: TileWindow) -> torch.Tensor:
+        key = (w.row > 0, w.row + w.height < self.height, w.height, w.col > 0, w.col + w.width < self.width,
+               w.width)
+        if key not in self._cache:
+            weights = window_weights(w, self.height, self.width, self.overlap)
+            self._cache[key] = torch.from_numpy(weights).to(self.device)
+        return self._cache[key]
+
+
+@dataclass
+class RowCounts:
+    """Windows run through the model and windows skipped (no valid pixel)."""
+
+    run: int = 0
+    skipped: int = 0
+
+
+def row_partials(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, prefetcher: TilePrefetcher,
+                 forward: Callable[[np.ndarray], torch.Tensor], blender: RowBlender, weights: WeightCache,
+                 batch_size: int, times: StageTimes, counts: RowCounts,
+                 should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[int, Partial]]:
+    """``(row index, partial)`` for window rows ``start..stop-1`` of ``rows``, in order.
+
+    ``forward`` maps a (B, C, T, T) float32 batch to (B, K, T, T) logits on ``blender.device``. ``should_stop`` is
+    polled between batches; when it turns true the generator returns early (the rows it yielded are complete).
+    """
+    items = ((i, j == len(rows[i]) - 1, w) for i in range(start, stop) for j, w in enumerate(rows[i]))
+    events: deque[list[Any]] = deque()  # [tile, logits or None], in plan order
+    pending: list[list[Any]] = []  # events waiting for the model
+    started: set[int] = set()
+
+    def run_pending() -> None:
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        logits = forward(np.stack([ev[0].x for ev in pending]))
+        times.add("model", time.perf_counter() - t0)
+        for ev, out in zip(pending, logits):
+            ev[1] = out
+        counts.run += len(pending)
+        pending.clear()
+
+    def drain() -> Iterator[tuple[int, Partial]]:
+        # a finished row is handed out at once, before the next row's buffers exist: one row's sums in memory
+        while events and (events[0][0].x is None or events[0][1] is not None):
+            t0 = time.perf_counter()
+            tile, logits = events.popleft()
+            w = tile.window
+            if tile.row not in started:
+                started.add(tile.row)
+                blender.begin(w.row, w.height)
+            blender.add_valid(w, torch.from_numpy(tile.valid).to(blender.device, non_blocking=True))
+            if logits is None:
+                counts.skipped += 1
+            else:
+                h, wd = w.shape  # crop the padding of scenes smaller than the tile
+                blender.add(w, logits[:, :h, :wd], weights(w))
+            times.add("blend", time.perf_counter() - t0)
+            if tile.last_in_row:
+                yield tile.row, blender.partial()
+
+    for tile in prefetcher.map(items):
+        event = [tile, None]
+        events.append(event)
+        if tile.x is not None:
+            pending.append(event)
+        if len(pending) >= batch_size:
+            run_pending()
+        yield from drain()
+        if should_stop() and not pending:
+            return
+    run_pending()
+    yield from drain()
