@@ -10,29 +10,44 @@ import typer
 from cli import options as o
 from cli.errors import cli_errors
 
+RUN = "Runtime"
+
 
 def evaluate_command(
-    segmenter: Path = typer.Argument(..., help="segmenter.pt written by cdkd finetune."),
+    segmenter: Path = typer.Argument(..., help="segmenter.pt from cdkd finetune, or model.onnx from cdkd export."),
     data: Path = typer.Option(..., "--data", help="Labeled dataset root."),
-    fmt: str = typer.Option(..., "--format", help="dubai, deepglobe, loveda, isprs, openearthmap or folder."),
+    fmt: o.DataFormat = typer.Option(..., "--format", help="Dataset layout."),
     out: Path = typer.Option(..., "--out", help="Folder for metrics.json, metrics.md and confusion.png."),
     classes: Optional[Path] = typer.Option(None, "--classes", help="Class file (YAML) for --format folder."),
     split: Optional[str] = typer.Option(None, "--split", help="Comma-separated folder patterns, e.g. 'tile[7-8]'."),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="Sliding-window overlap in px (default: the "
                                           "segmenter's)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Tiles per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    runtime: Optional[o.Runtime] = typer.Option(None, "--runtime", help="Default: from the model file's suffix "
+                                                "(.pt: torch, .onnx: onnx).", rich_help_panel=RUN),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN),
+    amp: o.Amp = typer.Option(o.Amp.none, "--amp", help="Autocast on CUDA for a segmenter.pt (none: float32 "
+                              "metrics).", rich_help_panel=RUN),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime CPU threads.", rich_help_panel=RUN),
     overwrite: bool = o.overwrite_opt,
     progress: bool = o.progress_opt,
 ) -> None:
     """Evaluate a segmenter on whole images with overlapping sliding windows; prints the metrics table.
 
-    Example: cdkd evaluate runs/seg/segmenter.pt --data dubai/ --format dubai --split 'tile[7-8]' --out runs/seg/eval
+    Examples:
+      cdkd evaluate runs/seg/segmenter.pt --data dubai/ --format dubai --split 'tile[7-8]' --out runs/seg/eval
+      cdkd evaluate model.onnx --data dubai/ --format dubai --split 'tile[7-8]' --out runs/seg/eval_onnx
     """
     with cli_errors():
         from cdkd.finetune.evaluate import evaluate
 
-        res = evaluate(segmenter, data, fmt, out, classes=classes, split=o.words(split), overlap=overlap,
-                       batch_size=batch_size, device=device, overwrite=overwrite, progress=progress)
+        res = evaluate(segmenter, data, fmt.value, out, classes=classes, split=o.words(split), overlap=overlap,
+                       batch_size=batch_size, device=device, runtime=o.value(runtime), amp=amp.value,
+                       threads=threads, overwrite=overwrite, progress=progress)
         typer.echo(res.metrics.markdown_table())
-        typer.echo(f"\nwrote {res.json_path}, {res.markdown_path}, {res.confusion_path}")
+        typer.echo(f"\nevaluated {res.cost.summary()}")
+        share = res.cost.decoder_share
+        if share is not None and share > 0.5:
+            typer.echo("the decoder costs more than the encoder: cdkd finetune --decoder-channels 128 (or 256) "
+                       "trains a narrower one")
+        typer.echo(f"wrote {res.json_path}, {res.markdown_path}, {res.confusion_path}")
