@@ -3,4 +3,9 @@
 Every capability is importable from the library; the ``cdkd`` command line is a thin layer over it.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("cdkd")  # one source: pyproject.toml's version, as installed
+except PackageNotFoundError:  # a source tree on sys.path that pip never installed
+    __version__ = "0+unknown"

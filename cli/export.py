@@ -9,14 +9,13 @@ import typer
 from cli import options as o
 from cli.errors import cli_errors
 
-FORMATS = ("onnx", "tensorrt")
 ONNX = "ONNX"
 TRT = "TensorRT"
 
 # Options as module constants, the way options.py holds the shared ones (and no call in a default argument).
 model_arg = typer.Argument(..., help="segmenter.pt from cdkd finetune; or model.onnx for --format tensorrt and "
                            "--sidecar.")
-format_opt = typer.Option("onnx", "--format", help="onnx or tensorrt.")
+format_opt = typer.Option(o.ExportFormat.onnx, "--format", help="What to write.")
 out_opt = typer.Option(None, "--out", help="model.onnx or model.engine to write.")
 opset_opt = typer.Option(17, "--opset", help="ONNX opset (17 suits TensorRT 8.5+ and ONNX Runtime).",
                          rich_help_panel=ONNX)
@@ -40,7 +39,7 @@ sidecar_opt = typer.Option(None, "--sidecar", metavar="ENGINE", help="Write ENGI
 
 def export_command(
     model: Path = model_arg,
-    fmt: str = format_opt,
+    fmt: o.ExportFormat = format_opt,
     out: Path | None = out_opt,
     opset: int = opset_opt,
     dynamic_batch: bool = dynamic_opt,
@@ -68,16 +67,14 @@ def export_command(
             raise typer.BadParameter("--sidecar writes ENGINE.json beside the engine and takes no --out")
     elif out is None:
         raise typer.BadParameter("--out is required (the .onnx or .engine file to write)")
-    if fmt not in FORMATS:
-        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fmt == "onnx" and sidecar is None and (fp16 or int8 or calib is not None):
+    if fmt == o.ExportFormat.onnx and sidecar is None and (fp16 or int8 or calib is not None):
         raise typer.BadParameter("--fp16, --int8 and --calib build TensorRT engines: add --format tensorrt")
     with cli_errors():
         if sidecar is not None:
             from cdkd.export import write_sidecar
 
             typer.echo(f"wrote {write_sidecar(model, sidecar, overwrite=overwrite)} (metadata of {model})")
-        elif fmt == "onnx":
+        elif fmt == o.ExportFormat.onnx:
             from cdkd.export import export_onnx
 
             res = export_onnx(model, out, opset=opset, dynamic_batch=dynamic_batch, batch_size=batch_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import Optional
 
 import typer
 
@@ -13,7 +14,7 @@ app = typer.Typer(
     name="cdkd",
     help="Distil SAM into a small land-cover model (Mask-CDKD) and map satellite scenes with it.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish and PowerShell
     pretty_exceptions_enable=False,
 )
 app.command("distill", no_args_is_help=True)(distill.distill_command)
@@ -25,8 +26,19 @@ app.command("vectorize", no_args_is_help=True)(vectorize.vectorize_command)
 app.command("demo")(demo.demo_command)
 
 
+def _print_version(given: bool) -> None:
+    if given:
+        import cdkd
+
+        typer.echo(f"cdkd {cdkd.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main() -> None:
+def _main(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_print_version, is_eager=True,
+                                           help="Print the cdkd version and exit."),
+) -> None:
     """cdkd: Mask-CDKD distillation, land-cover fine-tuning, export and scene mapping."""
     warnings.showwarning = _show_warning
 

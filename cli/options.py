@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 import typer
 
 T = TypeVar("T")
+
+
+class Choice(str, enum.Enum):
+    """A fixed-choice option: ``--help`` lists the values and click refuses any other one (exit 2) before the
+    command runs. The values mirror the library's own constants (tests/test_cli.py checks they agree); they are
+    spelled out here because importing those modules would import torch and slow every ``cdkd --help``."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _choice(name: str, values: tuple[str, ...]) -> type[Choice]:
+    return Choice(name, [(v, v) for v in values])  # type: ignore[return-value]
+
+
+Runtime = _choice("Runtime", ("torch", "onnx", "tensorrt"))  # cdkd.scene.runtimes.RUNTIMES
+Amp = _choice("Amp", ("auto", "none", "bf16", "fp16"))  # cdkd.scene.runtimes / cdkd.utils.optim AMP_MODES
+Stats = _choice("Stats", ("model", "scene"))  # cdkd.scene.source.STATS_MODES
+OnError = _choice("OnError", ("fail", "skip"))  # cdkd.scene.batch.ON_ERROR
+DataFormat = _choice("DataFormat", ("dubai", "deepglobe", "loveda", "isprs", "openearthmap", "folder"))  # FORMATS
+Head = _choice("Head", ("upernet", "linear"))  # cdkd.models.upernet.HEADS
+LrSchedule = _choice("LrSchedule", ("cosine", "poly"))  # cdkd.utils.optim.LR_SCHEDULES
+ExportFormat = _choice("ExportFormat", ("onnx", "tensorrt"))  # cli.export.FORMATS
+Adapter = _choice("Adapter", ("multi", "single"))  # cdkd.models.mmoa.MMoA
+Fusion = _choice("Fusion", ("gate", "add"))
+Direction = _choice("Direction", ("bi", "uni"))  # cdkd.distill.objective
+Schedule = _choice("Schedule", ("dynamic", "fixed"))  # cdkd.distill.schedule
+
+
+def value(choice: Optional[Choice]) -> Optional[str]:
+    """The plain text of a choice (None stays None), for configs and library calls."""
+    return None if choice is None else choice.value
 
 TRAIN = "Training"
 
@@ -21,7 +54,8 @@ batch_opt = typer.Option(None, "--batch-size", help="Images per micro-batch.", r
 steps_opt = typer.Option(None, "--steps", help="Optimiser steps.", rich_help_panel=TRAIN)
 epochs_opt = typer.Option(None, "--epochs", help="Passes over the image files.", rich_help_panel=TRAIN)
 lr_opt = typer.Option(None, "--lr", help="Peak learning rate.", rich_help_panel=TRAIN)
-amp_opt = typer.Option(None, "--amp", help="auto, bf16, fp16 or none.", rich_help_panel=TRAIN)
+amp_opt = typer.Option(None, "--amp", help="Mixed precision on CUDA (auto = bf16; none on CPU).",
+                       rich_help_panel=TRAIN)
 seed_opt = typer.Option(None, "--seed", help="Makes runs repeatable.", rich_help_panel=TRAIN)
 tile_opt = typer.Option(None, "--tile-size", help="Tile size in px, a multiple of 16.")
 

@@ -24,25 +24,33 @@ def segment_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Output class raster (one scene)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Output folder (any number of scenes): "
                                            "<stem>.tif per scene and segment_report.json."),
-    runtime: Optional[str] = typer.Option(None, "--runtime", help="torch, onnx or tensorrt (default: from the "
-                                          "model file's suffix).", rich_help_panel=RUN),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of segment options (tile_size, "
+                                          "overlap, batch_size, bands, stats, probs, ...); flags override it."),
+    runtime: Optional[o.Runtime] = typer.Option(None, "--runtime", help="Default: from the model file's suffix.",
+                                                rich_help_panel=RUN),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN),
-    amp: str = typer.Option("auto", "--amp", help="Autocast on CUDA for --model: auto (bf16), fp16, bf16, none.",
-                            rich_help_panel=RUN),
+    amp: o.Amp = typer.Option(o.Amp.auto, "--amp", help="Autocast on CUDA for --model (auto = bf16).",
+                              rich_help_panel=RUN),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime CPU threads.", rich_help_panel=RUN),
     tile_size: Optional[int] = typer.Option(None, "--tile-size", help="Tile size in px (default: the model's).",
                                             rich_help_panel=TILING),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="Window overlap in px (default: the model's).",
                                           rich_help_panel=TILING),
-    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per forward pass.", rich_help_panel=TILING),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tiles per forward pass (default 4).",
+                                             rich_help_panel=TILING),
     bands: Optional[str] = typer.Option(None, "--bands", help="Scene bands fed to the model, in order, e.g. "
                                         "3,2,1 or 1,1,1 (default: the model's).", rich_help_panel=TILING),
-    stats: str = typer.Option("model", "--stats", help="Normalisation: model (stored with it) or scene "
-                              "(computed once from this scene).", rich_help_panel=TILING),
-    probs: bool = typer.Option(False, "--probs", help="Also write <out>_confidence.tif (uint8 max probability)."),
+    stats: Optional[o.Stats] = typer.Option(None, "--stats", help="Normalisation: model (stored with it, the "
+                                            "default) or scene (computed once from this scene).",
+                                            rich_help_panel=TILING),
+    probs: Optional[bool] = typer.Option(None, "--probs/--no-probs", help="Also write <out>_confidence.tif (uint8 "
+                                         "max probability)."),
+    preview: bool = typer.Option(False, "--preview", help="Also write <out>.png: the scene beside its classes, "
+                                 "with the legend."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="dask.distributed scheduler address, e.g. "
                                             "tcp://host:8786 (default: run here)."),
-    on_error: str = typer.Option("fail", "--on-error", help="fail: stop at the first bad scene; skip: go on."),
+    on_error: o.OnError = typer.Option(o.OnError.fail, "--on-error", help="fail: stop at the first bad scene; "
+                                       "skip: go on."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scene from its last row."),
     progress: bool = o.progress_opt,
@@ -54,10 +62,11 @@ def segment_command(
       cdkd segment scene.tif --engine orin.engine --out scene_lc.tif --probs
       cdkd segment a.tif b.tif c.tif --engine model.onnx --out-dir lc/ --scheduler tcp://10.0.0.5:8786
       cdkd segment scenes/ --engine model.onnx --out-dir lc/   (every *.tif, *.tiff, *.vrt, *.jp2 in scenes/)
+      cdkd segment scene.tif --engine model.onnx --out scene_lc.tif --config segment.yaml --preview
     """
     with cli_errors(resumable=True):
         from cdkd.errors import CdkdValueError
-        from cdkd.scene.batch import RuntimeSpec, expand_scenes, segment_many
+        from cdkd.scene.batch import RuntimeSpec, expand_scenes, plan_outputs, segment_many
         from cdkd.scene.engine import SegmentOptions, segment_scene
 
         if (model is None) == (engine is None):
@@ -69,26 +78,59 @@ def segment_command(
             raise CdkdValueError(f"--out names one output but {len(scenes)} scenes were given; use --out-dir")
         if scheduler is not None and out_dir is None:
             raise CdkdValueError("--scheduler writes <stem>.tif per scene: give --out-dir DIR instead of --out")
-        if resume and overwrite:
+        flags = o.given({"tile_size": tile_size, "overlap": overlap, "batch_size": batch_size,
+                         "bands": o.ints(bands, "--bands"), "stats": o.value(stats), "probs": probs,
+                         "overwrite": overwrite or None, "resume": resume or None, "progress": progress})
+        options = o.resolve_config(SegmentOptions, config, None, flags)
+        if options.resume and options.overwrite:
             raise CdkdValueError("--resume and --overwrite contradict each other; pick one")
-        spec = RuntimeSpec(str(model or engine), runtime, device, amp, threads)
-        options = SegmentOptions(tile_size=tile_size, overlap=overlap, batch_size=batch_size,
-                                 bands=o.ints(bands, "--bands"), stats=stats, probs=probs, overwrite=overwrite,
-                                 resume=resume, progress=progress)
+        if preview:
+            outputs = [out] if out is not None else [dst for _, dst in plan_outputs(scenes, out_dir)]
+            _check_previews(outputs, options.overwrite)
+        spec = RuntimeSpec(str(model or engine), o.value(runtime), device, amp.value, threads)
         if out is not None:
             report = segment_scene(scenes[0], spec.open(), out, options)
             _print_scene(report.to_dict())
+            if preview:
+                _write_preview(scenes[0], out, options.bands)
             return
-        batch = segment_many(scenes, out_dir, spec, options, scheduler, on_error)
+        batch = segment_many(scenes, out_dir, spec, options, scheduler, on_error.value)
         for result in batch.scenes:
             if result.ok:
                 _print_scene(result.report)
+                if preview:
+                    _write_preview(Path(result.scene), Path(result.output), options.bands)
             else:
                 print(f"Error: {result.error}", file=sys.stderr)
         typer.echo(f"{len(batch.scenes) - len(batch.failed)} of {len(scenes)} scene(s) done in "
                    f"{batch.seconds:.1f} s")
         if batch.failed or len(batch.scenes) < len(scenes):
             raise typer.Exit(1)
+
+
+def preview_path(out: Path) -> Path:
+    """``--preview``'s PNG for the class raster ``out``: ``lc/scene.tif`` -> ``lc/scene.png``."""
+    return Path(out).with_suffix(".png")
+
+
+def _check_previews(outputs: list[Path], overwrite: bool) -> None:
+    """Refuse before hours of work, not after, when a preview would replace a file it must not."""
+    from cdkd.errors import CdkdValueError, OutputExistsError
+
+    for out in outputs:
+        png = preview_path(out)
+        if png == Path(out):
+            raise CdkdValueError(f"{out}: the preview would replace the class raster; name the output .tif")
+        if png.exists() and not overwrite:
+            raise OutputExistsError(f"{png}: already exists (--preview writes it); pass --overwrite to replace it")
+
+
+def _write_preview(scene: Path, out: Path, bands: Optional[tuple[int, ...]]) -> None:
+    """The preview shows the bands the model read when they make an image (1 or 3), else the scene's RGB."""
+    from cdkd.scene.preview import write_preview
+
+    bands = bands if bands is not None and len(bands) in (1, 3) else None
+    typer.echo(f"  preview: {write_preview(scene, out, preview_path(out), bands=bands, overwrite=True)}")
 
 
 def _print_scene(report: dict) -> None:

@@ -129,3 +129,134 @@ def test_real_scenes_folder_with_broken_files_is_refused_clearly(shared_data: Pa
     assert "Warning: skipped" in out and "corrupt.tif" in out
     assert "different data types" in one_clean_error(out)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+# ------------------------------------------------------------------------------------------ conventions
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    from importlib.metadata import version
+
+    import cdkd
+
+    res, out = _run(["--version"])
+    assert res.exit_code == 0
+    assert out.strip() == f"cdkd {version('cdkd')}" == f"cdkd {cdkd.__version__}"
+
+
+def test_shell_completion_is_offered_and_completes_choices() -> None:
+    import os
+    import shutil
+    import subprocess
+
+    res, out = _run(["--help"])
+    assert "--install-completion" in out and "--show-completion" in out
+    res = runner.invoke(app, ["--show-completion", "bash"], prog_name="cdkd")
+    assert res.exit_code == 0 and "_CDKD_COMPLETE=complete_bash" in res.output
+    exe = shutil.which("cdkd")
+    if exe is None:
+        pytest.skip("the cdkd console script is not installed")
+    env = dict(os.environ, _CDKD_COMPLETE="complete_bash", COMP_WORDS="cdkd segment a.tif --on-error ", COMP_CWORD="4")
+    done = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["fail", "skip"]
+    env.update(COMP_WORDS="cdkd seg", COMP_CWORD="1")
+    assert subprocess.run([exe], env=env, capture_output=True, text=True, timeout=60).stdout.split() == ["segment"]
+
+
+def test_choice_options_mirror_the_library() -> None:
+    from cdkd.data.labeled import FORMATS
+    from cdkd.models.upernet import HEADS
+    from cdkd.scene import runtimes
+    from cdkd.scene.batch import ON_ERROR
+    from cdkd.scene.source import STATS_MODES
+    from cdkd.utils import optim
+    from cli import options as o
+
+    def values(choice) -> tuple[str, ...]:
+        return tuple(c.value for c in choice)
+
+    assert values(o.Runtime) == runtimes.RUNTIMES and values(o.OnError) == ON_ERROR
+    assert set(values(o.Amp)) == set(runtimes.AMP_MODES) == set(optim.AMP_MODES)
+    assert values(o.Stats) == STATS_MODES and values(o.DataFormat) == FORMATS and values(o.Head) == HEADS
+    assert set(values(o.LrSchedule)) == set(optim.LR_SCHEDULES)
+
+
+@pytest.mark.parametrize("args, choices", [
+    (["segment", "a.tif", "--on-error", "ignore"], "'fail', 'skip'"),
+    (["segment", "a.tif", "--stats", "tile"], "'model', 'scene'"),
+    (["segment", "a.tif", "--amp", "fp8"], "'bf16'"),
+    (["segment", "a.tif", "--runtime", "tflite"], "'tensorrt'"),
+    (["finetune", "--out", "r", "--format", "coco"], "'openearthmap'"),
+    (["finetune", "--out", "r", "--head", "fcn"], "'upernet', 'linear'"),
+    (["finetune", "--out", "r", "--lr-schedule", "step"], "'poly'"),
+    (["evaluate", "m.pt", "--data", "d", "--out", "e", "--format", "coco"], "'dubai'"),
+    (["evaluate", "m.pt", "--data", "d", "--out", "e", "--format", "dubai", "--runtime", "tvm"], "'onnx'"),
+    (["export", "m.pt", "--out", "m.x", "--format", "tflite"], "'onnx', 'tensorrt'"),
+], ids=lambda v: v[-1] if isinstance(v, list) else "")
+def test_a_wrong_choice_is_refused_at_once(args: list[str], choices: str, tmp_path: Path) -> None:
+    res, out = _run(args)
+    assert res.exit_code == 2, out
+    flat = " ".join(out.replace("│", " ").split())  # typer's error panel wraps lines
+    assert f"'{args[-1]}' is not one of" in flat and choices in flat and "Traceback" not in out
+
+
+def test_help_lists_the_choices() -> None:
+    out = _run(["segment", "--help"])[1]
+    assert "fail|skip" in out and "model|scene" in out and "torch|onnx|tensorrt" in out
+    assert "upernet|linear" in _run(["finetune", "--help"])[1]
+
+
+# ------------------------------------------------------------------------------------------ segment
+
+
+@pytest.fixture
+def scene_and_model(tmp_path: Path) -> tuple[Path, Path]:
+    from conftest import make_segmenter, synthetic_image
+
+    return (make_geotiff(tmp_path / "scene.tif", synthetic_image((3, 90, 120), seed=2)),
+            make_segmenter(tmp_path / "segmenter.pt", tile=64, overlap=16))
+
+
+def test_segment_config_file_and_flags_over_it(scene_and_model, tmp_path: Path) -> None:
+    import json
+
+    scene, model = scene_and_model
+    cfg = tmp_path / "segment.yaml"
+    cfg.write_text("tile_size: 48\noverlap: 8\nbatch_size: 2\nprobs: true\n")
+    res, out = _run(["segment", scene, "--model", model, "--out", tmp_path / "a.tif", "--config", cfg,
+                     "--no-progress"])
+    assert res.exit_code == 0, out
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert (report["tile_size"], report["overlap"], report["batch_size"]) == (48, 8, 2)
+    assert (tmp_path / "a_confidence.tif").exists()  # probs from the file
+    res, out = _run(["segment", scene, "--model", model, "--out", tmp_path / "b.tif", "--config", cfg,
+                     "--overlap", "16", "--no-probs", "--no-progress"])
+    assert res.exit_code == 0, out
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert (report["tile_size"], report["overlap"]) == (48, 16) and not (tmp_path / "b_confidence.tif").exists()
+    cfg.write_text("tile: 48\n")
+    res, out = _run(["segment", scene, "--model", model, "--out", tmp_path / "c.tif", "--config", cfg])
+    assert res.exit_code == 2 and str(cfg) in one_clean_error(out) and "tile" in out
+    assert not (tmp_path / "c.tif").exists()
+
+
+def test_segment_preview_beside_the_output(scene_and_model, tmp_path: Path) -> None:
+    from PIL import Image
+
+    scene, model = scene_and_model
+    out = tmp_path / "lc.tif"
+    res, text = _run(["segment", scene, "--model", model, "--out", out, "--preview", "--no-progress"])
+    assert res.exit_code == 0, text
+    with Image.open(tmp_path / "lc.png") as im:
+        assert "cdkd:legend" in im.text and im.size[0] > 2 * 120
+    res, text = _run(["segment", scene, "--model", model, "--out", tmp_path / "lc2.tif", "--preview",
+                      "--no-progress"])
+    assert res.exit_code == 0 and (tmp_path / "lc2.png").exists()
+    (tmp_path / "x.png").write_bytes(b"mine")
+    res, text = _run(["segment", scene, "--model", model, "--out", tmp_path / "x.tif", "--preview"])
+    assert res.exit_code == 1 and "x.png" in one_clean_error(text) and "--overwrite" in text
+    assert not (tmp_path / "x.tif").exists() and (tmp_path / "x.png").read_bytes() == b"mine"  # refused first
+    res, text = _run(["segment", scene, "--model", model, "--out-dir", tmp_path / "many", "--preview",
+                      "--no-progress"])
+    assert res.exit_code == 0, text
+    assert (tmp_path / "many" / "scene.png").exists()
