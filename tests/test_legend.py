@@ -50,7 +50,8 @@ def _rat(xml_text: str) -> tuple[list[str], list[tuple[str, int, int]], list[lis
     categories = [c.text or "" for c in band.find("CategoryNames").findall("Category")]
     rat = band.find("GDALRasterAttributeTable")
     assert rat.get("tableType") == "thematic"
-    columns = [(f.findtext("Name"), int(f.findtext("Type")), int(f.findtext("Usage"))) for f in rat.findall("FieldDefn")]
+    columns = [(f.findtext("Name"), int(f.findtext("Type")), int(f.findtext("Usage")))
+               for f in rat.findall("FieldDefn")]
     rows = [[f.text for f in row.findall("F")] for row in sorted(rat.findall("Row"), key=lambda r: int(r.get("index")))]
     return categories, columns, rows
 

@@ -73,7 +73,8 @@ class StageTimer:
         cuda = any(p.is_cuda for p in model.parameters())
         self._sync = torch.cuda.synchronize if cuda else (lambda: None)
         self._t0 = self._t1 = 0.0
-        self._handles = [model.register_forward_pre_hook(self._start), model.neck.register_forward_pre_hook(self._split),
+        self._handles = [model.register_forward_pre_hook(self._start),
+                         model.neck.register_forward_pre_hook(self._split),  # the encoder's features are done
                          model.register_forward_hook(self._stop)]
 
     def _now(self) -> float:
