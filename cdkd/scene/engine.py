@@ -39,8 +39,8 @@ from cdkd.config import PATCH_SIZE
 from cdkd.data.files import is_virtual_path, raster_path
 from cdkd.errors import CdkdValueError, CheckpointError, DataError, OutputExistsError
 from cdkd.scene.classraster import NODATA, check_num_classes
-from cdkd.scene.pipeline import RowCounts, StageTimes, TilePrefetcher, WeightCache, row_partials
-from cdkd.scene.rowblend import FinishedRows, Partial, RowBlender, RowStitcher, finish
+from cdkd.scene.pipeline import RowCounts, StageTimes, TilePrefetcher, WeightCache, blend_rows
+from cdkd.scene.rowblend import Partial, PlanBlender
 from cdkd.scene.runtimes import Runtime
 from cdkd.scene.source import SceneInfo, SceneSource
 from cdkd.scene.tiler import PAD_MODES, plan_rows
@@ -331,16 +331,13 @@ class _LocalRun:
             if self.partial.exists():
                 shutil.rmtree(self.partial)
             self.partial.mkdir(parents=True)
-        device = self.runtime.blend_device
         writer = SceneWriter(self.partial, info, class_layers(self.runtime.meta.classes, options.probs), self.times,
                              on_rows=lambda rows: self.tally.add(rows.top, rows.classes))
-        carry = None
+        blender = self.blender()
         if state is not None:
-            carry = self._restore(state, writer)
-        stitcher = RowStitcher([row[0].row for row in self.plan], info.height, carry)
+            blender.carry = self._restore(state, writer)
         prefetcher = TilePrefetcher(self.source.read_normalized, self.tile, options.pad_mode, options.read_threads,
                                     depth=2 * options.batch_size + options.read_threads, times=self.times)
-        blender = RowBlender(self.runtime.meta.num_classes, info.width, device)
         weights = WeightCache(info.height, info.width, self.overlap, blender.device)
         total = sum(len(r) for r in self.plan)
         progress = _Progress(total, sum(len(r) for r in self.plan[: self.rows_done]), options.progress,
@@ -348,19 +345,21 @@ class _LocalRun:
         last_checkpoint = time.monotonic()
         try:
             with deferred_sigint() as interrupted:
-                rows = row_partials(self.plan, self.rows_done, len(self.plan), prefetcher, self.runtime.forward,
-                                    blender, weights, options.batch_size, self.times, self.counts, interrupted)
-                for index, partial in rows:
-                    self._finish_row(stitcher, index, partial, writer)
+                rows = blend_rows(self.plan, self.rows_done, len(self.plan), prefetcher, self.runtime.forward,
+                                  blender, weights, options.batch_size, self.times, self.counts, interrupted)
+                for index, _, finished in rows:
+                    if finished is not None:
+                        writer.put(finished)
+                    self.rows_done = index + 1
                     progress.update(len(self.plan[index]))
                     if interrupted():
                         break
                     if self.rows_done < len(self.plan) and \
                             time.monotonic() - last_checkpoint >= options.checkpoint_seconds:
-                        self._checkpoint(writer, stitcher.carry)
+                        self._checkpoint(writer, blender.carry)
                         last_checkpoint = time.monotonic()
                 if self.rows_done < len(self.plan):  # stopped early: by Ctrl-C
-                    self._checkpoint(writer, stitcher.carry)
+                    self._checkpoint(writer, blender.carry)
                     writer.close()
                     raise KeyboardInterrupt
             writer.close()
@@ -374,14 +373,11 @@ class _LocalRun:
         final, conf, _, _ = output_paths(self.out)
         writer.finish({"classes": final, "confidence": conf})
 
-    def _finish_row(self, stitcher: RowStitcher, index: int, partial: Partial, writer: SceneWriter) -> None:
-        _, final = stitcher.push(index, partial)
-        if final is not None:
-            t0 = time.perf_counter()
-            rows = finish(final, self.options.probs)
-            self.times.add("blend", time.perf_counter() - t0)
-            writer.put(rows)
-        self.rows_done = index + 1
+    def blender(self) -> PlanBlender:
+        info, plan = self.info, self.plan
+        return PlanBlender(self.runtime.meta.num_classes, [row[0].row for row in plan], [w.col for w in plan[0]],
+                           plan[0][0].shape, (info.height, info.width), self.runtime.blend_device,
+                           probs=self.options.probs)
 
     # ------------------------------------------------------------------------------------------------ state
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from cdkd.scene.blend import window_weights
-from cdkd.scene.rowblend import Partial, RowBlender
+from cdkd.scene.rowblend import FinishedRows, Partial, PlanBlender
 from cdkd.scene.tiler import TileWindow, pad_to_tile
 
 Reader = Callable[[TileWindow], "tuple[np.ndarray, np.ndarray]"]  # window -> (x (C, h, w) float32, valid (h, w))
@@ -138,11 +138,13 @@ class RowCounts:
     skipped: int = 0
 
 
-def row_partials(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, prefetcher: TilePrefetcher,
-                 forward: Callable[[np.ndarray], torch.Tensor], blender: RowBlender, weights: WeightCache,
-                 batch_size: int, times: StageTimes, counts: RowCounts,
-                 should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[int, Partial]]:
-    """``(row index, partial)`` for window rows ``start..stop-1`` of ``rows``, in order.
+def blend_rows(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, prefetcher: TilePrefetcher,
+               forward: Callable[[np.ndarray], torch.Tensor], blender: PlanBlender, weights: WeightCache,
+               batch_size: int, times: StageTimes, counts: RowCounts,
+               should_stop: Callable[[], bool] = lambda: False,
+               ) -> Iterator[tuple[int, Partial | None, FinishedRows | None]]:
+    """``(row index, head, finished rows)`` for window rows ``start..stop-1`` of ``rows``, in order (see
+    ``PlanBlender.end``).
 
     ``forward`` maps a (B, C, T, T) float32 batch to (B, K, T, T) logits on ``blender.device``. ``should_stop`` is
     polled between batches; when it turns true the generator returns early (the rows it yielded are complete).
@@ -150,7 +152,6 @@ def row_partials(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, pr
     items = ((i, j == len(rows[i]) - 1, w) for i in range(start, stop) for j, w in enumerate(rows[i]))
     events: deque[list[Any]] = deque()  # [tile, logits or None], in plan order
     pending: list[list[Any]] = []  # events waiting for the model
-    started: set[int] = set()
 
     def run_pending() -> None:
         if not pending:
@@ -163,24 +164,24 @@ def row_partials(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, pr
         counts.run += len(pending)
         pending.clear()
 
-    def drain() -> Iterator[tuple[int, Partial]]:
-        # a finished row is handed out at once, before the next row's buffers exist: one row's sums in memory
+    def drain() -> Iterator[tuple[int, Partial | None, FinishedRows | None]]:
+        # a finished row is handed out before the next row starts: its results are final once it is yielded
         while events and (events[0][0].x is None or events[0][1] is not None):
             t0 = time.perf_counter()
             tile, logits = events.popleft()
             w = tile.window
-            if tile.row not in started:
-                started.add(tile.row)
-                blender.begin(w.row, w.height)
-            blender.add_valid(w, torch.from_numpy(tile.valid).to(blender.device, non_blocking=True))
+            if w.col == rows[tile.row][0].col:
+                blender.begin(tile.row)
             if logits is None:
                 counts.skipped += 1
+                blender.add(w, None, None, tile.valid)
             else:
                 h, wd = w.shape  # crop the padding of scenes smaller than the tile
-                blender.add(w, logits[:, :h, :wd], weights(w))
+                blender.add(w, logits[:, :h, :wd], weights(w), tile.valid)
+            out = blender.end(tile.row) if tile.last_in_row else None
             times.add("blend", time.perf_counter() - t0)
-            if tile.last_in_row:
-                yield tile.row, blender.partial()
+            if out is not None:
+                yield (tile.row, *out)
 
     for tile in prefetcher.map(items):
         event = [tile, None]

@@ -1,16 +1,24 @@
 """Blending tile logits one row of windows at a time, on the runtime's device, in one canonical order.
 
 Every path that blends (the streaming scene engine, a scene split across a cluster, ``cdkd.predict`` over dask
-chunks, in-memory evaluation) sums a pixel's weighted logits in the same order: first across the windows of one
-window row, left to right (the row's *partial*), then the row partials top to bottom. Each term is the same
-float32 product ``logits * weight`` wherever it is computed, and a sum of two terms does not depend on their
-order, so any path that keeps this order gives bitwise the same blended logits, whether it holds the whole
-scene, a band of rows or a block with halos. (Summing windows one by one in plan order would not: float addition
-is not associative, and a block that starts mid-scene cannot know the earlier terms.)
+chunks, in-memory evaluation) sums a pixel's weighted logits ``logits * weight`` in the same order: first across
+the windows of one window row, left to right (the row's *partial*), then the row partials top to bottom. Each
+term is the same float32 product wherever it is computed, and a sum of two terms does not depend on their order,
+so every path gives bitwise the same blended logits, whether it holds the whole scene, a band of rows or a block
+with halos. (Summing windows one by one in plan order would not: float addition is not associative, and a block
+that starts mid-scene cannot know the earlier terms.)
 
-``RowBlender`` holds one row partial (K x tile x W float32 on the device) plus the *carry*: the sum of the
-earlier rows over the pixel rows the next window row will still touch (normally ``overlap`` rows). Memory grows
-with the scene's width, never its height. Only uint8 class ids (and confidence) leave the device.
+Most of a window is covered by that window alone, where its weight is exactly 1 (``blend.window_weights``): there
+the canonical sum is the window's own logits, bitwise, so ``PlanBlender`` reduces them to class ids straight away
+and accumulates only the *frame* that neighbouring windows share. Its row of sums (K x tile x W float32 on the
+device) is touched only in the frames, and the *carry* (the sums of the rows above over the pixel rows the next
+window row still covers, normally ``overlap`` rows) is all that passes from row to row. Memory grows with the
+scene's width, never its height, and only uint8 class ids (and confidence) leave the device.
+
+On a GPU the arrays are torch tensors. On the CPU they are numpy arrays (a CPU runtime's torch logits are viewed
+without a copy): numpy's kernels are single-threaded and release the GIL, so the reader and writer threads run
+beside them, while torch's intra-op threads competed with those threads for the cores and ran 3-5x slower here.
+Float32 products, sums, comparisons and maxima are exact in both, so the class ids do not depend on the choice.
 """
 
 from __future__ import annotations
@@ -26,19 +34,20 @@ from cdkd.scene.classraster import NODATA
 from cdkd.scene.tiler import TileWindow
 
 CONFIDENCE_NODATA = 0  # confidence is round(255 * max softmax) >= 255 / K >= 1 wherever a pixel is valid
+OUTPUTS = ("classes", "logits")
 
 
 @dataclass(frozen=True)
 class Partial:
-    """Weighted sums over image rows ``[top, top + rows)`` and the blender's columns: not (yet) final.
+    """Weighted sums over image rows ``[top, top + rows)`` and the blender's columns that are not final yet.
 
     ``logit_sum`` (K, n, W) float32, ``weight_sum`` (n, W) float32 and ``valid`` (n, W) bool, on one device.
     """
 
     top: int
-    logit_sum: torch.Tensor
-    weight_sum: torch.Tensor
-    valid: torch.Tensor
+    logit_sum: Any
+    weight_sum: Any
+    valid: Any
 
     @property
     def rows(self) -> int:
@@ -48,157 +57,333 @@ class Partial:
     def bottom(self) -> int:
         return self.top + self.rows
 
-    def slice(self, start: int, stop: int) -> Partial:
-        """Image rows ``[start, stop)`` (views, not copies)."""
-        if not self.top <= start <= stop <= self.bottom:
-            raise CdkdValueError(f"rows {start}..{stop} lie outside the partial's {self.top}..{self.bottom}")
-        a, b = start - self.top, stop - self.top
-        return Partial(start, self.logit_sum[:, a:b], self.weight_sum[a:b], self.valid[a:b])
-
     def state(self) -> dict[str, np.ndarray]:
-        """CPU numpy copies, for a checkpoint or to send to another process (``from_state`` restores them)."""
-        return {"top": np.asarray(self.top), "logit_sum": self.logit_sum.cpu().numpy(),
-                "weight_sum": self.weight_sum.cpu().numpy(), "valid": self.valid.cpu().numpy()}
+        """CPU numpy copies, for a checkpoint or another process (``from_state`` restores them)."""
+        return {"top": np.asarray(self.top), "logit_sum": to_numpy(self.logit_sum),
+                "weight_sum": to_numpy(self.weight_sum), "valid": to_numpy(self.valid)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: str | torch.device = "cpu") -> Partial:
-        return cls(int(state["top"]), torch.as_tensor(np.asarray(state["logit_sum"])).to(device),
-                   torch.as_tensor(np.asarray(state["weight_sum"])).to(device),
-                   torch.as_tensor(np.asarray(state["valid"])).to(device))
-
-
-def accumulate(earlier: Partial | None, later: Partial) -> Partial:
-    """``later`` with ``earlier`` (the sum of the window rows above it) added in: the canonical order's next step.
-
-    ``earlier`` must start at ``later``'s top and end no lower. ``later`` is updated in place and returned.
-    """
-    if earlier is None or earlier.rows == 0:
-        return later
-    if earlier.top != later.top or earlier.bottom > later.bottom:
-        raise CdkdValueError(f"cannot add rows {earlier.top}..{earlier.bottom} to {later.top}..{later.bottom}")
-    n = earlier.rows
-    later.logit_sum[:, :n] += earlier.logit_sum  # a sum of two terms: the same whichever is added to which
-    later.weight_sum[:n] += earlier.weight_sum
-    later.valid[:n] |= earlier.valid
-    return later
-
-
-class RowStitcher:
-    """Row partials in, final rows out: adds the carry of the rows above and keeps what the next row will touch.
-
-    ``tops`` are the window rows' offsets, ``height`` the image's. A block that starts below the first window row
-    (``head_end``: its first rows are also covered by the block above, which it does not see) hands those rows
-    out as its *head* instead of finishing them; the carry left after a block's last row is its *tail*. The two
-    meet in ``accumulate(tail, head)``.
-    """
-
-    def __init__(self, tops: Sequence[int], height: int, carry: Partial | None = None,
-                 head_end: int | None = None) -> None:
-        self.tops, self.height, self.carry, self.head_end = list(tops), height, carry, head_end
-
-    def push(self, index: int, partial: Partial) -> tuple[Partial | None, Partial | None]:
-        """(head or None, final rows or None) after window row ``index``'s partial."""
-        total = accumulate(self.carry, partial)
-        next_top = self.tops[index + 1] if index + 1 < len(self.tops) else self.height
-        start, head = total.top, None
-        if self.head_end is not None:
-            head, start, self.head_end = _copy(total.slice(start, self.head_end)), self.head_end, None
-        stop = min(next_top, total.bottom)
-        self.carry = _copy(total.slice(stop, total.bottom)) if stop < total.bottom else None
-        return head, (total.slice(start, stop) if start < stop else None)
-
-
-def _copy(p: Partial) -> Partial:
-    """A partial that owns its memory (a view would keep the whole row's sums alive)."""
-    return Partial(p.top, p.logit_sum.clone(), p.weight_sum.clone(), p.valid.clone())
-
-
-class RowBlender:
-    """The partial of one window row at a time: ``begin(top, height)``, ``add``/``add_valid`` per window in
-    plan order, ``partial()``. Columns ``[x0, x0 + width)`` of the image (a block of ``cdkd.predict`` need not
-    start at column 0); windows are clipped to them."""
-
-    def __init__(self, num_classes: int, width: int, device: str | torch.device = "cpu", x0: int = 0) -> None:
-        if num_classes < 1 or width < 1:
-            raise CdkdValueError(f"blender needs num_classes and width >= 1, got {num_classes}, {width}")
-        self.num_classes, self.width, self.x0 = num_classes, width, x0
-        self.device = torch.device(device)
-        self.top = 0
-        self._sum = self._w = self._valid = None
-
-    def begin(self, top: int, height: int) -> None:
-        """Start the row whose windows cover image rows ``[top, top + height)``."""
-        shape = (height, self.width)
-        self._sum = torch.zeros((self.num_classes, *shape), dtype=torch.float32, device=self.device)
-        self._w = torch.zeros(shape, dtype=torch.float32, device=self.device)
-        self._valid = torch.zeros(shape, dtype=torch.bool, device=self.device)
-        self.top = top
-
-    def _place(self, window: TileWindow) -> tuple[slice, slice, slice]:
-        """(band rows, band cols, window cols) of the part of ``window`` inside this blender's columns."""
-        r0 = window.row - self.top
-        if r0 < 0 or r0 + window.height > self._w.shape[0]:
-            raise CdkdValueError(f"{window} lies outside the row {self.top}..{self.top + self._w.shape[0]}")
-        c0, c1 = max(window.col, self.x0), min(window.col + window.width, self.x0 + self.width)
-        if c0 >= c1:
-            raise CdkdValueError(f"{window} lies outside columns {self.x0}..{self.x0 + self.width}")
-        return (slice(r0, r0 + window.height), slice(c0 - self.x0, c1 - self.x0),
-                slice(c0 - window.col, c1 - window.col))
-
-    def add(self, window: TileWindow, logits: torch.Tensor, weights: torch.Tensor) -> None:
-        """Add (K, h, w) ``logits`` weighted by (h, w) ``weights`` (both on the device) at ``window``."""
-        rows, cols, own = self._place(window)
-        weighted = logits[:, :, own] * weights[:, own]  # one rounding, as everywhere: no fused multiply-add
-        self._sum[:, rows, cols] += weighted
-        self._w[rows, cols] += weights[:, own]
-
-    def add_valid(self, window: TileWindow, valid: torch.Tensor) -> None:
-        """Mark the (h, w) ``valid`` pixels of ``window``, also for a window that was skipped (none valid)."""
-        rows, cols, own = self._place(window)
-        self._valid[rows, cols] |= valid[:, own]
-
-    def partial(self) -> Partial:
-        """This row's partial; the blender lets go of it (the next ``begin`` allocates afresh)."""
-        p = Partial(self.top, self._sum, self._w, self._valid)
-        self._sum = self._w = self._valid = None
-        return p
-
-
-def blended_logits(p: Partial) -> torch.Tensor:
-    """(K, n, W) weighted-mean logits; 0 where no window contributed (only under skipped, all-invalid windows)."""
-    w = p.weight_sum
-    return torch.where(w > 0, p.logit_sum / torch.where(w > 0, w, 1.0), 0.0)
+        arrays = _Arrays(device)
+        return cls(int(state["top"]), arrays.put(np.asarray(state["logit_sum"])),
+                   arrays.put(np.asarray(state["weight_sum"])), arrays.put(np.asarray(state["valid"])))
 
 
 @dataclass(frozen=True)
 class FinishedRows:
-    """Final rows ``[top, top + n)`` as they are written: (n, W) uint8 class ids (``NODATA`` where invalid) and,
-    when asked for, (n, W) uint8 confidence ``round(255 * max softmax)`` (``CONFIDENCE_NODATA`` where invalid)."""
+    """Final rows ``[top, top + n)``: (n, W) uint8 class ids (``NODATA`` where invalid) and, when asked for, (n, W)
+    uint8 confidence ``round(255 * max softmax)`` (``CONFIDENCE_NODATA`` where invalid); or, for evaluation,
+    (K, n, W) float32 blended ``logits`` (0 where no window contributed)."""
 
     top: int
-    classes: np.ndarray
+    classes: np.ndarray | None
     confidence: np.ndarray | None = None
+    logits: Any = None
 
     @property
     def rows(self) -> int:
-        return int(self.classes.shape[0])
+        return int(self.classes.shape[0] if self.classes is not None else self.logits.shape[1])
 
 
-def finish(p: Partial, probs: bool = False) -> FinishedRows:
-    """Reduce a final partial to class ids (and confidence) on its device; only uint8 comes back to the CPU.
+Array = Any  # a numpy array on the CPU, a torch tensor on a GPU
 
-    The class is the argmax of the weighted *sums*: dividing every class's sum by the same positive weight cannot
-    change their order, and skipping it saves a pass over K x n x W floats (rounding in the division could only
-    tie two classes that the sums tell apart). Ties go to the first class, as with numpy's argmax.
+
+def first_argmax(x: Array) -> Array:
+    """(K, ...) -> (...) uint8 index of the largest value along axis 0, the first one on ties (numpy's rule).
+
+    A pass per class; torch's own ``argmax(dim=0)`` reduces across memory strides and was ~5x slower.
     """
-    classes = p.logit_sum.argmax(dim=0).to(torch.uint8)
-    classes[~p.valid] = NODATA
-    confidence = None
+    if isinstance(x, np.ndarray):
+        best = x[0].copy()
+        index = np.zeros(best.shape, dtype=np.uint8)
+        for k in range(1, x.shape[0]):
+            better = x[k] > best  # strictly greater: an equal later class does not win
+            np.maximum(best, x[k], out=best)
+            np.putmask(index, better, k)
+        return index
+    best = x[0].clone()
+    index = torch.zeros(best.shape, dtype=torch.uint8, device=x.device)
+    for k in range(1, x.shape[0]):
+        better = x[k] > best
+        best = torch.maximum(best, x[k])
+        index.masked_fill_(better, k)
+    return index
+
+
+def confidence(logits: Array) -> Array:
+    """(K, ...) blended logits -> (...) uint8 ``round(255 * max softmax)``, at least 1."""
+    if isinstance(logits, np.ndarray):
+        z = logits - logits.max(axis=0, keepdims=True)
+        top = 1.0 / np.exp(z).sum(axis=0)  # the winning class's softmax: exp(0) / sum exp
+        return np.clip(np.rint(255.0 * top), 1, 255).astype(np.uint8)
+    z = logits - logits.max(dim=0, keepdim=True).values
+    top = 1.0 / torch.exp(z).sum(dim=0)
+    return torch.clamp(torch.round(255.0 * top), 1, 255).to(torch.uint8)
+
+
+def blended(logit_sum: Array, weight_sum: Array) -> Array:
+    """Weighted-mean logits; 0 where no window contributed (only under skipped, all-invalid windows)."""
+    if isinstance(logit_sum, np.ndarray):
+        out = np.zeros_like(logit_sum)
+        np.divide(logit_sum, weight_sum, out=out, where=np.broadcast_to(weight_sum > 0, logit_sum.shape))
+        return out
+    has = weight_sum > 0
+    return torch.where(has, logit_sum / torch.where(has, weight_sum, 1.0), 0.0)
+
+
+def add_weighted(dst: Array, logits: Array, weights: Array) -> None:
+    """``dst += logits * weights``, rounding the product and the sum once each (no fused multiply-add: every path
+    must round alike)."""
+    if isinstance(dst, np.ndarray):
+        np.add(dst, np.multiply(logits, weights), out=dst)
+    else:
+        dst += logits * weights
+
+
+class _Arrays:
+    """Allocation and transfer for the blender's device: numpy on the CPU, torch elsewhere."""
+
+    def __init__(self, device: str | torch.device) -> None:
+        self.device = torch.device(device)
+        self.numpy = self.device.type == "cpu"
+
+    def empty(self, shape: tuple[int, ...], dtype: str) -> Array:
+        if self.numpy:
+            return np.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> Array:
+        a = self.empty(shape, dtype)
+        a[...] = 0
+        return a
+
+    def put(self, x: Any) -> Array:
+        """A tensor or array onto the device (no copy when it is there already)."""
+        if self.numpy:
+            return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        return torch.as_tensor(x).to(self.device, non_blocking=True)
+
+    @staticmethod
+    def copy(a: Array) -> Array:
+        return a.copy() if isinstance(a, np.ndarray) else a.clone()
+
+
+def to_numpy(a: Array) -> np.ndarray:
+    return a if isinstance(a, np.ndarray) else a.cpu().numpy()
+
+
+def exclusive(offsets: Sequence[int], index: int, length: int, size: int) -> tuple[int, int]:
+    """``[start, stop)`` of window ``index`` along one axis that no other window of the plan covers.
+
+    Windows along an axis all have ``length`` px and sorted offsets, so only the two neighbours can reach in (a
+    window two steps away reaches no further than the neighbour between). Empty when neighbours meet or cross.
+    """
+    start = offsets[index]
+    lo = max(start, offsets[index - 1] + length) if index > 0 else start
+    hi = min(start + length, offsets[index + 1]) if index + 1 < len(offsets) else min(start + length, size)
+    return lo, max(lo, hi)
+
+
+def _clip(a: int, b: int, lo: int, hi: int) -> tuple[int, int]:
+    """``[a, b)`` clipped to ``[lo, hi)``; an empty result keeps start == stop."""
+    a = min(max(a, lo), hi)
+    return a, max(a, min(b, hi))
+
+
+def _intervals_outside(inside: list[tuple[int, int]], start: int, stop: int) -> list[tuple[int, int]]:
+    """The parts of ``[start, stop)`` not in any of the sorted, disjoint ``inside`` intervals."""
+    out, at = [], start
+    for a, b in sorted(inside):
+        if a > at:
+            out.append((at, min(a, stop)))
+        at = max(at, b)
+    if at < stop:
+        out.append((at, stop))
+    return [(a, b) for a, b in out if a < b]
+
+
+class PlanBlender:
+    """The blend of a window plan's rows ``start..`` over image columns ``[x0, x1)``, one window row at a time.
+
+    ``row_tops``/``col_offsets``: the plan's window offsets (``tiler.grid_offsets``), ``window``: its (h, w),
+    ``image``: (H, W). Per row: ``begin(i)``, then ``add`` for every window of the row in plan order (``logits``
+    None for a skipped window), then ``end(i)`` -> ``(head, finished)``. ``carry`` is what the next row adds to
+    (set it to resume). ``head=True``: the block starts below a window row it does not see, so the first row's
+    rows that the row above also covers are handed out as a ``Partial`` head instead of being finished.
+    ``output="logits"`` gives blended logits instead of class ids (evaluation).
+    """
+
+    def __init__(self, num_classes: int, row_tops: Sequence[int], col_offsets: Sequence[int],
+                 window: tuple[int, int], image: tuple[int, int], device: str | torch.device = "cpu",
+                 x_range: tuple[int, int] | None = None, probs: bool = False, head: bool = False,
+                 carry: Partial | None = None, output: str = "classes") -> None:
+        if output not in OUTPUTS:
+            raise CdkdValueError(f"unknown blender output {output!r}; choose one of {', '.join(OUTPUTS)}")
+        self.num_classes, self.row_tops, self.col_offsets = num_classes, list(row_tops), list(col_offsets)
+        self.win_h, self.win_w = window
+        self.height, self.width = image
+        self.x0, self.x1 = x_range or (0, self.width)
+        self._arrays = _Arrays(device)
+        self.device, self.probs, self.output = self._arrays.device, probs, output
+        self.head, self.carry = head, carry
+        cols = [exclusive(self.col_offsets, j, self.win_w, self.width) for j in range(len(self.col_offsets))]
+        self._col_excl = {c: _clip(a, b, self.x0, self.x1) for c, (a, b) in zip(self.col_offsets, cols)}
+        inside = [(a, b) for a, b in self._col_excl.values() if a < b]
+        self._shared_cols = _intervals_outside(inside, self.x0, self.x1)  # columns that need the sums
+        shape, new = (self.win_h, self.x1 - self.x0), self._arrays.empty
+        self._sum, self._w, self._valid = new((num_classes, *shape), "float32"), new(shape, "float32"), new(shape, "bool")
+        self._direct = new(shape, "uint8")  # the row's output: class ids
+        self._direct_conf = new(shape, "uint8") if probs else None
+        self._direct_logits = new((num_classes, *shape), "float32") if output == "logits" else None
+        self.top, self._rows = 0, (0, 0)
+
+    # ------------------------------------------------------------------------------------------------ a row
+
+    def begin(self, index: int) -> None:
+        """Start window row ``index``: clear the frames its windows will add to."""
+        self.top = self.row_tops[index]
+        self._rows = exclusive(self.row_tops, index, self.win_h, self.height)
+        e0, e1 = (r - self.top for r in self._rows)
+        for t in (self._sum, self._w, self._valid):
+            t[..., :e0, :] = 0
+            t[..., e1:, :] = 0
+            for a, b in self._shared_cols:
+                t[..., e0:e1, a - self.x0 : b - self.x0] = 0
+
+    def add(self, window: TileWindow, logits: Any, weights: Any, valid: Any) -> None:
+        """Window ``window`` of the current row: (K, h, w) ``logits`` and (h, w) ``weights`` (tensors or arrays,
+        moved to the device), or None for a skipped window (no valid pixel); (h, w) bool ``valid``."""
+        put = self._arrays.put
+        logits = None if logits is None else put(logits)
+        weights = None if weights is None else put(weights)
+        valid = put(valid)
+        c0, c1 = max(window.col, self.x0), min(window.col + window.width, self.x1)
+        if c0 >= c1:
+            raise CdkdValueError(f"{window} lies outside columns {self.x0}..{self.x1}")
+        r0, r1 = self._rows
+        ec0, ec1 = self._col_excl[window.col]
+        # the frame: the window's rows above and below the exclusive rows, and its shared columns between them
+        frame = [(window.row, r0, c0, c1), (r1, window.row + window.height, c0, c1),
+                 (r0, r1, c0, max(c0, ec0)), (r0, r1, min(c1, ec1), c1)]
+        for a, b, c, d in frame:
+            if a < b and c < d:
+                self._add_block(window, logits, weights, valid, a, b, c, d)
+        if r0 < r1 and ec0 < ec1:
+            self._set_direct(window, logits, valid, r0, r1, ec0, ec1)
+
+    def _add_block(self, window: TileWindow, logits: Any, weights: Any, valid: Any, a: int, b: int, c: int,
+                   d: int) -> None:
+        own = (slice(a - window.row, b - window.row), slice(c - window.col, d - window.col))
+        band = (slice(a - self.top, b - self.top), slice(c - self.x0, d - self.x0))
+        self._valid[band] |= valid[own]
+        if logits is None:
+            return
+        w = weights[own]
+        add_weighted(self._sum[(slice(None), *band)], logits[(slice(None), *own)], w)
+        self._w[band] += w
+
+    def _set_direct(self, window: TileWindow, logits: Any, valid: Any, a: int, b: int, c: int, d: int) -> None:
+        """The exclusive part: weight exactly 1 and no other window, so the blend is the window's own logits."""
+        own = (slice(a - window.row, b - window.row), slice(c - window.col, d - window.col))
+        band = (slice(a - self.top, b - self.top), slice(c - self.x0, d - self.x0))
+        if self._direct_logits is not None:
+            self._direct_logits[(slice(None), *band)] = 0.0 if logits is None else logits[(slice(None), *own)]
+        if logits is None:
+            self._direct[band] = NODATA
+            if self._direct_conf is not None:
+                self._direct_conf[band] = CONFIDENCE_NODATA
+            return
+        part = logits[(slice(None), *own)]
+        invalid = ~valid[own]
+        classes = first_argmax(part)
+        classes[invalid] = NODATA
+        self._direct[band] = classes
+        if self._direct_conf is not None:
+            conf = confidence(part)
+            conf[invalid] = CONFIDENCE_NODATA
+            self._direct_conf[band] = conf
+
+    def end(self, index: int) -> tuple[Partial | None, FinishedRows | None]:
+        """Close window row ``index``: (head or None, its final rows or None). The carry moves on."""
+        top, bottom = self.top, self.top + self.win_h
+        if self.carry is not None:  # the rows above, added last: carry + row partial, a sum of two terms
+            n = self.carry.rows
+            if self.carry.top != top or n > self.win_h:
+                raise CdkdValueError(f"carry rows {self.carry.top}..{self.carry.bottom} do not start row {top}")
+            self._sum[:, :n] += self.carry.logit_sum
+            self._w[:n] += self.carry.weight_sum
+            self._valid[:n] |= self.carry.valid
+        start = top
+        head = None
+        if self.head:
+            head_stop = self._rows[0] if self._rows[0] > top else top
+            head, start, self.head = self._partial(top, head_stop), head_stop, False
+        stop = self.row_tops[index + 1] if index + 1 < len(self.row_tops) else self.height
+        stop = min(stop, bottom)
+        finished = self._finish(start, stop) if start < stop else None
+        self.carry = self._partial(stop, bottom) if stop < bottom else None
+        return head, finished
+
+    def _partial(self, a: int, b: int) -> Partial | None:
+        if a >= b:
+            return None
+        rows, copy = slice(a - self.top, b - self.top), self._arrays.copy
+        return Partial(a, copy(self._sum[:, rows]), copy(self._w[rows]), copy(self._valid[rows]))
+
+    def _finish(self, a: int, b: int) -> FinishedRows:
+        """Final rows ``[a, b)``: the exclusive parts are done; reduce the sums everywhere else."""
+        e0, e1 = self._rows
+        m0, m1 = max(a, e0), min(b, e1)  # rows where exclusive parts exist
+        regions = []
+        if m0 >= m1:
+            regions.append((a, b, self.x0, self.x1))
+        else:
+            regions += [(a, m0, self.x0, self.x1), (m1, b, self.x0, self.x1)]
+            regions += [(m0, m1, c, d) for c, d in self._shared_cols]
+        rows = slice(a - self.top, b - self.top)
+        if self.output == "logits":
+            out = (self._arrays.copy(self._direct_logits[:, rows]) if m0 < m1 else
+                   self._arrays.zeros((self.num_classes, b - a, self.x1 - self.x0), "float32"))
+            for r0, r1, c0, c1 in regions:
+                if r0 < r1 and c0 < c1:
+                    band = (slice(r0 - self.top, r1 - self.top), slice(c0 - self.x0, c1 - self.x0))
+                    out[(slice(None), slice(r0 - a, r1 - a), band[1])] = blended(self._sum[(slice(None), *band)],
+                                                                                  self._w[band])
+            return FinishedRows(a, None, logits=out)
+        for r0, r1, c0, c1 in regions:
+            if r0 < r1 and c0 < c1:
+                self._reduce(r0, r1, c0, c1)
+        conf = to_numpy(self._direct_conf[rows]).copy() if self._direct_conf is not None else None
+        return FinishedRows(a, to_numpy(self._direct[rows]).copy(), conf)
+
+    def _reduce(self, r0: int, r1: int, c0: int, c1: int) -> None:
+        """Class ids (and confidence) of a region from its sums, into the row's output."""
+        band = (slice(r0 - self.top, r1 - self.top), slice(c0 - self.x0, c1 - self.x0))
+        sums = self._sum[(slice(None), *band)]
+        invalid = ~self._valid[band]
+        classes = first_argmax(sums)  # the argmax of the sums: dividing all by one positive weight keeps the order
+        classes[invalid] = NODATA
+        self._direct[band] = classes
+        if self._direct_conf is not None:
+            conf = confidence(blended(sums, self._w[band]))
+            conf[invalid] = CONFIDENCE_NODATA
+            self._direct_conf[band] = conf
+
+
+def merge_seam(tail: Partial, head: Partial, probs: bool = False) -> FinishedRows:
+    """The rows two blocks share: the upper block's tail (its carry) plus the lower block's head, reduced.
+
+    ``tail + head`` is the canonical order's last step for these rows (the carry first, then the row partial)."""
+    if (tail.top, tail.rows) != (head.top, head.rows):
+        raise CdkdValueError(f"seam rows differ: tail {tail.top}..{tail.bottom}, head {head.top}..{head.bottom}")
+    sums = tail.logit_sum + head.logit_sum
+    weights = tail.weight_sum + head.weight_sum
+    valid = tail.valid | head.valid
+    classes = first_argmax(sums)
+    classes[~valid] = NODATA
+    conf = None
     if probs:
-        logits = blended_logits(p)
-        z = logits - logits.max(dim=0, keepdim=True).values
-        top = 1.0 / torch.exp(z).sum(dim=0)  # the winning class's softmax: exp(0) / sum exp
-        conf = torch.clamp(torch.round(255.0 * top), 1, 255).to(torch.uint8)
-        conf[~p.valid] = CONFIDENCE_NODATA
-        confidence = conf.cpu().numpy()
-    return FinishedRows(p.top, classes.cpu().numpy(), confidence)
+        c = confidence(blended(sums, weights))
+        c[~valid] = CONFIDENCE_NODATA
+        conf = to_numpy(c)
+    return FinishedRows(tail.top, to_numpy(classes), conf)

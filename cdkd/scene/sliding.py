@@ -15,7 +15,7 @@ import torch
 
 from cdkd.errors import CdkdValueError
 from cdkd.scene.blend import window_weights
-from cdkd.scene.rowblend import RowBlender, RowStitcher, blended_logits
+from cdkd.scene.rowblend import PlanBlender, to_numpy
 from cdkd.scene.tiler import PAD_MODES, TileWindow, _as_int, pad_to_tile, plan_rows
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
@@ -91,8 +91,8 @@ def sliding_window_logits(
     rows = plan_rows(height, width, tile, overlap)  # validates tile and overlap
     windows = [w for row in rows for w in row]
     last_of_row = {id(row[-1]) for row in rows}
-    blender = RowBlender(num_classes, width, image.device)
-    stitcher = RowStitcher([row[0].row for row in rows], height)
+    blender = PlanBlender(num_classes, [row[0].row for row in rows], [w.col for w in rows[0]], rows[0][0].shape,
+                          (height, width), image.device, output="logits")
     out = torch.zeros((num_classes, height, width), dtype=torch.float32)
     index = 0
     with torch.inference_mode():
@@ -105,13 +105,13 @@ def sliding_window_logits(
             logits = logits.detach().float().to(image.device)
             for window, tile_logits in zip(chunk, logits):
                 if window.col == 0:
-                    blender.begin(window.row, window.height)
+                    blender.begin(index)
                 h, w = window.shape  # crop the padding off (only images smaller than the tile have any)
-                weights = torch.from_numpy(window_weights(window, height, width, overlap)).to(image.device)
-                blender.add(window, tile_logits[:, :h, :w], weights)
+                weights = window_weights(window, height, width, overlap)
+                blender.add(window, tile_logits[:, :h, :w], weights, np.ones((h, w), dtype=bool))
                 if id(window) in last_of_row:
-                    _, final = stitcher.push(index, blender.partial())
+                    _, final = blender.end(index)
                     index += 1
                     if final is not None:
-                        out[:, final.top : final.bottom] = blended_logits(final).cpu()
+                        out[:, final.top : final.top + final.rows] = torch.from_numpy(to_numpy(final.logits))
     return out
