@@ -192,6 +192,11 @@ def test_choice_options_mirror_the_library() -> None:
     (["evaluate", "m.pt", "--data", "d", "--out", "e", "--format", "coco"], "'dubai'"),
     (["evaluate", "m.pt", "--data", "d", "--out", "e", "--format", "dubai", "--runtime", "tvm"], "'onnx'"),
     (["export", "m.pt", "--out", "m.x", "--format", "tflite"], "'onnx', 'tensorrt'"),
+    (["distill", "--out", "r", "--adapter", "lora"], "'multi', 'single'"),
+    (["distill", "--out", "r", "--fusion", "concat"], "'gate', 'add'"),
+    (["distill", "--out", "r", "--direction", "both"], "'bi', 'uni'"),
+    (["distill", "--out", "r", "--schedule", "cosine"], "'dynamic', 'fixed'"),
+    (["distill", "--out", "r", "--amp", "fp8"], "'bf16'"),
 ], ids=lambda v: v[-1] if isinstance(v, list) else "")
 def test_a_wrong_choice_is_refused_at_once(args: list[str], choices: str, tmp_path: Path) -> None:
     res, out = _run(args)
