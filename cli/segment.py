@@ -86,7 +86,7 @@ def segment_command(
             raise CdkdValueError("--resume and --overwrite contradict each other; pick one")
         if preview:
             outputs = [out] if out is not None else [dst for _, dst in plan_outputs(scenes, out_dir)]
-            _check_previews(outputs, options.overwrite)
+            _check_previews(outputs, options.overwrite or options.resume)  # a resumed run finishes its previews
         spec = RuntimeSpec(str(model or engine), o.value(runtime), device, amp.value, threads)
         if out is not None:
             report = segment_scene(scenes[0], spec.open(), out, options)
