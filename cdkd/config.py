@@ -54,15 +54,19 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """The small ViT that is distilled; see ``cdkd.models.student.STUDENT_REGISTRY``."""
+    """The small network that is distilled; see ``cdkd.models.student.STUDENT_REGISTRY``."""
 
-    arch: str = "vit_s"  # vit_s (global attention) | vit_s_win (windowed + a few global blocks)
+    arch: str = "vit_s"  # vit_s | vit_s_win (windowed ViT) | rsmamba_s|b|l|h (RS4D's state-space students)
     in_chans: int = 3
+    grad_checkpointing: bool = False  # recompute student blocks in backward (rsmamba's scan states at large tiles)
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Mask-CDKD objective: feature alignment (KD) + masked reconstruction for teacher and student."""
+    """Recipe ``mask-cdkd``: feature alignment (KD) + masked reconstruction for teacher and student.
+
+    (The section keeps its historical name ``objective``; every other recipe has a section named after it.)
+    """
 
     mask_ratio: float = 0.75
     decoder_dim: int = 256
@@ -76,6 +80,26 @@ class ObjectiveConfig:
     fixed_weights: tuple[float, float, float] = (0.6, 0.2, 0.2)  # (KD, T_MAE, S_MAE) for schedule=fixed
     ema_decay: float = 0.98  # smoothing of the losses that drive r
     schedule_warmup: int = 20  # loss updates before the schedule may change stage
+
+
+@dataclass(frozen=True)
+class RS4DConfig:
+    """Recipe ``rs4d``: L1 between the student's last features, projected to the teacher's 256 channels, and SAM's
+    image embedding (its neck output, 1/16 resolution) of the clean tile; the student sees a corrupted tile.
+
+    Of the valid (non-padding) patches of each tile, exactly round(noise_ratio * n) get Gaussian noise added and
+    exactly round(mask_ratio * n) others are masked. The teacher is plain frozen SAM (no adapters).
+    """
+
+    noise_ratio: float = 0.2  # fraction of valid patches with added noise
+    mask_ratio: float = 0.2  # fraction of valid patches masked (mask token, or mean pixels for vit_s)
+    noise_std: float = 1.0  # noise standard deviation, in normalised units (1 = one dataset standard deviation)
+    adaptive: bool = False  # raise both ratios toward the max_* values as the smoothed loss falls
+    max_noise_ratio: float = 0.4
+    max_mask_ratio: float = 0.4
+    adapt_target: float = 0.5  # the ratios reach their maxima once the loss is this fraction of its reference
+    adapt_warmup: int = 50  # loss updates before the reference loss is taken
+    ema_decay: float = 0.98  # smoothing of the loss that drives the ratios
 
 
 @dataclass(frozen=True)
@@ -100,10 +124,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
+    """One distillation run. ``recipe`` names the method (``cdkd.distill.recipes.RECIPES``); its settings live in
+    its own section (``objective`` for mask-cdkd, ``rs4d`` for rs4d); the other sections are shared."""
+
+    recipe: str = "mask-cdkd"  # mask-cdkd | rs4d
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    rs4d: RS4DConfig = field(default_factory=RS4DConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -1,4 +1,5 @@
-"""``cdkd distill``: Mask-CDKD distillation of a SAM teacher into a ViT-S student from unlabeled tiles."""
+"""``cdkd distill``: distillation of a SAM teacher into a small student from unlabeled tiles, by recipe
+(``mask-cdkd``, the default, or ``rs4d``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from cli.errors import cli_errors
 
 _DIRECT = "Teacher"
 _OBJ = "Objective"
+_RS4D = "RS4D (--recipe rs4d)"
 _TRAIN = o.TRAIN
 
 
@@ -19,6 +21,9 @@ def distill_command(
     data: Optional[Path] = typer.Option(None, "--data", help="Folder of unlabeled images (searched recursively)."),
     out: Path = typer.Option(..., "--out", help="Run folder: student.pt, checkpoints/, metrics.jsonl, config.yaml."),
     config: Optional[Path] = o.config_opt,
+    recipe: Optional[str] = typer.Option(None, "--recipe",
+                                         help="mask-cdkd (default: SAM + MMoA, KD + MAE) or rs4d (L1 to SAM's "
+                                              "image embedding, noised and masked student input)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="SAM encoder: vit_b, vit_l (default) or vit_h.",
                                           rich_help_panel=_DIRECT),
     teacher_checkpoint: Optional[Path] = typer.Option(None, "--teacher-checkpoint",
@@ -32,7 +37,8 @@ def distill_command(
     grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
                                                       help="Recompute teacher blocks in backward to save memory.",
                                                       rich_help_panel=_DIRECT),
-    student: Optional[str] = typer.Option(None, "--student", help="vit_s (default) or vit_s_win."),
+    student: Optional[str] = typer.Option(None, "--student",
+                                          help="vit_s (default), vit_s_win, or rsmamba_s|b|l|h (state-space)."),
     in_chans: Optional[int] = typer.Option(None, "--in-chans", help="Input bands of the student (default 3)."),
     bands: Optional[str] = typer.Option(None, "--bands", help="1-based bands to read, e.g. 3,2,1."),
     tile_size: Optional[int] = o.tile_opt,
@@ -40,8 +46,15 @@ def distill_command(
     schedule: Optional[o.Schedule] = typer.Option(None, "--schedule", help="Default dynamic.", rich_help_panel=_OBJ),
     weights: Optional[str] = typer.Option(None, "--weights", help="KD,T_MAE,S_MAE weights for --schedule fixed.",
                                           rich_help_panel=_OBJ),
-    mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="Masked patch fraction (0.75).",
+    mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio",
+                                               help="Masked patch fraction (mask-cdkd 0.75, rs4d 0.2).",
                                                rich_help_panel=_OBJ),
+    noise_ratio: Optional[float] = typer.Option(None, "--noise-ratio",
+                                                help="Fraction of patches given Gaussian noise (0.2).",
+                                                rich_help_panel=_RS4D),
+    adaptive_ratios: Optional[bool] = typer.Option(None, "--adaptive-ratios/--fixed-ratios",
+                                                   help="Raise noise and mask ratios as the loss falls.",
+                                                   rich_help_panel=_RS4D),
     batch_size: Optional[int] = o.batch_opt,
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per step.", rich_help_panel=_TRAIN),
     steps: Optional[int] = o.steps_opt,
@@ -57,11 +70,14 @@ def distill_command(
     overwrite: bool = o.overwrite_opt,
     progress: bool = o.progress_opt,
 ) -> None:
-    """Distil a SAM teacher into a small student from unlabeled tiles (Mask-CDKD).
+    """Distil a SAM teacher into a small student from unlabeled tiles (Mask-CDKD or RS4D).
 
     Example: cdkd distill --data luojia/ --out runs/vitl --teacher vit_l --teacher-checkpoint sam_vit_l_0b3195.pth
+
+    RS4D: cdkd distill --recipe rs4d --noise-ratio 0.2 --mask-ratio 0.2 --student rsmamba_s --teacher vit_b ...
     """
     overrides: dict[str, Any] = {
+        "recipe": recipe,
         "data.root": str(data) if data is not None else None,
         "data.bands": o.ints(bands, "--bands"),
         "data.tile_size": tile_size,
@@ -77,7 +93,6 @@ def distill_command(
         "objective.direction": o.value(direction),
         "objective.schedule": o.value(schedule),
         "objective.fixed_weights": o.floats(weights, 3, "--weights"),
-        "objective.mask_ratio": mask_ratio,
         "train.batch_size": batch_size,
         "train.grad_accum": grad_accum,
         "train.steps": steps,
@@ -104,8 +119,26 @@ def distill_command(
         if weights and schedule is None:
             flags["objective.schedule"] = "fixed"
         cfg = o.resolve_config(DistillConfig, config, run_dir(out).config if resume else None, flags)
+        cfg = _recipe_flags(cfg, mask_ratio, noise_ratio, adaptive_ratios)
         if not cfg.data.root:
             raise ConfigError("no training data: pass --data DIR (or data.root in --config)")
         result = distill(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
-        typer.echo(f"student: {result.student_path}  ({result.steps} steps, stage {result.stage}, "
+        typer.echo(f"student: {result.student_path}  ({result.recipe}, {result.steps} steps, stage {result.stage}, "
                    f"{result.seconds:.0f} s)")
+
+
+def _recipe_flags(cfg: Any, mask_ratio: Optional[float], noise_ratio: Optional[float],
+                  adaptive: Optional[bool]) -> Any:
+    """Flags whose section depends on the recipe (known only once the config file is read)."""
+    from cdkd.config import apply_overrides
+    from cdkd.errors import CdkdValueError
+
+    flags: dict[str, Any] = {}
+    if cfg.recipe == "rs4d":
+        flags = {"rs4d.mask_ratio": mask_ratio, "rs4d.noise_ratio": noise_ratio, "rs4d.adaptive": adaptive}
+    else:
+        if noise_ratio is not None or adaptive is not None:
+            raise CdkdValueError(f"--noise-ratio and --adaptive-ratios belong to --recipe rs4d, not {cfg.recipe}")
+        flags = {"objective.mask_ratio": mask_ratio}
+    flags = o.given(flags)
+    return apply_overrides(cfg, flags) if flags else cfg

@@ -1,4 +1,5 @@
-"""The Mask-CDKD objective: feature alignment (KD) and masked reconstruction for teacher and student.
+"""The Mask-CDKD objective (recipe ``mask-cdkd``): feature alignment (KD) and masked reconstruction for teacher
+and student.
 
 ``MaskCDKD.forward`` reads as its stages (MAE's ``models_mae.py`` layout):
 
@@ -20,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cdkd.config import ObjectiveConfig
+from cdkd.distill.corruption import patch_validity
 from cdkd.errors import CdkdValueError
 from cdkd.models.mae import MAEDecoder, reconstruction_loss
 from cdkd.models.teacher import MMoATeacher, default_teacher_taps
@@ -112,7 +114,7 @@ class MaskCDKD(nn.Module):
     def forward(self, images: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None) -> Losses:
         """images (B, C, H, W) normalised; mask (B, N) bool, True = masked; valid (B, H, W) bool or None."""
         grid = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
-        patch_valid = None if valid is None else _patch_valid(valid, self.patch_size)
+        patch_valid = None if valid is None else patch_validity(valid, self.patch_size)
         t_feats, t_last = self.forward_teacher(images, mask)
         s_feats, s_last = self.forward_student(images, mask)
         keep = ~mask if patch_valid is None else ~mask & patch_valid
@@ -124,9 +126,3 @@ class MaskCDKD(nn.Module):
         t_mae = reconstruction_loss(t_pred, teacher_input(images), mask, **rec)
         s_mae = reconstruction_loss(s_pred, images, mask, **rec)
         return Losses(kd=kd, t_mae=t_mae, s_mae=s_mae)
-
-
-def _patch_valid(valid: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, H, W) pixel validity -> (B, N): a patch counts when at least half its pixels are valid."""
-    frac = F.avg_pool2d(valid[:, None].float(), patch_size).flatten(1)
-    return frac >= 0.5

@@ -1,11 +1,14 @@
 """The distillation run: data, models, optimiser and the training loop, with checkpoints and resume.
 
-``distill(cfg, out_dir)`` is what ``cdkd distill`` calls. The loop itself (``_train_step``) is small; the rest
-is bookkeeping a long job needs: an output folder that is never silently overwritten, atomic checkpoints that
-restore the exact trajectory, JSON-lines metrics, a progress bar and a final report.
+``distill(cfg, out_dir)`` is what ``cdkd distill`` calls, for any recipe (``cfg.recipe``, see
+:mod:`cdkd.distill.recipes`): the recipe supplies the teacher, the objective module, the training items and a
+``LossControl`` (term weights and the knobs its forward reads); this module supplies the rest. The loop itself
+(``_train_step``) is small; the rest is bookkeeping a long job needs: an output folder that is never silently
+overwritten, atomic checkpoints that restore the exact trajectory, JSON-lines metrics, a progress bar and a
+final report.
 
 Under ``torchrun --nproc_per_node K`` the same call trains with DDP; every rank reads its own share of each
-step's samples (``StepSampler``) and the loss schedule is steered by losses averaged over ranks.
+step's samples (``StepSampler``) and the recipe's control is steered by losses averaged over ranks.
 """
 
 from __future__ import annotations
@@ -26,14 +29,11 @@ from torch.utils.data import DataLoader
 import cdkd
 from cdkd.artifacts import StudentInfo, save_student
 from cdkd.config import DistillConfig, save_config, to_dict
-from cdkd.data import (NormStats, StepSampler, UnlabeledTiles, check_tile_size, compute_stats, find_rasters,
-                       require_one_dtype)
-from cdkd.distill.objective import MaskCDKD
-from cdkd.distill.schedule import LossSchedule
+from cdkd.data import NormStats, StepSampler, check_tile_size, compute_stats, find_rasters, require_one_dtype
+from cdkd.distill.recipes import LossControl, Recipe, build_recipe, frozen_fingerprint
 from cdkd.errors import CheckpointError, CdkdValueError
-from cdkd.models.mae import PatchMasker
 from cdkd.models.student import STUDENT_REGISTRY, build_student
-from cdkd.models.teacher import build_teacher, check_teacher_source, teacher_provenance
+from cdkd.models.teacher import check_teacher_source, teacher_provenance
 from cdkd.utils.checkpoint import restore_model, rng_state, save_checkpoint, set_rng_state, trainable_state
 from cdkd.utils.distributed import DistContext, cleanup_distributed, init_distributed, resolve_device
 from cdkd.utils.optim import adamw, autocast_dtype, check_train_config, lr_lambda
@@ -58,22 +58,26 @@ class DistillResult:
     out_dir: Path
     student_path: Path
     steps: int
-    losses: dict[str, float]
-    stage: str
+    losses: dict[str, float]  # the last step's unweighted terms and their weighted sum ("loss")
+    stage: str  # the recipe control's stage at the end
     seconds: float
+    recipe: str = "mask-cdkd"
 
 
-def validate_config(cfg: DistillConfig) -> None:
-    """User-facing checks before any heavy work."""
+def validate_config(cfg: DistillConfig) -> Recipe:
+    """User-facing checks before any heavy work; returns the recipe ``cfg`` names."""
+    recipe = build_recipe(cfg)
     check_tile_size(cfg.data.tile_size)
     check_train_config(cfg.train)
     if cfg.student.arch not in STUDENT_REGISTRY:
         raise CdkdValueError(f"unknown student {cfg.student.arch!r}; choose one of {', '.join(STUDENT_REGISTRY)}")
+    recipe.validate()
     # Fail on a missing SAM checkpoint before minutes of data scanning, not after.
     check_teacher_source(cfg.teacher.variant, cfg.teacher.checkpoint, cfg.teacher.random_init)
     if cfg.data.bands is not None and len(cfg.data.bands) != cfg.student.in_chans:
         raise CdkdValueError(f"--bands selects {len(cfg.data.bands)} bands but the student takes "
                              f"{cfg.student.in_chans} (--in-chans)")
+    return recipe
 
 
 def total_steps(cfg: DistillConfig, num_files: int, world_size: int) -> int:
@@ -94,15 +98,16 @@ def distill(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> DistillResult:
-    """Run Mask-CDKD distillation described by ``cfg`` into ``out_dir``; returns where ``student.pt`` is.
+    """Run the distillation ``cfg`` describes (recipe ``cfg.recipe``) into ``out_dir``; returns where
+    ``student.pt`` is.
 
     ``resume`` continues the newest checkpoint in ``out_dir/checkpoints`` on the same trajectory;
     ``overwrite`` discards an earlier run in ``out_dir``. Without either, an existing run is an error.
     """
-    validate_config(cfg)
+    recipe = validate_config(cfg)
     ctx = init_distributed(cfg.train.device)
     try:
-        return _Run(cfg, run_dir(out_dir), ctx, progress, log or _stderr).run(resume, overwrite)
+        return _Run(cfg, recipe, run_dir(out_dir), ctx, progress, log or _stderr).run(resume, overwrite)
     finally:
         cleanup_distributed(ctx)
 
@@ -112,9 +117,9 @@ def _stderr(msg: str) -> None:
 
 
 class _Run:
-    def __init__(self, cfg: DistillConfig, paths: RunDir, ctx: DistContext, progress: bool,
+    def __init__(self, cfg: DistillConfig, recipe: Recipe, paths: RunDir, ctx: DistContext, progress: bool,
                  log: Callable[[str], None]) -> None:
-        self.cfg, self.paths, self.ctx, self.progress = cfg, paths, ctx, progress
+        self.cfg, self.recipe, self.paths, self.ctx, self.progress = cfg, recipe, paths, ctx, progress
         self.log = log if ctx.is_main else (lambda _msg: None)
         self.device = resolve_device(cfg.train.device, ctx)
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
@@ -132,15 +137,17 @@ class _Run:
         if self.ctx.is_main:
             self.paths.reset()
 
-    def _build(self, stats: NormStats) -> tuple[MaskCDKD, StudentInfo]:
+    def _build(self, stats: NormStats) -> tuple[nn.Module, StudentInfo]:
         cfg = self.cfg
         # Seeding before construction makes a random teacher (and all fresh heads) a function of the seed,
         # which is how a resumed run rebuilds the same frozen random weights without storing them.
         torch.manual_seed(cfg.train.seed)
-        teacher = build_teacher(cfg.teacher)
+        teacher = self.recipe.build_teacher()
         arch_args = {"img_size": cfg.data.tile_size, "in_chans": cfg.student.in_chans}
         student = build_student(cfg.student.arch, **arch_args)
-        model = MaskCDKD(teacher, student, cfg.objective, in_chans=cfg.student.in_chans)
+        if cfg.student.grad_checkpointing:
+            student.set_grad_checkpointing(True)
+        model = self.recipe.build(teacher, student)
         info = StudentInfo(arch=cfg.student.arch, arch_args=arch_args, norm=stats, provenance={})
         return model.to(self.device), info
 
@@ -163,29 +170,27 @@ class _Run:
         optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, steps))
-        o = cfg.objective
-        schedule = LossSchedule(o.schedule, o.fixed_weights, o.ema_decay, o.schedule_warmup)
+        control = self.recipe.control()
         start = 0
         if blob is not None:
-            if abs(blob["teacher_fingerprint"] - model.teacher.fingerprint()) > 1e-6 * abs(blob["teacher_fingerprint"]):
+            if abs(blob["teacher_fingerprint"] - frozen_fingerprint(model)) > 1e-6 * abs(blob["teacher_fingerprint"]):
                 raise CheckpointError(f"{self.paths.checkpoints}: the teacher's frozen weights differ from the run "
                                       "being resumed (another SAM checkpoint or seed?)")
             restore_model(model, blob["model"], self.paths.checkpoints)
             optimizer.load_state_dict(blob["optimizer"])
             scheduler.load_state_dict(blob["scheduler"])
-            schedule.load_state_dict(blob["schedule"])
+            control.load_state_dict(blob["schedule"])
             if blob.get("scaler"):
                 self.scaler.load_state_dict(blob["scaler"])
             set_rng_state(blob["rng"])
             start = int(blob["step"])
-            self.log(f"resuming {self.paths.root} at step {start} (stage {schedule.stage_name})")
+            self.log(f"resuming {self.paths.root} at step {start} (stage {control.stage})")
         if self.ctx.is_main:
             save_config(cfg, self.paths.config)
             self.paths.truncate_metrics(start)
         self.ctx.barrier()
 
-        dataset = UnlabeledTiles(rasters, stats, cfg.data.tile_size, augment=cfg.data.augment, seed=cfg.train.seed,
-                                 mask_fn=PatchMasker(cfg.data.tile_size, o.mask_ratio))
+        dataset = self.recipe.dataset(rasters, stats)
         accum = cfg.train.grad_accum
         sampler = StepSampler(cfg.train.batch_size, self.ctx.world_size, self.ctx.rank,
                               start_micro_step=start * accum, num_micro_steps=steps * accum)
@@ -199,25 +204,28 @@ class _Run:
         if self.ctx.enabled:
             net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         model.train()
-        self.log(f"distilling {cfg.teacher.variant} -> {cfg.student.arch} on {len(rasters)} images, "
-                 f"{steps} steps, batch {cfg.train.batch_size}x{accum}x{self.ctx.world_size}, device {self.device}")
+        self.log(f"distilling {cfg.teacher.variant} -> {cfg.student.arch} ({self.recipe.name}) on {len(rasters)} "
+                 f"images, {steps} steps, batch {cfg.train.batch_size}x{accum}x{self.ctx.world_size}, "
+                 f"device {self.device}")
         t0 = time.perf_counter()
-        last = self._loop(net, model, optimizer, scheduler, schedule, iter(loader), start, steps, stats)
+        last = self._loop(net, model, optimizer, scheduler, control, iter(loader), start, steps, stats)
         seconds = time.perf_counter() - t0
 
         if self.ctx.is_main:
             info = replace(info, provenance=self._provenance(steps, len(rasters)))
             save_student(self.paths.artifact, model.student, info)
-            report = {"student": str(self.paths.artifact), "steps": steps, "resumed_from": start,
+            report = {"student": str(self.paths.artifact), "recipe": self.recipe.name, "steps": steps,
+                      "resumed_from": start,
                       "images_seen": (steps - start) * cfg.train.batch_size * accum * self.ctx.world_size,
-                      "seconds": round(seconds, 2), "final_losses": last, "stage": schedule.stage_name,
-                      "ratio": schedule.ratio, "files": len(rasters), "cdkd_version": cdkd.__version__}
+                      "seconds": round(seconds, 2), "final_losses": last, **control.summary(),
+                      "files": len(rasters), "cdkd_version": cdkd.__version__}
             self.paths.write_report(report)
         self.ctx.barrier()
-        return DistillResult(self.paths.root, self.paths.artifact, steps, last, schedule.stage_name, seconds)
+        return DistillResult(self.paths.root, self.paths.artifact, steps, last, control.stage, seconds,
+                             self.recipe.name)
 
-    def _loop(self, net: nn.Module, model: MaskCDKD, optimizer: torch.optim.Optimizer,
-              scheduler: torch.optim.lr_scheduler.LRScheduler, schedule: LossSchedule, batches: Iterator[dict],
+    def _loop(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
+              scheduler: torch.optim.lr_scheduler.LRScheduler, control: LossControl, batches: Iterator[dict],
               start: int, steps: int, stats: NormStats) -> dict[str, float]:
         cfg = self.cfg.train
         bar = None
@@ -226,56 +234,56 @@ class _Run:
 
             bar = tqdm(total=steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
         last: dict[str, float] = {}
+        terms = self.recipe.terms
         images_per_step = cfg.batch_size * cfg.grad_accum * self.ctx.world_size
         tick = time.perf_counter()
         for step in range(start, steps):
-            weights = schedule.weights
-            values = self._train_step(net, model, optimizer, batches, weights)
+            weights, knobs = control.weights(), control.knobs()
+            values = self._train_step(net, model, optimizer, batches, weights, knobs)
             scheduler.step()
-            kd, t_mae, s_mae = (float(v) for v in self.ctx.mean(values))
-            event = schedule.update(t_mae, s_mae)
+            losses = dict(zip(terms, (float(v) for v in self.ctx.mean(values))))
+            event = control.update(losses)
             now = time.perf_counter()
             speed = images_per_step / max(now - tick, 1e-9)
             tick = now
-            last = {"loss": sum(w * v for w, v in zip(weights, (kd, t_mae, s_mae))), "kd": kd, "t_mae": t_mae,
-                    "s_mae": s_mae}
+            last = {"loss": sum(weights[k] * losses[k] for k in terms), **losses}
             done = step + 1
             if event:
-                self.log(event)
-                self._write_metrics({"step": done, "event": "stage", "stage": schedule.stage_name,
-                                     "ratio": schedule.ratio, "weights": list(schedule.weights)})
+                self.log(event.message)
+                self._write_metrics({"step": done, **event.record})
             if done % cfg.log_every == 0 or done == steps:
-                self._write_metrics(dict(step=done, lr=scheduler.get_last_lr()[0], **last, ratio=schedule.ratio,
-                                         stage=schedule.stage_name, weights=list(weights), images_per_s=speed))
+                self._write_metrics(dict(step=done, lr=scheduler.get_last_lr()[0], **last, **knobs,
+                                         **control.log_fields(), weights=[weights[k] for k in terms],
+                                         images_per_s=speed))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", kd=f"{kd:.3f}", t=f"{t_mae:.3f}", s=f"{s_mae:.3f}",
-                                stage=schedule.stage_name, r=f"{schedule.ratio:.2f}", img_s=f"{speed:.1f}")
+                shown = {k: f"{v:.3f}" for k, v in {**last, **knobs}.items()}
+                bar.set_postfix(**shown, stage=control.stage, img_s=f"{speed:.1f}")
             if done % cfg.checkpoint_every == 0 or done == steps:
-                self._checkpoint(done, model, optimizer, scheduler, schedule, stats)
+                self._checkpoint(done, model, optimizer, scheduler, control, stats)
         if bar is not None:
             bar.close()
         return last
 
-    def _train_step(self, net: nn.Module, model: MaskCDKD, optimizer: torch.optim.Optimizer,
-                    batches: Iterator[dict], weights: tuple[float, float, float]) -> torch.Tensor:
-        """One optimiser step over ``grad_accum`` micro-batches; returns the mean (KD, T_MAE, S_MAE) losses."""
+    def _train_step(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    batches: Iterator[dict], weights: dict[str, float], knobs: dict[str, float]) -> torch.Tensor:
+        """One optimiser step over ``grad_accum`` micro-batches; returns the mean unweighted losses in the
+        recipe's ``terms`` order."""
         cfg = self.cfg.train
         amp_dtype = self.amp_dtype
-        totals = torch.zeros(3)
+        terms = self.recipe.terms
+        totals = torch.zeros(len(terms))
         for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            images = batch["image"].to(self.device, non_blocking=True)
-            mask = batch["mask"].to(self.device, non_blocking=True)
-            valid = batch["valid"].to(self.device, non_blocking=True)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
             # Skip the gradient all-reduce on all but the last micro-batch of the step.
             last = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
             with sync:
                 with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    losses = net(images, mask, valid)
-                self.scaler.scale(losses.weighted(weights) / cfg.grad_accum).backward()
-            totals += losses.detached().cpu() / cfg.grad_accum
+                    losses = net(batch, knobs)
+                total = sum(weights[k] * losses[k] for k in terms)
+                self.scaler.scale(total / cfg.grad_accum).backward()
+            totals += torch.stack([losses[k].detach().float() for k in terms]).cpu() / cfg.grad_accum
         if cfg.clip_grad > 0:
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
@@ -285,15 +293,15 @@ class _Run:
         return totals
 
     # ------------------------------------------------------------------------------------------- bookkeeping
-    def _checkpoint(self, step: int, model: MaskCDKD, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, schedule: LossSchedule, stats: NormStats) -> None:
+    def _checkpoint(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, control: LossControl, stats: NormStats) -> None:
         if not self.ctx.is_main:
             return
         save_checkpoint(self.paths.checkpoints, step, fmt=CHECKPOINT_FORMAT, payload={
             "config": to_dict(self.cfg), "model": trainable_state(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "schedule": schedule.state_dict(), "rng": rng_state(),
+            "scheduler": scheduler.state_dict(), "schedule": control.state_dict(), "rng": rng_state(),
             "scaler": self.scaler.state_dict(),
-            "norm": stats.to_dict(), "teacher_fingerprint": model.teacher.fingerprint(),
+            "norm": stats.to_dict(), "teacher_fingerprint": frozen_fingerprint(model),
             "cdkd_version": cdkd.__version__,
         })
 
@@ -303,5 +311,5 @@ class _Run:
 
     def _provenance(self, steps: int, files: int) -> dict[str, Any]:
         return {"teacher": teacher_provenance(self.cfg.teacher), "data": {"root": self.cfg.data.root, "files": files},
-                "steps": steps, "objective": to_dict(self.cfg.objective), "cdkd_version": cdkd.__version__,
+                "steps": steps, **self.recipe.provenance(), "cdkd_version": cdkd.__version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

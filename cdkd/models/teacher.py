@@ -13,6 +13,7 @@ from the mask-token positions.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -160,7 +161,7 @@ class MMoATeacher(nn.Module):
         self.blocks = nn.ModuleList(
             AdaptedBlock(blk, self._make_mmoa(blk.mlp)) if i in adapted else blk for i, blk in enumerate(encoder.blocks)
         )
-        # The neck is kept so that the encoder state dict stays SAM's, though distillation does not use it.
+        # SAM's neck: the 256-channel image embedding RS4D distils (Mask-CDKD taps blocks and leaves it unused).
         self.neck = encoder.neck
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -174,6 +175,11 @@ class MMoATeacher(nn.Module):
     @property
     def depth(self) -> int:
         return len(self.blocks)
+
+    @property
+    def out_chans(self) -> int:
+        """Channels of SAM's image embedding (the neck's output): 256 in every SAM variant."""
+        return int(self.neck[0].out_channels)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what distillation changes (adapters, gates, mask token): SAM's weights come from their file."""
@@ -257,6 +263,17 @@ class MMoATeacher(nn.Module):
 def build_teacher(cfg: TeacherConfig) -> MMoATeacher:
     """The MMoA teacher described by ``cfg`` (SAM weights from ``cfg.checkpoint`` or random)."""
     return MMoATeacher(build_sam_encoder(cfg.variant, cfg.checkpoint, cfg.random_init), cfg)
+
+
+def build_frozen_teacher(cfg: TeacherConfig) -> MMoATeacher:
+    """Plain SAM frozen whole: no adapters, nothing trainable (the adapter settings of ``cfg`` are ignored).
+
+    ``forward`` gives SAM's own image embedding; the fixed target of RS4D distillation.
+    """
+    teacher = MMoATeacher(build_sam_encoder(cfg.variant, cfg.checkpoint, cfg.random_init),
+                          replace(cfg, adapter_blocks=()))
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
 def teacher_provenance(cfg: TeacherConfig) -> dict[str, Any]:
