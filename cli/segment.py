@@ -16,7 +16,8 @@ TILING = "Tiling"
 
 
 def segment_command(
-    scenes: List[Path] = typer.Argument(..., help="GeoTIFF (or VRT) scene(s), or folders of them."),
+    scenes: List[str] = typer.Argument(..., help="GeoTIFF (or VRT) scene(s), folders of them, GDAL virtual paths "
+                                       "(/vsizip/..., /vsis3/...) or URLs."),
     model: Optional[Path] = typer.Option(None, "--model", help="segmenter.pt from cdkd finetune (PyTorch).",
                                          rich_help_panel=RUN),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Exported model.onnx or TensorRT model.engine.",
@@ -38,6 +39,9 @@ def segment_command(
                                           rich_help_panel=TILING),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tiles per forward pass (default 4).",
                                              rich_help_panel=TILING),
+    read_threads: Optional[int] = typer.Option(None, "--read-threads", help="Threads reading tiles ahead of the "
+                                               "model (default 2; 0 reads in the engine's thread).",
+                                               rich_help_panel=RUN),
     bands: Optional[str] = typer.Option(None, "--bands", help="Scene bands fed to the model, in order, e.g. "
                                         "3,2,1 or 1,1,1 (default: the model's).", rich_help_panel=TILING),
     stats: Optional[o.Stats] = typer.Option(None, "--stats", help="Normalisation: model (stored with it, the "
@@ -48,7 +52,11 @@ def segment_command(
     preview: bool = typer.Option(False, "--preview", help="Also write <out>.png: the scene beside its classes, "
                                  "with the legend."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="dask.distributed scheduler address, e.g. "
-                                            "tcp://host:8786 (default: run here)."),
+                                            "tcp://host:8786 (default: run here). With --out the scene is split "
+                                            "into blocks of window rows across the workers; with --out-dir each "
+                                            "scene is one task."),
+    block_rows: int = typer.Option(4, "--block-rows", help="Window rows per block when one scene runs on a "
+                                   "cluster (--scheduler with --out).", rich_help_panel=TILING),
     on_error: o.OnError = typer.Option(o.OnError.fail, "--on-error", help="fail: stop at the first bad scene; "
                                        "skip: go on."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
@@ -61,6 +69,8 @@ def segment_command(
       cdkd segment scene.tif --model runs/seg/segmenter.pt --out scene_lc.tif
       cdkd segment scene.tif --engine orin.engine --out scene_lc.tif --probs
       cdkd segment a.tif b.tif c.tif --engine model.onnx --out-dir lc/ --scheduler tcp://10.0.0.5:8786
+      cdkd segment big.tif --model segmenter.pt --out big_lc.tif --scheduler tcp://10.0.0.5:8786
+      cdkd segment /vsizip/scenes.zip/a.tif --engine model.onnx --out a_lc.tif
       cdkd segment scenes/ --engine model.onnx --out-dir lc/   (every *.tif, *.tiff, *.vrt, *.jp2 in scenes/)
       cdkd segment scene.tif --engine model.onnx --out scene_lc.tif --config segment.yaml --preview
     """
@@ -76,10 +86,9 @@ def segment_command(
             raise CdkdValueError("give exactly one of --out FILE (one scene) or --out-dir DIR")
         if out is not None and len(scenes) != 1:
             raise CdkdValueError(f"--out names one output but {len(scenes)} scenes were given; use --out-dir")
-        if scheduler is not None and out_dir is None:
-            raise CdkdValueError("--scheduler writes <stem>.tif per scene: give --out-dir DIR instead of --out")
         flags = o.given({"tile_size": tile_size, "overlap": overlap, "batch_size": batch_size,
                          "bands": o.ints(bands, "--bands"), "stats": o.value(stats), "probs": probs,
+                         "read_threads": read_threads,
                          "overwrite": overwrite or None, "resume": resume or None, "progress": progress})
         options = o.resolve_config(SegmentOptions, config, None, flags)
         if options.resume and options.overwrite:
@@ -89,7 +98,12 @@ def segment_command(
             _check_previews(outputs, options.overwrite or options.resume)  # a resumed run finishes its previews
         spec = RuntimeSpec(str(model or engine), o.value(runtime), device, amp.value, threads)
         if out is not None:
-            report = segment_scene(scenes[0], spec.open(), out, options)
+            if scheduler is not None:
+                from cdkd.scene.blocks import segment_scene_on_cluster
+
+                report = segment_scene_on_cluster(scenes[0], spec, out, scheduler, options, block_rows)
+            else:
+                report = segment_scene(scenes[0], spec.open(), out, options)
             _print_scene(report.to_dict())
             if preview:
                 _write_preview(scenes[0], out, options.bands)
@@ -99,7 +113,7 @@ def segment_command(
             if result.ok:
                 _print_scene(result.report)
                 if preview:
-                    _write_preview(Path(result.scene), Path(result.output), options.bands)
+                    _write_preview(result.scene, Path(result.output), options.bands)
             else:
                 print(f"Error: {result.error}", file=sys.stderr)
         typer.echo(f"{len(batch.scenes) - len(batch.failed)} of {len(scenes)} scene(s) done in "
@@ -125,7 +139,7 @@ def _check_previews(outputs: list[Path], overwrite: bool) -> None:
             raise OutputExistsError(f"{png}: already exists (--preview writes it); pass --overwrite to replace it")
 
 
-def _write_preview(scene: Path, out: Path, bands: Optional[tuple[int, ...]]) -> None:
+def _write_preview(scene: str | Path, out: Path, bands: Optional[tuple[int, ...]]) -> None:
     """The preview shows the bands the model read when they make an image (1 or 3), else the scene's RGB."""
     from cdkd.scene.preview import write_preview
 

@@ -12,7 +12,6 @@ from conftest import make_geotiff, make_segmenter, one_clean_error, synthetic_im
 from typer.testing import CliRunner
 
 from cdkd.errors import CheckpointError, DataError, OutputExistsError
-from cdkd.scene.batch import RuntimeSpec, segment_many
 from cdkd.scene.classraster import NODATA, read_class_schema
 from cdkd.scene.engine import SegmentOptions, output_paths, segment_scene
 from cdkd.scene.runtimes import open_runtime
@@ -293,23 +292,6 @@ def test_an_output_never_replaces_its_scene(tmp_path, model_pt):
     assert scene.read_bytes() == before
 
 
-@pytest.mark.slow
-def test_dask_cluster_of_two_workers_processes_three_scenes(tmp_path, model_pt):
-    distributed = pytest.importorskip("distributed")
-    scenes = [make_geotiff(tmp_path / f"s{i}.tif", synthetic_image((3, 80, 100), seed=i)) for i in range(3)]
-    local = segment_many(scenes, tmp_path / "local", RuntimeSpec(str(model_pt)),
-                         SegmentOptions(progress=False))
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
-        addresses = set(c.scheduler_info["workers"])  # the workers' own addresses (not their nannies')
-        report = segment_many(scenes, tmp_path / "dask", RuntimeSpec(str(model_pt)), SegmentOptions(),
-                              c.scheduler_address)
-    assert report.failed == [] and [Path(s.scene) for s in report.scenes] == scenes
-    assert {s.worker for s in report.scenes} <= addresses  # ran on the cluster's workers, not here
-    for s in scenes:
-        assert np.array_equal(_classes(tmp_path / "dask" / s.name), _classes(tmp_path / "local" / s.name))
-    assert not local.failed
-
-
 # ------------------------------------------------------------------------------------------------- real scenes
 
 
@@ -392,11 +374,6 @@ def test_tensorrt_engine_without_tensorrt_is_a_clear_error(scene, tmp_path, mode
     res = _segment(scene, "--engine", engine, "--out", tmp_path / "out.tif")
     assert res.exit_code != 0 and "Traceback" not in res.output
     assert "model.engine.json" in res.output or "TensorRT" in res.output
-
-
-def test_cli_scheduler_needs_an_output_folder(tmp_path, scene, model_pt):
-    res = _segment(scene, "--model", model_pt, "--out", tmp_path / "out.tif", "--scheduler", "tcp://127.0.0.1:1")
-    assert res.exit_code == 2 and "--out-dir" in res.output
 
 
 def test_cli_unreachable_scheduler_is_one_line(tmp_path, scene, model_pt):

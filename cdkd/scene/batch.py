@@ -1,8 +1,8 @@
 """Many scenes: in this process one after another, or on an existing dask.distributed cluster.
 
-Locally one runtime serves every scene (a model loads once). On a cluster (``scheduler="tcp://host:port"``) a
-worker plugin opens one runtime per worker when the worker joins, and each scene is one task, so a worker
-loads the model once however many scenes it gets. A scene that fails is reported with its one-line error and,
+Locally one runtime serves every scene (a model loads once). On a cluster (``scheduler="tcp://host:port"``) each
+scene is one task, and each worker opens the model once (``cluster``); one large scene is better split across
+the workers with ``blocks.segment_scene_on_cluster``. A scene that fails is reported with its one-line error and,
 with ``on_error="skip"``, the others go on; with ``"fail"`` the remaining scenes are cancelled.
 """
 
@@ -14,28 +14,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cdkd.data.files import is_virtual_path
 from cdkd.errors import CdkdError, CdkdValueError, DataError
 from cdkd.scene.engine import SceneReport, SegmentOptions, segment_scene
-from cdkd.scene.runtimes import open_runtime
+from cdkd.scene.cluster import connect, register_runtime, worker_runtime
+from cdkd.scene.runtimes import RuntimeSpec
 from cdkd.utils.atomic import atomic_write_text
 
 ON_ERROR = ("fail", "skip")
-PLUGIN_NAME = "cdkd-runtime"
 REPORT_NAME = "segment_report.json"
-
-
-@dataclass(frozen=True)
-class RuntimeSpec:
-    """How to open a runtime: sent to dask workers instead of the model itself (a path pickles; a model may not)."""
-
-    model: str
-    runtime: str | None = None
-    device: str = "auto"
-    amp: str = "auto"
-    threads: int | None = None
-
-    def open(self) -> Any:
-        return open_runtime(self.model, self.runtime, self.device, self.amp, self.threads)
 
 
 @dataclass(frozen=True)
@@ -66,11 +53,16 @@ class BatchReport:
 SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2")
 
 
-def expand_scenes(paths: Sequence[str | Path]) -> list[Path]:
+def expand_scenes(paths: Sequence[str | Path]) -> list[str | Path]:
     """Scenes to segment: files as given, and each folder replaced by its scene files (sorted, not recursive,
-    hidden files left out: a folder of outputs or partial work below it is never taken for input)."""
-    scenes: list[Path] = []
-    for p in map(Path, paths):
+    hidden files left out: a folder of outputs or partial work below it is never taken for input). GDAL virtual
+    paths and URLs are kept as they are."""
+    scenes: list[str | Path] = []
+    for p in paths:
+        if is_virtual_path(p):
+            scenes.append(str(p))
+            continue
+        p = Path(p)
         if not p.is_dir():
             scenes.append(p)
             continue
@@ -82,12 +74,17 @@ def expand_scenes(paths: Sequence[str | Path]) -> list[Path]:
     return scenes
 
 
-def plan_outputs(scenes: Sequence[str | Path], out_dir: str | Path) -> list[tuple[Path, Path]]:
+def scene_stem(scene: str | Path) -> str:
+    """The name an output takes from its scene: ``a/b.tif`` -> ``b``; ``https://host/x/b.tif?sig=..`` -> ``b``."""
+    name = str(scene).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return Path(name).stem
+
+
+def plan_outputs(scenes: Sequence[str | Path], out_dir: str | Path) -> list[tuple[str | Path, Path]]:
     """(scene, OUT_DIR/<stem>.tif) pairs; two scenes with one stem would write one file, so that is refused."""
     pairs, seen = [], {}
     for s in scenes:
-        s = Path(s)
-        out = Path(out_dir) / f"{s.stem}.tif"
+        out = Path(out_dir) / f"{scene_stem(s)}.tif"
         if out in seen:
             raise CdkdValueError(f"{s} and {seen[out]} would both be written to {out}; rename one or run them apart")
         seen[out] = s
@@ -97,7 +94,7 @@ def plan_outputs(scenes: Sequence[str | Path], out_dir: str | Path) -> list[tupl
     return pairs
 
 
-def _result(scene: Path, out: Path, run: Callable[[], SceneReport], worker: str = "local") -> SceneResult:
+def _result(scene: str | Path, out: Path, run: Callable[[], SceneReport], worker: str = "local") -> SceneResult:
     try:
         return SceneResult(str(scene), str(out), True, report=run().to_dict(), worker=worker)
     except CdkdError as e:  # bad input: reported per scene; programming errors still propagate
@@ -106,29 +103,8 @@ def _result(scene: Path, out: Path, run: Callable[[], SceneReport], worker: str 
 
 def _segment_on_worker(scene: str, out: str, options: SegmentOptions) -> SceneResult:
     """A dask task: segment one scene with the runtime this worker's plugin opened."""
-    from distributed import get_worker
-
-    worker = get_worker()
-    runtime = worker.plugins[PLUGIN_NAME].runtime
-    return _result(Path(scene), Path(out), lambda: segment_scene(scene, runtime, out, options), worker.address)
-
-
-def _runtime_plugin(spec: RuntimeSpec) -> Any:
-    from distributed.diagnostics.plugin import WorkerPlugin
-
-    class RuntimePlugin(WorkerPlugin):
-        """Opens the model once per worker, when the worker starts (or joins later)."""
-
-        name = PLUGIN_NAME
-
-        def __init__(self, spec: RuntimeSpec) -> None:
-            self.spec = spec
-            self.runtime = None
-
-        def setup(self, worker: Any) -> None:
-            self.runtime = self.spec.open()
-
-    return RuntimePlugin(spec)
+    runtime, address = worker_runtime()
+    return _result(scene, Path(out), lambda: segment_scene(scene, runtime, out, options), address)
 
 
 def segment_many(scenes: Sequence[str | Path], out_dir: str | Path, spec: RuntimeSpec,
@@ -166,17 +142,12 @@ def _run_local(pairs: list[tuple[Path, Path]], spec: RuntimeSpec, options: Segme
 
 def _run_cluster(pairs: list[tuple[Path, Path]], spec: RuntimeSpec, options: SegmentOptions, scheduler: str,
                  on_error: str) -> list[SceneResult]:
-    try:
-        from distributed import Client, as_completed
-    except ImportError:
-        raise CdkdValueError("--scheduler needs dask.distributed (pip install 'dask[distributed]')") from None
+    client = connect(scheduler)
+    from distributed import as_completed
+
     options = SegmentOptions(**dict(asdict(options), progress=False))  # workers have no terminal
-    try:
-        client = Client(scheduler, timeout="10s")
-    except (OSError, TimeoutError) as e:
-        raise CdkdValueError(f"cannot reach the dask scheduler at {scheduler} ({e})") from None
     with client:
-        client.register_plugin(_runtime_plugin(spec))
+        register_runtime(client, spec)
         futures = {client.submit(_segment_on_worker, str(s), str(o), options, pure=False): (s, o) for s, o in pairs}
         done: dict[Path, SceneResult] = {}
         for future in as_completed(futures):

@@ -35,6 +35,7 @@ import numpy as np
 import rasterio
 
 import cdkd
+from cdkd.artifacts import InferenceMeta
 from cdkd.config import PATCH_SIZE
 from cdkd.data.files import is_virtual_path, raster_path
 from cdkd.errors import CdkdValueError, CheckpointError, DataError, OutputExistsError
@@ -122,14 +123,16 @@ def output_paths(out: Path) -> tuple[Path, Path, Path, Path]:
             out.with_name(out.name + ".partial"))
 
 
-def resolve_tiling(runtime: Runtime, options: SegmentOptions) -> tuple[int, int]:
-    meta = runtime.meta
+def resolve_tiling(meta: InferenceMeta, options: SegmentOptions, fixed_tile: bool = False,
+                   runtime: str = "torch") -> tuple[int, int]:
+    """(tile, overlap) for ``options`` with a model described by ``meta``; ``fixed_tile``: the model (an ONNX or
+    TensorRT export) takes its own tile size only."""
     tile = meta.tile_size if options.tile_size is None else int(options.tile_size)
     overlap = meta.overlap if options.overlap is None else int(options.overlap)
     if tile <= 0 or tile % PATCH_SIZE:
         raise CdkdValueError(f"tile size {tile} is not a positive multiple of the patch size {PATCH_SIZE}")
-    if tile != meta.tile_size and runtime.fixed_tile:
-        raise CdkdValueError(f"the {runtime.name} model was built for {meta.tile_size} px tiles and cannot take "
+    if tile != meta.tile_size and fixed_tile:
+        raise CdkdValueError(f"the {runtime} model was built for {meta.tile_size} px tiles and cannot take "
                              f"--tile-size {tile}; export it again at that size or use the segmenter.pt")
     if not 0 <= overlap < tile:
         raise CdkdValueError(f"overlap {overlap} must be >= 0 and smaller than the tile size {tile}")
@@ -158,10 +161,10 @@ def model_sha256(runtime: Runtime) -> str:
     return cached
 
 
-def fingerprint(scene: str | Path, runtime: Runtime, source: SceneSource, tile: int, overlap: int,
+def fingerprint(scene: str | Path, meta: InferenceMeta, source: SceneSource, tile: int, overlap: int,
                 probs: bool) -> dict[str, Any]:
     """What must not change between an interrupted run and its resumption."""
-    model = hashlib.sha256(runtime.meta.to_json().encode()).hexdigest()[:16]
+    model = hashlib.sha256(meta.to_json().encode()).hexdigest()[:16]
     if is_virtual_path(scene):
         identity: dict[str, Any] = {"scene": str(scene)}  # GDAL alone can stat it; the header facts stand in
     else:
@@ -292,7 +295,7 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
     scene, out = raster_path(scene), Path(out)
     start = time.perf_counter()
     check_num_classes(runtime.meta.classes)
-    tile, overlap = resolve_tiling(runtime, options)
+    tile, overlap = resolve_tiling(runtime.meta, options, runtime.fixed_tile, runtime.name)
     check_outputs(scene, out, options)
     meta = runtime.meta
     with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
@@ -316,7 +319,7 @@ class _LocalRun:
         self.tile, self.overlap, self.info = tile, overlap, source.info
         self.plan = plan_rows(self.info.height, self.info.width, tile, overlap)
         self.partial = output_paths(out)[3]
-        self.fingerprint = fingerprint(scene, runtime, source, tile, overlap, options.probs)
+        self.fingerprint = fingerprint(scene, runtime.meta, source, tile, overlap, options.probs)
         self.times, self.counts = StageTimes(), RowCounts()
         self.tally = PixelTally(runtime.meta.num_classes, self.info)
         self.rows_done = self.resumed_from = 0

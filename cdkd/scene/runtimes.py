@@ -12,6 +12,7 @@ imported where they are used, with an error naming the package when missing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -291,3 +292,31 @@ def open_runtime(path: str | Path, runtime: str | None = None, device: str = "au
     if kind == "onnx":
         return OnnxRuntime(path, device=device, threads=threads)
     return TensorRTRuntime(path, device=device)
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """How to open a runtime: sent to dask workers instead of the model itself (a path pickles; a model may not)."""
+
+    model: str
+    runtime: str | None = None
+    device: str = "auto"
+    amp: str = "auto"
+    threads: int | None = None
+
+    def open(self) -> Runtime:
+        return open_runtime(self.model, self.runtime, self.device, self.amp, self.threads)
+
+    def meta(self) -> InferenceMeta:
+        """The model's metadata without loading it to run (a TensorRT engine needs no GPU for this)."""
+        kind = runtime_for(self.model, self.runtime)
+        if kind == "onnx":
+            return read_onnx_meta(self.model)
+        if kind == "tensorrt":
+            sidecar = engine_sidecar(Path(self.model))
+            if not sidecar.is_file():
+                raise CheckpointError(f"{self.model}: its metadata sidecar {sidecar.name} is missing")
+            return InferenceMeta.from_json(sidecar.read_text(), str(sidecar))
+        from cdkd.artifacts import load_segmenter
+
+        return load_segmenter(self.model, map_location="cpu")[1].inference_meta()
