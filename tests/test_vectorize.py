@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from cdkd.data.classes import ClassSchema, LandCoverClass
 from cdkd.errors import CdkdValueError, OutputExistsError
+from cdkd.scene.areas import ClassAreaTally
 from cdkd.scene.classraster import NODATA, write_class_metadata
 from cdkd.vector import MinArea, parse_min_area, vectorize
 from cdkd.vector.coverage import node
@@ -91,7 +92,15 @@ def blob_ids(size: int, classes: int = 4, seed: int = 0, scale: float = 0.03) ->
     return np.digitize(field, edges).astype(np.uint8)
 
 
+def polygon_layers(path: Path) -> list[str]:
+    """The polygon layers of a GeoPackage (not the attribute table ``layer_styles`` that holds their style)."""
+    return [name for name, kind in pyogrio.list_layers(path) if kind is not None]
+
+
 def read(path: Path, layer: str | None = None):
+    """A polygon layer (by default the only one) of ``path`` as a GeoDataFrame."""
+    if layer is None and Path(path).suffix == ".gpkg":
+        (layer,) = polygon_layers(path)
     return pyogrio.read_dataframe(path, layer=layer)
 
 
@@ -162,8 +171,8 @@ def test_fields_crs_and_report(tmp_path: Path) -> None:
     ids = scene_ids()
     report = vectorize(write_class_raster(tmp_path / "scene.tif", ids), tmp_path / "out.gpkg", window_rows=9,
                        progress=False)
-    info = pyogrio.read_info(report.output)
-    assert pyogrio.list_layers(report.output)[:, 0].tolist() == ["scene"]
+    info = pyogrio.read_info(report.output, layer="scene")
+    assert pyogrio.list_layers(report.output)[:, 0].tolist() == ["scene", "layer_styles"]
     assert pyproj.CRS(info["crs"]).to_epsg() == 32633
     assert list(info["fields"]) == ["class_id", "class_name", "area_m2", "perimeter_m"]
     frame = read(report.output)
@@ -217,19 +226,26 @@ def test_geographic_crs_gives_geodesic_m2(tmp_path: Path) -> None:
     report = vectorize(write_class_raster(tmp_path / "geo.tif", ids, crs="EPSG:4326", transform=transform),
                        tmp_path / "geo.gpkg", window_rows=7, progress=False)
     geod = pyproj.Geod(ellps="WGS84")
+
+    def pixels_m2(rows: range, cols: range) -> float:  # per-pixel geodesic truth
+        return sum(abs(geod.geometry_area_perimeter(shapely.box(west + c * step, north - (r + 1) * step,
+                                                                west + (c + 1) * step, north - r * step))[0])
+                   for r in rows for c in cols)
+
     block = shapely.box(west + 5 * step, north - 30 * step, west + 45 * step, north - 10 * step)
-    block_area, block_perimeter = geod.geometry_area_perimeter(block)
-    total_area, _ = geod.geometry_area_perimeter(shapely.box(west, north - 40 * step, west + 50 * step, north))
+    _, block_perimeter = geod.geometry_area_perimeter(block)
     water = read(report.output).query("class_id == 1")
     assert len(water) == 1
-    assert water.area_m2.iloc[0] == pytest.approx(abs(block_area), rel=1e-9)
-    assert water.perimeter_m.iloc[0] == pytest.approx(block_perimeter, rel=1e-9)
-    assert report.area_m2 == pytest.approx(abs(total_area), rel=1e-9)
+    # 1e-7, not 1e-9: the block's 4.4 km edges are densified to 100 m (a 4-corner box's top and bottom edges
+    # would be geodesic chords, not the parallels that pixel edges follow)
+    assert water.area_m2.iloc[0] == pytest.approx(pixels_m2(range(10, 30), range(5, 45)), rel=1e-7)
+    assert water.perimeter_m.iloc[0] == pytest.approx(block_perimeter, rel=1e-7)
+    assert report.area_m2 == pytest.approx(pixels_m2(range(40), range(50)), rel=1e-7)
     # and close to the textbook value: (111.32 km x cos(lat) x dlon) x (111.13 km x dlat) for 40 x 20 pixels
     lat = np.radians(north - 20 * step)
     approx = (40 * step * 111_320 * np.cos(lat)) * (20 * step * 111_132)
     assert water.area_m2.iloc[0] == pytest.approx(approx, rel=5e-3)
-    assert pyproj.CRS(pyogrio.read_info(report.output)["crs"]).to_epsg() == 4326
+    assert pyproj.CRS(pyogrio.read_info(report.output, layer="geo")["crs"]).to_epsg() == 4326
 
 
 def test_min_area_in_m2_on_a_geographic_crs_uses_the_centre_pixel() -> None:
@@ -251,17 +267,17 @@ def _mercator_scene(tmp_path: Path) -> tuple[Path, np.ndarray, Affine]:
     return write_class_raster(tmp_path / "merc.tif", ids, crs="EPSG:3857", transform=transform), ids, transform
 
 
-def test_ellipsoidal_areas_are_ground_areas_in_web_mercator(tmp_path: Path) -> None:
+def test_web_mercator_areas_are_ground_areas_by_default(tmp_path: Path) -> None:
     from rasterio.crs import CRS
 
     from cdkd.geodesy import footprint_area_m2
 
     src, ids, transform = _mercator_scene(tmp_path)
-    planar = vectorize(src, tmp_path / "planar.gpkg", window_rows=7, progress=False)
-    ground = vectorize(src, tmp_path / "ground.gpkg", area="ellipsoidal", window_rows=7, progress=False)
-    assert planar.settings.area == "planar" and ground.settings.area == "ellipsoidal"
-    assert [c.area_m2 for c in planar.classes] == list(pixel_counts(ids) * 0.36)  # auto = planar, exact
-    assert planar.warnings and "--area ellipsoidal" in planar.warnings[0] and not ground.warnings
+    ground = vectorize(src, tmp_path / "ground.gpkg", window_rows=7, progress=False)  # --area auto
+    planar = vectorize(src, tmp_path / "planar.gpkg", area="planar", window_rows=7, progress=False)
+    assert ground.settings.area == "ellipsoidal" and planar.settings.area == "planar"
+    assert [c.area_m2 for c in planar.classes] == list(pixel_counts(ids) * 0.36)  # planar: exact CRS areas
+    assert planar.warnings and "ellipsoidal gives ground areas" in planar.warnings[0] and not ground.warnings
     # the whole raster's ground area, measured independently on the densified footprint (scene engine's rule)
     footprint = footprint_area_m2(CRS.from_epsg(3857), transform, 80, 60)
     assert ground.area_m2 == pytest.approx(footprint, rel=1e-6)
@@ -273,6 +289,9 @@ def test_ellipsoidal_areas_are_ground_areas_in_web_mercator(tmp_path: Path) -> N
     east, north = a / np.sqrt(w) * np.cos(lat) / a, a * (1 - e2) / w**1.5 * np.cos(lat) / a
     for p, g in zip(planar.classes, ground.classes):
         assert g.area_m2 == pytest.approx(p.area_m2 * east * north, rel=1e-4)
+    # what made auto choose the ellipsoid: planar areas here are 61 % larger than the ground (PROJ gives Web
+    # Mercator's areal scale as the sphere's sec²(latitude), 61.06 %, where the ellipsoid's truth is 61.32 %)
+    assert ground.settings.planar_scale_error_percent == pytest.approx(100 / (east * north) - 100, abs=0.5)
     water = read(ground.output).query("class_id == 1")
     assert water.perimeter_m.iloc[0] == pytest.approx(2 * 40 * 0.6 * (east + north), rel=1e-4)
 
@@ -280,13 +299,26 @@ def test_ellipsoidal_areas_are_ground_areas_in_web_mercator(tmp_path: Path) -> N
 def test_ellipsoidal_areas_in_utm_stay_close_to_planar(tmp_path: Path) -> None:
     ids = scene_ids()
     src = write_class_raster(tmp_path / "utm.tif", ids)
-    planar = vectorize(src, tmp_path / "p.gpkg", area="planar", progress=False)
+    planar = vectorize(src, tmp_path / "p.gpkg", progress=False)  # auto: planar on the central meridian
     ground = vectorize(src, tmp_path / "g.gpkg", area="ellipsoidal", progress=False)
-    assert not planar.warnings  # Transverse Mercator: no warning
+    assert planar.settings.area == "planar" and not planar.warnings
+    assert planar.settings.planar_scale_error_percent == pytest.approx(0.08, abs=1e-3)  # 1 - 0.9996²
     for p, g in zip(planar.classes, ground.classes):
-        # UTM's scale factor is 0.9996..1.001 (area -0.08..+0.2 %), here at 500 km easting, its centre meridian
-        assert g.area_m2 == pytest.approx(p.area_m2, rel=2e-3)
+        # UTM's linear scale on its central meridian (500 km easting) is 0.9996: planar areas are 0.08 % small
+        assert p.area_m2 == pytest.approx(g.area_m2 * 0.9996**2, rel=2e-6)
         assert g.polygons == p.polygons
+
+
+def test_auto_measures_utm_on_the_ellipsoid_near_a_zone_edge(tmp_path: Path) -> None:
+    """Near the equator at a zone's edge UTM's areas are 0.2 % large: auto leaves planar for the ellipsoid."""
+    edge = Affine(10, 0, 170_000, 0, -10, 120_000)  # ~3° west of 15° E, 1° N: areal scale 1.0019
+    src = write_class_raster(tmp_path / "edge.tif", scene_ids(), transform=edge)
+    report = vectorize(src, tmp_path / "edge.gpkg", progress=False)
+    assert report.settings.area == "ellipsoidal" and report.settings.planar_scale_error_percent > 0.1
+    planar = vectorize(src, tmp_path / "planar.gpkg", area="planar", progress=False)
+    assert planar.warnings and "up to 0.19 %" in planar.warnings[0]
+    for p, g in zip(planar.classes, report.classes):
+        assert p.area_m2 / g.area_m2 == pytest.approx(1.0019, abs=2e-4)
 
 
 def test_min_area_in_m2_follows_the_area_measure(tmp_path: Path) -> None:
@@ -429,7 +461,8 @@ def test_layer_per_class_and_layer_name(tmp_path: Path) -> None:
     src = write_class_raster(tmp_path / "scene.tif", ids)
     report = vectorize(src, tmp_path / "per.gpkg", layer_per_class=True, window_rows=10, progress=False)
     layers = pyogrio.list_layers(report.output)
-    assert sorted(layers[:, 0]) == sorted(SCHEMA.names) and set(layers[:, 1]) == {"Polygon"}
+    assert sorted(polygon_layers(report.output)) == sorted(SCHEMA.names)
+    assert set(layers[:, 1]) == {"Polygon", None}  # and the attribute table layer_styles
     for c in report.classes:
         frame = read(report.output, layer=c.name)
         assert len(frame) == c.polygons and (frame.class_id == c.class_id).all()
@@ -495,7 +528,7 @@ def _truncated(path: Path) -> Path:
     ("all_nodata", 1, "every pixel is nodata"),
     ("min_area", 2, "--min-area '100 acres' is not an area"),
     ("simplify", 2, "--simplify must be a tolerance > 0"),
-    ("suffix", 2, "ending in .gpkg"),
+    ("suffix", 2, "unknown output extension '.shp'; use .gpkg (GeoPackage), .fgb (FlatGeobuf), .parquet"),
     ("both_layers", 2, "not both"),
     ("classes_missing", 1, "class file not found"),
     ("planar_degrees", 1, "is in degrees: planar areas would be in square degrees"),
@@ -564,10 +597,14 @@ def test_real_scene_segmented_then_vectorised(shared_data: Path, tmp_path: Path,
     with rasterio.open(raster) as src:
         ids = src.read(1)
         pixel_m2 = abs(src.transform.a * src.transform.e)
-        crs = src.crs
-    frame = pyogrio.read_dataframe(tmp_path / "lc.gpkg")
+        crs, transform = src.crs, src.transform
+    frame = read(tmp_path / "lc.gpkg")
     assert frame.crs == crs and shapely.is_valid(frame.geometry.values).all()
+    # the same pixels give the same ground area in the polygons and in the scene report's per-pixel tally
+    tally = ClassAreaTally(len(report.classes), crs, transform, ids.shape[1], ids.shape[0])
+    tally.add(0, ids)
     for c in report.classes:
-        assert c.area_m2 == pytest.approx((ids == c.class_id).sum() * pixel_m2, rel=1e-9)
-    assert report.area_m2 == pytest.approx((ids != NODATA).sum() * pixel_m2, rel=1e-9)
+        if report.settings.area == "planar":  # RGB.byte.tif lies near its UTM zone's edge: ellipsoidal
+            assert c.area_m2 == pytest.approx((ids == c.class_id).sum() * pixel_m2, rel=1e-9)
+        assert c.area_m2 == pytest.approx(tally.area_m2[c.class_id], rel=1e-3)
     assert frame["area_m2"].sum() == pytest.approx(report.area_m2, rel=1e-9)

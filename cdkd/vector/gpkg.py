@@ -1,19 +1,19 @@
 """Writing land-cover polygons to a GeoPackage through pyogrio, in batches.
 
-Features are buffered per layer and appended ``batch`` at a time (``pyogrio.write_dataframe(..., append=True)``),
-so memory holds one batch, not the whole layer. Layers are created on their first batch with an R-tree spatial
-index (``SPATIAL_INDEX=YES``), which GDAL keeps up to date while appending. Fields: ``class_id`` (int),
-``class_name`` (str), ``area_m2`` and ``perimeter_m`` (float; see ``cdkd.vector.measure``).
+Features are buffered per layer and appended ``batch`` at a time (``pyogrio.raw.write(..., append=True)`` with
+WKB geometries and numpy fields: no GeoDataFrame, whose reference cycles kept every written batch alive until
+Python's cyclic garbage collector ran), so memory holds one batch, not the whole layer. Layers are created on
+their first batch with an R-tree spatial index (``SPATIAL_INDEX=YES``), which GDAL keeps up to date while
+appending. Fields: ``class_id`` (int), ``class_name`` (str), ``area_m2`` and ``perimeter_m`` (float; see
+``cdkd.vector.measure``); the geometry column is ``geom``, GDAL's default.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import geopandas as gpd
 import numpy as np
-import pyogrio
-import pyproj
+import shapely
 
 from cdkd.errors import CdkdValueError
 
@@ -39,10 +39,10 @@ class GpkgWriter:
     ``atomic_path`` creates) is removed first, because GDAL cannot open an empty file as a GeoPackage.
     """
 
-    def __init__(self, path: str | Path, crs: pyproj.CRS, batch: int = BATCH) -> None:
+    def __init__(self, path: str | Path, crs_wkt: str, batch: int = BATCH) -> None:
         self.path = Path(path)
         self.path.unlink(missing_ok=True)
-        self.crs = crs
+        self.crs_wkt = crs_wkt
         self.batch = batch
         self._buffers: dict[str, list[dict[str, np.ndarray]]] = {}
         self._buffered: dict[str, int] = {}
@@ -66,14 +66,17 @@ class GpkgWriter:
         self._buffered.pop(layer, None)
         if not chunks:
             return
+        import pyogrio
+
         columns = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-        frame = gpd.GeoDataFrame(columns, geometry="geometry", crs=self.crs)
+        del chunks
+        geometry = shapely.to_wkb(columns.pop("geometry"))
         new = layer not in self.counts
         # append=True also creates the file and new layers; index options only matter when a layer is created
-        pyogrio.write_dataframe(frame, self.path, layer=layer, driver="GPKG", append=True,
-                                geometry_type="Polygon", promote_to_multi=False,
-                                layer_options={"SPATIAL_INDEX": "YES"} if new else None)
-        self.counts[layer] = self.counts.get(layer, 0) + len(frame)
+        pyogrio.raw.write(self.path, geometry, list(columns.values()), list(columns), layer=layer, driver="GPKG",
+                          geometry_type="Polygon", crs=self.crs_wkt, append=True, promote_to_multi=False,
+                          layer_options={"SPATIAL_INDEX": "YES"} if new else None)
+        self.counts[layer] = self.counts.get(layer, 0) + len(geometry)
 
     def close(self) -> dict[str, int]:
         """Write what is still buffered; features written per layer."""

@@ -3,20 +3,30 @@
 Polygons are built in pixel coordinates (``x`` = column, ``y`` = row, integer corners), where unions are
 exact, and moved into the raster's CRS with its affine transform as the last geometric step.
 
-Measures (``AREA_MODES``), as QGIS offers them:
+Measures (``AreaMode``, as QGIS offers them):
 
 - ``planar``: area and length in the CRS times the CRS linear unit's size in metres (squared for areas), so
-  feet-based CRSs also give m². Right for equal-area and conformal local CRSs (UTM: within 0.1 % of the
-  ground), wrong for Web Mercator, whose planar areas overstate the ground by 1/cos²(latitude) (1.6x at 38°).
+  feet-based CRSs also give m². Fast, and ground measures only where the projection's areal scale is close to 1.
 - ``ellipsoidal``: geodesic area and perimeter on the CRS's own ellipsoid (WGS84 for EPSG:4326 and 3857),
-  ``cdkd.geodesy.geodesic_area_perimeter``: the ground measures the scene engine reports.
-- ``auto`` (default): ellipsoidal in a geographic CRS (planar measures in degrees mean nothing), planar
-  otherwise.
+  ``cdkd.geodesy.geodesic_area_perimeter``: ground measures in any CRS, the ones the scene report gives.
+- ``auto`` (default): planar where planar areas are ground areas within ``geodesy.AREAL_TOLERANCE`` (0.1 %)
+  over the whole raster, ellipsoidal everywhere else. The rule is the projection's areal scale factor
+  (``geodesy.planar_scale_error``, from ``pyproj.Proj.get_factors`` on a grid over the raster's extent).
+  Equal-area CRSs stay planar, and so does UTM where (longitude from the central meridian) x cos(latitude) is
+  under 2.4°: the whole zone beyond ~36° N/S, all but the outer ~0.6° of it near the equator (UTM's areal scale
+  is 0.9992 on the central meridian, 1.002 at a zone edge on the equator). Geographic CRSs, Web Mercator (x2.15
+  areas at 47° N) and any CRS that stretches areas by more than 0.1 % somewhere over the raster are measured
+  on the ellipsoid.
 
-Perimeters include the rings of holes in every mode.
+Perimeters include the rings of holes in every mode; areas subtract holes whatever the rings' orientation.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
 
 import numpy as np
 import shapely
@@ -25,13 +35,36 @@ from rasterio.transform import Affine
 
 from cdkd.errors import CdkdValueError, DataError
 from cdkd.geodesy import (
+    AREAL_TOLERANCE,
     geodesic_area_perimeter,
-    is_geographic,
     metres_per_unit,
-    pyproj_crs,
+    planar_scale_error,
 )
 
-AREA_MODES = ("auto", "planar", "ellipsoidal")
+
+class AreaMode(str, Enum):
+    """How ``area_m2``, ``perimeter_m`` and an ``m2`` ``--min-area`` are measured (module docstring)."""
+
+    auto = "auto"
+    planar = "planar"
+    ellipsoidal = "ellipsoidal"
+
+
+AREA_MODES = tuple(m.value for m in AreaMode)
+
+
+@dataclass(frozen=True)
+class AreaChoice:
+    """A resolved measure: ``mode`` is ``"planar"`` or ``"ellipsoidal"``; ``scale_error`` is the largest
+    |areal scale - 1| of planar areas over the raster (``inf`` in a geographic CRS)."""
+
+    mode: str
+    scale_error: float
+
+    @property
+    def scale_error_percent(self) -> float | None:
+        """``scale_error`` in %, None where planar areas mean nothing (geographic CRS): for JSON reports."""
+        return None if math.isinf(self.scale_error) else 100 * self.scale_error
 
 
 def to_crs(geoms: np.ndarray, transform: Affine) -> np.ndarray:
@@ -45,31 +78,44 @@ def to_crs(geoms: np.ndarray, transform: Affine) -> np.ndarray:
     return shapely.transform(geoms, affine)
 
 
-def area_mode(mode: str, crs: CRS) -> str:
-    """``mode`` (one of ``AREA_MODES``) resolved for ``crs``: ``"planar"`` or ``"ellipsoidal"``."""
-    if mode not in AREA_MODES:
+def check_area_mode(mode: Any) -> str:
+    """``mode`` as one of ``AREA_MODES`` (an ``AreaMode`` or its value); anything else is a CdkdValueError."""
+    value = mode.value if isinstance(mode, AreaMode) else mode
+    if value not in AREA_MODES:
         raise CdkdValueError(f"--area {mode!r}: choose one of {', '.join(AREA_MODES)}")
-    if mode == "auto":
-        return "ellipsoidal" if is_geographic(crs) else "planar"
-    if mode == "planar" and is_geographic(crs):
+    return value
+
+
+def choose_area(mode: Any, crs: CRS, transform: Affine, width: int, height: int) -> AreaChoice:
+    """``mode`` (``AreaMode``) resolved for a ``width`` x ``height`` raster in ``crs`` (module docstring).
+
+    Raises:
+        CdkdValueError: an unknown mode.
+        DataError: ``planar`` in a geographic CRS (its areas would be in square degrees).
+    """
+    value = check_area_mode(mode)
+    error = planar_scale_error(crs, transform, width, height)
+    if value == "auto":
+        return AreaChoice("planar" if error <= AREAL_TOLERANCE else "ellipsoidal", error)
+    if value == "planar" and math.isinf(error) and crs.is_geographic:
         raise DataError(f"CRS {crs.to_string()!r} is in degrees: planar areas would be in square degrees; "
                         "use --area ellipsoidal (or auto)")
-    return mode
+    return AreaChoice(value, error)
 
 
-def mercator_note(crs: CRS, mode: str) -> str | None:
-    """A warning when planar measures in ``crs`` are far from the ground: the (pseudo-)Mercator family."""
-    operation = pyproj_crs(crs.to_wkt()).coordinate_operation
-    method = operation.method_name if operation is not None else ""
-    if mode != "planar" or "Mercator" not in method or "Transverse" in method:
+def planar_note(crs: CRS, choice: AreaChoice) -> str | None:
+    """A warning when planar measures were asked for where they are not ground measures (``AREAL_TOLERANCE``)."""
+    if choice.mode != "planar" or choice.scale_error <= AREAL_TOLERANCE:
         return None
-    return (f"areas are planar in {crs.to_string()} ({method}), which overstates ground areas by "
-            "1/cos²(latitude); pass --area ellipsoidal for ground areas")
+    return (f"areas are planar in {crs.to_string()}, whose areal scale differs from 1 by up to "
+            f"{100 * choice.scale_error:.2g} % over this raster; --area auto or ellipsoidal gives ground areas")
 
 
-def area_perimeter(geoms: np.ndarray, crs: CRS, mode: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """Area (m²) and perimeter (m) of each polygon (in ``crs`` coordinates); see the module docstring."""
-    if area_mode(mode, crs) == "ellipsoidal":
+def area_perimeter(geoms: np.ndarray, crs: CRS, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Area (m²) and perimeter (m) of each polygon (in ``crs`` coordinates), ``mode`` = ``AreaChoice.mode``."""
+    if mode == "ellipsoidal":
         return geodesic_area_perimeter(geoms, crs)
+    if mode != "planar":
+        raise CdkdValueError(f"area mode {mode!r}: expected planar or ellipsoidal (resolve it with choose_area)")
     k = metres_per_unit(crs)
     return shapely.area(geoms) * k * k, shapely.length(geoms) * k

@@ -30,11 +30,10 @@ import numpy as np
 from rasterio.crs import CRS
 from rasterio.features import sieve
 from rasterio.transform import Affine
-from shapely import box
 
 from cdkd.errors import CdkdValueError
-from cdkd.geodesy import geodesic_area_perimeter, metres_per_unit
-from cdkd.vector.measure import area_mode, to_crs
+from cdkd.geodesy import metres_per_unit, pixel_quad_areas
+from cdkd.vector.measure import choose_area
 
 _MIN_AREA = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*(m2|m²|px)\s*$")
 
@@ -66,19 +65,17 @@ def parse_min_area(text: str | MinArea) -> MinArea:
 
 
 def pixel_area_m2(transform: Affine, crs: CRS, width: int, height: int, area: str = "auto") -> float:
-    """Area of one pixel in m², measured as ``area`` (``measure.AREA_MODES``) measures polygons.
+    """Area of one pixel in m², measured as ``area`` (``measure.AreaMode``, resolved for this raster by
+    ``measure.choose_area``) measures polygons.
 
     Planar: ``|det(transform)|`` times the square of the CRS unit's size in metres (exact for every pixel).
     Ellipsoidal: the geodesic area of the raster's *centre* pixel; pixels nearer the poles are smaller (by the
     cosine of the latitude in a geographic CRS), so a threshold in m² is converted once, at the centre, and
     applied in pixels everywhere.
     """
-    if area_mode(area, crs) == "planar":
+    if choose_area(area, crs, transform, width, height).mode == "planar":
         return abs(transform.determinant) * metres_per_unit(crs) ** 2
-    col, row = width // 2, height // 2
-    pixel = to_crs(np.array([box(col, row, col + 1, row + 1)]), transform)
-    pixel_area, _ = geodesic_area_perimeter(pixel, crs)
-    return float(pixel_area[0])
+    return float(pixel_quad_areas(crs, transform, np.array([width // 2]), np.array([height // 2]))[0])
 
 
 def sieve_size(min_area: MinArea, transform: Affine, crs: CRS, width: int, height: int, area: str = "auto") -> int:

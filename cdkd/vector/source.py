@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from rasterio.crs import CRS
+from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioError
 from rasterio.transform import Affine
 from rasterio.windows import Window
@@ -95,11 +96,22 @@ def inspect(path: str | Path, classes: str | Path | None = None) -> ClassRaster:
 
 
 def read_rows(src: Any, raster: ClassRaster, row0: int, row1: int) -> tuple[np.ndarray, np.ndarray]:
-    """Raw values (h, W) and validity (h, W) of rows ``[row0, row1)``; validity is GDAL's dataset mask."""
+    """Raw values (h, W) and validity (h, W) of rows ``[row0, row1)``; validity is GDAL's dataset mask.
+
+    Where that mask is only the nodata value (``cdkd segment`` output) or nothing at all, it is computed from
+    the values read, as GDAL would: GDAL's mask band would decode the same blocks a second time.
+    """
     window = Window(0, row0, raster.width, row1 - row0)
+    flags = src.mask_flag_enums[0]
     try:
         raw = src.read(1, window=window)
-        valid = src.dataset_mask(window=window) > 0
+        if flags == [MaskFlags.all_valid]:
+            valid = np.ones(raw.shape, dtype=bool)
+        elif flags == [MaskFlags.nodata]:
+            nodata = src.nodata
+            valid = raw != nodata if _representable(nodata, raw.dtype) else np.ones(raw.shape, dtype=bool)
+        else:
+            valid = src.dataset_mask(window=window) > 0
     except (RasterioError, OSError) as e:
         raise CdkdIOError(f"{raster.path}: cannot read rows {row0}..{row1 - 1} ({gdal_reason(e)})") from None
     return raw, valid
@@ -124,9 +136,10 @@ def to_ids(raster: ClassRaster, raw: np.ndarray, valid: np.ndarray) -> tuple[np.
     return np.where(valid, mapped, 0).astype(raster.id_dtype), valid
 
 
-def _representable(value: int, dtype: np.dtype) -> bool:
+def _representable(value: float, dtype: np.dtype) -> bool:
+    """Whether integer type ``dtype`` holds ``value`` exactly (a nodata of -1 or 2.5 matches no uint8 pixel)."""
     info = np.iinfo(dtype)
-    return info.min <= value <= info.max
+    return float(value).is_integer() and info.min <= value <= info.max
 
 
 def count_values(raw: np.ndarray, valid: np.ndarray) -> Counter:
