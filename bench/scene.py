@@ -17,6 +17,17 @@ Run by hand::
    float32 logit sum in memory), argmax, write a GeoTIFF. Same model (tiny by default, so its weights do not
    dominate RSS), tile and overlap.
 
+3. Ceiling (``--parts ceiling``): tiles/s of the engine itself with a model that costs nothing (precomputed
+   logits, K=6, 1024 px tiles, overlap 64, batch 4) on the base tiled to 8192 x 8192, next to plain windowed reads
+   of the same windows, and whether the output is a valid COG (rio-cogeo).
+4. Overhead (``--parts overhead``): the real model (vit_s + UPerNet 512, 1024 px) through the engine vs the bare
+   model on the same number of tiles (``Runtime.forward`` on batches already in memory): engine / model time.
+   ``--device cuda`` measures it on a GPU (bf16 autocast, as ``cdkd segment`` runs).
+5. Scale-out (``--parts scaleout``): one 16384 x 16384 scene on a dask ``LocalCluster`` of 1 and then 2
+   single-threaded worker processes (``segment_scene_on_cluster``), speed-up, output equality, peak RSS per worker.
+6. Seams (``--parts seams``): the seam index (``blend.seam_index``: class changes across window edges over the
+   mean) of an untrained tiny segmenter (512 px tiles, overlap 64) on the base tiled 4 x 4.
+
 Every measurement runs in a fresh subprocess that reports its own peak RSS (VmHWM; ``_peak_mb`` says why not
 ``ru_maxrss``; RUSAGE_CHILDREN in the parent would give the largest child so far, not each child's). Throughput
 runs alternate between runtimes, so load from other processes on the machine hits them alike. Mosaics are the base tiled n x n with windowed writes into a
@@ -60,7 +71,8 @@ BLOCK = 512
 # ---------------------------------------------------------------------------------------------------- set-up
 
 
-def build_segmenter(path: Path, size: str, tile: int, bands: tuple[int, ...], dtype: str) -> dict:
+def build_segmenter(path: Path, size: str, tile: int, bands: tuple[int, ...], dtype: str,
+                    overlap: int | None = None) -> dict:
     """Write a seeded random ``segmenter.pt`` of the ``MODELS[size]`` recipe; returns its description."""
     import torch
 
@@ -78,11 +90,13 @@ def build_segmenter(path: Path, size: str, tile: int, bands: tuple[int, ...], dt
     model = Segmenter(build_student("vit_s", **arch_args), schema.num_classes, layers=spec["layers"],
                       channels=spec["channels"])
     student = StudentInfo("vit_s", arch_args, norm, {"teacher": "none (bench/scene.py, random weights)"})
-    info = SegmenterInfo(student=student, head=model.config(), classes=schema, tile_size=tile, overlap=tile // 4)
+    overlap = tile // 4 if overlap is None else overlap
+    info = SegmenterInfo(student=student, head=model.config(), classes=schema, tile_size=tile, overlap=overlap)
     save_segmenter(path, model.eval(), info)
     params = sum(p.numel() for p in model.parameters())
-    return {"size": size, "what": spec["what"], "path": str(path), "tile": tile, "overlap": tile // 4,
-            "classes": schema.num_classes, "params_m": params / 1e6, "weights_mb": params * 4 / 2**20}
+    return {"size": size, "what": spec["what"], "path": str(path), "tile": tile,
+            "overlap": overlap, "classes": schema.num_classes, "params_m": params / 1e6,
+            "weights_mb": params * 4 / 2**20}
 
 
 def export_onnx_model(pt: Path, out: Path) -> str:
@@ -143,6 +157,28 @@ def build_mosaic(base: Path, rows: int, cols: int, out: Path) -> Path:
                 if mask is not None:
                     dst.write_mask(mask, window=window)
     return out
+
+
+def synthetic_base(path: Path, size: int = 1024) -> Path:
+    """A 1024 x 1024 RGB uint8 GeoTIFF with land-cover-like structure (smooth fields, blobs, noise), EPSG:32633."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    bands = []
+    for _ in range(3):
+        band = 0.5 + 0.25 * np.sin(rng.uniform(3, 15) * xx + rng.uniform(0, 6)) * np.cos(rng.uniform(3, 15) * yy)
+        for _ in range(12):
+            cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.02, 0.1)
+            band += rng.uniform(-0.3, 0.3) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        bands.append(np.clip(band + rng.normal(0, 0.03, band.shape), 0.02, 0.98))
+    data = np.round(np.stack(bands) * 255).astype(np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=from_origin(500_000, 5_000_000, 0.5, 0.5), tiled=True, blockxsize=512,
+                       blockysize=512, compress="deflate") as dst:
+        dst.write(data)
+    return path
 
 
 def scene_facts(path: Path) -> dict:
@@ -263,7 +299,151 @@ def job_baseline(model: str, scene: str, out: str, batch: int, bands: list[int],
     return {"seconds": time.perf_counter() - start, "start_mb": start_mb, "peak_mb": _peak_mb()}
 
 
-JOBS = {"throughput": job_throughput, "cdkd": job_cdkd, "baseline": job_baseline}
+class FreeRuntime:
+    """A runtime that costs nothing: the same precomputed smooth logits for every tile (what is left is the engine)."""
+
+    name, device, blend_device, max_batch, fixed_tile = "free", "cpu", "cpu", None, True
+
+    def __init__(self, tile: int, overlap: int, classes: int = 6) -> None:
+        from cdkd.artifacts import InferenceMeta
+        from cdkd.data.classes import BUILTIN_SCHEMAS
+        from cdkd.data.stats import NormStats
+
+        schema = BUILTIN_SCHEMAS["deepglobe"] if classes == 7 else BUILTIN_SCHEMAS[SCHEMA]
+        self.meta = InferenceMeta(schema, NormStats((110.0,) * 3, (50.0,) * 3, (1, 2, 3), "uint8"), tile, overlap, 3)
+        self.path, self.options = __file__, {"what": "precomputed logits"}
+        k = schema.num_classes
+        yy, xx = np.mgrid[0:tile, 0:tile] / tile
+        rng = np.random.default_rng(1)
+        self.field = np.stack([np.sin(rng.uniform(2, 9) * xx + rng.uniform(0, 6)) *
+                               np.cos(rng.uniform(2, 9) * yy + rng.uniform(0, 6)) for _ in range(k)]).astype(np.float32)
+        self._out: dict[int, np.ndarray] = {}
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if len(batch) not in self._out:
+            self._out[len(batch)] = np.ascontiguousarray(np.broadcast_to(self.field, (len(batch), *self.field.shape)))
+        return self._out[len(batch)]
+
+    def forward(self, batch: np.ndarray):
+        import torch
+
+        return torch.from_numpy(self(batch))
+
+
+def job_ceiling(scene: str, out: str, tile: int, overlap: int, batch: int, read_threads: int) -> dict:
+    """The engine with a free model, then plain windowed reads of the same windows."""
+    import rasterio
+
+    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.tiler import plan_windows
+
+    report = segment_scene(scene, FreeRuntime(tile, overlap), out,
+                           SegmentOptions(batch_size=batch, overwrite=True, progress=False, read_threads=read_threads))
+    with rasterio.open(scene) as src:
+        windows = plan_windows(src.height, src.width, tile, overlap)
+        start = time.perf_counter()
+        for w in windows:
+            src.read(window=w.to_rasterio())
+        reads = time.perf_counter() - start
+    try:
+        from rio_cogeo.cogeo import cog_validate
+
+        valid_cog = cog_validate(out)[0]
+    except ImportError:
+        valid_cog = None
+    return {"tiles": report.tiles_run, "seconds": report.seconds, "tiles_s": report.tiles_run / report.seconds,
+            "read_tiles_s": len(windows) / reads, "stages": report.stages, "valid_cog": valid_cog,
+            "peak_mb": _peak_mb()}
+
+
+def job_overhead(model: str, scene: str, out: str, device: str, batch: int, threads: int | None) -> dict:
+    """Engine time vs the bare model on as many tiles (batches already in memory), after a warm-up."""
+    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.runtimes import open_runtime
+
+    _set_threads(threads)
+    rt = open_runtime(model, device=device)
+    t = rt.meta.tile_size
+    x = np.random.default_rng(0).normal(size=(batch, rt.meta.in_chans, t, t)).astype(np.float32)
+    _sync(rt.forward(x))  # warm-up (cuDNN autotuning, allocator)
+    report = segment_scene(scene, rt, out, SegmentOptions(batch_size=batch, overwrite=True, progress=False))
+    tiles = report.tiles_run
+    start = time.perf_counter()
+    for i in range(0, tiles, batch):
+        _sync(rt.forward(x[: min(batch, tiles - i)]))
+    bare = time.perf_counter() - start
+    return {"tiles": tiles, "engine_s": report.seconds, "model_s": bare, "ratio": report.seconds / bare,
+            "device": rt.device, "amp": rt.options.get("amp"), "stages": report.stages, "tiles_s": tiles / report.seconds}
+
+
+def _sync(y) -> None:
+    import torch
+
+    if isinstance(y, torch.Tensor) and y.is_cuda:
+        torch.cuda.synchronize()
+
+
+def job_scaleout(model: str, scene: str, work: str, workers: int, block_rows: int) -> dict:
+    """One scene on a LocalCluster of ``workers`` single-threaded processes; peak RSS of each worker."""
+    import distributed
+
+    from cdkd.scene.blocks import segment_scene_on_cluster
+    from cdkd.scene.engine import SegmentOptions
+    from cdkd.scene.runtimes import RuntimeSpec
+
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  env=env) as cluster, distributed.Client(cluster) as client:
+        client.run(lambda: __import__("torch").set_num_threads(1))
+        out = Path(work) / f"scaleout_{workers}.tif"
+        report = segment_scene_on_cluster(scene, RuntimeSpec(model, device="cpu"), out, client,
+                                          SegmentOptions(overwrite=True, progress=False, read_threads=1),
+                                          rows_per_block=block_rows)
+        peaks = client.run(_peak_mb)
+    return {"workers": workers, "seconds": report.seconds, "tiles": report.tiles_run, "out": str(out),
+            "blocks": report.runtime_options["blocks"], "worker_peak_mb": sorted(peaks.values())}
+
+
+def content_matched_seams(classes: np.ndarray, tile: int, overlap: int, period: int) -> float:
+    """The seam index with the content held fixed, for a mosaic of one base scene repeated every ``period`` px:
+    the change rate at window edges over the rate at the same base-scene position in the copies where no window
+    edge lies. (Edges fall on other content than the average row, and an untrained ViT changes class more often on
+    its 16 px patch grid, which the window edges share: both inflate the plain index without any seam.)"""
+    from cdkd.scene.tiler import grid_offsets
+
+    change = (classes[:, 1:] != classes[:, :-1]).mean(axis=0)
+    size = classes.shape[1]
+    offsets = grid_offsets(size, tile, overlap)
+    edges = {o - 1 for o in offsets if o > 0} | {o + tile - 1 for o in offsets if o + tile < size}
+    at, elsewhere = [], []
+    for e in sorted(edges):
+        same = [p for p in range(e % period, size - 1, period) if p not in edges]
+        if same:
+            at.append(change[e])
+            elsewhere.append(change[same].mean())
+    return float(np.mean(at) / np.mean(elsewhere)) if at else float("nan")
+
+
+def job_seams(model: str, scene: str, out: str, period: list[int]) -> dict:
+    import rasterio
+
+    from cdkd.scene.blend import seam_index
+    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.runtimes import open_runtime
+
+    rt = open_runtime(model, device="cpu")
+    segment_scene(scene, rt, out, SegmentOptions(overwrite=True, progress=False, batch_size=4))
+    with rasterio.open(out) as src:
+        classes = src.read(1)
+    tile, overlap = rt.meta.tile_size, rt.meta.overlap
+    cols, rows = seam_index(classes, tile, overlap, nodata=255)
+    return {"cols": cols, "rows": rows, "tile": tile, "overlap": overlap,
+            "matched_cols": content_matched_seams(classes, tile, overlap, period[1]),
+            "matched_rows": content_matched_seams(classes.T, tile, overlap, period[0])}
+
+
+JOBS = {"throughput": job_throughput, "cdkd": job_cdkd, "baseline": job_baseline, "ceiling": job_ceiling,
+        "overhead": job_overhead, "scaleout": job_scaleout, "seams": job_seams}
 
 
 GDAL_CACHEMAX: str | None = None  # --gdal-cachemax, passed to the children's environment
@@ -372,7 +552,95 @@ def memory(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) -
     return {"model": model, "rows": rows, "layout": args.layout}
 
 
+def ceiling(args: argparse.Namespace, work: Path) -> dict:
+    scene = mosaic(args.base, args.ceiling_factor, work)
+    runs = [run_child("ceiling", scene=str(scene), out=str(work / "ceiling.tif"), tile=1024, overlap=64,
+                      batch=args.batch_size, read_threads=args.read_threads) for _ in range(args.repeats)]
+    runs = [r for r in runs if r]
+    best = min(runs, key=lambda r: r["seconds"]) if runs else None
+    return {"scene": scene_facts(scene), "best": best, "seconds_all": [r["seconds"] for r in runs]}
+
+
+def overhead(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) -> dict:
+    model = build_segmenter(work / "segmenter_full.pt", "full", 1024, tuple(bands), dtype)
+    scene = mosaic(args.base, args.overhead_factor, work)
+    r = run_child("overhead", model=model["path"], scene=str(scene), out=str(work / "overhead.tif"),
+                  device=args.device, batch=args.batch_size, threads=args.threads)
+    return {"model": model, "scene": scene_facts(scene), "result": r}
+
+
+def scaleout(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) -> dict:
+    model = build_segmenter(work / "segmenter_tiny512.pt", "tiny", 512, tuple(bands), dtype)
+    scene = mosaic(args.base, args.scaleout_factor, work)
+    runs = {n: run_child("scaleout", model=model["path"], scene=str(scene), work=str(work), workers=n,
+                         block_rows=args.block_rows) for n in (1, 2)}
+    equal = None
+    if runs[1] and runs[2]:
+        import rasterio
+
+        with rasterio.open(runs[1]["out"]) as a, rasterio.open(runs[2]["out"]) as b:
+            equal = all(np.array_equal(a.read(1, window=w), b.read(1, window=w)) for _, w in a.block_windows(1))
+    return {"model": model, "scene": scene_facts(scene), "runs": runs, "equal": equal}
+
+
+def seams(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) -> dict:
+    model = build_segmenter(work / "segmenter_tiny512_seams.pt", "tiny", 512, tuple(bands), dtype, overlap=64)
+    scene = mosaic(args.base, args.seams_factor, work)
+    base = scene_facts(args.base)
+    return {"scene": scene_facts(scene), "result": run_child("seams", model=model["path"], scene=str(scene),
+                                                             out=str(work / "seams.tif"),
+                                                             period=[base["height"], base["width"]])}
+
+
 # ---------------------------------------------------------------------------------------------------- report
+
+
+def print_ceiling(c: dict) -> None:
+    s, b = c["scene"], c["best"]
+    print(f"\n3. Engine ceiling: a model that costs nothing (precomputed logits), {s['width']} x {s['height']} "
+          f"{s['count']}-band, 1024 px tiles, overlap 64")
+    if not b:
+        print("   failed")
+        return
+    print(f"   engine {b['tiles_s']:.1f} tiles/s ({b['tiles']} tiles in {b['seconds']:.2f} s, best of "
+          f"{', '.join(f'{x:.2f}' for x in c['seconds_all'])} s); plain windowed reads {b['read_tiles_s']:.1f} tiles/s; "
+          f"engine / reads {b['tiles_s'] / b['read_tiles_s']:.2f}x; valid COG (rio-cogeo): {b['valid_cog']}; "
+          f"peak {b['peak_mb']:.0f} MB")
+    print(f"   stage busy seconds: {b['stages']}")
+
+
+def print_overhead(o: dict) -> None:
+    r, s = o["result"], o["scene"]
+    print(f"\n4. Overhead of the engine with the real model ({o['model']['what']}, 1024 px), "
+          f"{s['width']} x {s['height']}")
+    if not r:
+        print("   failed")
+        return
+    print(f"   {r['device']} (amp {r['amp']}): engine {r['engine_s']:.2f} s, bare model {r['model_s']:.2f} s on "
+          f"{r['tiles']} tiles: engine / model = {r['ratio']:.3f} ({r['tiles_s']:.2f} tiles/s)")
+    print(f"   stage busy seconds: {r['stages']}")
+
+
+def print_scaleout(o: dict) -> None:
+    s, runs = o["scene"], o["runs"]
+    print(f"\n5. Scale-out: one {s['width']} x {s['height']} scene on a LocalCluster of single-threaded workers "
+          f"({o['model']['what']}, 512 px tiles)")
+    for n, r in runs.items():
+        if r:
+            print(f"   {n} worker(s): {r['seconds']:.1f} s, {r['blocks']} blocks, peak RSS per worker "
+                  f"{', '.join(f'{m:.0f}' for m in r['worker_peak_mb'])} MB")
+    if runs[1] and runs[2]:
+        print(f"   speed-up 2 / 1 workers: {runs[1]['seconds'] / runs[2]['seconds']:.2f}x; outputs equal: {o['equal']}")
+
+
+def print_seams(o: dict) -> None:
+    r = o["result"]
+    if r:
+        print(f"\n6. Seam index (class changes across window edges / mean), untrained tiny segmenter, tile "
+              f"{r['tile']}, overlap {r['overlap']}, {o['scene']['width']} x {o['scene']['height']}: across columns "
+              f"{r['cols']:.3f}, across rows {r['rows']:.3f} (1.0 = no trace of the window grid); with the content "
+              f"held fixed (same base-scene position in the mosaic's other copies): {r['matched_cols']:.3f}, "
+              f"{r['matched_rows']:.3f}")
 
 
 def print_throughput(t: dict, threads: str) -> None:
@@ -460,7 +728,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-size", choices=["small", "full"], default="small", help="throughput model")
     parser.add_argument("--memory-model", choices=list(MODELS), default="tiny", help="model of the memory part")
-    parser.add_argument("--base", default="cogeo.tif", help="base scene: a path, or a name in SHARED/scenes")
+    parser.add_argument("--base", default="cogeo.tif", help="base scene: a path, a name in SHARED/scenes, or "
+                        "'synthetic' (made here, for machines without the shared data)")
     parser.add_argument("--bands", default="1,2,3", help="scene bands fed to the model")
     parser.add_argument("--factors", type=_factors, default=[1, 4, 16], help="mosaic areas (x base) for memory")
     parser.add_argument("--layout", choices=["square", "tall"], default="square",
@@ -471,7 +740,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per runtime")
     parser.add_argument("--threads", type=int, default=None, help="torch/onnxruntime intra-op threads")
-    parser.add_argument("--parts", default="throughput,memory", help="which parts to run")
+    parser.add_argument("--parts", default="throughput,memory", help="which parts to run: throughput, memory, "
+                        "ceiling, overhead, scaleout, seams")
+    parser.add_argument("--ceiling-factor", type=int, default=64, help="ceiling scene area (x base): 64 = 8192^2")
+    parser.add_argument("--overhead-factor", type=int, default=4, help="overhead scene area (x base)")
+    parser.add_argument("--scaleout-factor", type=int, default=256, help="scale-out scene area (x base): 16384^2")
+    parser.add_argument("--seams-factor", type=int, default=16, help="seams scene area (x base): 16 = 4 x 4")
+    parser.add_argument("--block-rows", type=int, default=2, help="window rows per block in the scale-out part")
+    parser.add_argument("--read-threads", type=int, default=2, help="engine reader threads (ceiling part)")
+    parser.add_argument("--device", default="cpu", help="device of the overhead part (cpu or cuda)")
     parser.add_argument("--gdal-cachemax", default=None,
                         help="GDAL block cache for the measured processes, e.g. 16MB (default: GDAL's, 5%% of RAM)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep models, mosaics and outputs here")
@@ -489,6 +766,8 @@ def main(argv: list[str] | None = None) -> None:
     if math.isqrt(args.throughput_factor) ** 2 != args.throughput_factor:
         parser.error(f"--throughput-factor {args.throughput_factor} is not a perfect square")
     base = Path(args.base) if Path(args.base).is_file() else SHARED_DATA / "scenes" / args.base
+    if args.base == "synthetic":  # a machine without ../shared/data (a lent GPU): a scene made here
+        base = synthetic_base(Path(tempfile.gettempdir()) / "cdkd-bench-synthetic-base.tif")
     if not base.is_file():
         parser.error(f"--base {args.base}: not a file, nor in {SHARED_DATA / 'scenes'} (set CDKD_SHARED_DATA)")
     args.base = base
@@ -525,6 +804,18 @@ def main(argv: list[str] | None = None) -> None:
         if "memory" in parts:
             result["memory"] = memory(args, work, bands, facts["dtype"])
             print_memory(result["memory"], threads)
+        if "ceiling" in parts:
+            result["ceiling"] = ceiling(args, work)
+            print_ceiling(result["ceiling"])
+        if "overhead" in parts:
+            result["overhead"] = overhead(args, work, bands, facts["dtype"])
+            print_overhead(result["overhead"])
+        if "scaleout" in parts:
+            result["scaleout"] = scaleout(args, work, bands, facts["dtype"])
+            print_scaleout(result["scaleout"])
+        if "seams" in parts:
+            result["seams"] = seams(args, work, bands, facts["dtype"])
+            print_seams(result["seams"])
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end (other processes share these CPUs)")
     if args.json:
         from cdkd.utils.atomic import atomic_write_text
