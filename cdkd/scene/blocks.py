@@ -30,9 +30,10 @@ import rasterio
 from cdkd.data.files import raster_path
 from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdValueError, CheckpointError, DataError
+from cdkd.scene.areas import ClassAreaTally
 from cdkd.scene.classraster import check_num_classes
 from cdkd.scene.cluster import connect, register_runtime, worker_runtime
-from cdkd.scene.engine import (STATE_FORMAT, PixelTally, SceneReport, SegmentOptions, announce_bands, build_report,
+from cdkd.scene.engine import (STATE_FORMAT, SceneReport, SegmentOptions, announce_bands, build_report,
                                cache_budget, check_outputs, fingerprint, load_state, output_paths, resolve_tiling,
                                _Progress, _stderr)
 from cdkd.scene.pipeline import RowCounts, StageTimes, TilePrefetcher, WeightCache, blend_rows
@@ -206,7 +207,7 @@ def segment_scene_on_cluster(scene: str | Path, spec: RuntimeSpec, out: str | Pa
         for r in results:
             for stage, seconds in r.get("stages", {}).items():
                 times.add(stage, seconds)
-        tally = PixelTally(meta.num_classes, info)
+        tally = ClassAreaTally(meta.num_classes, info.crs, info.transform, info.width, info.height)
         _assemble(partial, info, meta.classes, options.probs, results, tally, times, final, conf)
         runtime_like = _SpecRuntime(spec, meta, kind)
         report = build_report(
@@ -247,7 +248,7 @@ def _run_blocks(job: _Job, blocks: list[Block], spec: RuntimeSpec, scheduler: An
             client.close()
 
 
-def _assemble(partial: Path, info: Any, schema: Any, probs: bool, results: list[dict[str, Any]], tally: PixelTally,
+def _assemble(partial: Path, info: Any, schema: Any, probs: bool, results: list[dict[str, Any]], tally: ClassAreaTally,
               times: StageTimes, final: Path, conf: Path) -> None:
     """Stream the workers' chunks in order into the local engine's writer: overviews, COG, legend."""
     chunks = sorted((top, rows) for r in results for top, rows in r["chunks"])

@@ -39,7 +39,8 @@ from cdkd.artifacts import InferenceMeta
 from cdkd.config import PATCH_SIZE
 from cdkd.data.files import is_virtual_path, raster_path
 from cdkd.errors import CdkdValueError, CheckpointError, DataError, OutputExistsError
-from cdkd.scene.classraster import NODATA, check_num_classes
+from cdkd.scene.areas import ClassAreaTally
+from cdkd.scene.classraster import check_num_classes
 from cdkd.scene.pipeline import RowCounts, StageTimes, TilePrefetcher, WeightCache, blend_rows
 from cdkd.scene.rowblend import Partial, PlanBlender
 from cdkd.scene.runtimes import Runtime
@@ -70,6 +71,7 @@ class SegmentOptions:
     progress: bool = True
     checkpoint_seconds: float = 30.0  # least time between checkpoints (--resume restarts from the last one)
     read_threads: int = 2  # threads reading and normalising ahead of the model; 0 reads in the engine's thread
+    min_score: float | None = None  # instance models: detections scoring less are dropped (None: 0.5)
 
 
 @dataclass(frozen=True)
@@ -175,10 +177,12 @@ def fingerprint(scene: str | Path, meta: InferenceMeta, source: SceneSource, til
             "overlap": overlap, "bands": list(source.bands), "norm": source.norm.to_dict(), "probs": probs}
 
 
-def check_outputs(scene: str | Path, out: Path, options: SegmentOptions) -> None:
-    """Refuse outputs that would replace the scene, are not GeoTIFFs, or are in the way (``--overwrite``)."""
-    if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise CdkdValueError(f"{out}: the class raster is a GeoTIFF (COG); give an output ending in .tif or .tiff")
+def check_outputs(scene: str | Path, out: Path, options: SegmentOptions, suffixes: tuple[str, ...] = OUTPUT_SUFFIXES,
+                  kind: str = "the class raster is a GeoTIFF (COG)") -> None:
+    """Refuse outputs that would replace the scene, do not end in one of ``suffixes`` (GeoTIFF), or are in the
+    way (``--overwrite``)."""
+    if out.suffix.lower() not in suffixes:
+        raise CdkdValueError(f"{out}: {kind}; give an output ending in {' or '.join(suffixes)}")
     final, conf, report, partial = output_paths(out)
     if not is_virtual_path(scene):
         target = Path(scene).resolve()
@@ -196,28 +200,6 @@ def check_outputs(scene: str | Path, out: Path, options: SegmentOptions) -> None
         what = "an interrupted run" if partial.exists() and not final.exists() else "existing output"
         raise OutputExistsError(f"{out}: {what} is in the way ({', '.join(existing)}); pass --overwrite to replace "
                                 "it" + (" or --resume to continue" if partial.exists() else ""))
-
-
-class PixelTally:
-    """Per-class pixel counts of the finished rows; ground areas at the scene's mean pixel area."""
-
-    def __init__(self, num_classes: int, info: SceneInfo) -> None:
-        self.pixels = np.zeros(num_classes, dtype=np.int64)
-        self.pixel_area_m2 = info.pixel_area_m2
-
-    def add(self, top: int, classes: np.ndarray) -> None:
-        valid = classes[classes != NODATA]
-        self.pixels += np.bincount(valid, minlength=len(self.pixels))[: len(self.pixels)]
-
-    @property
-    def area_m2(self) -> np.ndarray:
-        return self.pixels * self.pixel_area_m2
-
-    def state(self) -> dict[str, Any]:
-        return {"pixels": self.pixels.tolist()}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.pixels = np.asarray(state["pixels"], dtype=np.int64)
 
 
 class _Progress:
@@ -291,7 +273,13 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
     Raises DataError/CdkdIOError for a scene that cannot be used (see ``SceneSource``) or holds no valid pixel,
     OutputExistsError for outputs in the way (``overwrite``), CheckpointError for a ``resume`` that does not
     match the interrupted run, KeyboardInterrupt after saving a checkpoint on Ctrl-C.
+
+    An instance model (``runtime.meta.task == "instance"``) writes polygons instead: ``cdkd.scene.instances``.
     """
+    if runtime.meta.task == "instance":
+        from cdkd.scene.instances import segment_instances
+
+        return segment_instances(scene, runtime, out, options, log)  # type: ignore[return-value]
     scene, out = raster_path(scene), Path(out)
     start = time.perf_counter()
     check_num_classes(runtime.meta.classes)
@@ -321,7 +309,8 @@ class _LocalRun:
         self.partial = output_paths(out)[3]
         self.fingerprint = fingerprint(scene, runtime.meta, source, tile, overlap, options.probs)
         self.times, self.counts = StageTimes(), RowCounts()
-        self.tally = PixelTally(runtime.meta.num_classes, self.info)
+        self.tally = ClassAreaTally(runtime.meta.num_classes, self.info.crs, self.info.transform,
+                                    self.info.width, self.info.height)
         self.rows_done = self.resumed_from = 0
         self.sequence = 0
 
@@ -404,7 +393,8 @@ class _LocalRun:
     def _restore(self, state: dict[str, Any], writer: SceneWriter) -> Partial | None:
         arrays = load_arrays(self.partial, state)
         writer.restore(state["writer"], arrays)
-        self.tally.restore(state["tally"])
+        info = self.info
+        self.tally = ClassAreaTally.from_state(state["tally"], info.crs, info.transform, info.width, info.height)
         self.rows_done = self.resumed_from = int(state["rows_done"])
         self.counts.run, self.counts.skipped = int(state["tiles_run"]), int(state["tiles_skipped"])
         self.sequence = int(state["sequence"])

@@ -31,7 +31,6 @@ from cdkd.data.files import (
 )
 from cdkd.data.stats import NormStats, compute_stats
 from cdkd.errors import CdkdIOError, CdkdValueError, DataError
-from cdkd.geodesy import footprint_area_m2
 from cdkd.scene.tiler import TileWindow
 
 PROBE = 256  # side of the probe windows read at open: corrupt pixel data fails here, not hours into a job
@@ -50,15 +49,6 @@ class SceneInfo:
     crs: Any  # rasterio CRS
     transform: Any  # affine.Affine
     nodata: float | None
-
-    @property
-    def pixel_area_m2(self) -> float:
-        """Mean ground area of one pixel in m²: the scene footprint's geodesic area / pixel count.
-
-        Ground area, not the CRS's planar area: in Web Mercator (EPSG:3857) the planar area overstates the ground
-        by 1/cos²(latitude) (1.6x at 38°); in UTM the two agree to ~0.1%.
-        """
-        return footprint_area_m2(self.crs, self.transform, self.width, self.height) / (self.width * self.height)
 
 
 class SceneSource:
