@@ -19,8 +19,11 @@ few passes and bounds the memory:
   so memory is bounded by the chunk (about 4 MB per image at D = 512, N = 16, Q = 64), not by the tile.
 
 Everything is ordinary tensor algebra (Mul, Add, Exp, Concat, Slice, MatMul), so it runs on the CPU, trains with
-autograd and exports to ONNX with torch's dynamo exporter (the chunk loop unrolls: the tile size of an export is
-fixed). ``selective_scan_ref`` is the literal token loop, for tests only. ``selective_scan`` dispatches: the fused
+autograd and exports to ONNX with torch's dynamo exporter. While exporting, the whole sequence is one chunk: the
+graph then grows with log2(L) instead of L / Q (a chunk loop unrolls), which exported and ran faster in ONNX Runtime
+too (rsmamba with 4 blocks at 256 px: 833 nodes, 25 s export, 0.66 s per tile against 2133 nodes, 92 s, 0.87 s
+for chunks of 64; its arena allocator reuses the large temporaries that slow eager PyTorch down).
+``selective_scan_ref`` is the literal token loop, for tests only. ``selective_scan`` dispatches: the fused
 ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` for CUDA tensors when ``mamba_ssm`` imports (not
 while exporting or compiling), else the chunked form.
 
@@ -103,15 +106,15 @@ def selective_scan_chunked(
     delta_softplus: bool = False,
     chunk: int | None = None,
 ) -> torch.Tensor:
-    """The selective scan in chunks of ``chunk`` tokens (default ``default_chunk``). Shapes in the module doc;
-    returns y (batch, L, D) in u's dtype, computed in float32."""
+    """The selective scan in chunks of ``chunk`` tokens (default ``default_chunk``; the whole sequence while
+    exporting). Shapes in the module doc; returns y (batch, L, D) in u's dtype, computed in float32."""
     dtype = u.dtype
     with torch.autocast(u.device.type, enabled=False):
         u, delta, A = _prepare(u, delta, A, delta_bias, delta_softplus)
         B, C = B.float(), C.float()
         batch, length, d_inner = u.shape
         d_state = A.shape[1]
-        q = chunk or default_chunk(d_inner, d_state)
+        q = chunk or (length if _exporting() else default_chunk(d_inner, d_state))
         du = delta * u
         ys, h_last = [], None
         for s in range(0, length, q):

@@ -106,9 +106,15 @@ def rsmamba_h(img_size: int = 1024, in_chans: int = 3, **overrides: Any) -> nn.M
     return _rsmamba(img_size, in_chans, 32, 640, overrides)
 
 
+def rsmamba_test(img_size: int = 1024, in_chans: int = 3, **overrides: Any) -> nn.Module:
+    """A tiny RSMamba for tests and smoke runs (timm's ``*_test`` idea): 4 blocks, d_model 32, d_inner 64, d_state 4."""
+    return _rsmamba(img_size, in_chans, 4, 64, dict(dict(embed_dim=32, d_state=4), **overrides))
+
+
 STUDENT_REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "vit_s": vit_s, "vit_s_win": vit_s_win,
     "rsmamba_s": rsmamba_s, "rsmamba_b": rsmamba_b, "rsmamba_l": rsmamba_l, "rsmamba_h": rsmamba_h,
+    "rsmamba_test": rsmamba_test,
 }
 
 
