@@ -1,50 +1,63 @@
-"""Speed of the two students: timm's global-attention ViT-S/16 vs the windowed ``vit_s_win``.
+"""Speed and memory of the students: global ViT-S/16, windowed ``vit_s_win`` and RS4D's state-space ``rsmamba_s``.
 
 Run by hand::
 
-    python bench/student_speed.py [--size 1024] [--repeats 3] [--batch 1] [--threads N] [--json PATH]
+    python bench/student_speed.py [--sizes 512,1024,2048] [--models vit_s,vit_s_win,rsmamba_s] [--repeats 3]
+                                  [--batch 1] [--threads N] [--json PATH]
 
-For each student: parameters (M), forward GFLOPs at the size (``FlopCounterMode``, batch 1 by default), and the
-median forward wall time (``inference_mode``, float32, after one warm-up), then the windowed/global ratios. Timed
-runs alternate between the two models, so load from other processes on the machine hits both alike.
+For each size and student: parameters (M), forward GFLOPs (``FlopCounterMode``: matmuls, convolutions and
+attention; for rsmamba the selective scan's elementwise work, which it does not see, is added analytically and shown
+apart: 5 x L x d_inner x d_state per direction and block for the step products, the exponential and the
+recurrence's multiply-add; the contraction with C is a matmul and already counted), the median forward wall time (``inference_mode``,
+float32, after one warm-up; timed runs alternate between the models, so load from other processes hits all alike)
+and the peak memory of one forward, measured in a fresh subprocess per (model, size): the process's peak RSS and
+the part of it the forward added on top of the built model. Ratios are to ``vit_s`` at the same size.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from cdkd.models.windowed_vit import WindowedViT  # noqa: E402
+from cdkd.models.student import build_student  # noqa: E402
+
+LABELS = {"vit_s": "vit_s (global)"}
 
 
-def build_students(size: int) -> dict[str, nn.Module]:
-    """The global ViT-S exactly as cdkd's ``vit_s`` student is specified, and the windowed one."""
+def build(name: str, size: int) -> nn.Module:
+    """The student ``name`` exactly as cdkd builds it for ``size`` px tiles, in eval mode, seeded."""
     torch.manual_seed(0)
-    global_vit = VisionTransformer(
-        img_size=size, patch_size=16, embed_dim=384, depth=12, num_heads=6, class_token=False,
-        global_pool="avg", num_classes=0, dynamic_img_size=True,
-    )
-    return {"vit_s (global)": global_vit.eval(), "vit_s_win": WindowedViT(img_size=size).eval()}
+    return build_student(name, img_size=size).eval()
 
 
-def gflops(model: nn.Module, x: torch.Tensor) -> float:
-    """Forward GFLOPs (a multiply-add counts 2) for input x."""
+def gflops(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(counted, scan) forward GFLOPs for input x: what FlopCounterMode counts (a multiply-add = 2), and for a
+    Mamba student the selective scan's elementwise operations it does not count."""
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
         model(x)
-    return counter.get_total_flops() / 1e9
+    scan = 0.0
+    blocks = getattr(model, "blocks", [])
+    if blocks and hasattr(blocks[0], "mixer"):
+        tokens = (x.shape[-2] // model.patch_size) * (x.shape[-1] // model.patch_size)
+        mixer = blocks[0].mixer
+        scan = 5.0 * tokens * mixer.d_inner * mixer.d_state * 2 * len(blocks) * x.shape[0]  # 2 directions
+    return counter.get_total_flops() / 1e9, scan / 1e9
 
 
 def time_forward(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
@@ -61,59 +74,92 @@ def time_forward(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) ->
     return times
 
 
-def run(size: int, repeats: int, batch: int) -> dict:
-    """All measurements in one process; returns the JSON-able result."""
-    if size % 16:
-        raise SystemExit(f"--size {size} is not a multiple of the patch size 16")
-    models = build_students(size)
-    x = torch.randn(batch, 3, size, size)
-    flops = {name: gflops(m, x[:1]) for name, m in models.items()}
-    times = time_forward(models, x, repeats)
-    rows = {
-        name: {
-            "params_m": sum(p.numel() for p in m.parameters()) / 1e6,
-            "gflops": flops[name],
-            "median_s": statistics.median(times[name]),
-            "times_s": times[name],
-        }
-        for name, m in models.items()
-    }
-    g, w = rows["vit_s (global)"], rows["vit_s_win"]
-    return {
-        "size": size,
-        "batch": batch,
-        "repeats": repeats,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "models": rows,
-        "ratio_time": w["median_s"] / g["median_s"],
-        "ratio_gflops": w["gflops"] / g["gflops"],
-    }
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_memory(name: str, size: int, batch: int, threads: int | None) -> dict[str, float]:
+    """Peak RSS (MB) of a fresh process that builds ``name`` and runs one forward, and what the forward added."""
+    spec = json.dumps({"name": name, "size": size, "batch": batch, "threads": threads})
+    proc = subprocess.run([sys.executable, __file__, "--_memory", spec], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode:
+        err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"peak_mb": float("nan"), "forward_mb": float("nan"), "error": err}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _memory_child(spec: dict) -> None:
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    model = build(spec["name"], spec["size"])
+    x = torch.randn(spec["batch"], 3, spec["size"], spec["size"])
+    before = _rss_mb()
+    with torch.inference_mode():
+        model(x)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    print(json.dumps({"peak_mb": round(peak, 1), "forward_mb": round(peak - before, 1)}))
+
+
+def run(sizes: list[int], names: list[str], repeats: int, batch: int, threads: int | None) -> dict:
+    """All measurements; returns the JSON-able result."""
+    out = []
+    for size in sizes:
+        if size % 16:
+            raise SystemExit(f"size {size} is not a multiple of the patch size 16")
+        models = {name: build(name, size) for name in names}
+        x = torch.randn(batch, 3, size, size)
+        flops = {name: gflops(m, x[:1]) for name, m in models.items()}
+        times = time_forward(models, x, repeats)
+        rows = {}
+        for name, m in models.items():
+            mem = peak_memory(name, size, batch, threads)
+            rows[name] = {"params_m": sum(p.numel() for p in m.parameters()) / 1e6, "gflops": sum(flops[name]),
+                          "gflops_scan": flops[name][1], "median_s": statistics.median(times[name]),
+                          "times_s": times[name], **mem}
+            print(f"  {size} px {name}: {rows[name]['median_s']:.2f} s, {rows[name]['peak_mb']:.0f} MB peak",
+                  file=sys.stderr, flush=True)
+        del models
+        ref = rows.get("vit_s")
+        for r in rows.values():
+            r["time_vs_vit_s"] = r["median_s"] / ref["median_s"] if ref else float("nan")
+        out.append({"size": size, "models": rows})
+    return {"batch": batch, "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(), "load_avg": os.getloadavg(), "sizes": out}
 
 
 def print_table(result: dict) -> None:
-    print(
-        f"{result['size']} px, batch {result['batch']}, float32, {result['threads']} threads, "
-        f"median of {result['repeats']} (GFLOPs at batch 1)"
-    )
-    print(f"{'model':<16}{'params (M)':>12}{'GFLOPs':>10}{'time (s)':>10}")
-    for name, r in result["models"].items():
-        print(f"{name:<16}{r['params_m']:>12.2f}{r['gflops']:>10.1f}{r['median_s']:>10.3f}")
-    print(f"{'win / global':<16}{'':>12}{result['ratio_gflops']:>10.2f}{result['ratio_time']:>10.2f}")
+    print(f"batch {result['batch']}, float32, {result['threads']} threads, median of {result['repeats']} "
+          f"(GFLOPs at batch 1; load average at the end {result['load_avg'][0]:.1f})")
+    print(f"{'px':>5} {'model':<16}{'params (M)':>11}{'GFLOPs':>9}{'(scan)':>8}{'time (s)':>10}{'x vit_s':>9}"
+          f"{'peak MB':>9}{'fwd MB':>8}")
+    for block in result["sizes"]:
+        for name, r in block["models"].items():
+            scan = f"{r['gflops_scan']:.1f}" if r["gflops_scan"] else ""
+            print(f"{block['size']:>5} {LABELS.get(name, name):<16}{r['params_m']:>11.2f}{r['gflops']:>9.1f}{scan:>8}"
+                  f"{r['median_s']:>10.3f}{r['time_vs_vit_s']:>9.2f}{r['peak_mb']:>9.0f}{r['forward_mb']:>8.0f}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=1024, help="square input side in px (multiple of 16)")
+    parser.add_argument("--sizes", default="512,1024,2048", help="square input sides in px (multiples of 16)")
+    parser.add_argument("--models", default="vit_s,vit_s_win,rsmamba_s", help="registered students to compare")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per model")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args._memory:
+        _memory_child(json.loads(args._memory))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.size, args.repeats, args.batch)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    result = run(sizes, args.models.split(","), args.repeats, args.batch, args.threads)
     print_table(result)
     if args.json:
         from cdkd.utils.atomic import atomic_write_text

@@ -73,7 +73,7 @@ def test_dispatch_and_defaults() -> None:
     u, delta, A, B, C, D, bias = _inputs(20)
     y = selective_scan(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=True, backend="chunked")
     torch.testing.assert_close(selective_scan(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=True), y)
-    assert default_chunk(512, 16) == 64 and default_chunk(8, 2) == 256 and default_chunk(4096, 64) == 16
+    assert default_chunk(512, 16) == 32 and default_chunk(8, 2) == 256 and default_chunk(4096, 64) == 16
     with pytest.raises(ValueError, match="backend"):
         selective_scan(u, delta, A, B, C, backend="cuda")
 

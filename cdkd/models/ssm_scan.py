@@ -16,7 +16,7 @@ few passes and bounds the memory:
   whatever the decays (a ratio form, h = P * cumsum(b / P), overflows once a chunk decays by more than e^-88).
 * **Across chunks** the state is carried by a short recurrence: L / Q steps, each one multiply-add folding the
   previous chunk's last state into the next chunk's first token. The (L, D, N) tensors exist one chunk at a time,
-  so memory is bounded by the chunk (about 4 MB per image at D = 512, N = 16, Q = 64), not by the tile.
+  so memory is bounded by the chunk (about 1 MB per image at D = 512, N = 16, Q = 32), not by the tile.
 
 Everything is ordinary tensor algebra (Mul, Add, Exp, Concat, Slice, MatMul), so it runs on the CPU, trains with
 autograd and exports to ONNX with torch's dynamo exporter. While exporting, the whole sequence is one chunk: the
@@ -43,10 +43,10 @@ __all__ = ["BACKENDS", "default_chunk", "fused_available", "linear_scan", "selec
            "selective_scan_ref"]
 
 BACKENDS = ("auto", "chunked", "fused", "reference")
-# Elements of one chunk's (Q, D, N) tensors per image: ~2 MB in float32. Measured on a 2-core CPU (D = 512,
-# N = 16, L = 4096): chunks of 16-64 tokens run ~1.6x faster than 256 and ~3x faster than whole-sequence scans,
-# whose 100+ MB temporaries are page-faulted in afresh by every operation.
-CHUNK_ELEMENTS = 1 << 19
+# Elements of one chunk's (Q, D, N) tensors per image: 1 MB in float32 (Q = 32 at D = 512, N = 16). Measured on a
+# 2-core CPU (L = 4096, both directions): chunks of 32 ran 1.2-1.4x faster than 128 and ~3x faster than a
+# whole-sequence scan, whose 100+ MB temporaries are page-faulted in afresh by every operation.
+CHUNK_ELEMENTS = 1 << 18
 _SEQUENTIAL_BELOW = 4  # levels this short are cheaper as a few unrolled multiply-adds than as another halving
 
 
@@ -56,8 +56,9 @@ def default_chunk(d_inner: int, d_state: int) -> int:
     return int(min(256, max(16, 2 ** int(math.log2(max(q, 1))))))
 
 
-def linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Inclusive scan of h[t] = a[t] * h[t-1] + b[t] along dim 1 with h[-1] = 0; a and b (batch, T, ...).
+def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+    """Inclusive scan of h[t] = a[t] * h[t-1] + b[t] along dim 1, h[-1] = ``h0`` (zero if None); a and b
+    (batch, T, ...), h0 (batch, ...).
 
     Recursive halving: neighbouring pairs are combined into one step of half the length, that shorter scan gives
     the state at every pair's right element, and one multiply-add recovers the left ones. Work O(T), depth
@@ -65,7 +66,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     length = a.shape[1]
     if length <= _SEQUENTIAL_BELOW:
-        states = [b[:, 0]]
+        states = [b[:, 0] if h0 is None else torch.addcmul(b[:, 0], a[:, 0], h0)]
         for t in range(1, length):
             states.append(torch.addcmul(b[:, t], a[:, t], states[-1]))
         return torch.stack(states, 1)
@@ -76,10 +77,46 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     pairs = a.shape[1] // 2
     a2, b2 = a.unflatten(1, (pairs, 2)), b.unflatten(1, (pairs, 2))
     a_left, a_right, b_left, b_right = a2[:, :, 0], a2[:, :, 1], b2[:, :, 0], b2[:, :, 1]
-    right = linear_scan(a_right * a_left, torch.addcmul(b_right, a_right, b_left))  # state after each pair
-    left = torch.cat([b_left[:, :1], torch.addcmul(b_left[:, 1:], a_left[:, 1:], right[:, :-1])], 1)
-    h = torch.stack([left, right], 2).flatten(1, 2)
+    right = linear_scan(a_right * a_left, torch.addcmul(b_right, a_right, b_left), h0)  # state after each pair
+    h = torch.stack([_left_states(a_left, b_left, right, h0), right], 2).flatten(1, 2)
     return h[:, :length] if odd else h
+
+
+def _left_states(a_left: torch.Tensor, b_left: torch.Tensor, right: torch.Tensor, h0: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """States at the pairs' left elements from the states after the previous pairs (``right`` shifted by one)."""
+    if h0 is None:
+        return torch.cat([b_left[:, :1], torch.addcmul(b_left[:, 1:], a_left[:, 1:], right[:, :-1])], 1)
+    return torch.addcmul(b_left, a_left, torch.cat([h0.unsqueeze(1), right[:, :-1]], 1))
+
+
+def _contract(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """sum_n h[..., n] * c[..., n]: (batch, T, D, N) x (batch, T, N) -> (batch, T, D), as one batched matmul."""
+    b, t, d, n = h.shape
+    return torch.matmul(h.reshape(b * t, d, n), c.reshape(b * t, n, 1)).view(b, t, d)
+
+
+def _scan_chunk(dt: torch.Tensor, du: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk: dt, du (batch, q, D), B, C (batch, q, N), h0 (batch, D, N) or None -> y (batch, q, D) without
+    the skip term, and the last state (batch, D, N).
+
+    The first halving level is fused with building the steps: the pairs' decays and inputs are computed from the
+    small (q, D) and (q, N) tensors directly (exp((dt_l + dt_r) A) for the pair's decay), and the contraction with
+    C is done on the two halves, so no full-size (q, D, N) decay, input or state tensor is ever written.
+    """
+    q = dt.shape[1]
+    if q % 2 or q <= _SEQUENTIAL_BELOW:
+        h = linear_scan(torch.exp(dt.unsqueeze(-1) * A), du.unsqueeze(-1) * B.unsqueeze(2), h0)
+        return _contract(h, C), h[:, -1]
+    dt_l, dt_r = dt[:, 0::2], dt[:, 1::2]
+    a_left, a_right = torch.exp(dt_l.unsqueeze(-1) * A), torch.exp(dt_r.unsqueeze(-1) * A)
+    b_left = du[:, 0::2].unsqueeze(-1) * B[:, 0::2].unsqueeze(2)
+    b_right = du[:, 1::2].unsqueeze(-1) * B[:, 1::2].unsqueeze(2)
+    right = linear_scan(torch.exp((dt_l + dt_r).unsqueeze(-1) * A), torch.addcmul(b_right, a_right, b_left), h0)
+    left = _left_states(a_left, b_left, right, h0)
+    y = torch.stack([_contract(left, C[:, 0::2]), _contract(right, C[:, 1::2])], 2).flatten(1, 2)
+    return y, right[:, -1]
 
 
 def _prepare(
@@ -112,23 +149,13 @@ def selective_scan_chunked(
     with torch.autocast(u.device.type, enabled=False):
         u, delta, A = _prepare(u, delta, A, delta_bias, delta_softplus)
         B, C = B.float(), C.float()
-        batch, length, d_inner = u.shape
-        d_state = A.shape[1]
+        length, d_inner, d_state = u.shape[1], u.shape[2], A.shape[1]
         q = chunk or (length if _exporting() else default_chunk(d_inner, d_state))
         du = delta * u
         ys, h_last = [], None
-        for s in range(0, length, q):
-            dt = delta[:, s:s + q]
-            a = torch.exp(dt.unsqueeze(-1) * A)  # (batch, q, D, N): decay of each step
-            b = du[:, s:s + q].unsqueeze(-1) * B[:, s:s + q].unsqueeze(2)  # (batch, q, D, N): input of each step
-            if h_last is not None:  # the previous chunk's state enters through this chunk's first step
-                b = torch.cat([torch.addcmul(b[:, :1], a[:, :1], h_last.unsqueeze(1)), b[:, 1:]], 1)
-            h = linear_scan(a, b)
-            h_last = h[:, -1]
-            n = h.shape[1]
-            # sum over states as a batched matrix-vector product: (batch*q, D, N) @ (batch*q, N, 1)
-            y = torch.matmul(h.reshape(batch * n, d_inner, d_state), C[:, s:s + q].reshape(batch * n, d_state, 1))
-            ys.append(y.view(batch, n, d_inner))
+        for s in range(0, length, q):  # the short recurrence across chunks: the last state enters the next one
+            y, h_last = _scan_chunk(delta[:, s:s + q], du[:, s:s + q], A, B[:, s:s + q], C[:, s:s + q], h_last)
+            ys.append(y)
         y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
         if D is not None:
             y = y + u * D.float()
