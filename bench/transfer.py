@@ -1,11 +1,15 @@
-"""A miniature of the paper's claim on CPU: does Mask-CDKD transfer land-cover knowledge to the student?
+"""A miniature of the paper's claim on CPU: does distillation (Mask-CDKD, RS4D) transfer land-cover knowledge?
 
     python bench/transfer.py --out runs/transfer            # about 30-40 minutes on 2 CPU cores
+    python bench/transfer.py --rows random,kd,rsmamba-random,rs4d   # a subset of the students
 
 1. Teacher that knows land cover: a small SAM-architecture encoder (``vit_t``: SAM's ImageEncoderViT, 8 blocks,
    256-d) trained supervised with a UPerNet head on the Dubai train tiles (tile1-6).
 2. Distil it into ViT-S students on unlabeled RSSCN7 tiles with cdkd's ``distill`` (the code behind
-   ``cdkd distill``): full Mask-CDKD (KD + MAE, dynamic schedule), MAE-only (S_MAE weight 1) and KD-only (KD weight 1).
+   ``cdkd distill``): full Mask-CDKD (KD + MAE, dynamic schedule), MAE-only (S_MAE weight 1) and KD-only (KD weight 1);
+   and into RS4D's ``rsmamba_s`` with recipe ``rs4d`` (L1 to the teacher's 256-channel neck output, 20 % noised and
+   20 % masked patches). vit_t's neck is never trained in step 1 (its UPerNet reads block outputs), so RS4D's
+   target here is a fixed random projection (1x1 conv, LayerNorm, 3x3 conv, LayerNorm) of the trained last block.
 3. Freeze each student (and a random-init one) and train the same UPerNet decoder on Dubai tile1-6 with
    ``finetune``; evaluate on a fixed sample of 512 windows from tile7-8 (see ``evaluate_model``). The teacher row is the supervised
    teacher itself (its own decoder), the upper bound.
@@ -148,8 +152,9 @@ def evaluate_model(model: torch.nn.Module, info, samples: int = 512) -> dict:
     return {"miou": float(m.miou), "oa": float(m.oa), "mf1": float(m.mf1)}
 
 
-def distill_student(a: argparse.Namespace, out: Path, name: str, teacher_ckpt: Path, schedule: str,
-                    weights: tuple[float, float, float]) -> Path:
+def distill_student(a: argparse.Namespace, out: Path, name: str, teacher_ckpt: Path, schedule: str = "fixed",
+                    weights: tuple[float, float, float] = (1.0, 0.0, 0.0), recipe: str = "mask-cdkd",
+                    student: str = "vit_s") -> Path:
     from cdkd.config import DistillConfig, apply_overrides
     from cdkd.distill.trainer import distill
 
@@ -157,28 +162,42 @@ def distill_student(a: argparse.Namespace, out: Path, name: str, teacher_ckpt: P
         log(f"reusing {out / name / 'student.pt'}")
         return out / name / "student.pt"
     cfg = apply_overrides(DistillConfig(), {
+        "recipe": recipe, "student.arch": student,
         "data.root": str(SHARED / "unlabeled" / "rsscn7"), "data.tile_size": a.tile, "data.num_workers": 1,
         "teacher.variant": "vit_t", "teacher.checkpoint": str(teacher_ckpt), "teacher.adapter_dim": 32,
         "objective.decoder_dim": 128, "objective.decoder_depth": 2, "objective.decoder_heads": 4,
         "objective.schedule": schedule, "objective.fixed_weights": weights, "objective.schedule_warmup": 20,
-        "train.steps": a.distill_steps, "train.batch_size": a.batch_size, "train.lr": a.distill_lr,
+        "rs4d.noise_ratio": 0.2, "rs4d.mask_ratio": 0.2,
+        "train.steps": a.distill_steps, "train.batch_size": a.batch_size,
+        "train.lr": a.rs4d_lr if recipe == "rs4d" else a.distill_lr,
         "train.warmup_steps": 20, "train.log_every": 10, "train.checkpoint_every": a.distill_steps,
     })
     res = distill(cfg, out / name, overwrite=True, progress=False, log=log)
     return res.student_path
 
 
-def random_student(a: argparse.Namespace, out: Path, like: Path) -> Path:
-    from cdkd.artifacts import StudentInfo, load_student, save_student
+def random_student(a: argparse.Namespace, out: Path, name: str, arch: str) -> Path:
+    """A random-init ``arch`` with the normalisation the distilled students get (RSSCN7 statistics)."""
+    from cdkd.artifacts import StudentInfo, save_student
+    from cdkd.data import compute_stats, find_rasters
     from cdkd.models.student import build_student
 
-    _, info = load_student(like)  # same normalisation as the distilled students
+    rasters = find_rasters(SHARED / "unlabeled" / "rsscn7", bands=(1, 2, 3), min_bands=3)
+    norm = compute_stats(rasters, (1, 2, 3), n_samples=64, window=a.tile, seed=0)  # what distill computes
     torch.manual_seed(0)
-    path = out / "random" / "student.pt"
+    path = out / name / "student.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_student(path, build_student("vit_s", img_size=a.tile), StudentInfo("vit_s", info.arch_args, info.norm,
-                                                                              {"init": "random"}))
+    arch_args = {"img_size": a.tile, "in_chans": 3}
+    save_student(path, build_student(arch, **arch_args), StudentInfo(arch, arch_args, norm, {"init": "random"}))
     return path
+
+
+def layers_for(path: Path) -> list[int]:
+    """Four evenly spaced 1-based blocks: 3, 6, 9, 12 of a 12-block ViT-S; 4, 8, 12, 16 of rsmamba_s."""
+    from cdkd.artifacts import load_student
+
+    depth = load_student(path)[0].depth
+    return [depth * k // 4 for k in range(1, 5)]
 
 
 def transfer(a: argparse.Namespace, out: Path, name: str, student: Path) -> dict:
@@ -186,15 +205,17 @@ def transfer(a: argparse.Namespace, out: Path, name: str, student: Path) -> dict
     from cdkd.config import FinetuneConfig, apply_overrides
     from cdkd.finetune.trainer import finetune
 
+    layers = layers_for(student)
     cfg = apply_overrides(FinetuneConfig(), {
         "student": str(student), "data.root": str(SHARED / "labeled" / "dubai"), "data.format": "dubai",
         "data.split": ("tile[1-6]",), "data.tile_size": a.tile, "data.overlap": a.overlap, "data.num_workers": 1,
-        "head.type": a.head, "head.channels": a.channels, "train.steps": a.decoder_steps, "train.batch_size": a.batch_size,
+        "head.type": a.head, "head.layers": layers, "head.channels": a.channels, "train.steps": a.decoder_steps,
+        "train.batch_size": a.batch_size,
         "train.lr": a.decoder_lr, "train.checkpoint_every": a.decoder_steps, "train.log_every": 10,
     })
     res = finetune(cfg, out / f"{name}-{a.head}", overwrite=True, progress=False, log=log)
     model, info = load_segmenter(res.segmenter_path)
-    return dict(evaluate_model(model, info), gflops=encoder_gflops(model.encoder, a.tile, [3, 6, 9, 12]))
+    return dict(evaluate_model(model, info), gflops=encoder_gflops(model.encoder, a.tile, layers))
 
 
 def main() -> None:
@@ -208,11 +229,13 @@ def main() -> None:
     p.add_argument("--teacher-lr", type=float, default=5e-4)
     p.add_argument("--distill-steps", type=int, default=150)
     p.add_argument("--distill-lr", type=float, default=5e-4)
+    p.add_argument("--rs4d-lr", type=float, default=5e-4)
     p.add_argument("--decoder-steps", type=int, default=120)
     p.add_argument("--decoder-lr", type=float, default=1e-3)
     p.add_argument("--head", default="upernet", choices=["upernet", "linear"],
                    help="the decoder every encoder gets (linear = the DINOv2 linear probe)")
     p.add_argument("--reuse", action="store_true", help="reuse the teacher and students already in --out")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"students to run, from {','.join(ROWS)}")
     a = p.parse_args()
     if not (SHARED / "labeled" / "dubai").is_dir() or not (SHARED / "unlabeled" / "rsscn7").is_dir():
         sys.exit(f"needs the shared data folder with labeled/dubai and unlabeled/rsscn7: {SHARED}")
@@ -224,12 +247,15 @@ def main() -> None:
     teacher_ckpt, rows["teacher (supervised vit_t)"] = train_teacher(a, a.out)
     log(f"teacher: {rows['teacher (supervised vit_t)']}")
     log("2/3 distillation on RSSCN7")
-    students = {
-        "Mask-CDKD (KD + MAE, dynamic)": distill_student(a, a.out, "cdkd", teacher_ckpt, "dynamic", (0.6, 0.2, 0.2)),
-        "MAE only": distill_student(a, a.out, "mae", teacher_ckpt, "fixed", (0.0, 0.0, 1.0)),
-        "KD only": distill_student(a, a.out, "kd", teacher_ckpt, "fixed", (1.0, 0.0, 0.0)),
-    }
-    students = {"random init": random_student(a, a.out, next(iter(students.values()))), **students}
+    wanted = a.rows.split(",")
+    unknown = sorted(set(wanted) - set(ROWS))
+    if unknown:
+        sys.exit(f"unknown --rows {unknown}; choose from {','.join(ROWS)}")
+    students = {}
+    for key in ROWS:
+        if key in wanted:
+            name, make = ROWS[key]
+            students[name] = make(a, a.out, teacher_ckpt)
     log(f"3/3 frozen encoders + {a.head} decoder on Dubai tile1-6, evaluated on tile7-8")
     for name, path in students.items():
         rows[name] = transfer(a, a.out, path.parent.name, path)
@@ -237,8 +263,8 @@ def main() -> None:
     rows["teacher features (frozen vit_t)"] = probe_teacher(a, teacher_ckpt)
     log(f"teacher probe: {rows['teacher features (frozen vit_t)']}")
     minutes = (time.perf_counter() - t0) / 60
-    order = ["random init", "MAE only", "KD only", "Mask-CDKD (KD + MAE, dynamic)", "teacher features (frozen vit_t)",
-             "teacher (supervised vit_t)"]
+    order = [name for name, _ in ROWS.values() if name in rows]
+    order += ["teacher features (frozen vit_t)", "teacher (supervised vit_t)"]
     lines = ["| encoder | mIoU | OA | mF1 | encoder GFLOPs |", "|---|---|---|---|---|"]
     for name in order:
         r = rows[name]
@@ -253,6 +279,21 @@ def main() -> None:
     (a.out / f"transfer-{a.head}.md").write_text(table + note + "\n")
     (a.out / f"transfer-{a.head}.json").write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(a).items()},
                                                      "minutes": minutes}, indent=2))
+
+
+ROWS = {  # --rows key -> (table row, how the frozen encoder is made)
+    "random": ("random init ViT-S", lambda a, out, t: random_student(a, out, "random", "vit_s")),
+    "mae": ("MAE only", lambda a, out, t: distill_student(a, out, "mae", t, "fixed", (0.0, 0.0, 1.0))),
+    "kd": ("KD only", lambda a, out, t: distill_student(a, out, "kd", t, "fixed", (1.0, 0.0, 0.0))),
+    "cdkd": ("Mask-CDKD (KD + MAE, dynamic)",
+             lambda a, out, t: distill_student(a, out, "cdkd", t, "dynamic", (0.6, 0.2, 0.2))),
+    "rsmamba-random": ("random init rsmamba_s", lambda a, out, t: random_student(a, out, "rsmamba-random",
+                                                                                  "rsmamba_s")),
+    "rs4d": ("RS4D rsmamba_s (L1 to the embedding, 20/20)",
+             lambda a, out, t: distill_student(a, out, "rs4d", t, recipe="rs4d", student="rsmamba_s")),
+    "rs4d-vit": ("RS4D ViT-S (L1 to the embedding, 20/20)",
+                 lambda a, out, t: distill_student(a, out, "rs4d-vit", t, recipe="rs4d", student="vit_s")),
+}
 
 
 if __name__ == "__main__":
