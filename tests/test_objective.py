@@ -92,3 +92,19 @@ def test_taps_must_pair_and_fit() -> None:
         MaskCDKD(teacher, student, ObjectiveConfig(student_taps=(3, 6)))
     with pytest.raises(CdkdValueError, match="outside blocks"):
         MaskCDKD(teacher, student, ObjectiveConfig(teacher_taps=(3, 6, 13)))
+
+
+def test_grid_students_of_any_kind_fit_mask_cdkd() -> None:
+    """An RSMamba student keeps its grid (mask tokens) like vit_s_win: its MAE head gets no mask token to fill."""
+    from cdkd.models.teacher import build_teacher
+
+    torch.manual_seed(0)
+    teacher = build_teacher(TeacherConfig(variant="vit_t", random_init=True, adapter_dim=8))
+    student = build_student("rsmamba_s", img_size=64, embed_dim=32, depth=9, d_inner=64, d_state=4)
+    model = MaskCDKD(teacher, student, ObjectiveConfig(decoder_dim=32, decoder_depth=1, decoder_heads=4,
+                                                       teacher_taps=(2, 4, 6)))
+    assert model.student_decoder.mask_token is None
+    losses = model(torch.randn(2, 3, 64, 64), _mask())
+    (losses.kd + losses.s_mae).backward()
+    assert all(torch.isfinite(v) for v in (losses.kd, losses.t_mae, losses.s_mae))
+    assert model.student.mask_token.grad.abs().sum() > 0  # masked patches went through the mask token
