@@ -5,22 +5,23 @@ Run by hand::
     python bench/student_speed.py [--sizes 512,1024,2048] [--models vit_s,vit_s_win,rsmamba_s] [--repeats 3]
                                   [--batch 1] [--threads N] [--json PATH]
 
-For each size and student: parameters (M), forward GFLOPs (``FlopCounterMode``: matmuls, convolutions and
-attention; for rsmamba the selective scan's elementwise work, which it does not see, is added analytically and shown
+For each size and student: parameters (M), forward GFLOPs (``FlopCounterMode`` on the meta device: matmuls,
+convolutions and attention; for rsmamba the selective scan's elementwise work, which it does not see, is added analytically and shown
 apart: 5 x L x d_inner x d_state per direction and block for the step products, the exponential and the
 recurrence's multiply-add; the contraction with C is a matmul and already counted), the median forward wall time (``inference_mode``,
 float32, after one warm-up; timed runs alternate between the models, so load from other processes hits all alike)
-and the peak memory of one forward, measured in a fresh subprocess per (model, size): the process's peak RSS and
-the part of it the forward added on top of the built model. Ratios are to ``vit_s`` at the same size.
+and the peak memory of one forward, measured in a fresh subprocess per (model, size): the process's peak RSS during
+the forward (Linux's high-water mark, reset after the model is built) and the part of it the forward added on top
+of the built model. Ratios are to ``vit_s`` at the same size.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,10 +48,17 @@ def build(name: str, size: int) -> nn.Module:
 
 def gflops(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     """(counted, scan) forward GFLOPs for input x: what FlopCounterMode counts (a multiply-add = 2), and for a
-    Mamba student the selective scan's elementwise operations it does not count."""
+    Mamba student the selective scan's elementwise operations it does not count.
+
+    Counted on the meta device (shapes only, no memory: a 2048 px global attention map would need 6 GB) with
+    attention forced onto its math path, whose matmuls the counter sees (it misses the fused CPU kernels).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(x)
+    meta = copy.deepcopy(model).to("meta")
+    with torch.inference_mode(), sdpa_kernel([SDPBackend.MATH]), counter:
+        meta(torch.empty(x.shape, device="meta"))
     scan = 0.0
     blocks = getattr(model, "blocks", [])
     if blocks and hasattr(blocks[0], "mixer"):
@@ -74,10 +82,11 @@ def time_forward(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) ->
     return times
 
 
-def _rss_mb() -> float:
+def _status_mb(key: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process in MB, from /proc (Linux)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -97,10 +106,13 @@ def _memory_child(spec: dict) -> None:
         torch.set_num_threads(spec["threads"])
     model = build(spec["name"], spec["size"])
     x = torch.randn(spec["batch"], 3, spec["size"], spec["size"])
-    before = _rss_mb()
+    # Importing CUDA-enabled torch alone peaks at ~500 MB: reset the high-water mark so it covers the forward only.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_mb("VmRSS")
     with torch.inference_mode():
         model(x)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    peak = _status_mb("VmHWM")
     print(json.dumps({"peak_mb": round(peak, 1), "forward_mb": round(peak - before, 1)}))
 
 

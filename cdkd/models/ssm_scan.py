@@ -33,6 +33,7 @@ Layout: token-major, the way the Mamba mixer holds its activations: u and delta 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -146,7 +147,9 @@ def selective_scan_chunked(
     """The selective scan in chunks of ``chunk`` tokens (default ``default_chunk``; the whole sequence while
     exporting). Shapes in the module doc; returns y (batch, L, D) in u's dtype, computed in float32."""
     dtype = u.dtype
-    with torch.autocast(u.device.type, enabled=False):
+    # Autocast off: the scan's numerics stay float32 (meta tensors, used to count FLOPs, have no autocast).
+    no_autocast = contextlib.nullcontext() if u.device.type == "meta" else torch.autocast(u.device.type, enabled=False)
+    with no_autocast:
         u, delta, A = _prepare(u, delta, A, delta_bias, delta_softplus)
         B, C = B.float(), C.float()
         length, d_inner, d_state = u.shape[1], u.shape[2], A.shape[1]
