@@ -24,7 +24,8 @@ from cdkd.scene.areas import ClassAreaTally
 from cdkd.scene.classraster import NODATA, write_class_metadata
 from cdkd.vector import MinArea, parse_min_area, vectorize
 from cdkd.vector.coverage import node
-from cdkd.vector.polygonize import StripMerger, join_pieces, polygonize
+from cdkd.vector.join import join_pieces
+from cdkd.vector.polygonize import StripMerger, polygonize
 from cdkd.vector.sieve import sieve_halo, sieve_ids, sieve_size
 from cdkd.vector.strips import plan_strips
 from cli.vectorize import vectorize_command
@@ -446,8 +447,8 @@ def test_merger_closes_everything_after_the_last_strip() -> None:
     merger, count = StripMerger(), 0
     for s in plan_strips(ids.shape[0], 5):
         polygons, classes = polygonize(np.where(valid, ids, 0)[s.row0:s.row1], valid[s.row0:s.row1], s.row0)
-        count += len(merger.add(polygons, classes, ids[s.row0:s.row1], valid[s.row0:s.row1], s.row0,
-                                last=s.row1 == ids.shape[0])[0])
+        count += sum(len(p) for p, _ in merger.add(polygons, classes, ids[s.row0:s.row1], valid[s.row0:s.row1],
+                                                   s.row0, last=s.row1 == ids.shape[0]))
     assert merger.open_components == 0
     assert count == len(list(shapes(ids, mask=valid, connectivity=4)))
 

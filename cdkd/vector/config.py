@@ -32,7 +32,7 @@ class VectorizeConfig:
     layer_per_class: bool = False  # one layer per class (GeoPackage only)
     classes: str | None = None  # class file (YAML) for rasters without cdkd class metadata
     area: str = "auto"  # auto | planar | ellipsoidal (cdkd.vector.measure.AreaMode)
-    window_rows: int | None = None  # core rows per strip (default ~8 M pixels per strip)
+    window_rows: int | None = None  # core rows per strip (default ~2 M pixels per strip)
 
     def check(self) -> VectorizeConfig:
         """Raise ``CdkdValueError`` for a value ``vectorize`` would refuse; returns ``self``."""

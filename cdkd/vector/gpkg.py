@@ -16,8 +16,24 @@ import numpy as np
 import shapely
 
 from cdkd.errors import CdkdValueError
+from cdkd.vector.memory import BATCH_VERTICES
 
-BATCH = 10_000  # features per append
+BATCH = 10_000  # features per append, or fewer when they hold memory.BATCH_VERTICES vertices
+
+
+def batches(polygons: np.ndarray, size: int = BATCH, vertices: int = BATCH_VERTICES) -> list[slice]:
+    """Consecutive slices of ``polygons`` with at most ``size`` polygons and ``vertices`` vertices each (a
+    polygon with more vertices than that gets a slice of its own). Every stage that follows (move to the CRS,
+    measure, WKB) copies its batch's vertices; a strip can close polygons of millions of vertices."""
+    cum = np.cumsum(shapely.get_num_coordinates(polygons))
+    out, start = [], 0
+    while start < len(polygons):
+        before = cum[start - 1] if start else 0
+        stop = min(start + size, int(np.searchsorted(cum, before + vertices, side="right")))
+        stop = max(stop, start + 1)
+        out.append(slice(start, stop))
+        start = stop
+    return out
 
 
 def check_layer_names(names: list[str]) -> None:
@@ -45,20 +61,23 @@ class GpkgWriter:
         self.crs_wkt = crs_wkt
         self.batch = batch
         self._buffers: dict[str, list[dict[str, np.ndarray]]] = {}
-        self._buffered: dict[str, int] = {}
+        self._buffered: dict[str, tuple[int, int]] = {}  # features and vertices buffered per layer
         self.counts: dict[str, int] = {}  # features written per layer
 
     def add(self, layer: str, polygons: np.ndarray, class_ids: np.ndarray, class_names: np.ndarray,
             area_m2: np.ndarray, perimeter_m: np.ndarray) -> None:
-        """Queue (n,) polygons and their fields for ``layer``; full batches are written at once."""
+        """Queue (n,) polygons and their fields for ``layer``; full batches (``BATCH`` features or
+        ``BATCH_VERTICES`` vertices) are written at once."""
         if not len(polygons):
             return
         chunk = {"class_id": np.asarray(class_ids, dtype=np.int32), "class_name": np.asarray(class_names, dtype=object),
                  "area_m2": np.asarray(area_m2, dtype=np.float64),
                  "perimeter_m": np.asarray(perimeter_m, dtype=np.float64), "geometry": polygons}
         self._buffers.setdefault(layer, []).append(chunk)
-        self._buffered[layer] = self._buffered.get(layer, 0) + len(polygons)
-        if self._buffered[layer] >= self.batch:
+        features, vertices = self._buffered.get(layer, (0, 0))
+        features, vertices = features + len(polygons), vertices + int(shapely.get_num_coordinates(polygons).sum())
+        self._buffered[layer] = (features, vertices)
+        if features >= self.batch or vertices >= BATCH_VERTICES:
             self._flush(layer)
 
     def _flush(self, layer: str) -> None:

@@ -72,8 +72,11 @@ def to_crs(geoms: np.ndarray, transform: Affine) -> np.ndarray:
     a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
 
     def affine(xy: np.ndarray) -> np.ndarray:
-        x, y = xy[:, 0], xy[:, 1]
-        return np.column_stack((a * x + b * y + c, d * x + e * y + f))
+        if b == 0 and d == 0:  # north-up: in place (xy is shapely's own copy), no second array of vertices
+            xy *= (a, e)
+            xy += (c, f)
+            return xy
+        return xy @ np.array([[a, d], [b, e]]) + (c, f)
 
     return shapely.transform(geoms, affine)
 

@@ -5,7 +5,7 @@ Each strip is polygonised on its own with ``rasterio.features.shapes`` (GDAL's p
 integer and the unions below are exact. A polygon that reaches a strip's bottom border may continue in the next
 strip; ``StripMerger`` keeps such "open" pieces and, when the next strip arrives, links each to the pieces of the
 same class it shares an edge with across the border. Linked pieces form one component (a union-find), which
-stays open while any of its pieces reaches the newest border and is joined into one polygon (``join_pieces``)
+stays open while any of its pieces reaches the newest border and is joined into one polygon (``join.join_pieces``)
 once none does. A U whose arms meet below a border, or a ring around a hole, is therefore one polygon, exactly
 as if the whole raster had been polygonised at once: the same polygons, the same count and the same areas.
 
@@ -18,6 +18,7 @@ spans many strips, such as a class that meanders across the whole scene, is kept
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from itertools import chain
 
 import numpy as np
@@ -25,7 +26,11 @@ import shapely
 from rasterio.features import shapes
 from rasterio.transform import Affine
 
+from cdkd.vector.join import join_pieces
+from cdkd.vector.memory import BATCH_VERTICES, release_freed_memory
+
 EMPTY = np.empty(0, dtype=object)
+BIG_JOIN = 100_000  # vertices: joining pieces into a polygon this large frees tens of MB
 
 
 def polygonize(ids: np.ndarray, valid: np.ndarray, row0: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,68 +100,6 @@ def contacts(above: np.ndarray, above_valid: np.ndarray, below: np.ndarray, belo
     return np.flatnonzero(same & ~continues)
 
 
-def _densify_rows(polygons: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Hole-free polygons (pixel coordinates) with a vertex at every integer x of their horizontal edges on
-    ``rows[i]`` (one or more y values per polygon, given as an (n, k) array)."""
-    coords, ring_of, owner = _ring_coords(polygons)
-    y = coords[:, 1]
-    on = np.zeros(len(coords), dtype=bool)  # the edge from vertex i to vertex i + 1 lies on one of the rows
-    on[:-1] = (ring_of[:-1] == ring_of[1:]) & (y[:-1] == y[1:]) & (rows[owner[ring_of[:-1]]] == y[:-1, None]).any(1)
-    dx = np.zeros(len(coords))
-    dx[:-1] = np.where(on[:-1], coords[1:, 0] - coords[:-1, 0], 0.0)
-    repeats = np.abs(dx).astype(np.int64) + (~on)  # an edge of length L on a row becomes L unit edges
-    repeats[on & (dx == 0)] = 1
-    source = np.repeat(np.arange(len(coords)), repeats)
-    step = np.arange(len(source)) - np.repeat(np.cumsum(repeats) - repeats, repeats)  # 0..repeats-1
-    dense = coords[source]
-    dense[:, 0] += step * np.sign(dx)[source]
-    return shapely.polygons(shapely.linearrings(dense, indices=ring_of[source]), indices=owner)
-
-
-def _drop_collinear(polygon: shapely.Polygon) -> shapely.Polygon:
-    """``polygon`` (pixel coordinates: axis-parallel edges only) without the vertices in the middle of a straight
-    edge. O(vertices) in numpy; GEOS's ``simplify(0)`` does the same several times slower."""
-    rings = shapely.get_rings(polygon)
-    coords, ring_of = shapely.get_coordinates(rings, return_index=True)
-    closing = np.r_[ring_of[1:] != ring_of[:-1], True]  # each ring's last vertex repeats its first
-    c, r = coords[~closing], ring_of[~closing]
-    index = np.arange(len(c))
-    first = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-    last = np.r_[first[1:] - 1, len(c) - 1]
-    prev = np.where(np.isin(index, first), last[r], index - 1)
-    after = np.where(np.isin(index, last), first[r], index + 1)
-    x, y = c[:, 0], c[:, 1]
-    keep = ~(((x[prev] == x) & (x == x[after])) | ((y[prev] == y) & (y == y[after])))
-    c, r = c[keep], r[keep]
-    first = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-    closed = np.insert(c, np.r_[first[1:], len(c)], c[first], axis=0)  # close each ring again
-    closed_r = np.insert(r, np.r_[first[1:], len(r)], r[first])
-    return shapely.polygons(shapely.linearrings(closed, indices=closed_r), indices=np.zeros(len(first), int))[0]
-
-
-def join_pieces(pieces: list[shapely.Polygon]) -> shapely.Polygon:
-    """One polygon from the pieces of a component (pixel coordinates; they share edges along strip borders).
-
-    A general ``union_all`` of pieces with thousands of holes is slow (seconds for a class that meanders across
-    the whole scene). But a hole never touches a strip border (a region there is open to the rows beyond, so
-    no piece encloses it), and so every hole of a piece is a hole of the union as it is. Only the hole-free
-    shells are unioned, as a coverage: shared border edges are first cut at each pixel corner so that both
-    sides have the same vertices (``coverage_union_all`` requires that and is then linear); the vertices this
-    adds, and any other vertex in the middle of a straight edge, are dropped again.
-    """
-    if len(pieces) == 1:
-        return pieces[0]
-    pieces = np.asarray(pieces, dtype=object)
-    bounds = shapely.bounds(pieces)
-    shells = _densify_rows(shapely.polygons(shapely.get_exterior_ring(pieces)), bounds[:, [1, 3]])
-    merged = shapely.coverage_union_all(shells)
-    if merged.geom_type != "Polygon":
-        raise RuntimeError(f"pieces of one component joined into a {merged.geom_type} (strip merger bug)")
-    merged = _drop_collinear(merged)
-    holes = [ring for piece in pieces for ring in piece.interiors]
-    return shapely.Polygon(merged.exterior, [*merged.interiors, *holes])
-
-
 class StripMerger:
     """Joins the pieces of polygons cut by strip borders (module docstring); feed strips top to bottom."""
 
@@ -197,14 +140,20 @@ class StripMerger:
     def _close(self, root: int) -> shapely.Geometry:
         pieces = self._pieces.pop(root)
         del self._class[root]
-        return join_pieces(pieces)
+        joined = join_pieces(pieces)
+        if len(pieces) > 1 and shapely.get_num_coordinates(joined) > BIG_JOIN:
+            del pieces
+            release_freed_memory()  # before the next join's peak comes on top of this one's freed pages
+        return joined
 
     def add(self, polygons: np.ndarray, classes: np.ndarray, ids: np.ndarray, valid: np.ndarray, row0: int,
             last: bool) -> tuple[np.ndarray, np.ndarray]:
         """Add the polygons of strip rows ``[row0, row0 + h)`` (from ``polygonize``) and its ids/validity (h, W).
 
-        Returns the polygons that are now final, in pixel coordinates, and their class ids. After the ``last``
-        strip nothing stays open.
+        Returns an iterator over batches of the polygons that are now final, in pixel coordinates, and their
+        class ids: first the strip's own finished polygons, then the components that closed, joined one by one
+        (``BATCH_VERTICES`` at most a batch, so that each can be written, and its pieces freed, before the next
+        joins). Exhaust it before the next ``add``. After the ``last`` strip nothing stays open.
         """
         row1 = row0 + ids.shape[0]
         ymin, ymax = (shapely.bounds(polygons)[:, k] for k in (1, 3)) if len(polygons) else (EMPTY, EMPTY)
@@ -212,7 +161,6 @@ class StripMerger:
         top = (ymin == row0) if linked else np.zeros(len(polygons), dtype=bool)
         bottom = (ymax == row1) if not last else np.zeros(len(polygons), dtype=bool)
         done = ~top & ~bottom
-        out_polygons, out_classes = [polygons[done]], [classes[done]]
 
         moving = np.flatnonzero(top | bottom)
         comp = np.full(len(polygons), -1, dtype=np.int64)
@@ -232,16 +180,28 @@ class StripMerger:
         roots = {self._find(int(c)) for c in self._open_comp} | {self._find(int(c)) for c in comp[moving]}
         alive = {self._find(int(c)) for c in comp[bottom]}
         closing = sorted(roots - alive)
-        if closing:
-            out_classes.append(np.asarray([self._class[r] for r in closing], dtype=np.int64))
-            closed = np.empty(len(closing), dtype=object)
-            closed[:] = [self._close(r) for r in closing]
-            out_polygons.append(closed)
 
         self._open, self._open_comp = polygons[bottom], comp[bottom]
         self._border = row1
         self._last_row = (ids[-1].copy(), valid[-1].copy())
-        return np.concatenate(out_polygons), np.concatenate(out_classes)
+        return self._final(polygons[done], classes[done], closing)
+
+    def _final(self, polygons: np.ndarray, classes: np.ndarray,
+               closing: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if len(polygons):
+            yield polygons, classes
+        joined: list[shapely.Polygon] = []
+        joined_classes: list[int] = []
+        vertices = 0
+        for root in closing:
+            joined_classes.append(self._class[root])
+            joined.append(self._close(root))
+            vertices += int(shapely.get_num_coordinates(joined[-1]))
+            if vertices >= BATCH_VERTICES or root == closing[-1]:
+                batch = np.empty(len(joined), dtype=object)
+                batch[:] = joined
+                yield batch, np.asarray(joined_classes, dtype=np.int64)
+                joined, joined_classes, vertices = [], [], 0
 
     @property
     def open_components(self) -> int:

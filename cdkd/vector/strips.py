@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 from cdkd.errors import CdkdValueError
 
-# default strip size: ~8 M pixels (1024 rows of an 8192 px wide scene). The raster costs a few bytes a pixel; the
+# default strip size: ~2 M pixels (256 rows of an 8192 px wide scene). The raster costs a few bytes a pixel; the
 # strip's polygons (held by GDAL, then as arrays, then as shapely geometries) cost more, so smaller strips save
-# memory, while each border adds merging work. At 8k x 8k, 512..2048 rows cost about the same time.
-STRIP_PIXELS = 1 << 23
+# memory, while each border adds merging work. bench/vectorize.py's 8192 x 8192 scene: peak RSS 496 / 544 / 602
+# MB and CPU 38 / 35 / 30 s at 256 / 512 / 1024 rows; 256 keeps the peak under gdal_polygonize's.
+STRIP_PIXELS = 1 << 21
 MIN_STRIP_ROWS = 16
 
 

@@ -40,8 +40,9 @@ from cdkd.errors import CdkdValueError, DataError, OutputExistsError
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 from cdkd.vector.coverage import simplify_coverage
 from cdkd.vector.formats import VectorFormat, check_writable, convert, output_format
-from cdkd.vector.gpkg import BATCH, GpkgWriter, check_layer_names
+from cdkd.vector.gpkg import GpkgWriter, batches, check_layer_names
 from cdkd.vector.measure import AreaMode, area_perimeter, choose_area, planar_note, to_crs
+from cdkd.vector.memory import release_freed_memory
 from cdkd.vector.polygonize import StripMerger, polygonize
 from cdkd.vector.sieve import MinArea, parse_min_area, sieve_halo, sieve_ids, sieve_size
 from cdkd.vector.source import (
@@ -147,7 +148,7 @@ def _bar(strips: list[Strip], desc: str, progress: bool) -> Iterable[Strip]:
 
 def final_polygons(src: Any, raster: ClassRaster, strips: Iterable[Strip],
                    sieve_px: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Final polygons in pixel coordinates and their class ids, a batch per strip (top to bottom)."""
+    """Final polygons in pixel coordinates and their class ids, in batches, strip by strip (top to bottom)."""
     merger = StripMerger()
     for strip in strips:
         raw, valid = read_rows(src, raster, strip.read0, strip.read1)
@@ -156,7 +157,7 @@ def final_polygons(src: Any, raster: ClassRaster, strips: Iterable[Strip],
             ids = sieve_ids(ids, valid, sieve_px)
         ids, valid = ids[strip.core], valid[strip.core]
         polygons, classes = polygonize(ids, valid, strip.row0)
-        yield merger.add(polygons, classes, ids, valid, strip.row0, last=strip.row1 == raster.height)
+        yield from merger.add(polygons, classes, ids, valid, strip.row0, last=strip.row1 == raster.height)
     if merger.open_components:
         raise RuntimeError(f"{merger.open_components} polygons left open after the last strip")
 
@@ -191,7 +192,7 @@ def vectorize(
             ``"auto"`` (planar where planar areas are ground areas within 0.1 % over the raster, ellipsoidal
             elsewhere), ``"planar"`` or ``"ellipsoidal"`` (ground measures in any CRS; see ``measure``).
         overwrite: replace an existing ``out`` / ``<out>.json``.
-        window_rows: core rows per strip (default: ~8 M pixels per strip, ``strips.STRIP_PIXELS``).
+        window_rows: core rows per strip (default: ~2 M pixels per strip, ``strips.STRIP_PIXELS``).
 
     Raises:
         CdkdIOError: unreadable raster, an existing output without ``overwrite`` (``OutputExistsError``), or
@@ -255,24 +256,27 @@ def vectorize(
     return report
 
 
-def _write_polygons(sink: PolygonSink, batches: Iterable[tuple[np.ndarray, np.ndarray]], raster: ClassRaster,
+def _write_polygons(sink: PolygonSink, strips: Iterable[tuple[np.ndarray, np.ndarray]], raster: ClassRaster,
                     tolerance: float | None) -> None:
     """Feed each strip's final pixel polygons to ``sink`` in CRS coordinates (simplified together at the end
-    with ``tolerance``), ``BATCH`` at a time: each stage copies the polygons, and a strip can finish millions of
-    vertices."""
+    with ``tolerance``), in ``gpkg.batches``: bounded in polygons and in vertices."""
     held: list[tuple[np.ndarray, np.ndarray]] = []  # pixel polygons, kept only for --simplify
-    for pixel_polygons, class_ids in batches:
+    for pixel_polygons, class_ids in strips:
         if tolerance is None:
-            for i in range(0, len(pixel_polygons), BATCH):
-                sink.add(to_crs(pixel_polygons[i:i + BATCH], raster.transform), class_ids[i:i + BATCH])
+            for part in batches(pixel_polygons):
+                sink.add(to_crs(pixel_polygons[part], raster.transform), class_ids[part])
+                pixel_polygons[part] = None  # written: let GEOS free them now, not after the whole strip
+                release_freed_memory()
         else:
             held.append((pixel_polygons, class_ids))
+        del pixel_polygons, class_ids
+        release_freed_memory()
     if tolerance is not None:
         polygons = simplify_coverage(np.concatenate([p for p, _ in held]), raster.transform, tolerance)
         class_ids = np.concatenate([c for _, c in held])
         del held
-        for i in range(0, len(polygons), BATCH):
-            sink.add(polygons[i:i + BATCH], class_ids[i:i + BATCH])
+        for part in batches(polygons):
+            sink.add(polygons[part], class_ids[part])
 
 
 class _staged:
