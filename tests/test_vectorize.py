@@ -533,7 +533,6 @@ def _truncated(path: Path) -> Path:
     ("both_layers", 2, "not both"),
     ("classes_missing", 1, "class file not found"),
     ("planar_degrees", 1, "is in degrees: planar areas would be in square degrees"),
-    ("area_mode", 2, "--area 'flat': choose one of auto, planar, ellipsoidal"),
 ])
 def test_cli_errors(tmp_path: Path, case: str, code: int, expected: str) -> None:
     ids = scene_ids()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -40,17 +39,7 @@ from cdkd.geodesy import (
     metres_per_unit,
     planar_scale_error,
 )
-
-
-class AreaMode(str, Enum):
-    """How ``area_m2``, ``perimeter_m`` and an ``m2`` ``--min-area`` are measured (module docstring)."""
-
-    auto = "auto"
-    planar = "planar"
-    ellipsoidal = "ellipsoidal"
-
-
-AREA_MODES = tuple(m.value for m in AreaMode)
+from cdkd.vector.choices import AREA_MODES, AreaMode
 
 
 @dataclass(frozen=True)
