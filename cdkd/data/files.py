@@ -19,13 +19,15 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
+from cdkd.data.bandstack import is_band_stack, is_manifest, manifest_members, open_band_stack
 from cdkd.errors import CdkdError, CdkdIOError, CdkdValueError, DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 PROBE_SIZE = 64  # side of the windows read to check that a file's pixel data decodes
 
-_FORMATS_HELP = "looked for JPEG, PNG, TIFF and GeoTIFF files: " + ", ".join(f"*{s}" for s in IMAGE_SUFFIXES)
+_FORMATS_HELP = ("looked for JPEG, PNG, TIFF and GeoTIFF files and band-stack manifests: "
+                 + ", ".join(f"*{s}" for s in IMAGE_SUFFIXES) + ", *.bands.yaml")
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,14 @@ def check_bands(bands: Sequence[int]) -> tuple[int, ...]:
 
 @contextmanager
 def _open(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
-    """Open ``path`` read-only; plain JPEG/PNG files have no georeferencing, which is fine here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        src = rasterio.open(path)
+    """Open ``path`` read-only; plain JPEG/PNG files have no georeferencing, which is fine here. A band stack
+    (``cdkd.data.bandstack``: a ``*.bands.yaml`` manifest or a folder of single-band files) opens as one raster."""
+    if is_band_stack(path):
+        src = open_band_stack(path)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
     with src:
         yield src
 
@@ -90,6 +96,8 @@ def open_raster(path: str | Path) -> rasterio.io.DatasetReader:
     they exist.
     """
     path = raster_path(path)
+    if is_band_stack(path):
+        return open_band_stack(path)
     if isinstance(path, Path) and not path.is_file():
         raise CdkdIOError(f"{path}: no such file")
     try:
@@ -176,8 +184,12 @@ def _probe(path: Path, bands: tuple[int, ...] | None, min_bands: int) -> tuple[R
 
 
 def _candidates(root: Path) -> list[Path]:
-    """Image files under ``root`` (recursive), sorted by path so every run sees the same order."""
-    found = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Image files and band-stack manifests under ``root`` (recursive), sorted by path so every run sees the same
+    order; files a manifest stacks are not also taken on their own."""
+    found = [p for p in root.rglob("*") if (p.suffix.lower() in IMAGE_SUFFIXES or is_manifest(p)) and p.is_file()]
+    stacked = {m.resolve() for p in found if is_manifest(p) for m in manifest_members(p)}
+    if stacked:
+        found = [p for p in found if is_manifest(p) or p.resolve() not in stacked]
     return sorted(found, key=str)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from cdkd.data.bands import BandSet
 from cdkd.data.files import RasterInfo, check_bands, read_window
 from cdkd.errors import CdkdValueError, DataError
 
@@ -24,13 +25,17 @@ class NormStats:
     """Per-band mean and standard deviation in the file's pixel units, for ``bands`` (1-based).
 
     ``dtype`` is the pixel type the statistics were computed on (e.g. "uint8"), kept so that callers can refuse
-    to apply statistics from uint16 training data to uint8 imagery.
+    to apply statistics from uint16 training data to uint8 imagery. ``spectral`` (optional) says what each of
+    these bands measures (``cdkd.data.bands.BandSet``: centre wavelength, width, name): stored with the
+    statistics, it travels wherever they do (student.pt, segmenter.pt, checkpoints, ONNX metadata, engine
+    sidecars), and scenes are checked against it.
     """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     bands: tuple[int, ...]
     dtype: str
+    spectral: BandSet | None = None
 
     def __post_init__(self) -> None:
         mean = tuple(float(m) for m in self.mean)
@@ -40,6 +45,9 @@ class NormStats:
             raise CdkdValueError(
                 f"normalisation statistics disagree: {len(mean)} means, {len(std)} stds, {len(bands)} bands"
             )
+        if self.spectral is not None and len(self.spectral) != len(bands):
+            raise CdkdValueError(f"normalisation statistics for {len(bands)} bands carry wavelengths for "
+                                 f"{len(self.spectral)}")
         if not all(math.isfinite(v) for v in mean + std):
             raise CdkdValueError(f"normalisation statistics are not finite: mean={mean} std={std}")
         # frozen dataclass: normalise the fields once, here
@@ -49,8 +57,13 @@ class NormStats:
         object.__setattr__(self, "dtype", str(self.dtype))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain lists and strings (safe for YAML and ``torch.save(weights_only=True)``)."""
-        return {"mean": list(self.mean), "std": list(self.std), "bands": list(self.bands), "dtype": self.dtype}
+        """Plain lists and strings (safe for YAML and ``torch.save(weights_only=True)``); ``spectral`` only when
+        known, so files written without it read the same."""
+        d: dict[str, Any] = {"mean": list(self.mean), "std": list(self.std), "bands": list(self.bands),
+                             "dtype": self.dtype}
+        if self.spectral is not None:
+            d["spectral"] = self.spectral.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> NormStats:
@@ -58,7 +71,9 @@ class NormStats:
         missing = [k for k in ("mean", "std", "bands", "dtype") if k not in d]
         if missing:
             raise CdkdValueError(f"normalisation statistics lack {', '.join(missing)}: {dict(d)!r}")
-        return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), bands=tuple(d["bands"]), dtype=str(d["dtype"]))
+        spectral = BandSet.from_dict(d["spectral"]) if d.get("spectral") else None
+        return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), bands=tuple(d["bands"]), dtype=str(d["dtype"]),
+                   spectral=spectral)
 
     def normalize(self, pixels: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """(C, H, W) pixels of any dtype -> float32 ``(x - mean) / std`` per band, C = len(bands).

@@ -2,8 +2,9 @@
 
 The model maps ``image`` (B, C, T, T) float32, normalised with the model's statistics, to ``logits``
 (B, K, T, T) float32. T (the tile size) is fixed; B is fixed to ``batch_size`` or, with ``dynamic_batch``, free.
-The ``InferenceMeta`` JSON (classes, normalisation, tile size, overlap) is embedded in ``metadata_props`` under
-``ONNX_METADATA_KEY``, so ``cdkd.scene.runtimes.OnnxRuntime`` needs nothing but the file.
+The ``InferenceMeta`` JSON (classes, normalisation with the bands' wavelengths when known, tile size, overlap) is
+embedded in ``metadata_props`` under ``ONNX_METADATA_KEY``, so ``cdkd.scene.runtimes.OnnxRuntime`` needs nothing
+but the file.
 
 Which exporter: ``torch.onnx.export(dynamo=True)`` (torch.export, then onnxscript's translation). The
 TorchScript exporter (``dynamo=False``) fails on this model: it cannot export the UPerNet pyramid pooling's
@@ -254,6 +255,8 @@ def _embed_meta(proto: Any, meta: InferenceMeta) -> None:
         "cdkd.in_chans": str(meta.in_chans),
         "cdkd.arch": f"{meta.arch} + {meta.head}",
     }
+    if meta.norm.spectral is not None:  # the bands' centres, readable without parsing the JSON
+        props["cdkd.wavelengths_nm"] = ",".join(f"{c:g}" for c in meta.norm.spectral.centers)
     kept = [p for p in proto.metadata_props if p.key not in props]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)

@@ -6,8 +6,8 @@ shared between threads, so each thread that reads gets its own handle, opened on
 cache is shared by all of them). The scene may be a local file, a GDAL virtual path (``/vsizip/``, ``/vsis3/``)
 or a URL. Every
 problem a user can cause is found before any tile runs and named in one line: a file that is not a raster or
-whose pixels do not decode, no CRS, too few bands for the model, a pixel type the model's statistics do not
-describe.
+whose pixels do not decode, no CRS, too few bands for the model, bands whose wavelengths are not the model's,
+a pixel type the model's statistics do not describe.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 from rasterio.errors import RasterioError
 
+from cdkd.data.bands import band_set_of, choose_scene_bands
 from cdkd.data.files import (
     RasterInfo,
     check_bands,
@@ -101,7 +102,10 @@ class SceneSource:
                          src.nodata)
 
     def _check_bands(self, in_chans: int, norm: NormStats, bands: Sequence[int] | None) -> tuple[int, ...]:
-        chosen = check_bands(bands) if bands is not None else norm.bands
+        mapped = None  # a model that knows its wavelengths reads the scene's bands by wavelength (cdkd.data.bands)
+        if norm.spectral is not None:
+            mapped = choose_scene_bands(norm.spectral, band_set_of(self._src, self.path), bands, self.path)
+        chosen = check_bands(bands) if bands is not None else (mapped or norm.bands)
         if len(chosen) != in_chans:
             raise DataError(f"{self.path}: --bands {','.join(map(str, chosen))} gives {len(chosen)} band(s), but "
                             f"the model takes {in_chans}")
@@ -129,7 +133,7 @@ class SceneSource:
         if norm.dtype != self.info.dtype:
             raise DataError(f"{self.path}: pixels are {self.info.dtype} but the model's normalisation statistics "
                             f"are for {norm.dtype}; pass --stats scene to normalise with this scene's statistics")
-        return NormStats(norm.mean, norm.std, self.bands, norm.dtype)
+        return NormStats(norm.mean, norm.std, self.bands, norm.dtype, norm.spectral)
 
     # ---------------------------------------------------------------------------------------------------- reads
 
