@@ -47,12 +47,12 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def test_registry_and_unknown_recipe() -> None:
-    assert list(RECIPES) == ["mask-cdkd", "rs4d"]
+    assert list(RECIPES)[:2] == ["mask-cdkd", "rs4d"]
     assert build_recipe(DistillConfig()).name == "mask-cdkd"  # the default is unchanged
     recipe = build_recipe(DistillConfig(recipe="rs4d"))
     assert recipe.terms == ("l1",) and recipe.settings == RS4DConfig()
-    with pytest.raises(CdkdValueError, match="unknown recipe 'hyperkd'; choose one of mask-cdkd, rs4d"):
-        validate_config(DistillConfig(recipe="hyperkd", teacher=TeacherConfig(random_init=True)))
+    with pytest.raises(CdkdValueError, match="unknown recipe 'nope'; choose one of mask-cdkd, rs4d"):
+        validate_config(DistillConfig(recipe="nope", teacher=TeacherConfig(random_init=True)))
 
 
 @pytest.mark.parametrize("bad,match", [({"rs4d.noise_ratio": 0.7, "rs4d.mask_ratio": 0.5}, "exceed 1"),
