@@ -12,8 +12,11 @@ in its own process, run under GNU ``/usr/bin/time`` so that each peak RSS is tha
 (a) ``cdkd.vector.vectorize`` (strips, the library's defaults);
 (b) ``gdal_polygonize.py`` (the system GDAL's script) to a GPKG, 4-connectivity, nodata masked;
 (c) plain ``rasterio.features.shapes`` over the whole array in memory, written with one pyogrio call;
-(d) ``import cdkd.vector`` alone: the baseline that (a) pays before reading a pixel (cdkd's package imports
-    pull in torch).
+(d) ``import cdkd.vector`` alone: the baseline that (a) pays before reading a pixel (it loads lazily: what (a)
+    pays for GDAL, GEOS and PROJ comes with its first raster);
+(e) the cost of measures: ``area_m2``/``perimeter_m`` of a random sample of (a)'s polygons, planar and on the
+    ellipsoid (``--area ellipsoidal``: ring-by-ring geodesics with pyproj, long edges densified), as seconds
+    per 100 000 polygons of this scene.
 
 (a) and (c) write the same fields (class_id, class_name, area_m2, perimeter_m); gdal_polygonize writes only the
 value. Wall time is the whole process (interpreter start and imports included); "work" is the time a Python
@@ -119,10 +122,35 @@ def work_import(raster: Path, out: Path) -> int:
     return 0
 
 
-WORKERS = {"cdkd": work_cdkd, "shapes": work_shapes, "import": work_import}
-# imported before the clock starts, so that "work" is the work (cdkd's imports pull in torch: seconds)
+MEASURE_SAMPLE = 20_000  # polygons timed per mode
+
+
+def work_measures(raster: Path, out: Path) -> dict:
+    """Seconds per 100 000 polygons for planar and ellipsoidal measures, on a sample of cdkd's polygons."""
+    import pyogrio
+    import shapely
+    from rasterio.crs import CRS
+
+    from cdkd.vector.measure import area_perimeter
+
+    info = pyogrio.read_info(out, layer="scene")
+    pick = np.sort(np.random.default_rng(0).choice(info["features"], min(MEASURE_SAMPLE, info["features"]),
+                                                   replace=False))
+    frame = pyogrio.read_dataframe(out, layer="scene", columns=[])
+    polygons = frame.geometry.values[pick]
+    crs = CRS.from_wkt(frame.crs.to_wkt())
+    result = {"sample": len(polygons), "vertices": int(shapely.get_num_coordinates(polygons).sum())}
+    for mode in ("planar", "ellipsoidal"):
+        start = time.perf_counter()
+        area_perimeter(polygons, crs, mode)
+        result[f"{mode}_s_per_100k"] = (time.perf_counter() - start) * 100_000 / len(polygons)
+    return result
+
+
+WORKERS = {"cdkd": work_cdkd, "shapes": work_shapes, "import": work_import, "measures": work_measures}
+# imported before the clock starts, so that "work" is the work
 IMPORTS = {"cdkd": ("cdkd.vector",), "shapes": ("geopandas", "pyogrio", "rasterio", "shapely"),
-           "import": ("cdkd.vector",)}
+           "import": ("cdkd.vector",), "measures": ("cdkd.vector.measure", "pyogrio")}
 
 
 def worker_main(name: str, raster: Path, out: Path) -> None:
@@ -131,8 +159,9 @@ def worker_main(name: str, raster: Path, out: Path) -> None:
     for module in IMPORTS[name]:
         importlib.import_module(module)
     start = time.perf_counter()
-    polygons = WORKERS[name](raster, out)
-    print(json.dumps({"polygons": polygons, "work_s": time.perf_counter() - start}))
+    result = WORKERS[name](raster, out)
+    extra = result if isinstance(result, dict) else {"polygons": result}
+    print(json.dumps({"polygons": extra.pop("polygons", 0), "work_s": time.perf_counter() - start, **extra}))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -178,6 +207,7 @@ def run(size: int, workdir: Path) -> dict:
         "rasterio shapes (whole)": [python, __file__, "--worker", "shapes", str(raster),
                                     str(workdir / "shapes.gpkg")],
         "import cdkd.vector only": [python, __file__, "--worker", "import", str(raster), str(workdir / "x")],
+        "measures (sample)": [python, __file__, "--worker", "measures", str(raster), str(workdir / "cdkd.gpkg")],
     }
     rows = {}
     for name, cmd in plans.items():
@@ -191,7 +221,9 @@ def run(size: int, workdir: Path) -> dict:
         del r["stdout"]
         rows[name] = r
     ours, gdal, whole = (rows[k] for k in ("cdkd.vector.vectorize", "gdal_polygonize.py", "rasterio shapes (whole)"))
+    measures = rows.pop("measures (sample)")
     return {
+        "measures": measures,
         "scene": scene,
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
@@ -220,6 +252,9 @@ def print_table(result: dict) -> None:
           f"  cdkd / whole-array shapes: time {q['time_cdkd_over_shapes']:.2f}x, peak RSS "
           f"{q['rss_cdkd_over_shapes']:.2f}x")
     print(f"cdkd peak RSS above its import baseline: {q['rss_cdkd_above_import_mb']:.0f} MB")
+    m = result["measures"]
+    print(f"measures on {m['sample']} of cdkd's polygons ({m['vertices'] / m['sample']:.0f} vertices each): planar "
+          f"{m['planar_s_per_100k']:.2f} s, ellipsoidal {m['ellipsoidal_s_per_100k']:.1f} s per 100 000 polygons")
 
 
 def main(argv: list[str] | None = None) -> None:

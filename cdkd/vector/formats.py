@@ -81,7 +81,8 @@ def check_writable(fmt: VectorFormat, path: str | Path) -> None:
 
 
 def convert(staged: Path, layer: str, out: Path, fmt: VectorFormat) -> None:
-    """Copy ``layer`` of the GeoPackage ``staged`` into ``out`` (a new file) in ``fmt``, a batch at a time."""
+    """Copy ``layer`` of the GeoPackage ``staged`` into ``out`` (a new file; the layer keeps its name, not the
+    temporary file's) in ``fmt``, a batch at a time."""
     from pyogrio.raw import open_arrow, write_arrow
 
     if fmt.driver == "Parquet" and not gdal_writes("Parquet"):
@@ -90,7 +91,7 @@ def convert(staged: Path, layer: str, out: Path, fmt: VectorFormat) -> None:
     out.unlink(missing_ok=True)  # the empty temporary that atomic_path made: GDAL wants to create the file
     options = {"SPATIAL_INDEX": "YES"} if fmt.driver == "FlatGeobuf" else None
     with open_arrow(staged, layer=layer, batch_size=READ_BATCH, use_pyarrow=False) as (meta, stream):
-        write_arrow(stream, out, layer=out.stem, driver=fmt.driver, geometry_name=meta["geometry_name"],
+        write_arrow(stream, out, layer=layer, driver=fmt.driver, geometry_name=meta["geometry_name"],
                     geometry_type="Polygon", crs=meta["crs"], layer_options=options)
 
 

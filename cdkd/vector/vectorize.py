@@ -27,6 +27,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -279,23 +280,19 @@ def _write_polygons(sink: PolygonSink, strips: Iterable[tuple[np.ndarray, np.nda
             sink.add(polygons[part], class_ids[part])
 
 
-class _staged:
+@contextmanager
+def _staged(tmp: Path, fmt: VectorFormat) -> Iterator[Path]:
     """The GeoPackage the polygons go to: ``tmp`` itself for a GeoPackage output, else a temporary beside it
     (removed on exit) that ``formats.convert`` streams into ``tmp``."""
-
-    def __init__(self, tmp: Path, fmt: VectorFormat) -> None:
-        self.tmp, self.fmt, self.path = tmp, fmt, tmp
-
-    def __enter__(self) -> Path:
-        if not self.fmt.multi_layer:
-            fd, name = tempfile.mkstemp(prefix=f".{self.tmp.stem}.", suffix=".stage.gpkg", dir=self.tmp.parent)
-            os.close(fd)
-            self.path = Path(name)
-        return self.path
-
-    def __exit__(self, *exc: object) -> None:
-        if self.path != self.tmp:
-            self.path.unlink(missing_ok=True)
+    if fmt.multi_layer:
+        yield tmp
+        return
+    fd, name = tempfile.mkstemp(prefix=f".{tmp.stem}.", suffix=".stage.gpkg", dir=tmp.parent)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 class PolygonSink:
