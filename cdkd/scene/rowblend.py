@@ -140,12 +140,20 @@ def add_weighted(dst: Array, logits: Array, weights: Array) -> None:
         dst += logits * weights
 
 
-class _Arrays:
-    """Allocation and transfer for the blender's device: numpy on the CPU, torch elsewhere."""
+BACKENDS = ("auto", "numpy", "torch")
 
-    def __init__(self, device: str | torch.device) -> None:
+
+class _Arrays:
+    """Allocation and transfer for the blender's device: numpy on the CPU, torch elsewhere (``backend="torch"``
+    forces torch, also on the CPU: the GPU's code path, testable without a GPU)."""
+
+    def __init__(self, device: str | torch.device, backend: str = "auto") -> None:
+        if backend not in BACKENDS:
+            raise CdkdValueError(f"unknown array backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.device = torch.device(device)
-        self.numpy = self.device.type == "cpu"
+        self.numpy = self.device.type == "cpu" and backend != "torch"
+        if self.numpy is False and backend == "numpy":
+            raise CdkdValueError(f"the numpy backend runs on the CPU only, not on {self.device}")
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> Array:
         if self.numpy:
@@ -210,20 +218,20 @@ class PlanBlender:
     None for a skipped window), then ``end(i)`` -> ``(head, finished)``. ``carry`` is what the next row adds to
     (set it to resume). ``head=True``: the block starts below a window row it does not see, so the first row's
     rows that the row above also covers are handed out as a ``Partial`` head instead of being finished.
-    ``output="logits"`` gives blended logits instead of class ids (evaluation).
+    ``output="logits"`` gives blended logits instead of class ids (evaluation). ``backend``: see ``_Arrays``.
     """
 
     def __init__(self, num_classes: int, row_tops: Sequence[int], col_offsets: Sequence[int],
                  window: tuple[int, int], image: tuple[int, int], device: str | torch.device = "cpu",
                  x_range: tuple[int, int] | None = None, probs: bool = False, head: bool = False,
-                 carry: Partial | None = None, output: str = "classes") -> None:
+                 carry: Partial | None = None, output: str = "classes", backend: str = "auto") -> None:
         if output not in OUTPUTS:
             raise CdkdValueError(f"unknown blender output {output!r}; choose one of {', '.join(OUTPUTS)}")
         self.num_classes, self.row_tops, self.col_offsets = num_classes, list(row_tops), list(col_offsets)
         self.win_h, self.win_w = window
         self.height, self.width = image
         self.x0, self.x1 = x_range or (0, self.width)
-        self._arrays = _Arrays(device)
+        self._arrays = _Arrays(device, backend)
         self.device, self.probs, self.output = self._arrays.device, probs, output
         self.head, self.carry = head, carry
         cols = [exclusive(self.col_offsets, j, self.win_w, self.width) for j in range(len(self.col_offsets))]
