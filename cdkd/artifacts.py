@@ -10,6 +10,9 @@
 ``segmenter.pt`` adds to the student: ``head`` (decoder configuration), ``classes`` (ids, names, colours,
 ignore index), ``tile_size`` and ``overlap`` for inference, and the whole segmenter's weights.
 
+``detector.pt`` is the same for instance segmentation: the student, ``head`` (the ``Detector``'s configuration:
+simple feature pyramid + Mask R-CNN), object ``classes``, ``tile_size``, ``overlap`` and the detector's weights.
+
 Nothing else has to be kept in sync by hand: the loaders rebuild the networks from what the file says.
 """
 
@@ -34,6 +37,9 @@ STUDENT_FORMAT = "cdkd.student"
 STUDENT_VERSION = 1
 SEGMENTER_FORMAT = "cdkd.segmenter"
 SEGMENTER_VERSION = 1
+DETECTOR_FORMAT = "cdkd.detector"
+DETECTOR_VERSION = 1
+TASKS = ("semantic", "instance")  # what a model predicts: class rasters (segmenter.pt) or objects (detector.pt)
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,9 @@ class InferenceMeta:
     """Everything the scene engine needs to run a segmenter of any runtime (PyTorch, ONNX, TensorRT).
 
     The network maps (B, in_chans, tile_size, tile_size) float32 inputs, normalised with ``norm``, to
-    (B, K, tile_size, tile_size) logits, K = ``classes.num_classes``. ``overlap`` is the default window overlap.
+    (B, K, tile_size, tile_size) logits, K = ``classes.num_classes`` (``task`` "semantic"), or to objects: boxes,
+    scores, classes and masks per tile (``task`` "instance", ``cdkd.scene.instances``). ``overlap`` is the default
+    window overlap.
     ``to_json``/``from_json`` give the one serialised form (ONNX ``metadata_props`` and ``.engine.json`` sidecars).
     """
 
@@ -147,15 +155,19 @@ class InferenceMeta:
     in_chans: int
     arch: str = "?"
     head: str = "?"
+    task: str = "semantic"
 
     @property
     def num_classes(self) -> int:
         return self.classes.num_classes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": INFERENCE_META_FORMAT, "version": 1, "classes": self.classes.to_dict(),
-                "norm": self.norm.to_dict(), "tile_size": self.tile_size, "overlap": self.overlap,
-                "in_chans": self.in_chans, "arch": self.arch, "head": self.head}
+        d = {"format": INFERENCE_META_FORMAT, "version": 1, "classes": self.classes.to_dict(),
+             "norm": self.norm.to_dict(), "tile_size": self.tile_size, "overlap": self.overlap,
+             "in_chans": self.in_chans, "arch": self.arch, "head": self.head}
+        if self.task != "semantic":  # absent means semantic: metadata written before tasks existed reads the same
+            d["task"] = self.task
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -167,9 +179,12 @@ class InferenceMeta:
             d = json.loads(text)
             if d.get("format") != INFERENCE_META_FORMAT:
                 raise ValueError(f"format is {d.get('format')!r}, expected {INFERENCE_META_FORMAT!r}")
+            task = str(d.get("task", "semantic"))
+            if task not in TASKS:
+                raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}; a newer cdkd wrote it")
             return cls(classes=ClassSchema.from_dict(d["classes"]), norm=NormStats.from_dict(d["norm"]),
                        tile_size=int(d["tile_size"]), overlap=int(d["overlap"]), in_chans=int(d["in_chans"]),
-                       arch=str(d.get("arch", "?")), head=str(d.get("head", "?")))
+                       arch=str(d.get("arch", "?")), head=str(d.get("head", "?")), task=task)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{source}: no usable cdkd inference metadata ({e})") from None
 
@@ -200,3 +215,67 @@ def load_segmenter(path: str | Path, map_location: str | torch.device = "cpu") -
     model = Segmenter(build_student(student.arch, **student.arch_args), **info.head)
     _load_weights(model, blob["state_dict"], path, f"{student.arch} + {info.head.get('head', '?')}")
     return model.to(map_location).eval(), info
+
+
+@dataclass(frozen=True)
+class DetectorInfo:
+    """What ``detector.pt`` says besides the weights: the student, the detector's configuration, object classes
+    and inference settings."""
+
+    student: StudentInfo
+    head: dict[str, Any]  # Detector.config()
+    classes: ClassSchema
+    tile_size: int
+    overlap: int
+
+    @property
+    def norm(self) -> NormStats:
+        return self.student.norm
+
+    @property
+    def in_chans(self) -> int:
+        return self.student.in_chans
+
+    def inference_meta(self) -> InferenceMeta:
+        return InferenceMeta(classes=self.classes, norm=self.norm, tile_size=self.tile_size, overlap=self.overlap,
+                             in_chans=self.in_chans, arch=self.student.arch, head="maskrcnn", task="instance")
+
+
+def save_detector(path: str | Path, detector: nn.Module, info: DetectorInfo) -> None:
+    """Write ``detector.pt`` atomically."""
+    state = {k: v.detach().cpu() for k, v in detector.state_dict().items()}
+    st = info.student
+    atomic_torch_save(
+        {"format": DETECTOR_FORMAT, "version": DETECTOR_VERSION,
+         "student": {"arch": st.arch, "arch_args": st.arch_args, "provenance": st.provenance},
+         "head": info.head, "state_dict": state, "classes": info.classes.to_dict(), "norm": st.norm.to_dict(),
+         "tile_size": info.tile_size, "overlap": info.overlap},
+        path,
+    )
+
+
+def load_detector(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, DetectorInfo]:
+    """Rebuild the detector in ``detector.pt``; returns (``cdkd.models.instance.Detector`` in eval mode, its info)."""
+    from cdkd.models.instance import Detector
+
+    path = Path(path)
+    blob = _read_artifact(path, DETECTOR_FORMAT, DETECTOR_VERSION, "detector",
+                          "cdkd finetune --task instance writes RUN_DIR/detector.pt")
+    st = blob["student"]
+    student = StudentInfo(arch=st["arch"], arch_args=dict(st["arch_args"]), norm=NormStats.from_dict(blob["norm"]),
+                          provenance=dict(st.get("provenance", {})))
+    info = DetectorInfo(student=student, head=dict(blob["head"]), classes=ClassSchema.from_dict(blob["classes"]),
+                        tile_size=int(blob["tile_size"]), overlap=int(blob["overlap"]))
+    model = Detector(build_student(student.arch, **student.arch_args), **info.head)
+    _load_weights(model, blob["state_dict"], path, f"{student.arch} + Mask R-CNN")
+    return model.to(map_location).eval(), info
+
+
+def artifact_format(path: str | Path) -> str | None:
+    """The ``format`` tag of a cdkd ``.pt`` artifact (``cdkd.segmenter``, ``cdkd.detector``, ...), or None when
+    the file is not one. Memory-mapped: the weights are not read."""
+    try:
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # any unreadable file: the loader that follows names the problem
+        return None
+    return blob.get("format") if isinstance(blob, dict) else None
