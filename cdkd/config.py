@@ -141,8 +141,10 @@ class LabeledDataConfig:
     """Labeled land-cover pairs for fine-tuning and evaluation."""
 
     root: str = ""
-    format: str = "folder"  # dubai | deepglobe | loveda | isprs | openearthmap | folder
+    format: str = "folder"  # dubai | deepglobe | loveda | isprs | openearthmap | folder; instances: coco | geo
     classes: str | None = None  # class file (YAML); required for format "folder"
+    labels: str | None = None  # format geo: vector footprints (GeoJSON, GeoPackage, ...) of the scene in root
+    class_field: str | None = None  # format geo: the footprints' attribute naming their class (None: one class)
     split: tuple[str, ...] | None = None  # fnmatch patterns on path components, e.g. ["tile[1-6]"] or ["train"]
     tile_size: int | None = None  # None = the student's tile size
     overlap: int | None = None  # sliding-window overlap for evaluation; None = a quarter of the tile
@@ -162,6 +164,20 @@ class HeadConfig:
     class_balanced: bool = False  # cross-entropy weighted by inverse sqrt class frequency
 
 
+@dataclass(frozen=True)
+class InstanceHeadConfig:
+    """Task ``instance``: a simple feature pyramid (ViTDet) on the student feeding torchvision's Mask R-CNN.
+
+    The student is frozen unless ``head.unfreeze``."""
+
+    layer: int | None = None  # 1-based student block feeding the pyramid; None = the last
+    channels: int = 256  # pyramid width
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)  # anchor side in px per level (strides 4..64)
+    box_batch_size_per_image: int = 512  # RoIs sampled per tile for the box head's loss
+    detections_per_image: int = 100  # most detections kept per tile
+    object_bias: float = 0.75  # share of training windows placed around an object (the rest uniform)
+
+
 def _finetune_train() -> TrainConfig:
     # The paper's decoder protocol: AdamW lr 1e-4, 30 epochs, polynomial decay.
     return TrainConfig(lr=1e-4, batch_size=8, warmup_steps=0, lr_schedule="poly", checkpoint_every=200)
@@ -170,8 +186,10 @@ def _finetune_train() -> TrainConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     student: str = ""  # path to student.pt
+    task: str = "semantic"  # semantic (segmenter.pt: class rasters) | instance (detector.pt: objects)
     data: LabeledDataConfig = field(default_factory=LabeledDataConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    instance: InstanceHeadConfig = field(default_factory=InstanceHeadConfig)
     train: TrainConfig = field(default_factory=_finetune_train)
 
 

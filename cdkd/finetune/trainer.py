@@ -3,6 +3,10 @@
 The DINOv2 protocol of the paper: the distilled student stays frozen and only a UPerNet (or linear) decoder
 learns, from random crops of labeled tiles, with cross-entropy that honours the ignore index. The run folder,
 checkpoints and resume work as for distillation (``cdkd.utils.rundir``).
+
+``cfg.task == "instance"`` trains a Mask R-CNN on the student instead (``cdkd.finetune.instance``: COCO or
+georeferenced vector labels in, ``detector.pt`` out) through the same loop, checkpoints and resume; only the data,
+the model, the loss of a micro-batch and the artifact differ.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import cdkd
-from cdkd.artifacts import SegmenterInfo, StudentInfo, load_student, save_segmenter
+from cdkd.artifacts import TASKS, SegmenterInfo, StudentInfo, load_student, save_segmenter
 from cdkd.config import FinetuneConfig, save_config, to_dict
 from cdkd.data import StepSampler, check_tile_size
 from cdkd.data.classes import ClassSchema
@@ -39,18 +43,19 @@ RESUMABLE_KEYS = {"train.steps", "train.epochs", "train.checkpoint_every", "trai
                   "data.num_workers", "data.root", "student"}
 
 
-def run_dir(root: str | Path) -> RunDir:
-    """The layout of a fine-tuning run folder (artifact ``segmenter.pt``)."""
-    return RunDir(Path(root), "segmenter.pt", "fine-tuning run")
+def run_dir(root: str | Path, task: str = "semantic") -> RunDir:
+    """The layout of a fine-tuning run folder (artifact ``segmenter.pt``, or ``detector.pt`` for instances)."""
+    return RunDir(Path(root), "detector.pt" if task == "instance" else "segmenter.pt", "fine-tuning run")
 
 
 @dataclass(frozen=True)
 class FinetuneResult:
     out_dir: Path
-    segmenter_path: Path
+    segmenter_path: Path  # the artifact: segmenter.pt, or detector.pt for task "instance"
     steps: int
     loss: float
     seconds: float
+    task: str = "semantic"
 
 
 def resolve_tiling(cfg: FinetuneConfig, student: StudentInfo) -> tuple[int, int]:
@@ -77,18 +82,33 @@ def finetune(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
-    """Train the decoder of ``cfg.head`` on the frozen student ``cfg.student`` into ``out_dir/segmenter.pt``."""
+    """Train the decoder of ``cfg.head`` on the frozen student ``cfg.student`` into ``out_dir/segmenter.pt`` (task
+    "instance": a Mask R-CNN into ``out_dir/detector.pt``)."""
     log = log or (lambda m: print(m, file=sys.stderr))
-    paths = run_dir(out_dir)
-    if cfg.data.format not in FORMATS:
-        raise CdkdValueError(f"unknown format {cfg.data.format!r}; choose one of {', '.join(FORMATS)}")
-    if cfg.head.type not in ("upernet", "linear"):
+    if cfg.task not in TASKS:
+        raise CdkdValueError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
+    instance = cfg.task == "instance"
+    if instance:
+        from cdkd.finetune import instance as task
+    paths = run_dir(out_dir, cfg.task)
+    if instance:
+        task.check_format(cfg.data.format)
+    elif cfg.data.format not in FORMATS:
+        raise CdkdValueError(f"unknown format {cfg.data.format!r}; choose one of {', '.join(FORMATS)} (instance "
+                             "formats coco and geo go with --task instance)")
+    if not instance and cfg.head.type not in ("upernet", "linear"):
         raise CdkdValueError(f"head must be 'upernet' or 'linear', got {cfg.head.type!r}")
     check_train_config(cfg.train)
     student, sinfo = load_student(cfg.student)
     tile, overlap = resolve_tiling(cfg, sinfo)
-    schema = schema_for(cfg.data.format, cfg.data.classes)
-    pairs = find_pairs(cfg.data.root, cfg.data.format, cfg.data.split)
+    if instance:
+        data = task.read_data(cfg.data, log)
+        schema, samples = data.schema, len(data.images)
+        sinfo = replace(sinfo, norm=task.training_norm(data, sinfo.norm, sinfo.in_chans, log))
+    else:
+        schema = schema_for(cfg.data.format, cfg.data.classes)
+        pairs = find_pairs(cfg.data.root, cfg.data.format, cfg.data.split)
+        samples = len(pairs)
     blob = paths.check(resume, overwrite, CHECKPOINT_FORMAT)
     if blob is not None:
         check_resumable(blob["config"], to_dict(cfg), RESUMABLE_KEYS, paths.checkpoints)
@@ -98,15 +118,20 @@ def finetune(
 
     device = resolve_device(cfg.train.device, DistContext())
     torch.manual_seed(cfg.train.seed)
-    model = Segmenter(student, num_classes=schema.num_classes, head=cfg.head.type, layers=cfg.head.layers,
-                      channels=cfg.head.channels, freeze_encoder=not cfg.head.unfreeze, norm=cfg.head.norm).to(device)
+    if instance:
+        model = task.build_detector(student, schema.num_classes, cfg).to(device)
+    else:
+        model = Segmenter(student, num_classes=schema.num_classes, head=cfg.head.type, layers=cfg.head.layers,
+                          channels=cfg.head.channels, freeze_encoder=not cfg.head.unfreeze, norm=cfg.head.norm
+                          ).to(device)
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     epochs = cfg.train.epochs if cfg.train.epochs is not None else DEFAULT_EPOCHS
-    steps = cfg.train.steps if cfg.train.steps is not None else max(1, math.ceil(epochs * len(pairs) / per_step))
+    steps = cfg.train.steps if cfg.train.steps is not None else max(1, math.ceil(epochs * samples / per_step))
     optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps,
                                                                        steps))
-    weight = class_weights(class_frequencies(pairs, schema)).to(device) if cfg.head.class_balanced else None
+    weight = (class_weights(class_frequencies(pairs, schema)).to(device) if cfg.head.class_balanced and not instance
+              else None)
     start = 0
     if blob is not None:
         restore_model(model, blob["model"], paths.checkpoints)
@@ -117,27 +142,37 @@ def finetune(
         log(f"resuming {paths.root} at step {start}")
     paths.truncate_metrics(start)
 
-    dataset = LabeledTiles(pairs, schema, sinfo.norm, tile, augment=cfg.data.augment, seed=cfg.train.seed)
+    if instance:
+        dataset, collate = task.tiles(data, sinfo.norm, tile, cfg), task.collate_instances
+    else:
+        dataset, collate = LabeledTiles(pairs, schema, sinfo.norm, tile, augment=cfg.data.augment,
+                                        seed=cfg.train.seed), None
     sampler = StepSampler(cfg.train.batch_size, start_micro_step=start * cfg.train.grad_accum,
                           num_micro_steps=steps * cfg.train.grad_accum)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=device.type == "cuda",
+                        pin_memory=device.type == "cuda", collate_fn=collate,
                         # Its own generator: drawing the workers' base seed from the global RNG would shift
                         # dropout's random stream after a resume.
                         generator=torch.Generator().manual_seed(cfg.train.seed))
-    log(f"fine-tuning a {cfg.head.type} head on {sinfo.arch} ({'full' if cfg.head.unfreeze else 'frozen encoder'}) "
-        f"on {len(pairs)} pairs, {schema.num_classes} classes, {steps} steps, tile {tile}, device {device}")
-    loop = _Loop(cfg, model, optimizer, scheduler, schema, weight, device, paths)
+    what = (f"a Mask R-CNN on {sinfo.arch}" if instance else f"a {cfg.head.type} head on {sinfo.arch}")
+    items = f"{samples} images, {data.num_objects} objects" if instance else f"{len(pairs)} pairs"
+    log(f"fine-tuning {what} ({'full' if cfg.head.unfreeze else 'frozen encoder'}) on {items}, {schema.num_classes} "
+        f"classes, {steps} steps, tile {tile}, device {device}")
+    loop = (task.InstanceLoop if instance else _Loop)(cfg, model, optimizer, scheduler, schema, weight, device, paths)
     t0 = time.perf_counter()
     loss = loop.run(iter(loader), start, steps, progress)
     seconds = time.perf_counter() - t0
 
-    info = SegmenterInfo(student=sinfo, head=model.config(), classes=schema, tile_size=tile, overlap=overlap)
-    save_segmenter(paths.artifact, model, info)
-    paths.write_report({"segmenter": str(paths.artifact), "steps": steps, "resumed_from": start,
-                        "seconds": round(seconds, 2), "final_loss": loss, "pairs": len(pairs),
-                        "classes": list(schema.names), "cdkd_version": cdkd.__version__})
-    return FinetuneResult(paths.root, paths.artifact, steps, loss, seconds)
+    if instance:
+        task.save(paths.artifact, model, sinfo, schema, tile, overlap)
+    else:
+        info = SegmenterInfo(student=sinfo, head=model.config(), classes=schema, tile_size=tile, overlap=overlap)
+        save_segmenter(paths.artifact, model, info)
+    paths.write_report({("detector" if instance else "segmenter"): str(paths.artifact), "task": cfg.task,
+                        "steps": steps, "resumed_from": start, "seconds": round(seconds, 2), "final_loss": loss,
+                        ("images" if instance else "pairs"): samples, "classes": list(schema.names),
+                        "cdkd_version": cdkd.__version__})
+    return FinetuneResult(paths.root, paths.artifact, steps, loss, seconds, cfg.task)
 
 
 class _Loop:
@@ -160,7 +195,7 @@ class _Loop:
         loss = math.nan
         tick = time.perf_counter()
         for step in range(start, steps):
-            loss, acc = self._step(batches)
+            loss, logs = self._step(batches)
             self.scheduler.step()
             done = step + 1
             now = time.perf_counter()
@@ -168,10 +203,10 @@ class _Loop:
             tick = now
             if done % cfg.log_every == 0 or done == steps:
                 self.paths.write_metrics({"step": done, "lr": self.scheduler.get_last_lr()[0], "loss": loss,
-                                          "pixel_acc": acc, "images_per_s": speed})
+                                          **logs, "images_per_s": speed})
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{speed:.1f}")
+                bar.set_postfix(loss=f"{loss:.3f}", **self._postfix(logs), img_s=f"{speed:.1f}")
             if done % cfg.checkpoint_every == 0 or done == steps:
                 save_checkpoint(self.paths.checkpoints, done, fmt=CHECKPOINT_FORMAT, payload={
                     "config": to_dict(self.cfg), "model": trainable_state(self.model),
@@ -181,32 +216,43 @@ class _Loop:
             bar.close()
         return loss
 
-    def _step(self, batches: Iterator[dict]) -> tuple[float, float]:
-        """One optimiser step over ``grad_accum`` micro-batches; returns (mean loss, pixel accuracy)."""
-        cfg = self.cfg.train
-        total, correct, counted = 0.0, 0, 0
+    def _micro(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch and the counts its log line sums over the step (``_logs``)."""
         ignore = self.schema.ignore_index
+        images = batch["image"].to(self.device, non_blocking=True)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(images)
+        loss = F.cross_entropy(logits.float(), labels, weight=self.weight, ignore_index=ignore)
+        if not torch.isfinite(loss):  # a crop that is all ignore pixels: nothing to learn from
+            loss = logits.sum() * 0.0
+        keep = labels != ignore
+        return loss, {"correct": int((logits.argmax(1)[keep] == labels[keep]).sum()), "counted": int(keep.sum())}
+
+    def _logs(self, counts: dict[str, float]) -> dict[str, float]:
+        """What a step's summed counts put in ``metrics.jsonl``."""
+        return {"pixel_acc": counts["correct"] / max(counts["counted"], 1)}
+
+    def _postfix(self, logs: dict[str, float]) -> dict[str, str]:
+        return {"acc": f"{logs['pixel_acc']:.3f}"}
+
+    def _step(self, batches: Iterator[dict]) -> tuple[float, dict[str, float]]:
+        """One optimiser step over ``grad_accum`` micro-batches; returns (mean loss, ``_logs``)."""
+        cfg = self.cfg.train
+        total, counts = 0.0, {}
         for _ in range(cfg.grad_accum):
-            batch = next(batches)
-            images = batch["image"].to(self.device, non_blocking=True)
-            labels = batch["label"].to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                logits = self.model(images)
-            loss = F.cross_entropy(logits.float(), labels, weight=self.weight, ignore_index=ignore)
-            if not torch.isfinite(loss):  # a crop that is all ignore pixels: nothing to learn from
-                loss = logits.sum() * 0.0
+            loss, parts = self._micro(next(batches))
             self.scaler.scale(loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
-            keep = labels != ignore
-            correct += int((logits.argmax(1)[keep] == labels[keep]).sum())
-            counted += int(keep.sum())
+            for k, v in parts.items():
+                counts[k] = counts.get(k, 0) + v
         if cfg.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, correct / max(counted, 1)
+        return total, self._logs(counts)
 
 
 __all__ = ["FinetuneResult", "class_weights", "finetune", "resolve_tiling", "run_dir"]
