@@ -283,10 +283,24 @@ class TensorRTRuntime:
         return self.forward(batch).cpu().numpy()
 
 
+def is_instance_model(path: str | Path, kind: str) -> bool:
+    """Whether ``path`` holds an instance model (``detector.pt``, or an ONNX export of one)."""
+    from cdkd.artifacts import DETECTOR_FORMAT, artifact_format
+
+    if kind == "torch":
+        return artifact_format(path) == DETECTOR_FORMAT
+    return kind == "onnx" and Path(path).is_file() and read_onnx_meta(path).task == "instance"
+
+
 def open_runtime(path: str | Path, runtime: str | None = None, device: str = "auto", amp: str = "auto",
                  threads: int | None = None) -> Runtime:
-    """The runtime for the model file ``path`` (``segmenter.pt``, ``.onnx`` or ``.engine``)."""
+    """The runtime for the model file ``path`` (``segmenter.pt``, ``.onnx`` or ``.engine``); for an instance model
+    (``detector.pt``) a ``cdkd.scene.detector_runtimes`` runtime, whose ``meta.task`` is "instance"."""
     kind = runtime_for(path, runtime)
+    if is_instance_model(path, kind):
+        from cdkd.scene.detector_runtimes import open_detector
+
+        return open_detector(path, kind, device=device, amp=amp, threads=threads)  # type: ignore[return-value]
     if kind == "torch":
         return TorchRuntime(path, device=device, amp=amp)
     if kind == "onnx":
@@ -317,6 +331,8 @@ class RuntimeSpec:
             if not sidecar.is_file():
                 raise CheckpointError(f"{self.model}: its metadata sidecar {sidecar.name} is missing")
             return InferenceMeta.from_json(sidecar.read_text(), str(sidecar))
-        from cdkd.artifacts import load_segmenter
+        from cdkd.artifacts import DETECTOR_FORMAT, artifact_format, load_detector, load_segmenter
 
+        if artifact_format(self.model) == DETECTOR_FORMAT:
+            return load_detector(self.model, map_location="cpu")[1].inference_meta()
         return load_segmenter(self.model, map_location="cpu")[1].inference_meta()
