@@ -157,6 +157,8 @@ def evaluate(
         raise OutputExistsError(f"{out}: already holds evaluation results; pass --overwrite to replace them")
     rt = open_runtime(segmenter, runtime, device=device, amp=amp, threads=threads)
     meta = rt.meta
+    if meta.task == "instance":
+        raise CdkdValueError(f"{segmenter}: is an instance model; evaluate it with --task instance (COCO AP)")
     if overlap is not None and not 0 <= overlap < meta.tile_size:
         raise CdkdValueError(f"overlap {overlap} must be >= 0 and smaller than the tile size {meta.tile_size}")
     schema = schema_for(fmt, classes)
