@@ -340,11 +340,22 @@ def export_onnx(
         OutputExistsError: ``out`` or its report exists and not ``overwrite``. CheckpointError: ``segmenter`` is
         missing or corrupt. CdkdValueError: bad argument, a model too large for one file. DataError: no usable
         image in ``check_data``. ParityError: agreement below ``min_agreement`` (nothing is written).
+
+    A ``detector.pt`` (instance segmentation) is exported by ``cdkd.export.detector_onnx`` (batch 1, its own
+    parity check), which returns a ``DetectorExportReport``.
     """
     import onnx
     import onnxruntime
     import torch
 
+    from cdkd.artifacts import DETECTOR_FORMAT, artifact_format
+
+    if artifact_format(segmenter) == DETECTOR_FORMAT:
+        from cdkd.export.detector_onnx import export_detector_onnx
+
+        return export_detector_onnx(segmenter, out, opset=opset, dynamic_batch=dynamic_batch,  # type: ignore
+                                    batch_size=batch_size, check_data=check_data, check_tiles=check_tiles,
+                                    min_agreement=min_agreement, overwrite=overwrite)
     start = time.perf_counter()
     out, segmenter = Path(out), Path(segmenter)
     if segmenter.suffix.lower() == ".onnx":
