@@ -1,4 +1,5 @@
-"""``cdkd evaluate``: mIoU, OA, mF1 and a confusion matrix of a segmenter on labeled images."""
+"""``cdkd evaluate``: mIoU, OA, mF1 and a confusion matrix of a segmenter on labeled images; with ``--task
+instance``, COCO AP (boxes and masks) of a detector."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ RUN = "Runtime"
 def evaluate_command(
     segmenter: Path = typer.Argument(..., help="segmenter.pt from cdkd finetune, or model.onnx from cdkd export."),
     data: Path = typer.Option(..., "--data", help="Labeled dataset root."),
-    fmt: o.DataFormat = typer.Option(..., "--format", help="Dataset layout."),
+    fmt: o.DataFormat = typer.Option(..., "--format", help="Dataset layout (coco, geo: --task instance)."),
+    task: o.Task = typer.Option(o.Task.semantic, "--task", help="semantic: mIoU of a segmenter; instance: COCO AP "
+                                "of a detector."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="--format geo: the scene's footprints."),
+    class_field: Optional[str] = typer.Option(None, "--class-field", help="--format geo: the attribute naming "
+                                              "each footprint's class."),
     out: Path = typer.Option(..., "--out", help="Folder for metrics.json, metrics.md and confusion.png."),
     classes: Optional[Path] = typer.Option(None, "--classes", help="Class file (YAML) for --format folder."),
     split: Optional[str] = typer.Option(None, "--split", help="Comma-separated folder patterns, e.g. 'tile[7-8]'."),
@@ -37,8 +43,22 @@ def evaluate_command(
     Examples:
       cdkd evaluate runs/seg/segmenter.pt --data dubai/ --format dubai --split 'tile[7-8]' --out runs/seg/eval
       cdkd evaluate model.onnx --data dubai/ --format dubai --split 'tile[7-8]' --out runs/seg/eval_onnx
+      cdkd evaluate runs/det/detector.pt --task instance --data nwpu/ --format coco --split '*[268].jpg' --out ev
     """
     with cli_errors():
+        if task.value == "instance":
+            from cdkd.finetune.instance_eval import evaluate_instances
+
+            res = evaluate_instances(segmenter, data, out, fmt=fmt.value, split=o.words(split), labels=labels,
+                                     class_field=class_field, classes=classes, overlap=overlap,
+                                     batch_size=batch_size, device=device, runtime=o.value(runtime), amp=amp.value,
+                                     threads=threads, overwrite=overwrite, progress=progress)
+            typer.echo(res.metrics.markdown_table())
+            typer.echo(f"evaluated {res.metrics.images} images ({res.metrics.objects} labelled objects, "
+                       f"{res.metrics.detections} detections) in {res.seconds:.1f} s with {res.runtime} on "
+                       f"{res.device}")
+            typer.echo(f"wrote {res.json_path}, {res.markdown_path}, {res.predictions_path}, {res.preview_path}")
+            return
         from cdkd.finetune.evaluate import evaluate
 
         res = evaluate(segmenter, data, fmt.value, out, classes=classes, split=o.words(split), overlap=overlap,

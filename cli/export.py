@@ -87,7 +87,13 @@ def export_command(
             typer.echo(f"wrote {res.onnx} (opset {res.opset}, batch {batch}, {res.size_bytes / 2**20:.1f} MiB) "
                        f"and {res.report}")
         else:
+            from cdkd.errors import CdkdValueError
             from cdkd.export import build_engine
+            from cdkd.scene.runtimes import is_instance_model, runtime_for
+
+            if is_instance_model(model, runtime_for(model)):
+                raise CdkdValueError(f"{model}: instance models (Mask R-CNN) do not build TensorRT engines here (NMS, "
+                                     "RoIAlign and a variable number of detections); run the .onnx in ONNX Runtime")
 
             res = build_engine(model, out, fp16=fp16, int8=int8, calib=calib, calib_tiles=calib_tiles,
                                max_batch=max_batch, workspace_gb=workspace_gb, opset=opset, check_data=check_data,

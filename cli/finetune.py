@@ -1,4 +1,5 @@
-"""``cdkd finetune``: train a UPerNet (or linear) decoder on a frozen distilled student."""
+"""``cdkd finetune``: train a UPerNet (or linear) decoder on a frozen distilled student, or (``--task instance``) a
+Mask R-CNN on it."""
 
 from __future__ import annotations
 
@@ -16,8 +17,15 @@ _HEAD = "Decoder"
 
 def finetune_command(
     student: Optional[Path] = typer.Option(None, "--student", help="student.pt written by cdkd distill."),
+    task: Optional[o.Task] = typer.Option(None, "--task", help="semantic: land-cover classes (segmenter.pt); "
+                                          "instance: objects as polygons, Mask R-CNN (detector.pt)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Labeled dataset root.", rich_help_panel=_DATA),
-    fmt: Optional[o.DataFormat] = typer.Option(None, "--format", help="Dataset layout.", rich_help_panel=_DATA),
+    fmt: Optional[o.DataFormat] = typer.Option(None, "--format", help="Dataset layout (coco, geo: --task instance).",
+                                               rich_help_panel=_DATA),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="--format geo: the scene's footprints (GeoJSON, "
+                                          "GeoPackage, ...).", rich_help_panel=_DATA),
+    class_field: Optional[str] = typer.Option(None, "--class-field", help="--format geo: the footprints' attribute "
+                                              "naming their class (default: one class).", rich_help_panel=_DATA),
     classes: Optional[Path] = typer.Option(None, "--classes", help="Class file (YAML); required for --format folder.",
                                            rich_help_panel=_DATA),
     split: Optional[str] = typer.Option(None, "--split", help="Comma-separated folder patterns to train on, "
@@ -26,7 +34,8 @@ def finetune_command(
     config: Optional[Path] = o.config_opt,
     tile_size: Optional[int] = o.tile_opt,
     head: Optional[o.Head] = typer.Option(None, "--head", help="Decoder (default upernet).", rich_help_panel=_HEAD),
-    decoder_channels: Optional[int] = typer.Option(None, "--decoder-channels", help="UPerNet width (default 512); "
+    decoder_channels: Optional[int] = typer.Option(None, "--decoder-channels", help="UPerNet width (default 512; "
+                                                   "--task instance: pyramid and mask head, default 256); "
                                                    "narrower trains and evaluates faster.",
                                                    rich_help_panel=_HEAD),
     unfreeze: Optional[bool] = typer.Option(None, "--unfreeze/--freeze", help="Train the student too.",
@@ -50,10 +59,16 @@ def finetune_command(
 ) -> None:
     """Train a land-cover decoder on the frozen student (30 epochs, AdamW 1e-4, poly decay by default).
 
-    Example: cdkd finetune --student runs/vitl/student.pt --data dubai/ --format dubai --split 'tile[1-6]' --out runs/seg
+    Examples:
+      cdkd finetune --student runs/vitl/student.pt --data dubai/ --format dubai --split 'tile[1-6]' --out runs/seg
+      cdkd finetune --task instance --student student.pt --data nwpu/ --format coco --out runs/det
+      cdkd finetune --task instance --student student.pt --data scene.tif --labels buildings.gpkg --format geo --out r
     """
     flags = o.given({
         "student": str(student) if student is not None else None,
+        "task": o.value(task),
+        "data.labels": str(labels) if labels is not None else None,
+        "data.class_field": class_field,
         "data.root": str(data) if data is not None else None,
         "data.format": o.value(fmt),
         "data.classes": str(classes) if classes is not None else None,
@@ -61,7 +76,6 @@ def finetune_command(
         "data.tile_size": tile_size,
         "data.num_workers": workers,
         "head.type": o.value(head),
-        "head.channels": decoder_channels,
         "head.unfreeze": unfreeze,
         "head.class_balanced": class_balanced,
         "train.lr_schedule": o.value(lr_schedule),
@@ -78,11 +92,17 @@ def finetune_command(
         from cdkd.errors import ConfigError
         from cdkd.finetune.trainer import finetune, run_dir
 
+        from cdkd.config import apply_overrides
+
         cfg = o.resolve_config(FinetuneConfig, config, run_dir(out).config if resume else None, flags)
+        if decoder_channels is not None:  # the task (flag or file) decides which decoder the width is for
+            key = "instance.channels" if cfg.task == "instance" else "head.channels"
+            cfg = apply_overrides(cfg, {key: decoder_channels})
         if not cfg.student:
             raise ConfigError("no student: pass --student RUN/student.pt (or student in --config)")
         if not cfg.data.root:
             raise ConfigError("no labeled data: pass --data DIR --format F (or data.root in --config)")
         result = finetune(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
-        typer.echo(f"segmenter: {result.segmenter_path}  ({result.steps} steps, final loss {result.loss:.3f}, "
+        what = "detector" if result.task == "instance" else "segmenter"
+        typer.echo(f"{what}: {result.segmenter_path}  ({result.steps} steps, final loss {result.loss:.3f}, "
                    f"{result.seconds:.0f} s)")

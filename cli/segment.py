@@ -1,4 +1,5 @@
-"""``cdkd segment``: land-cover class rasters (COG) for GeoTIFF scenes of any size, with any runtime."""
+"""``cdkd segment``: land-cover class rasters (COG) for GeoTIFF scenes of any size, with any runtime; with an
+instance model (``detector.pt``), one polygon per object (GeoPackage)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ TILING = "Tiling"
 def segment_command(
     scenes: List[str] = typer.Argument(..., help="GeoTIFF (or VRT) scene(s), folders of them, GDAL virtual paths "
                                        "(/vsizip/..., /vsis3/...) or URLs."),
-    model: Optional[Path] = typer.Option(None, "--model", help="segmenter.pt from cdkd finetune (PyTorch).",
-                                         rich_help_panel=RUN),
+    model: Optional[Path] = typer.Option(None, "--model", help="segmenter.pt (or detector.pt) from cdkd finetune "
+                                         "(PyTorch).", rich_help_panel=RUN),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Exported model.onnx or TensorRT model.engine.",
                                           rich_help_panel=RUN),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output class raster (one scene)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output class raster (one scene); for a detector the "
+                                       "objects' polygons (.gpkg, .fgb, .parquet)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Output folder (any number of scenes): "
                                            "<stem>.tif per scene and segment_report.json."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of segment options (tile_size, "
@@ -49,6 +51,8 @@ def segment_command(
                                             rich_help_panel=TILING),
     probs: Optional[bool] = typer.Option(None, "--probs/--no-probs", help="Also write <out>_confidence.tif (uint8 "
                                          "max probability)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Detectors: drop objects scoring less "
+                                              "(default 0.5).", rich_help_panel=TILING),
     preview: bool = typer.Option(False, "--preview", help="Also write <out>.png: the scene beside its classes, "
                                  "with the legend."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="dask.distributed scheduler address, e.g. "
@@ -73,6 +77,7 @@ def segment_command(
       cdkd segment /vsizip/scenes.zip/a.tif --engine model.onnx --out a_lc.tif
       cdkd segment scenes/ --engine model.onnx --out-dir lc/   (every *.tif, *.tiff, *.vrt, *.jp2 in scenes/)
       cdkd segment scene.tif --engine model.onnx --out scene_lc.tif --config segment.yaml --preview
+      cdkd segment scene.tif --model runs/det/detector.pt --out buildings.gpkg --min-score 0.6
     """
     with cli_errors(resumable=True):
         from cdkd.errors import CdkdValueError
@@ -88,7 +93,7 @@ def segment_command(
             raise CdkdValueError(f"--out names one output but {len(scenes)} scenes were given; use --out-dir")
         flags = o.given({"tile_size": tile_size, "overlap": overlap, "batch_size": batch_size,
                          "bands": o.ints(bands, "--bands"), "stats": o.value(stats), "probs": probs,
-                         "read_threads": read_threads,
+                         "read_threads": read_threads, "min_score": min_score,
                          "overwrite": overwrite or None, "resume": resume or None, "progress": progress})
         options = o.resolve_config(SegmentOptions, config, None, flags)
         if options.resume and options.overwrite:
@@ -97,6 +102,15 @@ def segment_command(
             outputs = [out] if out is not None else [dst for _, dst in plan_outputs(scenes, out_dir)]
             _check_previews(outputs, options.overwrite or options.resume)  # a resumed run finishes its previews
         spec = RuntimeSpec(str(model or engine), o.value(runtime), device, amp.value, threads)
+        from cdkd.scene.runtimes import is_instance_model, runtime_for
+
+        instance = is_instance_model(spec.model, runtime_for(spec.model, spec.runtime))
+        if instance and (out is None or scheduler is not None or preview):
+            raise CdkdValueError(f"{spec.model}: an instance model segments one scene at a time, here: give --out "
+                                 "FILE.gpkg (no --out-dir, --scheduler or --preview)")
+        if instance:
+            _print_objects(segment_scene(scenes[0], spec.open(), out, options).to_dict())
+            return
         if out is not None:
             if scheduler is not None:
                 from cdkd.scene.blocks import segment_scene_on_cluster
@@ -145,6 +159,14 @@ def _write_preview(scene: str | Path, out: Path, bands: Optional[tuple[int, ...]
 
     bands = bands if bands is not None and len(bands) in (1, 3) else None
     typer.echo(f"  preview: {write_preview(scene, out, preview_path(out), bands=bands, overwrite=True)}")
+
+
+def _print_objects(report: dict) -> None:
+    typer.echo(f"{report['scene']} -> {report['output']}: {report['objects']} objects (from {report['pieces']} "
+               f"detections >= {report['min_score']} in {report['tiles_run']} of {report['tiles']} tiles), "
+               f"{report['seconds']:.1f} s ({report['runtime']} on {report['device']})")
+    for name, c in report["classes"].items():
+        typer.echo(f"  {name:<20} {c['objects']:7d} objects  {c['area_m2']:.1f} m²")
 
 
 def _print_scene(report: dict) -> None:

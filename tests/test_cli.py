@@ -164,6 +164,8 @@ def test_shell_completion_is_offered_and_completes_choices() -> None:
 
 
 def test_choice_options_mirror_the_library() -> None:
+    from cdkd.artifacts import TASKS
+    from cdkd.data.coco import INSTANCE_FORMATS
     from cdkd.data.labeled import FORMATS
     from cdkd.models.upernet import HEADS
     from cdkd.scene import runtimes
@@ -177,7 +179,8 @@ def test_choice_options_mirror_the_library() -> None:
 
     assert values(o.Runtime) == runtimes.RUNTIMES and values(o.OnError) == ON_ERROR
     assert set(values(o.Amp)) == set(runtimes.AMP_MODES) == set(optim.AMP_MODES)
-    assert values(o.Stats) == STATS_MODES and values(o.DataFormat) == FORMATS and values(o.Head) == HEADS
+    assert values(o.Stats) == STATS_MODES and values(o.DataFormat) == FORMATS + INSTANCE_FORMATS
+    assert values(o.Head) == HEADS and values(o.Task) == TASKS
     assert set(values(o.LrSchedule)) == set(optim.LR_SCHEDULES)
 
 
@@ -186,10 +189,10 @@ def test_choice_options_mirror_the_library() -> None:
     (["segment", "a.tif", "--stats", "tile"], "'model', 'scene'"),
     (["segment", "a.tif", "--amp", "fp8"], "'bf16'"),
     (["segment", "a.tif", "--runtime", "tflite"], "'tensorrt'"),
-    (["finetune", "--out", "r", "--format", "coco"], "'openearthmap'"),
+    (["finetune", "--out", "r", "--format", "voc"], "'openearthmap'"),
     (["finetune", "--out", "r", "--head", "fcn"], "'upernet', 'linear'"),
     (["finetune", "--out", "r", "--lr-schedule", "step"], "'poly'"),
-    (["evaluate", "m.pt", "--data", "d", "--out", "e", "--format", "coco"], "'dubai'"),
+    (["evaluate", "m.pt", "--data", "d", "--out", "e", "--format", "voc"], "'dubai'"),
     (["evaluate", "m.pt", "--data", "d", "--out", "e", "--format", "dubai", "--runtime", "tvm"], "'onnx'"),
     (["export", "m.pt", "--out", "m.x", "--format", "tflite"], "'onnx', 'tensorrt'"),
     (["distill", "--out", "r", "--adapter", "lora"], "'multi', 'single'"),
