@@ -31,6 +31,9 @@ class DataConfig:
     tile_size: int = 1024  # training crop in pixels; a multiple of the patch size
     bands: tuple[int, ...] | None = None  # 1-based band indexes to read; None = the first `in_chans` bands
     stats_samples: int = 64  # windows read once to compute the dataset-level normalisation statistics
+    # what the bands measure: a sensor preset (sentinel2, sentinel2_l2a, naip, worldview3, enmap) or centres in nm,
+    # each optionally centre:width ("443:20,490:65"); None = the files' band metadata (tags, ENVI header, names)
+    wavelengths: str | None = None
     augment: bool = True  # random flips and 90-degree rotations
     num_workers: int = 2  # DataLoader worker processes
 
@@ -103,6 +106,31 @@ class RS4DConfig:
 
 
 @dataclass(frozen=True)
+class HyperKDConfig:
+    """Recipe ``hyperkd``: a student reading every band, taught by a frozen RGB SAM through spectral alignment.
+
+    The teacher's R, G, B inputs are formed from the student's bands by their overlap with ``teacher_ranges``
+    (``cdkd.data.alignment``); exactly round(mask_ratio * n) of each tile's valid patches are masked, chosen with a
+    probability that mixes uniform sampling (1 - guided_ratio) with the teacher's per-patch feature saliency
+    (guided_ratio); the student aligns its visible tokens to the teacher's features of the clean tile (KD) and
+    reconstructs every band of the masked patches (pixel MSE + spectral angle).
+    """
+
+    mask_ratio: float = 0.75
+    guided_ratio: float = 0.5  # 0 = uniform masking, 1 = masking probability proportional to teacher saliency
+    teacher_ranges: tuple[float, ...] = (630.0, 690.0, 510.0, 580.0, 450.0, 510.0)  # (lo, hi) nm of R, G, B
+    init_patch_embed: bool = True  # student's patch embedding from the teacher's through the alignment
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # KD, pixel reconstruction, spectral term
+    spectral_loss: str = "angle"  # angle (spectral angle of the masked pixels' spectra) | none
+    norm_pix_loss: bool = True  # per-patch normalised pixel targets (MAE)
+    decoder_dim: int = 256
+    decoder_depth: int = 4
+    decoder_heads: int = 8
+    student_taps: tuple[int, ...] = (3, 6, 9)  # 1-based student blocks aligned to the teacher
+    teacher_taps: tuple[int, ...] | None = None  # 1-based; None = the first global-attention blocks
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and bookkeeping."""
 
@@ -125,14 +153,16 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     """One distillation run. ``recipe`` names the method (``cdkd.distill.recipes.RECIPES``); its settings live in
-    its own section (``objective`` for mask-cdkd, ``rs4d`` for rs4d); the other sections are shared."""
+    its own section (``objective`` for mask-cdkd, ``rs4d`` for rs4d, ``hyperkd`` for hyperkd); the other sections
+    are shared."""
 
-    recipe: str = "mask-cdkd"  # mask-cdkd | rs4d
+    recipe: str = "mask-cdkd"  # mask-cdkd | rs4d | hyperkd
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     rs4d: RS4DConfig = field(default_factory=RS4DConfig)
+    hyperkd: HyperKDConfig = field(default_factory=HyperKDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -331,7 +331,7 @@ def band_set_of(src: Any, path: str | Path | None = None) -> BandSet | None:
         except ValueError as e:
             raise DataError(f"{where}: band {i}: {e}") from None
     if all(b is not None for b in found):
-        return BandSet(tuple(found))  # type: ignore[arg-type]
+        return _with_preset_widths(BandSet(tuple(found)))  # type: ignore[arg-type]
     if any(b is not None for b in found):
         missing = [i + 1 for i, b in enumerate(found) if b is None]
         raise DataError(f"{where}: bands {missing} carry no wavelength while the others do; tag every band "
@@ -349,6 +349,21 @@ def band_set_of(src: Any, path: str | Path | None = None) -> BandSet | None:
             if picked is not None:
                 return picked
     return None
+
+
+def _with_preset_widths(found: BandSet) -> BandSet:
+    """Widths the tags leave out, taken from the sensor preset whose bands have these names and centres (a
+    Sentinel-2 stack tagged ``B04`` at 665 nm is B04 of 30 nm): overlap-based alignment needs them."""
+    from cdkd.data.sensors import SENSOR_PRESETS
+
+    if all(b.width_nm is not None for b in found.bands) or not all(found.names):
+        return found
+    for preset in SENSOR_PRESETS.values():
+        picked = preset_for_names(found.names, preset)
+        if picked is not None and same_bands(found, picked):
+            return BandSet(tuple(Band(b.center_nm, b.width_nm if b.width_nm is not None else p.width_nm, b.name)
+                                 for b, p in zip(found.bands, picked.bands)), found.sensor)
+    return found
 
 
 def read_band_set(path: str | Path) -> BandSet | None:

@@ -8,7 +8,7 @@ stored with the model, and reused for every tile, so training and inference see 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -170,3 +170,12 @@ def compute_stats(
     return NormStats(
         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std), bands=indexes, dtype=rasters[0].dtype
     )
+
+
+def with_band_metadata(stats: NormStats, rasters: Sequence[RasterInfo], wavelengths: str | None = None) -> NormStats:
+    """``stats`` with ``spectral`` set to what its bands measure: ``wavelengths`` (a sensor preset or centres in
+    nm, ``cdkd.data.bands.parse_wavelengths``) when given, else the band metadata every one of ``rasters`` carries
+    (None when they carry none). Files that disagree are a DataError."""
+    from cdkd.data.bands import resolve_band_set
+
+    return replace(stats, spectral=resolve_band_set([r.path for r in rasters], stats.bands, wavelengths))

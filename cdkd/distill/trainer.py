@@ -30,6 +30,7 @@ import cdkd
 from cdkd.artifacts import StudentInfo, save_student
 from cdkd.config import DistillConfig, save_config, to_dict
 from cdkd.data import NormStats, StepSampler, check_tile_size, compute_stats, find_rasters, require_one_dtype
+from cdkd.data.stats import with_band_metadata
 from cdkd.distill.recipes import LossControl, Recipe, build_recipe, frozen_fingerprint
 from cdkd.errors import CheckpointError, CdkdValueError
 from cdkd.models.student import STUDENT_REGISTRY, build_student
@@ -165,6 +166,8 @@ class _Run:
         else:
             stats = compute_stats(rasters, bands, n_samples=cfg.data.stats_samples, window=cfg.data.tile_size,
                                   seed=cfg.train.seed)
+            stats = with_band_metadata(stats, rasters, cfg.data.wavelengths)  # student.pt says what its bands measure
+        self.recipe.stats = stats
         steps = total_steps(cfg, len(rasters), self.ctx.world_size)
         model, info = self._build(stats)
         optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay)

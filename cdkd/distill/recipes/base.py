@@ -104,6 +104,9 @@ class Recipe(ABC):
 
     def __init__(self, cfg: DistillConfig) -> None:
         self.cfg = cfg
+        # The data's normalisation statistics (with the bands' wavelengths when known), set by the trainer before
+        # ``build``: for recipes whose objective depends on the data's bands (hyperkd's spectral alignment).
+        self.stats: NormStats | None = None
 
     @property
     def settings(self) -> Any:
