@@ -158,3 +158,19 @@ def test_bad_config_files_name_the_file(tmp_path: Path, text: str, expected: str
     src = write_class_raster(tmp_path / "s.tif", scene_ids())
     res = runner.invoke(app, ["vectorize", str(src), "--out", str(tmp_path / "o.gpkg"), "--config", str(path)])
     assert res.exit_code == 2 and "bad.yaml" in one_clean_error(res.output)
+
+
+@pytest.mark.parametrize("suffix", [".fgb", ".parquet"])
+def test_an_empty_layer_converts_to_an_empty_file(tmp_path: Path, suffix: str) -> None:
+    """cdkd.scene.instances writes an empty layer when a scene has no object; converting it must still work."""
+    from cdkd.vector.formats import convert
+
+    staged = tmp_path / "empty.gpkg"
+    pyogrio.raw.write(staged, np.zeros(0, object), [np.zeros(0, np.int32), np.zeros(0, object)],
+                      ["class_id", "class_name"], layer="objects", driver="GPKG", geometry_type="Polygon",
+                      crs="EPSG:32633")
+    out = tmp_path / f"objects{suffix}"
+    convert(staged, "objects", out, FORMATS[suffix])
+    frame = gpd.read_parquet(out) if suffix == ".parquet" else gpd.read_file(out)
+    assert len(frame) == 0 and list(frame.columns) == ["class_id", "class_name", "geometry"]
+    assert frame.crs.to_epsg() == 32633

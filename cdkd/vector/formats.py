@@ -105,28 +105,21 @@ def geo_metadata(crs_wkt: str, geometry_column: str = "geometry") -> dict[str, A
 
 
 def _to_geoparquet(staged: Path, layer: str, out: Path) -> None:
-    """GeoParquet through pyarrow: each Arrow batch GDAL reads becomes a row group."""
+    """GeoParquet through pyarrow: each Arrow batch GDAL reads becomes a row group (an empty layer, an empty
+    file with the schema)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import pyogrio
     from pyogrio.raw import open_arrow
 
     crs = pyogrio.read_info(staged, layer=layer)["crs"]
-    writer = None
-    try:
-        with open_arrow(staged, layer=layer, batch_size=READ_BATCH, use_pyarrow=True) as (meta, reader):
-            geometry = meta["geometry_name"] or "wkb_geometry"
+    with open_arrow(staged, layer=layer, batch_size=READ_BATCH, use_pyarrow=True) as (meta, reader):
+        geometry = meta["geometry_name"] or "wkb_geometry"
+        # GDAL's geometry column, renamed "geometry" and as plain binary (without GDAL's extension type)
+        fields = [pa.field("geometry", pa.binary()) if f.name == geometry else f for f in reader.schema]
+        schema = pa.schema(fields, metadata={b"geo": json.dumps(geo_metadata(crs)).encode()})
+        with pq.ParquetWriter(out, schema, compression="zstd") as writer:
             for batch in reader:
-                table = pa.Table.from_batches([batch])
-                table = table.rename_columns(["geometry" if n == geometry else n for n in table.column_names])
-                table = table.set_column(table.column_names.index("geometry"), "geometry",
-                                         table["geometry"].cast(pa.binary()))  # drop GDAL's extension type
-                if writer is None:
-                    schema = table.schema.with_metadata({b"geo": json.dumps(geo_metadata(crs)).encode()})
-                    writer = pq.ParquetWriter(out, schema, compression="zstd")
-                writer.write_table(table.cast(writer.schema))
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
-        raise RuntimeError(f"{staged}: layer {layer!r} holds no feature to write")  # vectorize never stages none
+                columns = [c.cast(pa.binary()) if n == geometry else c for n, c in zip(batch.schema.names,
+                                                                                       batch.columns)]
+                writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
