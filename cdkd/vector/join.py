@@ -2,7 +2,8 @@
 
 Pieces are pixel polygons (integer vertices, axis-parallel edges) of one 4-connected region, cut by horizontal
 strip borders. Their union is found the way a coverage union works, on integer edges in numpy instead of
-through GEOS (``shapely.coverage_union_all`` took 4.7 s and ~200 MB for a polygon of 1.7 M vertices):
+through GEOS (joining with ``shapely.coverage_union_all`` took 6 s and 314 MB of peak memory for the benchmark's
+polygon of 1.7 M vertices; this takes ~2 s and 87 MB):
 
 1. Every piece's shell is oriented counter-clockwise (interior on the left) and cut into its directed edges.
    A hole never touches a strip border (a region there is open to the rows beyond, so no piece encloses it):
@@ -16,8 +17,8 @@ through GEOS (``shapely.coverage_union_all`` took 4.7 s and ~200 MB for a polygo
    pixels lie in different outside parts (one is a hole, or in a hole): turning right keeps each ring on one
    side, so a hole touching the shell at that corner is a ring of its own, as OGC wants (rings may touch at a
    point; a ring may not touch itself), and as GDAL writes it.
-4. Vertices in the middle of straight runs (the unit edges' ends) are dropped. The one counter-clockwise ring
-   is the shell; clockwise rings are holes that closed across a border.
+4. Vertices in the middle of straight runs (where shared stretches were cut out) are dropped. The one
+   counter-clockwise ring is the shell; clockwise rings are holes that closed across a border.
 """
 
 from __future__ import annotations
