@@ -189,12 +189,12 @@ class InferenceMeta:
             raise CheckpointError(f"{source}: no usable cdkd inference metadata ({e})") from None
 
 
-def save_segmenter(path: str | Path, segmenter: Segmenter, info: SegmenterInfo) -> None:
-    """Write ``segmenter.pt`` atomically."""
-    state = {k: v.detach().cpu() for k, v in segmenter.state_dict().items()}
+def _save_with_head(path: str | Path, fmt: str, version: int, model: nn.Module, info: SegmenterInfo) -> None:
+    """A student + head artifact (``segmenter.pt``, ``detector.pt``), written atomically."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     st = info.student
     atomic_torch_save(
-        {"format": SEGMENTER_FORMAT, "version": SEGMENTER_VERSION,
+        {"format": fmt, "version": version,
          "student": {"arch": st.arch, "arch_args": st.arch_args, "provenance": st.provenance},
          "head": info.head, "state_dict": state, "classes": info.classes.to_dict(), "norm": st.norm.to_dict(),
          "tile_size": info.tile_size, "overlap": info.overlap},
@@ -202,39 +202,36 @@ def save_segmenter(path: str | Path, segmenter: Segmenter, info: SegmenterInfo) 
     )
 
 
+def _head_info(blob: dict[str, Any], cls: type[SegmenterInfo]) -> SegmenterInfo:
+    """The info of a student + head artifact read by ``_read_artifact``."""
+    st = blob["student"]
+    student = StudentInfo(arch=st["arch"], arch_args=dict(st["arch_args"]), norm=NormStats.from_dict(blob["norm"]),
+                          provenance=dict(st.get("provenance", {})))
+    return cls(student=student, head=dict(blob["head"]), classes=ClassSchema.from_dict(blob["classes"]),
+               tile_size=int(blob["tile_size"]), overlap=int(blob["overlap"]))
+
+
+def save_segmenter(path: str | Path, segmenter: Segmenter, info: SegmenterInfo) -> None:
+    """Write ``segmenter.pt`` atomically."""
+    _save_with_head(path, SEGMENTER_FORMAT, SEGMENTER_VERSION, segmenter, info)
+
+
 def load_segmenter(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Segmenter, SegmenterInfo]:
     """Rebuild the segmenter in ``segmenter.pt``; returns (model in eval mode, its info)."""
     path = Path(path)
     blob = _read_artifact(path, SEGMENTER_FORMAT, SEGMENTER_VERSION, "segmenter",
                           "cdkd finetune writes RUN_DIR/segmenter.pt")
-    st = blob["student"]
-    student = StudentInfo(arch=st["arch"], arch_args=dict(st["arch_args"]), norm=NormStats.from_dict(blob["norm"]),
-                          provenance=dict(st.get("provenance", {})))
-    info = SegmenterInfo(student=student, head=dict(blob["head"]), classes=ClassSchema.from_dict(blob["classes"]),
-                         tile_size=int(blob["tile_size"]), overlap=int(blob["overlap"]))
+    info = _head_info(blob, SegmenterInfo)
+    student = info.student
     model = Segmenter(build_student(student.arch, **student.arch_args), **info.head)
     _load_weights(model, blob["state_dict"], path, f"{student.arch} + {info.head.get('head', '?')}")
     return model.to(map_location).eval(), info
 
 
 @dataclass(frozen=True)
-class DetectorInfo:
-    """What ``detector.pt`` says besides the weights: the student, the detector's configuration, object classes
-    and inference settings."""
-
-    student: StudentInfo
-    head: dict[str, Any]  # Detector.config()
-    classes: ClassSchema
-    tile_size: int
-    overlap: int
-
-    @property
-    def norm(self) -> NormStats:
-        return self.student.norm
-
-    @property
-    def in_chans(self) -> int:
-        return self.student.in_chans
+class DetectorInfo(SegmenterInfo):
+    """What ``detector.pt`` says besides the weights: the student, the detector's configuration (``head``:
+    ``Detector.config()``), object classes and inference settings."""
 
     def inference_meta(self) -> InferenceMeta:
         return InferenceMeta(classes=self.classes, norm=self.norm, tile_size=self.tile_size, overlap=self.overlap,
@@ -243,15 +240,7 @@ class DetectorInfo:
 
 def save_detector(path: str | Path, detector: nn.Module, info: DetectorInfo) -> None:
     """Write ``detector.pt`` atomically."""
-    state = {k: v.detach().cpu() for k, v in detector.state_dict().items()}
-    st = info.student
-    atomic_torch_save(
-        {"format": DETECTOR_FORMAT, "version": DETECTOR_VERSION,
-         "student": {"arch": st.arch, "arch_args": st.arch_args, "provenance": st.provenance},
-         "head": info.head, "state_dict": state, "classes": info.classes.to_dict(), "norm": st.norm.to_dict(),
-         "tile_size": info.tile_size, "overlap": info.overlap},
-        path,
-    )
+    _save_with_head(path, DETECTOR_FORMAT, DETECTOR_VERSION, detector, info)
 
 
 def load_detector(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, DetectorInfo]:
@@ -261,11 +250,8 @@ def load_detector(path: str | Path, map_location: str | torch.device = "cpu") ->
     path = Path(path)
     blob = _read_artifact(path, DETECTOR_FORMAT, DETECTOR_VERSION, "detector",
                           "cdkd finetune --task instance writes RUN_DIR/detector.pt")
-    st = blob["student"]
-    student = StudentInfo(arch=st["arch"], arch_args=dict(st["arch_args"]), norm=NormStats.from_dict(blob["norm"]),
-                          provenance=dict(st.get("provenance", {})))
-    info = DetectorInfo(student=student, head=dict(blob["head"]), classes=ClassSchema.from_dict(blob["classes"]),
-                        tile_size=int(blob["tile_size"]), overlap=int(blob["overlap"]))
+    info = _head_info(blob, DetectorInfo)
+    student = info.student
     model = Detector(build_student(student.arch, **student.arch_args), **info.head)
     _load_weights(model, blob["state_dict"], path, f"{student.arch} + Mask R-CNN")
     return model.to(map_location).eval(), info

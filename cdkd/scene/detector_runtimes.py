@@ -1,8 +1,8 @@
 """Runtimes for instance models (``detector.pt`` in PyTorch, an exported detector ``.onnx`` in ONNX Runtime).
 
-They follow ``cdkd.scene.runtimes``: the same attributes (``name``, ``path``, ``meta``, ``device``, ``options``,
-``max_batch``, ``fixed_tile``) and the same input, (B, C, T, T) float32 tiles already normalised with
-``meta.norm``. Instead of logits, ``detect`` returns one ``Detections`` per tile: boxes, scores, 0-based class
+They are ``cdkd.scene.runtimes``' runtimes with another output: the same attributes (``name``, ``path``,
+``meta``, ``device``, ``options``, ``max_batch``, ``fixed_tile``) and the same input, (B, C, T, T) float32 tiles
+already normalised with ``meta.norm``. Instead of logits, ``detect`` returns one ``Detections`` per tile: boxes, scores, 0-based class
 ids and binary masks (Mask R-CNN's mask probabilities thresholded at 0.5, its own rule), on the host.
 ``cdkd.scene.runtimes.open_runtime`` returns one of these when the model file holds an instance model.
 """
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from cdkd.errors import CdkdValueError, CheckpointError
-from cdkd.scene.runtimes import AMP_MODES, _check_batch, read_onnx_meta
+from cdkd.errors import CdkdValueError
+from cdkd.scene.runtimes import OnnxRuntime, TorchRuntime, _check_batch
 
 MASK_THRESHOLD = 0.5  # Mask R-CNN's: a pixel belongs to the object where its mask probability is >= 0.5
 
@@ -43,31 +43,17 @@ class Detections:
                    np.asarray(as_np(labels)).astype(np.int64) - 1, masks.reshape(len(masks), *masks.shape[-2:]))
 
 
-class TorchDetectorRuntime:
-    """A ``detector.pt`` on the CPU or a CUDA GPU; fp16/bf16 autocast on CUDA (``amp="auto"`` = bf16)."""
+class TorchDetectorRuntime(TorchRuntime):
+    """A ``detector.pt`` on the CPU or a CUDA GPU (``TorchRuntime``'s device and autocast handling)."""
 
-    name = "torch"
-    max_batch = None
-    fixed_tile = False
-
-    def __init__(self, path: str | Path, device: str = "auto", amp: str = "auto") -> None:
-        import torch
-
+    def _load(self, path: str | Path) -> tuple[Any, Any]:
         from cdkd.artifacts import load_detector
-        from cdkd.utils.distributed import DistContext, resolve_device
 
-        if amp not in AMP_MODES:
-            raise CdkdValueError(f"unknown amp mode {amp!r}; choose one of {', '.join(AMP_MODES)}")
-        self._device = resolve_device(device, DistContext())
         model, info = load_detector(path, map_location=self._device)
-        self.model, self.meta = model.eval(), info.inference_meta()
-        self.path = str(path)
-        self.device = self.blend_device = str(self._device)
-        self._dtype = None
-        if self._device.type == "cuda" and amp != "none":
-            self._dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-        self.options = {"amp": str(self._dtype).replace("torch.", "") if self._dtype else "none",
-                        "threads": torch.get_num_threads() if self._device.type == "cpu" else None}
+        return model.eval(), info.inference_meta()
+
+    def forward(self, batch: np.ndarray) -> Any:
+        raise CdkdValueError(f"{self.path}: an instance model gives objects, not logits; call detect()")
 
     def detect(self, batch: np.ndarray) -> list[Detections]:
         import torch
@@ -79,39 +65,18 @@ class TorchDetectorRuntime:
         return [Detections.from_outputs(o["boxes"], o["labels"], o["scores"], o["masks"]) for o in out]
 
 
-class OnnxDetectorRuntime:
-    """An exported detector (``cdkd.export.detector_onnx``) in ONNX Runtime: one tile per run (the graph's
-    batch is 1), outputs ``boxes``, ``labels``, ``scores``, ``masks``."""
+class OnnxDetectorRuntime(OnnxRuntime):
+    """An exported detector (``cdkd.export.detector_onnx``) in ONNX Runtime (``OnnxRuntime``'s providers and
+    threads): one tile per run (the graph's batch is 1), outputs ``boxes``, ``labels``, ``scores``, ``masks``."""
 
-    name = "onnx"
-    fixed_tile = True
-    max_batch = 1
+    log_severity = 3  # the paste Loop's outputs grow per detection, and ONNX Runtime warns about it at every run
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise CdkdValueError("the onnx runtime needs the onnxruntime package (pip install onnxruntime)") from None
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: ONNX model not found (cdkd export --format onnx writes one)")
-        self.meta = read_onnx_meta(path)
-        available = ort.get_available_providers()
-        if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
-            raise CdkdValueError(f"device {device!r} requested but onnxruntime has no CUDA provider here "
-                                 "(install onnxruntime-gpu); use --device cpu")
-        want_cuda = device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider" in available)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # the paste Loop's outputs grow per detection; ORT warns at each run
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.path = str(path)
-        self.device = self.blend_device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        self.options = {"provider": self.session.get_providers()[0], "threads": threads}
-        self._input = self.session.get_inputs()[0].name
+        super().__init__(path, device=device, threads=threads)
         self._outputs = [o.name for o in self.session.get_outputs()]
+
+    def forward(self, batch: np.ndarray) -> Any:
+        raise CdkdValueError(f"{self.path}: an instance model gives objects, not logits; call detect()")
 
     def detect(self, batch: np.ndarray) -> list[Detections]:
         batch = _check_batch(batch, self.meta)

@@ -98,14 +98,12 @@ class TorchRuntime:
     def __init__(self, path: str | Path, device: str = "auto", amp: str = "auto") -> None:
         import torch
 
-        from cdkd.artifacts import load_segmenter
         from cdkd.utils.distributed import DistContext, resolve_device
 
         if amp not in AMP_MODES:
             raise CdkdValueError(f"unknown amp mode {amp!r}; choose one of {', '.join(AMP_MODES)}")
         self._device = resolve_device(device, DistContext())
-        model, info = load_segmenter(path, map_location=self._device)
-        self.model, self.meta = model.eval(), info.inference_meta()
+        self.model, self.meta = self._load(path)
         self.path = str(path)
         self.device = self.blend_device = str(self._device)
         self._dtype = None
@@ -113,6 +111,12 @@ class TorchRuntime:
             self._dtype = torch.float16 if amp == "fp16" else torch.bfloat16
         self.options = {"amp": str(self._dtype).replace("torch.", "") if self._dtype else "none",
                         "threads": torch.get_num_threads() if self._device.type == "cpu" else None}
+
+    def _load(self, path: str | Path) -> tuple[torch.nn.Module, InferenceMeta]:
+        from cdkd.artifacts import load_segmenter
+
+        model, info = load_segmenter(path, map_location=self._device)
+        return model.eval(), info.inference_meta()
 
     def forward(self, batch: np.ndarray) -> torch.Tensor:
         import torch
@@ -152,6 +156,7 @@ class OnnxRuntime:
 
     name = "onnx"
     fixed_tile = True
+    log_severity: int | None = None  # ONNX Runtime's session log level (None: its default)
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
         try:
@@ -173,6 +178,8 @@ class OnnxRuntime:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if self.log_severity is not None:
+            options.log_severity_level = self.log_severity
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.path = str(path)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
