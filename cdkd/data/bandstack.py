@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -74,25 +73,15 @@ class _BandFile:
     nodata: float | None
 
 
-def _open(path: str) -> Any:
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
-    except (RasterioError, OSError) as e:
-        raise CdkdIOError(f"{path}: not a readable raster ({e})") from None
-
-
 def _band_name(path: str) -> str:
     stem = Path(path).name.split(".")[0]
     return stem.rsplit("_", 1)[-1] if "_" in stem else stem
 
 
 def _read_band_file(path: str) -> _BandFile:
-    with _open(path) as src:
+    from cdkd.data.files import open_raster  # files.py routes band stacks here: imported when first needed
+
+    with open_raster(path) as src:
         if src.count != 1:
             raise DataError(f"{path}: has {src.count} bands; a band stack is made of single-band files")
         spectral = band_set_of(src, path)

@@ -11,39 +11,25 @@ where s_i is patch i's saliency (``patch_saliency``: how far its teacher feature
 feature). Exactly k = round(mask_ratio * n) patches are drawn without replacement with these probabilities by
 the Gumbel-top-k trick (the k largest of log p_i + G_i, G_i standard Gumbel): the same exact-count, padding-
 sparing selection as the other recipes (``cdkd.distill.corruption.select_patches``), with the order given by
-the keys. The Gumbel draws are made per sample in the data pipeline (``MaskDraws``), a pure function of the
-sample number, so ``--resume`` and DDP see the same masks.
+the keys. The Gumbel draws come from the per-sample seed the data pipeline draws (``PatchDraws``' ``noise_seed``,
+a pure function of the sample number), so ``--resume`` and DDP see the same masks.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from cdkd.distill.corruption import select_patches
+from cdkd.distill.corruption import seeded_noise, select_patches
 
-__all__ = ["MaskDraws", "guided_mask", "hidden_patches", "mask_saliency_rank", "patch_saliency"]
+__all__ = ["guided_mask", "gumbel_noise", "hidden_patches", "mask_saliency_rank", "patch_saliency"]
 
 
-class MaskDraws(Dataset):
-    """Items of ``tiles`` (an ``UnlabeledTiles``) plus ``mask_noise``: float32 (N,) standard Gumbel draws, one per
-    patch, from a generator seeded by ``(seed, 3, i)`` (a stream of its own: the tile's pixels are unchanged)."""
-
-    def __init__(self, tiles: Dataset, tile_size: int, seed: int, patch_size: int = 16) -> None:
-        self.tiles = tiles
-        self.seed = int(seed)
-        self.num_patches = (tile_size // patch_size) ** 2
-
-    def __len__(self) -> int:
-        return len(self.tiles)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = self.tiles[i]
-        rng = np.random.default_rng([self.seed, 3, int(i)])
-        item["mask_noise"] = torch.from_numpy(rng.gumbel(size=self.num_patches).astype(np.float32))
-        return item
+def gumbel_noise(seeds: torch.Tensor, num_patches: int, device: torch.device) -> torch.Tensor:
+    """(B, N) standard Gumbel draws, image b's from the seed ``seeds[b]`` (``PatchDraws``' per-sample
+    ``noise_seed``): standard normals through the normal CDF are uniform, and -log(-log(u)) is Gumbel."""
+    u = torch.special.ndtr(seeded_noise(seeds, (num_patches,), device)).clamp(1e-7, 1 - 1e-7)
+    return -torch.log(-torch.log(u))
 
 
 def patch_saliency(features: torch.Tensor, patch_valid: torch.Tensor) -> torch.Tensor:

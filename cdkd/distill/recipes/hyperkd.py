@@ -43,8 +43,9 @@ from cdkd.data.bands import BandSet
 from cdkd.data.files import RasterInfo
 from cdkd.data.sensors import teacher_bands
 from cdkd.data.stats import NormStats
-from cdkd.distill.corruption import patch_validity
-from cdkd.distill.guided_masking import MaskDraws, guided_mask, hidden_patches, mask_saliency_rank, patch_saliency
+from cdkd.distill.corruption import PatchDraws, patch_validity
+from cdkd.distill.guided_masking import (guided_mask, gumbel_noise, hidden_patches, mask_saliency_rank,
+                                         patch_saliency)
 from cdkd.distill.recipes.base import FixedWeights, LossControl, Recipe
 from cdkd.distill.spectral import patch_spectra, spectral_angle_loss, to_physical
 from cdkd.errors import CdkdValueError
@@ -118,7 +119,8 @@ class HyperKD(nn.Module):
         saliency = patch_saliency(t_last, patch_valid)
         ratio = float(knobs.get("mask_ratio", self.cfg.mask_ratio))
         guided = float(knobs.get("guided_ratio", self.cfg.guided_ratio))
-        return guided_mask(saliency, patch_valid, batch["mask_noise"], ratio, guided), saliency
+        noise = gumbel_noise(batch["noise_seed"], patch_valid.shape[1], patch_valid.device)
+        return guided_mask(saliency, patch_valid, noise, ratio, guided), saliency
 
     def forward_student(self, images: torch.Tensor, hidden: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.student.forward_masked(images, hidden, self.student_taps)
@@ -156,7 +158,7 @@ class HyperKD(nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor], knobs: Mapping[str, float] | None = None
                 ) -> dict[str, torch.Tensor]:
-        """batch: ``image`` (B, C, H, W) normalised, ``valid`` (B, H, W), ``mask_noise`` (B, N); knobs: optional
+        """batch: ``image`` (B, C, H, W) normalised, ``valid`` (B, H, W), ``noise_seed`` (B,); knobs: optional
         ``mask_ratio`` / ``guided_ratio``. Returns the unweighted terms of ``TERMS``."""
         images, knobs = batch["image"], knobs or {}
         grid = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
@@ -227,7 +229,7 @@ class HyperKDRecipe(Recipe):
         return HyperKD(teacher, student, self.settings, weights, self.stats)  # type: ignore[arg-type]
 
     def dataset(self, rasters: Sequence[RasterInfo], stats: NormStats) -> Dataset:
-        return MaskDraws(super().dataset(rasters, stats), self.cfg.data.tile_size, seed=self.cfg.train.seed)
+        return PatchDraws(super().dataset(rasters, stats), self.cfg.data.tile_size, seed=self.cfg.train.seed)
 
     def control(self) -> LossControl:
         weights, student, teacher = self.alignment()
