@@ -315,3 +315,29 @@ def test_rsmamba_round_trip_distill_finetune_export_segment(tmp_path: Path) -> N
         classes = out.read(1)
     assert np.isin(np.unique(classes), np.arange(6)).all()
     assert load_student(tmp_path / "d" / "student.pt")[1].provenance["recipe"] == "rs4d"
+
+
+@pytest.mark.slow
+def test_rs4d_ddp_two_gloo_processes_match_one_process(rgb_tiles: Path, tmp_path: Path) -> None:
+    """The corruption is drawn per sample, so 2 ranks x batch 1 corrupt exactly what 1 process x batch 2 does."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["distill", "--recipe", "rs4d", "--data", str(rgb_tiles), "--teacher", "vit_t", "--random-teacher",
+              "--student", "rsmamba_test", "--tile-size", "64", "--steps", "2", "--workers", "0", "--log-every", "1",
+              "--lr", "1e-3", "--no-progress"]
+    single = runner.invoke(app, common + ["--out", str(tmp_path / "single"), "--batch-size", "2"])
+    assert single.exit_code == 0, single.output
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cli.main", *common, "--out", str(tmp_path / "ddp"), "--batch-size", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _metrics(tmp_path / "single"), _metrics(tmp_path / "ddp")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
+    for ma, mb in zip(a, b):
+        assert ma["l1"] == pytest.approx(mb["l1"], rel=1e-5, abs=1e-6)
+    sa = load_student(tmp_path / "single" / "student.pt")[0].state_dict()
+    sb = load_student(tmp_path / "ddp" / "student.pt")[0].state_dict()
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-5
