@@ -80,7 +80,10 @@ class RS4D(nn.Module):
 
     def corrupt(self, images: torch.Tensor, masked: torch.Tensor, noised: torch.Tensor,
                 seeds: torch.Tensor) -> torch.Tensor:
-        noise = seeded_noise(seeds, tuple(images.shape[1:]), images.device) * self.cfg.noise_std
+        if noised.any():
+            noise = seeded_noise(seeds, tuple(images.shape[1:]), images.device) * self.cfg.noise_std
+        else:  # e.g. the (0 %, 10 %) ablation: no noise to draw
+            noise = torch.zeros_like(images)
         return apply_corruption(images, masked, noised, noise, self.patch_size)
 
     def forward_student(self, images: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
