@@ -12,7 +12,8 @@ Steps (each one a ``cdkd`` command, printed as it runs):
 3. labels generated from spectral indices, because no multispectral masks ship with the data: vegetation
    (NDVI > 0.4), snow (NDSI > 0.4 and green > 0.2 reflectance), other; written beside links to the stacked files
    (``--format folder``), patches split 4 train / 2 test;
-4. ``cdkd finetune`` (frozen student, UPerNet), ``cdkd evaluate`` on the 2 test patches;
+4. ``cdkd finetune`` (frozen student, UPerNet, class-balanced loss) and ``cdkd evaluate`` on the 2 test patches,
+   for the HyperKD student and for a random-init 12-band ViT-S with the same normalisation (the baseline);
 5. ``cdkd export`` to ONNX (parity on the stacked tiles), ``cdkd segment`` of a band-stack manifest (per-band files)
    and of the stacked file of the same patch with ONNX Runtime; the two class rasters are compared.
 
@@ -27,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,45 @@ def write_labeled(root: Path) -> dict[str, list[float]]:
     return shares
 
 
+def distill(out: Path, manifests: Path, a: argparse.Namespace) -> None:
+    teacher = (["--teacher-checkpoint", a.teacher_checkpoint.resolve()] if a.teacher_checkpoint else
+               ["--random-teacher"])
+    short = out / "short_run.yaml"  # the default 100 warm-up steps would outlast a short run
+    short.write_text(f"train: {{warmup_steps: {max(1, a.steps // 10)}}}\n")
+    cdkd("distill", "--recipe", "hyperkd", "--data", manifests, "--out", out / "distill", "--config", short,
+         "--teacher", a.teacher, *teacher, "--student", a.student, "--in-chans", 12, "--tile-size", a.tile,
+         "--batch-size", a.batch_size, "--steps", a.steps, "--lr", "1e-4", "--workers", 0, "--log-every", 1,
+         "--checkpoint-every", max(a.steps, 1), "--overwrite", "--no-progress")
+
+
+def random_student(like: Path, out: Path) -> None:
+    """A seeded random-init student with ``like``'s architecture, normalisation and bands: the baseline."""
+    import torch
+
+    from cdkd.artifacts import load_student, save_student
+    from cdkd.models.student import build_student
+
+    _, info = load_student(like)
+    torch.manual_seed(0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_student(out, build_student(info.arch, **info.arch_args),
+                 replace(info, provenance={"init": "random (bench/hyperkd_s2.py baseline)"}))
+
+
+def finetune_and_evaluate(out: Path, a: argparse.Namespace, student: Path, name: str) -> dict:
+    """Frozen ``student`` + UPerNet (64 channels, class-balanced loss) on the train patches; test-patch scores."""
+    labeled = out / "labeled"
+    cdkd("finetune", "--student", student, "--data", labeled, "--format", "folder", "--classes",
+         labeled / "classes.yaml", "--split", "train", "--out", out / f"seg_{name}", "--tile-size", a.tile,
+         "--batch-size", 4, "--steps", a.finetune_steps, "--decoder-channels", 64, "--class-balanced", "--seed", 0,
+         "--workers", 0, "--overwrite", "--no-progress")
+    cdkd("evaluate", out / f"seg_{name}" / "segmenter.pt", "--data", labeled, "--format", "folder", "--classes",
+         labeled / "classes.yaml", "--split", "test", "--out", out / f"eval_{name}", "--overwrite")
+    m = json.loads((out / f"eval_{name}" / "metrics.json").read_text())
+    return {"miou": m.get("miou"), "oa": m.get("oa"), "mf1": m.get("mf1"),
+            "iou": dict(zip(m["class_names"], m["iou"]))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -102,9 +143,10 @@ def main() -> None:
     g.add_argument("--random-teacher", action="store_true")
     p.add_argument("--student", default="vit_s")
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--finetune-steps", type=int, default=60)
+    p.add_argument("--finetune-steps", type=int, default=200)
     p.add_argument("--tile", type=int, default=112)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--reuse", action="store_true", help="keep OUT/distill/student.pt if it is there")
     a = p.parse_args()
     out = a.out.resolve()
     if not DATA.is_dir():
@@ -119,30 +161,26 @@ def main() -> None:
         write_manifest(manifests / f"{d.name}.bands.yaml", folder=d, resampling="bilinear")
 
     log("2/5 distillation (hyperkd)")
-    teacher = (["--teacher-checkpoint", a.teacher_checkpoint.resolve()] if a.teacher_checkpoint else
-               ["--random-teacher"])
-    distill_out = cdkd("distill", "--recipe", "hyperkd", "--data", manifests, "--out", out / "distill", "--teacher",
-                       a.teacher, *teacher, "--student", a.student, "--in-chans", 12, "--tile-size", a.tile,
-                       "--batch-size", a.batch_size, "--steps", a.steps, "--lr", "1e-4", "--workers", 0,
-                       "--log-every", 1, "--checkpoint-every", max(a.steps, 1), "--overwrite", "--no-progress")
+    if a.reuse and (out / "distill" / "student.pt").is_file():
+        log("reusing the distilled student")
+    else:
+        distill(out, manifests, a)
     report = json.loads((out / "distill" / "report.json").read_text())
     metrics = [json.loads(x) for x in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "kd" in m]
 
+
     log("3/5 labels from spectral indices (NDVI, NDSI)")
     shares = write_labeled(out / "labeled")
 
-    log("4/5 decoder fine-tuning and evaluation")
-    cdkd("finetune", "--student", out / "distill" / "student.pt", "--data", out / "labeled", "--format", "folder",
-         "--classes", out / "labeled" / "classes.yaml", "--split", "train", "--out", out / "seg", "--tile-size",
-         a.tile, "--batch-size", 4, "--steps", a.finetune_steps, "--decoder-channels", 64, "--workers", 0,
-         "--overwrite", "--no-progress")
-    cdkd("evaluate", out / "seg" / "segmenter.pt", "--data", out / "labeled", "--format", "folder", "--classes",
-         out / "labeled" / "classes.yaml", "--split", "test", "--out", out / "eval", "--overwrite")
-    metrics_eval = json.loads((out / "eval" / "metrics.json").read_text())
+    log("4/5 decoder fine-tuning and evaluation: the HyperKD student, and a random-init 12-band ViT-S")
+    random_student(out / "distill" / "student.pt", out / "random" / "student.pt")
+    evaluation = {name: finetune_and_evaluate(out, a, student, name)
+                  for name, student in (("hyperkd", out / "distill" / "student.pt"),
+                                        ("random", out / "random" / "student.pt"))}
 
     log("5/5 ONNX export, then segment a band-stack scene and its stacked twin")
-    cdkd("export", out / "seg" / "segmenter.pt", "--format", "onnx", "--out", out / "model.onnx", "--check-data",
+    cdkd("export", out / "seg_hyperkd" / "segmenter.pt", "--format", "onnx", "--out", out / "model.onnx", "--check-data",
          out / "labeled" / "images", "--overwrite")
     scene = TEST[1]
     cdkd("segment", manifests / f"{scene}.bands.yaml", "--engine", out / "model.onnx", "--out",
@@ -160,7 +198,7 @@ def main() -> None:
                     "images_per_s": float(np.median([m["images_per_s"] for m in steps[1:]] or [0])),
                     "alignment": report["alignment"]["table"]},
         "labels_share_veg_snow_other": shares,
-        "evaluate": {k: metrics_eval.get(k) for k in ("miou", "oa", "mf1")},
+        "evaluate": evaluation,
         "export": {"agreement": export["parity"]["agreement"], "max_abs_diff": export["parity"]["max_abs_diff"]},
         "segment_bandfiles_vs_stacked_agreement": agree,
     }

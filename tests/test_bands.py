@@ -16,7 +16,7 @@ from cdkd.data.files import find_rasters, open_raster, read_window
 from cdkd.data.sensors import SENSOR_PRESETS, TEACHER_RGB, teacher_bands
 from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdValueError, DataError
-from tests.conftest import SHARED_DATA, make_geotiff, synthetic_image
+from conftest import SHARED_DATA, make_geotiff, synthetic_image
 
 S2 = SENSOR_PRESETS["sentinel2_l2a"]
 S2_DIR = SHARED_DATA / "multispectral" / "bigearthnet_s2"
@@ -258,3 +258,20 @@ def test_sentinel2_band_files_read_as_the_stacked_file():
     assert diff[[1, 2, 3, 7]].max() == 0  # 10 m bands: the same pixels
     assert diff.max() <= 1  # 20 m and 60 m bands: rasterio's bilinear resampling, up to rounding
     assert read_band_set(patch).centers == read_band_set(S2_DIR / "stacked" / f"{patch.name}.tif").centers
+
+
+def test_segment_refuses_a_scene_without_the_models_bands_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from conftest import make_segmenter, one_clean_error
+
+    norm = NormStats((1000.0,) * 4, (500.0,) * 4, (1, 2, 3, 4), "uint16", spectral=S2.select([2, 3, 4, 8]))
+    seg = make_segmenter(tmp_path / "segmenter.pt", in_chans=4, norm=norm)
+    scene = make_geotiff(tmp_path / "naip.tif", synthetic_image((4, 64, 64), dtype="uint16"))
+    with rasterio.open(scene, "r+") as dst:
+        for i, b in enumerate(SENSOR_PRESETS["naip"].bands, start=1):
+            dst.update_tags(i, wavelength_nm=f"{b.center_nm:g}")
+    res = CliRunner().invoke(app, ["segment", str(scene), "--model", str(seg), "--out", str(tmp_path / "lc.tif")])
+    assert res.exit_code != 0 and "the scene has no band for B04 (665 nm)" in one_clean_error(res.output)
+    assert not (tmp_path / "lc.tif").exists()
