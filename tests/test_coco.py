@@ -164,3 +164,22 @@ def test_match_footprints_greedy_one_to_one():
     # the best-scored exact box takes the first label; the shifted duplicate is left over; 40 % IoU is no match
     assert m["matched"] == 1 and m["precision"] == pytest.approx(1 / 3) and m["recall"] == 0.5
     assert m["mean_iou"] == 1.0 and math.isclose(m["f1"], 0.4)
+
+
+def test_object_results_use_the_detector_box_and_keep_maskless_detections():
+    import shapely
+
+    from cdkd.data.coco import InstanceObject
+    from cdkd.finetune.instance_eval import object_results
+    from cdkd.scene.objects import SceneObject
+
+    objects = [SceneObject(shapely.box(2, 3, 6, 5), 0, 0.8, 1, (1.5, 2.5, 6.5, 5.5)),
+               SceneObject(None, 1, 0.4, 1, (10.0, 10.0, 20.0, 12.0))]
+    with_mask, maskless = object_results(objects, 7, 16, 24, category_ids=(3, 9))
+    assert with_mask["bbox"] == [1.5, 2.5, 5.0, 3.0] and with_mask["category_id"] == 3
+    mask = object_mask(InstanceObject(0, (0, 0, 0, 0), with_mask["segmentation"]), 16, 24)
+    assert mask.sum() == 8 and mask[3:5, 2:6].all()
+    assert maskless["bbox"] == [10.0, 10.0, 10.0, 2.0] and maskless["category_id"] == 9
+    assert not object_mask(InstanceObject(0, (0, 0, 0, 0), maskless["segmentation"]), 16, 24).any()
+    many = [SceneObject(None, 0, s / 200, 1, (0.0, 0.0, 2.0, 2.0)) for s in range(150)]
+    assert len(object_results(many, 1, 4, 4, category_ids=(1,))) == 100  # COCOeval's maxDets per class

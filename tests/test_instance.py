@@ -204,6 +204,7 @@ class BlobDetector:
     def detect(self, batch):
         from rasterio.features import rasterize, shapes
 
+        from cdkd.data.coco import mask_bbox
         from cdkd.scene.detector_runtimes import Detections
 
         self.calls += 1
@@ -218,7 +219,8 @@ class BlobDetector:
                 masks.append(m)
                 labels.append(2 if tile[0][m].mean() > 2 else 1)
             n = len(masks)
-            out.append(Detections.from_outputs(np.zeros((n, 4)), np.array(labels), np.full(n, 0.9),
+            boxes = [mask_bbox(m) for m in masks]
+            out.append(Detections.from_outputs(np.array(boxes).reshape(n, 4), np.array(labels), np.full(n, 0.9),
                                                np.array(masks, dtype=np.float32).reshape(n, 1, *bright.shape)))
         return out
 
@@ -322,6 +324,14 @@ def test_merger_joins_pieces_but_not_neighbours():
     merger.add(left, [shapely.box(50, 30, 60, 40)], [0], [0.9])
     merger.add(right, [shapely.box(50, 30, 60, 40)], [1], [0.9])
     assert len(merger.pop_final()) == 2
+    # a detection without mask pixels joins by its box, and keeps the object's box
+    merger.add(left, [None], [0], [0.6], [(40.0, 30.0, 63.5, 40.0)])
+    merger.add(right, [shapely.box(48, 30, 70, 40)], [0], [0.9], [(48.0, 30.0, 70.0, 40.0)])
+    (obj,) = merger.pop_final()
+    assert obj.polygon.equals(shapely.box(48, 30, 70, 40)) and obj.box == (40.0, 30.0, 70.0, 40.0)
+    merger.add(left, [None], [0], [0.6], [(1.0, 1.0, 5.0, 5.0)])
+    (alone,) = merger.pop_final()
+    assert alone.polygon is None and alone.box == (1.0, 1.0, 5.0, 5.0)
     # streaming: a group still reachable by the next window row stays
     merger.add(left, [shapely.box(0, 50, 10, 60)], [0], [0.9])
     assert merger.pop_final(next_row=48) == [] and len(merger.pop_final(next_row=60)) == 1

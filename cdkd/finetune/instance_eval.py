@@ -102,12 +102,14 @@ def object_results(objects: Sequence[SceneObject], image_id: int, height: int, w
         kept[obj.class_id] = kept.get(obj.class_id, 0) + 1
         if kept[obj.class_id] > max_per_class:
             continue
-        x0, y0, x1, y1 = (int(round(v)) for v in obj.polygon.bounds)
         mask = np.zeros((height, width), dtype=bool)
-        mask[y0:y1, x0:x1] = object_mask(InstanceObject(obj.class_id, (x0, y0, x1 - x0, y1 - y0), obj.polygon),
-                                         height, width, (y0, x0, y1 - y0, x1 - x0))
+        if obj.polygon is not None:  # the detector's box counts even when its mask is empty (as in Mask R-CNN)
+            x0, y0, x1, y1 = (int(round(v)) for v in obj.polygon.bounds)
+            mask[y0:y1, x0:x1] = object_mask(InstanceObject(obj.class_id, (x0, y0, x1 - x0, y1 - y0), obj.polygon),
+                                             height, width, (y0, x0, y1 - y0, x1 - x0))
+        bx0, by0, bx1, by1 = obj.box if obj.box is not None else obj.polygon.bounds
         out.append({"image_id": image_id, "category_id": int(category_ids[obj.class_id]),
-                    "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                    "bbox": [round(float(v), 2) for v in (bx0, by0, bx1 - bx0, by1 - by0)],
                     "segmentation": encode_mask(mask), "score": round(float(obj.score), 5)})
     return out
 
@@ -308,7 +310,7 @@ def draw_predictions(path: Path, images: Sequence[tuple[Any, np.ndarray, list[Sc
         for obj in im.objects:
             for ring in _rings(obj.segmentation, im):
                 ax.add_patch(Patch(ring, closed=True, fill=False, edgecolor="white", linestyle="--", linewidth=0.8))
-        shown = [o for o in objects if o.score >= min_score]
+        shown = [o for o in objects if o.score >= min_score and o.polygon is not None]
         for obj in shown:
             color = np.array(schema.classes[obj.class_id].color) / 255
             ax.add_patch(Patch(np.asarray(obj.polygon.exterior.coords), closed=True, fill=False, edgecolor=color,

@@ -6,8 +6,8 @@
 1. read + normalise: ``SceneSource`` (checked scene, windowed thread-local reads, GDAL's validity) and
    ``pipeline.TilePrefetcher`` reading ahead in threads over ``tiler.plan_rows``; windows without a valid pixel
    are skipped;
-2. detect: batches of tiles through the runtime's ``detect``; every mask above ``min_score`` becomes a polygon
-   in scene pixel coordinates (``objects.mask_polygon``), cut to the valid pixels;
+2. detect: batches of tiles through the runtime's ``detect``; every detection above ``min_score`` keeps its box
+   and its mask as a polygon in scene pixel coordinates (``objects.mask_polygon``), cut to the valid pixels;
 3. merge: ``objects.ObjectMerger`` joins the pieces of an object that several overlapping windows saw (union by
    overlap where both windows see it), and hands out an object once no later window row can reach it;
 4. write: finished objects go to chunk files in ``OUT.partial/`` at each checkpoint; at the end they are moved
@@ -74,23 +74,27 @@ def check_min_score(min_score: float | None) -> float:
 
 
 def window_objects(det: Any, window: TileWindow, valid: np.ndarray | None, min_score: float,
-                   ) -> tuple[list[shapely.Polygon], list[int], list[float]]:
-    """(polygons in image px, class ids, scores) of one window's ``Detections`` scoring at least ``min_score``.
+                   ) -> tuple[list[shapely.Polygon | None], list[int], list[float], list[tuple[float, ...]]]:
+    """(mask polygons in image px or None, class ids, scores, boxes in image px) of one window's ``Detections``
+    scoring at least ``min_score``, in the order of ``ObjectMerger.add``'s arguments.
 
-    Masks are cropped to the window (tiles of images smaller than the tile are padded) and to its valid pixels.
+    Masks are cropped to the window (tiles of images smaller than the tile are padded) and to its valid pixels;
+    boxes to the window.
     """
-    polygons, classes, scores = [], [], []
+    polygons, classes, scores, boxes = [], [], [], []
     h, w = window.shape
     for k in np.flatnonzero(det.scores >= min_score):
         mask = det.masks[k][:h, :w]
         if valid is not None:
             mask = mask & valid
-        poly = mask_polygon(mask, window.row, window.col)
-        if poly is not None:
-            polygons.append(poly)
-            classes.append(int(det.labels[k]))
-            scores.append(float(det.scores[k]))
-    return polygons, classes, scores
+        x0, y0, x1, y1 = np.clip(det.boxes[k], 0, [w, h, w, h]).tolist()
+        if x1 <= x0 or y1 <= y0:  # a box wholly in the padding of a small scene
+            continue
+        polygons.append(mask_polygon(mask, window.row, window.col))
+        classes.append(int(det.labels[k]))
+        scores.append(float(det.scores[k]))
+        boxes.append((x0 + window.col, y0 + window.row, x1 + window.col, y1 + window.row))
+    return polygons, classes, scores, boxes
 
 
 def detect_image(detect: Detect, image: np.ndarray, tile: int, overlap: int, *, valid: np.ndarray | None = None,
@@ -185,8 +189,9 @@ class InstanceReport:
     resumed_from_row: int
     min_score: float
     merge_iou: float
-    pieces: int  # masks above min_score over all windows (a cut object counts once per window)
+    pieces: int  # detections above min_score over all windows (a cut object counts once per window)
     objects: int  # after joining pieces: the features written
+    without_mask: int  # objects whose mask had no pixel above Mask R-CNN's 0.5 (not written: no polygon)
     bands: list[int] = field(default_factory=list)
     scene_bands: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
@@ -262,7 +267,7 @@ class _InstanceRun:
         self.rows_done = self.resumed_from = self.sequence = self.pieces = 0
         self.chunks: list[str] = []  # chunk files of finished objects, in order
         self.finished: list[SceneObject] = []  # objects not yet in a chunk
-        self.written = 0
+        self.written = self.maskless = 0
 
     def execute(self) -> None:
         options = self.options
@@ -289,7 +294,7 @@ class _InstanceRun:
                         self.pieces += len(found[0])
                         self.merger.add(tile.window, *found)
                     nxt = self.plan[index + 1][0].row if index + 1 < len(self.plan) else math.inf
-                    self.finished += self.merger.pop_final(nxt)
+                    self._finish(self.merger.pop_final(nxt))
                     self.times.add("blend", time.perf_counter() - t0)
                     self.rows_done = index + 1
                     progress.update(len(self.plan[index]))
@@ -308,13 +313,19 @@ class _InstanceRun:
         if self.counts.run == 0:
             shutil.rmtree(self.partial)
             raise DataError(f"{self.scene}: has no valid pixel (every pixel is nodata or masked); nothing to segment")
-        self.finished += self.merger.pop_final()
+        self._finish(self.merger.pop_final())
         self._flush()
         t0 = time.perf_counter()
         self.class_totals = self._write()
         self.times.add("finish", time.perf_counter() - t0)
 
     # ------------------------------------------------------------------------------------------------ chunks
+
+    def _finish(self, objects: list[SceneObject]) -> None:
+        """Objects with a mask polygon go to the output; those whose mask had no pixel are only counted."""
+        kept = [o for o in objects if o.polygon is not None]
+        self.maskless += len(objects) - len(kept)
+        self.finished += kept
 
     def _flush(self) -> None:
         """Finished objects into ``OUT.partial/objects_<n>.npz`` (WKB in pixel coordinates, class, score)."""
@@ -348,7 +359,7 @@ class _InstanceRun:
         self.sequence += 1
         state = {"format": STATE_FORMAT, "fingerprint": self.fingerprint, "rows_done": self.rows_done,
                  "tiles_run": self.counts.run, "tiles_skipped": self.counts.skipped, "sequence": self.sequence,
-                 "chunks": self.chunks, "written": self.written, "pieces": self.pieces}
+                 "chunks": self.chunks, "written": self.written, "pieces": self.pieces, "maskless": self.maskless}
         save_state(self.partial, state, self.merger.state())
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -356,6 +367,7 @@ class _InstanceRun:
         self.rows_done = self.resumed_from = int(state["rows_done"])
         self.counts.run, self.counts.skipped = int(state["tiles_run"]), int(state["tiles_skipped"])
         self.sequence, self.written, self.pieces = int(state["sequence"]), int(state["written"]), int(state["pieces"])
+        self.maskless = int(state["maskless"])
         self.chunks = list(state["chunks"])
         for stale in self.partial.glob("objects_*.npz"):  # written after the last checkpoint: made again
             if stale.name not in self.chunks:
@@ -425,7 +437,8 @@ class _InstanceRun:
             tiles_run=self.counts.run, tiles_skipped=self.counts.skipped, seconds=seconds,
             mpx_per_s=(info.height - first) * info.width / 1e6 / max(seconds, 1e-9),
             resumed_from_row=self.resumed_from, min_score=self.min_score, merge_iou=self.merge_iou,
-            pieces=self.pieces, objects=self.written, bands=list(self.source.bands), scene_bands=info.count,
+            pieces=self.pieces, objects=self.written, without_mask=self.maskless, bands=list(self.source.bands),
+            scene_bands=info.count,
             stats={"mode": options.stats, "mean": list(norm.mean), "std": list(norm.std), "dtype": norm.dtype},
             model={"path": runtime.path, "sha256": model_sha256(runtime), "arch": meta.arch, "head": meta.head},
             runtime_options={**runtime.options, "read_threads": options.read_threads},

@@ -9,6 +9,10 @@ neighbouring objects do not overlap there. Pieces joined directly or through oth
 becomes one object: the union of its polygons, the best score of its pieces. Pieces of one window are never
 joined (the detector's own NMS decided about them).
 
+Every piece keeps the detector's box beside its mask. A detection whose mask has no pixel above the threshold
+(a weakly trained mask head) still has its box: it counts for box AP, joins other pieces by the overlap of its
+box, and an object with no mask at all is written nowhere but counted (``SceneObject.polygon`` is None).
+
 Everything is in the image's pixel coordinates (x = column, y = row), where polygons of pixel masks are exact;
 an affine transform maps them into the scene's CRS afterwards, so unions "in map coordinates" and in pixels are
 the same. The merger streams: windows come in plan order, and ``pop_final(next_row)`` hands out every group no
@@ -31,14 +35,19 @@ MERGE_IOU = 0.5  # pieces whose masks overlap by at least this IoU where both wi
 MIN_PIXELS = 4  # mask parts smaller than this (px) are specks, not objects
 
 
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in image px
+
+
 @dataclass(frozen=True)
 class SceneObject:
-    """One object of an image: ``polygon`` in image pixel coordinates, class id, best score, pieces joined."""
+    """One object of an image: ``polygon`` of its mask in image pixel coordinates (None when no piece had mask
+    pixels), ``box`` the union of its pieces' detector boxes, class id, best score, pieces joined."""
 
-    polygon: shapely.Polygon
+    polygon: shapely.Polygon | None
     class_id: int
     score: float
     pieces: int = 1
+    box: Box | None = None
 
 
 def mask_polygon(mask: np.ndarray, row: int, col: int, min_pixels: int = MIN_PIXELS) -> shapely.Polygon | None:
@@ -64,12 +73,14 @@ def mask_polygon(mask: np.ndarray, row: int, col: int, min_pixels: int = MIN_PIX
 
 @dataclass
 class _Piece:
-    polygon: shapely.Polygon  # pixel-edged: its vertices are pixel corners
+    polygon: shapely.Polygon  # pixel-edged (vertices at pixel corners): the mask, or the rounded box without one
     class_id: int
     score: float
     window: TileWindow
     group: int
-    bounds: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # x0, y0, x1, y1 (shapely's, cached)
+    box: Box
+    has_mask: bool = True
+    bounds: Box = (0.0, 0.0, 0.0, 0.0)  # of the polygon (shapely's, cached)
     _mask: tuple[int, int, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
@@ -122,13 +133,22 @@ class ObjectMerger:
         self._parent[g] = g
         return g
 
-    def add(self, window: TileWindow, polygons: list[shapely.Polygon], class_ids: list[int],
-            scores: list[float]) -> None:
-        """Add the objects one window found (polygons in image pixel coordinates)."""
+    def add(self, window: TileWindow, polygons: list[shapely.Polygon | None], class_ids: list[int],
+            scores: list[float], boxes: list[Box] | None = None) -> None:
+        """Add the objects one window found: mask polygons in image pixel coordinates (None: no mask pixel) and
+        detector boxes (default: the polygons' bounds)."""
         old = self.pieces
         bounds = np.array([p.bounds for p in old]).reshape(-1, 4)
-        for poly, cid, score in zip(polygons, class_ids, scores):
-            piece = _Piece(poly, int(cid), float(score), window, self._new_group())
+        boxes = boxes if boxes is not None else [tuple(shapely.bounds(p).tolist()) for p in polygons]
+        for poly, cid, score, box in zip(polygons, class_ids, scores, boxes):
+            box = tuple(float(v) for v in box)
+            if poly is None:  # no mask pixel: the box, on pixel edges, stands in for joining
+                x0, y0 = np.floor(box[:2])
+                x1, y1 = np.maximum(np.ceil(box[2:]), (x0 + 1, y0 + 1))
+                piece = _Piece(shapely.box(x0, y0, x1, y1), int(cid), float(score), window, self._new_group(), box,
+                               has_mask=False)
+            else:
+                piece = _Piece(poly, int(cid), float(score), window, self._new_group(), box)
             x0, y0, x1, y1 = piece.bounds
             near = np.flatnonzero((bounds[:, 0] < x1) & (bounds[:, 2] > x0) & (bounds[:, 1] < y1)
                                   & (bounds[:, 3] > y0)) if len(old) else []
@@ -180,6 +200,8 @@ class ObjectMerger:
                 "score": np.array([p.score for p in self.pieces], dtype=np.float64),
                 "window": np.array([[p.window.row, p.window.col, p.window.height, p.window.width]
                                     for p in self.pieces], dtype=np.int64).reshape(-1, 4),
+                "box": np.array([p.box for p in self.pieces], dtype=np.float64).reshape(-1, 4),
+                "has_mask": np.array([p.has_mask for p in self.pieces], dtype=bool),
                 "group": np.array([self._find(p.group) for p in self.pieces], dtype=np.int64),
                 "next_group": np.array([self._next_group], dtype=np.int64)}
 
@@ -188,19 +210,25 @@ class ObjectMerger:
         merger = cls(iou)
         buf, ends = state["wkb"].tobytes(), state["wkb_ends"].tolist()
         starts = [0] + ends[:-1]
-        for s, e, cid, score, win, g in zip(starts, ends, state["class_id"].tolist(), state["score"].tolist(),
-                                           state["window"].tolist(), state["group"].tolist()):
-            merger.pieces.append(_Piece(shapely.from_wkb(buf[s:e]), cid, score, TileWindow(*win), g))
+        for s, e, cid, score, win, g, box, has in zip(starts, ends, state["class_id"].tolist(),
+                                                     state["score"].tolist(), state["window"].tolist(),
+                                                     state["group"].tolist(), state["box"].tolist(),
+                                                     state["has_mask"].tolist()):
+            merger.pieces.append(_Piece(shapely.from_wkb(buf[s:e]), cid, score, TileWindow(*win), g, tuple(box),
+                                        has))
             merger._parent[g] = g
         merger._next_group = int(state["next_group"][0])
         return merger
 
 
 def _join(pieces: list[_Piece]) -> SceneObject:
-    polygon = pieces[0].polygon if len(pieces) == 1 else shapely.union_all([p.polygon for p in pieces])
-    if polygon.geom_type != "Polygon":  # pieces overlap by construction; a union that still falls apart keeps
-        polygon = max(shapely.get_parts(polygon), key=lambda g: g.area)  # its largest part, like mask_polygon
-    return SceneObject(polygon, pieces[0].class_id, max(p.score for p in pieces), len(pieces))
+    masks = [p.polygon for p in pieces if p.has_mask]
+    polygon = None if not masks else masks[0] if len(masks) == 1 else shapely.union_all(masks)
+    if polygon is not None and polygon.geom_type != "Polygon":  # pieces overlap by construction; a union that
+        polygon = max(shapely.get_parts(polygon), key=lambda g: g.area)  # still falls apart keeps its largest part
+    boxes = np.array([p.box for p in pieces])
+    box = (*boxes[:, :2].min(0).tolist(), *boxes[:, 2:].max(0).tolist())
+    return SceneObject(polygon, pieces[0].class_id, max(p.score for p in pieces), len(pieces), box)
 
 
 __all__ = ["MERGE_IOU", "MIN_PIXELS", "ObjectMerger", "SceneObject", "mask_polygon"]
