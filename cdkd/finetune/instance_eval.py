@@ -34,7 +34,7 @@ from cdkd.utils.atomic import atomic_path, atomic_write_text
 IOU_TYPES = ("bbox", "segm")
 SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 PREVIEW_IMAGES = 4
-PREVIEW_MIN_SCORE = 0.5  # predictions drawn in the PNG (all of them count for AP)
+PREVIEW_MIN_SCORE = 0.3  # predictions drawn in the PNG (all of them count for AP)
 MAX_DETECTIONS = 100  # COCOeval's largest maxDets: detections per image and category that count
 
 
@@ -293,10 +293,12 @@ def evaluate_instances(
 def draw_predictions(path: Path, images: Sequence[tuple[Any, np.ndarray, list[SceneObject]]],
                      schema: ClassSchema, min_score: float = PREVIEW_MIN_SCORE) -> Path:
     """A PNG of ``images`` (InstanceImage, raw pixels (C, H, W), objects) side by side: predictions scoring at
-    least ``min_score`` outlined in their class colours with class and score, ground truth dashed white."""
+    least ``min_score`` in their class colours (mask outline, box dotted, class and score), ground truth dashed
+    cyan."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Polygon as Patch
+    from matplotlib.patches import Rectangle
 
     from cdkd.scene.preview import stretch
 
@@ -309,13 +311,16 @@ def draw_predictions(path: Path, images: Sequence[tuple[Any, np.ndarray, list[Sc
         ax.imshow(rgb if rgb.shape[-1] == 3 else rgb[..., 0], cmap=None if rgb.shape[-1] == 3 else "gray")
         for obj in im.objects:
             for ring in _rings(obj.segmentation, im):
-                ax.add_patch(Patch(ring, closed=True, fill=False, edgecolor="white", linestyle="--", linewidth=0.8))
-        shown = [o for o in objects if o.score >= min_score and o.polygon is not None]
+                ax.add_patch(Patch(ring, closed=True, fill=False, edgecolor="cyan", linestyle="--", linewidth=1.0))
+        shown = [o for o in objects if o.score >= min_score]
         for obj in shown:
             color = np.array(schema.classes[obj.class_id].color) / 255
-            ax.add_patch(Patch(np.asarray(obj.polygon.exterior.coords), closed=True, fill=False, edgecolor=color,
-                               linewidth=1.4))
-            x0, y0 = obj.polygon.bounds[:2]
+            if obj.polygon is not None:
+                ax.add_patch(Patch(np.asarray(obj.polygon.exterior.coords), closed=True, fill=False,
+                                   edgecolor=color, linewidth=1.4))
+            x0, y0, x1, y1 = obj.box if obj.box is not None else obj.polygon.bounds
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linestyle=":",
+                                   linewidth=0.8))
             ax.text(x0, y0 - 2, f"{schema.names[obj.class_id]} {obj.score:.2f}", color=color, fontsize=6)
         ax.set_title(f"{im.file_name}: {len(shown)} found (score >= {min_score}), {len(im.objects)} labelled",
                      fontsize=8)
