@@ -58,6 +58,20 @@ def test_detector_trains_and_detects_on_every_student(arch):
         det(torch.randn(1, 3, 60, 64))
 
 
+def test_unfrozen_student_trains_too():
+    import torch
+
+    from cdkd.models.instance import Detector
+    from cdkd.models.student import build_student
+
+    det = Detector(build_student("vit_s", img_size=64, **TINY_STUDENT), num_classes=1, channels=32,
+                   freeze_encoder=False, box_batch_size_per_image=16).train()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}
+    sum(det(torch.randn(1, 3, 64, 64), [empty]).values()).backward()
+    assert det.encoder.blocks[-1].mlp.fc2.weight.grad is not None and det.config()["freeze_encoder"] is False
+
+
 def _tiny_detector(tmp_path, classes=("building", "tank"), tile=64, overlap=16):
     import torch
 
