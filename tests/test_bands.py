@@ -142,6 +142,11 @@ def test_band_metadata_from_tags_imagery_domain_and_envi_header(tmp_path):
     with pytest.raises(DataError, match=r"bands \[2, 3\] carry no wavelength"):
         read_band_set(partial)
     assert read_band_set(make_geotiff(tmp_path / "plain.tif", arr)) is None
+    rgb = make_geotiff(tmp_path / "rgb.tif", arr)
+    with rasterio.open(rgb, "r+") as dst:
+        for i, name in enumerate(("Red", "Green", "Blue"), start=1):
+            dst.set_band_description(i, name)
+    assert read_band_set(rgb) is None  # colour names alone: WorldView-3's red or NAIP's? not guessed
 
     assert resolve_band_set([str(tagged), str(imagery)], (3, 1)).centers == pytest.approx((665, 490))
     assert resolve_band_set([str(tagged)], (3,), "480,550,660:20").bands[0] == Band(660, 20)  # --wavelengths wins

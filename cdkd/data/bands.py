@@ -187,6 +187,20 @@ def preset_for_names(names: Sequence[str], preset: BandSet) -> BandSet | None:
     return BandSet(tuple(index[k] for k in keys), preset.sensor)
 
 
+def band_set_from_names(names: Sequence[str]) -> BandSet | None:
+    """The bands a sensor preset gives these band names (``B01`` .. ``B12``, ``B8A``), or None when no preset
+    knows them all, or when presets that do disagree about their wavelengths (``Red`` is 660 nm on WorldView-3
+    and 635 nm on NAIP's camera: a bare colour name does not say which)."""
+    from cdkd.data.sensors import SENSOR_PRESETS
+
+    if not names or not all(names):
+        return None
+    picks = [p for p in (preset_for_names(names, preset) for preset in SENSOR_PRESETS.values()) if p is not None]
+    if not picks or any(np.abs(np.subtract(p.centers, picks[0].centers)).max() > 1.0 for p in picks[1:]):
+        return None
+    return picks[0]
+
+
 def parse_wavelengths(spec: str, count: int | None = None, names: Sequence[str] | None = None) -> BandSet:
     """``--wavelengths``: a sensor preset name (``sentinel2``, ``naip``, ...) or comma-separated centres in nm,
     each optionally ``centre:width`` (``443:20,490:65``); values below 100 are read as micrometres.
@@ -317,8 +331,6 @@ def _band_from_tags(tags: Mapping[str, str], imagery: Mapping[str, str], name: s
 def band_set_of(src: Any, path: str | Path | None = None) -> BandSet | None:
     """The band set an open rasterio dataset describes (see the module docstring), or None when it says nothing
     about wavelengths. A raster that gives wavelengths for some bands and not others is a DataError."""
-    from cdkd.data.sensors import SENSOR_PRESETS
-
     where = path if path is not None else getattr(src, "name", "raster")
     names = []
     found: list[Band | None] = []
@@ -343,12 +355,7 @@ def band_set_of(src: Any, path: str | Path | None = None) -> BandSet | None:
             raise DataError(f"{hdr}: {e}") from None
         if envi is not None:
             return envi
-    if all(names):
-        for preset in SENSOR_PRESETS.values():
-            picked = preset_for_names(names, preset)
-            if picked is not None:
-                return picked
-    return None
+    return band_set_from_names(names)
 
 
 def _with_preset_widths(found: BandSet) -> BandSet:

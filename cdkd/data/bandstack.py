@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Sequence
 from xml.etree import ElementTree as ET
 
-from cdkd.data.bands import Band, BandSet, band_set_of, parse_wavelengths, preset_for_names
+from cdkd.data.bands import Band, BandSet, band_set_from_names, band_set_of, parse_wavelengths
 from cdkd.errors import CdkdIOError, CdkdValueError, DataError
 
 MANIFEST_SUFFIXES = (".bands.yaml", ".bands.yml", ".bands.json")
@@ -161,8 +161,6 @@ class BandStack:
     # --------------------------------------------------------------------------------------------------- build
     def bands(self) -> tuple[list[_BandFile], BandSet | None]:
         """The band files in stack order and their band set (None when nothing names their wavelengths)."""
-        from cdkd.data.sensors import SENSOR_PRESETS
-
         items = [_read_band_file(f) for f in self.files]
         if self.wavelengths:
             spectral = parse_wavelengths(self.wavelengths, len(items), [b.name for b in items])
@@ -170,8 +168,7 @@ class BandStack:
         if all(b.band is not None for b in items):
             spectral = BandSet(tuple(b.band for b in items))  # type: ignore[misc]
         else:
-            spectral = next((s for s in (preset_for_names([b.name for b in items], p) for p in
-                                         SENSOR_PRESETS.values()) if s is not None), None)
+            spectral = band_set_from_names([b.name for b in items])
         if spectral is None or self.ordered:
             return items, spectral
         order = sorted(range(len(items)), key=lambda i: (spectral.bands[i].center_nm, i))
