@@ -138,50 +138,37 @@ class RowCounts:
     skipped: int = 0
 
 
-def blend_rows(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, prefetcher: TilePrefetcher,
-               forward: Callable[[np.ndarray], torch.Tensor], blender: PlanBlender, weights: WeightCache,
-               batch_size: int, times: StageTimes, counts: RowCounts,
-               should_stop: Callable[[], bool] = lambda: False,
-               ) -> Iterator[tuple[int, Partial | None, FinishedRows | None]]:
-    """``(row index, head, finished rows)`` for window rows ``start..stop-1`` of ``rows``, in order (see
-    ``PlanBlender.end``).
+def model_outputs(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, prefetcher: TilePrefetcher,
+                  forward: Callable[[np.ndarray], Any], batch_size: int, times: StageTimes, counts: RowCounts,
+                  should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[Tile, Any]]:
+    """``(tile, model output or None)`` for every window of rows ``start..stop-1``, in plan order.
 
-    ``forward`` maps a (B, C, T, T) float32 batch to (B, K, T, T) logits on ``blender.device``. ``should_stop`` is
-    polled between batches; when it turns true the generator returns early (the rows it yielded are complete).
+    Tiles are batched across row boundaries (a skipped tile, without a valid pixel, gets None and never reaches
+    the model); each tile is handed out as soon as it and every tile before it are done. ``forward`` maps a
+    (B, C, T, T) float32 batch to B outputs (a tensor or a list). ``should_stop`` is polled between batches; when
+    it turns true the generator returns early, having handed out a prefix of the plan.
     """
     items = ((i, j == len(rows[i]) - 1, w) for i in range(start, stop) for j, w in enumerate(rows[i]))
-    events: deque[list[Any]] = deque()  # [tile, logits or None], in plan order
+    events: deque[list[Any]] = deque()  # [tile, output or None], in plan order
     pending: list[list[Any]] = []  # events waiting for the model
 
     def run_pending() -> None:
         if not pending:
             return
         t0 = time.perf_counter()
-        logits = forward(np.stack([ev[0].x for ev in pending]))
+        outputs = forward(np.stack([ev[0].x for ev in pending]))
         times.add("model", time.perf_counter() - t0)
-        for ev, out in zip(pending, logits):
+        for ev, out in zip(pending, outputs):
             ev[1] = out
         counts.run += len(pending)
         pending.clear()
 
-    def drain() -> Iterator[tuple[int, Partial | None, FinishedRows | None]]:
-        # a finished row is handed out before the next row starts: its results are final once it is yielded
+    def drain() -> Iterator[tuple[Tile, Any]]:
         while events and (events[0][0].x is None or events[0][1] is not None):
-            t0 = time.perf_counter()
-            tile, logits = events.popleft()
-            w = tile.window
-            if w.col == rows[tile.row][0].col:
-                blender.begin(tile.row)
-            if logits is None:
+            tile, out = events.popleft()
+            if out is None:
                 counts.skipped += 1
-                blender.add(w, None, None, tile.valid)
-            else:
-                h, wd = w.shape  # crop the padding of scenes smaller than the tile
-                blender.add(w, logits[:, :h, :wd], weights(w), tile.valid)
-            out = blender.end(tile.row) if tile.last_in_row else None
-            times.add("blend", time.perf_counter() - t0)
-            if out is not None:
-                yield (tile.row, *out)
+            yield tile, out
 
     for tile in prefetcher.map(items):
         event = [tile, None]
@@ -195,3 +182,30 @@ def blend_rows(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, pref
             return
     run_pending()
     yield from drain()
+
+
+def blend_rows(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, prefetcher: TilePrefetcher,
+               forward: Callable[[np.ndarray], torch.Tensor], blender: PlanBlender, weights: WeightCache,
+               batch_size: int, times: StageTimes, counts: RowCounts,
+               should_stop: Callable[[], bool] = lambda: False,
+               ) -> Iterator[tuple[int, Partial | None, FinishedRows | None]]:
+    """``(row index, head, finished rows)`` for window rows ``start..stop-1`` of ``rows``, in order (see
+    ``PlanBlender.end``): ``model_outputs`` blended on ``blender.device`` (``forward`` returns logits there).
+
+    A finished row is handed out before the next row starts: its results are final once it is yielded.
+    """
+    for tile, logits in model_outputs(rows, start, stop, prefetcher, forward, batch_size, times, counts,
+                                      should_stop):
+        t0 = time.perf_counter()
+        w = tile.window
+        if w.col == rows[tile.row][0].col:
+            blender.begin(tile.row)
+        if logits is None:
+            blender.add(w, None, None, tile.valid)
+        else:
+            h, wd = w.shape  # crop the padding of scenes smaller than the tile
+            blender.add(w, logits[:, :h, :wd], weights(w), tile.valid)
+        out = blender.end(tile.row) if tile.last_in_row else None
+        times.add("blend", time.perf_counter() - t0)
+        if out is not None:
+            yield (tile.row, *out)
