@@ -61,7 +61,7 @@ def test_read_resolves_images_maps_categories_and_decodes_every_segmentation(tmp
 
 
 def test_write_read_round_trip(tmp_path):
-    root, path, _, _ = _coco(tmp_path)
+    _, path, _, _ = _coco(tmp_path)
     data = read_coco(path)
     copy = write_coco(path.with_name("copy.json"), data)
     again = read_coco(copy)
@@ -77,7 +77,7 @@ def test_write_read_round_trip(tmp_path):
 
 
 def test_split_keeps_matching_images(tmp_path):
-    root, path, _, _ = _coco(tmp_path)
+    _, path, _, _ = _coco(tmp_path)
     assert [im.file_name for im in read_coco(path, split=["b*"]).images] == ["b.png"]
     with pytest.raises(DataError, match="no image matches --split"):
         read_coco(path, split=["z*"])
@@ -97,7 +97,7 @@ def test_malformed_files_are_refused(tmp_path):
     bad.write_text(json.dumps({"images": []}))
     with pytest.raises(DataError, match="not a COCO instances file"):
         read_coco(bad)
-    root, path, _, _ = _coco(tmp_path)
+    _, path, _, _ = _coco(tmp_path)
     d = json.loads(path.read_text())
     d["annotations"][0]["category_id"] = 99
     path.write_text(json.dumps(d))

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import rasterio
 import shapely
 from rasterio.transform import Affine
 
@@ -360,7 +359,7 @@ def test_evaluate_refuses_categories_that_do_not_match_the_model(tmp_path):
     from tests.test_coco import _coco
 
     path, _ = _tiny_detector(tmp_path)  # classes building, tank; the data's: ship, tank
-    root, json_path, _, _ = _coco(tmp_path)
+    _, json_path, _, _ = _coco(tmp_path)
     with pytest.raises(DataError, match="do not match the model's classes"):
         evaluate_instances(path, json_path, tmp_path / "eval", progress=False)
 
@@ -369,7 +368,7 @@ def test_evaluate_writes_metrics_and_a_picture(tmp_path):
     from cdkd.finetune.instance_eval import evaluate_instances
     from tests.test_coco import _coco
 
-    root, json_path, _, _ = _coco(tmp_path)
+    _, json_path, _, _ = _coco(tmp_path)
     path, _ = _tiny_detector(tmp_path, classes=("ship", "tank"))
     res = evaluate_instances(path, json_path, tmp_path / "eval", progress=False)
     saved = json.loads(res.json_path.read_text())

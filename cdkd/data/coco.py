@@ -168,7 +168,7 @@ def _palette(n: int) -> list[tuple[int, int, int]]:
     while len(out) < n:
         h = (0.61803398875 * k) % 1.0
         v = 0.95 - 0.25 * ((k // 7) % 3)
-        rgb = tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, 0.75, v))
+        rgb = tuple(round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, v))
         if rgb not in seen:
             seen.add(rgb)
             out.append(rgb)  # type: ignore[arg-type]

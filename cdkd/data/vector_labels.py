@@ -28,7 +28,7 @@ DEFAULT_CLASS = "building"
 
 def _read_vectors(labels: Path, layer: str | None):
     import pyogrio
-    from pyogrio.errors import DataSourceError, DataLayerError
+    from pyogrio.errors import DataLayerError, DataSourceError
 
     if not labels.is_file():
         raise DataError(f"{labels}: no such vector label file")

@@ -139,7 +139,12 @@ def export_detector_onnx(detector: str | Path, out: str | Path, *, opset: int = 
     import torch
 
     from cdkd.artifacts import load_detector
-    from cdkd.export.onnx import _embed_meta, _fixed_position_embedding, refuse_existing, report_path
+    from cdkd.export.onnx import (
+        _embed_meta,
+        _fixed_position_embedding,
+        refuse_existing,
+        report_path,
+    )
     from cdkd.export.tiles import real_tiles, synthetic_tiles
     from cdkd.scene.detector_runtimes import OnnxDetectorRuntime, TorchDetectorRuntime
 

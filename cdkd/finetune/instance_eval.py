@@ -104,7 +104,7 @@ def object_results(objects: Sequence[SceneObject], image_id: int, height: int, w
             continue
         mask = np.zeros((height, width), dtype=bool)
         if obj.polygon is not None:  # the detector's box counts even when its mask is empty (as in Mask R-CNN)
-            x0, y0, x1, y1 = (int(round(v)) for v in obj.polygon.bounds)
+            x0, y0, x1, y1 = (round(v) for v in obj.polygon.bounds)
             mask[y0:y1, x0:x1] = object_mask(InstanceObject(obj.class_id, (x0, y0, x1 - x0, y1 - y0), obj.polygon),
                                              height, width, (y0, x0, y1 - y0, x1 - x0))
         bx0, by0, bx1, by1 = obj.box if obj.box is not None else obj.polygon.bounds

@@ -97,4 +97,4 @@ def open_detector(path: str | Path, kind: str, device: str = "auto", amp: str = 
     raise CdkdValueError(f"{path}: instance models run in PyTorch (detector.pt) or ONNX Runtime (.onnx), not {kind}")
 
 
-__all__ = ["Detections", "MASK_THRESHOLD", "OnnxDetectorRuntime", "TorchDetectorRuntime", "open_detector"]
+__all__ = ["MASK_THRESHOLD", "Detections", "OnnxDetectorRuntime", "TorchDetectorRuntime", "open_detector"]

@@ -25,7 +25,6 @@ import json
 import math
 import shutil
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -38,6 +37,7 @@ import cdkd
 from cdkd.data.files import raster_path
 from cdkd.errors import CdkdValueError, DataError
 from cdkd.scene.engine import (
+    STATE_FORMAT,
     SegmentOptions,
     _Progress,
     announce_bands,
@@ -49,10 +49,15 @@ from cdkd.scene.engine import (
     model_sha256,
     output_paths,
     resolve_tiling,
-    STATE_FORMAT,
 )
 from cdkd.scene.objects import MERGE_IOU, ObjectMerger, SceneObject, mask_polygon
-from cdkd.scene.pipeline import RowCounts, StageTimes, Tile, TilePrefetcher
+from cdkd.scene.pipeline import (
+    RowCounts,
+    StageTimes,
+    Tile,
+    TilePrefetcher,
+    model_outputs,
+)
 from cdkd.scene.source import SceneSource
 from cdkd.scene.tiler import TileWindow, pad_to_tile, plan_rows
 from cdkd.scene.writer import load_arrays, save_state
@@ -117,48 +122,15 @@ def detect_image(detect: Detect, image: np.ndarray, tile: int, overlap: int, *, 
 def detect_rows(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, prefetcher: TilePrefetcher,
                 detect: Detect, batch_size: int, times: StageTimes, counts: RowCounts,
                 should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[int, list[tuple[Tile, Any]]]]:
-    """``(row index, [(tile, detections)])`` for window rows ``start..stop-1``, in order; tiles without a valid
-    pixel are skipped (not listed). Batches run across row boundaries, as ``pipeline.blend_rows`` does."""
-    items = ((i, j == len(rows[i]) - 1, w) for i in range(start, stop) for j, w in enumerate(rows[i]))
-    events: deque[list[Any]] = deque()  # [tile, detections or None], in plan order
-    pending: list[list[Any]] = []
+    """``(row index, [(tile, detections)])`` for window rows ``start..stop-1``, in order, from the engine's model
+    stage (``pipeline.model_outputs``: batches across rows); tiles without a valid pixel are left out."""
     done: list[tuple[Tile, Any]] = []
-
-    def run_pending() -> None:
-        if not pending:
-            return
-        t0 = time.perf_counter()
-        out = detect(np.stack([ev[0].x for ev in pending]))
-        times.add("model", time.perf_counter() - t0)
-        for ev, det in zip(pending, out):
-            ev[1] = det
-        counts.run += len(pending)
-        pending.clear()
-
-    def drain() -> Iterator[tuple[int, list[tuple[Tile, Any]]]]:
-        while events and (events[0][0].x is None or events[0][1] is not None):
-            tile, det = events.popleft()
-            if det is None:
-                counts.skipped += 1
-            else:
-                done.append((tile, det))
-            if tile.last_in_row:
-                row = list(done)
-                done.clear()
-                yield tile.row, row
-
-    for tile in prefetcher.map(items):
-        event = [tile, None]
-        events.append(event)
-        if tile.x is not None:
-            pending.append(event)
-        if len(pending) >= batch_size:
-            run_pending()
-        yield from drain()
-        if should_stop() and not pending:
-            return
-    run_pending()
-    yield from drain()
+    for tile, det in model_outputs(rows, start, stop, prefetcher, detect, batch_size, times, counts, should_stop):
+        if det is not None:
+            done.append((tile, det))
+        if tile.last_in_row:
+            yield tile.row, done
+            done = []
 
 
 @dataclass(frozen=True)
@@ -445,5 +417,13 @@ class _InstanceRun:
             cdkd_version=cdkd.__version__, stages=self.times.to_dict(), classes=classes)
 
 
-__all__ = ["DEFAULT_MIN_SCORE", "InstanceReport", "VECTOR_OUTPUTS", "check_min_score", "detect_image",
-           "detect_rows", "segment_instances", "window_objects"]
+__all__ = [
+    "DEFAULT_MIN_SCORE",
+    "VECTOR_OUTPUTS",
+    "InstanceReport",
+    "check_min_score",
+    "detect_image",
+    "detect_rows",
+    "segment_instances",
+    "window_objects",
+]

@@ -90,7 +90,7 @@ class _Piece:
         """(row, col, (h, w) bool) of the piece's pixels over its box: the polygon rasterised back, which gives
         exactly the mask it was traced from (pixel centres inside a pixel-edged polygon)."""
         if self._mask is None:
-            x0, y0, x1, y1 = (int(round(v)) for v in self.bounds)
+            x0, y0, x1, y1 = (round(v) for v in self.bounds)
             local = shapely.transform(self.polygon, lambda xy: xy - np.array([x0, y0], dtype=np.float64))
             m = rasterize([(local, 1)], out_shape=(y1 - y0, x1 - x0), fill=0, dtype="uint8").astype(bool)
             self._mask = (y0, x0, m)
