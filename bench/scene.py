@@ -464,12 +464,12 @@ def run_child(job: str, **kwargs) -> dict | None:
 # ---------------------------------------------------------------------------------------------------- parts
 
 
-def runtime_variants(runtimes: list[str]) -> list[tuple[str, str]]:
-    """(runtime, device) pairs: each runtime on the CPU, and on CUDA where it can run there."""
+def runtime_variants(runtimes: list[str], devices: list[str]) -> list[tuple[str, str]]:
+    """(runtime, device) pairs: each runtime on the CPU, and on CUDA where it can run there (of ``devices``)."""
     import torch
 
-    variants = [(r, "cpu") for r in runtimes]
-    if torch.cuda.is_available():
+    variants = [(r, "cpu") for r in runtimes] if "cpu" in devices else []
+    if "cuda" in devices and torch.cuda.is_available():
         if "torch" in runtimes:
             variants.append(("torch", "cuda"))
         if "onnx" in runtimes:
@@ -509,7 +509,7 @@ def throughput(args: argparse.Namespace, work: Path, bands: list[int], dtype: st
             args.runtimes = [r for r in args.runtimes if r != "onnx"]
     scene = mosaic(args.base, args.throughput_factor, work)
     times: dict[str, list[dict]] = {}
-    variants = runtime_variants(args.runtimes)
+    variants = runtime_variants(args.runtimes, args.devices)
     for _ in range(args.repeats):  # rounds alternate between runtimes
         for runtime, device in variants:
             r = run_child("throughput", model=str(files[runtime]), scene=str(scene),
@@ -736,6 +736,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="memory mosaics: square (n x n, grows in width too) or tall (factor x 1, height only)")
     parser.add_argument("--throughput-factor", type=int, default=1, help="mosaic area (x base) for throughput")
     parser.add_argument("--runtimes", default="torch,onnx", help="comma list of torch, onnx")
+    parser.add_argument("--devices", default="cpu,cuda", help="throughput devices: cpu, cuda (where present)")
     parser.add_argument("--tile-size", type=int, default=None, help="tile px for every model (default: its own)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per runtime")
@@ -760,6 +761,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(JOBS[spec.pop("job")](**spec)))
         return
     args.runtimes = [r for r in args.runtimes.split(",") if r]
+    args.devices = [d for d in args.devices.split(",") if d]
     unknown = set(args.runtimes) - {"torch", "onnx"}
     if unknown:
         parser.error(f"--runtimes: unknown {sorted(unknown)}; choose from torch, onnx")

@@ -3,7 +3,7 @@
 Run by hand::
 
     python bench/student_speed.py [--sizes 512,1024,2048] [--models vit_s,vit_s_win,rsmamba_s] [--repeats 3]
-                                  [--batch 1] [--threads N] [--json PATH]
+                                  [--batch 1] [--threads N] [--device cuda] [--json PATH]
 
 For each size and student: parameters (M), forward GFLOPs (``FlopCounterMode`` on the meta device: matmuls,
 convolutions and attention; for rsmamba the selective scan's elementwise work, which it does not see, is added analytically and shown
@@ -13,6 +13,9 @@ float32, after one warm-up; timed runs alternate between the models, so load fro
 and the peak memory of one forward, measured in a fresh subprocess per (model, size): the process's peak RSS during
 the forward (Linux's high-water mark, reset after the model is built) and the part of it the forward added on top
 of the built model. Ratios are to ``vit_s`` at the same size.
+
+With ``--device cuda`` the forwards run on the GPU under bf16 autocast (as ``cdkd segment`` runs them there), timed
+with the device synchronised, and the memory columns are the CUDA allocator's peak during the forward instead.
 """
 
 from __future__ import annotations
@@ -68,18 +71,40 @@ def gflops(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     return counter.get_total_flops() / 1e9, scan / 1e9
 
 
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_forward(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
     """Wall seconds per forward for each model: one warm-up each, then ``repeats`` rounds, interleaved."""
     times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(x.device):
         for model in models.values():
             model(x)
         for _ in range(repeats):
             for name, model in models.items():
+                _sync(x.device)
                 start = time.perf_counter()
                 model(x)
+                _sync(x.device)
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def cuda_memory(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """The CUDA allocator's peak (MB) during one forward, and what the forward added to the model's memory."""
+    torch.cuda.synchronize(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    before = torch.cuda.memory_allocated(x.device)
+    with torch.inference_mode(), _autocast(x.device):
+        model(x)
+    peak = torch.cuda.max_memory_allocated(x.device)
+    return {"peak_mb": round(peak / 2**20, 1), "forward_mb": round((peak - before) / 2**20, 1)}
 
 
 def _status_mb(key: str) -> float:
@@ -116,19 +141,22 @@ def _memory_child(spec: dict) -> None:
     print(json.dumps({"peak_mb": round(peak, 1), "forward_mb": round(peak - before, 1)}))
 
 
-def run(sizes: list[int], names: list[str], repeats: int, batch: int, threads: int | None) -> dict:
+def run(sizes: list[int], names: list[str], repeats: int, batch: int, threads: int | None,
+        device: str = "cpu") -> dict:
     """All measurements; returns the JSON-able result."""
+    dev = torch.device(device)
     out = []
     for size in sizes:
         if size % 16:
             raise SystemExit(f"size {size} is not a multiple of the patch size 16")
-        models = {name: build(name, size) for name in names}
-        x = torch.randn(batch, 3, size, size)
-        flops = {name: gflops(m, x[:1]) for name, m in models.items()}
+        models = {name: build(name, size).to(dev) for name in names}
+        x = torch.randn(batch, 3, size, size, device=dev)
+        flops = {name: gflops(m.cpu(), x[:1].cpu()) for name, m in models.items()}
+        models = {name: m.to(dev) for name, m in models.items()}
         times = time_forward(models, x, repeats)
         rows = {}
         for name, m in models.items():
-            mem = peak_memory(name, size, batch, threads)
+            mem = cuda_memory(m, x) if dev.type == "cuda" else peak_memory(name, size, batch, threads)
             rows[name] = {"params_m": sum(p.numel() for p in m.parameters()) / 1e6, "gflops": sum(flops[name]),
                           "gflops_scan": flops[name][1], "median_s": statistics.median(times[name]),
                           "times_s": times[name], **mem}
@@ -140,11 +168,14 @@ def run(sizes: list[int], names: list[str], repeats: int, batch: int, threads: i
             r["time_vs_vit_s"] = r["median_s"] / ref["median_s"] if ref else float("nan")
         out.append({"size": size, "models": rows})
     return {"batch": batch, "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "machine": platform.processor() or platform.machine(), "load_avg": os.getloadavg(), "sizes": out}
 
 
 def print_table(result: dict) -> None:
-    print(f"batch {result['batch']}, float32, {result['threads']} threads, median of {result['repeats']} "
+    where = (f"{result['device']}, bf16 autocast" if result.get("device", "cpu") != "cpu"
+             else f"float32, {result['threads']} threads")
+    print(f"batch {result['batch']}, {where}, median of {result['repeats']} "
           f"(GFLOPs at batch 1; load average at the end {result['load_avg'][0]:.1f})")
     print(f"{'px':>5} {'model':<16}{'params (M)':>11}{'GFLOPs':>9}{'(scan)':>8}{'time (s)':>10}{'x vit_s':>9}"
           f"{'peak MB':>9}{'fwd MB':>8}")
@@ -162,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per model")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, CUDA allocator peaks)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -171,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
-    result = run(sizes, args.models.split(","), args.repeats, args.batch, args.threads)
+    result = run(sizes, args.models.split(","), args.repeats, args.batch, args.threads, args.device)
     print_table(result)
     if args.json:
         from cdkd.utils.atomic import atomic_write_text
