@@ -42,7 +42,8 @@ def segment_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tiles per forward pass (default 4).",
                                              rich_help_panel=TILING),
     read_threads: Optional[int] = typer.Option(None, "--read-threads", help="Threads reading tiles ahead of the "
-                                               "model (default 2; 0 reads in the engine's thread).",
+                                               "model (default 2 beside a CPU model, up to 6 feeding a GPU; 0 reads in "
+                                               "the engine's thread).",
                                                rich_help_panel=RUN),
     bands: Optional[str] = typer.Option(None, "--bands", help="Scene bands fed to the model, in order, e.g. "
                                         "3,2,1 or 1,1,1 (default: the model's).", rich_help_panel=TILING),

@@ -114,6 +114,26 @@ def test_engine_equals_the_canonical_reference_bitwise(collar_scene, linear, tmp
         assert report.tiles_skipped > 0 and report.valid_pixels == int(valid.sum())
 
 
+class CudaLinearRuntime(LinearRuntime):
+    """``LinearRuntime`` whose logits come back on the GPU, as the torch runtime's do on CUDA."""
+
+    device = blend_device = "cuda"
+
+    def forward(self, batch: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self(batch)).cuda()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_the_engine_on_a_gpu_equals_the_canonical_reference_bitwise(collar_scene, tmp_path):
+    """The GPU path end to end: blended and reduced on the device, rows copied back asynchronously."""
+    runtime = CudaLinearRuntime(tmp_path / "linear.model", border=2.0)
+    with rasterio.open(collar_scene) as src:
+        pixels, valid = src.read(), src.dataset_mask() > 0
+    out = tmp_path / "out.tif"
+    segment_scene(collar_scene, runtime, out, SegmentOptions(batch_size=3, probs=True, **QUIET))
+    assert np.array_equal(_read(out), canonical_reference(runtime, pixels, valid, 64, 16))
+
+
 def test_two_runs_are_bitwise_identical_and_batches_do_not_matter(collar_scene, linear, tmp_path):
     a = segment_scene(collar_scene, linear, tmp_path / "a.tif", SegmentOptions(batch_size=1, probs=True, **QUIET))
     b = segment_scene(collar_scene, linear, tmp_path / "b.tif", SegmentOptions(batch_size=5, probs=True, **QUIET))

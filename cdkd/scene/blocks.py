@@ -36,7 +36,7 @@ from cdkd.scene.cluster import connect, register_runtime, worker_runtime
 from cdkd.scene.engine import (STATE_FORMAT, SceneReport, SegmentOptions, announce_bands, build_report,
                                cache_budget, check_outputs, fingerprint, load_state, output_paths, resolve_tiling,
                                _Progress, _stderr)
-from cdkd.scene.pipeline import RowCounts, StageTimes, TilePrefetcher, WeightCache, blend_rows
+from cdkd.scene.pipeline import RowCounts, StageTimes, WeightCache, blend_rows, prefetcher_for
 from cdkd.scene.rowblend import FinishedRows, Partial, PlanBlender, merge_seam
 from cdkd.scene.runtimes import RuntimeSpec, runtime_for
 from cdkd.scene.source import SceneSource
@@ -133,8 +133,7 @@ def run_block(job: _Job, block: Block) -> dict[str, Any]:
         plan = plan_rows(info.height, info.width, job.tile, job.overlap)
         blender = PlanBlender(meta.num_classes, [r[0].row for r in plan], [w.col for w in plan[0]], plan[0][0].shape,
                               (info.height, info.width), runtime.blend_device, probs=options.probs, head=block.head)
-        prefetcher = TilePrefetcher(source.read_normalized, job.tile, options.pad_mode, options.read_threads,
-                                    depth=2 * options.batch_size + options.read_threads, times=times)
+        prefetcher = prefetcher_for(source.read_normalized, job.tile, options, blender.device, times)
         weights = WeightCache(info.height, info.width, job.overlap, blender.device)
         chunks, head = [], None
         try:

@@ -41,7 +41,7 @@ from cdkd.data.files import is_virtual_path, raster_path
 from cdkd.errors import CdkdValueError, CheckpointError, DataError, OutputExistsError
 from cdkd.scene.areas import ClassAreaTally
 from cdkd.scene.classraster import check_num_classes
-from cdkd.scene.pipeline import RowCounts, StageTimes, TilePrefetcher, WeightCache, blend_rows
+from cdkd.scene.pipeline import RowCounts, StageTimes, WeightCache, blend_rows, prefetcher_for, reader_threads
 from cdkd.scene.rowblend import Partial, PlanBlender
 from cdkd.scene.runtimes import Runtime
 from cdkd.scene.source import SceneInfo, SceneSource
@@ -70,7 +70,7 @@ class SegmentOptions:
     resume: bool = False
     progress: bool = True
     checkpoint_seconds: float = 30.0  # least time between checkpoints (--resume restarts from the last one)
-    read_threads: int = 2  # threads reading and normalising ahead of the model; 0 reads in the engine's thread
+    read_threads: int | None = None  # threads reading ahead of the model (None: pipeline.reader_threads); 0: none
     min_score: float | None = None  # instance models: detections scoring less are dropped (None: 0.5)
 
 
@@ -142,7 +142,7 @@ def resolve_tiling(meta: InferenceMeta, options: SegmentOptions, fixed_tile: boo
         raise CdkdValueError(f"batch size must be at least 1, got {options.batch_size}")
     if options.pad_mode not in PAD_MODES:
         raise CdkdValueError(f"unknown pad mode {options.pad_mode!r}; choose one of {', '.join(PAD_MODES)}")
-    if options.read_threads < 0:
+    if options.read_threads is not None and options.read_threads < 0:
         raise CdkdValueError(f"read threads must be >= 0, got {options.read_threads}")
     return tile, overlap
 
@@ -328,8 +328,7 @@ class _LocalRun:
         blender = self.blender()
         if state is not None:
             blender.carry = self._restore(state, writer)
-        prefetcher = TilePrefetcher(self.source.read_normalized, self.tile, options.pad_mode, options.read_threads,
-                                    depth=2 * options.batch_size + options.read_threads, times=self.times)
+        prefetcher = prefetcher_for(self.source.read_normalized, self.tile, options, blender.device, self.times)
         weights = WeightCache(info.height, info.width, self.overlap, blender.device)
         total = sum(len(r) for r in self.plan)
         progress = _Progress(total, sum(len(r) for r in self.plan[: self.rows_done]), options.progress,
@@ -450,5 +449,5 @@ def build_report(*, scene: str | Path, final: Path, conf: Path | None, runtime: 
         bands=list(bands), scene_bands=info.count,
         stats={"mode": options.stats, "mean": list(norm.mean), "std": list(norm.std), "dtype": norm.dtype},
         model={"path": runtime.path, "sha256": model_sha256(runtime), "arch": meta.arch, "head": meta.head},
-        runtime_options={**runtime.options, "read_threads": options.read_threads},
+        runtime_options={**runtime.options, "read_threads": reader_threads(options.read_threads, runtime.blend_device)},
         cdkd_version=cdkd.__version__, stages=stages, classes=classes)

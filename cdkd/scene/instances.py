@@ -57,6 +57,8 @@ from cdkd.scene.pipeline import (
     Tile,
     TilePrefetcher,
     model_outputs,
+    prefetcher_for,
+    reader_threads,
 )
 from cdkd.scene.source import SceneSource
 from cdkd.scene.tiler import TileWindow, pad_to_tile, plan_rows
@@ -250,8 +252,8 @@ class _InstanceRun:
             self.partial.mkdir(parents=True)
         else:
             self._restore(state)
-        prefetcher = TilePrefetcher(self.source.read_normalized, self.tile, options.pad_mode, options.read_threads,
-                                    depth=2 * options.batch_size + options.read_threads, times=self.times)
+        prefetcher = prefetcher_for(self.source.read_normalized, self.tile, options, self.runtime.device,
+                                    self.times)
         progress = _Progress(sum(len(r) for r in self.plan), sum(len(r) for r in self.plan[: self.rows_done]),
                              options.progress, Path(str(self.scene)).name)
         last_checkpoint = time.monotonic()
@@ -413,7 +415,8 @@ class _InstanceRun:
             scene_bands=info.count,
             stats={"mode": options.stats, "mean": list(norm.mean), "std": list(norm.std), "dtype": norm.dtype},
             model={"path": runtime.path, "sha256": model_sha256(runtime), "arch": meta.arch, "head": meta.head},
-            runtime_options={**runtime.options, "read_threads": options.read_threads},
+            runtime_options={**runtime.options,
+                             "read_threads": reader_threads(options.read_threads, runtime.device)},
             cdkd_version=cdkd.__version__, stages=self.times.to_dict(), classes=classes)
 
 

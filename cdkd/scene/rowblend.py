@@ -69,23 +69,54 @@ class Partial:
                    arrays.put(np.asarray(state["weight_sum"])), arrays.put(np.asarray(state["valid"])))
 
 
-@dataclass(frozen=True)
 class FinishedRows:
     """Final rows ``[top, top + n)``: (n, W) uint8 class ids (``NODATA`` where invalid) and, when asked for, (n, W)
     uint8 confidence ``round(255 * max softmax)`` (``CONFIDENCE_NODATA`` where invalid); or, for evaluation,
-    (K, n, W) float32 blended ``logits`` (0 where no window contributed)."""
+    (K, n, W) float32 blended ``logits`` (0 where no window contributed).
 
-    top: int
-    classes: np.ndarray | None
-    confidence: np.ndarray | None = None
-    logits: Any = None
+    On a GPU the arrays are still being copied to (pinned) host memory when the rows are handed out: ``ready`` is
+    the CUDA event of that copy, and reading ``classes`` or ``confidence`` waits for it, in the reading thread only
+    (the writer's), so the thread that feeds the GPU never waits for it.
+    """
+
+    def __init__(self, top: int, classes: np.ndarray | None, confidence: np.ndarray | None = None,
+                 logits: Any = None, ready: Any = None) -> None:
+        self.top, self.logits = top, logits
+        self._classes, self._confidence, self._ready = classes, confidence, ready
+
+    def _wait(self) -> None:
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+
+    @property
+    def classes(self) -> np.ndarray | None:
+        self._wait()
+        return self._classes
+
+    @property
+    def confidence(self) -> np.ndarray | None:
+        self._wait()
+        return self._confidence
 
     @property
     def rows(self) -> int:
-        return int(self.classes.shape[0] if self.classes is not None else self.logits.shape[1])
+        return int(self._classes.shape[0] if self._classes is not None else self.logits.shape[1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._wait()
+        return self.__dict__
 
 
 Array = Any  # a numpy array on the CPU, a torch tensor on a GPU
+
+
+def fill_where(a: Array, mask: Array, value: int) -> None:
+    """``a[mask] = value`` in place; on torch without boolean indexing, which waits for the GPU (``nonzero``)."""
+    if isinstance(a, np.ndarray):
+        a[mask] = value
+    else:
+        a.masked_fill_(mask, value)
 
 
 def first_argmax(x: Array) -> Array:
@@ -169,7 +200,20 @@ class _Arrays:
         """A tensor or array onto the device (no copy when it is there already)."""
         if self.numpy:
             return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        return torch.as_tensor(x).to(self.device, non_blocking=True)
+        return to_device(torch.as_tensor(x), self.device)
+
+    def host(self, a: Array) -> tuple[np.ndarray, Any]:
+        """``(array, event)``: a copy of ``a`` on the host; from a GPU an asynchronous copy into pinned memory,
+        complete once ``event`` is (None: complete now)."""
+        if isinstance(a, np.ndarray):
+            return a.copy(), None
+        if a.device.type != "cuda":
+            return a.cpu().numpy().copy(), None
+        out = torch.empty(a.shape, dtype=a.dtype, pin_memory=True)
+        out.copy_(a, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(a.device))
+        return out.numpy(), event
 
     @staticmethod
     def copy(a: Array) -> Array:
@@ -178,6 +222,15 @@ class _Arrays:
 
 def to_numpy(a: Array) -> np.ndarray:
     return a if isinstance(a, np.ndarray) else a.cpu().numpy()
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device`` without making the host wait: a pageable host -> GPU copy waits for all the work queued
+    on the GPU first, so host tensors go through pinned memory (torch's caching host allocator keeps the staging
+    block until the copy is done)."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def exclusive(offsets: Sequence[int], index: int, length: int, size: int) -> tuple[int, int]:
@@ -304,11 +357,11 @@ class PlanBlender:
         part = logits[(slice(None), *own)]
         invalid = ~valid[own]
         classes = first_argmax(part)
-        classes[invalid] = NODATA
+        fill_where(classes, invalid, NODATA)
         self._direct[band] = classes
         if self._direct_conf is not None:
             conf = confidence(part)
-            conf[invalid] = CONFIDENCE_NODATA
+            fill_where(conf, invalid, CONFIDENCE_NODATA)
             self._direct_conf[band] = conf
 
     def end(self, index: int) -> tuple[Partial | None, FinishedRows | None]:
@@ -361,8 +414,11 @@ class PlanBlender:
         for r0, r1, c0, c1 in regions:
             if r0 < r1 and c0 < c1:
                 self._reduce(r0, r1, c0, c1)
-        conf = to_numpy(self._direct_conf[rows]).copy() if self._direct_conf is not None else None
-        return FinishedRows(a, to_numpy(self._direct[rows]).copy(), conf)
+        classes, ready = self._arrays.host(self._direct[rows])
+        conf = self._arrays.host(self._direct_conf[rows])[0] if self._direct_conf is not None else None
+        if ready is not None and conf is not None:  # one event after both copies
+            ready.record(torch.cuda.current_stream(self.device))
+        return FinishedRows(a, classes, conf, ready=ready)
 
     def _reduce(self, r0: int, r1: int, c0: int, c1: int) -> None:
         """Class ids (and confidence) of a region from its sums, into the row's output."""
@@ -370,11 +426,11 @@ class PlanBlender:
         sums = self._sum[(slice(None), *band)]
         invalid = ~self._valid[band]
         classes = first_argmax(sums)  # the argmax of the sums: dividing all by one positive weight keeps the order
-        classes[invalid] = NODATA
+        fill_where(classes, invalid, NODATA)
         self._direct[band] = classes
         if self._direct_conf is not None:
             conf = confidence(blended(sums, self._w[band]))
-            conf[invalid] = CONFIDENCE_NODATA
+            fill_where(conf, invalid, CONFIDENCE_NODATA)
             self._direct_conf[band] = conf
 
 
@@ -388,10 +444,10 @@ def merge_seam(tail: Partial, head: Partial, probs: bool = False) -> FinishedRow
     weights = tail.weight_sum + head.weight_sum
     valid = tail.valid | head.valid
     classes = first_argmax(sums)
-    classes[~valid] = NODATA
+    fill_where(classes, ~valid, NODATA)
     conf = None
     if probs:
         c = confidence(blended(sums, weights))
-        c[~valid] = CONFIDENCE_NODATA
+        fill_where(c, ~valid, CONFIDENCE_NODATA)
         conf = to_numpy(c)
     return FinishedRows(tail.top, to_numpy(classes), conf)

@@ -121,7 +121,9 @@ class TorchRuntime:
     def forward(self, batch: np.ndarray) -> torch.Tensor:
         import torch
 
-        x = torch.from_numpy(_check_batch(batch, self.meta, fixed_tile=False)).to(self._device, non_blocking=True)
+        from cdkd.scene.rowblend import to_device
+
+        x = to_device(torch.from_numpy(_check_batch(batch, self.meta, fixed_tile=False)), self._device)
         with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype,
                                                     enabled=self._dtype is not None):
             return self.model(x).float()
