@@ -356,7 +356,8 @@ def job_ceiling(scene: str, out: str, tile: int, overlap: int, batch: int, read_
             "peak_mb": _peak_mb()}
 
 
-def job_overhead(model: str, scene: str, out: str, device: str, batch: int, threads: int | None) -> dict:
+def job_overhead(model: str, scene: str, out: str, device: str, batch: int, threads: int | None,
+                 read_threads: int | None = None) -> dict:
     """Engine time vs the bare model on as many tiles (batches already in memory), after a warm-up."""
     from cdkd.scene.engine import SegmentOptions, segment_scene
     from cdkd.scene.runtimes import open_runtime
@@ -366,7 +367,8 @@ def job_overhead(model: str, scene: str, out: str, device: str, batch: int, thre
     t = rt.meta.tile_size
     x = np.random.default_rng(0).normal(size=(batch, rt.meta.in_chans, t, t)).astype(np.float32)
     _sync(rt.forward(x))  # warm-up (cuDNN autotuning, allocator)
-    report = segment_scene(scene, rt, out, SegmentOptions(batch_size=batch, overwrite=True, progress=False))
+    report = segment_scene(scene, rt, out, SegmentOptions(batch_size=batch, overwrite=True, progress=False,
+                                                          read_threads=read_threads))
     tiles = report.tiles_run
     start = time.perf_counter()
     for i in range(0, tiles, batch):
@@ -565,7 +567,7 @@ def overhead(args: argparse.Namespace, work: Path, bands: list[int], dtype: str)
     model = build_segmenter(work / "segmenter_full.pt", "full", 1024, tuple(bands), dtype)
     scene = mosaic(args.base, args.overhead_factor, work)
     r = run_child("overhead", model=model["path"], scene=str(scene), out=str(work / "overhead.tif"),
-                  device=args.device, batch=args.batch_size, threads=args.threads)
+                  device=args.device, batch=args.batch_size, threads=args.threads, read_threads=args.read_threads)
     return {"model": model, "scene": scene_facts(scene), "result": r}
 
 
@@ -748,7 +750,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scaleout-factor", type=int, default=256, help="scale-out scene area (x base): 16384^2")
     parser.add_argument("--seams-factor", type=int, default=16, help="seams scene area (x base): 16 = 4 x 4")
     parser.add_argument("--block-rows", type=int, default=2, help="window rows per block in the scale-out part")
-    parser.add_argument("--read-threads", type=int, default=2, help="engine reader threads (ceiling part)")
+    parser.add_argument("--read-threads", type=int, default=None,
+                        help="engine reader threads (ceiling and overhead parts; default: the engine's)")
     parser.add_argument("--device", default="cpu", help="device of the overhead part (cpu or cuda)")
     parser.add_argument("--gdal-cachemax", default=None,
                         help="GDAL block cache for the measured processes, e.g. 16MB (default: GDAL's, 5%% of RAM)")

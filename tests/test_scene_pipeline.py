@@ -115,12 +115,15 @@ def test_engine_equals_the_canonical_reference_bitwise(collar_scene, linear, tmp
 
 
 class CudaLinearRuntime(LinearRuntime):
-    """``LinearRuntime`` whose logits come back on the GPU, as the torch runtime's do on CUDA."""
+    """``LinearRuntime`` on the GPU as the torch runtime is there: batches arrive as tensors on the device (staged
+    by the reader threads), logits stay there."""
 
     device = blend_device = "cuda"
+    takes_tensors = True
 
-    def forward(self, batch: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self(batch)).cuda()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        assert batch.is_cuda
+        return torch.from_numpy(self(batch.cpu().numpy())).cuda()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -133,7 +133,8 @@ def run_block(job: _Job, block: Block) -> dict[str, Any]:
         plan = plan_rows(info.height, info.width, job.tile, job.overlap)
         blender = PlanBlender(meta.num_classes, [r[0].row for r in plan], [w.col for w in plan[0]], plan[0][0].shape,
                               (info.height, info.width), runtime.blend_device, probs=options.probs, head=block.head)
-        prefetcher = prefetcher_for(source.read_normalized, job.tile, options, blender.device, times)
+        prefetcher = prefetcher_for(source.read_normalized, job.tile, options, blender.device, times,
+                                    stage=getattr(runtime, "takes_tensors", False))
         weights = WeightCache(info.height, info.width, job.overlap, blender.device)
         chunks, head = [], None
         try:

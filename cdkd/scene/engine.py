@@ -328,7 +328,8 @@ class _LocalRun:
         blender = self.blender()
         if state is not None:
             blender.carry = self._restore(state, writer)
-        prefetcher = prefetcher_for(self.source.read_normalized, self.tile, options, blender.device, self.times)
+        prefetcher = prefetcher_for(self.source.read_normalized, self.tile, options, blender.device, self.times,
+                                    stage=getattr(self.runtime, "takes_tensors", False))
         weights = WeightCache(info.height, info.width, self.overlap, blender.device)
         total = sum(len(r) for r in self.plan)
         progress = _Progress(total, sum(len(r) for r in self.plan[: self.rows_done]), options.progress,

@@ -60,11 +60,15 @@ def runtime_for(path: str | Path, runtime: str | None = None) -> str:
     return SUFFIXES[suffix]
 
 
-def _check_batch(batch: np.ndarray, meta: InferenceMeta, fixed_tile: bool = True) -> np.ndarray:
+def _check_shape(shape: tuple[int, ...], meta: InferenceMeta, fixed_tile: bool = True) -> None:
     expected = (meta.in_chans, meta.tile_size, meta.tile_size)
-    ok = batch.ndim == 4 and (tuple(batch.shape[1:]) == expected if fixed_tile else batch.shape[1] == meta.in_chans)
+    ok = len(shape) == 4 and (tuple(shape[1:]) == expected if fixed_tile else shape[1] == meta.in_chans)
     if not ok:
-        raise CdkdValueError(f"runtime input must be (B, {', '.join(map(str, expected))}), got {batch.shape}")
+        raise CdkdValueError(f"runtime input must be (B, {', '.join(map(str, expected))}), got {shape}")
+
+
+def _check_batch(batch: np.ndarray, meta: InferenceMeta, fixed_tile: bool = True) -> np.ndarray:
+    _check_shape(tuple(batch.shape), meta, fixed_tile)
     return np.ascontiguousarray(batch, dtype=np.float32)
 
 
@@ -94,6 +98,7 @@ class TorchRuntime:
     name = "torch"
     max_batch = None
     fixed_tile = False  # the ViT resamples its position embedding: any multiple of the patch size
+    takes_tensors = True  # forward also takes a float32 tensor batch already on the device
 
     def __init__(self, path: str | Path, device: str = "auto", amp: str = "auto") -> None:
         import torch
@@ -118,12 +123,16 @@ class TorchRuntime:
         model, info = load_segmenter(path, map_location=self._device)
         return model.eval(), info.inference_meta()
 
-    def forward(self, batch: np.ndarray) -> torch.Tensor:
+    def forward(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         import torch
 
         from cdkd.scene.rowblend import to_device
 
-        x = to_device(torch.from_numpy(_check_batch(batch, self.meta, fixed_tile=False)), self._device)
+        if isinstance(batch, torch.Tensor):
+            _check_shape(tuple(batch.shape), self.meta, fixed_tile=False)
+            x = to_device(batch.float(), self._device)
+        else:
+            x = to_device(torch.from_numpy(_check_batch(batch, self.meta, fixed_tile=False)), self._device)
         with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype,
                                                     enabled=self._dtype is not None):
             return self.model(x).float()
