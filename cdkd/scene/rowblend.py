@@ -162,11 +162,13 @@ def blended(logit_sum: Array, weight_sum: Array) -> Array:
     return torch.where(has, logit_sum / torch.where(has, weight_sum, 1.0), 0.0)
 
 
-def add_weighted(dst: Array, logits: Array, weights: Array) -> None:
+def add_weighted(dst: Array, logits: Array, weights: Array, scratch: np.ndarray | None = None) -> None:
     """``dst += logits * weights``, rounding the product and the sum once each (no fused multiply-add: every path
-    must round alike)."""
+    must round alike). ``scratch``: a numpy buffer at least ``dst``'s shape for the product (a fresh temporary of
+    megabytes costs its page faults each time)."""
     if isinstance(dst, np.ndarray):
-        np.add(dst, np.multiply(logits, weights), out=dst)
+        product = None if scratch is None else scratch[tuple(slice(0, n) for n in dst.shape)]
+        np.add(dst, np.multiply(logits, weights, out=product), out=dst)
     else:
         dst += logits * weights
 
@@ -296,6 +298,7 @@ class PlanBlender:
         self._direct = new(shape, "uint8")  # the row's output: class ids
         self._direct_conf = new(shape, "uint8") if probs else None
         self._direct_logits = new((num_classes, *shape), "float32") if output == "logits" else None
+        self._scratch = np.empty((num_classes, self.win_h, self.win_w), np.float32) if self._arrays.numpy else None
         self.top, self._rows = 0, (0, 0)
 
     # ------------------------------------------------------------------------------------------------ a row
@@ -340,7 +343,7 @@ class PlanBlender:
         if logits is None:
             return
         w = weights[own]
-        add_weighted(self._sum[(slice(None), *band)], logits[(slice(None), *own)], w)
+        add_weighted(self._sum[(slice(None), *band)], logits[(slice(None), *own)], w, self._scratch)
         self._w[band] += w
 
     def _set_direct(self, window: TileWindow, logits: Any, valid: Any, a: int, b: int, c: int, d: int) -> None:
