@@ -290,5 +290,10 @@ class _SpecRuntime:
         return f"cluster ({self.spec.device})"
 
     @property
+    def blend_device(self) -> str:
+        """The workers' device as far as it is known here (``auto`` resolves on each worker)."""
+        return "cpu" if self.spec.device in ("auto", "cpu") else self.spec.device
+
+    @property
     def options(self) -> dict[str, Any]:
         return {"device": self.spec.device, "amp": self.spec.amp, "threads": self.spec.threads}

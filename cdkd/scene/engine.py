@@ -450,5 +450,6 @@ def build_report(*, scene: str | Path, final: Path, conf: Path | None, runtime: 
         bands=list(bands), scene_bands=info.count,
         stats={"mode": options.stats, "mean": list(norm.mean), "std": list(norm.std), "dtype": norm.dtype},
         model={"path": runtime.path, "sha256": model_sha256(runtime), "arch": meta.arch, "head": meta.head},
-        runtime_options={**runtime.options, "read_threads": reader_threads(options.read_threads, runtime.blend_device)},
+        runtime_options={**runtime.options,
+                         "read_threads": reader_threads(options.read_threads, runtime.blend_device)},
         cdkd_version=cdkd.__version__, stages=stages, classes=classes)
