@@ -39,6 +39,7 @@ from cdkd.utils.atomic import atomic_path
 
 BLOCK = 512
 OVERVIEW_CHUNK_ROWS = BLOCK  # overview rows are gathered into chunks of at least this many rows
+VRT_OPEN_SOURCES = 8  # chunk files a VRT keeps open while the COG is written
 QUEUE_ITEMS = 4  # finished bands waiting for the writer: bounds memory when writing falls behind
 CHUNK_PROFILE = dict(driver="GTiff", count=1, dtype="uint8", tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
                      compress="zstd", zstd_level=1)
@@ -202,7 +203,9 @@ class LayerChunks:
         """The final COG at ``out`` (temporary name, then rename), and the legend sidecar for class rasters."""
         vrt = self._vrt(0)
         try:
-            with atomic_path(out) as tmp:
+            # GDAL keeps up to 100 of a VRT's sources open by default, one chunk file each, and memory grew with
+            # the scene's height (~130 MB more at 67 Mpx); the copy reads rows in order, so a few suffice
+            with atomic_path(out) as tmp, rasterio.Env(GDAL_MAX_DATASET_POOL_SIZE=VRT_OPEN_SOURCES):
                 rasterio.shutil.copy(vrt, tmp, **COG_OPTIONS)
         except (RasterioError, OSError) as e:
             raise CdkdIOError(f"{out}: cannot write the Cloud-Optimized GeoTIFF ({e})") from None
