@@ -33,9 +33,21 @@ from cdkd.errors import CdkdValueError, CheckpointError, DataError
 from cdkd.scene.areas import ClassAreaTally
 from cdkd.scene.classraster import check_num_classes
 from cdkd.scene.cluster import connect, register_runtime, worker_runtime
-from cdkd.scene.engine import (STATE_FORMAT, SceneReport, SegmentOptions, announce_bands, build_report,
-                               cache_budget, check_outputs, fingerprint, load_state, output_paths, resolve_tiling,
-                               _Progress, _stderr)
+from cdkd.scene.engine import (
+    STATE_FORMAT,
+    SceneReport,
+    SegmentOptions,
+    TileProgress,
+    announce_bands,
+    build_report,
+    cache_budget,
+    check_outputs,
+    fingerprint,
+    load_state,
+    log_stderr,
+    output_paths,
+    resolve_tiling,
+)
 from cdkd.scene.pipeline import RowCounts, StageTimes, WeightCache, blend_rows, prefetcher_for
 from cdkd.scene.rowblend import FinishedRows, Partial, PlanBlender, merge_seam
 from cdkd.scene.runtimes import RuntimeSpec, runtime_for
@@ -186,7 +198,7 @@ def segment_scene_on_cluster(scene: str | Path, spec: RuntimeSpec, out: str | Pa
     check_outputs(scene, out, options)
     final, conf, report_path, partial = output_paths(out)
     with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source:
-        announce_bands(source, log or _stderr)
+        announce_bands(source, log or log_stderr)
         info = source.info
         plan = plan_rows(info.height, info.width, tile, overlap)
         blocks = plan_blocks([r[0].row for r in plan], plan[0][0].height, rows_per_block)
@@ -231,7 +243,7 @@ def _run_blocks(job: _Job, blocks: list[Block], spec: RuntimeSpec, scheduler: An
 
     client = connect(scheduler)
     owned = not isinstance(scheduler, Client)
-    progress = _Progress(total_tiles, 0, options.progress, Path(job.scene).name)
+    progress = TileProgress(total_tiles, 0, options.progress, Path(job.scene).name)
     try:
         register_runtime(client, spec)
         futures = [client.submit(run_block, job, b, pure=False, key=f"cdkd-block-{b.index}-{id(job)}")

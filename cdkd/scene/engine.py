@@ -202,7 +202,7 @@ def check_outputs(scene: str | Path, out: Path, options: SegmentOptions, suffixe
                                 "it" + (" or --resume to continue" if partial.exists() else ""))
 
 
-class _Progress:
+class TileProgress:
     """tqdm over windows (tiles/s and ETA), or nothing."""
 
     def __init__(self, total: int, initial: int, enabled: bool, name: str) -> None:
@@ -261,7 +261,7 @@ def announce_bands(source: SceneSource, log: Log) -> None:
             "(choose others with --bands)")
 
 
-def _stderr(msg: str) -> None:
+def log_stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
@@ -288,7 +288,7 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
     meta = runtime.meta
     with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
             rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, tile)):
-        announce_bands(source, log or _stderr)
+        announce_bands(source, log or log_stderr)
         run = _LocalRun(scene, source, runtime, out, options, tile, overlap)
         run.execute()
         report = run.report(time.perf_counter() - start)
@@ -332,7 +332,7 @@ class _LocalRun:
                                     stage=getattr(self.runtime, "takes_tensors", False))
         weights = WeightCache(info.height, info.width, self.overlap, blender.device)
         total = sum(len(r) for r in self.plan)
-        progress = _Progress(total, sum(len(r) for r in self.plan[: self.rows_done]), options.progress,
+        progress = TileProgress(total, sum(len(r) for r in self.plan[: self.rows_done]), options.progress,
                              Path(str(self.scene)).name)
         last_checkpoint = time.monotonic()
         try:

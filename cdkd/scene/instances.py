@@ -39,13 +39,14 @@ from cdkd.errors import CdkdValueError, DataError
 from cdkd.scene.engine import (
     STATE_FORMAT,
     SegmentOptions,
-    _Progress,
+    TileProgress,
     announce_bands,
     cache_budget,
     check_outputs,
     deferred_sigint,
     fingerprint,
     load_state,
+    log_stderr,
     model_sha256,
     output_paths,
     resolve_tiling,
@@ -201,7 +202,7 @@ def segment_instances(scene: str | Path, runtime: Any, out: str | Path, options:
     meta = runtime.meta
     with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
             rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, tile)):
-        announce_bands(source, log or _stderr)
+        announce_bands(source, log or log_stderr)
         run = _InstanceRun(scene, source, runtime, out, options, tile, overlap, min_score, merge_iou)
         run.execute()
         report = run.report(time.perf_counter() - start)
@@ -209,12 +210,6 @@ def segment_instances(scene: str | Path, runtime: Any, out: str | Path, options:
     atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2))
     shutil.rmtree(partial)
     return report
-
-
-def _stderr(msg: str) -> None:
-    import sys
-
-    print(msg, file=sys.stderr)
 
 
 def _check_writable(out: Path) -> None:
@@ -254,7 +249,7 @@ class _InstanceRun:
             self._restore(state)
         prefetcher = prefetcher_for(self.source.read_normalized, self.tile, options, self.runtime.device,
                                     self.times)
-        progress = _Progress(sum(len(r) for r in self.plan), sum(len(r) for r in self.plan[: self.rows_done]),
+        progress = TileProgress(sum(len(r) for r in self.plan), sum(len(r) for r in self.plan[: self.rows_done]),
                              options.progress, Path(str(self.scene)).name)
         last_checkpoint = time.monotonic()
         try:
