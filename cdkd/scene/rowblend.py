@@ -311,7 +311,8 @@ class PlanBlender:
         inside = [(a, b) for a, b in self._col_excl.values() if a < b]
         self._shared_cols = _intervals_outside(inside, self.x0, self.x1)  # columns that need the sums
         shape, new = (self.win_h, self.x1 - self.x0), self._arrays.empty
-        self._sum, self._w, self._valid = new((num_classes, *shape), "float32"), new(shape, "float32"), new(shape, "bool")
+        self._sum = new((num_classes, *shape), "float32")
+        self._w, self._valid = new(shape, "float32"), new(shape, "bool")
         self._direct = new(shape, "uint8")  # the row's output: class ids
         self._direct_conf = new(shape, "uint8") if probs else None
         self._direct_logits = new((num_classes, *shape), "float32") if output == "logits" else None
