@@ -67,7 +67,7 @@ fi
 step distill_cuda 120 python3 bench/distill_throughput.py --teachers vit_b --students vit_s --sizes 1024 \
   --batch-size 2 --steps 3 --amp bf16 --device cuda --json "$out/distill_cuda.json"
 # 5. the students' forward on the GPU (bf16): global ViT-S vs windowed vs RS4D's state-space student
-#    (2048 px left out: the pure-PyTorch scan of rsmamba_s alone took over a minute there on an H200)
+#    (2048 px left out: on an H200 that round did not finish inside the step's minute)
 step students_cuda 60 python3 bench/student_speed.py --device cuda --sizes 512,1024 --batch 4 --repeats 5 \
   --json "$out/students_cuda.json"
 # 6. the engine ceiling (free model) on this machine's CPUs, 8192 x 8192
