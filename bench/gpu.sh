@@ -14,6 +14,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-bench}/run"  # packed into one gpu-bench.tgz at the end (a lent machine returns few files)
 mkdir -p "$out"
+work=$(mktemp -d -t cdkd-gpu-XXXXXX)  # the model and mosaic the overhead and throughput steps share
+trap 'rm -rf "$work"' EXIT
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -44,11 +46,11 @@ step tests_cuda 90 python3 -m pytest -q -p no:cacheprovider tests/test_scene_pip
   "cuda or fused or torch_blend"
 # 1. the engine with the real model (vit_s + UPerNet 512, 1024 px) on CUDA, bf16: engine / bare model
 step overhead_cuda 120 python3 bench/scene.py --base "$base" --parts overhead --device cuda --overhead-factor 144 \
-  --batch-size 8 --workdir /tmp/cdkd-gpu --json "$out/overhead_cuda.json"
+  --batch-size 8 --workdir "$work" --json "$out/overhead_cuda.json"
 # 2. end-to-end throughput per runtime at 1024 px on the GPU: torch CUDA bf16, and ONNX Runtime's CUDA provider
 #    where onnxruntime-gpu is installed (its wheel, ~300 MB, is too large to carry to a lent machine)
 step throughput_cuda 120 python3 bench/scene.py --base "$base" --parts throughput --model-size full \
-  --throughput-factor 144 --repeats 1 --batch-size 8 --runtimes torch --devices cuda --workdir /tmp/cdkd-gpu \
+  --throughput-factor 144 --repeats 1 --batch-size 8 --runtimes torch --devices cuda --workdir "$work" \
   --json "$out/throughput_cuda.json"
 # 3. TensorRT: export ONNX, build an FP16 engine, segment with it (skipped without the tensorrt package)
 if python3 -c "import tensorrt" 2>/dev/null; then
