@@ -431,6 +431,16 @@ def load_state(partial: Path, expected: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def provenance(runtime: Any, options: SegmentOptions, norm: Any, device: str) -> dict[str, Any]:
+    """The report fields that reproduce a run (any task): statistics, model file and hash, runtime options with
+    the reader threads used on ``device``, cdkd version."""
+    meta = runtime.meta
+    return {"stats": {"mode": options.stats, "mean": list(norm.mean), "std": list(norm.std), "dtype": norm.dtype},
+            "model": {"path": runtime.path, "sha256": model_sha256(runtime), "arch": meta.arch, "head": meta.head},
+            "runtime_options": {**runtime.options, "read_threads": reader_threads(options.read_threads, device)},
+            "cdkd_version": cdkd.__version__}
+
+
 def build_report(*, scene: str | Path, final: Path, conf: Path | None, runtime: Runtime, info: SceneInfo, tile: int,
                  overlap: int, options: SegmentOptions, tiles: int, counts: RowCounts, tally: Any, seconds: float,
                  resumed_from: int, pixels_run: int, bands: tuple[int, ...], norm: Any,
@@ -440,16 +450,11 @@ def build_report(*, scene: str | Path, final: Path, conf: Path | None, runtime: 
     areas = np.asarray(tally.area_m2, dtype=np.float64)
     classes = {c.name: ClassArea(int(n), float(a) / 1e6, float(n) / valid)
                for c, n, a in zip(runtime.meta.classes.classes, tally.pixels, areas)}
-    meta = runtime.meta
     return SceneReport(
         scene=str(scene), output=str(final), confidence=str(conf) if conf else None, runtime=runtime.name,
         device=runtime.device, crs=info.crs.to_string(), width=info.width, height=info.height, tile_size=tile,
         overlap=overlap, batch_size=options.batch_size, tiles=tiles, tiles_run=counts.run,
         tiles_skipped=counts.skipped, valid_pixels=valid, area_km2=float(areas.sum()) / 1e6, seconds=seconds,
         mpx_per_s=pixels_run / 1e6 / max(seconds, 1e-9), resumed_from_row=resumed_from, pixels_this_run=pixels_run,
-        bands=list(bands), scene_bands=info.count,
-        stats={"mode": options.stats, "mean": list(norm.mean), "std": list(norm.std), "dtype": norm.dtype},
-        model={"path": runtime.path, "sha256": model_sha256(runtime), "arch": meta.arch, "head": meta.head},
-        runtime_options={**runtime.options,
-                         "read_threads": reader_threads(options.read_threads, runtime.blend_device)},
-        cdkd_version=cdkd.__version__, stages=stages, classes=classes)
+        bands=list(bands), scene_bands=info.count, **provenance(runtime, options, norm, runtime.blend_device),
+        stages=stages, classes=classes)

@@ -33,7 +33,6 @@ import numpy as np
 import rasterio
 import shapely
 
-import cdkd
 from cdkd.data.files import raster_path
 from cdkd.errors import CdkdValueError, DataError
 from cdkd.scene.engine import (
@@ -47,8 +46,8 @@ from cdkd.scene.engine import (
     fingerprint,
     load_state,
     log_stderr,
-    model_sha256,
     output_paths,
+    provenance,
     resolve_tiling,
 )
 from cdkd.scene.objects import MERGE_IOU, ObjectMerger, SceneObject, mask_polygon
@@ -59,7 +58,6 @@ from cdkd.scene.pipeline import (
     TilePrefetcher,
     model_outputs,
     prefetcher_for,
-    reader_threads,
 )
 from cdkd.scene.source import SceneSource
 from cdkd.scene.tiler import TileWindow, pad_to_tile, plan_rows
@@ -394,25 +392,20 @@ class _InstanceRun:
     # ------------------------------------------------------------------------------------------------ report
 
     def report(self, seconds: float) -> InstanceReport:
-        info, runtime, options, meta = self.info, self.runtime, self.options, self.runtime.meta
+        info, runtime, meta = self.info, self.runtime, self.runtime.meta
         tops = [row[0].row for row in self.plan]
         first = tops[self.resumed_from] if self.resumed_from < len(tops) else info.height
         classes = {c.name: ClassObjects(*self.class_totals.get(c.id, (0, 0.0))) for c in meta.classes.classes}
-        norm = self.source.norm
         return InstanceReport(
             scene=str(self.scene), output=str(self.out), runtime=runtime.name, device=runtime.device,
             crs=info.crs.to_string(), width=info.width, height=info.height, tile_size=self.tile,
-            overlap=self.overlap, batch_size=options.batch_size, tiles=sum(len(r) for r in self.plan),
+            overlap=self.overlap, batch_size=self.options.batch_size, tiles=sum(len(r) for r in self.plan),
             tiles_run=self.counts.run, tiles_skipped=self.counts.skipped, seconds=seconds,
             mpx_per_s=(info.height - first) * info.width / 1e6 / max(seconds, 1e-9),
             resumed_from_row=self.resumed_from, min_score=self.min_score, merge_iou=self.merge_iou,
             pieces=self.pieces, objects=self.written, without_mask=self.maskless, bands=list(self.source.bands),
-            scene_bands=info.count,
-            stats={"mode": options.stats, "mean": list(norm.mean), "std": list(norm.std), "dtype": norm.dtype},
-            model={"path": runtime.path, "sha256": model_sha256(runtime), "arch": meta.arch, "head": meta.head},
-            runtime_options={**runtime.options,
-                             "read_threads": reader_threads(options.read_threads, runtime.device)},
-            cdkd_version=cdkd.__version__, stages=self.times.to_dict(), classes=classes)
+            scene_bands=info.count, **provenance(runtime, self.options, self.source.norm, runtime.device),
+            stages=self.times.to_dict(), classes=classes)
 
 
 __all__ = [
