@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,6 +18,29 @@ from rasterio.transform import Affine
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # real imagery lives beside the repository (../shared/data) and is never copied into it
 SHARED_DATA = Path(os.environ.get("CDKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """The rows of a training run's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def distill_single_and_ddp(args: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """``cdkd <args>`` as one process at batch 2 and as two gloo ranks at batch 1 (torchrun, one thread each):
+    the two run folders (``tmp_path/single``, ``tmp_path/ddp``)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    result = CliRunner().invoke(app, args + ["--out", str(single), "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cli.main", *args, "--out", str(ddp), "--batch-size", "1"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return single, ddp
 
 
 def one_clean_error(output: str) -> str:

@@ -6,9 +6,6 @@ A random-weight SAM vit_b teacher (the real architecture) and 64 px tiles keep e
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +16,8 @@ from cdkd.artifacts import load_student
 from cdkd.config import DistillConfig, apply_overrides, load_config
 from cdkd.distill.trainer import distill
 from cli.main import app
+from conftest import distill_single_and_ddp, read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -50,10 +47,6 @@ def small_config(data: Path, **overrides) -> DistillConfig:
     return apply_overrides(DistillConfig(), dict(base, **overrides))
 
 
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def _student_state(run: Path) -> dict[str, torch.Tensor]:
     model, _ = load_student(run / "student.pt")
     return model.state_dict()
@@ -63,7 +56,7 @@ def test_loss_decreases_on_real_tiles(rsscn7_dir: Path, tmp_path: Path) -> None:
     cfg = small_config(rsscn7_dir, **{"train.steps": 30, "train.lr": 5e-4, "train.warmup_steps": 3,
                                       "train.checkpoint_every": 100, "objective.schedule_warmup": 5})
     result = distill(cfg, tmp_path / "run", progress=False)
-    rows = [r for r in _metrics(tmp_path / "run") if "loss" in r]
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert len(rows) == 30
     first = sum(r["kd"] + r["t_mae"] + r["s_mae"] for r in rows[:5]) / 5
     last = sum(r["kd"] + r["t_mae"] + r["s_mae"] for r in rows[-5:]) / 5
@@ -98,7 +91,7 @@ def test_resume_continues_the_same_trajectory(rgb_tiles: Path, tmp_path: Path) -
     cfg = small_config(rgb_tiles, **{"train.steps": 4, "train.checkpoint_every": 2})
     distill(cfg, run, progress=False)
     uninterrupted = _student_state(run)
-    full_metrics = _metrics(run)
+    full_metrics = read_metrics(run)
     # Simulate a crash after step 2: the step-4 checkpoint and the final outputs never got written.
     (run / "checkpoints" / "step_0000004.pt").unlink()
     (run / "student.pt").unlink()
@@ -108,7 +101,7 @@ def test_resume_continues_the_same_trajectory(rgb_tiles: Path, tmp_path: Path) -
     assert resumed.keys() == uninterrupted.keys()
     for k in resumed:
         assert torch.allclose(resumed[k], uninterrupted[k], atol=1e-6), k
-    resumed_metrics = _metrics(run)
+    resumed_metrics = read_metrics(run)
     assert [m["step"] for m in resumed_metrics] == [m["step"] for m in full_metrics]  # each step logged once
     for a, b in zip(resumed_metrics, full_metrics):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
@@ -132,19 +125,13 @@ def test_ddp_two_gloo_processes_match_one_process(rgb_tiles: Path, tmp_path: Pat
     cfg_file.write_text("teacher: {adapter_dim: 16}\nobjective: {decoder_dim: 64, decoder_depth: 1, decoder_heads: 4}\n"
                         "train: {warmup_steps: 1}\ndata: {stats_samples: 16}\n")
     common += ["--config", str(cfg_file)]
-    single = CliRunner().invoke(app, common + ["--out", str(tmp_path / "single"), "--batch-size", "2"])
-    assert single.exit_code == 0, single.output
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cli.main", *common, "--out", str(tmp_path / "ddp"), "--batch-size", "1"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _metrics(tmp_path / "single"), _metrics(tmp_path / "ddp")
+    single, ddp = distill_single_and_ddp(common, tmp_path)
+    a, b = read_metrics(single), read_metrics(ddp)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
     for ma, mb in zip(a, b):
         for key in ("kd", "t_mae", "s_mae"):
             assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-5), (key, ma, mb)
-    sa, sb = _student_state(tmp_path / "single"), _student_state(tmp_path / "ddp")
+    sa, sb = _student_state(single), _student_state(ddp)
     worst = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
     # Two AdamW steps move weights by up to ~2e-4; summation-order noise must stay far below that.
     assert worst < 2e-5, worst
@@ -156,7 +143,7 @@ def test_windowed_student_and_fixed_uni_ablation_run(rgb_tiles: Path, tmp_path: 
                                     "teacher.fusion": "add", "objective.direction": "uni",
                                     "objective.schedule": "fixed", "objective.fixed_weights": (0.5, 0.25, 0.25)})
     distill(cfg, tmp_path / "run", progress=False)
-    rows = _metrics(tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
     assert all(r["weights"] == [0.5, 0.25, 0.25] and r["stage"] == "fixed" for r in rows)
     model, info = load_student(tmp_path / "run" / "student.pt")
     assert info.arch == "vit_s_win" and not model.encodes_visible_only

@@ -21,7 +21,7 @@ from cdkd.distill.trainer import distill, validate_config
 from cdkd.errors import CdkdValueError
 from cdkd.models.student import build_student
 from cli.main import app
-from conftest import SHARED_DATA, one_clean_error
+from conftest import SHARED_DATA, distill_single_and_ddp, one_clean_error, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -37,10 +37,6 @@ def rs4d_config(data: Path, **overrides) -> DistillConfig:
         "train.lr": 1e-3, "train.log_every": 1, "train.checkpoint_every": 2,
     }
     return apply_overrides(DistillConfig(), dict(base, **overrides))
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------------------------- registry
@@ -244,7 +240,7 @@ def test_rs4d_resume_reproduces_the_uninterrupted_run(rgb_tiles: Path, tmp_path:
                                     "rs4d.max_mask_ratio": 0.4})
     distill(cfg, run, progress=False)
     full_state = load_student(run / "student.pt")[0].state_dict()
-    full = _metrics(run)
+    full = read_metrics(run)
     (run / "checkpoints" / "step_0000004.pt").unlink()
     (run / "student.pt").unlink()
     res = runner.invoke(app, ["distill", "--out", str(run), "--resume", "--no-progress"])
@@ -252,7 +248,7 @@ def test_rs4d_resume_reproduces_the_uninterrupted_run(rgb_tiles: Path, tmp_path:
     resumed_state = load_student(run / "student.pt")[0].state_dict()
     for k in full_state:
         torch.testing.assert_close(resumed_state[k], full_state[k], rtol=0, atol=1e-6, msg=k)
-    again = _metrics(run)
+    again = read_metrics(run)
     assert [m.get("event", "step") for m in again] == [m.get("event", "step") for m in full]
     for a, b in zip(again, full):
         assert a.get("l1") == pytest.approx(b.get("l1"), abs=1e-6)
@@ -273,7 +269,7 @@ def test_rs4d_loss_falls_on_real_tiles(tmp_path: Path) -> None:
     cfg = rs4d_config(data, **{"train.steps": 12, "train.lr": 2e-3, "train.warmup_steps": 2,
                                "train.checkpoint_every": 100})  # the real-size rsmamba_s
     distill(cfg, tmp_path / "run", progress=False)
-    rows = [r for r in _metrics(tmp_path / "run") if "l1" in r]
+    rows = [r for r in read_metrics(tmp_path / "run") if "l1" in r]
     assert len(rows) == 12 and rows[0]["noise_ratio"] == 0.2 and rows[0]["mask_ratio"] == 0.2
     last = sum(r["l1"] for r in rows[-4:]) / 4
     assert last < 0.8 * rows[0]["l1"], (rows[0]["l1"], last)
@@ -320,24 +316,14 @@ def test_rsmamba_round_trip_distill_finetune_export_segment(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_rs4d_ddp_two_gloo_processes_match_one_process(rgb_tiles: Path, tmp_path: Path) -> None:
     """The corruption is drawn per sample, so 2 ranks x batch 1 corrupt exactly what 1 process x batch 2 does."""
-    import os
-    import subprocess
-    import sys
-
     common = ["distill", "--recipe", "rs4d", "--data", str(rgb_tiles), "--teacher", "vit_t", "--random-teacher",
               "--student", "rsmamba_test", "--tile-size", "64", "--steps", "2", "--workers", "0", "--log-every", "1",
               "--lr", "1e-3", "--no-progress"]
-    single = runner.invoke(app, common + ["--out", str(tmp_path / "single"), "--batch-size", "2"])
-    assert single.exit_code == 0, single.output
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cli.main", *common, "--out", str(tmp_path / "ddp"), "--batch-size", "1"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _metrics(tmp_path / "single"), _metrics(tmp_path / "ddp")
+    single, ddp = distill_single_and_ddp(common, tmp_path)
+    a, b = read_metrics(single), read_metrics(ddp)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
     for ma, mb in zip(a, b):
         assert ma["l1"] == pytest.approx(mb["l1"], rel=1e-5, abs=1e-6)
-    sa = load_student(tmp_path / "single" / "student.pt")[0].state_dict()
-    sb = load_student(tmp_path / "ddp" / "student.pt")[0].state_dict()
+    sa = load_student(single / "student.pt")[0].state_dict()
+    sb = load_student(ddp / "student.pt")[0].state_dict()
     assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-5
