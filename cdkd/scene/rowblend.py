@@ -119,12 +119,12 @@ def fill_where(a: Array, mask: Array, value: int) -> None:
         a.masked_fill_(mask, value)
 
 
-def first_argmax(x: Array, out: np.ndarray | None = None, scratch: ArgmaxScratch | None = None) -> Array:
-    """(K, ...) -> (...) uint8 index of the largest value along axis 0, the first one on ties (numpy's rule).
+def first_argmax(x: Array, out: Array | None = None, scratch: ArgmaxScratch | None = None) -> Array:
+    """(K, ...) -> (...) uint8 index of the largest value along axis 0, the first one on ties (numpy's rule),
+    written into ``out`` when given (a view of the row's output, say).
 
     A pass per class; torch's own ``argmax(dim=0)`` reduces across memory strides and was ~5x slower (numpy's
-    ``argmax(axis=0)`` ~1.4x). Numpy only: the result goes into ``out`` when given, and ``scratch`` holds the
-    running maximum and comparison between calls.
+    ``argmax(axis=0)`` ~1.4x). Numpy: ``scratch`` holds the running maximum and comparison between calls.
     """
     if isinstance(x, np.ndarray):
         shape = x.shape[1:]
@@ -139,7 +139,7 @@ def first_argmax(x: Array, out: np.ndarray | None = None, scratch: ArgmaxScratch
             np.putmask(index, better, k)
         return index
     best = x[0].clone()
-    index = torch.zeros(best.shape, dtype=torch.uint8, device=x.device)
+    index = torch.zeros(best.shape, dtype=torch.uint8, device=x.device) if out is None else out.zero_()
     for k in range(1, x.shape[0]):
         better = x[k] > best
         best = torch.maximum(best, x[k])
@@ -376,14 +376,8 @@ class PlanBlender:
             if self._direct_conf is not None:
                 self._direct_conf[band] = CONFIDENCE_NODATA
             return
-        part = logits[(slice(None), *own)]
-        invalid = ~valid[own]
-        if self._arrays.numpy:  # straight into the row's output
-            classes = first_argmax(part, out=self._direct[band], scratch=self._argmax)
-        else:
-            classes = first_argmax(part)
-        fill_where(classes, invalid, NODATA)
-        self._direct[band] = classes
+        part, invalid = logits[(slice(None), *own)], ~valid[own]
+        fill_where(first_argmax(part, out=self._direct[band], scratch=self._argmax), invalid, NODATA)
         if self._direct_conf is not None:
             conf = confidence(part)
             fill_where(conf, invalid, CONFIDENCE_NODATA)
@@ -451,9 +445,7 @@ class PlanBlender:
         sums = self._sum[(slice(None), *band)]
         invalid = ~self._valid[band]
         # the argmax of the sums: dividing all by one positive weight keeps the order
-        classes = first_argmax(sums, scratch=self._argmax) if self._arrays.numpy else first_argmax(sums)
-        fill_where(classes, invalid, NODATA)
-        self._direct[band] = classes
+        fill_where(first_argmax(sums, out=self._direct[band], scratch=self._argmax), invalid, NODATA)
         if self._direct_conf is not None:
             conf = confidence(blended(sums, self._w[band]))
             fill_where(conf, invalid, CONFIDENCE_NODATA)
