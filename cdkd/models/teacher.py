@@ -12,7 +12,6 @@ from the mask-token positions.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +24,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from cdkd.config import TeacherConfig
 from cdkd.errors import SAM_CHECKPOINT_HELP, CheckpointError, CdkdValueError
 from cdkd.models.mmoa import MMoA
+from cdkd.utils.paths import file_sha256
 
 # SAM variant -> (embed dim, 0-based global-attention blocks), as in segment_anything/build_sam.py.
 # vit_t is SAM's architecture at a small size (8 blocks, 256-d, 8 px windows) for CPU experiments such as
@@ -106,14 +106,6 @@ def _read_encoder_state(path: Path, variant: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: this is a {found} checkpoint, but the teacher is {variant}; "
                               f"pass --teacher {found} or the {variant} checkpoint")
     return state
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class AdaptedBlock(nn.Module):

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import rasterio
+from rasterio.transform import Affine
 
 from cdkd.data.files import raster_path
 from cdkd.data.stats import NormStats
@@ -42,6 +43,7 @@ from cdkd.scene.engine import (
     build_report,
     cache_budget,
     check_outputs,
+    claimed,
     fingerprint,
     load_state,
     log_stderr,
@@ -53,7 +55,7 @@ from cdkd.scene.rowblend import FinishedRows, Partial, PlanBlender, merge_seam
 from cdkd.scene.runtimes import RuntimeSpec, runtime_for
 from cdkd.scene.source import SceneSource
 from cdkd.scene.tiler import plan_rows
-from cdkd.scene.writer import SceneWriter, chunk_name, class_layers, read_chunk, write_chunk
+from cdkd.scene.writer import SceneWriter, chunk_name, chunk_transform, class_layers, read_chunk, write_chunk
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 
 DEFAULT_BLOCK_ROWS = 4  # window rows per block: 4 x 960 px rows at 1024 px tiles
@@ -103,16 +105,18 @@ class _Job:
     tile: int
     overlap: int
     options: SegmentOptions
+    transform: tuple[float, ...]  # the scene's, GDAL order: chunk files are georeferenced (writer.chunk_transform)
 
 
 def _marker(partial: Path, kind: str, index: int) -> Path:
     return partial / "blocks" / f"{kind}_{index:05d}.json"
 
 
-def _write_rows(partial: Path, rows: FinishedRows) -> tuple[int, int]:
-    write_chunk(partial / "classes" / chunk_name(0, rows.top), rows.classes)
+def _write_rows(partial: Path, rows: FinishedRows, transform: Affine) -> tuple[int, int]:
+    at = chunk_transform(transform, 0, rows.top)
+    write_chunk(partial / "classes" / chunk_name(0, rows.top), rows.classes, at)
     if rows.confidence is not None:
-        write_chunk(partial / "confidence" / chunk_name(0, rows.top), rows.confidence)
+        write_chunk(partial / "confidence" / chunk_name(0, rows.top), rows.confidence, at)
     return rows.top, rows.rows
 
 
@@ -154,7 +158,7 @@ def run_block(job: _Job, block: Block) -> dict[str, Any]:
                                                     blender, weights, options.batch_size, times, counts):
                 head = head or row_head
                 if finished is not None:
-                    chunks.append(_write_rows(partial, finished))
+                    chunks.append(_write_rows(partial, finished, info.transform))
         finally:
             prefetcher.close()
     _save_partials(partial / "blocks" / f"block_{block.index:05d}.npz", head=head,
@@ -165,9 +169,10 @@ def run_block(job: _Job, block: Block) -> dict[str, Any]:
     return result
 
 
-def run_seam(partial: str, upper: int, probs: bool, *done: Any) -> dict[str, Any]:
+def run_seam(job: _Job, upper: int, *done: Any) -> dict[str, Any]:
     """A dask task after blocks ``upper`` and ``upper + 1`` (``done``: their results, only to order the tasks):
     the rows they share, finished."""
+    partial = job.partial
     partial_dir = Path(partial)
     marker = _marker(partial_dir, "seam", upper)
     if marker.is_file():
@@ -177,7 +182,8 @@ def run_seam(partial: str, upper: int, probs: bool, *done: Any) -> dict[str, Any
     if (tail is None) != (head is None):
         raise CheckpointError(f"{partial}: blocks {upper} and {upper + 1} disagree about the rows they share; run "
                               "again with --overwrite")
-    chunks = [] if tail is None else [_write_rows(partial_dir, merge_seam(tail, head, probs))]
+    chunks = [] if tail is None else [_write_rows(partial_dir, merge_seam(tail, head, job.options.probs),
+                                                  Affine.from_gdal(*job.transform))]
     result = {"seam": upper, "chunks": chunks}
     atomic_write_text(marker, json.dumps(result))
     return result
@@ -197,19 +203,19 @@ def segment_scene_on_cluster(scene: str | Path, spec: RuntimeSpec, out: str | Pa
     tile, overlap = resolve_tiling(meta, options, fixed_tile=kind != "torch", runtime=kind)
     check_outputs(scene, out, options)
     final, conf, report_path, partial = output_paths(out)
-    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source:
+    kind_runtime = _SpecRuntime(spec, meta, kind)
+    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
+            claimed(partial, out, options.resume):
         announce_bands(source, log or log_stderr)
         info = source.info
         plan = plan_rows(info.height, info.width, tile, overlap)
         blocks = plan_blocks([r[0].row for r in plan], plan[0][0].height, rows_per_block)
-        expected = {**fingerprint(scene, meta, source, tile, overlap, options.probs), "blocks": rows_per_block}
+        expected = {**fingerprint(scene, kind_runtime, source, tile, overlap, options.probs), "blocks": rows_per_block}
         job = _Job(str(scene), str(partial), meta.in_chans, source.norm.to_dict(), source.bands, tile, overlap,
-                   SegmentOptions(**dict(asdict(options), progress=False)))
+                   SegmentOptions(**dict(asdict(options), progress=False)), info.transform.to_gdal())
         if options.resume:
             load_state(partial, expected)
         else:
-            if partial.exists():
-                shutil.rmtree(partial)
             (partial / "blocks").mkdir(parents=True)
             atomic_write_text(partial / "state.json", json.dumps({"format": STATE_FORMAT, "fingerprint": expected,
                                                                   "mode": "blocks"}))
@@ -221,18 +227,17 @@ def segment_scene_on_cluster(scene: str | Path, spec: RuntimeSpec, out: str | Pa
                 times.add(stage, seconds)
         tally = ClassAreaTally(meta.num_classes, info.crs, info.transform, info.width, info.height)
         _assemble(partial, info, meta.classes, options.probs, results, tally, times, final, conf)
-        runtime_like = _SpecRuntime(spec, meta, kind)
         report = build_report(
-            scene=scene, final=final, conf=conf if options.probs else None, runtime=runtime_like, info=info,
+            scene=scene, final=final, conf=conf if options.probs else None, runtime=kind_runtime, info=info,
             tile=tile, overlap=overlap, options=options, tiles=sum(len(r) for r in plan), counts=counts, tally=tally,
             seconds=time.perf_counter() - start, resumed_from=0, pixels_run=info.width * info.height,
             bands=source.bands, norm=source.norm, stages=times.to_dict())
-    report = SceneReport(**{**report.to_dict(), "classes": report.classes,
-                            "runtime_options": {**report.runtime_options, "cluster": str(scheduler),
-                                                "blocks": len(blocks), "rows_per_block": rows_per_block,
-                                                "workers": sorted({r["worker"] for r in results if "worker" in r})}})
-    atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2))
-    shutil.rmtree(partial)
+        report = SceneReport(**{**report.to_dict(), "classes": report.classes,
+                                "runtime_options": {**report.runtime_options, "cluster": str(scheduler),
+                                                    "blocks": len(blocks), "rows_per_block": rows_per_block,
+                                                    "workers": sorted({r["worker"] for r in results if "worker" in r})}})
+        atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2))
+        shutil.rmtree(partial)
     return report
 
 
@@ -248,7 +253,7 @@ def _run_blocks(job: _Job, blocks: list[Block], spec: RuntimeSpec, scheduler: An
         register_runtime(client, spec)
         futures = [client.submit(run_block, job, b, pure=False, key=f"cdkd-block-{b.index}-{id(job)}")
                    for b in blocks]
-        seams = [client.submit(run_seam, job.partial, i, job.options.probs, futures[i], futures[i + 1], pure=False,
+        seams = [client.submit(run_seam, job, i, futures[i], futures[i + 1], pure=False,
                                key=f"cdkd-seam-{i}-{id(job)}") for i in range(len(blocks) - 1)]
         for future in as_completed(futures):
             result = future.result()  # a block's CdkdError (a corrupt window, say) is raised here as it was there
@@ -280,7 +285,7 @@ def _assemble(partial: Path, info: Any, schema: Any, probs: bool, results: list[
         writer.put(FinishedRows(top, classes, confidence), on_disk=True)
     writer.close()
     if int(tally.pixels.sum()) == 0:
-        shutil.rmtree(partial)
+        (partial / "state.json").unlink(missing_ok=True)  # nothing to resume: the folder goes too
         raise DataError(f"{info.path}: has no valid pixel (every pixel is nodata or masked); nothing to segment")
     writer.finish({"classes": final, "confidence": conf})
 

@@ -20,7 +20,6 @@ blocks of window rows for a dask cluster with the same stages.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import signal
@@ -48,6 +47,8 @@ from cdkd.scene.source import SceneInfo, SceneSource
 from cdkd.scene.tiler import PAD_MODES, plan_rows
 from cdkd.scene.writer import SceneWriter, class_layers, load_arrays, save_state
 from cdkd.utils.atomic import atomic_write_text
+from cdkd.utils.paths import check_writable, file_sha256
+from cdkd.utils.runlock import LOCK_NAME, RunLock, holder, in_use_error
 
 STATE_FORMAT = "cdkd.scene-state/2"
 OUTPUT_SUFFIXES = (".tif", ".tiff")
@@ -148,39 +149,31 @@ def resolve_tiling(meta: InferenceMeta, options: SegmentOptions, fixed_tile: boo
 
 
 def model_sha256(runtime: Runtime) -> str:
-    """SHA-256 of the runtime's model file, computed once per runtime (engines can be hundreds of MB)."""
-    cached = getattr(runtime, "_cdkd_sha256", None)
-    if cached is None:
-        digest = hashlib.sha256()
-        with open(runtime.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        cached = digest.hexdigest()
-        try:
-            runtime._cdkd_sha256 = cached  # type: ignore[attr-defined]
-        except AttributeError:
-            pass
-    return cached
+    """SHA-256 of the runtime's model file (cached: engines can be hundreds of MB)."""
+    return file_sha256(runtime.path)
 
 
-def fingerprint(scene: str | Path, meta: InferenceMeta, source: SceneSource, tile: int, overlap: int,
+def fingerprint(scene: str | Path, runtime: Runtime, source: SceneSource, tile: int, overlap: int,
                 probs: bool) -> dict[str, Any]:
-    """What must not change between an interrupted run and its resumption."""
-    model = hashlib.sha256(meta.to_json().encode()).hexdigest()[:16]
+    """What must not change between an interrupted run and its resumption: the scene's identity, the model's
+    weights (the file's SHA-256, not only its metadata: two models with the same classes and tile size give other
+    maps), how it runs (runtime, autocast) and every option that changes the output."""
     if is_virtual_path(scene):
         identity: dict[str, Any] = {"scene": str(scene)}  # GDAL alone can stat it; the header facts stand in
     else:
         st = Path(scene).stat()
         identity = {"scene": str(Path(scene).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     info = source.info
-    return {**identity, "shape": [info.height, info.width, info.count], "model": model, "tile": tile,
-            "overlap": overlap, "bands": list(source.bands), "norm": source.norm.to_dict(), "probs": probs}
+    return {**identity, "shape": [info.height, info.width, info.count], "model": model_sha256(runtime),
+            "runtime": runtime.name, "amp": runtime.options.get("amp"), "tile": tile, "overlap": overlap,
+            "bands": list(source.bands), "norm": source.norm.to_dict(), "probs": probs}
 
 
 def check_outputs(scene: str | Path, out: Path, options: SegmentOptions, suffixes: tuple[str, ...] = OUTPUT_SUFFIXES,
                   kind: str = "the class raster is a GeoTIFF (COG)") -> None:
-    """Refuse outputs that would replace the scene, do not end in one of ``suffixes`` (GeoTIFF), or are in the
-    way (``--overwrite``)."""
+    """Refuse, before any work, outputs that would replace the scene, do not end in one of ``suffixes``, are being
+    written by another live run, or are in the way (``--overwrite``); a ``resume`` needs an interrupted run's
+    checkpoint. Each refusal offers what the next command will accept."""
     if out.suffix.lower() not in suffixes:
         raise CdkdValueError(f"{out}: {kind}; give an output ending in {' or '.join(suffixes)}")
     final, conf, report, partial = output_paths(out)
@@ -191,15 +184,48 @@ def check_outputs(scene: str | Path, out: Path, options: SegmentOptions, suffixe
                 # the rename at the end would replace the scene while (or after) it is read: the input would be lost
                 raise CdkdValueError(f"{path}: the output would replace the scene being segmented; choose another "
                                      "output")
+    live = holder(partial)
+    if live is not None:
+        raise in_use_error(partial, live, out)
+    check_writable(out.parent, f"{out}: cannot write the output")
+    resumable = (partial / "state.json").is_file()
     if options.resume:
-        if not (partial / "state.json").is_file():
-            raise CheckpointError(f"{out}: nothing to resume (no interrupted run in {partial})")
-        return
+        if resumable:
+            return
+        if partial.exists():
+            raise CheckpointError(f"{out}: the interrupted run in {partial} stopped before its first checkpoint, so "
+                                  "there is nothing to resume; pass --overwrite (not --resume) to start again")
+        if final.exists():
+            raise CheckpointError(f"{out}: is complete (no interrupted run to resume); pass --overwrite (not "
+                                  "--resume) to make it again")
+        raise CheckpointError(f"{out}: nothing to resume (no interrupted run in {partial}); run without --resume")
     existing = [p.name for p in (final, conf, report, partial) if p.exists()]
     if existing and not options.overwrite:
-        what = "an interrupted run" if partial.exists() and not final.exists() else "existing output"
-        raise OutputExistsError(f"{out}: {what} is in the way ({', '.join(existing)}); pass --overwrite to replace "
-                                "it" + (" or --resume to continue" if partial.exists() else ""))
+        if resumable:
+            raise OutputExistsError(f"{out}: an interrupted run is in the way ({', '.join(existing)}); pass --resume "
+                                    "to continue it or --overwrite to start again")
+        raise OutputExistsError(f"{out}: existing output is in the way ({', '.join(existing)}); pass --overwrite to "
+                                "replace it")
+
+
+@contextlib.contextmanager
+def claimed(partial: Path, out: Path, resume: bool) -> Iterator[RunLock]:
+    """Hold ``partial``'s lock for the block (refusing a live run's folder). A fresh run starts from an empty
+    folder; one that fails before its first checkpoint takes the folder with it, since nothing in it could be
+    resumed (and it would only stand in the way of the next run)."""
+    lock = RunLock(partial, out).acquire()
+    try:
+        if not resume:
+            for entry in partial.iterdir():
+                if entry.name != LOCK_NAME:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        yield lock
+    except BaseException:
+        if not (partial / "state.json").is_file():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        lock.release(remove=not partial.exists())
 
 
 class TileProgress:
@@ -286,15 +312,16 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
     tile, overlap = resolve_tiling(runtime.meta, options, runtime.fixed_tile, runtime.name)
     check_outputs(scene, out, options)
     meta = runtime.meta
+    final, _, report_path, partial = output_paths(out)
     with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
             rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, tile)):
         announce_bands(source, log or log_stderr)
         run = _LocalRun(scene, source, runtime, out, options, tile, overlap)
-        run.execute()
-        report = run.report(time.perf_counter() - start)
-    final, _, report_path, partial = output_paths(out)
-    atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2))
-    shutil.rmtree(partial)
+        with claimed(partial, out, options.resume):
+            run.execute()
+            report = run.report(time.perf_counter() - start)
+            atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2))
+            shutil.rmtree(partial)
     return report
 
 
@@ -307,7 +334,7 @@ class _LocalRun:
         self.tile, self.overlap, self.info = tile, overlap, source.info
         self.plan = plan_rows(self.info.height, self.info.width, tile, overlap)
         self.partial = output_paths(out)[3]
-        self.fingerprint = fingerprint(scene, runtime.meta, source, tile, overlap, options.probs)
+        self.fingerprint = fingerprint(scene, runtime, source, tile, overlap, options.probs)
         self.times, self.counts = StageTimes(), RowCounts()
         self.tally = ClassAreaTally(runtime.meta.num_classes, self.info.crs, self.info.transform,
                                     self.info.width, self.info.height)
@@ -319,10 +346,6 @@ class _LocalRun:
     def execute(self) -> None:
         options, info = self.options, self.info
         state = self._load() if options.resume else None
-        if state is None:
-            if self.partial.exists():
-                shutil.rmtree(self.partial)
-            self.partial.mkdir(parents=True)
         writer = SceneWriter(self.partial, info, class_layers(self.runtime.meta.classes, options.probs), self.times,
                              on_rows=lambda rows: self.tally.add(rows.top, rows.classes))
         blender = self.blender()
@@ -360,7 +383,7 @@ class _LocalRun:
             prefetcher.close()
             writer.close()
         if int(self.tally.pixels.sum()) == 0:
-            shutil.rmtree(self.partial)
+            (self.partial / "state.json").unlink(missing_ok=True)  # nothing to resume: the folder goes too
             raise DataError(f"{self.scene}: has no valid pixel (every pixel is nodata or masked); nothing to segment")
         final, conf, _, _ = output_paths(self.out)
         writer.finish({"classes": final, "confidence": conf})
@@ -426,9 +449,18 @@ def load_state(partial: Path, expected: dict[str, Any]) -> dict[str, Any]:
     old = state["fingerprint"]
     changed = sorted(k for k in set(old) | set(expected) if old.get(k) != expected.get(k))
     if changed:
-        raise CheckpointError(f"{partial}: cannot resume: {', '.join(changed)} changed since the interrupted run; "
-                              "run again with --overwrite")
+        diffs = "; ".join(f"{k}: {_short(old.get(k))} then, {_short(expected.get(k))} now" for k in changed[:3])
+        raise CheckpointError(f"{partial}: cannot resume with another {', '.join(changed)} than the interrupted run "
+                              f"({diffs}); resume with the same inputs and options, or pass --overwrite to start "
+                              "again")
     return state
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return f"sha256 {value[:12]}"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def provenance(runtime: Any, options: SegmentOptions, norm: Any, device: str) -> dict[str, Any]:

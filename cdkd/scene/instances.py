@@ -42,6 +42,7 @@ from cdkd.scene.engine import (
     announce_bands,
     cache_budget,
     check_outputs,
+    claimed,
     deferred_sigint,
     fingerprint,
     load_state,
@@ -198,15 +199,16 @@ def segment_instances(scene: str | Path, runtime: Any, out: str | Path, options:
     check_outputs(scene, out, options, suffixes=VECTOR_OUTPUTS, kind="objects are written as vector polygons")
     _check_writable(out)
     meta = runtime.meta
+    _, _, report_path, partial = output_paths(out)
     with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
             rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, tile)):
         announce_bands(source, log or log_stderr)
         run = _InstanceRun(scene, source, runtime, out, options, tile, overlap, min_score, merge_iou)
-        run.execute()
-        report = run.report(time.perf_counter() - start)
-    _, _, report_path, partial = output_paths(out)
-    atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2))
-    shutil.rmtree(partial)
+        with claimed(partial, out, options.resume):
+            run.execute()
+            report = run.report(time.perf_counter() - start)
+            atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2))
+            shutil.rmtree(partial)
     return report
 
 
@@ -227,7 +229,7 @@ class _InstanceRun:
         self.min_score, self.merge_iou = min_score, merge_iou
         self.plan = plan_rows(self.info.height, self.info.width, tile, overlap)
         self.partial = output_paths(out)[3]
-        self.fingerprint = dict(fingerprint(scene, runtime.meta, source, tile, overlap, False), task="instance",
+        self.fingerprint = dict(fingerprint(scene, runtime, source, tile, overlap, False), task="instance",
                                 min_score=min_score, merge_iou=merge_iou)
         self.times, self.counts = StageTimes(), RowCounts()
         self.merger = ObjectMerger(merge_iou)
@@ -239,11 +241,7 @@ class _InstanceRun:
     def execute(self) -> None:
         options = self.options
         state = load_state(self.partial, self.fingerprint) if options.resume else None
-        if state is None:
-            if self.partial.exists():
-                shutil.rmtree(self.partial)
-            self.partial.mkdir(parents=True)
-        else:
+        if state is not None:
             self._restore(state)
         prefetcher = prefetcher_for(self.source.read_normalized, self.tile, options, self.runtime.device,
                                     self.times)
@@ -278,7 +276,7 @@ class _InstanceRun:
             progress.close()
             prefetcher.close()
         if self.counts.run == 0:
-            shutil.rmtree(self.partial)
+            (self.partial / "state.json").unlink(missing_ok=True)  # nothing to resume: the folder goes too
             raise DataError(f"{self.scene}: has no valid pixel (every pixel is nodata or masked); nothing to segment")
         self._finish(self.merger.pop_final())
         self._flush()

@@ -207,14 +207,17 @@ def model_outputs(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, p
         times.add("model", time.perf_counter() - t0)
         for ev, out in zip(pending, outputs):
             ev[1] = out
-        counts.run += len(pending)
         pending.clear()
 
     def drain() -> Iterator[tuple[Tile, Any]]:
+        # Counted as handed out, not as run: a batch runs tiles of the next row too, and a checkpoint taken after
+        # a row must count only the rows it holds (a resumed run runs the others again).
         while events and (events[0][0].x is None or events[0][1] is not None):
             tile, out = events.popleft()
             if out is None:
                 counts.skipped += 1
+            else:
+                counts.run += 1
             yield tile, out
 
     for tile in prefetcher.map(items):

@@ -28,6 +28,7 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio.errors import RasterioError
+from rasterio.transform import Affine
 
 from cdkd.data.classes import ClassSchema
 from cdkd.errors import CdkdIOError
@@ -76,11 +77,20 @@ def class_layers(schema: ClassSchema, probs: bool) -> list[Layer]:
     return layers
 
 
-def write_chunk(path: Path, rows: np.ndarray) -> None:
-    """(n, W) uint8 ``rows`` as a closed GeoTIFF at ``path`` (temporary name, then rename)."""
+def chunk_transform(transform: Affine, level: int, top: int) -> Affine:
+    """The georeferencing of a chunk whose first row is row ``top`` of overview ``level`` (0: full resolution).
+
+    The VRT places chunks by pixel rectangles and ignores it; it is written so that a chunk file is a correct
+    GeoTIFF (and GDAL has no "no geotransform" warning to print while a scene runs)."""
+    return transform @ Affine.scale(2**level) @ Affine.translation(0, top)
+
+
+def write_chunk(path: Path, rows: np.ndarray, transform: Affine) -> None:
+    """(n, W) uint8 ``rows`` as a closed GeoTIFF at ``path`` (temporary name, then rename); ``transform``: see
+    ``chunk_transform``."""
     try:
         with atomic_path(path) as tmp, rasterio.open(tmp, "w", width=rows.shape[1], height=rows.shape[0],
-                                                     **CHUNK_PROFILE) as dst:
+                                                     transform=transform, **CHUNK_PROFILE) as dst:
             dst.write(rows, 1)
     except (RasterioError, OSError) as e:
         raise CdkdIOError(f"{path}: cannot write ({e})") from None
@@ -113,7 +123,7 @@ class LayerChunks:
     def add(self, top: int, rows: np.ndarray, on_disk: bool = False) -> None:
         """Full-resolution rows ``[top, top + n)``, in order; ``on_disk``: their chunk file exists already."""
         if not on_disk:
-            write_chunk(self.folder / chunk_name(0, top), rows)
+            write_chunk(self.folder / chunk_name(0, top), rows, chunk_transform(self.info.transform, 0, top))
         self.chunks[0].append((top, rows.shape[0]))
         for level, level_top, reduced in self.pyramid.push(rows):
             self._gather(level, level_top, reduced)
@@ -129,7 +139,8 @@ class LayerChunks:
         if not self.pending[level]:
             return
         rows = np.concatenate(self.pending[level])
-        write_chunk(self.folder / chunk_name(level, self.pending_top[level]), rows)
+        top = self.pending_top[level]
+        write_chunk(self.folder / chunk_name(level, top), rows, chunk_transform(self.info.transform, level, top))
         self.chunks[level].append((self.pending_top[level], rows.shape[0]))
         self.pending[level] = []
 
@@ -350,5 +361,6 @@ def load_arrays(partial: Path, state: dict[str, Any]) -> dict[str, np.ndarray]:
         raise CdkdIOError(f"{path}: unreadable resume state ({e}); run again with --overwrite") from None
 
 
-__all__ = ["BLOCK", "Layer", "LayerChunks", "SceneWriter", "class_layers", "overview_factors", "read_chunk",
+__all__ = ["BLOCK", "Layer", "LayerChunks", "SceneWriter", "chunk_transform", "class_layers", "overview_factors",
+           "read_chunk",
            "save_state", "load_arrays", "write_chunk"]
