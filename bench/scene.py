@@ -250,7 +250,7 @@ def job_throughput(model: str, scene: str, out: str, runtime: str, device: str, 
     rt(np.zeros((batch, rt.meta.in_chans, t, t), np.float32))
     report = segment_scene(scene, rt, out, SegmentOptions(batch_size=batch, bands=tuple(bands), overwrite=True,
                                                           progress=False))
-    return {"seconds": report.seconds, "mpx_s": report.mpx_per_s, "km2": report.area_km2, "tiles": report.tiles_run,
+    return {"seconds": report.seconds, "mpx_s": report.mpx_per_s, "km2": report.area_m2 / 1e6, "tiles": report.tiles_run,
             "device": rt.device, "peak_mb": _peak_mb()}
 
 
@@ -666,7 +666,7 @@ def print_throughput(t: dict, threads: str) -> None:
             print(f"{name} / torch/cpu: {r['mpx_s'] / ref['mpx_s']:.2f}x Mpx/s")
     if t["rows"]:
         km2 = next(iter(t["rows"].values()))["km2"]
-        print(f"   km² = the engine's SceneReport.area_km2 of the valid pixels ({km2:.3f} km² per run){t['area_note']}")
+        print(f"   km² = the engine's SceneReport.area_m2 / 1e6 of the valid pixels ({km2:.3f} km² per run){t['area_note']}")
 
 
 def _mb(r: dict | None, key: str) -> str:

@@ -70,15 +70,32 @@ def save_student(path: str | Path, student: nn.Module, info: StudentInfo) -> Non
     )
 
 
+# What each cdkd file format is, for messages that name what a wrong file is and where the right one comes from.
+KINDS = {
+    STUDENT_FORMAT: "a distilled student (student.pt)",
+    SEGMENTER_FORMAT: "a land-cover segmenter (segmenter.pt)",
+    DETECTOR_FORMAT: "an instance detector (detector.pt)",
+    "cdkd.distill-checkpoint": "a distillation training checkpoint (RUN_DIR/checkpoints/step_*.pt), not a model: "
+                               "the run's student.pt is written when it ends (cdkd distill --resume finishes it)",
+    "cdkd.finetune-checkpoint": "a fine-tuning training checkpoint (RUN_DIR/checkpoints/step_*.pt), not a model: "
+                                "the run's segmenter.pt is written when it ends (cdkd finetune --resume finishes it)",
+}
+
+
 def _read_artifact(path: Path, fmt: str, version: int, what: str, hint: str) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: {what} file not found ({hint})")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file: pickle, zip, runtime errors
+        found = _sniff_format(path)
+        if found in KINDS:
+            raise CheckpointError(f"{path}: is {KINDS[found]}; give a {what} file ({hint})") from None
         raise CheckpointError(f"{path}: not a readable {what} file ({type(e).__name__})") from None
-    if not isinstance(blob, dict) or blob.get("format") != fmt:
-        raise CheckpointError(f"{path}: not a cdkd {what} file (expected format {fmt!r})")
+    found = blob.get("format") if isinstance(blob, dict) else None
+    if found != fmt:
+        kind = f"is {KINDS[found]}, not" if found in KINDS else "not"
+        raise CheckpointError(f"{path}: {kind} a cdkd {what} file (expected format {fmt!r}; {hint})")
     if int(blob.get("version", 0)) > version:
         raise CheckpointError(f"{path}: {what} format version {blob['version']} is newer than this cdkd "
                               f"understands ({version}); upgrade cdkd")
@@ -258,10 +275,24 @@ def load_detector(path: str | Path, map_location: str | torch.device = "cpu") ->
 
 
 def artifact_format(path: str | Path) -> str | None:
-    """The ``format`` tag of a cdkd ``.pt`` artifact (``cdkd.segmenter``, ``cdkd.detector``, ...), or None when
-    the file is not one. Memory-mapped: the weights are not read."""
+    """The ``format`` tag of a cdkd ``.pt`` file (``cdkd.segmenter``, ``cdkd.detector``, a training checkpoint's
+    ...), or None when the file is not one. Memory-mapped: the weights are not read."""
     try:
         blob = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # any unreadable file: the loader that follows names the problem
-        return None
+        return _sniff_format(Path(path))
     return blob.get("format") if isinstance(blob, dict) else None
+
+
+def _sniff_format(path: Path) -> str | None:
+    """The cdkd format tag in a torch file that cannot be loaded with ``weights_only`` (training checkpoints hold
+    RNG states, which only a full unpickle restores), found in its pickle's bytes without unpickling anything."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            data = z.read(name) if name else b""
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return None
+    return next((fmt for fmt in KINDS if fmt.encode() in data), None)

@@ -8,6 +8,7 @@ The resolved configuration is written next to every output.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,18 +25,62 @@ PATCH_SIZE = 16  # SAM and the ViT-S students all use 16 px patches
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take, and the command-line flag that sets it (for messages)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    flag: str | None = None
+
+    def problem(self, value: float) -> str | None:
+        """Why ``value`` is out of range, or None."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        for bound, ok, word in ((self.ge, lambda b: value >= b, ">="), (self.gt, lambda b: value > b, ">"),
+                                (self.le, lambda b: value <= b, "<="), (self.lt, lambda b: value < b, "<")):
+            if bound is not None and not ok(bound):
+                return f"must be {word} {bound:g}"
+        return None
+
+
+def bounded(default: Any, **limits: Any) -> Any:
+    """A dataclass field with a ``Range`` (``ge``, ``gt``, ``le``, ``lt``, ``flag``), checked by ``check_ranges``."""
+    return field(default=default, metadata={"range": Range(**limits)})
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Raise a ``ConfigError`` naming the key (and its flag) of the first setting outside its ``Range``; a tuple
+    setting is checked item by item. Values of None (unset) pass."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{prefix}{f.name}.")
+            continue
+        limits = f.metadata.get("range")
+        if limits is None or value is None:
+            continue
+        for v in value if isinstance(value, tuple) else (value,):
+            problem = limits.problem(v)
+            if problem is not None:
+                flag = f" ({limits.flag})" if limits.flag else ""
+                raise ConfigError(f"{prefix}{f.name}{flag} {problem}, got {v!r}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Unlabeled imagery for distillation."""
 
     root: str = ""  # folder searched recursively for JPEG, PNG, TIFF and GeoTIFF files
-    tile_size: int = 1024  # training crop in pixels; a multiple of the patch size
-    bands: tuple[int, ...] | None = None  # 1-based band indexes to read; None = the first `in_chans` bands
-    stats_samples: int = 64  # windows read once to compute the dataset-level normalisation statistics
+    tile_size: int = bounded(1024, ge=PATCH_SIZE, le=16384, flag="--tile-size")  # training crop (px), a multiple of 16
+    bands: tuple[int, ...] | None = bounded(None, ge=1, flag="--bands")  # 1-based bands; None: the first `in_chans`
+    stats_samples: int = bounded(64, ge=1)  # windows read once to compute the dataset-level normalisation statistics
     # what the bands measure: a sensor preset (sentinel2, sentinel2_l2a, naip, worldview3, enmap) or centres in nm,
     # each optionally centre:width ("443:20,490:65"); None = the files' band metadata (tags, ENVI header, names)
     wavelengths: str | None = None
     augment: bool = True  # random flips and 90-degree rotations
-    num_workers: int = 2  # DataLoader worker processes
+    num_workers: int = bounded(2, ge=0, flag="--workers")  # DataLoader worker processes
 
 
 @dataclass(frozen=True)
@@ -48,10 +93,10 @@ class TeacherConfig:
     adapter: str = "multi"  # multi (fine + coarse atrous pyramids) | single (one plain bottleneck)
     fusion: str = "gate"  # gate (attention gate over FFN/fine/coarse) | add (plain sum)
     adapter_blocks: tuple[int, ...] | None = None  # 1-based blocks that get MMoA; None = every block
-    adapter_dim: int = 64  # bottleneck width of each adapter
-    fine_dilations: tuple[int, ...] = (1, 3, 5)
-    coarse_dilations: tuple[int, ...] = (7, 9, 11)
-    gate_dim: int = 64  # width of the gate's query/key projections
+    adapter_dim: int = bounded(64, ge=1)  # bottleneck width of each adapter
+    fine_dilations: tuple[int, ...] = bounded((1, 3, 5), ge=1)
+    coarse_dilations: tuple[int, ...] = bounded((7, 9, 11), ge=1)
+    gate_dim: int = bounded(64, ge=1)  # width of the gate's query/key projections
     grad_checkpointing: bool = False  # recompute teacher blocks in backward (saves memory on large tiles)
 
 
@@ -60,7 +105,7 @@ class StudentConfig:
     """The small network that is distilled; see ``cdkd.models.student.STUDENT_REGISTRY``."""
 
     arch: str = "vit_s"  # vit_s | vit_s_win (windowed ViT) | rsmamba_s|b|l|h (RS4D's state-space students)
-    in_chans: int = 3
+    in_chans: int | None = bounded(None, ge=1, le=1024, flag="--in-chans")  # None: 3, or every band (hyperkd)
     grad_checkpointing: bool = False  # recompute student blocks in backward (rsmamba's scan states at large tiles)
 
 
@@ -71,18 +116,18 @@ class ObjectiveConfig:
     (The section keeps its historical name ``objective``; every other recipe has a section named after it.)
     """
 
-    mask_ratio: float = 0.75
-    decoder_dim: int = 256
-    decoder_depth: int = 4
-    decoder_heads: int = 8
+    mask_ratio: float = bounded(0.75, ge=0, lt=1, flag="--mask-ratio")
+    decoder_dim: int = bounded(256, ge=1)
+    decoder_depth: int = bounded(4, ge=1)
+    decoder_heads: int = bounded(8, ge=1)
     norm_pix_loss: bool = True  # per-patch normalised pixel targets (MAE), same scale as the KD term
     student_taps: tuple[int, ...] = (3, 6, 9)  # 1-based student blocks aligned to the teacher
     teacher_taps: tuple[int, ...] | None = None  # 1-based; None = the first global-attention blocks
     direction: str = "bi"  # bi: KD also trains the teacher adapters | uni: teacher features detached for KD
     schedule: str = "dynamic"  # dynamic (driven by r = L_T_MAE / L_S_MAE) | fixed
-    fixed_weights: tuple[float, float, float] = (0.6, 0.2, 0.2)  # (KD, T_MAE, S_MAE) for schedule=fixed
-    ema_decay: float = 0.98  # smoothing of the losses that drive r
-    schedule_warmup: int = 20  # loss updates before the schedule may change stage
+    fixed_weights: tuple[float, float, float] = bounded((0.6, 0.2, 0.2), ge=0, flag="--weights")  # (KD, T_MAE, S_MAE) for schedule=fixed
+    ema_decay: float = bounded(0.98, ge=0, lt=1)  # smoothing of the losses that drive r
+    schedule_warmup: int = bounded(20, ge=0)  # loss updates before the schedule may change stage
 
 
 @dataclass(frozen=True)
@@ -94,15 +139,15 @@ class RS4DConfig:
     exactly round(mask_ratio * n) others are masked. The teacher is plain frozen SAM (no adapters).
     """
 
-    noise_ratio: float = 0.2  # fraction of valid patches with added noise
-    mask_ratio: float = 0.2  # fraction of valid patches masked (mask token, or mean pixels for vit_s)
-    noise_std: float = 1.0  # noise standard deviation, in normalised units (1 = one dataset standard deviation)
+    noise_ratio: float = bounded(0.2, ge=0, le=1, flag="--noise-ratio")  # fraction of valid patches with added noise
+    mask_ratio: float = bounded(0.2, ge=0, le=1, flag="--mask-ratio")  # fraction of valid patches masked (mask token, or mean pixels for vit_s)
+    noise_std: float = bounded(1.0, gt=0)  # noise standard deviation, in normalised units (1 = one dataset standard deviation)
     adaptive: bool = False  # raise both ratios toward the max_* values as the smoothed loss falls
-    max_noise_ratio: float = 0.4
-    max_mask_ratio: float = 0.4
-    adapt_target: float = 0.5  # the ratios reach their maxima once the loss is this fraction of its reference
-    adapt_warmup: int = 50  # loss updates before the reference loss is taken
-    ema_decay: float = 0.98  # smoothing of the loss that drives the ratios
+    max_noise_ratio: float = bounded(0.4, ge=0, le=1)
+    max_mask_ratio: float = bounded(0.4, ge=0, le=1)
+    adapt_target: float = bounded(0.5, gt=0, lt=1)  # the ratios reach their maxima once the loss is this fraction of its reference
+    adapt_warmup: int = bounded(50, ge=0)  # loss updates before the reference loss is taken
+    ema_decay: float = bounded(0.98, ge=0, lt=1)  # smoothing of the loss that drives the ratios
 
 
 @dataclass(frozen=True)
@@ -116,11 +161,11 @@ class HyperKDConfig:
     reconstructs every band of the masked patches (pixel MSE + spectral angle).
     """
 
-    mask_ratio: float = 0.75
-    guided_ratio: float = 0.5  # 0 = uniform masking, 1 = masking probability proportional to teacher saliency
+    mask_ratio: float = bounded(0.75, gt=0, lt=1, flag="--mask-ratio")
+    guided_ratio: float = bounded(0.5, ge=0, le=1, flag="--guided-ratio")  # 0 = uniform masking, 1 = masking probability proportional to teacher saliency
     teacher_ranges: tuple[float, ...] = (630.0, 690.0, 510.0, 580.0, 450.0, 510.0)  # (lo, hi) nm of R, G, B
     init_patch_embed: bool = True  # student's patch embedding from the teacher's through the alignment
-    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # KD, pixel reconstruction, spectral term
+    weights: tuple[float, float, float] = bounded((1.0, 1.0, 1.0), ge=0)  # KD, pixel reconstruction, spectral term
     spectral_loss: str = "angle"  # angle (spectral angle of the masked pixels' spectra) | none
     norm_pix_loss: bool = True  # per-patch normalised pixel targets (MAE)
     decoder_dim: int = 256
@@ -134,19 +179,19 @@ class HyperKDConfig:
 class TrainConfig:
     """Optimisation and bookkeeping."""
 
-    steps: int | None = None  # optimiser steps; exclusive with epochs; None with epochs None = 1000
-    epochs: float | None = None  # passes over the image files
-    batch_size: int = 4  # images per device per micro-batch
-    grad_accum: int = 1  # micro-batches per optimiser step
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
+    steps: int | None = bounded(None, ge=1, flag="--steps")  # optimiser steps; exclusive with epochs; None with epochs None = 1000
+    epochs: float | None = bounded(None, gt=0, flag="--epochs")  # passes over the image files
+    batch_size: int = bounded(4, ge=1, flag="--batch-size")  # images per device per micro-batch
+    grad_accum: int = bounded(1, ge=1, flag="--grad-accum")  # micro-batches per optimiser step
+    lr: float = bounded(1e-5, gt=0, le=10, flag="--lr")
+    weight_decay: float = bounded(0.01, ge=0)
+    warmup_steps: int = bounded(100, ge=0)
     lr_schedule: str = "cosine"  # cosine | poly (after the linear warm-up)
-    clip_grad: float = 1.0
+    clip_grad: float = bounded(1.0, ge=0)
     amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
-    seed: int = 0
-    checkpoint_every: int = 500
-    log_every: int = 10
+    seed: int = bounded(0, ge=0, lt=2**32, flag="--seed")
+    checkpoint_every: int = bounded(500, ge=1, flag="--checkpoint-every")
+    log_every: int = bounded(10, ge=1, flag="--log-every")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
@@ -176,10 +221,10 @@ class LabeledDataConfig:
     labels: str | None = None  # format geo: vector footprints (GeoJSON, GeoPackage, ...) of the scene in root
     class_field: str | None = None  # format geo: the footprints' attribute naming their class (None: one class)
     split: tuple[str, ...] | None = None  # fnmatch patterns on path components, e.g. ["tile[1-6]"] or ["train"]
-    tile_size: int | None = None  # None = the student's tile size
-    overlap: int | None = None  # sliding-window overlap for evaluation; None = a quarter of the tile
+    tile_size: int | None = bounded(None, ge=PATCH_SIZE, le=16384, flag="--tile-size")  # None: the student's
+    overlap: int | None = bounded(None, ge=0, flag="--overlap")  # sliding-window overlap; None: a quarter tile
     augment: bool = True
-    num_workers: int = 2
+    num_workers: int = bounded(2, ge=0, flag="--workers")
 
 
 @dataclass(frozen=True)
@@ -187,8 +232,8 @@ class HeadConfig:
     """The decoder trained on the frozen student."""
 
     type: str = "upernet"  # upernet | linear (linear-probe baseline)
-    layers: tuple[int, ...] = (3, 6, 9, 12)  # 1-based student blocks that feed the decoder
-    channels: int = 512
+    layers: tuple[int, ...] = bounded((3, 6, 9, 12), ge=1)  # 1-based student blocks that feed the decoder
+    channels: int = bounded(512, ge=1, le=8192, flag="--decoder-channels")
     norm: str = "bn"  # bn | gn
     unfreeze: bool = False  # train the student too (full fine-tuning)
     class_balanced: bool = False  # cross-entropy weighted by inverse sqrt class frequency
@@ -201,11 +246,11 @@ class InstanceHeadConfig:
     The student is frozen unless ``head.unfreeze``."""
 
     layer: int | None = None  # 1-based student block feeding the pyramid; None = the last
-    channels: int = 256  # pyramid width
-    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)  # anchor side in px per level (strides 4..64)
-    box_batch_size_per_image: int = 512  # RoIs sampled per tile for the box head's loss
-    detections_per_image: int = 100  # most detections kept per tile
-    object_bias: float = 0.75  # share of training windows placed around an object (the rest uniform)
+    channels: int = bounded(256, ge=1, le=8192)  # pyramid width
+    anchor_sizes: tuple[int, ...] = bounded((16, 32, 64, 128, 256), ge=1)  # anchor side in px per level (strides 4..64)
+    box_batch_size_per_image: int = bounded(512, ge=1)  # RoIs sampled per tile for the box head's loss
+    detections_per_image: int = bounded(100, ge=1)  # most detections kept per tile
+    object_bias: float = bounded(0.75, ge=0, le=1)  # share of training windows placed around an object (the rest uniform)
 
 
 def _finetune_train() -> TrainConfig:
@@ -349,3 +394,21 @@ def apply_overrides(cfg: T, overrides: Mapping[str, Any]) -> T:
             raise ConfigError(f"override {key}: unknown key {leaf!r}")
         node[leaf] = to_dict(value) if dataclasses.is_dataclass(value) else value
     return from_dict(type(cfg), data, source="overrides")
+
+
+PATH_KEYS = ("data.root", "data.classes", "data.labels", "teacher.checkpoint", "student")  # file/folder settings
+
+
+def absolute_paths(cfg: T) -> T:
+    """``cfg`` with its file and folder settings (``PATH_KEYS`` it has) made absolute, so that ``config.yaml``
+    and checkpoints name the same files whatever folder a ``--resume`` is started from. URLs and GDAL virtual
+    paths stay as they are."""
+    data = to_dict(cfg)
+    overrides: dict[str, Any] = {}
+    for key in PATH_KEYS:
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, str) and node and "://" not in node and not node.startswith("/vsi"):
+            overrides[key] = str(Path(node).expanduser().absolute())
+    return apply_overrides(cfg, overrides) if overrides else cfg

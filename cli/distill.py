@@ -41,7 +41,8 @@ def distill_command(
                                                       rich_help_panel=_DIRECT),
     student: Optional[str] = typer.Option(None, "--student",
                                           help="vit_s (default), vit_s_win, or rsmamba_s|b|l|h (state-space)."),
-    in_chans: Optional[int] = typer.Option(None, "--in-chans", help="Input bands of the student (default 3)."),
+    in_chans: Optional[int] = typer.Option(None, "--in-chans", help="Input bands of the student (default: 3, red, green and blue where the "
+                                  "files say which; every band with --recipe hyperkd)."),
     bands: Optional[str] = typer.Option(None, "--bands", help="1-based bands to read, e.g. 3,2,1."),
     wavelengths: Optional[str] = typer.Option(None, "--wavelengths",
                                               help="What the file bands measure: a sensor preset (sentinel2, "

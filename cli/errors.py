@@ -29,3 +29,21 @@ def cli_errors(resumable: bool = False) -> Iterator[None]:
         hint = "; rerun with --resume to continue from the last checkpoint" if resumable else ""
         print(f"Interrupted{hint}.", file=sys.stderr)
         raise typer.Exit(130) from None
+    except MemoryError:  # numpy's _ArrayMemoryError, torch's CUDA OutOfMemoryError (a RuntimeError too: below)
+        _out_of_memory()
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        _out_of_memory()
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's allocation failures: ``torch.OutOfMemoryError`` on CUDA, a RuntimeError from the CPU allocator."""
+    return type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(e) or \
+        "DefaultCPUAllocator" in str(e)
+
+
+def _out_of_memory() -> None:
+    print("Error: out of memory; use a smaller --tile-size or --batch-size (or --grad-accum for training)",
+          file=sys.stderr)
+    raise typer.Exit(1) from None

@@ -92,11 +92,13 @@ def resolve_config(cls: type[T], config: Optional[Path], run_config: Optional[Pa
 
     ``overrides`` holds only what the user gave (see ``given``): a None there means "set to None".
     """
-    from cdkd.config import apply_overrides, load_config
+    from cdkd.config import apply_overrides, check_ranges, load_config
 
     base = config if config is not None else (run_config if run_config is not None and run_config.is_file() else None)
     cfg = load_config(cls, base) if base is not None else cls()
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    check_ranges(cfg)
+    return cfg
 
 
 def given(flags: dict[str, Any]) -> dict[str, Any]:

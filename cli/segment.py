@@ -163,17 +163,23 @@ def _write_preview(scene: str | Path, out: Path, bands: Optional[tuple[int, ...]
 
 
 def _print_objects(report: dict) -> None:
+    from cdkd.units import area_unit, format_area
+
     typer.echo(f"{report['scene']} -> {report['output']}: {report['objects']} objects (from {report['pieces']} "
                f"detections >= {report['min_score']} in {report['tiles_run']} of {report['tiles']} tiles), "
                f"{report['seconds']:.1f} s ({report['runtime']} on {report['device']})")
+    unit = area_unit(c["area_m2"] for c in report["classes"].values())
     for name, c in report["classes"].items():
-        typer.echo(f"  {name:<20} {c['objects']:7d} objects  {c['area_m2']:.1f} m²")
+        typer.echo(f"  {name:<20} {c['objects']:7d} objects  {format_area(c['area_m2'], unit):>14}")
 
 
 def _print_scene(report: dict) -> None:
+    from cdkd.units import area_unit, format_area
+
     typer.echo(f"{report['scene']} -> {report['output']}: {report['width']}x{report['height']} px, "
-               f"{report['tiles_run']} of {report['tiles']} tiles run, {report['area_km2']:.3f} km² valid, "
+               f"{report['tiles_run']} of {report['tiles']} tiles run, {format_area(report['area_m2'])} valid, "
                f"{report['seconds']:.1f} s ({report['mpx_per_s']:.2f} Mpx/s, {report['runtime']} on "
                f"{report['device']})")
+    unit = area_unit([report["area_m2"]])
     for name, c in report["classes"].items():
-        typer.echo(f"  {name:<20} {100 * c['fraction']:6.2f} %  {c['area_km2']:.4f} km²")
+        typer.echo(f"  {name:<20} {100 * c['fraction']:6.2f} %  {format_area(c['area_m2'], unit):>14}")

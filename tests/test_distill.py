@@ -6,6 +6,7 @@ A random-weight SAM vit_b teacher (the real architecture) and 64 px tiles keep e
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,10 @@ def test_run_folder_contract_and_refusal_to_overwrite(rgb_tiles: Path, tmp_path:
     for name in ("student.pt", "config.yaml", "metrics.jsonl", "report.json"):
         assert (run / name).is_file(), name
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002.pt"]
-    assert load_config(DistillConfig, run / "config.yaml") == cfg
+    # the resolved configuration: absolute paths (a --resume from another folder finds the data) and bands settled
+    settled = replace(cfg, data=replace(cfg.data, root=str(Path(cfg.data.root).absolute()), bands=(1, 2, 3)),
+                      student=replace(cfg.student, in_chans=3))
+    assert load_config(DistillConfig, run / "config.yaml") == settled
     report = json.loads((run / "report.json").read_text())
     assert report["steps"] == 2 and report["images_seen"] == 4
     assert not list(run.glob(".*.tmp*"))  # no temporary left behind

@@ -52,9 +52,9 @@ def test_registry_and_unknown_recipe() -> None:
 
 
 @pytest.mark.parametrize("bad,match", [({"rs4d.noise_ratio": 0.7, "rs4d.mask_ratio": 0.5}, "exceed 1"),
-                                       ({"rs4d.mask_ratio": -0.1}, "fraction"),
+                                       ({"rs4d.mask_ratio": -0.1}, "must be >= 0"),
                                        ({"rs4d.adaptive": True, "rs4d.max_mask_ratio": 0.1}, "only rise"),
-                                       ({"rs4d.noise_std": 0.0}, "noise_std")])
+                                       ({"rs4d.noise_std": 0.0}, "noise_std must be > 0")])
 def test_rs4d_settings_are_checked(bad: dict, match: str, tmp_path: Path) -> None:
     with pytest.raises(CdkdValueError, match=match):
         validate_config(rs4d_config(tmp_path, **bad))

@@ -75,7 +75,7 @@ def test_output_is_a_labelled_cog_with_the_input_georeferencing(scene, runtime, 
     assert conf.min() >= 255 // runtime.meta.num_classes and conf.max() <= 255
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["valid_pixels"] == 150 * 203 and sum(c["pixels"] for c in saved["classes"].values()) == 150 * 203
-    assert saved["area_km2"] == pytest.approx(150 * 203 * 100 / 1e6, rel=2e-3)  # UTM: ground ~ grid area
+    assert saved["area_m2"] == pytest.approx(150 * 203 * 100, rel=2e-3)  # UTM: ground ~ grid area
     assert not output_paths(out)[3].exists()  # the partial-work folder is gone
 
 

@@ -316,7 +316,20 @@ def read_coco(path: str | Path, split: Sequence[str] | None = None, images: str 
             objects[image_id].append(InstanceObject(class_of[cat], bbox, seg, bool(ann.get("iscrowd", 0)),
                                                     int(ann.get("id", 0))))
     imgs = tuple(InstanceImage(str(folder / name), i, name, h, w, tuple(objects[i])) for i, name, h, w in entries)
+    for im in imgs:
+        _check_declared_size(json_path, im)
     return InstanceData(str(json_path), imgs, schema, category_ids)
+
+
+def _check_declared_size(json_path: Path, image: InstanceImage) -> None:
+    """The size the file declares for an image must be the image's: polygons and RLE masks are decoded at the
+    declared size, so a wrong one misplaces or crops every object of the image without a word."""
+    from cdkd.data.files import raster_header
+
+    height, width = raster_header(image.path)[:2]
+    if (height, width) != (image.height, image.width):
+        raise DataError(f"{json_path}: image {image.id} ({image.file_name}) is declared {image.height}x{image.width} "
+                        f"(rows x columns) but {image.path} is {height}x{width}; fix the file's height and width")
 
 
 def write_coco(path: str | Path, coco: dict[str, Any] | InstanceData) -> Path:

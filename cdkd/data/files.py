@@ -60,7 +60,7 @@ def check_bands(bands: Sequence[int]) -> tuple[int, ...]:
 
 
 @contextmanager
-def _open(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
+def reading(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
     """Open ``path`` read-only; plain JPEG/PNG files have no georeferencing, which is fine here. A band stack
     (``cdkd.data.bandstack``: a ``*.bands.yaml`` manifest or a folder of single-band files) opens as one raster."""
     if is_band_stack(path):
@@ -71,6 +71,15 @@ def _open(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
             src = rasterio.open(path)
     with src:
         yield src
+
+
+def raster_header(path: str | Path) -> tuple[int, int, int, str]:
+    """(height, width, band count, dtype of band 1) of the raster ``path``; CdkdIOError when it cannot be opened."""
+    try:
+        with reading(path) as src:
+            return src.height, src.width, src.count, src.dtypes[0]
+    except (RasterioError, OSError) as e:
+        raise CdkdIOError(f"{path}: cannot open ({gdal_reason(e)})") from None
 
 
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
@@ -167,7 +176,7 @@ def _probe(path: Path, bands: tuple[int, ...] | None, min_bands: int) -> tuple[R
     but costs a full decode of every image on every scan.
     """
     try:
-        with _open(path) as src:
+        with reading(path) as src:
             reason = _missing_bands(src.count, bands, min_bands)
             if reason:
                 return None, reason
@@ -269,7 +278,7 @@ def read_window(
     if height < 1 or width < 1 or row < 0 or col < 0:
         raise CdkdValueError(f"{path}: invalid window row={row} col={col} height={height} width={width}")
     try:
-        with _open(path) as src:
+        with reading(path) as src:
             if max(indexes) > src.count:
                 raise DataError(f"{path}: has {src.count} bands, band {max(indexes)} requested")
             if row + height > src.height or col + width > src.width:

@@ -32,7 +32,7 @@ from rasterio.windows import Window
 from torch.utils.data import Dataset
 
 from cdkd.data.classes import BUILTIN_SCHEMAS, ClassSchema
-from cdkd.data.files import IMAGE_SUFFIXES, _open, check_bands, gdal_reason, read_window
+from cdkd.data.files import IMAGE_SUFFIXES, check_bands, gdal_reason, raster_header, read_window, reading
 from cdkd.data.stats import NormStats
 from cdkd.data.unlabeled import UnlabeledTiles, _augment, check_tile_size
 from cdkd.errors import CdkdError, CdkdIOError, CdkdValueError, DataError
@@ -235,15 +235,6 @@ def find_pairs(root: str | Path, fmt: str, split: Sequence[str] | None = None) -
 # reading
 
 
-def _header(path: str) -> tuple[int, int, int, str]:
-    """(height, width, band count, dtype) of ``path``."""
-    try:
-        with _open(path) as src:
-            return src.height, src.width, src.count, src.dtypes[0]
-    except (RasterioError, OSError) as e:
-        raise CdkdIOError(f"{path}: cannot open ({gdal_reason(e)})") from e
-
-
 def _check_sizes(pair: LabeledPair, image_hw: tuple[int, int], mask_hw: tuple[int, int]) -> None:
     if image_hw != mask_hw:
         raise DataError(
@@ -296,7 +287,7 @@ def _read_label(path: str, schema: ClassSchema, window: Window | None) -> np.nda
     mask stored with a palette (see ``_palette``).
     """
     try:
-        with _open(path) as src:
+        with reading(path) as src:
             if window is not None and (window.row_off + window.height > src.height
                                        or window.col_off + window.width > src.width):
                 raise CdkdValueError(f"{path}: window {window} lies outside the {src.height}x{src.width} mask")
@@ -335,8 +326,8 @@ def _read_pair(
     pair: LabeledPair, schema: ClassSchema, bands: tuple[int, ...], window: Window4 | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image (C, h, w) raw dtype, valid (h, w) bool, label (h, w) int64) with the size check done."""
-    img_h, img_w, _, _ = _header(pair.image)
-    mask_h, mask_w, _, _ = _header(pair.mask)
+    img_h, img_w, _, _ = raster_header(pair.image)
+    mask_h, mask_w, _, _ = raster_header(pair.mask)
     _check_sizes(pair, (img_h, img_w), (mask_h, mask_w))
     row, col, h, w = window if window is not None else (0, 0, img_h, img_w)
     label = _read_label(pair.mask, schema, _window((row, col, h, w)))
@@ -427,8 +418,8 @@ class LabeledTiles(Dataset):
 
     def _check_pair(self, pair: LabeledPair) -> tuple[int, int]:
         """(height, width) of a pair whose image and mask agree and whose image has the bands of ``stats``."""
-        img_h, img_w, count, _ = _header(pair.image)
-        mask_h, mask_w, _, _ = _header(pair.mask)
+        img_h, img_w, count, _ = raster_header(pair.image)
+        mask_h, mask_w, _, _ = raster_header(pair.mask)
         _check_sizes(pair, (img_h, img_w), (mask_h, mask_w))
         if count < max(self.stats.bands):
             raise DataError(f"{pair.image}: has {count} bands but the statistics use bands {list(self.stats.bands)}")

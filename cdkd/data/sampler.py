@@ -10,11 +10,13 @@ continues the very stream it left.
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from typing import Iterable, Iterator, TypeVar
 
 from torch.utils.data import Sampler
 
-from cdkd.errors import CdkdValueError
+from cdkd.errors import CdkdError, CdkdValueError
+
+T = TypeVar("T")
 
 
 class StepSampler(Sampler[int]):
@@ -69,3 +71,27 @@ class StepSampler(Sampler[int]):
             # DataLoader calls len() only for progress/bookkeeping; an infinite stream has none to give
             raise TypeError("StepSampler with num_micro_steps=None is infinite and has no length")
         return max(0, self.num_micro_steps - self.start_micro_step) * self.batch_size
+
+
+def batches(loader: Iterable[T]) -> Iterator[T]:
+    """``loader``'s batches; a cdkd error raised in a DataLoader worker process comes back as the same one-line
+    error it was there (torch re-raises it with the worker's whole traceback folded into the message)."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except CdkdError as e:
+            raise type(e)(worker_message(str(e))) from None
+        yield batch
+
+
+def worker_message(text: str) -> str:
+    """The original message of an exception torch re-raised from a worker ("Caught DataError in DataLoader worker
+    process 0.\\nOriginal Traceback ... \\ncdkd.errors.DataError: <message>"); other text unchanged."""
+    if not text.startswith("Caught ") or "Traceback" not in text:
+        return text
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    head, sep, message = last.partition(": ")
+    return message if sep and " " not in head else last

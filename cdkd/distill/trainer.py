@@ -14,6 +14,7 @@ step's samples (``StepSampler``) and the recipe's control is steered by losses a
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -28,9 +29,11 @@ from torch.utils.data import DataLoader
 
 import cdkd
 from cdkd.artifacts import StudentInfo, save_student
-from cdkd.config import DistillConfig, save_config, to_dict
+from cdkd.config import DistillConfig, absolute_paths, check_ranges, save_config, to_dict
 from cdkd.data import NormStats, StepSampler, check_tile_size, compute_stats, find_rasters, require_one_dtype
+from cdkd.data.sampler import batches
 from cdkd.data.stats import with_band_metadata
+from cdkd.distill.bands import choose_bands
 from cdkd.distill.recipes import LossControl, Recipe, build_recipe, frozen_fingerprint
 from cdkd.errors import CheckpointError, CdkdValueError
 from cdkd.models.student import STUDENT_REGISTRY, build_student
@@ -38,7 +41,8 @@ from cdkd.models.teacher import check_teacher_source, teacher_provenance
 from cdkd.utils.checkpoint import restore_model, rng_state, save_checkpoint, set_rng_state, trainable_state
 from cdkd.utils.distributed import DistContext, cleanup_distributed, init_distributed, resolve_device
 from cdkd.utils.optim import adamw, autocast_dtype, check_train_config, lr_lambda
-from cdkd.utils.rundir import RunDir, check_resumable
+from cdkd.utils.paths import file_sha256, files_digest
+from cdkd.utils.rundir import RunDir, check_identity, check_resumable
 
 DEFAULT_STEPS = 1000
 # Settings a resumed run may change: they do not alter the trajectory (or, for steps, only extend it).
@@ -67,6 +71,7 @@ class DistillResult:
 
 def validate_config(cfg: DistillConfig) -> Recipe:
     """User-facing checks before any heavy work; returns the recipe ``cfg`` names."""
+    check_ranges(cfg)
     recipe = build_recipe(cfg)
     check_tile_size(cfg.data.tile_size)
     check_train_config(cfg.train)
@@ -75,7 +80,7 @@ def validate_config(cfg: DistillConfig) -> Recipe:
     recipe.validate()
     # Fail on a missing SAM checkpoint before minutes of data scanning, not after.
     check_teacher_source(cfg.teacher.variant, cfg.teacher.checkpoint, cfg.teacher.random_init)
-    if cfg.data.bands is not None and len(cfg.data.bands) != cfg.student.in_chans:
+    if cfg.data.bands is not None and cfg.student.in_chans is not None and len(cfg.data.bands) != cfg.student.in_chans:
         raise CdkdValueError(f"--bands selects {len(cfg.data.bands)} bands but the student takes "
                              f"{cfg.student.in_chans} (--in-chans)")
     return recipe
@@ -105,6 +110,7 @@ def distill(
     ``resume`` continues the newest checkpoint in ``out_dir/checkpoints`` on the same trajectory;
     ``overwrite`` discards an earlier run in ``out_dir``. Without either, an existing run is an error.
     """
+    cfg = absolute_paths(cfg)
     recipe = validate_config(cfg)
     ctx = init_distributed(cfg.train.device)
     try:
@@ -127,16 +133,20 @@ class _Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
 
     # ----------------------------------------------------------------------------------------------- set-up
-    def _check_out_dir(self, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-        blob = self.paths.check(resume, overwrite, CHECKPOINT_FORMAT)
-        if blob is not None:
-            check_resumable(blob["config"], to_dict(self.cfg), RESUMABLE_KEYS, self.paths.checkpoints)
-        return blob
+    def _settle_bands(self, rasters: list) -> DistillConfig:
+        """The configuration with the bands it reads settled (``cdkd.distill.bands``); the recipe follows it."""
+        cfg = choose_bands(self.cfg, rasters, self.recipe.every_band, self.log)
+        if cfg != self.cfg:
+            self.cfg, self.recipe = cfg, validate_config(cfg)
+        return cfg
 
-    def _reset_out_dir(self) -> None:
-        self.ctx.barrier()  # every rank has looked before rank 0 deletes
-        if self.ctx.is_main:
-            self.paths.reset()
+    def _identity(self, rasters: list) -> dict[str, Any]:
+        """What the run reads, by content: the data files (paths relative to the data folder, sizes) and the
+        teacher's weights. A resumed run must read the same."""
+        teacher = self.cfg.teacher
+        weights = (f"random (seed {self.cfg.train.seed})" if teacher.random_init or not teacher.checkpoint
+                   else file_sha256(teacher.checkpoint))
+        return {"data": files_digest([r.path for r in rasters], self.cfg.data.root), "teacher": weights}
 
     def _build(self, stats: NormStats) -> tuple[nn.Module, StudentInfo]:
         cfg = self.cfg
@@ -154,13 +164,20 @@ class _Run:
 
     # ----------------------------------------------------------------------------------------------- the run
     def run(self, resume: bool, overwrite: bool) -> DistillResult:
-        cfg = self.cfg
-        blob = self._check_out_dir(resume, overwrite)
-        bands = cfg.data.bands or tuple(range(1, cfg.student.in_chans + 1))
-        rasters = find_rasters(cfg.data.root, bands=bands, min_bands=max(bands))
-        require_one_dtype(rasters, cfg.data.root)
-        if blob is None:
-            self._reset_out_dir()
+        blob = self.paths.check(resume, overwrite, CHECKPOINT_FORMAT)
+        rasters = find_rasters(self.cfg.data.root, bands=self.cfg.data.bands, min_bands=self.cfg.student.in_chans or 1)
+        require_one_dtype(rasters, self.cfg.data.root)
+        cfg = self._settle_bands(rasters)
+        bands = cfg.data.bands
+        rasters = [r for r in rasters if r.count >= max(bands)]
+        if blob is not None:
+            check_resumable(blob["config"], to_dict(cfg), RESUMABLE_KEYS, self.paths.checkpoints)
+        identity = self._identity(rasters)
+        if blob is not None and "identity" in blob:
+            check_identity(blob["identity"], identity, self.paths.checkpoints)
+        steps = total_steps(cfg, len(rasters), self.ctx.world_size)
+        if blob is not None and int(blob["step"]) >= steps and self.paths.artifact.is_file():
+            return self._finished(int(blob["step"]), blob)
         if blob is not None:
             stats = NormStats.from_dict(blob["norm"])
         else:
@@ -168,7 +185,6 @@ class _Run:
                                   seed=cfg.train.seed)
             stats = with_band_metadata(stats, rasters, cfg.data.wavelengths)  # student.pt says what its bands measure
         self.recipe.stats = stats
-        steps = total_steps(cfg, len(rasters), self.ctx.world_size)
         model, info = self._build(stats)
         optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -187,45 +203,59 @@ class _Run:
                 self.scaler.load_state_dict(blob["scaler"])
             set_rng_state(blob["rng"])
             start = int(blob["step"])
-            self.log(f"resuming {self.paths.root} at step {start} (stage {control.stage})")
-        if self.ctx.is_main:
-            save_config(cfg, self.paths.config)
-            self.paths.truncate_metrics(start)
-        self.ctx.barrier()
-
         dataset = self.recipe.dataset(rasters, stats)
-        accum = cfg.train.grad_accum
-        sampler = StepSampler(cfg.train.batch_size, self.ctx.world_size, self.ctx.rank,
-                              start_micro_step=start * accum, num_micro_steps=steps * accum)
-        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
-                            num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False,
-                        # Its own generator: drawing the workers' base seed from the global RNG would shift
-                        # dropout's random stream after a resume.
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
-        net: nn.Module = model
-        if self.ctx.enabled:
-            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        model.train()
-        self.log(f"distilling {cfg.teacher.variant} -> {cfg.student.arch} ({self.recipe.name}) on {len(rasters)} "
-                 f"images, {steps} steps, batch {cfg.train.batch_size}x{accum}x{self.ctx.world_size}, "
-                 f"device {self.device}")
-        t0 = time.perf_counter()
-        last = self._loop(net, model, optimizer, scheduler, control, iter(loader), start, steps, stats)
-        seconds = time.perf_counter() - t0
+        self.ctx.barrier()  # every rank has looked at the folder before rank 0 changes it
+        with self.paths.session(fresh=blob is None, main=self.ctx.is_main):
+            if start:
+                self.log(f"resuming {self.paths.root} at step {start} (stage {control.stage})")
+            if self.ctx.is_main:
+                save_config(cfg, self.paths.config)
+                self.paths.truncate_metrics(start)
+            self.ctx.barrier()
+            self.identity = identity
+            accum = cfg.train.grad_accum
+            sampler = StepSampler(cfg.train.batch_size, self.ctx.world_size, self.ctx.rank,
+                                  start_micro_step=start * accum, num_micro_steps=steps * accum)
+            loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
+                                num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                                persistent_workers=False,
+                                # Its own generator: drawing the workers' base seed from the global RNG would shift
+                                # dropout's random stream after a resume.
+                                generator=torch.Generator().manual_seed(cfg.train.seed))
+            net: nn.Module = model
+            if self.ctx.enabled:
+                net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                              else None)
+            model.train()
+            self.log(f"distilling {cfg.teacher.variant} -> {cfg.student.arch} ({self.recipe.name}) on {len(rasters)} "
+                     f"images, {steps} steps, batch {cfg.train.batch_size}x{accum}x{self.ctx.world_size}, "
+                     f"device {self.device}")
+            t0 = time.perf_counter()
+            last = self._loop(net, model, optimizer, scheduler, control, batches(loader), start, steps, stats)
+            seconds = time.perf_counter() - t0
 
-        if self.ctx.is_main:
-            info = replace(info, provenance=self._provenance(steps, len(rasters)))
-            save_student(self.paths.artifact, model.student, info)
-            report = {"student": str(self.paths.artifact), "recipe": self.recipe.name, "steps": steps,
-                      "resumed_from": start,
-                      "images_seen": (steps - start) * cfg.train.batch_size * accum * self.ctx.world_size,
-                      "seconds": round(seconds, 2), "final_losses": last, **control.summary(),
-                      "files": len(rasters), "cdkd_version": cdkd.__version__}
-            self.paths.write_report(report)
-        self.ctx.barrier()
+            if self.ctx.is_main:
+                last = last or {k: v for k, v in self.paths.last_metrics().items()
+                                if k == "loss" or k in self.recipe.terms}
+                info = replace(info, provenance=self._provenance(steps, len(rasters)))
+                save_student(self.paths.artifact, model.student, info)
+                report = {"student": str(self.paths.artifact), "recipe": self.recipe.name, "steps": steps,
+                          "resumed_from": start,
+                          "images_seen": (steps - start) * cfg.train.batch_size * accum * self.ctx.world_size,
+                          "seconds": round(seconds, 2), "final_losses": last, **control.summary(),
+                          "files": len(rasters), "cdkd_version": cdkd.__version__}
+                self.paths.write_report(report)
+            self.ctx.barrier()
         return DistillResult(self.paths.root, self.paths.artifact, steps, last, control.stage, seconds,
                              self.recipe.name)
+
+    def _finished(self, step: int, blob: dict[str, Any]) -> DistillResult:
+        """``--resume`` of a run that has reached its steps: nothing runs and nothing is written."""
+        self.log(f"{self.paths.root}: already finished at step {step}; nothing to do (give more --steps to go on)")
+        report = json.loads(self.paths.report.read_text()) if self.paths.report.is_file() else {}
+        stage = report.get("stage") or blob.get("schedule", {}).get("stage", "")
+        return DistillResult(self.paths.root, self.paths.artifact, step, report.get("final_losses") or {}, str(stage),
+                             0.0, self.recipe.name)
 
     def _loop(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
               scheduler: torch.optim.lr_scheduler.LRScheduler, control: LossControl, batches: Iterator[dict],
@@ -305,7 +335,7 @@ class _Run:
             "scheduler": scheduler.state_dict(), "schedule": control.state_dict(), "rng": rng_state(),
             "scaler": self.scaler.state_dict(),
             "norm": stats.to_dict(), "teacher_fingerprint": frozen_fingerprint(model),
-            "cdkd_version": cdkd.__version__,
+            "identity": self.identity, "cdkd_version": cdkd.__version__,
         })
 
     def _write_metrics(self, record: dict[str, Any]) -> None:

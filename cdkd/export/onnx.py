@@ -108,6 +108,9 @@ def refuse_existing(paths: list[Path], overwrite: bool) -> None:
     existing = [p for p in paths if p.exists()]
     if existing and not overwrite:
         raise OutputExistsError(f"{existing[0]}: already exists; pass --overwrite (overwrite=True) to replace it")
+    from cdkd.utils.paths import check_writable
+
+    check_writable(Path(paths[0]).parent, f"{paths[0]}: cannot write the output")
 
 
 @contextmanager

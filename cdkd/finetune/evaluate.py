@@ -22,7 +22,9 @@ import torch
 
 from cdkd.artifacts import InferenceMeta
 from cdkd.data.classes import ClassSchema
+from cdkd.data.labelcheck import check_labels
 from cdkd.data.labeled import find_pairs, read_pair, schema_for
+from cdkd.utils.paths import check_writable
 from cdkd.errors import CdkdValueError, DataError, OutputExistsError
 from cdkd.finetune.metrics import MetricAccumulator, SegMetrics
 from cdkd.scene.runtimes import open_runtime
@@ -155,6 +157,7 @@ def evaluate(
     outputs = [out / "metrics.json", out / "metrics.md", out / "confusion.png"]
     if not overwrite and any(p.exists() for p in outputs):
         raise OutputExistsError(f"{out}: already holds evaluation results; pass --overwrite to replace them")
+    check_writable(out, f"{out}: cannot write the evaluation")
     rt = open_runtime(segmenter, runtime, device=device, amp=amp, threads=threads)
     meta = rt.meta
     if meta.task == "instance":
@@ -164,6 +167,7 @@ def evaluate(
     schema = schema_for(fmt, classes)
     check_schema_matches(meta.classes, schema, str(classes or fmt))
     pairs = find_pairs(data, fmt, split)
+    check_labels(pairs, schema, fmt)
     acc = MetricAccumulator(schema.num_classes, schema.ignore_index, class_names=schema.names)
     iterator = pairs
     if progress:

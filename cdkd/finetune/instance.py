@@ -52,12 +52,12 @@ def read_data(cfg: LabeledDataConfig, log: Callable[[str], None] | None = None) 
 
 def training_norm(data: InstanceData, norm: NormStats, in_chans: int, log: Callable[[str], None]) -> NormStats:
     """The normalisation the detector trains (and later runs) with; see the module docstring."""
-    from cdkd.data.files import RasterInfo, _open
+    from cdkd.data.files import RasterInfo, reading
     from cdkd.data.stats import compute_stats
 
     infos = []
     for im in data.images:
-        with _open(im.path) as src:
+        with reading(im.path) as src:
             infos.append(RasterInfo(im.path, src.width, src.height, src.count, src.dtypes[0]))
     if all(i.dtype == norm.dtype and i.count >= max(norm.bands) for i in infos):
         return norm

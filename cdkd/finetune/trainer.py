@@ -11,6 +11,7 @@ the model, the loss of a micro-batch and the artifact differ.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -26,16 +27,19 @@ from torch.utils.data import DataLoader
 
 import cdkd
 from cdkd.artifacts import TASKS, SegmenterInfo, StudentInfo, load_student, save_segmenter
-from cdkd.config import FinetuneConfig, save_config, to_dict
+from cdkd.config import FinetuneConfig, absolute_paths, check_ranges, save_config, to_dict
 from cdkd.data import StepSampler, check_tile_size
+from cdkd.data.sampler import batches
 from cdkd.data.classes import ClassSchema
+from cdkd.data.labelcheck import check_labels
 from cdkd.data.labeled import FORMATS, LabeledTiles, class_frequencies, find_pairs, schema_for
 from cdkd.errors import CdkdValueError
 from cdkd.models.upernet import Segmenter
 from cdkd.utils.checkpoint import restore_model, rng_state, save_checkpoint, set_rng_state, trainable_state
 from cdkd.utils.distributed import DistContext, resolve_device
 from cdkd.utils.optim import adamw, autocast_dtype, check_train_config, lr_lambda
-from cdkd.utils.rundir import RunDir, check_resumable
+from cdkd.utils.paths import file_sha256, files_digest
+from cdkd.utils.rundir import RunDir, check_identity, check_resumable
 
 CHECKPOINT_FORMAT = "cdkd.finetune-checkpoint"
 DEFAULT_EPOCHS = 30.0
@@ -85,6 +89,8 @@ def finetune(
     """Train the decoder of ``cfg.head`` on the frozen student ``cfg.student`` into ``out_dir/segmenter.pt`` (task
     "instance": a Mask R-CNN into ``out_dir/detector.pt``)."""
     log = log or (lambda m: print(m, file=sys.stderr))
+    check_ranges(cfg)
+    cfg = absolute_paths(cfg)
     if cfg.task not in TASKS:
         raise CdkdValueError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
     instance = cfg.task == "instance"
@@ -98,6 +104,11 @@ def finetune(
                              "formats coco and geo go with --task instance)")
     if not instance and cfg.head.type not in ("upernet", "linear"):
         raise CdkdValueError(f"head must be 'upernet' or 'linear', got {cfg.head.type!r}")
+    if not instance and cfg.head.type == "upernet" and cfg.head.norm == "bn" and cfg.train.batch_size < 2:
+        # BatchNorm after the 1x1 pyramid pooling sees one value per channel at batch 1 and cannot train
+        raise CdkdValueError("--batch-size 1 cannot train the UPerNet's BatchNorm (its 1x1 pyramid pooling has one "
+                             "value per channel); use --batch-size 2 or more (with --grad-accum to save memory), or "
+                             "head.norm: gn in --config")
     check_train_config(cfg.train)
     student, sinfo = load_student(cfg.student)
     tile, overlap = resolve_tiling(cfg, sinfo)
@@ -108,15 +119,24 @@ def finetune(
     else:
         schema = schema_for(cfg.data.format, cfg.data.classes)
         pairs = find_pairs(cfg.data.root, cfg.data.format, cfg.data.split)
+        check_labels(pairs, schema, cfg.data.format, log)
         samples = len(pairs)
     blob = paths.check(resume, overwrite, CHECKPOINT_FORMAT)
     if blob is not None:
         check_resumable(blob["config"], to_dict(cfg), RESUMABLE_KEYS, paths.checkpoints)
-    else:
-        paths.reset()
-    save_config(cfg, paths.config)
+    files = ([im.path for im in data.images] if instance else [f for pair in pairs for f in (pair.image, pair.mask)])
+    identity = run_identity(cfg, files)
+    if blob is not None and "identity" in blob:
+        check_identity(blob["identity"], identity, paths.checkpoints)
 
     device = resolve_device(cfg.train.device, DistContext())
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    epochs = cfg.train.epochs if cfg.train.epochs is not None else DEFAULT_EPOCHS
+    steps = cfg.train.steps if cfg.train.steps is not None else max(1, math.ceil(epochs * samples / per_step))
+    if blob is not None and int(blob["step"]) >= steps and paths.artifact.is_file():
+        log(f"{paths.root}: already finished at step {blob['step']}; nothing to do (give more --steps to go on)")
+        report = json.loads(paths.report.read_text()) if paths.report.is_file() else {}
+        return FinetuneResult(paths.root, paths.artifact, int(blob["step"]), report.get("final_loss"), 0.0, cfg.task)
     torch.manual_seed(cfg.train.seed)
     if instance:
         model = task.build_detector(student, schema.num_classes, cfg).to(device)
@@ -124,9 +144,6 @@ def finetune(
         model = Segmenter(student, num_classes=schema.num_classes, head=cfg.head.type, layers=cfg.head.layers,
                           channels=cfg.head.channels, freeze_encoder=not cfg.head.unfreeze, norm=cfg.head.norm
                           ).to(device)
-    per_step = cfg.train.batch_size * cfg.train.grad_accum
-    epochs = cfg.train.epochs if cfg.train.epochs is not None else DEFAULT_EPOCHS
-    steps = cfg.train.steps if cfg.train.steps is not None else max(1, math.ceil(epochs * samples / per_step))
     optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps,
                                                                        steps))
@@ -139,8 +156,6 @@ def finetune(
         scheduler.load_state_dict(blob["scheduler"])
         set_rng_state(blob["rng"])
         start = int(blob["step"])
-        log(f"resuming {paths.root} at step {start}")
-    paths.truncate_metrics(start)
 
     if instance:
         dataset, collate = task.tiles(data, sinfo.norm, tile, cfg), task.collate_instances
@@ -156,31 +171,51 @@ def finetune(
                         generator=torch.Generator().manual_seed(cfg.train.seed))
     what = (f"a Mask R-CNN on {sinfo.arch}" if instance else f"a {cfg.head.type} head on {sinfo.arch}")
     items = f"{samples} images, {data.num_objects} objects" if instance else f"{len(pairs)} pairs"
-    log(f"fine-tuning {what} ({'full' if cfg.head.unfreeze else 'frozen encoder'}) on {items}, {schema.num_classes} "
-        f"classes, {steps} steps, tile {tile}, device {device}")
-    loop = (task.InstanceLoop if instance else _Loop)(cfg, model, optimizer, scheduler, schema, weight, device, paths)
-    t0 = time.perf_counter()
-    loss = loop.run(iter(loader), start, steps, progress)
-    seconds = time.perf_counter() - t0
+    with paths.session(fresh=blob is None):
+        save_config(cfg, paths.config)
+        paths.truncate_metrics(start)
+        if start:
+            log(f"resuming {paths.root} at step {start}")
+        log(f"fine-tuning {what} ({'full' if cfg.head.unfreeze else 'frozen encoder'}) on {items}, "
+            f"{schema.num_classes} classes, {steps} steps, tile {tile}, device {device}")
+        loop = (task.InstanceLoop if instance else _Loop)(cfg, model, optimizer, scheduler, schema, weight, device,
+                                                            paths, identity)
+        t0 = time.perf_counter()
+        loss = loop.run(batches(loader), start, steps, progress)
+        seconds = time.perf_counter() - t0
+        if math.isnan(loss):  # resumed at its last step: nothing ran, the loss is the one logged
+            loss = paths.last_metrics().get("loss", loss)
 
-    if instance:
-        task.save(paths.artifact, model, sinfo, schema, tile, overlap)
-    else:
-        info = SegmenterInfo(student=sinfo, head=model.config(), classes=schema, tile_size=tile, overlap=overlap)
-        save_segmenter(paths.artifact, model, info)
-    paths.write_report({("detector" if instance else "segmenter"): str(paths.artifact), "task": cfg.task,
-                        "steps": steps, "resumed_from": start, "seconds": round(seconds, 2), "final_loss": loss,
-                        ("images" if instance else "pairs"): samples, "classes": list(schema.names),
-                        "cdkd_version": cdkd.__version__})
+        if instance:
+            task.save(paths.artifact, model, sinfo, schema, tile, overlap)
+        else:
+            info = SegmenterInfo(student=sinfo, head=model.config(), classes=schema, tile_size=tile, overlap=overlap)
+            save_segmenter(paths.artifact, model, info)
+        paths.write_report({("detector" if instance else "segmenter"): str(paths.artifact), "task": cfg.task,
+                            "steps": steps, "resumed_from": start, "seconds": round(seconds, 2), "final_loss": loss,
+                            ("images" if instance else "pairs"): samples, "classes": list(schema.names),
+                            "cdkd_version": cdkd.__version__})
     return FinetuneResult(paths.root, paths.artifact, steps, loss, seconds, cfg.task)
+
+
+def run_identity(cfg: FinetuneConfig, files: list) -> dict[str, str]:
+    """What a fine-tuning run reads, by content: the student's weights, the labeled files (paths relative to the
+    data folder, sizes) and the class and label files. A resumed run must read the same."""
+    identity = {"student": file_sha256(cfg.student), "data": files_digest(files, cfg.data.root)}
+    for name in ("classes", "labels"):
+        path = getattr(cfg.data, name)
+        if path and Path(path).is_file():
+            identity[name] = file_sha256(path)
+    return identity
 
 
 class _Loop:
     def __init__(self, cfg: FinetuneConfig, model: Segmenter, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, schema: ClassSchema, weight: torch.Tensor | None,
-                 device: torch.device, paths: RunDir) -> None:
+                 device: torch.device, paths: RunDir, identity: dict[str, str] | None = None) -> None:
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.schema, self.weight, self.device, self.paths = schema, weight, device, paths
+        self.identity = identity or {}
         self.amp_dtype = autocast_dtype(cfg.train.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
 
@@ -211,7 +246,7 @@ class _Loop:
                 save_checkpoint(self.paths.checkpoints, done, fmt=CHECKPOINT_FORMAT, payload={
                     "config": to_dict(self.cfg), "model": trainable_state(self.model),
                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "rng": rng_state(), "cdkd_version": cdkd.__version__})
+                    "rng": rng_state(), "identity": self.identity, "cdkd_version": cdkd.__version__})
         if bar is not None:
             bar.close()
         return loss

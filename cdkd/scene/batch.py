@@ -20,6 +20,7 @@ from cdkd.scene.engine import SceneReport, SegmentOptions, segment_scene
 from cdkd.scene.cluster import connect, register_runtime, worker_runtime
 from cdkd.scene.runtimes import RuntimeSpec
 from cdkd.utils.atomic import atomic_write_text
+from cdkd.utils.paths import check_writable
 
 ON_ERROR = ("fail", "skip")
 REPORT_NAME = "segment_report.json"
@@ -118,6 +119,7 @@ def segment_many(scenes: Sequence[str | Path], out_dir: str | Path, spec: Runtim
     if on_error not in ON_ERROR:
         raise CdkdValueError(f"unknown --on-error {on_error!r}; choose one of {', '.join(ON_ERROR)}")
     pairs = plan_outputs(scenes, out_dir)
+    check_writable(out_dir, f"{out_dir}: cannot write the outputs")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if scheduler is None:

@@ -35,7 +35,7 @@ import rasterio
 
 import cdkd
 from cdkd.artifacts import InferenceMeta
-from cdkd.config import PATCH_SIZE
+from cdkd.config import PATCH_SIZE, bounded, check_ranges
 from cdkd.data.files import is_virtual_path, raster_path
 from cdkd.errors import CdkdValueError, CheckpointError, DataError, OutputExistsError
 from cdkd.scene.areas import ClassAreaTally
@@ -47,6 +47,7 @@ from cdkd.scene.source import SceneInfo, SceneSource
 from cdkd.scene.tiler import PAD_MODES, plan_rows
 from cdkd.scene.writer import SceneWriter, class_layers, load_arrays, save_state
 from cdkd.utils.atomic import atomic_write_text
+from cdkd.utils.memory import check_fits
 from cdkd.utils.paths import check_writable, file_sha256
 from cdkd.utils.runlock import LOCK_NAME, RunLock, holder, in_use_error
 
@@ -60,25 +61,25 @@ Log = Callable[[str], None]
 class SegmentOptions:
     """How to segment a scene; ``None`` sizes mean the model's own."""
 
-    tile_size: int | None = None
-    overlap: int | None = None
-    batch_size: int = 4
-    bands: tuple[int, ...] | None = None
+    tile_size: int | None = bounded(None, ge=PATCH_SIZE, le=16384, flag="--tile-size")
+    overlap: int | None = bounded(None, ge=0, flag="--overlap")
+    batch_size: int = bounded(4, ge=1, le=4096, flag="--batch-size")
+    bands: tuple[int, ...] | None = bounded(None, ge=1, flag="--bands")
     stats: str = "model"  # "model": the statistics stored with the model; "scene": computed from this scene
     probs: bool = False  # also write a uint8 confidence raster (max softmax x 255)
     pad_mode: str = "reflect"  # padding of scenes smaller than one tile
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
-    checkpoint_seconds: float = 30.0  # least time between checkpoints (--resume restarts from the last one)
-    read_threads: int | None = None  # threads reading ahead of the model (None: pipeline.reader_threads); 0: none
-    min_score: float | None = None  # instance models: detections scoring less are dropped (None: 0.5)
+    checkpoint_seconds: float = bounded(30.0, ge=0)  # least time between checkpoints (--resume restarts there)
+    read_threads: int | None = bounded(None, ge=0, le=256, flag="--read-threads")  # None: pipeline.reader_threads
+    min_score: float | None = bounded(None, ge=0, le=1, flag="--min-score")  # instances: weaker ones dropped (0.5)
 
 
 @dataclass(frozen=True)
 class ClassArea:
     pixels: int
-    area_km2: float
+    area_m2: float  # ground area (cdkd.scene.areas), as every report and attribute table holds areas
     fraction: float  # of the valid pixels
 
 
@@ -101,7 +102,7 @@ class SceneReport:
     tiles_run: int  # over the whole scene, earlier runs of a resumed scene included
     tiles_skipped: int  # windows without a valid pixel
     valid_pixels: int
-    area_km2: float
+    area_m2: float  # ground area of the valid pixels
     seconds: float  # this run
     mpx_per_s: float  # scene pixels this run covered (valid or not) per second of this run
     resumed_from_row: int  # window rows already done when this run started (0 for a fresh run)
@@ -130,6 +131,7 @@ def resolve_tiling(meta: InferenceMeta, options: SegmentOptions, fixed_tile: boo
                    runtime: str = "torch") -> tuple[int, int]:
     """(tile, overlap) for ``options`` with a model described by ``meta``; ``fixed_tile``: the model (an ONNX or
     TensorRT export) takes its own tile size only."""
+    check_ranges(options)
     tile = meta.tile_size if options.tile_size is None else int(options.tile_size)
     overlap = meta.overlap if options.overlap is None else int(options.overlap)
     if tile <= 0 or tile % PATCH_SIZE:
@@ -279,6 +281,15 @@ def cache_budget(info: SceneInfo, tile: int) -> int:
     return max(64 * 2**20, need)
 
 
+def check_buffers(info: SceneInfo, meta: InferenceMeta, tile: int, batch_size: int) -> None:
+    """Refuse a tile size or batch whose buffers cannot fit before any work: one row of windows' blended logits
+    (K x tile x width), a batch of tiles and of their logits, all float32 (the model's activations come on top)."""
+    k = meta.num_classes
+    need = 4 * (k * tile * info.width + batch_size * (meta.in_chans + k) * tile * tile)
+    check_fits(need, f"{info.path}: tiles of {tile} px in batches of {batch_size}",
+               "use a smaller --tile-size or --batch-size")
+
+
 def announce_bands(source: SceneSource, log: Log) -> None:
     """Say once which scene bands the model reads when that is not simply all of them in order."""
     info, bands = source.info, source.bands
@@ -315,6 +326,7 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
     final, _, report_path, partial = output_paths(out)
     with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
             rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, tile)):
+        check_buffers(source.info, meta, tile, options.batch_size)
         announce_bands(source, log or log_stderr)
         run = _LocalRun(scene, source, runtime, out, options, tile, overlap)
         with claimed(partial, out, options.resume):
@@ -480,13 +492,13 @@ def build_report(*, scene: str | Path, final: Path, conf: Path | None, runtime: 
     """The report of one scene, local or on a cluster."""
     valid = int(tally.pixels.sum())
     areas = np.asarray(tally.area_m2, dtype=np.float64)
-    classes = {c.name: ClassArea(int(n), float(a) / 1e6, float(n) / valid)
+    classes = {c.name: ClassArea(int(n), round(float(a), 2), float(n) / valid)
                for c, n, a in zip(runtime.meta.classes.classes, tally.pixels, areas)}
     return SceneReport(
         scene=str(scene), output=str(final), confidence=str(conf) if conf else None, runtime=runtime.name,
         device=runtime.device, crs=info.crs.to_string(), width=info.width, height=info.height, tile_size=tile,
         overlap=overlap, batch_size=options.batch_size, tiles=tiles, tiles_run=counts.run,
-        tiles_skipped=counts.skipped, valid_pixels=valid, area_km2=float(areas.sum()) / 1e6, seconds=seconds,
+        tiles_skipped=counts.skipped, valid_pixels=valid, area_m2=round(float(areas.sum()), 2), seconds=seconds,
         mpx_per_s=pixels_run / 1e6 / max(seconds, 1e-9), resumed_from_row=resumed_from, pixels_this_run=pixels_run,
         bands=list(bands), scene_bands=info.count, **provenance(runtime, options, norm, runtime.blend_device),
         stages=stages, classes=classes)

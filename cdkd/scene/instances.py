@@ -345,6 +345,7 @@ class _InstanceRun:
         import pyogrio
 
         from cdkd.geodesy import geodesic_area_perimeter
+        from cdkd.vector.gpkg import DATASET_OPTIONS as GPKG_OPTIONS
         from cdkd.vector.measure import to_crs
         from cdkd.vector.style import write_layer_styles
 
@@ -367,7 +368,7 @@ class _InstanceRun:
                 pyogrio.raw.write(staged, shapely.to_wkb(geoms), list(fields.values()), list(fields), layer=layer,
                                   driver="GPKG", geometry_type="Polygon", crs=crs_wkt, append=written > 0,
                                   promote_to_multi=False, layer_options={"SPATIAL_INDEX": "YES"} if not written
-                                  else None)
+                                  else None, dataset_options=None if written else GPKG_OPTIONS)
                 written += len(geoms)
                 for c, a in zip(ids.tolist(), area.tolist()):
                     n, total = totals.get(c, (0, 0.0))
@@ -376,7 +377,7 @@ class _InstanceRun:
             empty = {"class_id": np.zeros(0, np.int32), "class_name": np.zeros(0, object),
                      "score": np.zeros(0), "area_m2": np.zeros(0)}
             pyogrio.raw.write(staged, np.zeros(0, object), list(empty.values()), list(empty), layer=layer,
-                              driver="GPKG", geometry_type="Polygon", crs=crs_wkt)
+                              driver="GPKG", geometry_type="Polygon", crs=crs_wkt, dataset_options=GPKG_OPTIONS)
         if self.out.suffix.lower() == ".gpkg":
             write_layer_styles(staged, [layer], schema)
             shutil.move(str(staged), self.out)

@@ -7,14 +7,18 @@ Shared by every long job (``distill``, ``finetune``): each writes ``config.yaml`
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cdkd.errors import CheckpointError, ConfigError, OutputExistsError
 from cdkd.utils.atomic import atomic_write_text
 from cdkd.utils.checkpoint import list_checkpoints, load_checkpoint
+from cdkd.utils.paths import check_writable
+from cdkd.utils.runlock import RunLock, holder, in_use_error
 
 
 @dataclass(frozen=True)
@@ -47,35 +51,75 @@ class RunDir:
         return [self.artifact, self.config, self.metrics, self.report, self.checkpoints]
 
     def check(self, resume: bool, overwrite: bool, checkpoint_format: str) -> dict[str, Any] | None:
-        """Refuse to clobber an earlier run; for ``resume``, return the newest checkpoint. Writes nothing."""
-        if resume:
-            ckpts = list_checkpoints(self.checkpoints)
-            if not ckpts:
-                raise CheckpointError(f"{self.root}: nothing to resume (no checkpoint in {self.checkpoints})")
-            return load_checkpoint(ckpts[-1], checkpoint_format)
+        """Refuse a folder another live run holds, one that cannot be written, or an earlier run's (unless
+        ``overwrite``); for ``resume``, return the newest checkpoint. Writes nothing. Each refusal offers what the
+        next command will accept."""
+        live = holder(self.root)
+        if live is not None:
+            raise in_use_error(self.root, live, self.root)
+        check_writable(self.root, f"{self.root}: cannot write the {self.kind}")
         existing = [p.name for p in self._files() if p.exists()]
+        ckpts = list_checkpoints(self.checkpoints)
+        if resume:
+            if not ckpts:
+                if existing:
+                    raise CheckpointError(f"{self.root}: nothing to resume (no checkpoint in {self.checkpoints}); "
+                                          "pass --overwrite (not --resume) to start again")
+                raise CheckpointError(f"{self.root}: nothing to resume (no {self.kind} there); run without --resume")
+            return load_checkpoint(ckpts[-1], checkpoint_format)
         if existing and not overwrite:
-            raise OutputExistsError(f"{self.root}: already holds a {self.kind} ({', '.join(existing)}); "
-                                    "pass --resume to continue it or --overwrite to start again")
+            hint = ("pass --resume to continue it or --overwrite to start again" if ckpts else
+                    "pass --overwrite to start again")
+            raise OutputExistsError(f"{self.root}: already holds a {self.kind} ({', '.join(existing)}); {hint}")
         return None
 
     def reset(self) -> None:
-        """Remove an earlier run's files (``--overwrite``); call once all checks passed.
-
-        The folder itself is not created here but by the first file the run writes (``config.yaml``, through
-        ``atomic_path``), so a run that fails while setting up (an unreadable SAM checkpoint, say) leaves no
-        empty run folder behind.
-        """
+        """Remove an earlier run's files (``--overwrite``); call once all checks passed, holding the lock."""
         for p in self._files():
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
 
+    @contextmanager
+    def session(self, fresh: bool, main: bool = True) -> Iterator[None]:
+        """The run's time in its folder: the folder's lock is held (by the main process of a DDP job), a ``fresh``
+        run starts from an empty folder, and a fresh run that ends before its first checkpoint (bad data found in
+        the first batches, a Ctrl-C) leaves nothing behind: neither its files nor a folder it created, which would
+        only stand in the way of the next run."""
+        if not main:
+            yield
+            return
+        created = not self.root.exists()
+        lock = RunLock(self.root, self.root).acquire()
+        try:
+            if fresh:
+                self.reset()
+            yield
+        except BaseException:
+            if fresh and not list_checkpoints(self.checkpoints):
+                self.reset()
+                lock.release(remove=True)
+                if created and not any(self.root.iterdir()):
+                    self.root.rmdir()
+            raise
+        finally:
+            lock.release(remove=True)
+
     def write_metrics(self, record: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def last_metrics(self) -> dict[str, Any]:
+        """The newest row of ``metrics.jsonl`` that logs a step's losses (``{}`` when there is none)."""
+        if not self.metrics.exists():
+            return {}
+        for line in reversed(self.metrics.read_text().splitlines()):
+            row = json.loads(line) if line.strip() else {}
+            if "loss" in row:
+                return row
+        return {}
 
     def truncate_metrics(self, step: int) -> None:
         """On resume, drop metric lines written after the checkpoint, so each step is logged once."""
@@ -86,7 +130,35 @@ class RunDir:
         atomic_write_text(self.metrics, "".join(ln + "\n" for ln in keep))
 
     def write_report(self, report: dict[str, Any]) -> None:
-        atomic_write_text(self.report, json.dumps(report, indent=2))
+        """``report.json``; a value that is not a finite number is written as null, never as NaN (which is not
+        JSON, and which a report should not claim as a result)."""
+        atomic_write_text(self.report, json.dumps(finite(report), indent=2, allow_nan=False))
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def check_identity(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
+    """A resumed run must read the same inputs as the interrupted one: the same data (by content, so a moved
+    folder is still the same data), teacher, student, class file... ``saved``/``now`` map a name to a digest."""
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if changed:
+        diffs = "; ".join(f"{k}: {_short(saved.get(k))} then, {_short(now.get(k))} now" for k in changed[:3])
+        raise CheckpointError(f"{where}: cannot resume with other {', '.join(changed)} than the interrupted run read "
+                              f"({diffs}); give the run's own inputs, or pass --overwrite to start again")
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text[:12] if len(text) == 64 else text
 
 
 def check_resumable(saved: dict[str, Any], now: dict[str, Any], allowed: set[str], where: Path) -> None:

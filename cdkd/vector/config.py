@@ -47,7 +47,7 @@ class VectorizeConfig:
         if self.window_rows is not None and self.window_rows <= 0:
             raise CdkdValueError(f"window_rows must be a positive integer, got {self.window_rows}")
         if self.layer is not None and self.layer_per_class:
-            raise CdkdValueError("give layer or layer_per_class, not both")
+            raise CdkdValueError("give --layer or --layer-per-class (layer, layer_per_class), not both")
         return self
 
     def kwargs(self) -> dict[str, Any]:

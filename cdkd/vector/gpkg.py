@@ -19,6 +19,9 @@ from cdkd.errors import CdkdValueError
 from cdkd.vector.memory import BATCH_VERTICES
 
 BATCH = 10_000  # features per append, or fewer when they hold memory.BATCH_VERTICES vertices
+# GeoPackage 1.2: what GDAL before 3.7 (Debian 12's 3.6, the QGIS 3.22-3.28 era) reads without a warning; newer
+# GDAL writes 1.4 by default, which those versions say they may only partly support. Nothing here needs 1.3/1.4.
+DATASET_OPTIONS = {"VERSION": "1.2"}
 
 
 def batches(polygons: np.ndarray, size: int = BATCH, vertices: int = BATCH_VERTICES) -> list[slice]:
@@ -91,10 +94,12 @@ class GpkgWriter:
         del chunks
         geometry = shapely.to_wkb(columns.pop("geometry"))
         new = layer not in self.counts
-        # append=True also creates the file and new layers; index options only matter when a layer is created
+        # append=True also creates the file and new layers; index options only matter when a layer is created,
+        # the version only when the file is
         pyogrio.raw.write(self.path, geometry, list(columns.values()), list(columns), layer=layer, driver="GPKG",
                           geometry_type="Polygon", crs=self.crs_wkt, append=True, promote_to_multi=False,
-                          layer_options={"SPATIAL_INDEX": "YES"} if new else None)
+                          layer_options={"SPATIAL_INDEX": "YES"} if new else None,
+                          dataset_options=None if self.path.exists() else DATASET_OPTIONS)
         self.counts[layer] = self.counts.get(layer, 0) + len(geometry)
 
     def close(self) -> dict[str, int]:

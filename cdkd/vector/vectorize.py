@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from cdkd.data.files import open_raster
 from cdkd.errors import CdkdValueError, DataError, OutputExistsError
+from cdkd.utils.paths import check_writable as check_folder_writable
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 from cdkd.vector.coverage import simplify_coverage
 from cdkd.vector.formats import VectorFormat, check_writable, convert, output_format
@@ -103,12 +104,17 @@ class VectorizeReport:
     warnings: tuple[str, ...] = ()
 
     def table(self) -> str:
-        """Per-class polygons and areas (m² and ha) as an aligned text table."""
+        """Per-class polygons and areas as an aligned text table, in the unit ``cdkd.units`` picks for it."""
+        from cdkd.units import area_unit, format_area
+
+        unit = area_unit([self.area_m2])
         width = max([len("class")] + [len(c.name) for c in self.classes])
-        lines = [f"{'id':>3}  {'class':<{width}}  {'polygons':>9}  {'area (ha)':>12}"]
+        lines = [f"{'id':>3}  {'class':<{width}}  {'polygons':>9}  {f'area ({unit[0]})':>12}"]
         for c in self.classes:
-            lines.append(f"{c.class_id:>3}  {c.name:<{width}}  {c.polygons:>9}  {c.area_m2 / 1e4:>12.2f}")
-        lines.append(f"{'':>3}  {'total':<{width}}  {self.polygons:>9}  {self.area_m2 / 1e4:>12.2f}")
+            lines.append(f"{c.class_id:>3}  {c.name:<{width}}  {c.polygons:>9}  "
+                         f"{format_area(c.area_m2, unit, with_unit=False):>12}")
+        lines.append(f"{'':>3}  {'total':<{width}}  {self.polygons:>9}  "
+                     f"{format_area(self.area_m2, unit, with_unit=False):>12}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +122,14 @@ class VectorizeReport:
         for key in ("input", "output", "json_path", "style_path"):
             d[key] = str(d[key]) if d[key] is not None else None
         return d
+
+
+def _check_shared_style(path: Path, style: str) -> None:
+    """QGIS loads ``<name>.qml`` as the style of every ``<name>.*`` beside it, so ``a.fgb`` and ``a.parquet``
+    share ``a.qml``: the same style is no conflict; another one (other classes) would restyle the other file."""
+    if path.exists() and path.read_text() != style:
+        raise OutputExistsError(f"{path}: already holds another style (QGIS gives it to every {path.stem}.* file "
+                                "beside it); pass --overwrite to replace it, or choose another output name")
 
 
 def check_simplify(simplify: float | None) -> float | None:
@@ -212,10 +226,13 @@ def vectorize(
         raise CdkdValueError("give --layer or --layer-per-class, not both")
     if layer_per_class and not fmt.multi_layer:
         raise CdkdValueError(f"{out}: a {fmt.name} file holds one layer; drop --layer-per-class or write a .gpkg")
-    _check_outputs([p for p in (out, json_path, style_path) if p is not None], overwrite)
+    _check_outputs([out, json_path], overwrite)
+    check_folder_writable(out.parent, f"{out}: cannot write the output")
     check_writable(fmt, out)
 
     info = inspect(raster_path, classes)
+    if style_path is not None and not overwrite:
+        _check_shared_style(style_path, qml(info.schema))
     try:
         measure = choose_area(area, info.crs, info.transform, info.width, info.height)
     except DataError as e:

@@ -101,6 +101,9 @@ class Recipe(ABC):
     name: ClassVar[str]
     section: ClassVar[str]
     terms: ClassVar[tuple[str, ...]]
+    # True: the student reads every band of the data (the teacher's input is formed from them); False: the student
+    # and the teacher read the same three bands, red, green and blue where the files say which they are
+    every_band: ClassVar[bool] = False
 
     def __init__(self, cfg: DistillConfig) -> None:
         self.cfg = cfg

@@ -188,18 +188,13 @@ class HyperKDRecipe(Recipe):
     name = "hyperkd"
     section = "hyperkd"
     terms = TERMS
+    every_band = True
 
     def validate(self) -> None:
-        c: HyperKDConfig = self.settings
-        if not 0.0 < c.mask_ratio < 1.0:
-            raise CdkdValueError(f"hyperkd.mask_ratio must be in (0, 1), got {c.mask_ratio}")
-        if not 0.0 <= c.guided_ratio <= 1.0:
-            raise CdkdValueError(f"hyperkd.guided_ratio must be in [0, 1], got {c.guided_ratio}")
+        c: HyperKDConfig = self.settings  # each setting's own range: config.check_ranges
         if c.spectral_loss not in SPECTRAL_LOSSES:
             raise CdkdValueError(f"hyperkd.spectral_loss must be one of {', '.join(SPECTRAL_LOSSES)}, got "
                                  f"{c.spectral_loss!r}")
-        if any(w < 0 for w in c.weights):
-            raise CdkdValueError(f"hyperkd.weights must be >= 0, got {c.weights}")
         teacher_bands(c.teacher_ranges)  # raises on malformed ranges
 
     def band_set(self) -> BandSet:
@@ -215,7 +210,12 @@ class HyperKDRecipe(Recipe):
     def alignment(self) -> tuple[np.ndarray, BandSet, BandSet]:
         """(weights (3, C), student bands, teacher channels)."""
         student, teacher = self.band_set(), teacher_bands(self.settings.teacher_ranges)
-        return alignment_weights(student, teacher), student, teacher
+        try:
+            return alignment_weights(student, teacher), student, teacher
+        except CdkdValueError as e:
+            bands = ",".join(map(str, self.cfg.data.bands or ()))
+            raise CdkdValueError(f"{e}; the student reads band(s) {bands} of the data: read more of them (--bands, "
+                                 "--in-chans; by default hyperkd reads every band)") from None
 
     def build_teacher(self) -> nn.Module:
         from cdkd.models.teacher import build_frozen_teacher

@@ -70,9 +70,7 @@ class MaskCDKDRecipe(Recipe):
     terms = TERMS
 
     def validate(self) -> None:
-        o = self.settings
-        if not 0.0 <= o.mask_ratio < 1.0:
-            raise CdkdValueError(f"mask ratio must be in [0, 1), got {o.mask_ratio}")
+        o = self.settings  # each setting's own range: config.check_ranges
         if o.schedule not in ("dynamic", "fixed"):
             raise CdkdValueError(f"schedule must be 'dynamic' or 'fixed', got {o.schedule!r}")
 

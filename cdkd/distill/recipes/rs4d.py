@@ -196,10 +196,7 @@ class RS4DRecipe(Recipe):
     terms = TERMS
 
     def validate(self) -> None:
-        c: RS4DConfig = self.settings
-        for name in ("noise_ratio", "mask_ratio", "max_noise_ratio", "max_mask_ratio"):
-            if not 0.0 <= getattr(c, name) <= 1.0:
-                raise CdkdValueError(f"rs4d.{name} must be a fraction in [0, 1], got {getattr(c, name)}")
+        c: RS4DConfig = self.settings  # each setting's own range: config.check_ranges
         if c.noise_ratio + c.mask_ratio > 1.0:
             raise CdkdValueError(f"noise ratio {c.noise_ratio} + mask ratio {c.mask_ratio} exceed 1: noised and "
                                  "masked patches are disjoint")
@@ -210,12 +207,6 @@ class RS4DRecipe(Recipe):
             if c.max_noise_ratio + c.max_mask_ratio > 1.0:
                 raise CdkdValueError(f"max noise ratio {c.max_noise_ratio} + max mask ratio {c.max_mask_ratio} "
                                      "exceed 1")
-            if not 0.0 < c.adapt_target < 1.0:
-                raise CdkdValueError(f"rs4d.adapt_target must be in (0, 1), got {c.adapt_target}")
-        if not c.noise_std > 0.0:
-            raise CdkdValueError(f"rs4d.noise_std must be > 0, got {c.noise_std}")
-        if not 0.0 <= c.ema_decay < 1.0:
-            raise CdkdValueError(f"rs4d.ema_decay must be in [0, 1), got {c.ema_decay}")
 
     def build_teacher(self) -> nn.Module:
         from cdkd.models.teacher import build_frozen_teacher
