@@ -72,6 +72,7 @@ class SegmentOptions:
     checkpoint_seconds: float = 30.0  # least time between checkpoints (--resume restarts from the last one)
     read_threads: int | None = None  # threads reading ahead of the model (None: pipeline.reader_threads); 0: none
     min_score: float | None = None  # instance models: detections scoring less are dropped (None: 0.5)
+    assets: tuple[str, ...] | None = None  # STAC items: asset keys stacked as the bands (None: by the model's bands)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,9 @@ def fingerprint(scene: str | Path, meta: InferenceMeta, source: SceneSource, til
                 probs: bool) -> dict[str, Any]:
     """What must not change between an interrupted run and its resumption."""
     model = hashlib.sha256(meta.to_json().encode()).hexdigest()[:16]
-    if is_virtual_path(scene):
+    if source.stac is not None:
+        identity = source.stac.identity()  # the item's href and id, and every asset's href
+    elif is_virtual_path(scene):
         identity: dict[str, Any] = {"scene": str(scene)}  # GDAL alone can stat it; the header facts stand in
     else:
         st = Path(scene).stat()
@@ -256,6 +259,8 @@ def cache_budget(info: SceneInfo, tile: int) -> int:
 def announce_bands(source: SceneSource, log: Log) -> None:
     """Say once which scene bands the model reads when that is not simply all of them in order."""
     info, bands = source.info, source.bands
+    if source.stac is not None:
+        log(source.stac.describe())
     if bands != tuple(range(1, info.count + 1)):
         log(f"{info.path}: the model reads band(s) {','.join(map(str, bands))} of the scene's {info.count} "
             "(choose others with --bands)")
@@ -286,7 +291,8 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
     tile, overlap = resolve_tiling(runtime.meta, options, runtime.fixed_tile, runtime.name)
     check_outputs(scene, out, options)
     meta = runtime.meta
-    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
+    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats,
+                     assets=options.assets) as source, \
             rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, tile)):
         announce_bands(source, log or log_stderr)
         run = _LocalRun(scene, source, runtime, out, options, tile, overlap)

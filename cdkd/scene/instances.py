@@ -198,7 +198,8 @@ def segment_instances(scene: str | Path, runtime: Any, out: str | Path, options:
     check_outputs(scene, out, options, suffixes=VECTOR_OUTPUTS, kind="objects are written as vector polygons")
     _check_writable(out)
     meta = runtime.meta
-    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
+    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats,
+                     assets=options.assets) as source, \
             rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, tile)):
         announce_bands(source, log or log_stderr)
         run = _InstanceRun(scene, source, runtime, out, options, tile, overlap, min_score, merge_iou)
