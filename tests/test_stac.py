@@ -4,6 +4,7 @@ band stack of the chosen assets (local files or COGs over HTTP range requests), 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.shutil
+from conftest import SHARED_DATA, make_geotiff, make_segmenter, one_clean_error, synthetic_image
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 from typer.testing import CliRunner
@@ -24,7 +26,6 @@ from cdkd.data.stats import NormStats
 from cdkd.errors import DataError
 from cdkd.scene.source import SceneSource
 from cli.main import app
-from conftest import SHARED_DATA, make_geotiff, make_segmenter, one_clean_error, synthetic_image
 
 S2 = SENSOR_PRESETS["sentinel2_l2a"]
 S2_DIR = SHARED_DATA / "multispectral" / "bigearthnet_s2"
@@ -165,6 +166,50 @@ def test_an_item_collection_gives_one_output_per_item_named_by_its_id(tmp_path, 
         with rasterio.open(p / f"{p.name}_B03.tif") as b03:
             classes, crs, transform = _read(tmp_path / "lc" / f"{p.name}.tif")
             assert classes.shape == (1, 120, 120) and (crs, transform) == (b03.crs, b03.transform)
+
+
+class _Interrupted:
+    """A runtime whose ``after``-th forward pass is cut short by Ctrl-C (a KeyboardInterrupt)."""
+
+    def __init__(self, runtime, after: int) -> None:
+        self.inner, self.after, self.calls = runtime, after, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward(self, batch):
+        self.calls += 1
+        if self.calls == self.after:
+            raise KeyboardInterrupt
+        return self.inner.forward(batch)
+
+
+def test_an_interrupted_item_resumes_and_a_changed_item_is_refused(tmp_path, s2_model):
+    from cdkd.errors import CheckpointError
+    from cdkd.scene.engine import SegmentOptions, output_paths, segment_scene
+    from cdkd.scene.runtimes import RuntimeSpec
+
+    patch = _patches(1)[0]
+    data = _item(tmp_path, patch, bands=MODEL_BANDS)
+    item = _write(tmp_path / "item.json", data)
+    runtime = RuntimeSpec(str(s2_model)).open()
+    options = dict(progress=False, batch_size=2, checkpoint_seconds=0)  # a row of two windows per batch
+    segment_scene(item, runtime, tmp_path / "whole.tif", SegmentOptions(**options))
+    with pytest.raises(KeyboardInterrupt):
+        segment_scene(item, _Interrupted(runtime, after=2), tmp_path / "out.tif", SegmentOptions(**options))
+    state = json.loads((output_paths(tmp_path / "out.tif")[3] / "state.json").read_text())
+    assert state["fingerprint"]["item"] == patch.name and set(state["fingerprint"]["assets"]) == set(MODEL_BANDS)
+    original, stamp = item.read_text(), item.stat()
+    data["assets"]["B11"]["href"] = f"{patch.name}/B12.tif"  # the item now points elsewhere
+    rasterio.shutil.copy(tmp_path / patch.name / "B11.tif", tmp_path / patch.name / "B12.tif")
+    _write(item, data)
+    with pytest.raises(CheckpointError, match="cannot resume: assets, "):
+        segment_scene(item, runtime, tmp_path / "out.tif", SegmentOptions(resume=True, **options))
+    item.write_text(original)
+    os.utime(item, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # the very file of the interrupted run
+    report = segment_scene(item, runtime, tmp_path / "out.tif", SegmentOptions(resume=True, **options))
+    assert report.resumed_from_row == 1 and np.array_equal(_read(tmp_path / "out.tif")[0],
+                                                           _read(tmp_path / "whole.tif")[0])
 
 
 # ---------------------------------------------------------------------------------------------- without shared data

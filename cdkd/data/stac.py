@@ -210,7 +210,10 @@ def _band(entry: Any) -> StacBand:
     """A band of ``eo:bands`` (STAC 1.0: ``center_wavelength`` in um) or of ``bands`` (1.1: ``eo:`` prefixed)."""
     if not isinstance(entry, dict):
         return StacBand()
-    get = lambda key: entry.get(key, entry.get(f"eo:{key}"))  # noqa: E731
+
+    def get(key: str) -> Any:
+        return entry.get(key, entry.get(f"eo:{key}"))
+
     return StacBand(str(entry.get("name") or ""), str(get("common_name") or ""), _um(get("center_wavelength")),
                     _um(get("full_width_half_max")))
 
@@ -362,8 +365,11 @@ class StacScene:
         try:
             with self._env():
                 xml = stack.vrt_xml()
-        except CdkdError as e:
-            raise type(e)(f"{self.label}: {e}") from None
+        except CdkdError as e:  # named by the item and the asset key, not by GDAL's path
+            message = str(e)
+            for a in self.assets:
+                message = message.replace(gdal_path(a.href), f"asset {a.key} ({a.href})")
+            raise type(e)(f"{self.label}: {message}") from None
         return self._placed(xml)
 
     def _placed(self, xml: str) -> str:
