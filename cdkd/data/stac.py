@@ -181,10 +181,6 @@ class StacBand:
         centre = self.centre()
         return None if centre is None else Band(centre, self.width_nm, self.name or self.common_name)
 
-    def label(self) -> str:
-        parts = [p for p in (self.common_name, f"{self.centre():g} nm" if self.centre() else "") if p]
-        return f"{self.name} ({', '.join(parts)})" if self.name and parts else (self.name or ", ".join(parts))
-
 
 @dataclass(frozen=True)
 class StacAsset:
@@ -381,9 +377,14 @@ class StacScene:
             raise DataError(f"{self.label}: its assets carry no CRS and the item gives no proj:code or proj:epsg; "
                             "the output could not be placed on a map")
         from rasterio.crs import CRS
+        from rasterio.errors import CRSError
 
         srs = ET.Element("SRS")
-        srs.text = CRS.from_user_input(self.crs).to_wkt()
+        try:
+            srs.text = CRS.from_user_input(self.crs).to_wkt()
+        except CRSError as e:
+            raise DataError(f"{self.label}: its projection extension's CRS {self.crs!r} is not one GDAL knows "
+                            f"({e})") from None
         root.insert(0, srs)
         geo = root.find("GeoTransform")
         if geo is not None and tuple(float(v) for v in geo.text.split(",")) == _IDENTITY:
