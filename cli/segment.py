@@ -18,7 +18,8 @@ TILING = "Tiling"
 
 def segment_command(
     scenes: List[str] = typer.Argument(..., help="GeoTIFF (or VRT) scene(s), folders of them, GDAL virtual paths "
-                                       "(/vsizip/..., /vsis3/...) or URLs."),
+                                       "(/vsizip/..., /vsis3/...), URLs, or STAC Items / ItemCollections (.json "
+                                       "file or URL; see docs/stac.md)."),
     model: Optional[Path] = typer.Option(None, "--model", help="segmenter.pt (or detector.pt) from cdkd finetune "
                                          "(PyTorch).", rich_help_panel=RUN),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Exported model.onnx or TensorRT model.engine.",
@@ -47,6 +48,9 @@ def segment_command(
                                                rich_help_panel=RUN),
     bands: Optional[str] = typer.Option(None, "--bands", help="Scene bands fed to the model, in order, e.g. "
                                         "3,2,1 or 1,1,1 (default: the model's).", rich_help_panel=TILING),
+    assets: Optional[str] = typer.Option(None, "--assets", help="STAC items: the asset keys to stack as the "
+                                         "scene's bands, in order, e.g. B04,B03,B02 (default: the assets holding "
+                                         "the model's bands).", rich_help_panel=TILING),
     stats: Optional[o.Stats] = typer.Option(None, "--stats", help="Normalisation: model (stored with it, the "
                                             "default) or scene (computed once from this scene).",
                                             rich_help_panel=TILING),
@@ -79,6 +83,7 @@ def segment_command(
       cdkd segment scenes/ --engine model.onnx --out-dir lc/   (every *.tif, *.tiff, *.vrt, *.jp2 in scenes/)
       cdkd segment scene.tif --engine model.onnx --out scene_lc.tif --config segment.yaml --preview
       cdkd segment scene.tif --model runs/det/detector.pt --out buildings.gpkg --min-score 0.6
+      cdkd segment items.json --model s2_segmenter.pt --out-dir lc/   (a STAC ItemCollection: one output per item)
     """
     with cli_errors(resumable=True):
         from cdkd.errors import CdkdValueError
@@ -94,7 +99,7 @@ def segment_command(
             raise CdkdValueError(f"--out names one output but {len(scenes)} scenes were given; use --out-dir")
         flags = o.given({"tile_size": tile_size, "overlap": overlap, "batch_size": batch_size,
                          "bands": o.ints(bands, "--bands"), "stats": o.value(stats), "probs": probs,
-                         "read_threads": read_threads, "min_score": min_score,
+                         "read_threads": read_threads, "min_score": min_score, "assets": o.words(assets),
                          "overwrite": overwrite or None, "resume": resume or None, "progress": progress})
         options = o.resolve_config(SegmentOptions, config, None, flags)
         if options.resume and options.overwrite:
@@ -155,10 +160,12 @@ def _check_previews(outputs: list[Path], overwrite: bool) -> None:
 
 
 def _write_preview(scene: str | Path, out: Path, bands: Optional[tuple[int, ...]]) -> None:
-    """The preview shows the bands the model read when they make an image (1 or 3), else the scene's RGB."""
+    """The preview shows the bands the model read when they make an image (1 or 3), else the scene's RGB (a STAC
+    item's red, green and blue assets: --bands numbers the model's stack of assets, not these)."""
+    from cdkd.data.stac import is_stac
     from cdkd.scene.preview import write_preview
 
-    bands = bands if bands is not None and len(bands) in (1, 3) else None
+    bands = bands if bands is not None and len(bands) in (1, 3) and not is_stac(scene) else None
     typer.echo(f"  preview: {write_preview(scene, out, preview_path(out), bands=bands, overwrite=True)}")
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
+import urllib.parse
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +53,76 @@ def one_clean_error(output: str) -> str:
     errors = [ln for ln in output.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1, output
     return errors[0]
+
+
+@dataclass
+class Served:
+    """A folder served over HTTP: its base ``url`` and the ``ranges`` requested, as (file path, start, end)."""
+
+    url: str
+    ranges: list = field(default_factory=list)
+
+
+def _range_handler(root: Path, served: Served) -> type:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        """Serves the files under ``root`` with HTTP range requests, as an object store does (GDAL's /vsicurl/
+        reads by ranges); anything else, folders included, is a 404."""
+
+        def _send(self, body: bool) -> None:
+            name = urllib.parse.unquote(self.path.split("?")[0]).lstrip("/")
+            path = (root / name).resolve()
+            if not name or root not in path.parents or not path.is_file():
+                self.send_error(404)
+                return
+            data, header = path.read_bytes(), self.headers.get("Range")
+            if header:
+                start, end = header.split("=")[1].split("-")
+                start, end = int(start), min(int(end or len(data) - 1), len(data) - 1)
+                served.ranges.append((name, start, end))
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                data = data[start : end + 1]
+            else:
+                self.send_response(200)
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self._send(True)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._send(False)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def http_folder(monkeypatch):
+    """``http_folder(root)`` serves ``root`` on 127.0.0.1 (a free port) with range requests until the test ends and
+    returns its ``Served`` (base URL, ranges requested)."""
+    servers = []
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+
+    def serve(root: Path) -> Served:
+        root = Path(root).resolve()
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), None)  # handler set below: it needs the URL
+        served = Served(f"http://127.0.0.1:{server.server_address[1]}")
+        server.RequestHandlerClass = _range_handler(root, served)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return served
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 def _require(path: Path) -> Path:

@@ -78,7 +78,7 @@ def test_resume_with_another_model_is_refused(models, tall, tmp_path):
     out = tmp_path / "lc.tif"
     with pytest.raises(KeyboardInterrupt):
         segment_scene(tall, Interrupting(a, after=3), out, SegmentOptions(batch_size=2, **QUIET))
-    with pytest.raises(CheckpointError, match="another model") as e:
+    with pytest.raises(CheckpointError, match="cannot resume: model differ") as e:
         segment_scene(tall, b, out, SegmentOptions(batch_size=2, resume=True, **QUIET))
     assert "--overwrite" in str(e.value) and "\n" not in str(e.value)
     report = segment_scene(tall, a, out, SegmentOptions(batch_size=2, resume=True, **QUIET))
@@ -228,7 +228,7 @@ def test_resume_refuses_other_inputs(finetune_run, tmp_path, monkeypatch):
     make_image(extra / "masks" / "p9.png", np.zeros((1, 40, 40), np.uint8), "PNG")
     args[steps] = "2"
     res = runner.invoke(app, [*args, str(run), "--resume"])
-    assert res.exit_code == 1 and "cannot resume with other data" in res.output, res.output
+    assert res.exit_code == 1 and "cannot resume: data differ" in res.output, res.output
     # a run started from another folder finds its inputs: config.yaml holds absolute paths
     saved = (run / "config.yaml").read_text()
     assert f"student: {Path(args[args.index('--student') + 1]).absolute()}" in saved

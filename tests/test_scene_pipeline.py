@@ -3,11 +3,9 @@ blending, overviews streamed with the rows, SIGINT checkpoints, reports, GDAL vi
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import signal
-import threading
 import zipfile
 from pathlib import Path
 
@@ -359,58 +357,16 @@ def test_a_scene_inside_a_zip(tmp_path, linear):
                       SegmentOptions(**QUIET))
 
 
-class _RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves one file with HTTP range requests, as an object store does (GDAL's /vsicurl/ reads by ranges)."""
-
-    data = b""
-    ranges: list = []
-
-    def _send(self, body: bool) -> None:
-        if self.path.split("?")[0] != "/scene.tif":
-            self.send_error(404)
-            return
-        data, header = self.data, self.headers.get("Range")
-        if header:
-            start, end = header.split("=")[1].split("-")
-            start, end = int(start), min(int(end or len(data) - 1), len(data) - 1)
-            type(self).ranges.append((start, end))
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-            data = data[start : end + 1]
-        else:
-            self.send_response(200)
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._send(True)
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._send(False)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-def test_a_cog_served_over_http_with_range_requests(tmp_path, linear, monkeypatch):
+def test_a_cog_served_over_http_with_range_requests(tmp_path, linear, monkeypatch, http_folder):
     scene = make_geotiff(tmp_path / "s.tif", synthetic_image((3, 300, 260), seed=8), tiled=True, blockxsize=128,
                          blockysize=128)
-    cog = tmp_path / "cog.tif"
+    cog = tmp_path / "served" / "scene.tif"
+    cog.parent.mkdir()
     rasterio.shutil.copy(scene, cog, driver="COG", BLOCKSIZE=128)
-    _RangeHandler.data, _RangeHandler.ranges = cog.read_bytes(), []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    served = http_folder(cog.parent)
     monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/scene.tif"
-        remote = segment_scene(url, linear, tmp_path / "remote.tif", SegmentOptions(**QUIET))
-    finally:
-        server.shutdown()
+    url = f"{served.url}/scene.tif"
+    remote = segment_scene(url, linear, tmp_path / "remote.tif", SegmentOptions(**QUIET))
     segment_scene(cog, linear, tmp_path / "local.tif", SegmentOptions(**QUIET))
     assert np.array_equal(_read(tmp_path / "remote.tif"), _read(tmp_path / "local.tif"))
-    assert remote.scene == url and _RangeHandler.ranges  # read by ranges, not downloaded whole by us
+    assert remote.scene == url and served.ranges  # read by ranges, not downloaded whole by us

@@ -102,6 +102,7 @@ class BandStack:
     resampling: str = "bilinear"
     wavelengths: str | None = None
     ordered: bool = True  # keep the files' order; False: order by wavelength when known (a folder's files)
+    spectral: BandSet | None = None  # the files' bands as the caller knows them (a STAC item's), in file order
 
     def __post_init__(self) -> None:
         if self.resampling not in RESAMPLING:
@@ -162,6 +163,8 @@ class BandStack:
     def bands(self) -> tuple[list[_BandFile], BandSet | None]:
         """The band files in stack order and their band set (None when nothing names their wavelengths)."""
         items = [_read_band_file(f) for f in self.files]
+        if self.spectral is not None:
+            return items, self.spectral
         if self.wavelengths:
             spectral = parse_wavelengths(self.wavelengths, len(items), [b.name for b in items])
             return items, spectral

@@ -20,6 +20,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from cdkd.data.bandstack import is_band_stack, is_manifest, manifest_members, open_band_stack
+from cdkd.data.stac import is_stac, open_stac
 from cdkd.errors import CdkdError, CdkdIOError, CdkdValueError, DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -62,9 +63,12 @@ def check_bands(bands: Sequence[int]) -> tuple[int, ...]:
 @contextmanager
 def reading(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
     """Open ``path`` read-only; plain JPEG/PNG files have no georeferencing, which is fine here. A band stack
-    (``cdkd.data.bandstack``: a ``*.bands.yaml`` manifest or a folder of single-band files) opens as one raster."""
+    (``cdkd.data.bandstack``: a ``*.bands.yaml`` manifest or a folder of single-band files) opens as one raster,
+    and so does a STAC item (``cdkd.data.stac``: with no model to choose for, its red, green and blue assets)."""
     if is_band_stack(path):
         src = open_band_stack(path)
+    elif is_stac(path):
+        src = open_stac(path)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -102,8 +106,11 @@ def open_raster(path: str | Path) -> rasterio.io.DatasetReader:
     """``rasterio.open(path)`` for a file that must exist and be a raster, else a one-line CdkdIOError.
 
     GDAL virtual paths and URLs (``is_virtual_path``) are handed to GDAL as they are: only it can tell whether
-    they exist.
+    they exist. A STAC item opens as its red, green and blue assets (``cdkd.data.stac``; ``SceneSource`` chooses
+    the assets that hold a model's bands instead).
     """
+    if is_stac(path):
+        return open_stac(path)
     path = raster_path(path)
     if is_band_stack(path):
         return open_band_stack(path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -124,7 +124,8 @@ def _merge(
 
 
 def compute_stats(
-    rasters: Sequence[RasterInfo], bands: Sequence[int], n_samples: int = 64, window: int = 512, seed: int = 0
+    rasters: Sequence[RasterInfo], bands: Sequence[int], n_samples: int = 64, window: int = 512, seed: int = 0,
+    read: Callable[..., tuple[np.ndarray, np.ndarray]] = read_window,
 ) -> NormStats:
     """Per-band mean/std over the valid pixels of up to ``n_samples`` random windows.
 
@@ -135,6 +136,7 @@ def compute_stats(
             visited before any is visited twice.
         window: window side in pixels, clipped to each image.
         seed: makes the choice of files and windows reproducible.
+        read: ``read_window``'s stand-in for rasters that are open already (a scene built from a STAC item).
 
     Returns:
         ``NormStats`` (population std, pixel units) with ``dtype`` of the first raster.
@@ -157,7 +159,7 @@ def compute_stats(
         h, w = min(window, info.height), min(window, info.width)
         row = int(rng.integers(0, info.height - h + 1))
         col = int(rng.integers(0, info.width - w + 1))
-        pixels, valid = read_window(info.path, indexes, row, col, h, w)
+        pixels, valid = read(info.path, indexes, row, col, h, w)
         acc = _merge(acc, _window_moments(pixels, valid))
 
     n, mean, m2 = acc

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cdkd.data.files import is_virtual_path
+from cdkd.data.stac import is_stac, stac_refs, stac_stem
 from cdkd.errors import CdkdError, CdkdValueError, DataError
 from cdkd.scene.engine import SceneReport, SegmentOptions, segment_scene
 from cdkd.scene.cluster import connect, register_runtime, worker_runtime
@@ -57,9 +58,12 @@ SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2")
 def expand_scenes(paths: Sequence[str | Path]) -> list[str | Path]:
     """Scenes to segment: files as given, and each folder replaced by its scene files (sorted, not recursive,
     hidden files left out: a folder of outputs or partial work below it is never taken for input). GDAL virtual
-    paths and URLs are kept as they are."""
+    paths and URLs are kept as they are; a STAC Item or ItemCollection gives ``REF#ITEM_ID`` for each item."""
     scenes: list[str | Path] = []
     for p in paths:
+        if is_stac(p):
+            scenes.extend(stac_refs(p))
+            continue
         if is_virtual_path(p):
             scenes.append(str(p))
             continue
@@ -76,7 +80,10 @@ def expand_scenes(paths: Sequence[str | Path]) -> list[str | Path]:
 
 
 def scene_stem(scene: str | Path) -> str:
-    """The name an output takes from its scene: ``a/b.tif`` -> ``b``; ``https://host/x/b.tif?sig=..`` -> ``b``."""
+    """The name an output takes from its scene: ``a/b.tif`` -> ``b``; ``https://host/x/b.tif?sig=..`` -> ``b``;
+    a STAC item's id for ``items.json#ID``."""
+    if is_stac(scene):
+        return stac_stem(scene)
     name = str(scene).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     return Path(name).stem
 

@@ -143,7 +143,7 @@ def run_block(job: _Job, block: Block) -> dict[str, Any]:
     meta, options, times, counts = runtime.meta, job.options, StageTimes(), RowCounts()
     start = time.perf_counter()
     norm = NormStats.from_dict(job.norm)
-    with SceneSource(job.scene, job.in_chans, norm, job.bands, "model") as source, \
+    with SceneSource(job.scene, job.in_chans, norm, job.bands, "model", assets=job.options.assets) as source, \
             rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, job.tile)):
         info = source.info
         plan = plan_rows(info.height, info.width, job.tile, job.overlap)
@@ -204,15 +204,17 @@ def segment_scene_on_cluster(scene: str | Path, spec: RuntimeSpec, out: str | Pa
     check_outputs(scene, out, options)
     final, conf, report_path, partial = output_paths(out)
     kind_runtime = _SpecRuntime(spec, meta, kind)
-    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
+    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats, assets=options.assets) as source, \
             claimed(partial, out, options.resume):
         announce_bands(source, log or log_stderr)
         info = source.info
         plan = plan_rows(info.height, info.width, tile, overlap)
         blocks = plan_blocks([r[0].row for r in plan], plan[0][0].height, rows_per_block)
         expected = {**fingerprint(scene, kind_runtime, source, tile, overlap, options.probs), "blocks": rows_per_block}
+        # a STAC scene's workers stack the assets chosen here (the norm they get may not say the model's bands)
+        assets = tuple(a.key for a in source.stac.assets) if source.stac is not None else None
         job = _Job(str(scene), str(partial), meta.in_chans, source.norm.to_dict(), source.bands, tile, overlap,
-                   SegmentOptions(**dict(asdict(options), progress=False)), info.transform.to_gdal())
+                   SegmentOptions(**dict(asdict(options), progress=False, assets=assets)), info.transform.to_gdal())
         if options.resume:
             load_state(partial, expected)
         else:

@@ -74,6 +74,7 @@ class SegmentOptions:
     checkpoint_seconds: float = bounded(30.0, ge=0)  # least time between checkpoints (--resume restarts there)
     read_threads: int | None = bounded(None, ge=0, le=256, flag="--read-threads")  # None: pipeline.reader_threads
     min_score: float | None = bounded(None, ge=0, le=1, flag="--min-score")  # instances: weaker ones dropped (0.5)
+    assets: tuple[str, ...] | None = None  # STAC items: asset keys stacked as the bands (None: by the model's bands)
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,9 @@ def fingerprint(scene: str | Path, runtime: Runtime, source: SceneSource, tile: 
     """What must not change between an interrupted run and its resumption: the scene's identity, the model's
     weights (the file's SHA-256, not only its metadata: two models with the same classes and tile size give other
     maps), how it runs (runtime, autocast) and every option that changes the output."""
-    if is_virtual_path(scene):
+    if source.stac is not None:
+        identity = source.stac.identity()  # the item's href and id, and every asset's href
+    elif is_virtual_path(scene):
         identity: dict[str, Any] = {"scene": str(scene)}  # GDAL alone can stat it; the header facts stand in
     else:
         st = Path(scene).stat()
@@ -293,6 +296,8 @@ def check_buffers(info: SceneInfo, meta: InferenceMeta, tile: int, batch_size: i
 def announce_bands(source: SceneSource, log: Log) -> None:
     """Say once which scene bands the model reads when that is not simply all of them in order."""
     info, bands = source.info, source.bands
+    if source.stac is not None:
+        log(source.stac.describe())
     if bands != tuple(range(1, info.count + 1)):
         log(f"{info.path}: the model reads band(s) {','.join(map(str, bands))} of the scene's {info.count} "
             "(choose others with --bands)")
@@ -324,7 +329,8 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
     check_outputs(scene, out, options)
     meta = runtime.meta
     final, _, report_path, partial = output_paths(out)
-    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
+    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats,
+                     assets=options.assets) as source, \
             rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, tile)):
         check_buffers(source.info, meta, tile, options.batch_size)
         announce_bands(source, log or log_stderr)
@@ -462,7 +468,7 @@ def load_state(partial: Path, expected: dict[str, Any]) -> dict[str, Any]:
     changed = sorted(k for k in set(old) | set(expected) if old.get(k) != expected.get(k))
     if changed:
         diffs = "; ".join(f"{k}: {_short(old.get(k))} then, {_short(expected.get(k))} now" for k in changed[:3])
-        raise CheckpointError(f"{partial}: cannot resume with another {', '.join(changed)} than the interrupted run "
+        raise CheckpointError(f"{partial}: cannot resume: {', '.join(changed)} differ from the interrupted run's "
                               f"({diffs}); resume with the same inputs and options, or pass --overwrite to start "
                               "again")
     return state

@@ -200,7 +200,8 @@ def segment_instances(scene: str | Path, runtime: Any, out: str | Path, options:
     _check_writable(out)
     meta = runtime.meta
     _, _, report_path, partial = output_paths(out)
-    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats) as source, \
+    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats,
+                     assets=options.assets) as source, \
             rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, tile)):
         announce_bands(source, log or log_stderr)
         run = _InstanceRun(scene, source, runtime, out, options, tile, overlap, min_score, merge_iou)

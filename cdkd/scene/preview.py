@@ -182,7 +182,8 @@ def write_preview(
     """Write a PNG of the scene (left) beside its class map (right) with a legend; returns ``out_png``.
 
     Args:
-        scene_path: the scene that was segmented (any GDAL raster).
+        scene_path: the scene that was segmented (any raster ``cdkd.data.files.open_raster`` opens: a GDAL
+            raster, URL, band stack, or a STAC item, shown as its red, green and blue assets).
         class_raster_path: its class raster from ``cdkd segment`` (the legend comes from its metadata).
         out_png: the PNG to write (atomically).
         max_size: longest side of each panel in px; rasters are scaled down to it, never up.
@@ -190,28 +191,30 @@ def write_preview(
             blue bands, else 1,2,3.
         overwrite: replace an existing ``out_png``; else that is an ``OutputExistsError``.
     """
+    from cdkd.data.files import open_raster, raster_path
     from cdkd.scene.classraster import CLASSES_TAG, read_class_schema
 
-    scene_path, class_raster_path, out_png = Path(scene_path), Path(class_raster_path), Path(out_png)
+    scene_path, class_raster_path, out_png = raster_path(scene_path), Path(class_raster_path), Path(out_png)
+    scene_name = str(scene_path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]  # a URL's too
     if out_png.suffix.lower() != ".png":
         raise CdkdValueError(f"{out_png}: a preview is a PNG; give a name ending in .png")
     if out_png.exists() and not overwrite:
         raise OutputExistsError(f"{out_png}: already exists; pass --overwrite to replace it")
-    with _open(class_raster_path, "class raster") as cls_src, _open(scene_path, "scene") as scene_src:
+    with _open(class_raster_path, "class raster") as cls_src, open_raster(scene_path) as scene_src:
         schema = read_class_schema(cls_src)
         if schema is None:
             raise CdkdValueError(f"{class_raster_path}: carries no class legend (no {CLASSES_TAG} tag); "
                                  "is it a cdkd segment output?")
         if (scene_src.width, scene_src.height) != (cls_src.width, cls_src.height):
             raise CdkdValueError(f"{class_raster_path}: is {cls_src.width}x{cls_src.height} px but the scene "
-                                 f"{scene_path.name} is {scene_src.width}x{scene_src.height}; preview a class "
+                                 f"{scene_name} is {scene_src.width}x{scene_src.height}; preview a class "
                                  "raster with the scene it was made from")
         shape = panel_shape(cls_src.width, cls_src.height, max_size)
         scene = read_scene_rgba(scene_src, shape, bands)
         classes = read_class_rgba(cls_src, shape, schema)
         shown = _display_bands(scene_src, bands)
     layout = preview_layout(*shape, schema.names)
-    titles = (f"{scene_path.name} (bands {','.join(map(str, shown))})", class_raster_path.name)
+    titles = (f"{scene_name} (bands {','.join(map(str, shown))})", class_raster_path.name)
     fig = _figure(scene, classes, schema, layout, titles)
     legend = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in schema.classes]
     with atomic_path(out_png) as tmp:

@@ -3,8 +3,8 @@
 ``SceneSource`` holds the dataset open for the whole job (re-opening per tile would re-parse the header) and
 never reads more than one window: memory does not depend on the scene's size. A GDAL dataset handle must not be
 shared between threads, so each thread that reads gets its own handle, opened on its first read (GDAL's block
-cache is shared by all of them). The scene may be a local file, a GDAL virtual path (``/vsizip/``, ``/vsis3/``)
-or a URL. Every
+cache is shared by all of them). The scene may be a local file, a GDAL virtual path (``/vsizip/``, ``/vsis3/``),
+a URL, or a STAC item (``cdkd.data.stac``: the assets holding the model's bands, stacked). Every
 problem a user can cause is found before any tile runs and named in one line: a file that is not a raster or
 whose pixels do not decode, no CRS, too few bands for the model, bands whose wavelengths are not the model's,
 a pixel type the model's statistics do not describe.
@@ -30,6 +30,7 @@ from cdkd.data.files import (
     raster_path,
     read_pixels,
 )
+from cdkd.data.stac import StacScene, is_stac, stac_scene
 from cdkd.data.stats import NormStats, compute_stats
 from cdkd.errors import CdkdIOError, CdkdValueError, DataError
 from cdkd.scene.tiler import TileWindow
@@ -63,14 +64,21 @@ class SceneSource:
         norm: the model's normalisation statistics; ``stats="scene"`` replaces them by statistics computed once
             from sampled windows of this scene (never per tile: per-tile statistics shift the colours of every
             tile differently and leave seams).
+        assets: for a STAC item, the asset keys stacked as its bands (``--assets``); default: the assets that
+            hold the model's bands (``cdkd.data.stac.choose_assets``).
     """
 
     def __init__(self, path: str | Path, in_chans: int, norm: NormStats, bands: Sequence[int] | None = None,
-                 stats: str = "model", stats_samples: int = 64) -> None:
+                 stats: str = "model", stats_samples: int = 64, assets: Sequence[str] | None = None) -> None:
         self.path = raster_path(path)
         if stats not in STATS_MODES:
             raise CdkdValueError(f"unknown --stats {stats!r}; choose one of {', '.join(STATS_MODES)}")
-        self._src = open_raster(self.path)
+        self.stac: StacScene | None = None
+        if is_stac(path):
+            self.stac = stac_scene(path, norm.spectral, in_chans, assets)
+        elif assets is not None:
+            raise CdkdValueError(f"{self.path}: --assets chooses the assets of a STAC item; this scene is a raster")
+        self._src = self._open()
         self._local = threading.local()
         self._local.src = self._src
         self._handles = [self._src]
@@ -125,7 +133,7 @@ class SceneSource:
         if stats == "scene":
             info = RasterInfo(str(self.path), self.info.width, self.info.height, self.info.count, self.info.dtype)
             try:
-                scene = compute_stats([info], self.bands, n_samples=samples, window=512)
+                scene = compute_stats([info], self.bands, n_samples=samples, window=512, read=self._read_window)
             except DataError:
                 raise DataError(f"{self.path}: no valid pixel in {samples} sampled windows; the scene is empty "
                                 "(all nodata) or nearly so") from None
@@ -150,11 +158,19 @@ class SceneSource:
         pixels, valid = self.read(window)
         return self.norm.normalize(pixels, valid), valid
 
+    def _read_window(self, path: str, bands: tuple[int, ...], row: int, col: int, height: int,
+                     width: int) -> tuple[np.ndarray, np.ndarray]:
+        """``cdkd.data.files.read_window`` on the open scene (a STAC scene has no path that opens alone)."""
+        return read_pixels(self._dataset(), bands, TileWindow(row, col, height, width).to_rasterio())
+
+    def _open(self) -> Any:
+        return self.stac.open() if self.stac is not None else open_raster(self.path)
+
     def _dataset(self) -> Any:
         """This thread's handle on the scene."""
         src = getattr(self._local, "src", None)
         if src is None:
-            src = self._local.src = open_raster(self.path)
+            src = self._local.src = self._open()
             with self._lock:
                 self._handles.append(src)
         return src

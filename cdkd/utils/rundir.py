@@ -152,8 +152,8 @@ def check_identity(saved: dict[str, Any], now: dict[str, Any], where: Path) -> N
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if changed:
         diffs = "; ".join(f"{k}: {_short(saved.get(k))} then, {_short(now.get(k))} now" for k in changed[:3])
-        raise CheckpointError(f"{where}: cannot resume with other {', '.join(changed)} than the interrupted run read "
-                              f"({diffs}); give the run's own inputs, or pass --overwrite to start again")
+        raise CheckpointError(f"{where}: cannot resume: {', '.join(changed)} differ from what the interrupted run "
+                              f"read ({diffs}); give the run's own inputs, or pass --overwrite to start again")
 
 
 def _short(value: Any) -> str:
