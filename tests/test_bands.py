@@ -9,8 +9,9 @@ from rasterio.transform import Affine
 from rasterio.warp import Resampling, reproject
 
 from cdkd.data.alignment import alignment_weights, format_alignment, patch_embed_from_teacher
-from cdkd.data.bands import (Band, BandSet, choose_scene_bands, match_bands, parse_wavelengths, read_band_set,
-                             resolve_band_set)
+from cdkd.data.bands import Band, BandSet, choose_scene_bands, match_bands
+from cdkd.data.files import read_band_set, resolve_band_set
+from cdkd.data.sensors import parse_wavelengths
 from cdkd.data.bandstack import BandStack, write_manifest
 from cdkd.data.files import find_rasters, open_raster, read_window
 from cdkd.data.sensors import SENSOR_PRESETS, TEACHER_RGB, teacher_bands

@@ -1,22 +1,14 @@
-"""Band metadata: what each input channel measures (centre wavelength, width, name).
+"""Band metadata: what each input channel measures (centre wavelength, width, name), and matching a scene's bands
+to a model's.
 
 A ``BandSet`` travels with the data and the models: ``NormStats.spectral`` carries it into ``student.pt``,
 ``segmenter.pt``, ``detector.pt``, checkpoints and ``InferenceMeta`` (ONNX metadata, engine sidecars), and the
 scene reader checks a scene's bands against it (``choose_scene_bands``). It is optional everywhere: data and
 artifacts without it behave as before.
 
-Where a raster's band set comes from (``band_set_of``), per band, the first that is present:
-
-- GeoTIFF band tags ``wavelength_nm`` and ``fwhm_nm`` (``band_name`` for the name);
-- GDAL's ``IMAGERY`` metadata domain: ``CENTRAL_WAVELENGTH_UM`` and ``FWHM_UM`` (GDAL >= 3.10 fills it for
-  ENVI, Sentinel-2 SAFE and other drivers);
-- the ENVI driver's band items ``wavelength`` / ``fwhm`` with ``wavelength_units``;
-- an ENVI-style header beside the file (``scene.hdr`` or ``scene.tif.hdr``: ``wavelength = {...}``,
-  ``fwhm = {...}``, ``wavelength units``, ``band names``);
-- band names a sensor preset knows (a band described ``B04`` on a 12/13-band raster is Sentinel-2's red).
-
-``--wavelengths`` (``parse_wavelengths``) overrides them all: a sensor preset (``cdkd.data.sensors``) or a list of
-centres in nm, each optionally ``centre:width``.
+Where the band sets come from: a raster's own metadata (``cdkd.data.bandmeta``), sensor presets and
+``--wavelengths`` (``cdkd.data.sensors``), and for files by path ``cdkd.data.files.read_band_set`` /
+``resolve_band_set``. This module holds the types and the matching only, so everything else can build on it.
 """
 
 from __future__ import annotations
@@ -32,8 +24,8 @@ import numpy as np
 
 from cdkd.errors import CdkdValueError, DataError
 
-__all__ = ["Band", "BandSet", "band_set_of", "choose_scene_bands", "match_bands", "parse_wavelengths",
-           "read_band_set", "resolve_band_set"]
+__all__ = ["Band", "BandSet", "choose_scene_bands", "match_bands", "normalize_band_name", "same_bands",
+           "tolerance_nm"]
 
 DEFAULT_WIDTH_NM = 10.0  # assumed width of a lone band whose width is unknown
 MATCH_TOLERANCE_NM = 10.0  # least centre difference a scene band may have from the model's and still match
@@ -168,7 +160,7 @@ class BandSet:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# parsing --wavelengths and preset names
+# names
 
 
 def normalize_band_name(name: str) -> str:
@@ -176,235 +168,6 @@ def normalize_band_name(name: str) -> str:
     text = str(name).strip().upper()
     m = re.fullmatch(r"B0*(\d+)(A?)", text)
     return f"B{m.group(1)}{m.group(2)}" if m else text
-
-
-def preset_for_names(names: Sequence[str], preset: BandSet) -> BandSet | None:
-    """The preset's bands named ``names`` (in that order), or None when a name is not in the preset."""
-    index = {normalize_band_name(b.name): b for b in preset.bands}
-    keys = [normalize_band_name(n) for n in names]
-    if not keys or any(k not in index for k in keys):
-        return None
-    return BandSet(tuple(index[k] for k in keys), preset.sensor)
-
-
-def band_set_from_names(names: Sequence[str]) -> BandSet | None:
-    """The bands a sensor preset gives these band names (``B01`` .. ``B12``, ``B8A``), or None when no preset
-    knows them all, or when presets that do disagree about their wavelengths (``Red`` is 660 nm on WorldView-3
-    and 635 nm on NAIP's camera: a bare colour name does not say which)."""
-    from cdkd.data.sensors import SENSOR_PRESETS
-
-    if not names or not all(names):
-        return None
-    picks = [p for p in (preset_for_names(names, preset) for preset in SENSOR_PRESETS.values()) if p is not None]
-    if not picks or any(np.abs(np.subtract(p.centers, picks[0].centers)).max() > 1.0 for p in picks[1:]):
-        return None
-    return picks[0]
-
-
-def parse_wavelengths(spec: str, count: int | None = None, names: Sequence[str] | None = None) -> BandSet:
-    """``--wavelengths``: a sensor preset name (``sentinel2``, ``naip``, ...) or comma-separated centres in nm,
-    each optionally ``centre:width`` (``443:20,490:65``); values below 100 are read as micrometres.
-
-    ``count``: the number of bands the data has; a preset with more bands is narrowed to the bands ``names``
-    (the raster's band names) pick, and a list must have exactly ``count`` entries.
-    """
-    from cdkd.data.sensors import SENSOR_PRESETS
-
-    text = str(spec).strip()
-    presets = {re.sub(r"[-_\s]", "", k): v for k, v in SENSOR_PRESETS.items()}  # Sentinel-2 = sentinel2
-    key = re.sub(r"[-_\s]", "", text.lower())
-    if key in presets:
-        preset = presets[key]
-        if count is None or len(preset) == count:
-            return preset
-        picked = preset_for_names(names or (), preset)
-        if picked is not None and len(picked) == count:
-            return picked
-        raise CdkdValueError(f"--wavelengths {text}: the preset has {len(preset)} bands but the data has {count} "
-                             f"and no band names that pick them ({preset.describe()}); give the centres instead, "
-                             "e.g. --wavelengths 443,490,560")
-    if not text or not re.fullmatch(r"[\d.:,\s]+", text):
-        raise CdkdValueError(f"--wavelengths {text!r}: expected a sensor preset ({', '.join(SENSOR_PRESETS)}) or "
-                             "comma-separated centres in nm such as 443,490:65,560")
-    bands = []
-    for item in (t for t in text.split(",") if t.strip()):
-        parts = item.split(":")
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            raise CdkdValueError(f"--wavelengths: {item.strip()!r} is not a number (or centre:width)") from None
-        if len(values) > 2:
-            raise CdkdValueError(f"--wavelengths: {item.strip()!r} has more than centre:width")
-        scale = 1000.0 if values[0] < 100 else 1.0  # micrometres
-        bands.append(Band(values[0] * scale, values[1] * scale if len(values) == 2 else None))
-    out = BandSet(tuple(bands))
-    if count is not None and len(out) != count:
-        raise CdkdValueError(f"--wavelengths gives {len(out)} centres but the data has {count} band(s)")
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# reading band metadata from rasters
-
-
-def _float(value: Any) -> float | None:
-    try:
-        v = float(str(value).strip().strip("{}"))
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) and v > 0 else None
-
-
-def _to_nm(value: float, units: str | None) -> float:
-    u = (units or "").strip().lower()
-    if u.startswith(("micro", "um", "µm")):
-        return value * 1000.0
-    if u.startswith(("nano", "nm")):
-        return value
-    if u in ("wavenumber", "ghz", "mhz", "index", "unknown"):
-        raise ValueError(f"wavelength units {units!r} are not a length")
-    return value * 1000.0 if value < 100 else value  # no unit given: micrometres are small numbers
-
-
-def _envi_list(text: str) -> list[str]:
-    return [t.strip() for t in text.strip().strip("{}").split(",") if t.strip()]
-
-
-def read_envi_header(path: str | Path) -> dict[str, str]:
-    """The ``key = value`` items of an ENVI header (``{...}`` values may span lines); keys lower-cased."""
-    items: dict[str, str] = {}
-    key, buf = None, []
-    for line in Path(path).read_text(errors="replace").splitlines():
-        if key is not None:
-            buf.append(line)
-            if "}" in line:
-                items[key] = " ".join(buf)
-                key = None
-            continue
-        if "=" not in line:
-            continue
-        k, v = line.split("=", 1)
-        k, v = k.strip().lower(), v.strip()
-        if v.startswith("{") and "}" not in v:
-            key, buf = k, [v]
-        else:
-            items[k] = v
-    return items
-
-
-def _envi_sidecar(path: str | Path) -> Path | None:
-    p = Path(path)
-    for hdr in (p.with_suffix(".hdr"), p.with_name(p.name + ".hdr")):
-        if hdr.is_file() and hdr != p:
-            return hdr
-    return None
-
-
-def _band_set_from_envi(header: Mapping[str, str], count: int) -> BandSet | None:
-    if "wavelength" not in header:
-        return None
-    units = header.get("wavelength units")
-    centers = [_float(v) for v in _envi_list(header["wavelength"])]
-    widths = [_float(v) for v in _envi_list(header.get("fwhm", ""))] or [None] * len(centers)
-    names = _envi_list(header.get("band names", "")) or [""] * len(centers)
-    if len(centers) != count or any(c is None for c in centers) or len(widths) != count or len(names) != count:
-        return None
-    return BandSet(tuple(Band(_to_nm(c, units), None if w is None else _to_nm(w, units), n)  # type: ignore[arg-type]
-                         for c, w, n in zip(centers, widths, names)))
-
-
-def _band_from_tags(tags: Mapping[str, str], imagery: Mapping[str, str], name: str) -> Band | None:
-    center = _float(tags.get("wavelength_nm"))
-    width = _float(tags.get("fwhm_nm"))
-    if center is None and _float(imagery.get("CENTRAL_WAVELENGTH_UM")) is not None:
-        center = 1000.0 * float(imagery["CENTRAL_WAVELENGTH_UM"])
-    if width is None and _float(imagery.get("FWHM_UM")) is not None:
-        width = 1000.0 * float(imagery["FWHM_UM"])
-    units = tags.get("wavelength_units")
-    if center is None and _float(tags.get("wavelength")) is not None:
-        center = _to_nm(float(tags["wavelength"]), units)
-    if width is None and _float(tags.get("fwhm")) is not None:
-        width = _to_nm(float(tags["fwhm"]), units)
-    return None if center is None else Band(center, width, name)
-
-
-def band_set_of(src: Any, path: str | Path | None = None) -> BandSet | None:
-    """The band set an open rasterio dataset describes (see the module docstring), or None when it says nothing
-    about wavelengths. A raster that gives wavelengths for some bands and not others is a DataError."""
-    where = path if path is not None else getattr(src, "name", "raster")
-    names = []
-    found: list[Band | None] = []
-    for i in range(1, src.count + 1):
-        tags = src.tags(i)
-        name = tags.get("band_name") or (src.descriptions[i - 1] or "")
-        names.append(name)
-        try:
-            found.append(_band_from_tags(tags, src.tags(i, ns="IMAGERY"), name))
-        except ValueError as e:
-            raise DataError(f"{where}: band {i}: {e}") from None
-    if all(b is not None for b in found):
-        return _with_preset_widths(BandSet(tuple(found)))  # type: ignore[arg-type]
-    if any(b is not None for b in found):
-        missing = [i + 1 for i, b in enumerate(found) if b is None]
-        raise DataError(f"{where}: bands {missing} carry no wavelength while the others do; tag every band "
-                        "(wavelength_nm) or pass --wavelengths")
-    if path is not None and not str(path).startswith("/vsi") and (hdr := _envi_sidecar(path)) is not None:
-        try:
-            envi = _band_set_from_envi(read_envi_header(hdr), src.count)
-        except ValueError as e:
-            raise DataError(f"{hdr}: {e}") from None
-        if envi is not None:
-            return envi
-    return band_set_from_names(names)
-
-
-def _with_preset_widths(found: BandSet) -> BandSet:
-    """Widths the tags leave out, taken from the sensor preset whose bands have these names and centres (a
-    Sentinel-2 stack tagged ``B04`` at 665 nm is B04 of 30 nm): overlap-based alignment needs them."""
-    from cdkd.data.sensors import SENSOR_PRESETS
-
-    if all(b.width_nm is not None for b in found.bands) or not all(found.names):
-        return found
-    for preset in SENSOR_PRESETS.values():
-        picked = preset_for_names(found.names, preset)
-        if picked is not None and same_bands(found, picked):
-            return BandSet(tuple(Band(b.center_nm, b.width_nm if b.width_nm is not None else p.width_nm, b.name)
-                                 for b, p in zip(found.bands, picked.bands)), found.sensor)
-    return found
-
-
-def read_band_set(path: str | Path) -> BandSet | None:
-    """``band_set_of`` for a raster path (any path ``cdkd.data.files.open_raster`` opens, band stacks too)."""
-    from cdkd.data.files import open_raster
-
-    with open_raster(path) as src:
-        return band_set_of(src, path)
-
-
-def resolve_band_set(paths: Sequence[str], bands: Sequence[int], wavelengths: str | None = None) -> BandSet | None:
-    """The band set of the selected ``bands`` (1-based) of the rasters at ``paths``: ``wavelengths`` (a preset or
-    list, see ``parse_wavelengths``) when given, else what the files say, or None when they say nothing.
-
-    Every file must say the same (DataError naming two that differ): one model, one set of bands.
-    """
-    if not paths:
-        return None
-    first = read_band_set(paths[0])
-    if wavelengths:
-        from cdkd.data.files import open_raster
-
-        with open_raster(paths[0]) as src:
-            count, names = src.count, [d or "" for d in src.descriptions]
-        names = list(first.names) if first is not None else names
-        return parse_wavelengths(wavelengths, count, names).select(bands)
-    for p in paths[1:]:
-        other = read_band_set(p)
-        if not same_bands(first, other):
-            a = first.describe() if first else "no wavelengths"
-            b = other.describe() if other else "no wavelengths"
-            raise DataError(f"{p}: its bands ({b}) differ from those of {paths[0]} ({a}); one model reads one set "
-                            "of bands: put each sensor in its own folder")
-    return None if first is None else first.select(bands)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ Two forms:
       grid: B02            # optional: the band whose grid the others are resampled onto (name, 1-based index
                            # or file name); default: the finest (smallest pixels), first on ties
       resampling: bilinear # optional: nearest | bilinear | cubic | cubicspline | lanczos | average | mode
-      wavelengths: sentinel2_l2a   # optional: a preset or centres in nm (see cdkd.data.bands.parse_wavelengths)
+      wavelengths: sentinel2_l2a   # optional: a preset or centres in nm (see cdkd.data.sensors.parse_wavelengths)
 
   Manifests are found by the data discovery (``cdkd distill --data`` folders) and accepted as scenes by
   ``cdkd segment``.
@@ -25,7 +25,7 @@ Two forms:
 Band order, when not given by ``files``: by centre wavelength when every file's metadata gives one (band tags,
 ENVI header) or its name's last ``_`` token is a band a sensor preset knows (``..._B8A.tif``), else by file name.
 The stack's bands carry their names and wavelengths (band descriptions, ``wavelength_nm`` / ``fwhm_nm`` tags and
-GDAL's ``IMAGERY`` domain), so ``cdkd.data.bands.read_band_set`` sees them like any tagged GeoTIFF's.
+GDAL's ``IMAGERY`` domain), so ``cdkd.data.files.read_band_set`` sees them like any tagged GeoTIFF's.
 
 Rules: every file has one band, all share the CRS and the pixel type, and the grids are north-up; the result
 equals a stack resampled with the same method by rasterio (bit for bit on the real Sentinel-2 patches, bilinear).
@@ -40,7 +40,10 @@ from pathlib import Path
 from typing import Any, Sequence
 from xml.etree import ElementTree as ET
 
-from cdkd.data.bands import Band, BandSet, band_set_from_names, band_set_of, parse_wavelengths
+from cdkd.data.bandmeta import band_set_of
+from cdkd.data.bands import Band, BandSet
+from cdkd.data.gdal import open_file
+from cdkd.data.sensors import band_set_from_names, parse_wavelengths
 from cdkd.errors import CdkdIOError, CdkdValueError, DataError
 
 MANIFEST_SUFFIXES = (".bands.yaml", ".bands.yml", ".bands.json")
@@ -79,9 +82,7 @@ def _band_name(path: str) -> str:
 
 
 def _read_band_file(path: str) -> _BandFile:
-    from cdkd.data.files import open_raster  # files.py routes band stacks here: imported when first needed
-
-    with open_raster(path) as src:
+    with open_file(path) as src:
         if src.count != 1:
             raise DataError(f"{path}: has {src.count} bands; a band stack is made of single-band files")
         spectral = band_set_of(src, path)

@@ -7,7 +7,6 @@ read whole: callers ask for windows, so a 20 000 px scene costs no more than a 4
 
 from __future__ import annotations
 
-import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +18,11 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
+from cdkd.data.bandmeta import band_set_of
+from cdkd.data.bands import BandSet, same_bands
 from cdkd.data.bandstack import is_band_stack, is_manifest, manifest_members, open_band_stack
+from cdkd.data.gdal import gdal_reason, open_file, raster_path
+from cdkd.data.sensors import parse_wavelengths
 from cdkd.data.stac import is_stac, open_stac
 from cdkd.errors import CdkdError, CdkdIOError, CdkdValueError, DataError
 
@@ -86,64 +89,16 @@ def raster_header(path: str | Path) -> tuple[int, int, int, str]:
         raise CdkdIOError(f"{path}: cannot open ({gdal_reason(e)})") from None
 
 
-_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
-
-
-def is_virtual_path(path: str | Path) -> bool:
-    """True for what GDAL opens but the local file system does not hold: ``/vsizip/...``, ``/vsis3/...``,
-    ``/vsicurl/...`` and URLs (``https://``, ``s3://``, ...). Keep such paths as strings: ``pathlib`` would fold
-    the ``//`` of a URL."""
-    text = str(path)
-    return text.startswith("/vsi") or bool(_URL.match(text))
-
-
-def raster_path(path: str | Path) -> str | Path:
-    """``path`` as a ``Path`` for a local file, unchanged (a string) for a GDAL virtual path or URL."""
-    return str(path) if is_virtual_path(path) else Path(path)
-
-
 def open_raster(path: str | Path) -> rasterio.io.DatasetReader:
-    """``rasterio.open(path)`` for a file that must exist and be a raster, else a one-line CdkdIOError.
-
-    GDAL virtual paths and URLs (``is_virtual_path``) are handed to GDAL as they are: only it can tell whether
-    they exist. A STAC item opens as its red, green and blue assets (``cdkd.data.stac``; ``SceneSource`` chooses
-    the assets that hold a model's bands instead).
-    """
+    """Any raster cdkd reads by path, open: a file or GDAL virtual path (``cdkd.data.gdal.open_file``), a band
+    stack (``cdkd.data.bandstack``) or a STAC item, which opens as its red, green and blue assets
+    (``cdkd.data.stac``; ``SceneSource`` chooses the assets that hold a model's bands instead). A one-line
+    CdkdIOError when it cannot be read."""
     if is_stac(path):
         return open_stac(path)
-    path = raster_path(path)
-    if is_band_stack(path):
+    if is_band_stack(raster_path(path)):
         return open_band_stack(path)
-    if isinstance(path, Path) and not path.is_file():
-        raise CdkdIOError(f"{path}: no such file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
-    except (RasterioError, OSError) as e:
-        raise CdkdIOError(f"{path}: not a readable raster ({gdal_reason(e)})") from None
-
-
-def gdal_reason(err: BaseException) -> str:
-    """The most specific message in an exception chain.
-
-    rasterio raises ``RasterioIOError("Read failed. See previous exception for details.")`` and chains GDAL's
-    own message (``... TIFFReadEncodedTile() failed``) as the cause; the user needs the latter.
-    """
-    messages = []
-    seen: set[int] = set()
-    e: BaseException | None = err
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        text = str(e).strip()
-        if text:
-            messages.append(text)
-        e = e.__cause__ or e.__context__
-    generic = "see previous exception"
-    specific = [m for m in messages if generic not in m.lower()]
-    if specific:
-        return specific[-1]
-    return messages[0] if messages else type(err).__name__
+    return open_file(path)
 
 
 def read_pixels(src: rasterio.io.DatasetReader, bands: tuple[int, ...], window: Window) -> tuple[np.ndarray, np.ndarray]:
@@ -315,3 +270,33 @@ def require_one_dtype(rasters: Sequence[RasterInfo], root: str | Path) -> str:
         raise DataError(f"{root}: images of different data types ({counts}, e.g. {Path(minority.path).name}); "
                         "one set of normalisation statistics cannot serve them all: put each type in its own folder")
     return next(iter(by_dtype))
+
+
+def read_band_set(path: str | Path) -> BandSet | None:
+    """``cdkd.data.bandmeta.band_set_of`` for a raster path (any path ``open_raster`` opens, band stacks too)."""
+    with open_raster(path) as src:
+        return band_set_of(src, path)
+
+
+def resolve_band_set(paths: Sequence[str], bands: Sequence[int], wavelengths: str | None = None) -> BandSet | None:
+    """The band set of the selected ``bands`` (1-based) of the rasters at ``paths``: ``wavelengths`` (a preset or
+    list, see ``parse_wavelengths``) when given, else what the files say, or None when they say nothing.
+
+    Every file must say the same (DataError naming two that differ): one model, one set of bands.
+    """
+    if not paths:
+        return None
+    first = read_band_set(paths[0])
+    if wavelengths:
+        with open_raster(paths[0]) as src:
+            count, names = src.count, [d or "" for d in src.descriptions]
+        names = list(first.names) if first is not None else names
+        return parse_wavelengths(wavelengths, count, names).select(bands)
+    for p in paths[1:]:
+        other = read_band_set(p)
+        if not same_bands(first, other):
+            a = first.describe() if first else "no wavelengths"
+            b = other.describe() if other else "no wavelengths"
+            raise DataError(f"{p}: its bands ({b}) differ from those of {paths[0]} ({a}); one model reads one set "
+                            "of bands: put each sensor in its own folder")
+    return None if first is None else first.select(bands)

@@ -22,7 +22,13 @@ satellite's visible bands, so these are WorldView-3's Red 630-690, Green 510-580
 
 from __future__ import annotations
 
-from cdkd.data.bands import Band, BandSet
+import re
+from typing import Sequence
+
+import numpy as np
+
+from cdkd.data.bands import Band, BandSet, normalize_band_name
+from cdkd.errors import CdkdValueError
 
 
 def _ranges(sensor: str, table: list[tuple[str, float, float]]) -> BandSet:
@@ -103,3 +109,68 @@ def teacher_bands(ranges: tuple[float, ...] | None) -> BandSet:
         raise CdkdValueError(f"teacher ranges {pairs}: each needs lo < hi (nm)")
     names = ["R", "G", "B"] if len(pairs) == 3 else [f"T{i + 1}" for i in range(len(pairs))]
     return _ranges("teacher", [(n, lo, hi) for n, (lo, hi) in zip(names, pairs)])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# band names and --wavelengths through the presets
+
+
+def preset_for_names(names: Sequence[str], preset: BandSet) -> BandSet | None:
+    """The preset's bands named ``names`` (in that order), or None when a name is not in the preset."""
+    index = {normalize_band_name(b.name): b for b in preset.bands}
+    keys = [normalize_band_name(n) for n in names]
+    if not keys or any(k not in index for k in keys):
+        return None
+    return BandSet(tuple(index[k] for k in keys), preset.sensor)
+
+
+def band_set_from_names(names: Sequence[str]) -> BandSet | None:
+    """The bands a sensor preset gives these band names (``B01`` .. ``B12``, ``B8A``), or None when no preset
+    knows them all, or when presets that do disagree about their wavelengths (``Red`` is 660 nm on WorldView-3
+    and 635 nm on NAIP's camera: a bare colour name does not say which)."""
+    if not names or not all(names):
+        return None
+    picks = [p for p in (preset_for_names(names, preset) for preset in SENSOR_PRESETS.values()) if p is not None]
+    if not picks or any(np.abs(np.subtract(p.centers, picks[0].centers)).max() > 1.0 for p in picks[1:]):
+        return None
+    return picks[0]
+
+
+def parse_wavelengths(spec: str, count: int | None = None, names: Sequence[str] | None = None) -> BandSet:
+    """``--wavelengths``: a sensor preset name (``sentinel2``, ``naip``, ...) or comma-separated centres in nm,
+    each optionally ``centre:width`` (``443:20,490:65``); values below 100 are read as micrometres.
+
+    ``count``: the number of bands the data has; a preset with more bands is narrowed to the bands ``names``
+    (the raster's band names) pick, and a list must have exactly ``count`` entries.
+    """
+    text = str(spec).strip()
+    presets = {re.sub(r"[-_\s]", "", k): v for k, v in SENSOR_PRESETS.items()}  # Sentinel-2 = sentinel2
+    key = re.sub(r"[-_\s]", "", text.lower())
+    if key in presets:
+        preset = presets[key]
+        if count is None or len(preset) == count:
+            return preset
+        picked = preset_for_names(names or (), preset)
+        if picked is not None and len(picked) == count:
+            return picked
+        raise CdkdValueError(f"--wavelengths {text}: the preset has {len(preset)} bands but the data has {count} "
+                             f"and no band names that pick them ({preset.describe()}); give the centres instead, "
+                             "e.g. --wavelengths 443,490,560")
+    if not text or not re.fullmatch(r"[\d.:,\s]+", text):
+        raise CdkdValueError(f"--wavelengths {text!r}: expected a sensor preset ({', '.join(SENSOR_PRESETS)}) or "
+                             "comma-separated centres in nm such as 443,490:65,560")
+    bands = []
+    for item in (t for t in text.split(",") if t.strip()):
+        parts = item.split(":")
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise CdkdValueError(f"--wavelengths: {item.strip()!r} is not a number (or centre:width)") from None
+        if len(values) > 2:
+            raise CdkdValueError(f"--wavelengths: {item.strip()!r} has more than centre:width")
+        scale = 1000.0 if values[0] < 100 else 1.0  # micrometres
+        bands.append(Band(values[0] * scale, values[1] * scale if len(values) == 2 else None))
+    out = BandSet(tuple(bands))
+    if count is not None and len(out) != count:
+        raise CdkdValueError(f"--wavelengths gives {len(out)} centres but the data has {count} band(s)")
+    return out

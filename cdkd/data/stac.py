@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from cdkd.data.bands import Band, BandSet, band_set_from_names, tolerance_nm
+from cdkd.data.bands import Band, BandSet, tolerance_nm
+from cdkd.data.sensors import TEACHER_RGB, band_set_from_names
 from cdkd.errors import CdkdError, CdkdIOError, CdkdValueError, DataError
 
 STAC_SUFFIXES = (".json", ".geojson")
@@ -271,8 +272,6 @@ def choose_assets(label: str, assets: Sequence[StacAsset], model: BandSet | None
         if in_chans not in (None, 3):
             raise DataError(f"{label}: the model does not say which bands its {in_chans} channels are; choose "
                             f"{in_chans} assets with --assets a,b,... (assets: {listed})")
-        from cdkd.data.sensors import TEACHER_RGB
-
         model = BandSet(tuple(Band(b.center_nm, b.width_nm, c) for b, c in zip(TEACHER_RGB.bands,
                                                                                ("red", "green", "blue"))))
     # single-band assets are the candidates: a band stack is made of single-band files
@@ -410,7 +409,7 @@ class StacScene:
         import rasterio
         from rasterio.errors import RasterioError
 
-        from cdkd.data.files import gdal_reason
+        from cdkd.data.gdal import gdal_reason
 
         xml = self.vrt_xml()
         try:

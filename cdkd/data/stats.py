@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from cdkd.data.bands import BandSet
-from cdkd.data.files import RasterInfo, check_bands, read_window
+from cdkd.data.files import check_bands, RasterInfo, read_window
 from cdkd.errors import CdkdValueError, DataError
 
 STD_EPS = 1e-6  # floor for std: a constant band normalises to 0 instead of dividing by zero
@@ -178,6 +178,6 @@ def with_band_metadata(stats: NormStats, rasters: Sequence[RasterInfo], waveleng
     """``stats`` with ``spectral`` set to what its bands measure: ``wavelengths`` (a sensor preset or centres in
     nm, ``cdkd.data.bands.parse_wavelengths``) when given, else the band metadata every one of ``rasters`` carries
     (None when they carry none). Files that disagree are a DataError."""
-    from cdkd.data.bands import resolve_band_set
+    from cdkd.data.files import resolve_band_set
 
     return replace(stats, spectral=resolve_band_set([r.path for r in rasters], stats.bands, wavelengths))

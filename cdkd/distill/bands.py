@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cdkd.config import DistillConfig
-from cdkd.data.bands import BandSet, resolve_band_set
+from cdkd.data.bands import BandSet
+from cdkd.data.files import resolve_band_set
 from cdkd.data.files import RasterInfo
 from cdkd.data.sensors import TEACHER_RGB
 from cdkd.errors import DataError

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cdkd.artifacts import InferenceMeta
-from cdkd.data.files import RasterInfo, find_rasters, read_window
+from cdkd.data.files import find_rasters, RasterInfo, read_window
 from cdkd.errors import CdkdIOError, CdkdValueError, DataError
 from cdkd.scene.tiler import pad_to_tile
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from cdkd.data.files import is_virtual_path
+from cdkd.data.gdal import is_virtual_path
 from cdkd.data.stac import is_stac, stac_refs, stac_stem
 from cdkd.errors import CdkdError, CdkdValueError, DataError
 from cdkd.scene.engine import SceneReport, SegmentOptions, segment_scene

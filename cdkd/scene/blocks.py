@@ -28,7 +28,7 @@ import numpy as np
 import rasterio
 from rasterio.transform import Affine
 
-from cdkd.data.files import raster_path
+from cdkd.data.gdal import raster_path
 from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdValueError, CheckpointError, DataError
 from cdkd.scene.areas import ClassAreaTally

@@ -36,7 +36,7 @@ import rasterio
 import cdkd
 from cdkd.artifacts import InferenceMeta
 from cdkd.config import PATCH_SIZE, bounded, check_ranges
-from cdkd.data.files import is_virtual_path, raster_path
+from cdkd.data.gdal import is_virtual_path, raster_path
 from cdkd.errors import CdkdValueError, CheckpointError, DataError, OutputExistsError
 from cdkd.scene.areas import ClassAreaTally
 from cdkd.scene.classraster import check_num_classes

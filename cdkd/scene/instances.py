@@ -33,7 +33,7 @@ import numpy as np
 import rasterio
 import shapely
 
-from cdkd.data.files import raster_path
+from cdkd.data.gdal import raster_path
 from cdkd.errors import CdkdValueError, DataError
 from cdkd.scene.engine import (
     STATE_FORMAT,

@@ -191,7 +191,8 @@ def write_preview(
             blue bands, else 1,2,3.
         overwrite: replace an existing ``out_png``; else that is an ``OutputExistsError``.
     """
-    from cdkd.data.files import open_raster, raster_path
+    from cdkd.data.files import open_raster
+    from cdkd.data.gdal import raster_path
     from cdkd.scene.classraster import CLASSES_TAG, read_class_schema
 
     scene_path, class_raster_path, out_png = raster_path(scene_path), Path(class_raster_path), Path(out_png)

@@ -20,16 +20,10 @@ from typing import Any, Sequence
 import numpy as np
 from rasterio.errors import RasterioError
 
-from cdkd.data.bands import band_set_of, choose_scene_bands
-from cdkd.data.files import (
-    RasterInfo,
-    check_bands,
-    gdal_reason,
-    open_raster,
-    probe_windows,
-    raster_path,
-    read_pixels,
-)
+from cdkd.data.bandmeta import band_set_of
+from cdkd.data.bands import choose_scene_bands
+from cdkd.data.files import check_bands, open_raster, probe_windows, RasterInfo, read_pixels
+from cdkd.data.gdal import gdal_reason, raster_path
 from cdkd.data.stac import StacScene, is_stac, stac_scene
 from cdkd.data.stats import NormStats, compute_stats
 from cdkd.errors import CdkdIOError, CdkdValueError, DataError

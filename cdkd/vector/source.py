@@ -26,7 +26,8 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from cdkd.data.classes import ClassSchema
-from cdkd.data.files import gdal_reason, open_raster
+from cdkd.data.files import open_raster
+from cdkd.data.gdal import gdal_reason
 from cdkd.errors import CdkdIOError, DataError
 from cdkd.geodesy import is_geographic, metres_per_unit
 from cdkd.scene.classraster import read_class_schema

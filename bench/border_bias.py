@@ -1,0 +1,135 @@
+"""Are a scene's border pixels predicted like its interior? (issue 19, item 7)
+
+Windows at a scene's border put the border pixels at the window's edge, where the model sees less context and
+the decoder's convolutions see zero padding. A model with an edge bias over-predicts one class along the first and
+last rows and columns. This script measures it two ways for a ``segmenter.pt``:
+
+* with ground truth (a labeled split, e.g. Dubai tiles 7-8): pixel accuracy in a ``--strip`` px band along the
+  four borders against the accuracy inside, and each class's share of the border band against its share of the
+  whole image, predicted and true;
+* on georeferenced scenes without labels (``--scenes``): each class's share along each side against the whole
+  scene (``cdkd segment``'s class raster).
+
+    python bench/border_bias.py --model runs/seg/segmenter.pt --data dubai/ --format dubai --split 'tile[7-8]' \
+        --scenes ../shared/data/scenes/cogeo.tif ../shared/data/scenes/naip_4band.tif
+
+It prints one table per part; ``--json`` writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import rasterio
+
+from cdkd.data.labeled import find_pairs, read_pair, schema_for
+from cdkd.finetune.evaluate import predict_image
+from cdkd.scene.engine import SegmentOptions, segment_scene
+from cdkd.scene.runtimes import open_runtime
+from cdkd.scene.sliding import runtime_predict
+
+
+def border_mask(h: int, w: int, strip: int) -> np.ndarray:
+    m = np.zeros((h, w), dtype=bool)
+    m[:strip], m[-strip:], m[:, :strip], m[:, -strip:] = True, True, True, True
+    return m
+
+
+def shares(classes: np.ndarray, k: int, where: np.ndarray) -> np.ndarray:
+    values = classes[where]
+    values = values[values < k]
+    return np.bincount(values, minlength=k)[:k] / max(values.size, 1)
+
+
+def labeled_part(runtime, data: str, fmt: str, split: list[str] | None, strip: int) -> dict:
+    meta = runtime.meta
+    schema = schema_for(fmt)
+    predict = runtime_predict(runtime)
+    ok_b = n_b = ok_i = n_i = 0
+    k = meta.num_classes
+    pred_b = np.zeros(k)
+    pred_all = np.zeros(k)
+    true_b = np.zeros(k)
+    for pair in find_pairs(data, fmt, split):
+        pixels, label = read_pair(pair, schema, meta.norm.bands)
+        pred = predict_image(predict, meta, pixels)
+        keep = label != schema.ignore_index
+        edge = border_mask(*label.shape, strip)
+        ok_b += int((pred == label)[edge & keep].sum())
+        n_b += int((edge & keep).sum())
+        ok_i += int((pred == label)[~edge & keep].sum())
+        n_i += int((~edge & keep).sum())
+        pred_b += np.bincount(pred[edge & keep], minlength=k)[:k]
+        pred_all += np.bincount(pred[keep], minlength=k)[:k]
+        true_b += np.bincount(label[edge & keep], minlength=k)[:k]
+    return {"border_accuracy": ok_b / max(n_b, 1), "interior_accuracy": ok_i / max(n_i, 1),
+            "predicted_border_share": (pred_b / max(pred_b.sum(), 1)).tolist(),
+            "predicted_share": (pred_all / max(pred_all.sum(), 1)).tolist(),
+            "true_border_share": (true_b / max(true_b.sum(), 1)).tolist(), "classes": list(schema.names)}
+
+
+def scene_part(runtime, scenes: list[str], strip: int, bands: tuple[int, ...] | None) -> list[dict]:
+    rows = []
+    k = runtime.meta.num_classes
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, scene in enumerate(scenes):
+            out = Path(tmp) / f"s{i}.tif"
+            segment_scene(scene, runtime, out, SegmentOptions(progress=False, bands=bands), log=lambda m: None)
+            with rasterio.open(out) as src:
+                classes = src.read(1)
+            valid = classes != 255
+            h, w = classes.shape
+            sides = {"top": np.s_[:strip, :], "bottom": np.s_[-strip:, :], "left": np.s_[:, :strip],
+                     "right": np.s_[:, -strip:]}
+            whole = shares(classes, k, valid)
+            per_side = {}
+            for name, sl in sides.items():
+                m = np.zeros((h, w), dtype=bool)
+                m[sl] = True
+                per_side[name] = shares(classes, k, m & valid).tolist()
+            worst = max(float(np.abs(np.asarray(s) - whole).max()) for s in per_side.values())
+            rows.append({"scene": str(scene), "whole": whole.tolist(), "sides": per_side, "max_share_gap": worst})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data")
+    ap.add_argument("--format", default="dubai")
+    ap.add_argument("--split")
+    ap.add_argument("--scenes", nargs="*", default=[])
+    ap.add_argument("--bands", help="scene bands for --scenes, e.g. 1,2,3")
+    ap.add_argument("--strip", type=int, default=4, help="border band width in px")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    runtime = open_runtime(args.model)
+    names = list(runtime.meta.classes.names)
+    result: dict = {"model": args.model, "strip": args.strip}
+    if args.data:
+        lab = labeled_part(runtime, args.data, args.format, args.split.split(",") if args.split else None, args.strip)
+        result["labeled"] = lab
+        print(f"labeled ({args.data}, {args.split}): accuracy border {100 * lab['border_accuracy']:.1f} % vs "
+              f"interior {100 * lab['interior_accuracy']:.1f} % ({args.strip} px band)")
+        print(f"{'class':<14}{'pred border':>12}{'pred all':>10}{'true border':>12}")
+        for n, a, b, c in zip(names, lab["predicted_border_share"], lab["predicted_share"], lab["true_border_share"]):
+            print(f"{n:<14}{100 * a:>11.1f}%{100 * b:>9.1f}%{100 * c:>11.1f}%")
+    if args.scenes:
+        bands = tuple(int(b) for b in args.bands.split(",")) if args.bands else None
+        result["scenes"] = scene_part(runtime, args.scenes, args.strip, bands)
+        for row in result["scenes"]:
+            print(f"{Path(row['scene']).name}: largest gap between a side's class share and the scene's: "
+                  f"{100 * row['max_share_gap']:.1f} points")
+            for side, s in row["sides"].items():
+                print(f"   {side:<7}" + " ".join(f"{n[:8]:>9} {100 * v:5.1f}%" for n, v in zip(names, s)))
+            print(f"   {'whole':<7}" + " ".join(f"{n[:8]:>9} {100 * v:5.1f}%" for n, v in zip(names, row["whole"])))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
