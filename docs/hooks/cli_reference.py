@@ -22,7 +22,7 @@ _MARKER = re.compile(r"^<!--\s*cdkd-cli:\s*([\w-]+)(?:\s+(#{2,6}))?\s*-->\s*$", 
 # An example line in a command's help: "cdkd ...", optionally after a label ("Example: cdkd ...") and with a
 # parenthesised remark at its end ("cdkd export ... (on the target GPU);").
 _EXAMPLE = re.compile(r"^\s*(?:(?P<label>[A-Za-z][\w -]*):\s*)?(?P<cmd>cdkd\s.*?)\s*;?\s*$")
-_REMARK = re.compile(r"^(?P<cmd>.*?)\s+\((?P<remark>[^()]*)\)$")
+_REMARK = re.compile(r"^(?P<cmd>.*?)\s+\((?P<remark>[^()]*)\)\.?$")
 _ESCAPED = "\\`*_[]|#"
 
 
