@@ -193,6 +193,25 @@ def _tensorboard_steps(folder: Path, tag: str) -> list[int]:
     return [e.step for e in events.Scalars(tag)]
 
 
+def test_tensorboard_switched_on_at_a_resume_and_a_fresh_run_that_fails(tmp_path: Path) -> None:
+    """Through the run folder's sessions, as the trainers open them: rows logged before --tensorboard was given are
+    written first; a fresh run that fails before its first checkpoint leaves no folder, events included."""
+    pytest.importorskip("tensorboard")
+    paths = RunDir(tmp_path / "run", "student.pt")
+    with paths.session(fresh=True):
+        for step in (1, 2, 3):
+            paths.write_metrics({"step": step, "loss": 1.0 / step})
+    with paths.session(fresh=False, start=2, tensorboard=True):  # resumed at the step-2 checkpoint
+        paths.truncate_metrics(2)
+        paths.write_metrics({"step": 3, "loss": 0.25})
+    assert _tensorboard_steps(paths.tensorboard, "loss/loss") == [1, 2, 3]
+    failed = RunDir(tmp_path / "failed", "student.pt")
+    with pytest.raises(KeyboardInterrupt), failed.session(fresh=True, tensorboard=True):
+        failed.write_metrics({"step": 1, "loss": 1.0})
+        raise KeyboardInterrupt
+    assert not failed.root.exists()
+
+
 def test_real_runs_draw_curves_report_and_continue_tensorboard(folder_data: Path, tmp_path: Path,  # noqa: F811
                                                                monkeypatch) -> None:
     """A tiny real distill (rs4d into the smallest student: megabytes of checkpoints, not hundreds; with TensorBoard,

@@ -128,6 +128,7 @@ def _draw_panel(ax: Axes, history: History, panel: Panel, keys: list[str]) -> No
     if log:
         ax.set_yscale("log", nonpositive="mask")
     ax.tick_params(which="both", labelsize=7)  # a log axis spanning less than a decade labels minor ticks too
+    ax.yaxis.get_offset_text().set_fontsize(7)  # the "1e-5" above a linear learning-rate axis
     for j, (key, (steps, values)) in enumerate(zip(keys, series)):
         _draw_series(ax, steps, values, f"C{j % 10}", key, panel.noisy, log)
     if panel.unit:

@@ -61,7 +61,7 @@ class RunSummary:
         if self.stage:
             parts.append(f"stage {self.stage}")
         if self.images_per_s is not None:
-            parts.append(f"{self.images_per_s:.1f} images/s")
+            parts.append(f"{self.images_per_s:.3g} images/s")
         if self.elapsed_s is not None:
             parts.append(duration(self.elapsed_s))
         return " · ".join(parts + [self.status])

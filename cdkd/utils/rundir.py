@@ -120,6 +120,7 @@ class RunDir:
                 self._live["tensorboard"] = TensorBoardLog(self.tensorboard, start, self.metrics)
             yield
         except BaseException:
+            self._close_tensorboard()  # before its folder may be removed
             if fresh and not list_checkpoints(self.checkpoints):
                 self.reset()
                 lock.release(remove=True)
@@ -127,10 +128,13 @@ class RunDir:
                     self.root.rmdir()
             raise
         finally:
-            board = self._live.pop("tensorboard", None)
-            if board is not None:
-                board.close()
+            self._close_tensorboard()
             lock.release(remove=True)
+
+    def _close_tensorboard(self) -> None:
+        board = self._live.pop("tensorboard", None)
+        if board is not None:
+            board.close()
 
     def write_metrics(self, record: dict[str, Any]) -> None:
         """Append one row (with the wall-clock ``time`` it was written, which gives a run's elapsed time)."""
