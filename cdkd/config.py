@@ -193,6 +193,7 @@ class TrainConfig:
     checkpoint_every: int = bounded(500, ge=1, flag="--checkpoint-every")
     log_every: int = bounded(10, ge=1, flag="--log-every")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tensorboard: bool = False  # also write TensorBoard event files to RUN/tensorboard/ (needs tensorboard)
 
 
 @dataclass(frozen=True)

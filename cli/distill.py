@@ -76,6 +76,7 @@ def distill_command(
     seed: Optional[int] = o.seed_opt,
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", rich_help_panel=_TRAIN),
     log_every: Optional[int] = typer.Option(None, "--log-every", rich_help_panel=_TRAIN),
+    tensorboard: Optional[bool] = o.tensorboard_opt,
     device: Optional[str] = o.device_opt,
     workers: Optional[int] = o.workers_opt,
     resume: bool = o.resume_opt,
@@ -117,6 +118,7 @@ def distill_command(
         "train.seed": seed,
         "train.checkpoint_every": checkpoint_every,
         "train.log_every": log_every,
+        "train.tensorboard": tensorboard,
         "train.device": device,
     }
     if random_teacher and teacher_checkpoint is not None:

@@ -53,6 +53,7 @@ def finetune_command(
     seed: Optional[int] = o.seed_opt,
     device: Optional[str] = o.device_opt,
     workers: Optional[int] = o.workers_opt,
+    tensorboard: Optional[bool] = o.tensorboard_opt,
     resume: bool = o.resume_opt,
     overwrite: bool = o.overwrite_opt,
     progress: bool = o.progress_opt,
@@ -86,6 +87,7 @@ def finetune_command(
         "train.amp": o.value(amp),
         "train.seed": seed,
         "train.device": device,
+        "train.tensorboard": tensorboard,
     })
     with cli_errors(resumable=True):
         from cdkd.config import FinetuneConfig

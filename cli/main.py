@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli import demo, distill, evaluate, export, finetune, segment, vectorize
+from cli import demo, distill, evaluate, export, finetune, report, segment, vectorize
 
 app = typer.Typer(
     name="cdkd",
@@ -23,6 +23,7 @@ app.command("evaluate", no_args_is_help=True)(evaluate.evaluate_command)
 app.command("export", no_args_is_help=True)(export.export_command)
 app.command("segment", no_args_is_help=True)(segment.segment_command)
 app.command("vectorize", no_args_is_help=True)(vectorize.vectorize_command)
+app.command("report", no_args_is_help=True)(report.report_command)
 app.command("demo")(demo.demo_command)
 
 

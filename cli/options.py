@@ -50,6 +50,8 @@ config_opt = typer.Option(None, "--config", help="YAML configuration; flags over
 resume_opt = typer.Option(False, "--resume", help="Continue the newest checkpoint in --out.")
 overwrite_opt = typer.Option(False, "--overwrite", help="Replace earlier results in --out.")
 progress_opt = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
+tensorboard_opt = typer.Option(None, "--tensorboard/--no-tensorboard", rich_help_panel=TRAIN,
+                               help="Also write TensorBoard events to OUT/tensorboard/ (pip install tensorboard).")
 device_opt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=TRAIN)
 workers_opt = typer.Option(None, "--workers", help="Data loader processes.", rich_help_panel=TRAIN)
 batch_opt = typer.Option(None, "--batch-size", help="Images per micro-batch.", rich_help_panel=TRAIN)

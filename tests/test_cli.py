@@ -19,7 +19,8 @@ def _run(args: list[str]):
     return res, res.output
 
 
-@pytest.mark.parametrize("cmd", [[], ["distill"], ["finetune"], ["evaluate"], ["export"], ["segment"], ["vectorize"], ["demo"]])
+@pytest.mark.parametrize("cmd", [[], ["distill"], ["finetune"], ["evaluate"], ["export"], ["segment"], ["vectorize"], ["demo"],
+                                 ["report"]])
 def test_help(cmd: list[str]) -> None:
     res = runner.invoke(app, cmd + ["--help"])
     assert res.exit_code == 0

@@ -47,7 +47,8 @@ from cdkd.utils.rundir import RunDir, check_identity, check_resumable
 DEFAULT_STEPS = 1000
 # Settings a resumed run may change: they do not alter the trajectory (or, for steps, only extend it).
 RESUMABLE_KEYS = {"train.steps", "train.epochs", "train.checkpoint_every", "train.log_every", "train.device",
-                  "data.num_workers", "data.root", "teacher.checkpoint", "teacher.grad_checkpointing"}
+                  "train.tensorboard", "data.num_workers", "data.root", "teacher.checkpoint",
+                  "teacher.grad_checkpointing"}
 
 
 CHECKPOINT_FORMAT = "cdkd.distill-checkpoint"
@@ -205,7 +206,8 @@ class _Run:
             start = int(blob["step"])
         dataset = self.recipe.dataset(rasters, stats)
         self.ctx.barrier()  # every rank has looked at the folder before rank 0 changes it
-        with self.paths.session(fresh=blob is None, main=self.ctx.is_main):
+        with self.paths.session(fresh=blob is None, main=self.ctx.is_main, start=start, steps=steps,
+                                tensorboard=cfg.train.tensorboard):
             if start:
                 self.log(f"resuming {self.paths.root} at step {start} (stage {control.stage})")
             if self.ctx.is_main:
@@ -337,6 +339,7 @@ class _Run:
             "norm": stats.to_dict(), "teacher_fingerprint": frozen_fingerprint(model),
             "identity": self.identity, "cdkd_version": cdkd.__version__,
         })
+        self.paths.draw_curves()
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if self.ctx.is_main:

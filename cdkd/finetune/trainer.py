@@ -44,7 +44,7 @@ from cdkd.utils.rundir import RunDir, check_identity, check_resumable
 CHECKPOINT_FORMAT = "cdkd.finetune-checkpoint"
 DEFAULT_EPOCHS = 30.0
 RESUMABLE_KEYS = {"train.steps", "train.epochs", "train.checkpoint_every", "train.log_every", "train.device",
-                  "data.num_workers", "data.root", "student"}
+                  "train.tensorboard", "data.num_workers", "data.root", "student"}
 
 
 def run_dir(root: str | Path, task: str = "semantic") -> RunDir:
@@ -171,7 +171,7 @@ def finetune(
                         generator=torch.Generator().manual_seed(cfg.train.seed))
     what = (f"a Mask R-CNN on {sinfo.arch}" if instance else f"a {cfg.head.type} head on {sinfo.arch}")
     items = f"{samples} images, {data.num_objects} objects" if instance else f"{len(pairs)} pairs"
-    with paths.session(fresh=blob is None):
+    with paths.session(fresh=blob is None, start=start, steps=steps, tensorboard=cfg.train.tensorboard):
         save_config(cfg, paths.config)
         paths.truncate_metrics(start)
         if start:
@@ -247,6 +247,7 @@ class _Loop:
                     "config": to_dict(self.cfg), "model": trainable_state(self.model),
                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "rng": rng_state(), "identity": self.identity, "cdkd_version": cdkd.__version__})
+                self.paths.draw_curves()
         if bar is not None:
             bar.close()
         return loss

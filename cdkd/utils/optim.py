@@ -59,6 +59,10 @@ def check_train_config(train: "TrainConfig") -> None:
         raise CdkdValueError("batch size and gradient accumulation must be >= 1")
     if train.lr_schedule not in LR_SCHEDULES:
         raise CdkdValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {train.lr_schedule!r}")
+    if train.tensorboard:  # before any data is read, not at the first row
+        from cdkd.train.tensorboard import require_tensorboard
+
+        require_tensorboard()
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -1,7 +1,8 @@
 """A run folder: its file layout, the never-overwrite rule, JSON-lines metrics and checkpoint discovery.
 
 Shared by every long job (``distill``, ``finetune``): each writes ``config.yaml``, ``metrics.jsonl``,
-``report.json``, ``checkpoints/`` and one artifact (``student.pt``, ``segmenter.pt``) into its folder.
+``report.json``, ``checkpoints/`` and one artifact (``student.pt``, ``segmenter.pt``) into its folder, and
+``curves.png`` (``cdkd.train.curves``) at each checkpoint and at the end; ``tensorboard/`` with ``--tensorboard``.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
+import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,6 +29,8 @@ class RunDir:
     root: Path
     artifact_name: str  # e.g. "student.pt"
     kind: str = "run"  # for messages: "distillation run"
+    # What a session keeps open while it lasts (its total steps, the TensorBoard writer); not part of the value.
+    _live: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def artifact(self) -> Path:
@@ -47,8 +52,17 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
+    @property
+    def curves(self) -> Path:
+        return self.root / "curves.png"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
     def _files(self) -> list[Path]:
-        return [self.artifact, self.config, self.metrics, self.report, self.checkpoints]
+        return [self.artifact, self.config, self.metrics, self.report, self.checkpoints, self.curves,
+                self.tensorboard]
 
     def check(self, resume: bool, overwrite: bool, checkpoint_format: str) -> dict[str, Any] | None:
         """Refuse a folder another live run holds, one that cannot be written, or an earlier run's (unless
@@ -82,11 +96,15 @@ class RunDir:
                 p.unlink()
 
     @contextmanager
-    def session(self, fresh: bool, main: bool = True) -> Iterator[None]:
+    def session(self, fresh: bool, main: bool = True, *, start: int = 0, steps: int | None = None,
+                tensorboard: bool = False) -> Iterator[None]:
         """The run's time in its folder: the folder's lock is held (by the main process of a DDP job), a ``fresh``
         run starts from an empty folder, and a fresh run that ends before its first checkpoint (bad data found in
         the first batches, a Ctrl-C) leaves nothing behind: neither its files nor a folder it created, which would
-        only stand in the way of the next run."""
+        only stand in the way of the next run.
+
+        ``start``: the step the session resumes from; ``steps``: the run's total (for ``curves.png``);
+        ``tensorboard``: every metrics row also goes to ``tensorboard/`` (``cdkd.train.tensorboard``)."""
         if not main:
             yield
             return
@@ -95,8 +113,14 @@ class RunDir:
         try:
             if fresh:
                 self.reset()
+            self._live["steps"] = steps
+            if tensorboard:
+                from cdkd.train.tensorboard import TensorBoardLog  # here: tensorboard is optional
+
+                self._live["tensorboard"] = TensorBoardLog(self.tensorboard, start, self.metrics)
             yield
         except BaseException:
+            self._close_tensorboard()  # before its folder may be removed
             if fresh and not list_checkpoints(self.checkpoints):
                 self.reset()
                 lock.release(remove=True)
@@ -104,35 +128,73 @@ class RunDir:
                     self.root.rmdir()
             raise
         finally:
+            self._close_tensorboard()
             lock.release(remove=True)
 
+    def _close_tensorboard(self) -> None:
+        board = self._live.pop("tensorboard", None)
+        if board is not None:
+            board.close()
+
     def write_metrics(self, record: dict[str, Any]) -> None:
+        """Append one row (with the wall-clock ``time`` it was written, which gives a run's elapsed time)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        record = {**record, "time": round(time.time(), 3)}
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        board = self._live.get("tensorboard")
+        if board is not None:
+            board.write(record)
 
     def last_metrics(self) -> dict[str, Any]:
         """The newest row of ``metrics.jsonl`` that logs a step's losses (``{}`` when there is none)."""
-        if not self.metrics.exists():
-            return {}
-        for line in reversed(self.metrics.read_text().splitlines()):
-            row = json.loads(line) if line.strip() else {}
+        for row in reversed(read_metrics(self.metrics)):
             if "loss" in row:
                 return row
         return {}
 
     def truncate_metrics(self, step: int) -> None:
-        """On resume, drop metric lines written after the checkpoint, so each step is logged once."""
+        """On resume, drop metric lines written after the checkpoint, so each step is logged once (and a last
+        line cut in half by a killed process)."""
         if not self.metrics.exists():
             return
-        lines = [ln for ln in self.metrics.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        atomic_write_text(self.metrics, "".join(ln + "\n" for ln in keep))
+        keep = [row for row in read_metrics(self.metrics) if row.get("step", 0) <= step]
+        atomic_write_text(self.metrics, "".join(json.dumps(row) + "\n" for row in keep))
+
+    def draw_curves(self) -> None:
+        """``curves.png`` from the metrics so far (at each checkpoint and at the end; main process only). A
+        picture that cannot be drawn is a warning: it must never end a training run."""
+        from cdkd.train.summary import write_curves  # here: matplotlib is imported only to draw
+
+        try:
+            write_curves(self.root, total=self._live.get("steps"))
+        except Exception as e:  # noqa: BLE001 (whatever went wrong, the run's own outputs come first)
+            warnings.warn(f"{self.curves}: not drawn ({type(e).__name__}: {e})", stacklevel=2)
+        board = self._live.get("tensorboard")
+        if board is not None:
+            board.flush()
 
     def write_report(self, report: dict[str, Any]) -> None:
         """``report.json``; a value that is not a finite number is written as null, never as NaN (which is not
-        JSON, and which a report should not claim as a result)."""
+        JSON, and which a report should not claim as a result). The final ``curves.png`` follows it."""
         atomic_write_text(self.report, json.dumps(finite(report), indent=2, allow_nan=False))
+        self.draw_curves()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (none when it does not exist). A line that is not a JSON object is left
+    out: the last line of a run killed while writing it."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def finite(value: Any) -> Any:
