@@ -25,6 +25,7 @@ from cdkd.data.classes import ClassSchema
 from cdkd.data.labeled import find_pairs, read_pair, schema_for
 from cdkd.errors import CdkdValueError, DataError, OutputExistsError
 from cdkd.finetune.metrics import MetricAccumulator, SegMetrics
+from cdkd.progress import track
 from cdkd.scene.runtimes import open_runtime
 from cdkd.scene.sliding import Predict, runtime_predict, sliding_window_logits
 from cdkd.utils.atomic import atomic_path, atomic_write_text
@@ -167,9 +168,7 @@ def evaluate(
     acc = MetricAccumulator(schema.num_classes, schema.ignore_index, class_names=schema.names)
     iterator = pairs
     if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(pairs, desc="evaluate", unit="image", dynamic_ncols=True)
+        iterator = track(pairs, desc="evaluate", unit="image")
     model = getattr(rt, "model", None)
     timer = StageTimer(model) if model is not None and hasattr(model, "neck") else None
     predict, pixels_seen, t0 = runtime_predict(rt), 0, time.perf_counter()

@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from tqdm.auto import tqdm
 
 from cdkd.data.files import open_raster
 from cdkd.errors import CdkdValueError, DataError, OutputExistsError
+from cdkd.progress import track
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 from cdkd.vector.coverage import simplify_coverage
 from cdkd.vector.formats import VectorFormat, check_writable, convert, output_format
@@ -144,7 +144,7 @@ def _cache_bytes(src: Any, rows: int, halo: int) -> int:
 
 
 def _bar(strips: list[Strip], desc: str, progress: bool) -> Iterable[Strip]:
-    return tqdm(strips, desc=desc, unit="strip", disable=not progress, dynamic_ncols=True)
+    return track(strips, desc=desc, unit="strip", enabled=progress)
 
 
 def final_polygons(src: Any, raster: ClassRaster, strips: Iterable[Strip],
