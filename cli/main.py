@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 
 import cdkd
-from cli import demo, distill, evaluate, export, finetune, segment, vectorize
+from cli import demo, distill, evaluate, export, finetune, qgis, segment, vectorize
 from cli import options as o
 
 
@@ -38,6 +38,7 @@ app.command("export", no_args_is_help=True)(export.export_command)
 app.command("segment", no_args_is_help=True)(segment.segment_command)
 app.command("vectorize", no_args_is_help=True)(vectorize.vectorize_command)
 app.command("demo")(demo.demo_command)
+app.add_typer(qgis.app, name="qgis")
 
 
 def _print_version(given: bool) -> None:
