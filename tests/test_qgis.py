@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import REPO_ROOT, SHARED_DATA, make_geotiff, make_segmenter, synthetic_image
+from conftest import REPO_ROOT, SHARED_DATA, make_geotiff, make_segmenter, one_clean_error, synthetic_image
 
 from cdkd.errors import CdkdValueError, OutputExistsError
 from cdkd.qgis import PLUGIN_NAME, install_plugin, plugin_source, profiles_root, zip_plugin
-from cdkd.qgis.plugin.runner import CdkdCommand, CdkdFailed, Listener, find_cdkd, run_cdkd
+from cdkd.qgis.plugin.runner import CdkdCommand, CdkdRunError, Listener, find_cdkd, run_cdkd
 from cdkd.qgis.plugin.styles import raster_classes
 
 QGIS_PROCESS = shutil.which("qgis_process.bin") or shutil.which("qgis_process")  # .bin: no wrapper options
-needs_qgis = pytest.mark.skipif(QGIS_PROCESS is None, reason="QGIS is not installed (qgis_process); .ci/run installs it")
+needs_qgis = pytest.mark.skipif(QGIS_PROCESS is None, reason="QGIS (qgis_process) is missing; .ci/run installs it")
 # the cdkd of this source tree, as `cdkd qgis install` records it
 THIS_CDKD = CdkdCommand((sys.executable, "-m", "cli.main"), {"PYTHONPATH": str(REPO_ROOT)})
 
@@ -93,6 +93,27 @@ def test_install_copies_the_plugin_records_this_cdkd_and_enables_it(tmp_path):
         install_plugin("../y", tmp_path)
 
 
+def test_cli_install_and_zip(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    for cmd in (["qgis"], ["qgis", "install"], ["qgis", "zip"]):
+        assert "Usage" in runner.invoke(app, [*cmd, "--help"]).output
+    res = runner.invoke(app, ["qgis", "install", "--config-path", str(tmp_path), "--profile", "gis",
+                              "--executable", "/opt/env/bin/cdkd"])
+    assert res.exit_code == 0, res.output
+    plugin = tmp_path / "profiles" / "gis" / "python" / "plugins" / PLUGIN_NAME
+    assert f"installed the cdkd Processing provider in {plugin}" in res.output
+    assert find_cdkd(plugin, environ={}).argv == ("/opt/env/bin/cdkd",)
+    res = runner.invoke(app, ["qgis", "install", "--config-path", str(tmp_path), "--profile", "a/b"])
+    assert res.exit_code == 2 and one_clean_error(res.output).startswith("Error: --profile 'a/b'")
+    assert runner.invoke(app, ["qgis", "zip", str(tmp_path / "p.zip")]).exit_code == 0
+    res = runner.invoke(app, ["qgis", "zip", str(tmp_path / "p.zip")])
+    assert res.exit_code == 1 and "--overwrite" in one_clean_error(res.output)
+
+
 def test_profiles_folder_of_each_platform(tmp_path):
     home = {"HOME": "/home/u"}
     assert profiles_root(platform="linux", environ=home) == Path("/home/u/.local/share/QGIS/QGIS3/profiles")
@@ -135,7 +156,7 @@ def test_runner_streams_progress_and_passes_errors_through(tmp_path, class_raste
     assert result.outputs == [str(out), f"{out}.json", str(out.with_suffix(".qml"))]
     assert listener.percents[0] == 0 and listener.percents[-1] == 100
     assert any("wrote" in line for line in listener.lines)  # cdkd's own report reaches the log
-    with pytest.raises(CdkdFailed, match=r"polygons.fgb: already exists; pass --overwrite") as failed:
+    with pytest.raises(CdkdRunError, match=r"polygons.fgb: already exists; pass --overwrite") as failed:
         run_cdkd(["vectorize", str(class_raster), "--out", str(out)], Listener(), THIS_CDKD)
     assert failed.value.exit_code == 1 and "\n" not in str(failed.value)
 

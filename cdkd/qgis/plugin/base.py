@@ -21,7 +21,7 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
-from .runner import CdkdCanceled, CdkdFailed, Listener, RunResult, run_cdkd
+from .runner import CdkdCanceledError, CdkdRunError, Listener, RunResult, run_cdkd
 
 
 class FeedbackListener(Listener):
@@ -53,7 +53,7 @@ class FeedbackListener(Listener):
 class CdkdAlgorithm(QgsProcessingAlgorithm):
     """A Processing algorithm that is one ``cdkd`` command line."""
 
-    def createInstance(self) -> "CdkdAlgorithm":  # noqa: N802
+    def createInstance(self) -> CdkdAlgorithm:  # noqa: N802
         return type(self)()
 
     def group(self) -> str:
@@ -63,13 +63,13 @@ class CdkdAlgorithm(QgsProcessingAlgorithm):
         return ""
 
     def run_cdkd(self, args: list[str], feedback: QgsProcessingFeedback,
-                 on_cancel: Callable[[CdkdCanceled], str]) -> RunResult:
+                 on_cancel: Callable[[CdkdCanceledError], str]) -> RunResult:
         """Run ``cdkd ARGS`` for this algorithm; cdkd's error becomes the algorithm's error message."""
         try:
             return run_cdkd(args, FeedbackListener(feedback))
-        except CdkdCanceled as e:
+        except CdkdCanceledError as e:
             raise QgsProcessingException(on_cancel(e)) from None
-        except CdkdFailed as e:
+        except CdkdRunError as e:
             raise QgsProcessingException(f"cdkd: {e}") from None
 
     # --------------------------------------------------------------------------------------------- parameters
@@ -174,10 +174,11 @@ def style_on_load(context: QgsProcessingContext, destination: str, apply: Callab
     if layers and not any(d.postProcessor() for d in loads.values()):  # replacing the list deletes those
         template = loads.pop(destination)
         path = vector_destination(destination)[0]
-        keys = [f"{path}|layername={name}" for name in layers]
-        for key, name in zip(keys, layers):
-            loads[key] = QgsProcessingContext.LayerDetails(name, template.project, template.outputName,
-                                                           template.layerTypeHint)
+        keys = []
+        for name in layers:
+            keys.append(f"{path}|layername={name}")
+            loads[keys[-1]] = QgsProcessingContext.LayerDetails(name, template.project, template.outputName,
+                                                                template.layerTypeHint)
         context.setLayersToLoadOnCompletion(loads)
     else:
         keys = [destination]

@@ -8,7 +8,7 @@ the standard library only and never imports cdkd. It talks to cdkd through the c
 - Cancel sends the child SIGINT (CTRL_BREAK_EVENT on Windows, which cdkd treats as Ctrl-C), the same signal
   Ctrl-C sends in a terminal: cdkd finishes its batch, saves a checkpoint and exits with 130, so a later run
   with ``--resume`` continues where it stopped;
-- a failure comes back as cdkd's own one-line message (``CdkdFailed``), a cancelled run as ``CdkdCanceled``.
+- a failure comes back as cdkd's own one-line message (``CdkdRunError``), a cancelled run as ``CdkdCanceledError``.
 
 Which ``cdkd`` runs is found by ``find_cdkd``: ``$CDKD_EXECUTABLE``, else what ``cdkd qgis install`` recorded
 in ``cdkd_processing.json`` beside this file, else ``cdkd`` on the PATH.
@@ -39,7 +39,7 @@ STOP_GRACE_SECONDS = 300.0  # after Cancel, the time cdkd gets to save its check
 TAIL_LINES = 20  # stderr lines kept to explain a crash that printed no ``Error:`` line
 
 
-class CdkdFailed(Exception):
+class CdkdRunError(Exception):
     """cdkd stopped with an error; the message is cdkd's own line (or the end of what it printed)."""
 
     def __init__(self, message: str, exit_code: Optional[int] = None) -> None:
@@ -47,7 +47,7 @@ class CdkdFailed(Exception):
         self.exit_code = exit_code
 
 
-class CdkdCanceled(CdkdFailed):
+class CdkdCanceledError(CdkdRunError):
     """The run was cancelled; where the command can resume, cdkd saved a checkpoint first."""
 
 
@@ -85,13 +85,13 @@ def find_cdkd(plugin_dir: Optional[Path] = None, environ: Optional[Mapping[str, 
             argv = tuple(str(a) for a in recorded["command"])
             env = {str(k): str(v) for k, v in recorded.get("env", {}).items()}
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CdkdFailed(f"{path}: unreadable ({e}); run `cdkd qgis install` again") from None
+            raise CdkdRunError(f"{path}: unreadable ({e}); run `cdkd qgis install` again") from None
         if argv:
             return CdkdCommand(argv, env, source=str(path))
     found = shutil.which("cdkd")
     if found:
         return CdkdCommand((found,), source="PATH")
-    raise CdkdFailed("cdkd not found: run `cdkd qgis install` in the environment where cdkd is installed (it "
+    raise CdkdRunError("cdkd not found: run `cdkd qgis install` in the environment where cdkd is installed (it "
                      f"records which cdkd to call), or set {ENV_EXECUTABLE} to the cdkd executable")
 
 
@@ -125,13 +125,14 @@ class RunResult:
     canceled: bool = False  # Cancel came too late: cdkd had finished
 
 
-def run_cdkd(args: Sequence[str], listener: Listener = Listener(), command: Optional[CdkdCommand] = None,
+def run_cdkd(args: Sequence[str], listener: Optional[Listener] = None, command: Optional[CdkdCommand] = None,
              poll: float = POLL_SECONDS, grace: float = STOP_GRACE_SECONDS) -> RunResult:
     """Run ``cdkd --progress-format json ARGS...`` and follow it until it exits (see the module docstring).
 
-    Raises ``CdkdFailed`` with cdkd's one-line error (non-zero exit), ``CdkdCanceled`` after Cancel.
+    Raises ``CdkdRunError`` with cdkd's one-line error (non-zero exit), ``CdkdCanceledError`` after Cancel.
     """
     command = command or find_cdkd()
+    listener = listener or Listener()
     argv = [*command.argv, "--progress-format", "json", *args]
     listener.command(" ".join(_quote(a) for a in argv))
     extra: dict[str, Any] = {}
@@ -142,7 +143,7 @@ def run_cdkd(args: Sequence[str], listener: Listener = Listener(), command: Opti
                                 env=command.environment(os.environ), text=True, encoding="utf-8", errors="replace",
                                 bufsize=1, **extra)
     except OSError as e:
-        raise CdkdFailed(f"cannot start cdkd ({argv[0]}, from {command.source}): {e.strerror or e}; run `cdkd qgis "
+        raise CdkdRunError(f"cannot start cdkd ({argv[0]}, from {command.source}): {e.strerror or e}; run `cdkd qgis "
                          "install` again from the environment that has cdkd") from None
     return _Follower(proc, listener, poll, grace).follow()
 
@@ -260,10 +261,10 @@ class _Follower:
             return RunResult(self.outputs, self.stdout, code, canceled=self.canceled_at is not None)
         message = self.error or self.error_line
         if self.canceled_at is not None or code == INTERRUPTED_EXIT or self.interrupted:
-            raise CdkdCanceled(self.interrupted or message or "cdkd was stopped before it finished", code)
+            raise CdkdCanceledError(self.interrupted or message or "cdkd was stopped before it finished", code)
         if not message:
             message = "\n".join(self.tail) or f"cdkd exited with code {code} and printed no error"
-        raise CdkdFailed(message, code)
+        raise CdkdRunError(message, code)
 
 
 def _event(line: str) -> Optional[dict]:

@@ -19,7 +19,7 @@ from qgis.core import (
 )
 
 from .base import POLYGONS, CdkdAlgorithm, style_on_load, vector_destination
-from .runner import CdkdCanceled
+from .runner import CdkdCanceledError
 from .styles import style_class_raster, style_polygons
 
 RUNTIMES = ("auto", "torch", "onnx", "tensorrt")  # "auto": from the model file's suffix
@@ -93,7 +93,7 @@ class _SceneAlgorithm(CdkdAlgorithm):
         return args
 
     def cancel_message(self, out: str) -> Any:
-        def message(error: CdkdCanceled) -> str:
+        def message(error: CdkdCanceledError) -> str:
             if partial_state(out).is_file():
                 return (f"Canceled: cdkd saved a checkpoint of {out}. Run the algorithm again with the same output "
                         "file and 'Resume an interrupted run' ticked to continue from it.")
