@@ -11,8 +11,8 @@ The plugin is imported from ``PLUGINS_DIR`` (where ``cdkd qgis install`` put it)
    project and styled by the provider, as after a run from the toolbox;
 3. ``cdkd:vectorize`` of that class raster with one layer per class, loaded the same way.
 
-Prints one JSON line: the cancel message, whether a checkpoint was left, the resumed run's results and the
-layers in the project with their renderers and legend labels.
+Prints one JSON line: the cancel message, whether a checkpoint was left, the resumed run's results, the layers in
+the project with their renderers and legend labels, and the parameters of the shipped model.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ def main(plugins: str, scene: str, model: str, out: str) -> dict:
     processing.runAndLoadResults("cdkd:vectorize", {"INPUT": out, "OUTPUT": polygons, "LAYER_PER_CLASS": True},
                                  feedback=QgsProcessingFeedback())
     record["layers"] = sorted(describe(layer) for layer in QgsProject.instance().mapLayers().values())
+    model = QgsApplication.processingRegistry().createAlgorithmById("cdkd:Segment and vectorize")
+    record["model"] = [p.name() for p in model.parameterDefinitions()] if model is not None else []
     plugin.unload()
     return record
 

@@ -265,25 +265,18 @@ def test_qgis_process_vectorize_and_its_errors(qgis_env, reference, scene, tmp_p
 
 
 @needs_qgis
-def test_the_model_segment_and_vectorize_is_in_the_provider(qgis_env):
-    proc = qgis_process(qgis_env, "help", "cdkd:Segment and vectorize")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for name in ("scene", "model", "device", "min_area", "simplify"):
-        assert f"\n{name}: " in proc.stdout
-
-
-@needs_qgis
 def test_cancel_then_resume_gives_the_uninterrupted_output(qgis_env, model_pt, tmp_path):
     """In a PyQGIS session: Cancel (a QgsProcessingFeedback, as the dialog's button) sends cdkd SIGINT and it
     saves a checkpoint; the same algorithm with Resume ticked finishes the scene, bitwise as one uninterrupted
-    run; its output, and the polygons of each class, open in the project in the class colours and names."""
+    run; its output, and the polygons of each class, open in the project in the class colours and names. The
+    provider also holds the model "Segment and vectorize"."""
     from cdkd.scene.engine import SegmentOptions, segment_scene
     from cdkd.scene.runtimes import open_runtime
 
     python = qgis_python()
     if python is None:
         pytest.skip("no Python with PyQGIS (python3-qgis) to drive Cancel")
-    tall = make_geotiff(tmp_path / "tall.tif", synthetic_image((3, 3000, 64), seed=3))  # 62 window rows
+    tall = make_geotiff(tmp_path / "tall.tif", synthetic_image((3, 2000, 64), seed=3))  # 41 window rows
     whole = tmp_path / "whole.tif"
     segment_scene(tall, open_runtime(model_pt, device="cpu"), whole, SegmentOptions(batch_size=1, progress=False))
     out = tmp_path / "resumed.tif"
@@ -295,7 +288,7 @@ def test_cancel_then_resume_gives_the_uninterrupted_output(qgis_env, model_pt, t
     assert record["canceled"].startswith("Canceled: cdkd saved a checkpoint") and record["checkpoint"]
     assert not record["finished_early"] and 0 < record["progress_seen"][-1] < 100
     report = json.loads(Path(record["resumed"]["REPORT"]).read_text())
-    assert 0 < report["resumed_from_row"] < 62  # it continued, not started again
+    assert 0 < report["resumed_from_row"] < 41  # it continued, not started again
     assert out.read_bytes() == whole.read_bytes()
 
     names = [c.name for c in raster_classes(whole)]
@@ -304,3 +297,6 @@ def test_cancel_then_resume_gives_the_uninterrupted_output(qgis_env, model_pt, t
     polygons = tmp_path / "resumed.gpkg"
     assert record["layers"] == sorted([[str(out), "paletted", names]] +
                                       [[f"{polygons}|layername={n}", "categorizedSymbol", names] for n in present])
+    # the model shipped with the provider, loaded by it
+    assert set(record["model"]) >= {"scene", "model", "device", "min_area", "simplify", "segment:Class raster",
+                                    "vectorize:Polygons"}
