@@ -124,28 +124,41 @@ class _Bar(Progress):
 
 
 class _JsonLines(Progress):
-    """``progress`` events on stderr, throttled to one per ``JSON_INTERVAL`` seconds (and the first and last)."""
+    """``progress`` events on stderr, throttled to one per ``JSON_INTERVAL`` seconds (and the first and last).
+
+    A bar whose figures are set after each update (the trainers: ``update(1)``, then ``set_postfix(loss=...)``)
+    reports from ``set_postfix``, so an event carries the figures of the step it counts.
+    """
 
     def __init__(self, total: int | None, initial: int, desc: str, unit: str) -> None:
         self.total, self.done, self.desc, self.unit = total, initial, desc, unit
         self.fields: dict[str, Any] = {}
         self.last = -float("inf")
         self.reported: int | None = None
-        self.closed = False
+        self.pending = self.closed = False
         self._report()
 
     def update(self, n: int = 1) -> None:
         self.done += n
-        if time.monotonic() - self.last >= JSON_INTERVAL or (self.total is not None and self.done >= self.total):
-            self._report()
+        if self.fields:
+            self.pending = True  # the figures of this update come next
+        else:
+            self._report_when_due()
 
     def set_postfix(self, **fields: Any) -> None:
         self.fields = {k: _number(v) for k, v in fields.items()}
+        if self.pending:
+            self.pending = False
+            self._report_when_due()
 
     def close(self) -> None:
         if not self.closed and self.reported != self.done:
             self._report()
         self.closed = True
+
+    def _report_when_due(self) -> None:
+        if time.monotonic() - self.last >= JSON_INTERVAL or (self.total is not None and self.done >= self.total):
+            self._report()
 
     def _report(self) -> None:
         fraction = None if not self.total else min(self.done / self.total, 1.0)

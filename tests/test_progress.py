@@ -26,18 +26,25 @@ def json_mode(monkeypatch):
     monkeypatch.setenv(progress.ENV, "json")
 
 
-def test_json_lines_are_throttled_and_carry_the_postfix_as_numbers(json_mode, capsys, monkeypatch):
+def test_json_lines_are_throttled_and_carry_each_steps_figures_as_numbers(json_mode, capsys, monkeypatch):
     monkeypatch.setattr(progress, "JSON_INTERVAL", 3600.0)  # only the first and the last line get through
     with progress.progress_bar(10, initial=2, desc="distill", unit="step") as bar:
-        for _ in range(8):
+        for step in range(3, 11):  # as the trainers do: count the step, then show its figures
             bar.update(1)
-            bar.set_postfix(loss="0.125", stage="2", img_s=float("nan"), note="warm-up")
+            bar.set_postfix(loss=f"{1 / step:.3f}", stage="early", img_s=float("nan"))
     lines = events(capsys.readouterr().err)
-    assert [(e["done"], e["total"], e["fraction"]) for e in lines] == [(2, 10, 0.2), (10, 10, 1.0)]
-    assert lines[-1]["loss"] == 0.125 and lines[-1]["stage"] == 2.0  # the bar's text, as numbers
-    assert lines[-1]["img_s"] is None and lines[-1]["note"] == "warm-up"  # NaN is not JSON: null
     assert lines[0] == {"event": "progress", "desc": "distill", "done": 2, "total": 10, "unit": "step",
                         "fraction": 0.2}
+    assert lines[1:] == [{"event": "progress", "desc": "distill", "done": 10, "total": 10, "unit": "step",
+                          "fraction": 1.0, "loss": 0.1, "stage": "early", "img_s": None}]  # NaN: null in JSON
+
+    monkeypatch.setattr(progress, "JSON_INTERVAL", 0.0)  # every step
+    with progress.progress_bar(3, desc="finetune", unit="step") as bar:
+        for step in range(1, 4):
+            bar.update(1)
+            bar.set_postfix(loss=str(step))
+    lines = events(capsys.readouterr().err)
+    assert [(e["done"], e.get("loss")) for e in lines] == [(0, None), (1, None), (2, 2.0), (3, 3.0)]
 
 
 def test_track_reports_where_it_stopped(json_mode, capsys):
