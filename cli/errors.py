@@ -9,6 +9,7 @@ from typing import Iterator
 import typer
 
 from cdkd.errors import CdkdError, CdkdValueError
+from cdkd.progress import emit
 
 
 @contextlib.contextmanager
@@ -23,11 +24,14 @@ def cli_errors(resumable: bool = False) -> Iterator[None]:
     try:
         yield
     except CdkdError as e:
+        code = 2 if isinstance(e, CdkdValueError) else 1
         print(f"Error: {e}", file=sys.stderr)
-        raise typer.Exit(2 if isinstance(e, CdkdValueError) else 1) from None
+        emit("error", message=str(e), exit_code=code)
+        raise typer.Exit(code) from None
     except KeyboardInterrupt:
         hint = "; rerun with --resume to continue from the last checkpoint" if resumable else ""
         print(f"Interrupted{hint}.", file=sys.stderr)
+        emit("interrupted", message=f"Interrupted{hint}.", resumable=resumable)
         raise typer.Exit(130) from None
     except MemoryError:  # numpy's _ArrayMemoryError, torch's CUDA OutOfMemoryError (a RuntimeError too: below)
         _out_of_memory()

@@ -38,6 +38,7 @@ Adapter = _choice("Adapter", ("multi", "single"))  # cdkd.models.mmoa.MMoA
 Fusion = _choice("Fusion", ("gate", "add"))
 Direction = _choice("Direction", ("bi", "uni"))  # cdkd.distill.objective
 Schedule = _choice("Schedule", ("dynamic", "fixed"))  # cdkd.distill.schedule
+ProgressFormat = _choice("ProgressFormat", ("bar", "json", "none"))  # cdkd.progress.FORMATS
 
 
 def value(choice: Optional[Choice]) -> Optional[str]:

@@ -87,6 +87,7 @@ def segment_command(
     """
     with cli_errors(resumable=True):
         from cdkd.errors import CdkdValueError
+        from cdkd.progress import finish
         from cdkd.scene.batch import RuntimeSpec, expand_scenes, plan_outputs, segment_many
         from cdkd.scene.engine import SegmentOptions, segment_scene
 
@@ -115,7 +116,9 @@ def segment_command(
             raise CdkdValueError(f"{spec.model}: an instance model segments one scene at a time, here: give --out "
                                  "FILE.gpkg (no --out-dir, --scheduler or --preview)")
         if instance:
-            _print_objects(segment_scene(scenes[0], spec.open(), out, options).to_dict())
+            objects = segment_scene(scenes[0], spec.open(), out, options).to_dict()
+            _print_objects(objects)
+            finish([objects["output"], Path(objects["output"]).with_suffix(".json")])
             return
         if out is not None:
             if scheduler is not None:
@@ -127,6 +130,8 @@ def segment_command(
             _print_scene(report.to_dict())
             if preview:
                 _write_preview(scenes[0], out, options.bands)
+            finish([report.output, report.confidence, Path(report.output).with_suffix(".json"),
+                    preview_path(out) if preview else None])
             return
         batch = segment_many(scenes, out_dir, spec, options, scheduler, on_error.value)
         for result in batch.scenes:
@@ -140,6 +145,7 @@ def segment_command(
                    f"{batch.seconds:.1f} s")
         if batch.failed or len(batch.scenes) < len(scenes):
             raise typer.Exit(1)
+        finish([r.output for r in batch.scenes])
 
 
 def preview_path(out: Path) -> Path:

@@ -63,6 +63,7 @@ def vectorize_command(
     }
     with cli_errors():
         from cdkd.config import apply_overrides
+        from cdkd.progress import finish
         from cdkd.vector import vectorize
         from cdkd.vector.config import VectorizeConfig
 
@@ -75,3 +76,4 @@ def vectorize_command(
         style = f", {report.style_path}" if report.style_path else ""
         typer.echo(f"\nwrote {report.output} (layers: {', '.join(report.layers)}) and {report.json_path}{style} "
                    f"in {report.seconds:.1f} s")
+        finish([report.output, report.json_path, report.style_path])

@@ -38,6 +38,7 @@ from cdkd.distill.recipes import LossControl, Recipe, build_recipe, frozen_finge
 from cdkd.errors import CheckpointError, CdkdValueError
 from cdkd.models.student import STUDENT_REGISTRY, build_student
 from cdkd.models.teacher import check_teacher_source, teacher_provenance
+from cdkd.progress import progress_bar
 from cdkd.utils.checkpoint import restore_model, rng_state, save_checkpoint, set_rng_state, trainable_state
 from cdkd.utils.distributed import DistContext, cleanup_distributed, init_distributed, resolve_device
 from cdkd.utils.optim import adamw, autocast_dtype, check_train_config, lr_lambda
@@ -265,9 +266,7 @@ class _Run:
         cfg = self.cfg.train
         bar = None
         if self.progress and self.ctx.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
+            bar = progress_bar(steps, initial=start, desc="distill", unit="step")
         last: dict[str, float] = {}
         terms = self.recipe.terms
         images_per_step = cfg.batch_size * cfg.grad_accum * self.ctx.world_size

@@ -27,6 +27,7 @@ from cdkd.data.labeled import find_pairs, read_pair, schema_for
 from cdkd.utils.paths import check_writable
 from cdkd.errors import CdkdValueError, DataError, OutputExistsError
 from cdkd.finetune.metrics import MetricAccumulator, SegMetrics
+from cdkd.progress import track
 from cdkd.scene.runtimes import open_runtime
 from cdkd.scene.sliding import Predict, runtime_predict, sliding_window_logits
 from cdkd.utils.atomic import atomic_path, atomic_write_text
@@ -171,9 +172,7 @@ def evaluate(
     acc = MetricAccumulator(schema.num_classes, schema.ignore_index, class_names=schema.names)
     iterator = pairs
     if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(pairs, desc="evaluate", unit="image", dynamic_ncols=True)
+        iterator = track(pairs, desc="evaluate", unit="image")
     model = getattr(rt, "model", None)
     timer = StageTimer(model) if model is not None and hasattr(model, "neck") else None
     predict, pixels_seen, t0 = runtime_predict(rt), 0, time.perf_counter()

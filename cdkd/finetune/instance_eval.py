@@ -28,6 +28,7 @@ from cdkd.data.classes import ClassSchema
 from cdkd.data.coco import INSTANCE_FORMATS, InstanceData, encode_mask, object_mask
 from cdkd.data.files import read_window
 from cdkd.errors import CdkdValueError, DataError, OutputExistsError
+from cdkd.progress import track
 from cdkd.scene.objects import SceneObject
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 
@@ -255,9 +256,7 @@ def evaluate_instances(
     check_categories(meta.classes, dataset)
     iterator: Any = dataset.images
     if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(dataset.images, desc="evaluate", unit="image", dynamic_ncols=True)
+        iterator = track(dataset.images, desc="evaluate", unit="image")
     t0 = time.perf_counter()
     results: list[dict[str, Any]] = []
     drawn: list[tuple[Any, np.ndarray, list[SceneObject]]] = []

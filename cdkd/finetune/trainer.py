@@ -35,6 +35,7 @@ from cdkd.data.labelcheck import check_labels
 from cdkd.data.labeled import FORMATS, LabeledTiles, class_frequencies, find_pairs, schema_for
 from cdkd.errors import CdkdValueError
 from cdkd.models.upernet import Segmenter
+from cdkd.progress import progress_bar
 from cdkd.utils.checkpoint import restore_model, rng_state, save_checkpoint, set_rng_state, trainable_state
 from cdkd.utils.distributed import DistContext, resolve_device
 from cdkd.utils.optim import adamw, autocast_dtype, check_train_config, lr_lambda
@@ -223,9 +224,7 @@ class _Loop:
         cfg = self.cfg.train
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps, initial=start, desc="finetune", unit="step", dynamic_ncols=True)
+            bar = progress_bar(steps, initial=start, desc="finetune", unit="step")
         self.model.train()
         loss = math.nan
         tick = time.perf_counter()

@@ -38,6 +38,7 @@ from cdkd.artifacts import InferenceMeta
 from cdkd.config import PATCH_SIZE, bounded, check_ranges
 from cdkd.data.gdal import is_virtual_path, raster_path
 from cdkd.errors import CdkdValueError, CheckpointError, DataError, OutputExistsError
+from cdkd.progress import progress_bar
 from cdkd.scene.areas import ClassAreaTally
 from cdkd.scene.classraster import check_num_classes
 from cdkd.scene.pipeline import RowCounts, StageTimes, WeightCache, blend_rows, prefetcher_for, reader_threads
@@ -234,22 +235,16 @@ def claimed(partial: Path, out: Path, resume: bool) -> Iterator[RunLock]:
 
 
 class TileProgress:
-    """tqdm over windows (tiles/s and ETA), or nothing."""
+    """Progress over windows (a bar with tiles/s and ETA, or JSON lines: ``cdkd.progress``), or nothing."""
 
     def __init__(self, total: int, initial: int, enabled: bool, name: str) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=name, unit="tile", dynamic_ncols=True)
+        self.bar = progress_bar(total, initial=initial, desc=name, unit="tile", enabled=enabled)
 
     def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
+        self.bar.update(n)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 @contextlib.contextmanager

@@ -34,12 +34,12 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from tqdm.auto import tqdm
 
 from cdkd.data.files import open_raster
 from cdkd.errors import CdkdValueError, DataError, OutputExistsError
-from cdkd.utils.paths import check_writable as check_folder_writable
+from cdkd.progress import track
 from cdkd.utils.atomic import atomic_path, atomic_write_text
+from cdkd.utils.paths import check_writable as check_folder_writable
 from cdkd.vector.coverage import simplify_coverage
 from cdkd.vector.formats import VectorFormat, check_writable, convert, output_format
 from cdkd.vector.gpkg import GpkgWriter, batches, check_layer_names
@@ -158,7 +158,7 @@ def _cache_bytes(src: Any, rows: int, halo: int) -> int:
 
 
 def _bar(strips: list[Strip], desc: str, progress: bool) -> Iterable[Strip]:
-    return tqdm(strips, desc=desc, unit="strip", disable=not progress, dynamic_ncols=True)
+    return track(strips, desc=desc, unit="strip", enabled=progress)
 
 
 def final_polygons(src: Any, raster: ClassRaster, strips: Iterable[Strip],
