@@ -9,6 +9,7 @@ not B01-B03 (443, 490, 560 nm). A recipe whose student reads every band (hyperkd
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from typing import Callable, Sequence
 
@@ -56,6 +57,21 @@ def choose_bands(cfg: DistillConfig, rasters: Sequence[RasterInfo], every_band: 
         log(f"the teacher reads bands {','.join(map(str, picked))} ({chosen}) as red, green and blue, chosen by "
             "wavelength (--bands to choose others)")
     return _settled(cfg, picked, n)
+
+
+def readable(rasters: Sequence[RasterInfo], bands: tuple[int, ...], root: str) -> list[RasterInfo]:
+    """The ``rasters`` that have every band of ``bands``: one warning counts the others; none is a DataError."""
+    keep = [r for r in rasters if r.count >= max(bands)]
+    if not keep:
+        counts = sorted({r.count for r in rasters})
+        hint = (f"--bands {','.join(['1'] * len(bands))} to repeat a single band" if counts == [1] else
+                "--bands to choose among them")
+        raise DataError(f"{root}: the files have {' or '.join(map(str, counts))} band(s) but the student reads bands "
+                        f"{','.join(map(str, bands))}: pass {hint}, or --in-chans to read fewer")
+    if len(keep) < len(rasters):
+        warnings.warn(f"skipped {len(rasters) - len(keep)} of {len(rasters)} files in {root} that have fewer than "
+                      f"{max(bands)} bands", UserWarning, stacklevel=2)
+    return keep
 
 
 def rgb_bands(measured: BandSet) -> tuple[int, ...] | None:

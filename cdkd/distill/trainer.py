@@ -33,7 +33,7 @@ from cdkd.config import DistillConfig, absolute_paths, check_ranges, save_config
 from cdkd.data import NormStats, StepSampler, check_tile_size, compute_stats, find_rasters, require_one_dtype
 from cdkd.data.sampler import batches
 from cdkd.data.stats import with_band_metadata
-from cdkd.distill.bands import choose_bands
+from cdkd.distill.bands import choose_bands, readable
 from cdkd.distill.recipes import LossControl, Recipe, build_recipe, frozen_fingerprint
 from cdkd.errors import CheckpointError, CdkdValueError
 from cdkd.models.student import STUDENT_REGISTRY, build_student
@@ -171,7 +171,7 @@ class _Run:
         require_one_dtype(rasters, self.cfg.data.root)
         cfg = self._settle_bands(rasters)
         bands = cfg.data.bands
-        rasters = [r for r in rasters if r.count >= max(bands)]
+        rasters = readable(rasters, bands, cfg.data.root)
         if blob is not None:
             check_resumable(blob["config"], to_dict(cfg), RESUMABLE_KEYS, self.paths.checkpoints)
         identity = self._identity(rasters)
