@@ -53,6 +53,8 @@ class TeacherConfig:
     coarse_dilations: tuple[int, ...] = (7, 9, 11)
     gate_dim: int = 64  # width of the gate's query/key projections
     grad_checkpointing: bool = False  # recompute teacher blocks in backward (saves memory on large tiles)
+    # auto (fused `sdpa` on CUDA, segment-anything's own `sam` elsewhere) | sam | sdpa | flex: docs/gpu.md
+    attention: str = "auto"
 
 
 @dataclass(frozen=True)
