@@ -150,6 +150,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # distillation on a GPU (docs/gpu.md): torch.compile of the teacher's and student's blocks, auto = on CUDA only
+    compile: str = "auto"  # auto | on | off
+    channels_last: bool = True  # the MMoA adapters' convolutions in channels-last memory (CUDA only)
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,8 @@ def test_without_skip_bias_or_softplus(kernels) -> None:
     inputs = _inputs(11, seed=3)
     inputs[1] = inputs[1].abs() * 0.5  # steps taken as given must be positive (else the states grow without bound)
     opts = dict(skip=False, bias=False, softplus=False)
-    _assert_equal(_run(kernels.selective_scan_triton, inputs, **opts, **SMALL), _run(selective_scan_ref, inputs, **opts))
+    got = _run(kernels.selective_scan_triton, inputs, **opts, **SMALL)
+    _assert_equal(got, _run(selective_scan_ref, inputs, **opts))
 
 
 @kernel_test

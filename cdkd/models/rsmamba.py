@@ -24,10 +24,10 @@ log-uniform in [0.001, 0.1], out-projections scaled by 1/sqrt(depth); the refere
 ``MambaMixer`` outside a ``PreTrainedModel`` and so keeps PyTorch's default initialisation for them).
 
 The scan is :func:`cdkd.models.ssm_scan.selective_scan`: pure PyTorch in chunks (CPU, ONNX export), and on CUDA
-a fused kernel: ``mamba_ssm``'s when installed, else cdkd's Triton kernel (``cdkd.models.kernels``). The student speaks timm's contract like the ViT students
-(``forward_features``, ``forward_head``, ``forward_intermediates``) plus ``forward_masked`` for distillation; a
-masked patch's embedding is swapped for a learnt mask token (SimMIM), the grid is kept, so
-``encodes_visible_only`` is False.
+a fused kernel: ``mamba_ssm``'s when installed, else cdkd's Triton kernel (``cdkd.models.kernels``). The student
+speaks timm's contract like the ViT students (``forward_features``, ``forward_head``, ``forward_intermediates``)
+plus ``forward_masked`` for distillation; a masked patch's embedding is swapped for a learnt mask token (SimMIM),
+the grid is kept, so ``encodes_visible_only`` is False.
 """
 
 from __future__ import annotations
