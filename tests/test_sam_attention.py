@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cdkd.config import TeacherConfig
 from cdkd.errors import CdkdValueError
-from cdkd.models.kernels.sam_attention import FusedSamAttention, fuse_sam_attention, resolve_impl
+from cdkd.models.kernels.sam_attention import FusedSamAttention, fuse_sam_attention, rel_pos_table, resolve_impl
 from cdkd.models.teacher import build_sam_encoder, build_teacher
 
 CUDA = torch.cuda.is_available()
@@ -59,6 +59,15 @@ def test_sdpa_equals_segment_anything_in_values_and_gradients(encoder, block: in
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for name, g, g_ref in zip(("x", "qkv", "rel_pos_h", "rel_pos_w", "proj"), grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("size", [14, 9, 64])
+def test_rel_pos_table_is_segment_anythings(size: int) -> None:
+    """The offsets table equals ``get_rel_pos`` exactly, at the table's own size and resampled."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    table = torch.randn(27, 8, generator=torch.Generator().manual_seed(size))
+    assert torch.equal(rel_pos_table(size, table), get_rel_pos(size, size, table))
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")

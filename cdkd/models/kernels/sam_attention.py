@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from cdkd.errors import CdkdValueError
 
-__all__ = ["ATTENTION_IMPLS", "FusedSamAttention", "fuse_sam_attention", "resolve_impl"]
+__all__ = ["ATTENTION_IMPLS", "FusedSamAttention", "decomposed_rel_pos", "fuse_sam_attention", "rel_pos_table",
+           "resolve_impl"]
 
 ATTENTION_IMPLS = ("auto", "sam", "sdpa", "flex")
 
@@ -46,17 +47,27 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
+def rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """(size, size, C) embeddings of every query-key offset along one axis: segment-anything's ``get_rel_pos`` for
+    equal query and key sizes (the encoder's case), with the offsets made on the table's device (SAM makes them on
+    the CPU, a host-device mix that compiled graphs avoid)."""
+    length = 2 * size - 1
+    if rel_pos.shape[0] != length:  # tables learnt for another grid are resampled linearly, as SAM does
+        rel_pos = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=length,
+                                mode="linear").reshape(-1, length).permute(1, 0)
+    coords = torch.arange(size, device=rel_pos.device)
+    return rel_pos[coords[:, None] - coords[None, :] + (size - 1)]
+
+
 def decomposed_rel_pos(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, heads, H * W, C) -> rel_h (B, heads, H * W, H) and rel_w (B, heads, H * W, W): the bias terms of
     segment-anything's ``add_decomposed_rel_pos`` per query and key row / key column (unscaled q, as there)."""
-    from segment_anything.modeling.image_encoder import get_rel_pos
-
     h, w = hw
     b, heads, n, c = q.shape
     r_q = q.reshape(b, heads, h, w, c)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(h, h, rel_pos_h))
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(w, w, rel_pos_w))
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rel_pos_table(h, rel_pos_h))
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rel_pos_table(w, rel_pos_w))
     return rel_h.reshape(b, heads, n, h), rel_w.reshape(b, heads, n, w)
 
 
