@@ -44,6 +44,32 @@ def test_in_the_triton_interpreter() -> None:
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
 
 
+def test_kernels_compile_for_the_gpu(tmp_path, monkeypatch) -> None:
+    """The interpreter runs the kernels' Python; this runs Triton's compiler on them, down to a cubin for sm_90
+    (H100 / H200) with triton's own ptxas, no GPU needed: what the interpreter accepts but the compiler would
+    reject (a scan over a 3-D tile, say) fails here. Default block sizes, bf16 inputs."""
+    if INTERPRETED:
+        pytest.skip("the kernels are interpreted in this process")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    from cdkd.models.kernels import selective_scan_triton as module
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # a fresh compile, not a cached one
+    bf16, f32 = "*bf16", "*fp32"
+    pointers = {module._scan_fwd_kernel: [bf16, bf16, f32, bf16, bf16, f32, f32, bf16, f32],
+                module._scan_bwd_kernel: [bf16, bf16, f32, bf16, bf16, f32, f32, f32, f32] + [f32] * 7}
+    for kernel, config in ((module._scan_fwd_kernel, module.FORWARD), (module._scan_bwd_kernel, module.BACKWARD)):
+        consts = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_L=module.FORWARD[0], BLOCK_D=config[1],
+                      BLOCK_N=16)
+        kinds = iter(pointers[kernel] + ["i32"] * len(kernel.arg_names))
+        signature = {n: "constexpr" if n in consts else next(kinds) for n in kernel.arg_names}
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={(kernel.arg_names.index(n),): v for n, v in consts.items()})
+        compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config[2]})
+        assert len(compiled.asm["cubin"]) > 1000 and compiled.metadata.shared < 100_000
+
+
 @pytest.fixture(scope="module")
 def kernels():
     from cdkd.models.kernels import selective_scan_triton as module

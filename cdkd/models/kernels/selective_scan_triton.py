@@ -22,7 +22,8 @@ no atomics, so gradients are deterministic.
 
 All arithmetic is float32 whatever the input dtype (bf16 under autocast); y comes back in u's dtype and every
 gradient in its input's dtype, as from the PyTorch scan. Any strides are accepted (the mixer hands over views).
-Block sizes are heuristics (``FORWARD``, ``BACKWARD``), not yet tuned on a GPU: ``bench/gpu.sh`` times them.
+Block sizes (``FORWARD``, ``BACKWARD``) are chosen from the compiled kernels' register use, not yet from timings:
+``bench/scan_kernel.py`` (run by ``bench/gpu.sh``) times the alternatives.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ import triton.language as tl
 
 __all__ = ["BACKWARD", "FORWARD", "selective_scan_triton"]
 
-# (BLOCK_L, BLOCK_D, num_warps): the backward holds about twice the forward's (BLOCK_D, N, BLOCK_L) tiles live.
-FORWARD = (32, 16, 4)
-BACKWARD = (16, 16, 4)
+# (BLOCK_L, BLOCK_D, num_warps). Compiled for sm_90 (ptxas, no GPU needed) both take 168 registers a thread and
+# spill nothing, so three programs fit an SM; wider tiles reached 255 registers and spilled (the backward holds
+# about twice the forward's (BLOCK_D, N, BLOCK_L) tiles live). The backward walks the forward's chunks, so its
+# BLOCK_L is the forward's. Not yet timed on a GPU: bench/scan_kernel.py compares block sizes.
+FORWARD = (16, 16, 4)
+BACKWARD = (16, 8, 4)
 
 
 @triton.jit
