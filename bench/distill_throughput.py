@@ -18,7 +18,7 @@ Columns:
 - peak: CUDA allocator's peak, or the process's max RSS on the CPU (each row runs in its own process);
 - GFLOP/step: the step's matrix products and convolutions forward and backward, counted once with
   ``FlopCounterMode`` (``cdkd.utils.flops``) on the uncompiled model with SAM's attention as segment-anything
-  writes it: the model's FLOPs, not the wider products of the fused attention form;
+  writes it (the model's FLOPs, not the wider products of the fused attention form), on one image x batch size;
 - TFLOP/s = GFLOP/step / s/step, and % peak: that against the peak measured in this script by timing a large
   matrix product in the step's dtype (bf16 8192^3 on CUDA under ``--amp bf16``, float32 otherwise).
 ``--loader`` adds the recipe's DataLoader alone (its worker processes, pinned memory, copies to the device): images/s
@@ -150,7 +150,9 @@ def one_config(recipe: str, teacher: str, student: str, size: int, batch: int, s
     weights, knobs = control.weights(), control.knobs()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     rng = np.random.default_rng(0)
-    counted = step_flops(model, r, synthetic_batch(recipe, batch, size, rng, dev), weights, knobs, dtype) \
+    # Counted on one image and scaled: every FLOP is per image, and segment-anything's attention at the full batch
+    # could need more memory than the row being measured.
+    counted = batch * step_flops(model, r, synthetic_batch(recipe, 1, size, rng, dev), weights, knobs, dtype) \
         if flops else None
     done = apply_speedups(model, dev, compile=compile, channels_last=True)
     opt = adamw(model, 1e-5, 0.01)
@@ -176,7 +178,7 @@ def one_config(recipe: str, teacher: str, student: str, size: int, batch: int, s
             "fused_adamw": bool(opt.defaults.get("fused")), "channels_last_convs": done["channels_last_convs"],
             "s_per_step": round(sec, 4), "images_per_s": round(batch / sec, 3), "peak_gb": round(peak_gb, 2),
             "gflop_per_step": None if counted is None else round(counted / 1e9, 1),
-            "tflops": None if counted is None else round(counted / sec / 1e12, 3)}
+            "tflops": None if counted is None else round(counted / sec / 1e12, 4)}
 
 
 def synthetic_rasters(folder: Path, count: int, side: int = 2048) -> Path:

@@ -196,8 +196,9 @@ def compile_segmenter(model: nn.Module) -> nn.Module:
 
 
 def segmenter_table(names: list[str], channels: list[int], size: int, batch: int, repeats: int, device: str,
-                    compiles: list[bool]) -> list[dict]:
-    """tiles/s of every student x head width, eager and/or compiled (each its own freshly built model)."""
+                    compiles: list[bool], progress=None) -> list[dict]:
+    """tiles/s of every student x head width, eager and/or compiled (each its own freshly built model);
+    ``progress(rows)`` is called after every row (to save what is done when a time limit cuts the run short)."""
     dev = torch.device(device)
     x = torch.randn(batch, 3, size, size, device=dev)
     rows = []
@@ -221,19 +222,26 @@ def segmenter_table(names: list[str], channels: list[int], size: int, batch: int
                       file=sys.stderr, flush=True)
                 del model
             rows.append(row)
-    ref = next((r for r in rows if r["model"] == "vit_s"), None)
+            _relative(rows)
+            if progress is not None:
+                progress(rows)
+    return rows
+
+
+def _relative(rows: list[dict]) -> None:
+    """Each row's tiles/s over vit_s's with the same head width."""
     for r in rows:
+        ref = next((x for x in rows if x["model"] == "vit_s" and x["channels"] == r["channels"]), None)
         for key in ("eager", "compiled"):
             if ref and f"{key}_tiles_s" in r and f"{key}_tiles_s" in ref:
                 r[f"{key}_vs_vit_s"] = r[f"{key}_tiles_s"] / ref[f"{key}_tiles_s"]
-    return rows
 
 
 def print_segmenter_table(rows: list[dict], where: str) -> None:
     if not rows:
         return
     r0 = rows[0]
-    print(f"student + UPerNet at {r0['size']} px, batch {r0['batch']}, {where}: tiles/s (x vit_s + same head)")
+    print(f"student + UPerNet at {r0['size']} px, batch {r0['batch']}, {where}: tiles/s (x vit_s with the same head)")
     print(f"{'model':<12}{'head ch':>8}{'eager':>10}{'compiled':>10}{'compiled/eager':>16}{'x vit_s':>9}")
     for r in rows:
         eager, comp = r.get("eager_tiles_s"), r.get("compiled_tiles_s")
@@ -294,14 +302,22 @@ def main(argv: list[str] | None = None) -> None:
         dev = torch.device(args.device)
         where = (f"{torch.cuda.get_device_name(dev)}, bf16 autocast" if dev.type == "cuda"
                  else f"cpu float32, {torch.get_num_threads()} threads")
+        def save(rows: list[dict]) -> None:
+            result["segmenters"] = {"where": where, "rows": rows}
+            _save(args.json, result)
+
         rows = segmenter_table(names, [int(c) for c in args.segmenters.split(",")], args.seg_size, args.batch,
-                               args.repeats, args.device, compiles)
+                               args.repeats, args.device, compiles, progress=save)
         print_segmenter_table(rows, where)
         result["segmenters"] = {"where": where, "rows": rows}
-    if args.json:
+    _save(args.json, result)
+
+
+def _save(path: Path | None, result: dict) -> None:
+    if path is not None:
         from cdkd.utils.atomic import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,8 @@ def test_students_use_fused_attention() -> None:
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("impl", ["sdpa", "flex"])
 def test_cuda_fused_attention_equals_segment_anything(encoder, impl: str) -> None:
-    """On the GPU, float32, 1024 px-sized grids: a global block (64 x 64 tokens) and a windowed one."""
+    """On the GPU, float32, 1024 px-sized grids: a global block (64 x 64 tokens) and a windowed one. Tolerance
+    1e-3: the GPU kernels may round products through TF32."""
     for block, shape in ((1, (1, 64, 64)), (0, (4, 8, 8))):
         sam = copy.deepcopy(encoder.blocks[block].attn).cuda()
         fused = FusedSamAttention(copy.deepcopy(sam), impl)
@@ -125,4 +126,4 @@ def test_cuda_fused_attention_equals_segment_anything(encoder, impl: str) -> Non
             y.square().mean().backward()
             outs.append((y.detach(), xg.grad, attn.rel_pos_h.grad))
         for got, want in zip(*outs):
-            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
