@@ -24,8 +24,8 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, fused: bool | None =
     ``_no_weight_decay`` (mamba_ssm's convention, e.g. the SSM's ``A_log``).
 
     ``fused``: one fused kernel for the whole update instead of a handful of multi-tensor passes; None = fused when
-    every trainable parameter is a CUDA floating-point tensor (build the optimiser after moving the model), the
-    default multi-tensor (foreach) form otherwise, e.g. on the CPU, whose results it keeps bit for bit.
+    every trainable parameter is a CUDA floating-point tensor (build the optimiser after moving the model), else
+    torch's default multi-tensor form (the CPU's optimiser is unchanged).
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
