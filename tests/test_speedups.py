@@ -56,26 +56,43 @@ def test_fused_adamw_on_cuda_only_and_equal_to_the_foreach_form() -> None:
 
 def test_speedups_keep_parameter_names_and_outputs() -> None:
     """Blocks compiled in place (the eager backend here, to stay fast) and the adapters' convolutions in
-    channels-last memory: same state-dict keys, same image embedding, and every adapter convolution reads a
-    channels-last input (SAM's grid is (B, H, W, C) in memory; no layout flip inside the adapter)."""
+    channels-last memory: same state-dict keys, same image embedding."""
     torch.manual_seed(0)
     teacher = build_teacher(TeacherConfig(variant="vit_t", random_init=True, adapter_blocks=(1, 2)))
     x = torch.randn(1, 3, 64, 64)
-    convs = [m for blk in teacher.blocks[:2] for m in blk.mmoa.modules() if isinstance(m, torch.nn.Conv2d)]
-    layouts = []
-    hooks = [m.register_forward_hook(lambda m, inp, out: layouts.append(
-        inp[0].is_contiguous(memory_format=torch.channels_last))) for m in convs]
     with torch.no_grad():
         want = teacher(x)
-    for h in hooks:
-        h.remove()
-    assert len(layouts) == len(convs) == 2 * 2 * 8 and all(layouts)  # 2 blocks x 2 adapters x 8 convolutions
     keys = list(teacher.state_dict())
-    assert channels_last_convs(teacher, within=MMoA) == len(convs)
+    assert channels_last_convs(teacher, within=MMoA) == 2 * 2 * 8  # 2 blocks x 2 adapters x 8 convolutions
     assert compile_blocks(teacher, backend="eager") == 8
     with torch.no_grad():
         torch.testing.assert_close(teacher(x), want, rtol=1e-5, atol=1e-5)
     assert list(teacher.state_dict()) == keys
+
+
+def test_adapter_convolutions_stay_channels_last_on_cuda(monkeypatch) -> None:
+    """On CUDA every adapter convolution reads a channels-last input (SAM's grid is (B, H, W, C) in memory; no
+    flip to NCHW inside the adapter), with the same values as the CPU's plain concatenation. Run on the CPU by
+    taking the CUDA branch (``is_cuda`` patched), since CPU convolutions honour the layout too."""
+    from cdkd.models.mmoa import MultiScaleAdapter
+
+    torch.manual_seed(0)
+    adapter = MultiScaleAdapter(32, 16, (1, 3, 5))
+    h = torch.randn(2, 8, 8, 32)
+    with torch.no_grad():
+        want = adapter(h)
+    convs = [m for m in adapter.modules() if isinstance(m, torch.nn.Conv2d)]
+    layouts = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: layouts.append(
+        inp[0].is_contiguous(memory_format=torch.channels_last))) for m in convs]
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with torch.no_grad():
+        got = adapter(h)
+    monkeypatch.undo()
+    for hook in hooks:
+        hook.remove()
+    assert len(layouts) == len(convs) == 8 and all(layouts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_speedups_do_nothing_on_the_cpu_by_default() -> None:
