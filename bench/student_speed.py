@@ -16,6 +16,12 @@ of the built model. Ratios are to ``vit_s`` at the same size.
 
 With ``--device cuda`` the forwards run on the GPU under bf16 autocast (as ``cdkd segment`` runs them there), timed
 with the device synchronised, and the memory columns are the CUDA allocator's peak during the forward instead.
+
+``--segmenters 512,256`` adds the bare-model table a user picks a model from: tiles/s of each student + UPerNet with
+those head widths (as ``cdkd finetune`` builds it: blocks 3, 6, 9, 12, 6 classes) at ``--seg-size`` px (1024), eager
+and compiled (``--compile both``: the student's blocks compiled in place, one graph shared by all blocks of a kind,
+plus the neck and the head; the rsmamba scan runs as its fused kernel behind a graph break). Only the table is
+printed with ``--segmenters-only``.
 """
 
 from __future__ import annotations
@@ -172,6 +178,83 @@ def run(sizes: list[int], names: list[str], repeats: int, batch: int, threads: i
             "machine": platform.processor() or platform.machine(), "load_avg": os.getloadavg(), "sizes": out}
 
 
+def build_segmenter(name: str, size: int, channels: int) -> nn.Module:
+    """``name`` + UPerNet of ``channels`` channels on blocks 3, 6, 9, 12, 6 classes, eval mode, seeded."""
+    from cdkd.models.upernet import Segmenter
+
+    return Segmenter(build(name, size), 6, channels=channels).eval()
+
+
+def compile_segmenter(model: nn.Module) -> nn.Module:
+    """Regional compilation: the encoder's blocks in place (one graph per kind of block), then neck and head."""
+    from cdkd.models.speedups import compile_blocks
+
+    compile_blocks(model.encoder)
+    model.neck.compile()
+    model.head.compile()
+    return model
+
+
+def segmenter_table(names: list[str], channels: list[int], size: int, batch: int, repeats: int, device: str,
+                    compiles: list[bool], progress=None) -> list[dict]:
+    """tiles/s of every student x head width, eager and/or compiled (each its own freshly built model);
+    ``progress(rows)`` is called after every row (to save what is done when a time limit cuts the run short)."""
+    dev = torch.device(device)
+    x = torch.randn(batch, 3, size, size, device=dev)
+    rows = []
+    for name in names:
+        for ch in channels:
+            row = {"model": name, "channels": ch, "size": size, "batch": batch}
+            for compiled in compiles:
+                model = build_segmenter(name, size, ch).to(dev)
+                start = time.perf_counter()
+                if compiled:
+                    compile_segmenter(model)
+                with torch.inference_mode(), _autocast(dev):
+                    model(x)  # warm-up (and compilation)
+                    model(x)
+                warm = time.perf_counter() - start
+                t = statistics.median(time_forward({name: model}, x, repeats)[name])
+                key = "compiled" if compiled else "eager"
+                row[f"{key}_tiles_s"] = batch / t
+                row[f"{key}_warmup_s"] = warm
+                print(f"  {size} px {name} + UPerNet {ch} {key}: {batch / t:.1f} tiles/s (warm-up {warm:.0f} s)",
+                      file=sys.stderr, flush=True)
+                del model
+            rows.append(row)
+            _relative(rows)
+            if progress is not None:
+                progress(rows)
+    return rows
+
+
+def _relative(rows: list[dict]) -> None:
+    """Each row's tiles/s over vit_s's with the same head width."""
+    for r in rows:
+        ref = next((x for x in rows if x["model"] == "vit_s" and x["channels"] == r["channels"]), None)
+        for key in ("eager", "compiled"):
+            if ref and f"{key}_tiles_s" in r and f"{key}_tiles_s" in ref:
+                r[f"{key}_vs_vit_s"] = r[f"{key}_tiles_s"] / ref[f"{key}_tiles_s"]
+
+
+def print_segmenter_table(rows: list[dict], where: str) -> None:
+    if not rows:
+        return
+    r0 = rows[0]
+    print(f"student + UPerNet at {r0['size']} px, batch {r0['batch']}, {where}: tiles/s (x vit_s with the same head)")
+    print(f"{'model':<12}{'head ch':>8}{'eager':>10}{'compiled':>10}{'compiled/eager':>16}{'x vit_s':>9}")
+    for r in rows:
+        eager, comp = r.get("eager_tiles_s"), r.get("compiled_tiles_s")
+        ratio = f"{comp / eager:.2f}" if eager and comp else "-"
+        rel = r.get("compiled_vs_vit_s", r.get("eager_vs_vit_s"))
+        print(f"{r['model']:<12}{r['channels']:>8}{_num(eager):>10}{_num(comp):>10}{ratio:>16}"
+              f"{'-' if rel is None else f'{rel:.2f}':>9}")
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
 def print_table(result: dict) -> None:
     where = (f"{result['device']}, bf16 autocast" if result.get("device", "cpu") != "cpu"
              else f"float32, {result['threads']} threads")
@@ -194,6 +277,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, CUDA allocator peaks)")
+    parser.add_argument("--segmenters", default="", help="UPerNet head widths for the student + UPerNet table, "
+                        "e.g. 512,256 (empty: no table)")
+    parser.add_argument("--seg-size", type=int, default=1024, help="tile side of the student + UPerNet table")
+    parser.add_argument("--compile", default="off", choices=["off", "on", "both"],
+                        help="student + UPerNet table: eager, compiled or both")
+    parser.add_argument("--segmenters-only", action="store_true", help="skip the per-student table")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -202,13 +291,33 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = [int(s) for s in args.sizes.split(",")]
-    result = run(sizes, args.models.split(","), args.repeats, args.batch, args.threads, args.device)
-    print_table(result)
-    if args.json:
+    names = args.models.split(",")
+    result: dict = {}
+    if not args.segmenters_only:
+        sizes = [int(s) for s in args.sizes.split(",")]
+        result = run(sizes, names, args.repeats, args.batch, args.threads, args.device)
+        print_table(result)
+    if args.segmenters:
+        compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+        dev = torch.device(args.device)
+        where = (f"{torch.cuda.get_device_name(dev)}, bf16 autocast" if dev.type == "cuda"
+                 else f"cpu float32, {torch.get_num_threads()} threads")
+        def save(rows: list[dict]) -> None:
+            result["segmenters"] = {"where": where, "rows": rows}
+            _save(args.json, result)
+
+        rows = segmenter_table(names, [int(c) for c in args.segmenters.split(",")], args.seg_size, args.batch,
+                               args.repeats, args.device, compiles, progress=save)
+        print_segmenter_table(rows, where)
+        result["segmenters"] = {"where": where, "rows": rows}
+    _save(args.json, result)
+
+
+def _save(path: Path | None, result: dict) -> None:
+    if path is not None:
         from cdkd.utils.atomic import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ class TeacherConfig:
     coarse_dilations: tuple[int, ...] = bounded((7, 9, 11), ge=1)
     gate_dim: int = bounded(64, ge=1)  # width of the gate's query/key projections
     grad_checkpointing: bool = False  # recompute teacher blocks in backward (saves memory on large tiles)
+    # auto (fused `sdpa` on CUDA, segment-anything's own `sam` elsewhere) | sam | sdpa | flex: docs/gpu.md
+    attention: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,9 @@ class TrainConfig:
     log_every: int = bounded(10, ge=1, flag="--log-every")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     tensorboard: bool = False  # also write TensorBoard event files to RUN/tensorboard/ (needs tensorboard)
+    # distillation on a GPU (docs/gpu.md): torch.compile of the teacher's and student's blocks, auto = on CUDA only
+    compile: str = "auto"  # auto | on | off
+    channels_last: bool = True  # the MMoA adapters' convolutions in channels-last memory (CUDA only)
 
 
 @dataclass(frozen=True)

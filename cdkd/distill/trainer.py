@@ -36,6 +36,7 @@ from cdkd.data.stats import with_band_metadata
 from cdkd.distill.bands import choose_bands, readable
 from cdkd.distill.recipes import LossControl, Recipe, build_recipe, frozen_fingerprint
 from cdkd.errors import CheckpointError, CdkdValueError
+from cdkd.models.speedups import apply_speedups
 from cdkd.models.student import STUDENT_REGISTRY, build_student
 from cdkd.models.teacher import check_teacher_source, teacher_provenance
 from cdkd.progress import progress_bar
@@ -49,7 +50,8 @@ DEFAULT_STEPS = 1000
 # Settings a resumed run may change: they do not alter the trajectory (or, for steps, only extend it).
 RESUMABLE_KEYS = {"train.steps", "train.epochs", "train.checkpoint_every", "train.log_every", "train.device",
                   "train.tensorboard", "data.num_workers", "data.root", "teacher.checkpoint",
-                  "teacher.grad_checkpointing"}
+                  "teacher.grad_checkpointing",
+                  "train.compile", "train.channels_last", "teacher.attention"}  # the last three: speed only
 
 
 CHECKPOINT_FORMAT = "cdkd.distill-checkpoint"
@@ -160,9 +162,13 @@ class _Run:
         student = build_student(cfg.student.arch, **arch_args)
         if cfg.student.grad_checkpointing:
             student.set_grad_checkpointing(True)
-        model = self.recipe.build(teacher, student)
+        model = self.recipe.build(teacher, student).to(self.device)
+        done = apply_speedups(model, self.device, compile=cfg.train.compile, channels_last=cfg.train.channels_last)
+        if any(done.values()):
+            self.log(f"speed-ups: {done['compiled_blocks']} blocks compiled, "
+                     f"{done['channels_last_convs']} convolutions channels-last")
         info = StudentInfo(arch=cfg.student.arch, arch_args=arch_args, norm=stats, provenance={})
-        return model.to(self.device), info
+        return model, info
 
     # ----------------------------------------------------------------------------------------------- the run
     def run(self, resume: bool, overwrite: bool) -> DistillResult:

@@ -59,6 +59,12 @@ class AtrousPyramid(nn.Module):
         feats = [branch(x) for branch in self.branches]
         g = self.global_branch(x.mean(dim=(2, 3), keepdim=True))
         feats.append(g.expand_as(x))
+        if x.is_cuda:
+            # Concatenated channels-last: the adapter's grid is (B, H, W, C) in memory and the branches keep that
+            # layout, but a plain cat along dim 1 (its layout set by the expanded global branch) writes NCHW and
+            # turns every later convolution NCHW, and the adapter's last permute into a copy. (The CPU keeps the
+            # plain cat: no faster there, and its class rasters stay bitwise what they were.)
+            return self.fuse(torch.cat([f.permute(0, 2, 3, 1) for f in feats], dim=-1).permute(0, 3, 1, 2))
         return self.fuse(torch.cat(feats, dim=1))
 
 

@@ -23,11 +23,11 @@ reference shares one LayerNorm across all blocks), and the step projection gets 
 log-uniform in [0.001, 0.1], out-projections scaled by 1/sqrt(depth); the reference builds HuggingFace's
 ``MambaMixer`` outside a ``PreTrainedModel`` and so keeps PyTorch's default initialisation for them).
 
-The scan is :func:`cdkd.models.ssm_scan.selective_scan`: pure PyTorch in chunks (CPU, ONNX export), or
-``mamba_ssm``'s fused kernel on CUDA when installed. The student speaks timm's contract like the ViT students
-(``forward_features``, ``forward_head``, ``forward_intermediates``) plus ``forward_masked`` for distillation; a
-masked patch's embedding is swapped for a learnt mask token (SimMIM), the grid is kept, so
-``encodes_visible_only`` is False.
+The scan is :func:`cdkd.models.ssm_scan.selective_scan`: pure PyTorch in chunks (CPU, ONNX export), and on CUDA
+a fused kernel: ``mamba_ssm``'s when installed, else cdkd's Triton kernel (``cdkd.models.kernels``). The student
+speaks timm's contract like the ViT students (``forward_features``, ``forward_head``, ``forward_intermediates``)
+plus ``forward_masked`` for distillation; a masked patch's embedding is swapped for a learnt mask token (SimMIM),
+the grid is kept, so ``encodes_visible_only`` is False.
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ class RSMamba(nn.Module):
         depth: number of bidirectional Mamba blocks.
         d_inner: width of the mixer's SSM branch (expand x embed_dim).
         d_state, d_conv, dt_rank: the mixer's state size, conv width and step rank (None = ceil(embed_dim / 16)).
-        scan_backend: "auto" (fused kernel on CUDA when mamba_ssm is installed), "chunked", "fused", "reference".
+        scan_backend: "auto" (a fused kernel on CUDA: mamba_ssm's, else Triton's), "chunked", "fused" (mamba_ssm),
+            "triton", "reference".
     """
 
     encodes_visible_only = False  # masked patches become mask tokens; the grid is kept

@@ -1,5 +1,5 @@
-"""The selective scan of Mamba (S6): a chunked, parallel form in plain PyTorch, its sequential reference, and
-``mamba_ssm``'s fused CUDA kernel where that is installed.
+"""The selective scan of Mamba (S6): a chunked, parallel form in plain PyTorch, its sequential reference, and the
+fused kernels for CUDA (``mamba_ssm``'s where installed, else cdkd's Triton kernel).
 
 For every channel d and state n the scan runs the first-order linear recurrence (Gu & Dao 2023, eq. 2a-2b)::
 
@@ -23,9 +23,12 @@ autograd and exports to ONNX with torch's dynamo exporter. While exporting, the 
 graph then grows with log2(L) instead of L / Q (a chunk loop unrolls), which exported and ran faster in ONNX Runtime
 too (rsmamba with 4 blocks at 256 px: 833 nodes, 25 s export, 0.66 s per tile against 2133 nodes, 92 s, 0.87 s
 for chunks of 64; its arena allocator reuses the large temporaries that slow eager PyTorch down).
-``selective_scan_ref`` is the literal token loop, for tests only. ``selective_scan`` dispatches: the fused
-``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` for CUDA tensors when ``mamba_ssm`` imports (not
-while exporting or compiling), else the chunked form.
+``selective_scan_ref`` is the literal token loop, for tests only. ``selective_scan`` dispatches, in this one place:
+for CUDA tensors (not while exporting) the fused ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` when
+``mamba_ssm`` imports, else the Triton kernel :mod:`cdkd.models.kernels.selective_scan_triton` (forward and
+backward fused; Triton ships with the CUDA build of torch); on the CPU and while exporting the chunked form. Inside
+``torch.compile`` a fused kernel runs eagerly between compiled graphs (one graph break per scan): dynamo cannot trace
+its launch, and the compiled chunked form would be the slow one.
 
 Layout: token-major, the way the Mamba mixer holds its activations: u and delta (batch, L, D), B and C
 (batch, L, N), A (D, N), D (D,).
@@ -41,9 +44,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["BACKENDS", "default_chunk", "fused_available", "linear_scan", "selective_scan", "selective_scan_chunked",
-           "selective_scan_ref"]
+           "selective_scan_ref", "triton_available"]
 
-BACKENDS = ("auto", "chunked", "fused", "reference")
+BACKENDS = ("auto", "chunked", "fused", "triton", "reference")
 # Elements of one chunk's (Q, D, N) tensors per image: 1 MB in float32 (Q = 32 at D = 512, N = 16). Measured on a
 # 2-core CPU (L = 4096, both directions): chunks of 32 ran 1.2-1.4x faster than 128 and ~3x faster than a
 # whole-sequence scan, whose 100+ MB temporaries are page-faulted in afresh by every operation.
@@ -153,7 +156,7 @@ def selective_scan_chunked(
         u, delta, A = _prepare(u, delta, A, delta_bias, delta_softplus)
         B, C = B.float(), C.float()
         length, d_inner, d_state = u.shape[1], u.shape[2], A.shape[1]
-        q = chunk or (length if _exporting() else default_chunk(d_inner, d_state))
+        q = chunk or (length if _exporting() or _compiling() else default_chunk(d_inner, d_state))
         du = delta * u
         ys, h_last = [], None
         for s in range(0, length, q):  # the short recurrence across chunks: the last state enters the next one
@@ -195,14 +198,28 @@ def selective_scan_ref(
 def _fused_fn():
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # ImportError, or a CUDA extension built for another torch: fall back to PyTorch
+    except Exception:  # ImportError, or a CUDA extension built for another torch: fall back
         return None
     return selective_scan_fn
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_fn():
+    try:
+        from cdkd.models.kernels.selective_scan_triton import selective_scan_triton
+    except Exception:  # ImportError on a CPU-only torch build without triton, or a broken triton: fall back
+        return None
+    return selective_scan_triton
 
 
 def fused_available() -> bool:
     """True when ``mamba_ssm``'s CUDA selective scan imports and a CUDA device is present."""
     return torch.cuda.is_available() and _fused_fn() is not None
+
+
+def triton_available() -> bool:
+    """True when cdkd's Triton selective scan imports (triton installed); it runs on CUDA devices."""
+    return _triton_fn() is not None
 
 
 def _selective_scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus) -> torch.Tensor:
@@ -217,11 +234,32 @@ def _selective_scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus) -> t
     return y.transpose(1, 2)
 
 
+def _selective_scan_kernel(backend, u, delta, A, B, C, D, delta_bias, delta_softplus) -> torch.Tensor:
+    """A fused CUDA kernel: "fused" (``mamba_ssm``), "triton", or "auto" (``mamba_ssm`` when importable, else Triton,
+    else the chunked form)."""
+    if backend == "auto":
+        backend = "fused" if _fused_fn() is not None else "triton" if _triton_fn() is not None else "chunked"
+    if backend == "fused":
+        return _selective_scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if backend == "chunked":
+        return selective_scan_chunked(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    fn = _triton_fn()
+    if fn is None:
+        raise RuntimeError("the Triton selective scan needs triton (it ships with the CUDA build of torch)")
+    return fn(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus)
+
+
 def _exporting() -> bool:
+    """True while torch.export / the ONNX exporter traces: the scan must then be plain tensor algebra."""
     compiler = getattr(torch, "compiler", None)
-    if compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()):
+    if compiler is not None and getattr(compiler, "is_exporting", lambda: False)():
         return True
     return bool(torch.onnx.is_in_onnx_export())
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and compiler.is_compiling()
 
 
 def selective_scan(
@@ -238,14 +276,18 @@ def selective_scan(
 ) -> torch.Tensor:
     """y (batch, L, D) of the selective scan; see the module doc for the recurrence and shapes.
 
-    ``backend``: "auto" (fused on CUDA when ``mamba_ssm`` is installed, chunked otherwise and always while
-    exporting), "chunked", "fused" or "reference" (the token loop).
+    ``backend``: "auto" (on CUDA: ``mamba_ssm``'s kernel when installed, else the Triton kernel; the chunked form
+    on the CPU and always while exporting), "chunked", "fused" (``mamba_ssm``), "triton" or "reference" (the
+    token loop).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     args = (u, delta, A, B, C, D)
     if backend == "reference":
         return selective_scan_ref(*args, delta_bias=delta_bias, delta_softplus=delta_softplus)
-    if backend == "fused" or (backend == "auto" and u.is_cuda and not _exporting() and _fused_fn() is not None):
-        return _selective_scan_fused(*args, delta_bias, delta_softplus)
+    if backend in ("fused", "triton") or (backend == "auto" and u.is_cuda and not _exporting()):
+        # Inside torch.compile the kernel runs eagerly, one graph break per scan (wrapped here, not at import: that
+        # would import dynamo for every user of this module).
+        kernel = torch.compiler.disable(_selective_scan_kernel) if _compiling() else _selective_scan_kernel
+        return kernel(backend, *args, delta_bias, delta_softplus)
     return selective_scan_chunked(*args, delta_bias=delta_bias, delta_softplus=delta_softplus)

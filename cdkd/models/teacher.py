@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from cdkd.config import TeacherConfig
 from cdkd.errors import SAM_CHECKPOINT_HELP, CheckpointError, CdkdValueError
+from cdkd.models.kernels.sam_attention import fuse_sam_attention
 from cdkd.models.mmoa import MMoA
 from cdkd.utils.paths import file_sha256
 
@@ -133,11 +134,16 @@ class AdaptedBlock(nn.Module):
 
 
 class MMoATeacher(nn.Module):
-    """Frozen SAM encoder + MMoA. Features are SAM's channels-last token grids (B, h, w, C)."""
+    """Frozen SAM encoder + MMoA. Features are SAM's channels-last token grids (B, h, w, C).
+
+    SAM's attention runs as ``cfg.attention`` says (:mod:`cdkd.models.kernels.sam_attention`): by default fused,
+    without the N x N score matrix, on CUDA, and segment-anything's own code on the CPU; same parameters either way.
+    """
 
     def __init__(self, encoder: nn.Module, cfg: TeacherConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        fuse_sam_attention(encoder, cfg.attention)
         self.variant = cfg.variant
         self.patch_embed = encoder.patch_embed
         self.pos_embed = encoder.pos_embed

@@ -14,21 +14,30 @@ if TYPE_CHECKING:
     from cdkd.config import TrainConfig
 
 LR_SCHEDULES = ("cosine", "poly")
+COMPILE_MODES = ("auto", "on", "off")  # TrainConfig.compile; cdkd.models.speedups resolves them
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def adamw(model: nn.Module, lr: float, weight_decay: float, fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, without weight decay on biases, norms, tokens and position embeddings
     (decaying those only pulls them toward zero, the standard ViT practice since DeiT), nor on parameters marked
-    ``_no_weight_decay`` (mamba_ssm's convention, e.g. the SSM's ``A_log``)."""
+    ``_no_weight_decay`` (mamba_ssm's convention, e.g. the SSM's ``A_log``).
+
+    ``fused``: one fused kernel for the whole update instead of a handful of multi-tensor passes; None = fused when
+    every trainable parameter is a CUDA floating-point tensor (build the optimiser after moving the model), else
+    torch's default multi-tensor form (the CPU's optimiser is unchanged).
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         keep = p.ndim <= 1 or "token" in name or "pos_embed" in name or getattr(p, "_no_weight_decay", False)
         (no_decay if keep else decay).append(p)
+    if fused is None:
+        params = decay + no_decay
+        fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, fused=True) if fused else torch.optim.AdamW(groups, lr=lr)
 
 
 def lr_lambda(kind: str, warmup: int, steps: int, power: float = 0.9) -> Callable[[int], float]:
@@ -63,6 +72,8 @@ def check_train_config(train: "TrainConfig") -> None:
         from cdkd.train.tensorboard import require_tensorboard
 
         require_tensorboard()
+    if train.compile not in COMPILE_MODES:
+        raise CdkdValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {train.compile!r}")
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
