@@ -361,6 +361,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return out
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare on/off (train.compile: off) as a boolean
+            return "on" if value else "off"
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: expected text, got {value!r}")
         return str(value)
