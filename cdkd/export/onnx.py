@@ -128,12 +128,12 @@ def _fixed_position_embedding(encoder: Any, grid: int) -> Iterator[None]:
     from timm.layers import resample_abs_pos_embed
     from timm.models.vision_transformer import VisionTransformer
 
-    from cdkd.models.rsmamba import RSMamba
-    from cdkd.models.windowed_vit import WindowedViT
+    from cdkd.models.tokengrid import TokenGridBackbone
 
     with torch.no_grad():
-        if isinstance(encoder, (WindowedViT, RSMamba)):  # both resample in _pos_embed(h, w) -> (1, h, w, C)
-            pos = encoder._pos_embed(grid, grid)  # (1, grid, grid, C)
+        if isinstance(encoder, TokenGridBackbone):  # cdkd's students resample in position_embedding(h, w)
+            pos = encoder.position_embedding(grid, grid)  # (1, grid, grid, C)
+            name = "position_embedding"
 
             def fixed(h: int, w: int) -> torch.Tensor:
                 return pos
@@ -142,6 +142,7 @@ def _fixed_position_embedding(encoder: Any, grid: int) -> Iterator[None]:
               and encoder.num_prefix_tokens == 0):  # the students: no class or register tokens
             pos = resample_abs_pos_embed(encoder.pos_embed, new_size=[grid, grid],
                                          old_size=list(encoder.patch_embed.grid_size), num_prefix_tokens=0)
+            name = "_pos_embed"  # timm's own method
 
             def fixed(x: torch.Tensor) -> torch.Tensor:  # timm's _pos_embed: (B, h, w, C) -> (B, h * w, C)
                 b, _, _, c = x.shape
@@ -150,11 +151,11 @@ def _fixed_position_embedding(encoder: Any, grid: int) -> Iterator[None]:
         else:
             yield
             return
-    encoder._pos_embed = fixed  # an instance attribute shadows the method until deleted
+    setattr(encoder, name, fixed)  # an instance attribute shadows the method until deleted
     try:
         yield
     finally:
-        del encoder._pos_embed
+        delattr(encoder, name)
 
 
 def _trace(model: Any, meta: InferenceMeta, opset: int, batch: int, dynamic: bool) -> Any:

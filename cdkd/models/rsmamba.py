@@ -34,17 +34,15 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_
-from timm.models._features import feature_take_indices
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
+from timm.layers import DropPath, trunc_normal_
 
 from cdkd.errors import CdkdValueError
 from cdkd.models.ssm_scan import BACKENDS, selective_scan
+from cdkd.models.tokengrid import TokenGridBackbone
 
 __all__ = ["BiMambaBlock", "MambaMixer", "RSMamba"]
 
@@ -120,7 +118,7 @@ class BiMambaBlock(nn.Module):
         return x + self.drop_path((y[:b] + y[b:].flip(1)) * 0.5)
 
 
-class RSMamba(nn.Module):
+class RSMamba(TokenGridBackbone):
     """RSMamba backbone: (B, in_chans, H, W), H and W multiples of 16 -> tokens (B, H/16 * W/16, embed_dim).
 
     Args:
@@ -129,12 +127,8 @@ class RSMamba(nn.Module):
         depth: number of bidirectional Mamba blocks.
         d_inner: width of the mixer's SSM branch (expand x embed_dim).
         d_state, d_conv, dt_rank: the mixer's state size, conv width and step rank (None = ceil(embed_dim / 16)).
-        scan_backend: "auto" (a fused kernel on CUDA: mamba_ssm's, else Triton's), "chunked", "fused" (mamba_ssm),
-            "triton", "reference".
+        scan_backend: "auto" (fused kernel on CUDA when mamba_ssm is installed), "chunked", "fused", "reference".
     """
-
-    encodes_visible_only = False  # masked patches become mask tokens; the grid is kept
-    num_prefix_tokens = 0
 
     def __init__(
         self,
@@ -151,29 +145,12 @@ class RSMamba(nn.Module):
         scan_backend: str = "auto",
     ) -> None:
         super().__init__()
-        if img_size % patch_size:
-            raise CdkdValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        if in_chans < 1:
-            raise CdkdValueError(f"in_chans must be a positive int, got {in_chans}")
-        if depth < 1:
-            raise CdkdValueError(f"depth must be a positive int, got {depth}")
-        self.embed_dim = self.num_features = embed_dim
-        self.patch_size = patch_size
-        self.depth = depth
-        self.grad_checkpointing = False
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                      embed_dim=embed_dim, output_fmt="NHWC", bias=False, strict_img_size=False)
-        self.base_grid: tuple[int, int] = tuple(self.patch_embed.grid_size)  # type: ignore[assignment]
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.base_grid[0] * self.base_grid[1], embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self._init_grid(img_size, patch_size, in_chans, embed_dim, depth, bias=False)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         mixer = partial(MambaMixer, embed_dim, d_inner, d_state=d_state, d_conv=d_conv, dt_rank=dt_rank,
                         scan_backend=scan_backend)
         self.blocks = nn.ModuleList(BiMambaBlock(embed_dim, mixer(), dpr[i]) for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.feature_info = [
-            {"module": f"blocks.{i}", "num_chs": embed_dim, "reduction": patch_size} for i in range(depth)
-        ]
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -184,114 +161,3 @@ class RSMamba(nn.Module):
         with torch.no_grad():
             for blk in self.blocks:
                 blk.mixer.out_proj.weight.div_(math.sqrt(self.depth))
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "mask_token"}
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute blocks in backward: the pure-PyTorch scan keeps (L, d_inner, d_state) states per block."""
-        self.grad_checkpointing = enable
-
-    # --- embedding --------------------------------------------------------------------------------------------
-
-    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-        """x (B, C, H, W), mask (B, N) bool or None -> (B, N, C) row-major tokens and the grid (h, w)."""
-        if x.ndim != 4:
-            raise CdkdValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
-        height, width = x.shape[-2:]
-        if height % self.patch_size or width % self.patch_size:
-            raise CdkdValueError(
-                f"input size {height}x{width} is not a multiple of the patch size {self.patch_size}; "
-                f"crop or pad the image to a multiple of {self.patch_size} px"
-            )
-        t = self.patch_embed(x)  # (B, h, w, C)
-        b, h, w, c = t.shape
-        if mask is not None:
-            if mask.shape != (b, h * w):
-                raise CdkdValueError(f"mask shape {tuple(mask.shape)} does not match ({b}, {h * w}) patches")
-            t = torch.where(mask.view(b, h, w, 1), self.mask_token.to(t.dtype).view(1, 1, 1, c), t)
-        t = t + self._pos_embed(h, w).to(t.dtype)
-        return t.reshape(b, h * w, c), (h, w)
-
-    def _pos_embed(self, h: int, w: int) -> torch.Tensor:
-        """Position embedding (1, h, w, C) for an h x w token grid, resampled from the learnt base grid."""
-        pe = self.pos_embed
-        if (h, w) != self.base_grid:
-            pe = resample_abs_pos_embed(pe, new_size=[h, w], old_size=list(self.base_grid), num_prefix_tokens=0)
-        return pe.view(1, h, w, -1)
-
-    def _blocks(self, t: torch.Tensor, taps: Sequence[int] = (), last: int | None = None
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Blocks 0..last (default all) over (B, N, C); returns the last output and the outputs of ``taps``."""
-        last = self.depth - 1 if last is None else last
-        tapped = []
-        for i, blk in enumerate(self.blocks[: last + 1]):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                t = activation_checkpoint(blk, t, use_reentrant=False)
-            else:
-                t = blk(t)
-            if i in taps:
-                tapped.append(t)
-        return t, tapped
-
-    # --- timm contract ----------------------------------------------------------------------------------------
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) -> final LayerNorm'd tokens (B, N, C), row-major, N = H/16 * W/16."""
-        t, _ = self._embed(x)
-        t, _ = self._blocks(t)
-        return self.norm(t)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (B, N, C) -> mean-pooled (B, C); there is no classifier."""
-        return x.mean(dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) -> pooled features (B, C)."""
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Block outputs for UPerNet-style necks, with timm ``VisionTransformer`` semantics.
-
-        ``indices``: int n = the last n blocks, a sequence = those 0-based blocks (negative from the end), None =
-        every block. ``norm``: apply the final LayerNorm to each. ``output_fmt``: "NCHW" -> (B, C, H/16, W/16) each,
-        "NLC" -> (B, N, C). Returns the list in block order, or (final normed tokens (B, N, C), list).
-        """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise CdkdValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(self.depth, indices)
-        t, (h, w) = self._embed(x)
-        last = max_index if stop_early or intermediates_only else None
-        t, tapped = self._blocks(t, taps=take_indices, last=last)
-        out = [self.norm(y) if norm else y for y in tapped]
-        if output_fmt == "NCHW":
-            out = [y.view(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for y in out]
-        if intermediates_only:
-            return out
-        return self.norm(t), out
-
-    def forward_masked(
-        self, x: torch.Tensor, mask: torch.Tensor | None, taps: Sequence[int]
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """SimMIM-style masked forward for distillation.
-
-        x (B, C, H, W); mask (B, N) bool, True = the patch's embedding becomes ``mask_token`` (None = no mask);
-        taps: 0-based blocks. Returns the tap outputs (un-normalised), each (B, N, C) row-major, and the final
-        LayerNorm'd tokens (B, N, C).
-        """
-        bad = [i for i in taps if not 0 <= i < self.depth]
-        if bad:
-            raise CdkdValueError(f"taps {bad} out of range: 0-based block indexes below depth {self.depth}")
-        t, _ = self._embed(x, None if mask is None else mask.to(torch.bool))
-        t, tapped = self._blocks(t, taps=taps)
-        return tapped, self.norm(t)
