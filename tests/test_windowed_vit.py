@@ -38,7 +38,7 @@ def reference_features(m: WindowedViT, x: torch.Tensor, mask: torch.Tensor | Non
     b, h, w, c = t.shape
     if mask is not None:
         t = torch.where(mask.view(b, h, w, 1), m.mask_token.view(1, 1, 1, c), t)
-    t = t + m._pos_embed(h, w)  # timm's resampling; checked against timm's own ViT below
+    t = t + m.position_embedding(h, w)  # timm's resampling; checked against timm's own ViT below
     ws = m.window_size
     outs = []
     for i, blk in enumerate(m.blocks):
