@@ -28,7 +28,8 @@ import rasterio
 
 from cdkd.data.labeled import find_pairs, read_pair, schema_for
 from cdkd.finetune.evaluate import predict_image
-from cdkd.scene.engine import SegmentOptions, segment_scene
+from cdkd.scene.core.options import SegmentOptions
+from cdkd.scene.engine import segment_scene
 from cdkd.scene.runtimes import open_runtime
 from cdkd.scene.sliding import runtime_predict
 

@@ -107,7 +107,8 @@ def scene_run(a: argparse.Namespace, student: Path) -> dict:
     import shapely
 
     from cdkd.finetune.instance_eval import match_footprints
-    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.core.options import SegmentOptions
+    from cdkd.scene.engine import segment_scene
     from cdkd.scene.runtimes import open_runtime
 
     scene, labels = SOLARIS / "sample_geotiff.tif", SOLARIS / "geotiff_labels.geojson"

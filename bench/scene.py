@@ -241,7 +241,8 @@ def _set_threads(threads: int | None) -> None:
 def job_throughput(model: str, scene: str, out: str, runtime: str, device: str, batch: int, bands: list[int],
                    threads: int | None) -> dict:
     """One warm-up batch, then one timed ``segment_scene``."""
-    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.core.options import SegmentOptions
+    from cdkd.scene.engine import segment_scene
     from cdkd.scene.runtimes import open_runtime
 
     _set_threads(threads)
@@ -256,7 +257,8 @@ def job_throughput(model: str, scene: str, out: str, runtime: str, device: str, 
 
 def job_cdkd(model: str, scene: str, out: str, batch: int, bands: list[int], threads: int | None) -> dict:
     """Streaming: ``segment_scene`` with the torch runtime on the CPU."""
-    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.core.options import SegmentOptions
+    from cdkd.scene.engine import segment_scene
     from cdkd.scene.runtimes import open_runtime
 
     _set_threads(threads)
@@ -273,7 +275,7 @@ def job_baseline(model: str, scene: str, out: str, batch: int, bands: list[int],
     import torch
 
     from cdkd.data.stats import NormStats
-    from cdkd.scene.classraster import NODATA
+    from cdkd.scene.core.classraster import NODATA
     from cdkd.scene.runtimes import open_runtime
     from cdkd.scene.sliding import sliding_window_logits
 
@@ -334,7 +336,8 @@ def job_ceiling(scene: str, out: str, tile: int, overlap: int, batch: int, read_
     """The engine with a free model, then plain windowed reads of the same windows."""
     import rasterio
 
-    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.core.options import SegmentOptions
+    from cdkd.scene.engine import segment_scene
     from cdkd.scene.tiler import plan_windows
 
     report = segment_scene(scene, FreeRuntime(tile, overlap), out,
@@ -359,7 +362,8 @@ def job_ceiling(scene: str, out: str, tile: int, overlap: int, batch: int, read_
 def job_overhead(model: str, scene: str, out: str, device: str, batch: int, threads: int | None,
                  read_threads: int | None = None) -> dict:
     """Engine time vs the bare model on as many tiles (batches already in memory), after a warm-up."""
-    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.core.options import SegmentOptions
+    from cdkd.scene.engine import segment_scene
     from cdkd.scene.runtimes import open_runtime
 
     _set_threads(threads)
@@ -390,7 +394,7 @@ def job_scaleout(model: str, scene: str, work: str, workers: int, block_rows: in
     import distributed
 
     from cdkd.scene.blocks import segment_scene_on_cluster
-    from cdkd.scene.engine import SegmentOptions
+    from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.runtimes import RuntimeSpec
 
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -430,7 +434,8 @@ def job_seams(model: str, scene: str, out: str, period: list[int]) -> dict:
     import rasterio
 
     from cdkd.scene.blend import seam_index
-    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.core.options import SegmentOptions
+    from cdkd.scene.engine import segment_scene
     from cdkd.scene.runtimes import open_runtime
 
     rt = open_runtime(model, device="cpu")

@@ -89,7 +89,8 @@ def segment_command(
         from cdkd.errors import CdkdValueError
         from cdkd.progress import finish
         from cdkd.scene.batch import RuntimeSpec, expand_scenes, plan_outputs, segment_many
-        from cdkd.scene.engine import SegmentOptions, segment_scene
+        from cdkd.scene.core.options import SegmentOptions
+        from cdkd.scene.engine import segment_scene
 
         if (model is None) == (engine is None):
             raise CdkdValueError("give exactly one of --model segmenter.pt or --engine model.onnx|model.engine")

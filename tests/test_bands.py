@@ -5,19 +5,32 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rasterio
+from conftest import SHARED_DATA, make_geotiff, synthetic_image
 from rasterio.transform import Affine
 from rasterio.warp import Resampling, reproject
 
-from cdkd.data.alignment import alignment_weights, format_alignment, patch_embed_from_teacher
+from cdkd.data.alignment import (
+    alignment_weights,
+    format_alignment,
+    patch_embed_from_teacher,
+)
 from cdkd.data.bands import Band, BandSet, choose_scene_bands, match_bands
-from cdkd.data.files import read_band_set, resolve_band_set
-from cdkd.data.sensors import parse_wavelengths
 from cdkd.data.bandstack import BandStack, write_manifest
-from cdkd.data.files import find_rasters, open_raster, read_window
-from cdkd.data.sensors import SENSOR_PRESETS, TEACHER_RGB, teacher_bands
+from cdkd.data.files import (
+    find_rasters,
+    open_raster,
+    read_band_set,
+    read_window,
+    resolve_band_set,
+)
+from cdkd.data.sensors import (
+    SENSOR_PRESETS,
+    TEACHER_RGB,
+    parse_wavelengths,
+    teacher_bands,
+)
 from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdValueError, DataError
-from conftest import SHARED_DATA, make_geotiff, synthetic_image
 
 S2 = SENSOR_PRESETS["sentinel2_l2a"]
 S2_DIR = SHARED_DATA / "multispectral" / "bigearthnet_s2"
@@ -183,7 +196,7 @@ def test_scene_bands_are_matched_by_wavelength_or_refused():
 
 
 def test_scene_source_refuses_a_scene_with_the_wrong_bands_and_maps_a_reordered_one(tmp_path):
-    from cdkd.scene.source import SceneSource
+    from cdkd.scene.core.source import SceneSource
 
     model = S2.select([2, 3, 4, 8])
     norm = NormStats((1000.0,) * 4, (500.0,) * 4, (1, 2, 3, 4), "uint16", spectral=model)
@@ -267,10 +280,10 @@ def test_sentinel2_band_files_read_as_the_stacked_file():
 
 
 def test_segment_refuses_a_scene_without_the_models_bands_in_one_line(tmp_path):
+    from conftest import make_segmenter, one_clean_error
     from typer.testing import CliRunner
 
     from cli.main import app
-    from conftest import make_segmenter, one_clean_error
 
     norm = NormStats((1000.0,) * 4, (500.0,) * 4, (1, 2, 3, 4), "uint16", spectral=S2.select([2, 3, 4, 8]))
     seg = make_segmenter(tmp_path / "segmenter.pt", in_chans=4, norm=norm)

@@ -173,7 +173,7 @@ def test_choice_options_mirror_the_library() -> None:
     from cdkd.models.upernet import HEADS
     from cdkd.scene import runtimes
     from cdkd.scene.batch import ON_ERROR
-    from cdkd.scene.source import STATS_MODES
+    from cdkd.scene.core.source import STATS_MODES
     from cdkd.utils import optim
     from cli import options as o
 

@@ -23,8 +23,8 @@ from cdkd.geodesy import (
     pixel_quad_areas,
     planar_scale_error,
 )
-from cdkd.scene.areas import ClassAreaTally
-from cdkd.scene.classraster import NODATA
+from cdkd.scene.core.areas import ClassAreaTally
+from cdkd.scene.core.classraster import NODATA
 from cdkd.vector import vectorize
 from cdkd.vector.coverage import simplify_coverage
 from cdkd.vector.polygonize import polygonize

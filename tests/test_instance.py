@@ -14,7 +14,9 @@ from cdkd.artifacts import InferenceMeta
 from cdkd.data.coco import object_mask, object_schema
 from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdValueError, DataError, OutputExistsError
-from cdkd.scene.engine import SegmentOptions, output_paths, segment_scene
+from cdkd.scene.core.options import SegmentOptions
+from cdkd.scene.core.runstate import output_paths
+from cdkd.scene.engine import segment_scene
 from cdkd.scene.objects import ObjectMerger, mask_polygon
 from cdkd.scene.tiler import TileWindow
 from tests.conftest import TINY_STUDENT, make_geotiff

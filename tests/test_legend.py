@@ -15,7 +15,7 @@ from conftest import make_geotiff, make_segmenter, synthetic_image
 
 from cdkd.data.classes import BUILTIN_SCHEMAS
 from cdkd.errors import CdkdIOError
-from cdkd.scene.classraster import (
+from cdkd.scene.core.classraster import (
     CLASSES_TAG,
     NODATA,
     colormap,
@@ -24,7 +24,8 @@ from cdkd.scene.classraster import (
     read_class_schema,
     write_gis_legend,
 )
-from cdkd.scene.engine import SegmentOptions, segment_scene
+from cdkd.scene.core.options import SegmentOptions
+from cdkd.scene.engine import segment_scene
 from cdkd.scene.runtimes import open_runtime
 
 SCHEMA = BUILTIN_SCHEMAS["dubai"]

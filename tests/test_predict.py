@@ -9,7 +9,8 @@ from conftest import make_geotiff, make_segmenter, synthetic_image
 
 import cdkd
 from cdkd.errors import CdkdValueError, DataError
-from cdkd.scene.engine import SegmentOptions, segment_scene
+from cdkd.scene.core.options import SegmentOptions
+from cdkd.scene.engine import segment_scene
 from cdkd.scene.runtimes import open_runtime
 
 rioxarray = pytest.importorskip("rioxarray")

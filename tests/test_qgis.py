@@ -56,7 +56,7 @@ def test_the_plugin_imports_only_the_standard_library_and_qgis():
 def test_the_plugin_choices_mirror_the_library():
     """The plugin cannot import cdkd; its fixed choices are spelled out and must agree with cdkd's."""
     from cdkd.scene import runtimes
-    from cdkd.scene.source import STATS_MODES
+    from cdkd.scene.core.source import STATS_MODES
     from cdkd.vector.choices import AREA_MODES
 
     def constants(name: str) -> dict:
@@ -163,7 +163,7 @@ def test_runner_streams_progress_and_passes_errors_through(tmp_path, class_raste
 
 def test_class_legend_read_back_from_the_sidecar(class_raster):
     from cdkd.data.classes import BUILTIN_SCHEMAS
-    from cdkd.scene.classraster import write_gis_legend
+    from cdkd.scene.core.classraster import write_gis_legend
 
     schema = BUILTIN_SCHEMAS["dubai"]
     write_gis_legend(class_raster, schema)
@@ -203,7 +203,8 @@ def scene(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, scene, model_pt) -> Path:
     """The class raster cdkd itself gives for ``scene`` (the library's segment_scene, in this process)."""
-    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.core.options import SegmentOptions
+    from cdkd.scene.engine import segment_scene
     from cdkd.scene.runtimes import open_runtime
 
     out = tmp_path_factory.mktemp("reference") / "classes.tif"
@@ -214,7 +215,7 @@ def reference(tmp_path_factory, scene, model_pt) -> Path:
 @pytest.fixture
 def class_raster(tmp_path) -> Path:
     from cdkd.data.classes import BUILTIN_SCHEMAS
-    from cdkd.scene.classraster import write_class_metadata
+    from cdkd.scene.core.classraster import write_class_metadata
 
     ids = np.zeros((1, 40, 60), np.uint8)
     ids[0, :, 30:] = 3
@@ -270,7 +271,8 @@ def test_cancel_then_resume_gives_the_uninterrupted_output(qgis_env, model_pt, t
     saves a checkpoint; the same algorithm with Resume ticked finishes the scene, bitwise as one uninterrupted
     run; its output, and the polygons of each class, open in the project in the class colours and names. The
     provider also holds the model "Segment and vectorize"."""
-    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.core.options import SegmentOptions
+    from cdkd.scene.engine import segment_scene
     from cdkd.scene.runtimes import open_runtime
 
     python = qgis_python()

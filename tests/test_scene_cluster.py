@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 
 from cdkd.scene.batch import segment_many
 from cdkd.scene.blocks import segment_scene_on_cluster
-from cdkd.scene.engine import SegmentOptions, output_paths, segment_scene
+from cdkd.scene.core.options import SegmentOptions
+from cdkd.scene.core.runstate import output_paths
+from cdkd.scene.engine import segment_scene
 from cdkd.scene.runtimes import RuntimeSpec, open_runtime
 from cli.main import app
 

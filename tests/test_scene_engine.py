@@ -12,11 +12,13 @@ from conftest import make_geotiff, make_segmenter, one_clean_error, synthetic_im
 from typer.testing import CliRunner
 
 from cdkd.errors import CheckpointError, DataError, OutputExistsError
-from cdkd.scene.classraster import NODATA, read_class_schema
-from cdkd.scene.engine import SegmentOptions, output_paths, segment_scene
+from cdkd.scene.core.classraster import NODATA, read_class_schema
+from cdkd.scene.core.options import SegmentOptions
+from cdkd.scene.core.runstate import output_paths
+from cdkd.scene.engine import segment_scene
 from cdkd.scene.runtimes import open_runtime
 from cdkd.scene.sliding import sliding_window_logits
-from cdkd.scene.writer import overview_factors
+from cdkd.scene.core.writer import overview_factors
 from cli.main import app
 
 runner = CliRunner()

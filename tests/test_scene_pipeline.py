@@ -22,9 +22,11 @@ from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdIOError, CdkdValueError
 from cdkd.scene.blend import seam_index, window_weights
 from cdkd.scene.blocks import plan_blocks
-from cdkd.scene.classraster import NODATA
-from cdkd.scene.engine import SegmentOptions, output_paths, segment_scene
-from cdkd.scene.pyramid import Pyramid, reduce_mean, reduce_mode
+from cdkd.scene.core.classraster import NODATA
+from cdkd.scene.core.options import SegmentOptions
+from cdkd.scene.core.runstate import output_paths
+from cdkd.scene.engine import segment_scene
+from cdkd.scene.core.pyramid import Pyramid, reduce_mean, reduce_mode
 from cdkd.scene.rowblend import PlanBlender
 from cdkd.scene.tiler import grid_offsets, pad_to_tile, plan_rows
 

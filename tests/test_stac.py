@@ -24,7 +24,7 @@ from cdkd.data.sensors import SENSOR_PRESETS
 from cdkd.data.stac import StacAsset, StacBand, choose_assets, is_stac, stac_stem
 from cdkd.data.stats import NormStats
 from cdkd.errors import DataError
-from cdkd.scene.source import SceneSource
+from cdkd.scene.core.source import SceneSource
 from cli.main import app
 
 S2 = SENSOR_PRESETS["sentinel2_l2a"]
@@ -186,7 +186,9 @@ class _Interrupted:
 
 def test_an_interrupted_item_resumes_and_a_changed_item_is_refused(tmp_path, s2_model):
     from cdkd.errors import CheckpointError
-    from cdkd.scene.engine import SegmentOptions, output_paths, segment_scene
+    from cdkd.scene.core.options import SegmentOptions
+    from cdkd.scene.core.runstate import output_paths
+    from cdkd.scene.engine import segment_scene
     from cdkd.scene.runtimes import RuntimeSpec
 
     patch = _patches(1)[0]

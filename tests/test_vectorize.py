@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 from cdkd.data.classes import ClassSchema, LandCoverClass
 from cdkd.errors import CdkdValueError, OutputExistsError
-from cdkd.scene.areas import ClassAreaTally
-from cdkd.scene.classraster import NODATA, write_class_metadata
+from cdkd.scene.core.areas import ClassAreaTally
+from cdkd.scene.core.classraster import NODATA, write_class_metadata
 from cdkd.vector import MinArea, parse_min_area, vectorize
 from cdkd.vector.coverage import node
 from cdkd.vector.join import join_pieces
@@ -587,7 +587,8 @@ def test_real_scene_segmented_then_vectorised(shared_data: Path, tmp_path: Path,
     """End to end on a real scene: cdkd segment's class raster -> polygons that cover exactly its valid pixels."""
     from conftest import make_segmenter
 
-    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.core.options import SegmentOptions
+    from cdkd.scene.engine import segment_scene
     from cdkd.scene.runtimes import open_runtime
 
     model = make_segmenter(tmp_path / "segmenter.pt", tile=512, overlap=64)

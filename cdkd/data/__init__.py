@@ -7,7 +7,13 @@ raster-only work (the scene engine's reads, ``cdkd vectorize``) does not pay for
 from importlib import import_module
 from typing import Any
 
-from cdkd.data.files import find_rasters, IMAGE_SUFFIXES, RasterInfo, read_window, require_one_dtype
+from cdkd.data.files import (
+    IMAGE_SUFFIXES,
+    RasterInfo,
+    find_rasters,
+    read_window,
+    require_one_dtype,
+)
 from cdkd.data.stats import NormStats, compute_stats
 
 _LAZY = {"StepSampler": "cdkd.data.sampler", "UnlabeledTiles": "cdkd.data.unlabeled",

@@ -20,7 +20,12 @@ from rasterio.windows import Window
 
 from cdkd.data.bandmeta import band_set_of
 from cdkd.data.bands import BandSet, same_bands
-from cdkd.data.bandstack import is_band_stack, is_manifest, manifest_members, open_band_stack
+from cdkd.data.bandstack import (
+    is_band_stack,
+    is_manifest,
+    manifest_members,
+    open_band_stack,
+)
 from cdkd.data.gdal import gdal_reason, open_file, raster_path
 from cdkd.data.sensors import parse_wavelengths
 from cdkd.data.stac import is_stac, open_stac

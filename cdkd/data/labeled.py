@@ -32,7 +32,13 @@ from rasterio.windows import Window
 from torch.utils.data import Dataset
 
 from cdkd.data.classes import BUILTIN_SCHEMAS, ClassSchema
-from cdkd.data.files import check_bands, IMAGE_SUFFIXES, raster_header, read_window, reading
+from cdkd.data.files import (
+    IMAGE_SUFFIXES,
+    check_bands,
+    raster_header,
+    read_window,
+    reading,
+)
 from cdkd.data.gdal import gdal_reason
 from cdkd.data.stats import NormStats
 from cdkd.data.unlabeled import UnlabeledTiles, _augment, check_tile_size

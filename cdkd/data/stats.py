@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from cdkd.data.bands import BandSet
-from cdkd.data.files import check_bands, RasterInfo, read_window
+from cdkd.data.files import RasterInfo, check_bands, read_window
 from cdkd.errors import CdkdValueError, DataError
 
 STD_EPS = 1e-6  # floor for std: a constant band normalises to 0 instead of dividing by zero

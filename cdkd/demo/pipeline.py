@@ -22,7 +22,7 @@ from rasterio.transform import from_origin
 
 from cdkd.demo.landscape import demo_schema, make_landscape
 from cdkd.errors import OutputExistsError
-from cdkd.scene.classraster import NODATA
+from cdkd.scene.core.classraster import NODATA
 from cdkd.utils.atomic import atomic_write_text
 
 CRS = "EPSG:32633"  # UTM 33N, 10 m pixels: a Sentinel-2-like scene
@@ -101,7 +101,8 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
     from cdkd.distill.trainer import distill
     from cdkd.export.onnx import export_onnx
     from cdkd.finetune.trainer import finetune
-    from cdkd.scene.engine import SegmentOptions, segment_scene
+    from cdkd.scene.core.options import SegmentOptions
+    from cdkd.scene.engine import segment_scene
     from cdkd.scene.runtimes import open_runtime
     from cdkd.vector.vectorize import vectorize
 

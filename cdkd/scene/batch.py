@@ -17,8 +17,10 @@ from typing import Any, Callable, Sequence
 from cdkd.data.gdal import is_virtual_path
 from cdkd.data.stac import is_stac, stac_refs, stac_stem
 from cdkd.errors import CdkdError, CdkdValueError, DataError
-from cdkd.scene.engine import SceneReport, SegmentOptions, segment_scene
 from cdkd.scene.cluster import connect, register_runtime, worker_runtime
+from cdkd.scene.core.options import SegmentOptions
+from cdkd.scene.core.report import SceneReport
+from cdkd.scene.engine import segment_scene
 from cdkd.scene.runtimes import RuntimeSpec
 from cdkd.utils.atomic import atomic_write_text
 from cdkd.utils.paths import check_writable

@@ -31,31 +31,44 @@ from rasterio.transform import Affine
 from cdkd.data.gdal import raster_path
 from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdValueError, CheckpointError, DataError
-from cdkd.scene.areas import ClassAreaTally
-from cdkd.scene.classraster import check_num_classes
 from cdkd.scene.cluster import connect, register_runtime, worker_runtime
-from cdkd.scene.engine import (
-    STATE_FORMAT,
+from cdkd.scene.core.areas import ClassAreaTally
+from cdkd.scene.core.classraster import check_num_classes
+from cdkd.scene.core.options import SegmentOptions, cache_budget, resolve_tiling
+from cdkd.scene.core.pipeline import (
+    RowCounts,
+    StageTimes,
+    WeightCache,
+    blend_rows,
+    prefetcher_for,
+)
+from cdkd.scene.core.report import (
     SceneReport,
-    SegmentOptions,
     TileProgress,
     announce_bands,
     build_report,
-    cache_budget,
+    log_stderr,
+)
+from cdkd.scene.core.runstate import (
+    STATE_FORMAT,
     check_outputs,
     claimed,
     fingerprint,
     load_state,
-    log_stderr,
     output_paths,
-    resolve_tiling,
 )
-from cdkd.scene.pipeline import RowCounts, StageTimes, WeightCache, blend_rows, prefetcher_for
+from cdkd.scene.core.source import SceneSource
+from cdkd.scene.core.writer import (
+    SceneWriter,
+    chunk_name,
+    chunk_transform,
+    class_layers,
+    read_chunk,
+    write_chunk,
+)
 from cdkd.scene.rowblend import FinishedRows, Partial, PlanBlender, merge_seam
 from cdkd.scene.runtimes import RuntimeSpec, runtime_for
-from cdkd.scene.source import SceneSource
 from cdkd.scene.tiler import plan_rows
-from cdkd.scene.writer import SceneWriter, chunk_name, chunk_transform, class_layers, read_chunk, write_chunk
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 
 DEFAULT_BLOCK_ROWS = 4  # window rows per block: 4 x 960 px rows at 1024 px tiles

@@ -35,24 +35,8 @@ import shapely
 
 from cdkd.data.gdal import raster_path
 from cdkd.errors import CdkdValueError, DataError
-from cdkd.scene.engine import (
-    STATE_FORMAT,
-    SegmentOptions,
-    TileProgress,
-    announce_bands,
-    cache_budget,
-    check_outputs,
-    claimed,
-    deferred_sigint,
-    fingerprint,
-    load_state,
-    log_stderr,
-    output_paths,
-    provenance,
-    resolve_tiling,
-)
-from cdkd.scene.objects import MERGE_IOU, ObjectMerger, SceneObject, mask_polygon
-from cdkd.scene.pipeline import (
+from cdkd.scene.core.options import SegmentOptions, cache_budget, resolve_tiling
+from cdkd.scene.core.pipeline import (
     RowCounts,
     StageTimes,
     Tile,
@@ -60,9 +44,21 @@ from cdkd.scene.pipeline import (
     model_outputs,
     prefetcher_for,
 )
-from cdkd.scene.source import SceneSource
+from cdkd.scene.core.report import TileProgress, announce_bands, log_stderr, provenance
+from cdkd.scene.core.runstate import (
+    STATE_FORMAT,
+    check_outputs,
+    claimed,
+    deferred_sigint,
+    fingerprint,
+    load_arrays,
+    load_state,
+    output_paths,
+    save_state,
+)
+from cdkd.scene.core.source import SceneSource
+from cdkd.scene.objects import MERGE_IOU, ObjectMerger, SceneObject, mask_polygon
 from cdkd.scene.tiler import TileWindow, pad_to_tile, plan_rows
-from cdkd.scene.writer import load_arrays, save_state
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 
 DEFAULT_MIN_SCORE = 0.5

@@ -28,8 +28,14 @@ import numpy as np
 
 from cdkd.artifacts import InferenceMeta
 from cdkd.errors import CdkdValueError, DataError
-from cdkd.scene.classraster import NODATA
-from cdkd.scene.pipeline import RowCounts, StageTimes, TilePrefetcher, WeightCache, blend_rows
+from cdkd.scene.core.classraster import NODATA
+from cdkd.scene.core.pipeline import (
+    RowCounts,
+    StageTimes,
+    TilePrefetcher,
+    WeightCache,
+    blend_rows,
+)
 from cdkd.scene.rowblend import PlanBlender
 from cdkd.scene.runtimes import Runtime, RuntimeSpec
 from cdkd.scene.tiler import TileWindow, plan_rows

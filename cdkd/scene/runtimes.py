@@ -349,7 +349,12 @@ class RuntimeSpec:
             if not sidecar.is_file():
                 raise CheckpointError(f"{self.model}: its metadata sidecar {sidecar.name} is missing")
             return InferenceMeta.from_json(sidecar.read_text(), str(sidecar))
-        from cdkd.artifacts import DETECTOR_FORMAT, artifact_format, load_detector, load_segmenter
+        from cdkd.artifacts import (
+            DETECTOR_FORMAT,
+            artifact_format,
+            load_detector,
+            load_segmenter,
+        )
 
         if artifact_format(self.model) == DETECTOR_FORMAT:
             return load_detector(self.model, map_location="cpu")[1].inference_meta()

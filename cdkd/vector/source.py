@@ -30,7 +30,7 @@ from cdkd.data.files import open_raster
 from cdkd.data.gdal import gdal_reason
 from cdkd.errors import CdkdIOError, DataError
 from cdkd.geodesy import is_geographic, metres_per_unit
-from cdkd.scene.classraster import read_class_schema
+from cdkd.scene.core.classraster import read_class_schema
 
 MAX_LISTED = 10  # unknown values named in an error message (most frequent first)
 

@@ -22,7 +22,13 @@ from rasterio.errors import RasterioError
 
 from cdkd.data.bandmeta import band_set_of
 from cdkd.data.bands import choose_scene_bands
-from cdkd.data.files import check_bands, open_raster, probe_windows, RasterInfo, read_pixels
+from cdkd.data.files import (
+    RasterInfo,
+    check_bands,
+    open_raster,
+    probe_windows,
+    read_pixels,
+)
 from cdkd.data.gdal import gdal_reason, raster_path
 from cdkd.data.stac import StacScene, is_stac, stac_scene
 from cdkd.data.stats import NormStats, compute_stats

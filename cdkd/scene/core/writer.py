@@ -15,7 +15,6 @@ overlap the model; checkpoints pass through the same queue, so a saved state nev
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -32,10 +31,10 @@ from rasterio.transform import Affine
 
 from cdkd.data.classes import ClassSchema
 from cdkd.errors import CdkdIOError
-from cdkd.scene.classraster import NODATA, class_tags, colormap, write_gis_legend
-from cdkd.scene.pyramid import Pyramid
+from cdkd.scene.core.classraster import NODATA, class_tags, colormap, write_gis_legend
+from cdkd.scene.core.pyramid import Pyramid
+from cdkd.scene.core.source import SceneInfo
 from cdkd.scene.rowblend import CONFIDENCE_NODATA, FinishedRows
-from cdkd.scene.source import SceneInfo
 from cdkd.utils.atomic import atomic_path
 
 BLOCK = 512
@@ -336,31 +335,6 @@ class SceneWriter:
         self.times.add("write", time.perf_counter() - start)
 
 
-def save_state(partial: Path, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    """``state.json`` and the arrays it names (``state_<n>.npz``): arrays first, then the JSON that points at them,
-    so a crash between the two leaves the previous, consistent pair."""
-    n = int(state.get("sequence", 0))
-    npz = partial / f"state_{n}.npz"
-    with atomic_path(npz) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    state = dict(state, arrays=npz.name)
-    with atomic_path(partial / "state.json") as tmp:
-        tmp.write_text(json.dumps(state))
-    for old in partial.glob("state_*.npz"):
-        if old.name != npz.name:
-            old.unlink(missing_ok=True)
-
-
-def load_arrays(partial: Path, state: dict[str, Any]) -> dict[str, np.ndarray]:
-    path = partial / state["arrays"]
-    try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError, KeyError) as e:
-        raise CdkdIOError(f"{path}: unreadable resume state ({e}); run again with --overwrite") from None
-
-
 __all__ = ["BLOCK", "Layer", "LayerChunks", "SceneWriter", "chunk_transform", "class_layers", "overview_factors",
            "read_chunk",
-           "save_state", "load_arrays", "write_chunk"]
+           "write_chunk"]

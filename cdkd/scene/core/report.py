@@ -1,0 +1,126 @@
+"""What a scene run tells: progress over windows, one-line notices, and the report it writes as ``OUT.json``."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+import cdkd
+from cdkd.progress import progress_bar
+from cdkd.scene.core.options import SegmentOptions
+from cdkd.scene.core.pipeline import RowCounts, reader_threads
+from cdkd.scene.core.runstate import model_sha256
+from cdkd.scene.core.source import SceneInfo, SceneSource
+
+if TYPE_CHECKING:
+    from cdkd.scene.runtimes import Runtime
+
+__all__ = ["ClassArea", "Log", "SceneReport", "TileProgress", "announce_bands", "build_report", "log_stderr",
+           "provenance"]
+
+
+@dataclass(frozen=True)
+class ClassArea:
+    pixels: int
+    area_m2: float  # ground area (cdkd.scene.core.areas), as every report and attribute table holds areas
+    fraction: float  # of the valid pixels
+
+
+@dataclass(frozen=True)
+class SceneReport:
+    """What ``segment_scene`` did; also written as ``OUT.json``. Enough to reproduce the run."""
+
+    scene: str
+    output: str
+    confidence: str | None
+    runtime: str
+    device: str
+    crs: str
+    width: int
+    height: int
+    tile_size: int
+    overlap: int
+    batch_size: int
+    tiles: int
+    tiles_run: int  # over the whole scene, earlier runs of a resumed scene included
+    tiles_skipped: int  # windows without a valid pixel
+    valid_pixels: int
+    area_m2: float  # ground area of the valid pixels
+    seconds: float  # this run
+    mpx_per_s: float  # scene pixels this run covered (valid or not) per second of this run
+    resumed_from_row: int  # window rows already done when this run started (0 for a fresh run)
+    pixels_this_run: int = 0
+    bands: list[int] = field(default_factory=list)  # 1-based scene bands fed to the model, in order
+    scene_bands: int = 0  # bands the scene has
+    stats: dict[str, Any] = field(default_factory=dict)  # normalisation: mode ("model"/"scene"), mean, std, dtype
+    model: dict[str, Any] = field(default_factory=dict)  # path, sha256, arch, head
+    runtime_options: dict[str, Any] = field(default_factory=dict)  # amp, threads, provider, read threads
+    cdkd_version: str = ""
+    stages: dict[str, float] = field(default_factory=dict)  # seconds each stage was busy (pipeline.StageTimes)
+    classes: dict[str, ClassArea] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TileProgress:
+    """Progress over windows (a bar with tiles/s and ETA, or JSON lines: ``cdkd.progress``), or nothing."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, name: str) -> None:
+        self.bar = progress_bar(total, initial=initial, desc=name, unit="tile", enabled=enabled)
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def announce_bands(source: SceneSource, log: Log) -> None:
+    """Say once which scene bands the model reads when that is not simply all of them in order."""
+    info, bands = source.info, source.bands
+    if source.stac is not None:
+        log(source.stac.describe())
+    if bands != tuple(range(1, info.count + 1)):
+        log(f"{info.path}: the model reads band(s) {','.join(map(str, bands))} of the scene's {info.count} "
+            "(choose others with --bands)")
+
+
+def log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def provenance(runtime: Any, options: SegmentOptions, norm: Any, device: str) -> dict[str, Any]:
+    """The report fields that reproduce a run (any task): statistics, model file and hash, runtime options with
+    the reader threads used on ``device``, cdkd version."""
+    meta = runtime.meta
+    return {"stats": {"mode": options.stats, "mean": list(norm.mean), "std": list(norm.std), "dtype": norm.dtype},
+            "model": {"path": runtime.path, "sha256": model_sha256(runtime), "arch": meta.arch, "head": meta.head},
+            "runtime_options": {**runtime.options, "read_threads": reader_threads(options.read_threads, device)},
+            "cdkd_version": cdkd.__version__}
+
+
+def build_report(*, scene: str | Path, final: Path, conf: Path | None, runtime: Runtime, info: SceneInfo, tile: int,
+                 overlap: int, options: SegmentOptions, tiles: int, counts: RowCounts, tally: Any, seconds: float,
+                 resumed_from: int, pixels_run: int, bands: tuple[int, ...], norm: Any,
+                 stages: dict[str, float]) -> SceneReport:
+    """The report of one scene, local or on a cluster."""
+    valid = int(tally.pixels.sum())
+    areas = np.asarray(tally.area_m2, dtype=np.float64)
+    classes = {c.name: ClassArea(int(n), round(float(a), 2), float(n) / valid)
+               for c, n, a in zip(runtime.meta.classes.classes, tally.pixels, areas)}
+    return SceneReport(
+        scene=str(scene), output=str(final), confidence=str(conf) if conf else None, runtime=runtime.name,
+        device=runtime.device, crs=info.crs.to_string(), width=info.width, height=info.height, tile_size=tile,
+        overlap=overlap, batch_size=options.batch_size, tiles=tiles, tiles_run=counts.run,
+        tiles_skipped=counts.skipped, valid_pixels=valid, area_m2=round(float(areas.sum()), 2), seconds=seconds,
+        mpx_per_s=pixels_run / 1e6 / max(seconds, 1e-9), resumed_from_row=resumed_from, pixels_this_run=pixels_run,
+        bands=list(bands), scene_bands=info.count, **provenance(runtime, options, norm, runtime.blend_device),
+        stages=stages, classes=classes)
+
+
+Log = Callable[[str], None]
