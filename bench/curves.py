@@ -21,7 +21,7 @@ import numpy as np
 
 from cdkd.config import DistillConfig, apply_overrides, save_config
 from cdkd.train.summary import write_curves
-from cdkd.utils.rundir import RunDir
+from cdkd.train.rundir import RunDir
 
 
 def write_run(root: Path, rows: int, seed: int = 0) -> RunDir:

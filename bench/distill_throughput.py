@@ -7,7 +7,7 @@ recipe x teacher x student x tile x speed setting; and the data loader alone.
     python bench/distill_throughput.py --recipes rs4d --teachers vit_b --students rsmamba_s,vit_s   # RS4D rows
 
 Every row is built from the trainer's own pieces: the recipe's model, ``cdkd.models.speedups.apply_speedups``
-(blocks compiled per ``--compile``, the adapters' convolutions channels-last on CUDA), ``cdkd.utils.optim.adamw``
+(blocks compiled per ``--compile``, the adapters' convolutions channels-last on CUDA), ``cdkd.train.optim.adamw``
 (fused on CUDA), bf16 autocast under ``--amp bf16``, the teacher's attention per ``--attention`` (``auto``: the
 fused ``sdpa`` form on CUDA, segment-anything's own ``sam`` code on the CPU). Grad checkpointing applies to what
 trains through deep blocks: the teacher under mask-cdkd, the student under rs4d.
@@ -142,7 +142,7 @@ def one_config(recipe: str, teacher: str, student: str, size: int, batch: int, s
     import torch
 
     from cdkd.models.speedups import apply_speedups, resolve_compile
-    from cdkd.utils.optim import adamw
+    from cdkd.train.optim import adamw
 
     dev = torch.device(device)
     r, model = _build(recipe, teacher, student, size, ckpt, attention, dev)

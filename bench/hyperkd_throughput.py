@@ -33,7 +33,7 @@ def build(overrides: dict, a: argparse.Namespace):
     from cdkd.data.stats import with_band_metadata
     from cdkd.distill.recipes import build_recipe
     from cdkd.models.student import build_student
-    from cdkd.utils.optim import adamw
+    from cdkd.train.optim import adamw
 
     base = {"data.root": str(a.data), "data.tile_size": a.tile, "data.stats_samples": 16,
             "teacher.variant": a.teacher, "student.arch": a.student, "train.batch_size": a.batch_size}

@@ -89,7 +89,7 @@ def untrained(a: argparse.Namespace, student: Path, out: Path) -> Path:
     from cdkd.artifacts import DetectorInfo, load_student, save_detector
     from cdkd.config import FinetuneConfig, apply_overrides
     from cdkd.data.coco import read_coco
-    from cdkd.finetune.instance import build_detector
+    from cdkd.tasks.instance import build_detector
 
     st, info = load_student(student)
     schema = read_coco(NWPU).schema

@@ -68,7 +68,7 @@ def train_segmenter(seg: torch.nn.Module, a: argparse.Namespace, steps: int, lr:
     """Cross-entropy training of ``seg`` on random Dubai tile1-6 crops (the parameters that require grad)."""
     from cdkd.data import StepSampler
     from cdkd.data.labeled import LabeledTiles
-    from cdkd.utils.optim import adamw, lr_lambda
+    from cdkd.train.optim import adamw, lr_lambda
 
     pairs, schema, stats = dubai_train(a)
     opt = adamw(seg, lr, 0.01)

@@ -25,14 +25,14 @@ def _choice(name: str, values: tuple[str, ...]) -> type[Choice]:
 
 
 Runtime = _choice("Runtime", ("torch", "onnx", "tensorrt"))  # cdkd.scene.runtimes.RUNTIMES
-Amp = _choice("Amp", ("auto", "none", "bf16", "fp16"))  # cdkd.scene.runtimes / cdkd.utils.optim AMP_MODES
+Amp = _choice("Amp", ("auto", "none", "bf16", "fp16"))  # cdkd.scene.runtimes / cdkd.train.optim AMP_MODES
 Stats = _choice("Stats", ("model", "scene"))  # cdkd.scene.source.STATS_MODES
 OnError = _choice("OnError", ("fail", "skip"))  # cdkd.scene.batch.ON_ERROR
 DataFormat = _choice("DataFormat", ("dubai", "deepglobe", "loveda", "isprs", "openearthmap", "folder",  # FORMATS
                                     "coco", "geo"))  # + cdkd.data.coco.INSTANCE_FORMATS (--task instance)
 Task = _choice("Task", ("semantic", "instance"))  # cdkd.artifacts.TASKS
 Head = _choice("Head", ("upernet", "linear"))  # cdkd.models.upernet.HEADS
-LrSchedule = _choice("LrSchedule", ("cosine", "poly"))  # cdkd.utils.optim.LR_SCHEDULES
+LrSchedule = _choice("LrSchedule", ("cosine", "poly"))  # cdkd.train.optim.LR_SCHEDULES
 ExportFormat = _choice("ExportFormat", ("onnx", "tensorrt"))  # cli.export.FORMATS
 Adapter = _choice("Adapter", ("multi", "single"))  # cdkd.models.mmoa.MMoA
 Fusion = _choice("Fusion", ("gate", "add"))

@@ -37,7 +37,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     from cdkd.artifacts import StudentInfo, save_student
     from cdkd.data.stats import NormStats
     from cdkd.models.student import build_student
-    from cdkd.utils.checkpoint import rng_state, save_checkpoint
+    from cdkd.train.checkpoint import rng_state, save_checkpoint
 
     root = tmp_path_factory.mktemp("world")
     w: dict[str, Path] = {"root": root}

@@ -18,7 +18,8 @@ from cdkd.config import DistillConfig, FinetuneConfig, apply_overrides, save_con
 from cdkd.train.curves import MAX_POINTS, figure_size, layout
 from cdkd.train.history import History
 from cdkd.train.summary import summarize, write_curves
-from cdkd.utils.rundir import RunDir
+from cdkd.train.rundir import RunDir
+from cdkd.train.tensorboard import TensorBoardLog
 from cli.main import app
 from conftest import one_clean_error, read_metrics
 from test_finetune import folder_data  # noqa: F401 (a fixture: labeled 48 px tiles with a class file)
@@ -89,6 +90,7 @@ def _write_run(root: Path, method: str, rows: list[dict], steps: int, finished: 
     if finished:
         paths.artifact.write_bytes(b"")  # the summary looks at whether it exists, never inside
         paths.write_report({"steps": steps, "seconds": steps * SECONDS_PER_STEP})
+        write_curves(paths.root)  # the final curves.png, as the training loop's finish() draws it
     return paths
 
 
@@ -107,7 +109,6 @@ def test_curves_and_summary_of_each_recipe_and_task(method: str, tmp_path: Path)
     paths = _write_run(tmp_path / method, method, rows, steps, finished=True)
     kind, _, panels = METHODS[method]
     assert [p.name for p, _ in layout(History.read(paths.metrics))] == panels
-    # write_report drew the final curves.png, as at the end of a run
     assert _png_size(paths.curves) == figure_size(len(panels))
     summary = summarize(paths.root)
     last = [r for r in rows if "event" not in r][-1]
@@ -201,13 +202,19 @@ def test_tensorboard_switched_on_at_a_resume_and_a_fresh_run_that_fails(tmp_path
     with paths.session(fresh=True):
         for step in (1, 2, 3):
             paths.write_metrics({"step": step, "loss": 1.0 / step})
-    with paths.session(fresh=False, start=2, tensorboard=True):  # resumed at the step-2 checkpoint
+    with paths.session(fresh=False):  # resumed at the step-2 checkpoint, --tensorboard given now
         paths.truncate_metrics(2)
-        paths.write_metrics({"step": 3, "loss": 0.25})
+        board = TensorBoardLog(paths.tensorboard, 2, paths.metrics)
+        row = {"step": 3, "loss": 0.25}
+        paths.write_metrics(row)
+        board.write(row)
+        board.close()
     assert _tensorboard_steps(paths.tensorboard, "loss/loss") == [1, 2, 3]
     failed = RunDir(tmp_path / "failed", "student.pt")
-    with pytest.raises(KeyboardInterrupt), failed.session(fresh=True, tensorboard=True):
+    with pytest.raises(KeyboardInterrupt), failed.session(fresh=True):
+        board = TensorBoardLog(failed.tensorboard, 0, failed.metrics)
         failed.write_metrics({"step": 1, "loss": 1.0})
+        board.close()
         raise KeyboardInterrupt
     assert not failed.root.exists()
 

@@ -101,7 +101,7 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
 
 
 def test_ssm_parameters_get_no_weight_decay() -> None:
-    from cdkd.utils.optim import adamw
+    from cdkd.train.optim import adamw
 
     model = tiny("rsmamba_s")
     decayed = {id(p) for p in adamw(model, 1e-4, 0.05).param_groups[0]["params"]}

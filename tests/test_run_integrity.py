@@ -237,7 +237,7 @@ def test_resume_refuses_other_inputs(finetune_run, tmp_path, monkeypatch):
 
 
 def test_reports_never_hold_nan(tmp_path):
-    from cdkd.utils.rundir import RunDir
+    from cdkd.train.rundir import RunDir
 
     paths = RunDir(tmp_path, "x.pt")
     paths.write_report({"loss": float("nan"), "terms": [1.0, float("inf")], "ok": 2.5})

@@ -15,7 +15,7 @@ from cdkd.models.speedups import apply_speedups, channels_last_convs, compile_bl
 from cdkd.models.student import ViTStudent
 from cdkd.models.teacher import build_teacher
 from cdkd.utils.flops import count_flops
-from cdkd.utils.optim import adamw, check_train_config
+from cdkd.train.optim import adamw, check_train_config
 
 
 def _vit_flops(batch: int, tokens: int, dim: int, depth: int, patch_in: int) -> tuple[int, int]:

@@ -13,14 +13,13 @@ step's samples (``StepSampler``) and the recipe's control is steered by losses a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -39,12 +38,12 @@ from cdkd.errors import CheckpointError, CdkdValueError
 from cdkd.models.speedups import apply_speedups
 from cdkd.models.student import STUDENT_REGISTRY, build_student
 from cdkd.models.teacher import check_teacher_source, teacher_provenance
-from cdkd.progress import progress_bar
-from cdkd.utils.checkpoint import restore_model, rng_state, save_checkpoint, set_rng_state, trainable_state
-from cdkd.utils.distributed import DistContext, cleanup_distributed, init_distributed, resolve_device
-from cdkd.utils.optim import adamw, autocast_dtype, check_train_config, lr_lambda
+from cdkd.train.checkpoint import restore_model, rng_state, set_rng_state, trainable_state
+from cdkd.train.distributed import DistContext, cleanup_distributed, init_distributed, resolve_device
+from cdkd.train.loop import StepLog, TrainLoop
+from cdkd.train.optim import adamw, check_train_config, lr_lambda
 from cdkd.utils.paths import file_sha256, files_digest
-from cdkd.utils.rundir import RunDir, check_identity, check_resumable
+from cdkd.train.rundir import RunDir, check_identity, check_resumable
 
 DEFAULT_STEPS = 1000
 # Settings a resumed run may change: they do not alter the trajectory (or, for steps, only extend it).
@@ -133,8 +132,6 @@ class _Run:
         self.cfg, self.recipe, self.paths, self.ctx, self.progress = cfg, recipe, paths, ctx, progress
         self.log = log if ctx.is_main else (lambda _msg: None)
         self.device = resolve_device(cfg.train.device, ctx)
-        self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _settle_bands(self, rasters: list) -> DistillConfig:
@@ -198,6 +195,12 @@ class _Run:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, steps))
         control = self.recipe.control()
+        net: nn.Module = model
+        if self.ctx.enabled:
+            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        loop = TrainLoop(cfg.train, model, optimizer, scheduler, self.device, self.paths,
+                         lambda step: self._payload(loop, model, control, stats, identity), CHECKPOINT_FORMAT,
+                         net=net, ctx=self.ctx, name="distill", progress=self.progress, log=self.log)
         start = 0
         if blob is not None:
             if abs(blob["teacher_fingerprint"] - frozen_fingerprint(model)) > 1e-6 * abs(blob["teacher_fingerprint"]):
@@ -208,20 +211,18 @@ class _Run:
             scheduler.load_state_dict(blob["scheduler"])
             control.load_state_dict(blob["schedule"])
             if blob.get("scaler"):
-                self.scaler.load_state_dict(blob["scaler"])
+                loop.scaler.load_state_dict(blob["scaler"])
             set_rng_state(blob["rng"])
             start = int(blob["step"])
         dataset = self.recipe.dataset(rasters, stats)
         self.ctx.barrier()  # every rank has looked at the folder before rank 0 changes it
-        with self.paths.session(fresh=blob is None, main=self.ctx.is_main, start=start, steps=steps,
-                                tensorboard=cfg.train.tensorboard):
+        with self.paths.session(fresh=blob is None, main=self.ctx.is_main):
             if start:
                 self.log(f"resuming {self.paths.root} at step {start} (stage {control.stage})")
             if self.ctx.is_main:
                 save_config(cfg, self.paths.config)
                 self.paths.truncate_metrics(start)
             self.ctx.barrier()
-            self.identity = identity
             accum = cfg.train.grad_accum
             sampler = StepSampler(cfg.train.batch_size, self.ctx.world_size, self.ctx.rank,
                                   start_micro_step=start * accum, num_micro_steps=steps * accum)
@@ -231,29 +232,23 @@ class _Run:
                                 # Its own generator: drawing the workers' base seed from the global RNG would shift
                                 # dropout's random stream after a resume.
                                 generator=torch.Generator().manual_seed(cfg.train.seed))
-            net: nn.Module = model
-            if self.ctx.enabled:
-                net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                              else None)
-            model.train()
             self.log(f"distilling {cfg.teacher.variant} -> {cfg.student.arch} ({self.recipe.name}) on {len(rasters)} "
                      f"images, {steps} steps, batch {cfg.train.batch_size}x{accum}x{self.ctx.world_size}, "
                      f"device {self.device}")
             t0 = time.perf_counter()
-            last = self._loop(net, model, optimizer, scheduler, control, batches(loader), start, steps, stats)
+            step_log = loop.run(RecipeObjective(net, self.recipe.terms, control, self.device), batches(loader),
+                                start, steps)
             seconds = time.perf_counter() - t0
-
+            last = ({k: step_log.row[k] for k in ("loss", *self.recipe.terms)} if step_log is not None else
+                    {k: v for k, v in self.paths.last_metrics().items() if k == "loss" or k in self.recipe.terms})
             if self.ctx.is_main:
-                last = last or {k: v for k, v in self.paths.last_metrics().items()
-                                if k == "loss" or k in self.recipe.terms}
                 info = replace(info, provenance=self._provenance(steps, len(rasters)))
                 save_student(self.paths.artifact, model.student, info)
-                report = {"student": str(self.paths.artifact), "recipe": self.recipe.name, "steps": steps,
-                          "resumed_from": start,
-                          "images_seen": (steps - start) * cfg.train.batch_size * accum * self.ctx.world_size,
-                          "seconds": round(seconds, 2), "final_losses": last, **control.summary(),
-                          "files": len(rasters), "cdkd_version": cdkd.__version__}
-                self.paths.write_report(report)
+            loop.finish({"student": str(self.paths.artifact), "recipe": self.recipe.name, "steps": steps,
+                         "resumed_from": start,
+                         "images_seen": (steps - start) * cfg.train.batch_size * accum * self.ctx.world_size,
+                         "seconds": round(seconds, 2), "final_losses": last, **control.summary(),
+                         "files": len(rasters), "cdkd_version": cdkd.__version__})
             self.ctx.barrier()
         return DistillResult(self.paths.root, self.paths.artifact, steps, last, control.stage, seconds,
                              self.recipe.name)
@@ -266,91 +261,44 @@ class _Run:
         return DistillResult(self.paths.root, self.paths.artifact, step, report.get("final_losses") or {}, str(stage),
                              0.0, self.recipe.name)
 
-    def _loop(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
-              scheduler: torch.optim.lr_scheduler.LRScheduler, control: LossControl, batches: Iterator[dict],
-              start: int, steps: int, stats: NormStats) -> dict[str, float]:
-        cfg = self.cfg.train
-        bar = None
-        if self.progress and self.ctx.is_main:
-            bar = progress_bar(steps, initial=start, desc="distill", unit="step")
-        last: dict[str, float] = {}
-        terms = self.recipe.terms
-        images_per_step = cfg.batch_size * cfg.grad_accum * self.ctx.world_size
-        tick = time.perf_counter()
-        for step in range(start, steps):
-            weights, knobs = control.weights(), control.knobs()
-            values = self._train_step(net, model, optimizer, batches, weights, knobs)
-            scheduler.step()
-            losses = dict(zip(terms, (float(v) for v in self.ctx.mean(values))))
-            event = control.update(losses)
-            now = time.perf_counter()
-            speed = images_per_step / max(now - tick, 1e-9)
-            tick = now
-            last = {"loss": sum(weights[k] * losses[k] for k in terms), **losses}
-            done = step + 1
-            if event:
-                self.log(event.message)
-                self._write_metrics({"step": done, **event.record})
-            if done % cfg.log_every == 0 or done == steps:
-                self._write_metrics(dict(step=done, lr=scheduler.get_last_lr()[0], **last, **knobs,
-                                         **control.log_fields(), weights=[weights[k] for k in terms],
-                                         images_per_s=speed))
-            if bar is not None:
-                bar.update(1)
-                shown = {k: f"{v:.3f}" for k, v in {**last, **knobs}.items()}
-                bar.set_postfix(**shown, stage=control.stage, img_s=f"{speed:.1f}")
-            if done % cfg.checkpoint_every == 0 or done == steps:
-                self._checkpoint(done, model, optimizer, scheduler, control, stats)
-        if bar is not None:
-            bar.close()
-        return last
-
-    def _train_step(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    batches: Iterator[dict], weights: dict[str, float], knobs: dict[str, float]) -> torch.Tensor:
-        """One optimiser step over ``grad_accum`` micro-batches; returns the mean unweighted losses in the
-        recipe's ``terms`` order."""
-        cfg = self.cfg.train
-        amp_dtype = self.amp_dtype
-        terms = self.recipe.terms
-        totals = torch.zeros(len(terms))
-        for micro in range(cfg.grad_accum):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
-            # Skip the gradient all-reduce on all but the last micro-batch of the step.
-            last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
-            with sync:
-                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    losses = net(batch, knobs)
-                total = sum(weights[k] * losses[k] for k in terms)
-                self.scaler.scale(total / cfg.grad_accum).backward()
-            totals += torch.stack([losses[k].detach().float() for k in terms]).cpu() / cfg.grad_accum
-        if cfg.clip_grad > 0:
-            self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return totals
-
-    # ------------------------------------------------------------------------------------------- bookkeeping
-    def _checkpoint(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, control: LossControl, stats: NormStats) -> None:
-        if not self.ctx.is_main:
-            return
-        save_checkpoint(self.paths.checkpoints, step, fmt=CHECKPOINT_FORMAT, payload={
-            "config": to_dict(self.cfg), "model": trainable_state(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "schedule": control.state_dict(), "rng": rng_state(),
-            "scaler": self.scaler.state_dict(),
-            "norm": stats.to_dict(), "teacher_fingerprint": frozen_fingerprint(model),
-            "identity": self.identity, "cdkd_version": cdkd.__version__,
-        })
-        self.paths.draw_curves()
-
-    def _write_metrics(self, record: dict[str, Any]) -> None:
-        if self.ctx.is_main:
-            self.paths.write_metrics(record)
+    def _payload(self, loop: TrainLoop, model: nn.Module, control: LossControl, stats: NormStats,
+                 identity: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint holds: everything that changes during training, and what the run read."""
+        return {"config": to_dict(self.cfg), "model": trainable_state(model), "optimizer": loop.optimizer.state_dict(),
+                "scheduler": loop.scheduler.state_dict(), "schedule": control.state_dict(), "rng": rng_state(),
+                "scaler": loop.scaler.state_dict(), "norm": stats.to_dict(),
+                "teacher_fingerprint": frozen_fingerprint(model), "identity": identity,
+                "cdkd_version": cdkd.__version__}
 
     def _provenance(self, steps: int, files: int) -> dict[str, Any]:
         return {"teacher": teacher_provenance(self.cfg.teacher), "data": {"root": self.cfg.data.root, "files": files},
                 "steps": steps, **self.recipe.provenance(), "cdkd_version": cdkd.__version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+class RecipeObjective:
+    """A recipe's objective for the training loop: its loss terms weighted by its control (``LossControl``), which
+    the step's losses, averaged over the ranks, then steer (mask-cdkd's r and stage, rs4d's ratios)."""
+
+    def __init__(self, net: nn.Module, terms: tuple[str, ...], control: LossControl, device: torch.device) -> None:
+        self.net, self.terms, self.control, self.device = net, terms, control, device
+
+    def begin_step(self) -> None:
+        self.weights, self.knobs = self.control.weights(), self.control.knobs()
+
+    def micro(self, batch: dict, autocast: Callable) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with autocast():
+            losses = self.net(batch, self.knobs)
+        total = sum(self.weights[k] * losses[k] for k in self.terms)
+        return total, {k: losses[k] for k in self.terms}
+
+    def end_step(self, parts: dict[str, Any]) -> StepLog:
+        terms, weights, control = self.terms, self.weights, self.control
+        losses = {k: float(parts[k]) for k in terms}
+        event = control.update(losses)
+        last = {"loss": sum(weights[k] * losses[k] for k in terms), **losses}
+        return StepLog(last["loss"], {**last, **self.knobs, **control.log_fields(),
+                                      "weights": [weights[k] for k in terms]},
+                       shown={**{k: f"{v:.3f}" for k, v in {**last, **self.knobs}.items()}, "stage": control.stage},
+                       events=[(event.message, event.record)] if event else [])

@@ -70,7 +70,7 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
-        # mamba_ssm's convention, honoured by cdkd.utils.optim.adamw: decaying A_log would pull every decay to e^-dt.
+        # mamba_ssm's convention, honoured by cdkd.train.optim.adamw: decaying A_log would pull every decay to e^-dt.
         self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
         self._init_dt(dt_min, dt_max, dt_init_floor)

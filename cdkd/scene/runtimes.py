@@ -103,7 +103,7 @@ class TorchRuntime:
     def __init__(self, path: str | Path, device: str = "auto", amp: str = "auto") -> None:
         import torch
 
-        from cdkd.utils.distributed import DistContext, resolve_device
+        from cdkd.train.distributed import DistContext, resolve_device
 
         if amp not in AMP_MODES:
             raise CdkdValueError(f"unknown amp mode {amp!r}; choose one of {', '.join(AMP_MODES)}")

@@ -1,13 +1,14 @@
 """A training run's history as ``metrics.jsonl`` holds it: step rows and events, read from a file that may be
 unfinished (one row, or a last line cut in half by a killed process).
 
-Rows are what ``cdkd.utils.rundir.RunDir.write_metrics`` writes: ``{"step": n, "lr": ..., "loss": ..., <terms>,
+Rows are what ``cdkd.train.rundir.RunDir.write_metrics`` writes: ``{"step": n, "lr": ..., "loss": ..., <terms>,
 "images_per_s": ..., "time": <unix seconds>}``; an event (a stage change of mask-cdkd's schedule, rs4d's
 reference loss) is a row with an ``"event"`` key, written at the step it happened.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from cdkd.utils.rundir import read_metrics
 
 # Events drawn as vertical lines, and the label each gets (mask-cdkd logs a stage change, rs4d the step its
 # reference loss was fixed; rs4d's frequent "ratios" events are visible as the corruption curve itself).
@@ -105,3 +105,30 @@ class History:
         gaps = np.where(pause, usual, np.maximum(d_time, 0.0))
         # the first row's own step(s) took time too: count them at the usual rate
         return float(gaps.sum() + steps[0] * max(per_step, 0.0))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (none when it does not exist). A line that is not a JSON object is left
+    out: the last line of a run killed while writing it."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value

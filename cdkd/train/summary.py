@@ -18,9 +18,10 @@ import yaml
 from cdkd.errors import CdkdIOError, CdkdValueError
 from cdkd.train.curves import PANELS, draw_curves
 from cdkd.train.history import History, is_number
-from cdkd.utils.checkpoint import list_checkpoints
+from cdkd.train.checkpoint import list_checkpoints
 from cdkd.utils.paths import check_writable
-from cdkd.utils.rundir import RunDir, finite
+from cdkd.train.history import finite
+from cdkd.train.rundir import RunDir
 from cdkd.utils.runlock import describe, holder
 
 # The artifact each kind of run ends with (the trainers' ``run_dir``): kind -> method -> file name.

@@ -11,6 +11,7 @@ Needs the ``tensorboard`` package (``pip install tensorboard``); torch's ``Summa
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -18,18 +19,16 @@ from typing import Any
 from cdkd.errors import CdkdValueError
 from cdkd.train.curves import panel_of
 from cdkd.train.history import is_number
-from cdkd.utils.rundir import read_metrics
+from cdkd.train.history import read_metrics
 
 NOT_SCALARS = ("step", "time")
 
 
 def require_tensorboard() -> None:
     """Raise a one-line error naming the package when ``tensorboard`` is not installed."""
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("tensorboard") is None:
         raise CdkdValueError("--tensorboard needs the tensorboard package: pip install tensorboard "
-                             "(or pip install 'cdkd[tensorboard]')") from None
+                             "(or pip install 'cdkd[tensorboard]')")
 
 
 def has_events(folder: Path) -> bool:

@@ -1,9 +1,9 @@
-"""The instance-segmentation task of ``cdkd.finetune.trainer.finetune`` (``FinetuneConfig.task == "instance"``).
+"""The instance task: objects, one polygon each.
 
-What differs from the semantic task, and nothing else: the data (``read_data``: a COCO file and its images, or a
-georeferenced scene with vector footprints), the model (``build_detector``: ``cdkd.models.instance.Detector``),
-the loss of a micro-batch (``InstanceLoop._micro``: the sum of Mask R-CNN's five losses, each logged) and the
-artifact (``save``: ``detector.pt``). The loop, optimiser, schedule, checkpoints and resume are the trainer's.
+Fine-tuning trains a Mask R-CNN on the student (``cdkd.models.instance.Detector``: a ViTDet-style simple feature
+pyramid feeding torchvision's Mask R-CNN; frozen encoder unless ``--unfreeze``) from a COCO file and its images
+or a georeferenced scene with vector footprints (``read_data``), on windows placed around objects
+(``InstanceTiles``), with the sum of Mask R-CNN's five losses, each logged; it writes ``detector.pt``.
 
 Normalisation: the student's statistics when the images are of its pixel type and have its bands; otherwise
 (``training_norm``: a 16-bit panchromatic scene under a student distilled on 8-bit RGB) statistics computed once
@@ -12,8 +12,9 @@ from the training images, band 1 repeated for a single-band image, which ``detec
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -25,8 +26,9 @@ from cdkd.data.coco import INSTANCE_FORMATS, InstanceData, read_coco
 from cdkd.data.instance_tiles import InstanceTiles, collate_instances
 from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdValueError, DataError
-from cdkd.finetune.trainer import _Loop
 from cdkd.models.instance import Detector
+from cdkd.tasks.base import Log, Task, TrainingData
+from cdkd.train.loop import StepLog
 
 LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
@@ -90,29 +92,69 @@ def save(path: Path, model: Detector, student: StudentInfo, schema: ClassSchema,
                                             overlap=overlap))
 
 
-class InstanceLoop(_Loop):
-    """The fine-tuning loop with Mask R-CNN's losses (torchvision computes them in training mode)."""
+class InstanceTask(Task):
+    name = "instance"
+    artifact_name = "detector.pt"
+    formats = INSTANCE_FORMATS
 
-    def _micro(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def check(self, cfg: FinetuneConfig) -> None:
+        check_format(cfg.data.format)
+
+    def training_data(self, cfg: FinetuneConfig, student: StudentInfo, log: Log) -> TrainingData:
+        data = read_data(cfg.data, log)
+        norm = training_norm(data, student.norm, student.in_chans, log)
+        return TrainingData(data.schema, norm, [im.path for im in data.images], len(data.images),
+                            f"{len(data.images)} images, {data.num_objects} objects", data)
+
+    def build(self, student: nn.Module, schema: ClassSchema, cfg: FinetuneConfig) -> nn.Module:
+        return build_detector(student, schema.num_classes, cfg)
+
+    def describe(self, cfg: FinetuneConfig, student: StudentInfo) -> str:
+        return f"a Mask R-CNN on {student.arch}"
+
+    def dataset(self, data: TrainingData, tile: int, cfg: FinetuneConfig) -> tuple[Any, Callable | None]:
+        return tiles(data.items, data.norm, tile, cfg), collate_instances
+
+    def objective(self, model: nn.Module, data: TrainingData, cfg: FinetuneConfig,
+                  device: torch.device) -> InstanceObjective:
+        return InstanceObjective(model, device, cfg.train.batch_size)
+
+    def save(self, path: Path, model: nn.Module, student: StudentInfo, schema: ClassSchema, tile: int,
+             overlap: int) -> None:
+        save(path, model, student, schema, tile, overlap)
+
+    def report(self, data: TrainingData) -> dict[str, Any]:
+        return {"images": data.samples}
+
+
+class InstanceObjective:
+    """Mask R-CNN's five losses (torchvision computes them in training mode), summed; each is logged, with the
+    objects per training tile."""
+
+    def __init__(self, model: nn.Module, device: torch.device, batch_size: int) -> None:
+        self.model, self.device, self.batch_size = model, device, batch_size
+
+    def begin_step(self) -> None:
+        pass
+
+    def micro(self, batch: dict, autocast: Callable[[], contextlib.AbstractContextManager]
+              ) -> tuple[torch.Tensor, dict[str, float]]:
         images = batch["image"].to(self.device, non_blocking=True)
         targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with autocast():
             losses = self.model(list(images.unbind(0)), targets)
         loss = sum(v.float() for v in losses.values())
-        logs = {k: float(v.detach()) for k, v in losses.items()}
-        logs["objects"] = sum(len(t["labels"]) for t in targets)
-        logs["micro_batches"] = 1
-        return loss, logs
+        parts = {k: float(v.detach()) for k, v in losses.items()}
+        parts["loss"] = float(loss.detach())
+        parts["objects"] = sum(len(t["labels"]) for t in targets)
+        return loss, parts
 
-    def _logs(self, counts: dict[str, float]) -> dict[str, float]:
-        n = max(counts.get("micro_batches", 1), 1)
-        out = {k: counts[k] / n for k in LOSSES if k in counts}
-        out["objects_per_tile"] = counts.get("objects", 0) / (n * self.cfg.train.batch_size)
-        return out
-
-    def _postfix(self, logs: dict[str, float]) -> dict[str, str]:
-        return {"mask": f"{logs.get('loss_mask', float('nan')):.3f}"}
+    def end_step(self, parts: dict[str, Any]) -> StepLog:
+        row = {"loss": parts["loss"], **{k: parts[k] for k in LOSSES if k in parts},
+               "objects_per_tile": parts.get("objects", 0) / self.batch_size}
+        return StepLog(parts["loss"], row, shown={"loss": f"{parts['loss']:.3f}",
+                                                  "mask": f"{parts.get('loss_mask', float('nan')):.3f}"})
 
 
-__all__ = ["LOSSES", "InstanceLoop", "build_detector", "check_format", "collate_instances", "read_data", "save",
-           "tiles"]
+__all__ = ["LOSSES", "InstanceObjective", "InstanceTask", "build_detector", "check_format", "read_data", "save",
+           "tiles", "training_norm"]

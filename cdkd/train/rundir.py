@@ -8,18 +8,17 @@ Shared by every long job (``distill``, ``finetune``): each writes ``config.yaml`
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
-import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from cdkd.errors import CheckpointError, ConfigError, OutputExistsError
 from cdkd.utils.atomic import atomic_write_text
-from cdkd.utils.checkpoint import list_checkpoints, load_checkpoint
+from cdkd.train.checkpoint import list_checkpoints, load_checkpoint
+from cdkd.train.history import finite, read_metrics
 from cdkd.utils.paths import check_writable
 from cdkd.utils.runlock import RunLock, holder, in_use_error
 
@@ -29,8 +28,6 @@ class RunDir:
     root: Path
     artifact_name: str  # e.g. "student.pt"
     kind: str = "run"  # for messages: "distillation run"
-    # What a session keeps open while it lasts (its total steps, the TensorBoard writer); not part of the value.
-    _live: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def artifact(self) -> Path:
@@ -96,15 +93,11 @@ class RunDir:
                 p.unlink()
 
     @contextmanager
-    def session(self, fresh: bool, main: bool = True, *, start: int = 0, steps: int | None = None,
-                tensorboard: bool = False) -> Iterator[None]:
+    def session(self, fresh: bool, main: bool = True) -> Iterator[None]:
         """The run's time in its folder: the folder's lock is held (by the main process of a DDP job), a ``fresh``
         run starts from an empty folder, and a fresh run that ends before its first checkpoint (bad data found in
         the first batches, a Ctrl-C) leaves nothing behind: neither its files nor a folder it created, which would
-        only stand in the way of the next run.
-
-        ``start``: the step the session resumes from; ``steps``: the run's total (for ``curves.png``);
-        ``tensorboard``: every metrics row also goes to ``tensorboard/`` (``cdkd.train.tensorboard``)."""
+        only stand in the way of the next run."""
         if not main:
             yield
             return
@@ -113,14 +106,8 @@ class RunDir:
         try:
             if fresh:
                 self.reset()
-            self._live["steps"] = steps
-            if tensorboard:
-                from cdkd.train.tensorboard import TensorBoardLog  # here: tensorboard is optional
-
-                self._live["tensorboard"] = TensorBoardLog(self.tensorboard, start, self.metrics)
             yield
         except BaseException:
-            self._close_tensorboard()  # before its folder may be removed
             if fresh and not list_checkpoints(self.checkpoints):
                 self.reset()
                 lock.release(remove=True)
@@ -128,13 +115,7 @@ class RunDir:
                     self.root.rmdir()
             raise
         finally:
-            self._close_tensorboard()
             lock.release(remove=True)
-
-    def _close_tensorboard(self) -> None:
-        board = self._live.pop("tensorboard", None)
-        if board is not None:
-            board.close()
 
     def write_metrics(self, record: dict[str, Any]) -> None:
         """Append one row (with the wall-clock ``time`` it was written, which gives a run's elapsed time)."""
@@ -142,9 +123,6 @@ class RunDir:
         record = {**record, "time": round(time.time(), 3)}
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        board = self._live.get("tensorboard")
-        if board is not None:
-            board.write(record)
 
     def last_metrics(self) -> dict[str, Any]:
         """The newest row of ``metrics.jsonl`` that logs a step's losses (``{}`` when there is none)."""
@@ -161,51 +139,10 @@ class RunDir:
         keep = [row for row in read_metrics(self.metrics) if row.get("step", 0) <= step]
         atomic_write_text(self.metrics, "".join(json.dumps(row) + "\n" for row in keep))
 
-    def draw_curves(self) -> None:
-        """``curves.png`` from the metrics so far (at each checkpoint and at the end; main process only). A
-        picture that cannot be drawn is a warning: it must never end a training run."""
-        from cdkd.train.summary import write_curves  # here: matplotlib is imported only to draw
-
-        try:
-            write_curves(self.root, total=self._live.get("steps"))
-        except Exception as e:  # noqa: BLE001 (whatever went wrong, the run's own outputs come first)
-            warnings.warn(f"{self.curves}: not drawn ({type(e).__name__}: {e})", stacklevel=2)
-        board = self._live.get("tensorboard")
-        if board is not None:
-            board.flush()
-
     def write_report(self, report: dict[str, Any]) -> None:
         """``report.json``; a value that is not a finite number is written as null, never as NaN (which is not
-        JSON, and which a report should not claim as a result). The final ``curves.png`` follows it."""
+        JSON, and which a report should not claim as a result)."""
         atomic_write_text(self.report, json.dumps(finite(report), indent=2, allow_nan=False))
-        self.draw_curves()
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl`` (none when it does not exist). A line that is not a JSON object is left
-    out: the last line of a run killed while writing it."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def finite(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, inf) replaced by None, recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
 
 
 def check_identity(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
