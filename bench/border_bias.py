@@ -27,7 +27,7 @@ import numpy as np
 import rasterio
 
 from cdkd.data.labeled import find_pairs, read_pair, schema_for
-from cdkd.finetune.evaluate import predict_image
+from cdkd.evaluation.semantic import predict_image
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.engine import segment_scene
 from cdkd.scene.runtimes import open_runtime

@@ -3,7 +3,7 @@
     python bench/decoder_cost.py [--tile 512] [--batch 1] [--channels 512,256,128] [--repeats 3]
 
 Times one forward pass of a random-weight ``Segmenter`` (inference mode, float32) split into encoder and
-decoder by ``cdkd.finetune.evaluate.StageTimer``, the hooks ``cdkd evaluate`` uses; medians over ``--repeats``
+decoder by ``cdkd.evaluation.semantic.StageTimer``, the hooks ``cdkd evaluate`` uses; medians over ``--repeats``
 after one warm-up, the models taking turns (other load falls on all alike). Prints a table and the ratios to
 the default width (512) measured in this run.
 """
@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from cdkd.finetune.evaluate import StageTimer
+from cdkd.evaluation.semantic import StageTimer
 from cdkd.models.student import build_student
 from cdkd.models.upernet import Segmenter, count_parameters
 

@@ -59,7 +59,7 @@ def finetune_detector(a: argparse.Namespace, student: Path, out: Path, data: dic
 
 
 def evaluate(a: argparse.Namespace, detector: Path, out: Path, split: str) -> dict:
-    from cdkd.finetune.instance_eval import evaluate_instances
+    from cdkd.evaluation.instance import evaluate_instances
 
     res = evaluate_instances(detector, NWPU, out, fmt="coco", split=[split], overwrite=True, progress=False,
                              batch_size=2)
@@ -106,7 +106,7 @@ def scene_run(a: argparse.Namespace, student: Path) -> dict:
     import pyogrio
     import shapely
 
-    from cdkd.finetune.instance_eval import match_footprints
+    from cdkd.evaluation.instance import match_footprints
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
     from cdkd.scene.runtimes import open_runtime

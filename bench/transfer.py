@@ -138,7 +138,7 @@ def evaluate_model(model: torch.nn.Module, info, samples: int = 512) -> dict:
     itself always covers whole images.
     """
     from cdkd.data.labeled import LabeledTiles, find_pairs
-    from cdkd.finetune.metrics import MetricAccumulator
+    from cdkd.evaluation.metrics import MetricAccumulator
 
     pairs = find_pairs(SHARED / "labeled" / "dubai", "dubai", ["tile[7-8]"])
     tiles = LabeledTiles(pairs, info.classes, info.norm, info.tile_size, augment=False, seed=1234)

@@ -47,7 +47,7 @@ def evaluate_command(
     """
     with cli_errors():
         if task.value == "instance":
-            from cdkd.finetune.instance_eval import evaluate_instances
+            from cdkd.evaluation.instance import evaluate_instances
 
             res = evaluate_instances(segmenter, data, out, fmt=fmt.value, split=o.words(split), labels=labels,
                                      class_field=class_field, classes=classes, overlap=overlap,
@@ -59,7 +59,7 @@ def evaluate_command(
                        f"{res.device}")
             typer.echo(f"wrote {res.json_path}, {res.markdown_path}, {res.predictions_path}, {res.preview_path}")
             return
-        from cdkd.finetune.evaluate import evaluate
+        from cdkd.evaluation.semantic import evaluate
 
         res = evaluate(segmenter, data, fmt.value, out, classes=classes, split=o.words(split), overlap=overlap,
                        batch_size=batch_size, device=device, runtime=o.value(runtime), amp=amp.value,

@@ -132,7 +132,7 @@ def test_coco_metrics_equal_pycocotools_on_a_hand_made_case():
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from cdkd.finetune.instance_eval import coco_metrics
+    from cdkd.evaluation.instance import coco_metrics
 
     gt, results = _hand_made()
     ours = coco_metrics(gt, results)
@@ -156,7 +156,7 @@ def test_coco_metrics_equal_pycocotools_on_a_hand_made_case():
 def test_match_footprints_greedy_one_to_one():
     import shapely
 
-    from cdkd.finetune.instance_eval import match_footprints
+    from cdkd.evaluation.instance import match_footprints
 
     truth = [shapely.box(0, 0, 10, 10), shapely.box(20, 0, 30, 10)]
     pred = [shapely.box(1, 0, 11, 10), shapely.box(0, 0, 10, 10), shapely.box(20, 0, 24, 10)]
@@ -170,7 +170,7 @@ def test_object_results_use_the_detector_box_and_keep_maskless_detections():
     import shapely
 
     from cdkd.data.coco import InstanceObject
-    from cdkd.finetune.instance_eval import object_results
+    from cdkd.evaluation.instance import object_results
     from cdkd.scene.objects import SceneObject
 
     objects = [SceneObject(shapely.box(2, 3, 6, 5), 0, 0.8, 1, (1.5, 2.5, 6.5, 5.5)),

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cdkd.artifacts import StudentInfo, load_segmenter, save_student
 from cdkd.data.classes import ClassSchema
 from cdkd.data.stats import NormStats
-from cdkd.finetune.evaluate import StageTimer, evaluate, predict_image
+from cdkd.evaluation.semantic import StageTimer, evaluate, predict_image
 from cdkd.models.student import build_student
 from cdkd.scene.runtimes import open_runtime
 from cdkd.scene.sliding import runtime_predict, sliding_window_logits

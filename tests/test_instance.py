@@ -357,7 +357,7 @@ def test_merger_joins_pieces_but_not_neighbours():
 
 
 def test_evaluate_refuses_categories_that_do_not_match_the_model(tmp_path):
-    from cdkd.finetune.instance_eval import evaluate_instances
+    from cdkd.evaluation.instance import evaluate_instances
     from tests.test_coco import _coco
 
     path, _ = _tiny_detector(tmp_path)  # classes building, tank; the data's: ship, tank
@@ -367,7 +367,7 @@ def test_evaluate_refuses_categories_that_do_not_match_the_model(tmp_path):
 
 
 def test_evaluate_writes_metrics_and_a_picture(tmp_path):
-    from cdkd.finetune.instance_eval import evaluate_instances
+    from cdkd.evaluation.instance import evaluate_instances
     from tests.test_coco import _coco
 
     _, json_path, _, _ = _coco(tmp_path)

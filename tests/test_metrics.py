@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cdkd.errors import CdkdValueError
-from cdkd.finetune.metrics import MetricAccumulator, SegMetrics, confusion_matrix
+from cdkd.evaluation.metrics import MetricAccumulator, SegMetrics, confusion_matrix
 
 IGN = 255
 # 2 x 3 label map with one ignored pixel; its prediction (2) must not be counted anywhere.

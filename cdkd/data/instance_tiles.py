@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from cdkd.data.coco import InstanceData, InstanceImage, mask_bbox, object_mask
 from cdkd.data.files import read_window
 from cdkd.data.stats import NormStats
-from cdkd.data.unlabeled import UnlabeledTiles, _augment, check_tile_size
+from cdkd.data.unlabeled import check_index, check_tile_size, flip_rotate
 from cdkd.errors import DataError
 
 
@@ -66,7 +66,7 @@ class InstanceTiles(Dataset):
         return row, col, h, w
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        i = UnlabeledTiles._check_index(i)
+        i = check_index(i)
         im = self.data.images[self.image_index(i)]
         rng = np.random.default_rng([self.seed, 1, i])
         t = self.tile_size
@@ -89,9 +89,9 @@ class InstanceTiles(Dataset):
         stack = np.stack(masks).astype(np.float32) if masks else np.zeros((0, t, t), np.float32)
         if self.augment:
             twin = copy.deepcopy(rng)  # the masks get the image's flips and rotation
-            image, valid = _augment(image, valid, rng)
+            image, valid = flip_rotate(image, valid, rng)
             if len(stack):
-                stack, _ = _augment(stack, np.zeros((t, t), bool), twin)
+                stack, _ = flip_rotate(stack, np.zeros((t, t), bool), twin)
         boxes = [mask_bbox(m > 0.5) for m in stack]
         return {"image": torch.from_numpy(np.ascontiguousarray(image)),
                 "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),

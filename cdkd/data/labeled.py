@@ -41,7 +41,7 @@ from cdkd.data.files import (
 )
 from cdkd.data.gdal import gdal_reason
 from cdkd.data.stats import NormStats
-from cdkd.data.unlabeled import UnlabeledTiles, _augment, check_tile_size
+from cdkd.data.unlabeled import check_index, check_tile_size, flip_rotate
 from cdkd.errors import CdkdError, CdkdIOError, CdkdValueError, DataError
 
 FORMATS = ("dubai", "deepglobe", "loveda", "isprs", "openearthmap", "folder")
@@ -445,15 +445,15 @@ class LabeledTiles(Dataset):
         return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))[k])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        i = UnlabeledTiles._check_index(i)
+        i = check_index(i)
         n = self.pair_index(i)
         rng = np.random.default_rng([self.seed, 1, i])
         image, valid, label = self._read_tile(self.pairs[n], self.sizes[n], rng)
         if self.augment:
             # a copy of the generator replays the same draws, so the label gets the image's flips and rotation
             twin = copy.deepcopy(rng)
-            image, valid = _augment(image, valid, rng)
-            label, _ = _augment(label[None], np.zeros(label.shape, dtype=bool), twin)
+            image, valid = flip_rotate(image, valid, rng)
+            label, _ = flip_rotate(label[None], np.zeros(label.shape, dtype=bool), twin)
             label = label[0]
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)),

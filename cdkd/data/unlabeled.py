@@ -90,12 +90,12 @@ class UnlabeledTiles(Dataset):
         return self.rasters[int(order[k])]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        i = self._check_index(i)
+        i = check_index(i)
         info = self.raster_for(i)
         rng = np.random.default_rng([self.seed, 1, i])
         image, valid = self._read_tile(info, rng)
         if self.augment:
-            image, valid = _augment(image, valid, rng)
+            image, valid = flip_rotate(image, valid, rng)
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image)),
             "valid": torch.from_numpy(np.ascontiguousarray(valid)),
@@ -103,12 +103,6 @@ class UnlabeledTiles(Dataset):
         if self.mask_fn is not None:
             item["mask"] = torch.from_numpy(np.ascontiguousarray(self.mask_fn(rng), dtype=bool))
         return item
-
-    @staticmethod
-    def _check_index(i: int) -> int:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
-            raise CdkdValueError(f"sample number must be a non-negative integer, got {i!r}")
-        return int(i)
 
     def _read_tile(self, info: RasterInfo, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Normalised (C, T, T) float32 tile and (T, T) validity, zero-padded at the bottom/right if needed."""
@@ -125,7 +119,14 @@ class UnlabeledTiles(Dataset):
         return image, mask
 
 
-def _augment(image: np.ndarray, valid: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def check_index(i: int) -> int:
+    """A global sample number (``StepSampler``'s): a non-negative integer, else CdkdValueError."""
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
+        raise CdkdValueError(f"sample number must be a non-negative integer, got {i!r}")
+    return int(i)
+
+
+def flip_rotate(image: np.ndarray, valid: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Random horizontal flip, vertical flip and 90-degree rotation, the same for (C, T, T) image and (T, T) mask."""
     hflip = bool(rng.random() < 0.5)
     vflip = bool(rng.random() < 0.5)

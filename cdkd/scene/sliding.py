@@ -16,7 +16,7 @@ import torch
 from cdkd.errors import CdkdValueError
 from cdkd.scene.blend import window_weights
 from cdkd.scene.rowblend import PlanBlender, to_numpy
-from cdkd.scene.tiler import PAD_MODES, TileWindow, _as_int, pad_to_tile, plan_rows
+from cdkd.scene.tiler import PAD_MODES, TileWindow, as_int, pad_to_tile, plan_rows
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
@@ -78,9 +78,9 @@ def sliding_window_logits(
     and the padding is cropped from the logits, so it only influences the prediction through the model's context.
     """
     image = _as_image(image)
-    tile = _as_int("tile", tile)
-    batch_size = _as_int("batch_size", batch_size)
-    num_classes = _as_int("num_classes", num_classes)
+    tile = as_int("tile", tile)
+    batch_size = as_int("batch_size", batch_size)
+    num_classes = as_int("num_classes", num_classes)
     if batch_size <= 0:
         raise CdkdValueError(f"batch_size must be > 0, got batch_size={batch_size}")
     if num_classes <= 0:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # rasterio is imported lazily: planning must not pay for GDAL
 PAD_MODES = ("reflect", "symmetric", "edge", "constant")
 
 
-def _as_int(name: str, value: Any) -> int:
+def as_int(name: str, value: Any) -> int:
     """``value`` as a Python int (numpy integers accepted), else CdkdValueError; bools and floats are refused."""
     if isinstance(value, bool):
         raise CdkdValueError(f"{name} must be an integer, got {value!r}")
@@ -74,8 +74,8 @@ class TileWindow:
 
 def _check_tiling(tile: Any, overlap: Any) -> tuple[int, int]:
     """Validated ``(tile, overlap)``: ``tile > 0`` and ``0 <= overlap < tile`` (overlap need not be even)."""
-    tile = _as_int("tile", tile)
-    overlap = _as_int("overlap", overlap)
+    tile = as_int("tile", tile)
+    overlap = as_int("overlap", overlap)
     if tile <= 0:
         raise CdkdValueError(f"tile size must be > 0, got tile={tile}")
     if not 0 <= overlap < tile:
@@ -94,7 +94,7 @@ def grid_offsets(size: int, tile: int, overlap: int) -> list[int]:
     therefore overlap its neighbour by more than ``overlap``. Offsets are strictly increasing without
     duplicates. ``size <= tile`` gives ``[0]`` (one window, cut to ``size`` by ``plan_windows``).
     """
-    size = _as_int("size", size)
+    size = as_int("size", size)
     tile, overlap = _check_tiling(tile, overlap)
     if size <= 0:
         raise CdkdValueError(f"image size must be > 0 pixels, got size={size}")
@@ -113,8 +113,8 @@ def plan_rows(height: int, width: int, tile: int, overlap: int) -> list[list[Til
     The streaming scene engine writes its output band by band: once every window of a row (and of the rows
     above it) is done, the image rows that no later window touches are final.
     """
-    height = _as_int("height", height)
-    width = _as_int("width", width)
+    height = as_int("height", height)
+    width = as_int("width", width)
     tile, overlap = _check_tiling(tile, overlap)
     rows = grid_offsets(height, tile, overlap)
     cols = grid_offsets(width, tile, overlap)
@@ -156,7 +156,7 @@ def pad_to_tile(
         raise CdkdValueError(f"pad_to_tile expects an (h, w) or (C, h, w) array, got shape {array.shape}")
     if mode not in PAD_MODES:
         raise CdkdValueError(f"unknown pad mode {mode!r}; choose one of {', '.join(PAD_MODES)}")
-    tile = _as_int("tile", tile)
+    tile = as_int("tile", tile)
     if tile <= 0:
         raise CdkdValueError(f"tile size must be > 0, got tile={tile}")
     h, w = array.shape[-2:]

@@ -23,7 +23,7 @@ from cdkd.artifacts import StudentInfo, save_student
 from cdkd.config import FinetuneConfig, apply_overrides
 from cdkd.data import compute_stats
 from cdkd.data.files import find_rasters
-from cdkd.finetune.evaluate import evaluate
+from cdkd.evaluation.semantic import evaluate
 from cdkd.finetune.trainer import finetune
 from cdkd.models.student import build_student
 

@@ -26,7 +26,7 @@ from cdkd.data.labelcheck import check_labels
 from cdkd.data.labeled import find_pairs, read_pair, schema_for
 from cdkd.utils.paths import check_writable
 from cdkd.errors import CdkdValueError, DataError, OutputExistsError
-from cdkd.finetune.metrics import MetricAccumulator, SegMetrics
+from cdkd.evaluation.metrics import MetricAccumulator, SegMetrics
 from cdkd.progress import track
 from cdkd.scene.runtimes import open_runtime
 from cdkd.scene.sliding import Predict, runtime_predict, sliding_window_logits
