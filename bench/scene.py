@@ -275,7 +275,7 @@ def job_baseline(model: str, scene: str, out: str, batch: int, bands: list[int],
     import torch
 
     from cdkd.data.stats import NormStats
-    from cdkd.scene.core.classraster import NODATA
+    from cdkd.data.classraster import NODATA
     from cdkd.scene.runtimes import open_runtime
     from cdkd.scene.sliding import sliding_window_logits
 

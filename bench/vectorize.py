@@ -66,7 +66,7 @@ def make_scene(path: Path, size: int, seed: int = 0) -> dict:
     from rasterio.transform import Affine
 
     from cdkd.data.classes import ClassSchema
-    from cdkd.scene.core.classraster import NODATA, write_class_metadata
+    from cdkd.data.classraster import NODATA, write_class_metadata
 
     rng = np.random.default_rng(seed)
     field = smooth_field(size, size / 160, rng) + 0.35 * smooth_field(size, 3.0, rng)

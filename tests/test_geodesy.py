@@ -24,7 +24,7 @@ from cdkd.geodesy import (
     planar_scale_error,
 )
 from cdkd.scene.core.areas import ClassAreaTally
-from cdkd.scene.core.classraster import NODATA
+from cdkd.data.classraster import NODATA
 from cdkd.vector import vectorize
 from cdkd.vector.coverage import simplify_coverage
 from cdkd.vector.polygonize import polygonize

@@ -15,7 +15,7 @@ from conftest import make_geotiff, make_segmenter, synthetic_image
 
 from cdkd.data.classes import BUILTIN_SCHEMAS
 from cdkd.errors import CdkdIOError
-from cdkd.scene.core.classraster import (
+from cdkd.data.classraster import (
     CLASSES_TAG,
     NODATA,
     colormap,

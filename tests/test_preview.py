@@ -13,7 +13,7 @@ from PIL import Image
 
 from cdkd.data.classes import BUILTIN_SCHEMAS
 from cdkd.errors import CdkdValueError, OutputExistsError
-from cdkd.scene.core.classraster import NODATA, write_class_metadata
+from cdkd.data.classraster import NODATA, write_class_metadata
 from cdkd.scene.preview import LEGEND_KEY, panel_shape, preview_layout, write_preview
 
 SCHEMA = BUILTIN_SCHEMAS["dubai"]

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cdkd import progress
 from cdkd.data.classes import BUILTIN_SCHEMAS
 from cdkd.errors import CdkdValueError
-from cdkd.scene.core.classraster import write_class_metadata
+from cdkd.data.classraster import write_class_metadata
 from cli.main import app
 
 

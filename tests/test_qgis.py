@@ -163,7 +163,7 @@ def test_runner_streams_progress_and_passes_errors_through(tmp_path, class_raste
 
 def test_class_legend_read_back_from_the_sidecar(class_raster):
     from cdkd.data.classes import BUILTIN_SCHEMAS
-    from cdkd.scene.core.classraster import write_gis_legend
+    from cdkd.data.classraster import write_gis_legend
 
     schema = BUILTIN_SCHEMAS["dubai"]
     write_gis_legend(class_raster, schema)
@@ -215,7 +215,7 @@ def reference(tmp_path_factory, scene, model_pt) -> Path:
 @pytest.fixture
 def class_raster(tmp_path) -> Path:
     from cdkd.data.classes import BUILTIN_SCHEMAS
-    from cdkd.scene.core.classraster import write_class_metadata
+    from cdkd.data.classraster import write_class_metadata
 
     ids = np.zeros((1, 40, 60), np.uint8)
     ids[0, :, 30:] = 3

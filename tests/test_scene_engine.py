@@ -12,7 +12,7 @@ from conftest import make_geotiff, make_segmenter, one_clean_error, synthetic_im
 from typer.testing import CliRunner
 
 from cdkd.errors import CheckpointError, DataError, OutputExistsError
-from cdkd.scene.core.classraster import NODATA, read_class_schema
+from cdkd.data.classraster import NODATA, read_class_schema
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.runstate import output_paths
 from cdkd.scene.engine import segment_scene

@@ -22,7 +22,7 @@ from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdIOError, CdkdValueError
 from cdkd.scene.blend import seam_index, window_weights
 from cdkd.scene.blocks import plan_blocks
-from cdkd.scene.core.classraster import NODATA
+from cdkd.data.classraster import NODATA
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.runstate import output_paths
 from cdkd.scene.engine import segment_scene

@@ -16,7 +16,7 @@ from test_vectorize import SCHEMA, app, blob_ids, read, runner, scene_ids, write
 
 from cdkd.data.classes import color_hex
 from cdkd.errors import CdkdValueError, ConfigError, OutputExistsError
-from cdkd.scene.core.classraster import NODATA
+from cdkd.data.classraster import NODATA
 from cdkd.vector import VectorizeConfig, vectorize
 from cdkd.vector.choices import AREA_MODES
 from cdkd.vector.formats import FORMATS, geo_metadata

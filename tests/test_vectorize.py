@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from cdkd.data.classes import ClassSchema, LandCoverClass
 from cdkd.errors import CdkdValueError, OutputExistsError
 from cdkd.scene.core.areas import ClassAreaTally
-from cdkd.scene.core.classraster import NODATA, write_class_metadata
+from cdkd.data.classraster import NODATA, write_class_metadata
 from cdkd.vector import MinArea, parse_min_area, vectorize
 from cdkd.vector.coverage import node
 from cdkd.vector.join import join_pieces

@@ -22,7 +22,7 @@ from rasterio.transform import from_origin
 
 from cdkd.demo.landscape import demo_schema, make_landscape
 from cdkd.errors import OutputExistsError
-from cdkd.scene.core.classraster import NODATA
+from cdkd.data.classraster import NODATA
 from cdkd.utils.atomic import atomic_write_text
 
 CRS = "EPSG:32633"  # UTM 33N, 10 m pixels: a Sentinel-2-like scene

@@ -33,7 +33,7 @@ from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdValueError, CheckpointError, DataError
 from cdkd.scene.cluster import connect, register_runtime, worker_runtime
 from cdkd.scene.core.areas import ClassAreaTally
-from cdkd.scene.core.classraster import check_num_classes
+from cdkd.data.classraster import check_num_classes
 from cdkd.scene.core.options import SegmentOptions, cache_budget, resolve_tiling
 from cdkd.scene.core.pipeline import (
     RowCounts,

@@ -31,7 +31,7 @@ import rasterio
 from cdkd.data.gdal import raster_path
 from cdkd.errors import DataError
 from cdkd.scene.core.areas import ClassAreaTally
-from cdkd.scene.core.classraster import check_num_classes
+from cdkd.data.classraster import check_num_classes
 from cdkd.scene.core.options import (
     SegmentOptions,
     cache_budget,

@@ -28,7 +28,7 @@ import numpy as np
 
 from cdkd.artifacts import InferenceMeta
 from cdkd.errors import CdkdValueError, DataError
-from cdkd.scene.core.classraster import NODATA
+from cdkd.data.classraster import NODATA
 from cdkd.scene.core.pipeline import (
     RowCounts,
     StageTimes,

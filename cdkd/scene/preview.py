@@ -193,7 +193,7 @@ def write_preview(
     """
     from cdkd.data.files import open_raster
     from cdkd.data.gdal import raster_path
-    from cdkd.scene.core.classraster import CLASSES_TAG, read_class_schema
+    from cdkd.data.classraster import CLASSES_TAG, read_class_schema
 
     scene_path, class_raster_path, out_png = raster_path(scene_path), Path(class_raster_path), Path(out_png)
     scene_name = str(scene_path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]  # a URL's too

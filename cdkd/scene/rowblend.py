@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cdkd.errors import CdkdValueError
-from cdkd.scene.core.classraster import NODATA
+from cdkd.data.classraster import NODATA
 from cdkd.scene.tiler import TileWindow
 
 CONFIDENCE_NODATA = 0  # confidence is round(255 * max softmax) >= 255 / K >= 1 wherever a pixel is valid

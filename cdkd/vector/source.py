@@ -1,7 +1,7 @@
 """The class raster that ``cdkd vectorize`` reads: header checks, a validating scan and strip reads of class ids.
 
 A class raster is one band of integer values. Its legend comes from the raster itself (``cdkd segment`` labels
-its output with ``cdkd.scene.classraster.write_class_metadata``) or from a class file (``--classes``, which
+its output with ``cdkd.data.classraster.write_class_metadata``) or from a class file (``--classes``, which
 wins when both exist). Raw values become class ids as ``ClassSchema`` decodes index masks: the value itself, or
 through the file's ``values`` map; a value that means ``ignore_index`` is treated as nodata, like the raster's
 own nodata value and its dataset mask (alpha band, internal mask). Nodata never becomes a polygon.
@@ -30,7 +30,7 @@ from cdkd.data.files import open_raster
 from cdkd.data.gdal import gdal_reason
 from cdkd.errors import CdkdIOError, DataError
 from cdkd.geodesy import is_geographic, metres_per_unit
-from cdkd.scene.core.classraster import read_class_schema
+from cdkd.data.classraster import read_class_schema
 
 MAX_LISTED = 10  # unknown values named in an error message (most frequent first)
 

@@ -1,7 +1,7 @@
 """cdkd's outputs as QGIS shows them: class colours and class names, read from what cdkd writes beside them.
 
 - A class raster (``cdkd segment``) carries a GDAL colour table and, in its PAM sidecar ``OUT.tif.aux.xml``, a
-  raster attribute table (Value, Class_Name, Red, Green, Blue, Alpha; ``cdkd.scene.core.classraster``). QGIS 3.22
+  raster attribute table (Value, Class_Name, Red, Green, Blue, Alpha; ``cdkd.data.classraster``). QGIS 3.22
   draws the colour table but labels the legend with bare numbers, so ``style_class_raster`` builds a paletted
   renderer with the class names from that table.
 - Polygons (``cdkd vectorize``, ``cdkd segment`` with a detector) carry a QGIS style: in a GeoPackage's

@@ -7,5 +7,5 @@
 * ``writer`` and ``pyramid``: finished rows to chunk files with their overviews, then one COG;
 * ``runstate``: an output's files, its lock, its fingerprint and the checkpoint a ``--resume`` continues;
 * ``report``: progress, notices and the report a run writes;
-* ``classraster`` and ``areas``: the class raster's legend and the ground area of its classes.
+* ``areas``: the ground area of a class raster's classes (its legend: ``cdkd.data.classraster``).
 """

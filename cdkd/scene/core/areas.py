@@ -23,7 +23,7 @@ import numpy as np
 
 from cdkd.errors import CdkdValueError, CheckpointError
 from cdkd.geodesy import PixelAreas
-from cdkd.scene.core.classraster import NODATA
+from cdkd.data.classraster import NODATA
 
 STATE_FORMAT = "cdkd-class-area-tally/1"
 CHUNK_PIXELS = 1 << 20  # pixels per bincount: bounds the int64 keys' transient memory to 8 MB

@@ -31,7 +31,7 @@ from rasterio.transform import Affine
 
 from cdkd.data.classes import ClassSchema
 from cdkd.errors import CdkdIOError
-from cdkd.scene.core.classraster import NODATA, class_tags, colormap, write_gis_legend
+from cdkd.data.classraster import NODATA, class_tags, colormap, write_gis_legend
 from cdkd.scene.core.pyramid import Pyramid
 from cdkd.scene.core.source import SceneInfo
 from cdkd.scene.rowblend import CONFIDENCE_NODATA, FinishedRows
