@@ -8,7 +8,12 @@ last rows and columns. This script measures it two ways for a ``segmenter.pt``:
   four borders against the accuracy inside, and each class's share of the border band against its share of the
   whole image, predicted and true;
 * on georeferenced scenes without labels (``--scenes``): each class's share along each side against the whole
-  scene (``cdkd segment``'s class raster).
+  scene (``cdkd segment``'s class raster);
+* the edge effect itself, label-free (``--context``): the central part of each scene, cut out with a margin, is
+  segmented alone, so its border pixels sit at window edges, and compared with the same pixels segmented inside the
+  whole scene, where they have their real context; once as the engine runs today and once with the cut-out
+  reflect-padded by ``--pad`` px first (the windows then extend past its border). Agreement in the border band
+  against the interior says how much the missing context costs, and whether mirrored context gives it back.
 
     python bench/border_bias.py --model runs/seg/segmenter.pt --data dubai/ --format dubai --split 'tile[7-8]' \
         --scenes ../shared/data/scenes/cogeo.tif ../shared/data/scenes/naip_4band.tif
@@ -97,6 +102,56 @@ def scene_part(runtime, scenes: list[str], strip: int, bands: tuple[int, ...] | 
     return rows
 
 
+def _write(path: Path, array: np.ndarray, profile: dict) -> Path:
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(array)
+    return path
+
+
+def context_part(runtime, scenes: list[str], margin: int, pad: int, strip: int, bands: tuple[int, ...] | None
+                 ) -> list[dict]:
+    """Per scene: agreement with the whole-scene prediction in the border band and inside, for the cut-out as is
+    and reflect-padded by ``pad`` px."""
+    from rasterio.windows import Window
+    from rasterio.windows import transform as window_transform
+
+    rows = []
+    opts = SegmentOptions(progress=False, bands=bands)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, scene in enumerate(scenes):
+            with rasterio.open(scene) as src:
+                h, w = src.height - 2 * margin, src.width - 2 * margin
+                win = Window(margin, margin, w, h)
+                cut = src.read(window=win)
+                profile = dict(driver="GTiff", width=w, height=h, count=src.count, dtype=src.dtypes[0], crs=src.crs,
+                               transform=window_transform(win, src.transform), nodata=src.nodata)
+            whole_out = Path(tmp) / f"w{i}.tif"
+            segment_scene(scene, runtime, whole_out, opts, log=lambda m: None)
+            with rasterio.open(whole_out) as src:
+                truth = src.read(1, window=win)
+            plain = _write(Path(tmp) / f"c{i}.tif", cut, profile)
+            padded_arr = np.pad(cut, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+            t = profile["transform"]
+            padded = _write(Path(tmp) / f"p{i}.tif", padded_arr,
+                            dict(profile, width=w + 2 * pad, height=h + 2 * pad,
+                                 transform=t * rasterio.Affine.translation(-pad, -pad)))
+            result = {"scene": str(scene), "size": [h, w]}
+            for name, path, off in (("as_is", plain, 0), ("reflect_padded", padded, pad)):
+                out = Path(tmp) / f"{name}{i}.tif"
+                segment_scene(path, runtime, out, opts, log=lambda m: None)
+                with rasterio.open(out) as src:
+                    pred = src.read(1)[off:off + h, off:off + w]
+                edge = border_mask(h, w, strip)
+                valid = (truth != 255) & (pred != 255)
+                same = pred == truth
+                result[name] = {"border_agreement": float(same[edge & valid].mean()),
+                                "interior_agreement": float(same[~edge & valid].mean()),
+                                "border_changed_to": np.bincount(pred[edge & valid & ~same],
+                                                                 minlength=runtime.meta.num_classes).tolist()}
+            rows.append(result)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -106,6 +161,9 @@ def main() -> None:
     ap.add_argument("--scenes", nargs="*", default=[])
     ap.add_argument("--bands", help="scene bands for --scenes, e.g. 1,2,3")
     ap.add_argument("--strip", type=int, default=4, help="border band width in px")
+    ap.add_argument("--context", nargs="*", default=[], help="scenes for the label-free edge-effect part")
+    ap.add_argument("--margin", type=int, default=128, help="--context: the cut-out's margin inside the scene")
+    ap.add_argument("--pad", type=int, default=64, help="--context: reflect padding of the cut-out, in px")
     ap.add_argument("--json")
     args = ap.parse_args()
     runtime = open_runtime(args.model)
@@ -128,6 +186,15 @@ def main() -> None:
             for side, s in row["sides"].items():
                 print(f"   {side:<7}" + " ".join(f"{n[:8]:>9} {100 * v:5.1f}%" for n, v in zip(names, s)))
             print(f"   {'whole':<7}" + " ".join(f"{n[:8]:>9} {100 * v:5.1f}%" for n, v in zip(names, row["whole"])))
+    if args.context:
+        bands = tuple(int(b) for b in args.bands.split(",")) if args.bands else None
+        result["context"] = context_part(runtime, args.context, args.margin, args.pad, args.strip, bands)
+        print(f"edge effect: agreement with the whole-scene prediction ({args.strip} px border band / interior)")
+        for row in result["context"]:
+            a, p = row["as_is"], row["reflect_padded"]
+            print(f"  {Path(row['scene']).name:<28} as is {100 * a['border_agreement']:5.1f} / "
+                  f"{100 * a['interior_agreement']:5.1f} %   reflect-padded {100 * p['border_agreement']:5.1f} / "
+                  f"{100 * p['interior_agreement']:5.1f} %   border changed to {a['border_changed_to']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -6,7 +6,7 @@ desktop drives it.
 The plugin is imported from ``PLUGINS_DIR`` (where ``cdkd qgis install`` put it) and started as QGIS starts it.
 
 1. ``cdkd:segment`` through ``processing.run`` with a ``QgsProcessingFeedback`` whose Cancel is pressed once cdkd
-   reports its first finished tiles, as the Cancel button of the algorithm dialog does;
+   reports its start, as the Cancel button of the algorithm dialog does;
 2. the same algorithm with Resume ticked, through ``processing.runAndLoadResults``: the output is loaded into the
    project and styled by the provider, as after a run from the toolbox;
 3. ``cdkd:vectorize`` of that class raster with one layer per class, loaded the same way.
@@ -42,8 +42,10 @@ def main(plugins: str, scene: str, model: str, out: str) -> dict:
     feedback = QgsProcessingFeedback()
 
     def cancel_after_first_tiles(percent: float) -> None:
+        # at cdkd's first report (0 %, the pipeline started): a run of a small scene on a free CPU can finish
+        # between two reports, so a later Cancel would race it
         seen.append(percent)
-        if 0 < percent < 100:
+        if percent < 100:
             feedback.cancel()
 
     feedback.progressChanged.connect(cancel_after_first_tiles)

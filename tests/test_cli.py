@@ -174,7 +174,7 @@ def test_choice_options_mirror_the_library() -> None:
     from cdkd.scene import runtimes
     from cdkd.scene.batch import ON_ERROR
     from cdkd.scene.core.source import STATS_MODES
-    from cdkd.utils import optim
+    from cdkd.train import optim
     from cli import options as o
 
     def values(choice) -> tuple[str, ...]:

@@ -187,8 +187,17 @@ def qgis_env(tmp_path_factory) -> dict[str, str]:
     install_plugin("default", root, command=THIS_CDKD.argv, env=THIS_CDKD.env)
     runtime = root / "runtime"
     runtime.mkdir(mode=0o700)
-    return dict(os.environ, QT_QPA_PLATFORM="offscreen", QGIS_CUSTOM_CONFIG_PATH=str(root),
-                XDG_RUNTIME_DIR=str(runtime))
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH")}
+    env["PATH"] = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if not is_venv_bin(d))
+    return dict(env, QT_QPA_PLATFORM="offscreen", QGIS_CUSTOM_CONFIG_PATH=str(root), XDG_RUNTIME_DIR=str(runtime))
+
+
+def is_venv_bin(folder: str) -> bool:
+    """QGIS embeds the system Python without naming its program, so that Python finds its home by the first
+    ``python3`` on PATH: an activated virtual environment's (made from another Python, here pyenv's) would give
+    it a foreign standard library and no PyQGIS, and qgis_process crashes. QGIS as a user starts it has no
+    virtual environment on PATH; the plugin reaches cdkd by its absolute command."""
+    return bool(folder) and (Path(folder).parent / "pyvenv.cfg").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +287,7 @@ def test_cancel_then_resume_gives_the_uninterrupted_output(qgis_env, model_pt, t
     python = qgis_python()
     if python is None:
         pytest.skip("no Python with PyQGIS (python3-qgis) to drive Cancel")
-    tall = make_geotiff(tmp_path / "tall.tif", synthetic_image((3, 2000, 64), seed=3))  # 41 window rows
+    tall = make_geotiff(tmp_path / "tall.tif", synthetic_image((3, 6000, 64), seed=3))  # 125 window rows
     whole = tmp_path / "whole.tif"
     segment_scene(tall, open_runtime(model_pt, device="cpu"), whole, SegmentOptions(batch_size=1, progress=False))
     out = tmp_path / "resumed.tif"
@@ -287,10 +296,10 @@ def test_cancel_then_resume_gives_the_uninterrupted_output(qgis_env, model_pt, t
                            str(model_pt), str(out)], env=qgis_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     record = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert record["canceled"].startswith("Canceled: cdkd saved a checkpoint") and record["checkpoint"]
-    assert not record["finished_early"] and 0 < record["progress_seen"][-1] < 100
+    assert (record["canceled"] or "").startswith("Canceled: cdkd saved a checkpoint") and record["checkpoint"], record
+    assert not record["finished_early"] and max(record["progress_seen"]) < 100
     report = json.loads(Path(record["resumed"]["REPORT"]).read_text())
-    assert 0 < report["resumed_from_row"] < 41  # it continued, not started again
+    assert 0 < report["resumed_from_row"] < 125  # it continued, not started again
     assert out.read_bytes() == whole.read_bytes()
 
     names = [c.name for c in raster_classes(whole)]
