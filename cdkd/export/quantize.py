@@ -28,14 +28,15 @@ on at least ``min_agreement`` of the pixels' classes. It carries cdkd's metadata
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,8 @@ class QuantizeOptions:
     def check(self) -> None:
         """CdkdValueError naming the first bad field."""
         if self.method not in CALIB_METHODS:
-            raise CdkdValueError(f"unknown calibration method {self.method!r}; choose one of {', '.join(CALIB_METHODS)}")
+            raise CdkdValueError(f"unknown calibration method {self.method!r}; choose one of "
+                                 f"{', '.join(CALIB_METHODS)}")
         for name, value in (("calibration tiles", self.calib_tiles), ("check tiles", self.check_tiles)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise CdkdValueError(f"number of {name} must be an integer >= 1, got {value!r}")
@@ -119,7 +121,7 @@ class QuantizeReport:
     parity: ParityResult
     float_parity: ParityResult | None
     seconds: float
-    format: str = field(default="onnx int8 qdq")
+    format: str = "onnx int8 qdq"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -203,13 +205,15 @@ def _reader(tiles: np.ndarray, batch: int) -> Any:
 
 
 @contextmanager
-def _quiet_ort_logging() -> Iterator[None]:
-    """ONNX Runtime's quantizer logs advice and notes as root-logger warnings ("consider pre-processing", an
-    out-of-range axis it then ignores); cdkd's choices are made above, so they are muted while it runs."""
+def _quiet_ort_quantizer() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs advice as root-logger warnings ("consider pre-processing", an out-of-range
+    axis it then ignores) and prints its histogram progress; cdkd's choices are made above and its command prints
+    its own lines, so both are muted while the quantizer runs."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        yield
+        with redirect_stdout(io.StringIO()):
+            yield
     finally:
         logging.disable(previous)
 
@@ -241,7 +245,7 @@ def quantize_qdq(float_onnx: Path, out: Path, tiles: np.ndarray, options: Quanti
         "CalibStridedMinMax": 1,  # one batch's activations in memory at a time (GBs at 1024 px)
         "CalibPercentile": PERCENTILE,
     }
-    with _quiet_ort_logging():
+    with _quiet_ort_quantizer():
         quantize_static(
             str(float_onnx), str(out), _reader(tiles, batch), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS), per_channel=options.per_channel,
