@@ -154,6 +154,27 @@ def test_float_parts_are_found_by_structure(models) -> None:
     assert by_name[last].op_type == "Conv" and "attention" not in found
 
 
+def test_calibration_records_only_what_is_quantized(models, tmp_path: Path) -> None:
+    """The attention scores (kept float) are not recorded: at 1024 px they held calibration above 10 GiB."""
+    from onnxruntime.quantization import MinMaxCalibrater
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    from cdkd.export.quantize import _calibrate_only
+
+    _, fp32, res = models
+    graph = onnx.load(str(fp32)).graph
+    scores = {n.output[0] for n in graph.node if n.op_type == "Softmax"}
+    kept = {name for names in res.kept_float.values() for name in names}
+    quantized = {n.name for n in graph.node if n.op_type in ("MatMul", "Conv") and n.name not in kept}
+    original = CalibraterBase.select_tensors_to_calibrate
+    calibrator = MinMaxCalibrater(str(fp32), ["MatMul", "Conv"], str(tmp_path / "aug.onnx"))
+    assert scores <= calibrator.select_tensors_to_calibrate(calibrator.model)[0]  # ONNX Runtime's own choice
+    with _calibrate_only(quantized):
+        tensors, _ = calibrator.select_tensors_to_calibrate(calibrator.model)
+    assert tensors and not tensors & scores
+    assert CalibraterBase.select_tensors_to_calibrate is original
+
+
 # --------------------------------------------------------------------------------------------------------------
 # refusals
 

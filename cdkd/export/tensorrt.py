@@ -36,7 +36,6 @@ from cdkd.utils.atomic import atomic_path, atomic_write_text
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 GiB = 2**30
-INT8_MODES = ("none", "explicit", "implicit")
 
 
 class EngineBuildError(CdkdError):
@@ -142,8 +141,9 @@ def _unavailable(reason: str, model: Path, out: Path, meta: InferenceMeta, *, fp
     command = trtexec_command(onnx_name, out.name, meta, dynamic=dynamic, fp16=fp16, int8=mode != "none",
                               max_batch=max_batch)
     if mode == "implicit":  # trtexec cannot calibrate from images: without a cache its INT8 scales are placeholders
-        command += (f" --calib={calibration_cache(out).name} (a cache from a cdkd export --int8 --calib build with "
-                    "the same TensorRT; without one use --fp16)")
+        command += (f" --calib={calibration_cache(out).name} (a cache from a cdkd export --format tensorrt --int8 "
+                    "--calib build with the same TensorRT; without one use --fp16, or a Q/DQ model from cdkd export "
+                    "--int8 --calib DIR, which needs no cache)")
     return CdkdValueError(
         f"TensorRT engines must be built on the target GPU (an engine runs only on the GPU model and TensorRT "
         f"version that built it), and {reason} here: {first}on the target device run {command}, then write its "
