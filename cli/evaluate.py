@@ -34,7 +34,8 @@ def evaluate_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN),
     amp: o.Amp = typer.Option(o.Amp.none, "--amp", help="Autocast for a segmenter.pt on CUDA, or bf16 on CPUs with "
                               "AVX-512 BF16/AMX (none: float32 metrics).", rich_help_panel=RUN),
-    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime CPU threads.", rich_help_panel=RUN),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime CPU threads (default: one per "
+                                          "physical core).", rich_help_panel=RUN),
     overwrite: bool = o.overwrite_opt,
     progress: bool = o.progress_opt,
 ) -> None:

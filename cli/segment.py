@@ -34,7 +34,8 @@ def segment_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN),
     amp: o.Amp = typer.Option(o.Amp.auto, "--amp", help="Autocast for --model: on CUDA (auto = bf16), bf16 also on "
                               "CPUs with AVX-512 BF16/AMX (auto = float32 there).", rich_help_panel=RUN),
-    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime CPU threads.", rich_help_panel=RUN),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime CPU threads (default: one per "
+                                          "physical core).", rich_help_panel=RUN),
     tile_size: Optional[int] = typer.Option(None, "--tile-size", help="Tile size in px (default: the model's).",
                                             rich_help_panel=TILING),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="Window overlap in px (default: the model's).",
