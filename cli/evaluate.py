@@ -32,9 +32,10 @@ def evaluate_command(
     runtime: Optional[o.Runtime] = typer.Option(None, "--runtime", help="Default: from the model file's suffix "
                                                 "(.pt: torch, .onnx: onnx).", rich_help_panel=RUN),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN),
-    amp: o.Amp = typer.Option(o.Amp.none, "--amp", help="Autocast on CUDA for a segmenter.pt (none: float32 "
-                              "metrics).", rich_help_panel=RUN),
-    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime CPU threads.", rich_help_panel=RUN),
+    amp: o.Amp = typer.Option(o.Amp.none, "--amp", help="Autocast for a segmenter.pt on CUDA, or bf16 on CPUs with "
+                              "AVX-512 BF16/AMX (none: float32 metrics).", rich_help_panel=RUN),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime CPU threads (default: one per "
+                                          "physical core).", rich_help_panel=RUN),
     overwrite: bool = o.overwrite_opt,
     progress: bool = o.progress_opt,
 ) -> None:

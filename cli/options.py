@@ -34,6 +34,7 @@ Task = _choice("Task", ("semantic", "instance"))  # cdkd.artifacts.TASKS
 Head = _choice("Head", ("upernet", "linear"))  # cdkd.models.upernet.HEADS
 LrSchedule = _choice("LrSchedule", ("cosine", "poly"))  # cdkd.train.optim.LR_SCHEDULES
 ExportFormat = _choice("ExportFormat", ("onnx", "tensorrt"))  # cli.export.FORMATS
+CalibMethod = _choice("CalibMethod", ("minmax", "entropy", "percentile"))  # cdkd.export.quantize.CALIB_METHODS
 Adapter = _choice("Adapter", ("multi", "single"))  # cdkd.models.mmoa.MMoA
 Fusion = _choice("Fusion", ("gate", "add"))
 Direction = _choice("Direction", ("bi", "uni"))  # cdkd.distill.objective

@@ -33,9 +33,10 @@ def segment_command(
     runtime: Optional[o.Runtime] = typer.Option(None, "--runtime", help="Default: from the model file's suffix.",
                                                 rich_help_panel=RUN),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN),
-    amp: o.Amp = typer.Option(o.Amp.auto, "--amp", help="Autocast on CUDA for --model (auto = bf16).",
-                              rich_help_panel=RUN),
-    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime CPU threads.", rich_help_panel=RUN),
+    amp: o.Amp = typer.Option(o.Amp.auto, "--amp", help="Autocast for --model: on CUDA (auto = bf16), bf16 also on "
+                              "CPUs with AVX-512 BF16/AMX (auto = float32 there).", rich_help_panel=RUN),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime CPU threads (default: one per "
+                                          "physical core).", rich_help_panel=RUN),
     tile_size: Optional[int] = typer.Option(None, "--tile-size", help="Tile size in px (default: the model's).",
                                             rich_help_panel=TILING),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="Window overlap in px (default: the model's).",

@@ -7,8 +7,11 @@ Jetson) followed by ``write_sidecar``. An engine file cannot hold metadata, so t
 ``cdkd.scene.runtimes.TensorRTRuntime`` reads it.
 
 Written against the TensorRT 10 Python API (explicit batch networks, ``build_serialized_network``, memory pool
-limits); INT8 uses post-training calibration (``IInt8EntropyCalibrator2``) over real tiles normalised exactly as
-the engine's inputs.
+limits). INT8 takes one of two paths, chosen once by ``int8_mode``: a Q/DQ model (``cdkd export --int8``, whose
+scales were calibrated when it was quantized) is built with explicit quantization, the INT8 flag and no
+calibrator or cache; a float model with ``int8`` is calibrated by TensorRT itself (implicit quantization,
+``IInt8EntropyCalibrator2`` over real tiles normalised exactly as the engine's inputs), which TensorRT 10
+deprecates and keeps for float models only.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from cdkd.artifacts import InferenceMeta, engine_sidecar, load_segmenter
 from cdkd.errors import CdkdError, CdkdValueError, CheckpointError
 from cdkd.export.onnx import DEFAULT_OPSET, INPUT_NAME, export_onnx, refuse_existing
 from cdkd.export.parity import ParityResult
+from cdkd.export.quantize import is_qdq
 from cdkd.export.tiles import real_tiles
 from cdkd.scene.runtimes import read_onnx_meta
 from cdkd.utils.atomic import atomic_path, atomic_write_text
@@ -41,7 +45,8 @@ class EngineBuildError(CdkdError):
 @dataclass(frozen=True)
 class EngineReport:
     """What ``build_engine`` wrote. ``batch``: (min, opt, max) of the optimisation profile, all equal for a
-    fixed-batch model. ``precision``: "fp32", "fp16", "int8" or "int8+fp16" (the kernels TensorRT may pick)."""
+    fixed-batch model. ``precision``: "fp32", "fp16", "int8" or "int8+fp16" (the kernels TensorRT may pick).
+    ``quantization``: "explicit" (a Q/DQ model), "implicit" (calibrated by TensorRT) or "none"."""
 
     engine: str
     sidecar: str
@@ -53,6 +58,7 @@ class EngineReport:
     calibration_tiles: int
     onnx_parity: ParityResult | None  # the ONNX export's check, when the engine was built from a segmenter.pt
     seconds: float
+    quantization: str = "none"
 
 
 def calibration_cache(engine: str | Path) -> Path:
@@ -89,9 +95,19 @@ def _onnx_batch(path: Path) -> int | None:
     return None if dim.dim_param or not dim.dim_value else int(dim.dim_value)
 
 
+def int8_mode(onnx_path: str | Path | None, int8: bool) -> str:
+    """How an engine built from ``onnx_path`` quantizes: "explicit" for a Q/DQ model (whatever ``int8`` says: its
+    scales are in the graph), "implicit" for a float model with ``int8`` (TensorRT calibrates), else "none".
+    ``onnx_path`` None: a float model still to be exported from a segmenter.pt."""
+    if onnx_path is not None and is_qdq(onnx_path):
+        return "explicit"
+    return "implicit" if int8 else "none"
+
+
 def trtexec_command(onnx_name: str, engine_name: str, meta: InferenceMeta, *, dynamic: bool, fp16: bool,
                     int8: bool, max_batch: int) -> str:
-    """The ``trtexec`` command that builds the engine ``build_engine`` would (without INT8 calibration data)."""
+    """The ``trtexec`` command that builds the engine ``build_engine`` would (without INT8 calibration data);
+    for a Q/DQ model ``int8`` is what makes TensorRT take its Q/DQ nodes as int8 kernels."""
     parts = ["trtexec", f"--onnx={onnx_name}", f"--saveEngine={engine_name}"]
     parts += ["--fp16"] * fp16 + ["--int8"] * int8
     if dynamic:  # trtexec would otherwise build a batch-1 engine from a dynamic model
@@ -114,7 +130,7 @@ def _tensorrt() -> tuple[Any, str]:
     return trt, ""
 
 
-def _unavailable(reason: str, model: Path, out: Path, meta: InferenceMeta, *, fp16: bool, int8: bool,
+def _unavailable(reason: str, model: Path, out: Path, meta: InferenceMeta, *, fp16: bool, mode: str,
                  max_batch: int) -> CdkdValueError:
     """The one-line error that says where and how to build the engine instead."""
     if model.suffix.lower() == ".onnx":
@@ -122,10 +138,12 @@ def _unavailable(reason: str, model: Path, out: Path, meta: InferenceMeta, *, fp
     else:
         onnx_name, dynamic = f"{out.stem}.onnx", True
         first = f"export the ONNX model (cdkd export {model} --format onnx --dynamic-batch --out {onnx_name}), then "
-    command = trtexec_command(onnx_name, out.name, meta, dynamic=dynamic, fp16=fp16, int8=int8, max_batch=max_batch)
-    if int8:  # trtexec cannot calibrate from images: without a cache its INT8 scales are placeholders
-        command += (f" --calib={calibration_cache(out).name} (a cache from a cdkd export --int8 --calib build with "
-                    "the same TensorRT; without one use --fp16)")
+    command = trtexec_command(onnx_name, out.name, meta, dynamic=dynamic, fp16=fp16, int8=mode != "none",
+                              max_batch=max_batch)
+    if mode == "implicit":  # trtexec cannot calibrate from images: without a cache its INT8 scales are placeholders
+        command += (f" --calib={calibration_cache(out).name} (a cache from a cdkd export --format tensorrt --int8 "
+                    "--calib build with the same TensorRT; without one use --fp16, or a Q/DQ model from cdkd export "
+                    "--int8 --calib DIR, which needs no cache)")
     return CdkdValueError(
         f"TensorRT engines must be built on the target GPU (an engine runs only on the GPU model and TensorRT "
         f"version that built it), and {reason} here: {first}on the target device run {command}, then write its "
@@ -173,8 +191,9 @@ def _calibrator(trt: Any, tiles: np.ndarray | None, batch: int, cache: Path) -> 
 
 def _build(trt: Any, onnx_path: Path, out: Path, meta: InferenceMeta, *, fp16: bool, int8: bool,
            calib: Path | None, calib_tiles: int, max_batch: int, workspace_gb: float) -> tuple[tuple[int, int, int],
-                                                                                              int]:
-    """Parse ``onnx_path``, build and write the engine ``out``; returns (batch profile, calibration tiles used)."""
+                                                                                              int, str]:
+    """Parse ``onnx_path``, build and write the engine ``out``; returns (batch profile, calibration tiles used,
+    ``int8_mode``)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # TensorRT 10 networks are always explicit-batch (flag 0); 8.x needs the flag, which 10 deprecates.
@@ -203,7 +222,10 @@ def _build(trt: Any, onnx_path: Path, out: Path, meta: InferenceMeta, *, fp16: b
         config.set_flag(trt.BuilderFlag.FP16)
 
     used = 0
-    if int8:
+    mode = int8_mode(onnx_path, int8)
+    if mode == "explicit":  # the Q/DQ nodes carry the scales: no calibrator, no cache
+        config.set_flag(trt.BuilderFlag.INT8)
+    elif mode == "implicit":
         config.set_flag(trt.BuilderFlag.INT8)
         tiles = real_tiles(calib, meta, calib_tiles)[0] if calib is not None else None
         if not dynamic:
@@ -230,7 +252,7 @@ def _build(trt: Any, onnx_path: Path, out: Path, meta: InferenceMeta, *, fp16: b
                                "--workspace-gb or a smaller --max-batch may help)")
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         f.write(serialized)
-    return batches, used
+    return batches, used, mode
 
 
 def build_engine(
@@ -257,8 +279,9 @@ def build_engine(
             ``export_onnx``, parity check included).
         out: ``.engine``/``.plan`` file to write.
         fp16, int8: let TensorRT use fp16 / int8 kernels (both may be given; neither gives fp32).
-        calib: folder of images for INT8 calibration (``calib_tiles`` tiles, normalised as the engine's inputs);
-            without it ``int8`` reuses the calibration cache ``<stem>.calib.cache`` of an earlier build.
+        calib: folder of images for INT8 calibration of a float model (``calib_tiles`` tiles, normalised as the
+            engine's inputs); without it ``int8`` reuses the calibration cache ``<stem>.calib.cache`` of an earlier
+            build. A Q/DQ model (``cdkd export --int8``) is always built with its own int8 scales and takes none.
         max_batch: largest batch of a dynamic-batch model's optimisation profile (min 1, opt = max).
         workspace_gb: TensorRT's workspace memory pool limit in GiB.
 
@@ -278,32 +301,37 @@ def build_engine(
     if not workspace_gb > 0:
         raise CdkdValueError(f"workspace must be > 0 GiB, got {workspace_gb}")
     cache = calibration_cache(out)
-    if int8 and calib is None and not cache.is_file():
-        raise CdkdValueError(f"int8 needs images to calibrate on (--calib DIR) or the calibration cache {cache} "
-                             "of an earlier build")
     suffix = model.suffix.lower()
     if suffix not in (".onnx", ".pt", ".pth"):
         raise CdkdValueError(f"{model}: give an exported .onnx model or a segmenter.pt")
     sidecar = engine_sidecar(out)
     refuse_existing([out, sidecar], overwrite)
     meta = read_onnx_meta(model) if suffix == ".onnx" else load_segmenter(model)[1].inference_meta()
+    mode = int8_mode(model if suffix == ".onnx" else None, int8)
+    if mode == "explicit" and calib is not None:
+        raise CdkdValueError(f"{model}: a Q/DQ model was calibrated when it was quantized; drop --calib (its int8 "
+                             "scales are in the graph)")
+    if mode == "implicit" and calib is None and not cache.is_file():
+        raise CdkdValueError(f"int8 needs images to calibrate on (--calib DIR) or the calibration cache {cache} "
+                             "of an earlier build; or quantize the model first (cdkd export --format onnx --int8)")
     trt, reason = _tensorrt()
     if trt is None:
-        raise _unavailable(reason, model, out, meta, fp16=fp16, int8=int8, max_batch=max_batch)
+        raise _unavailable(reason, model, out, meta, fp16=fp16, mode=mode, max_batch=max_batch)
 
     parity = None
     build = partial(_build, trt, out=out, meta=meta, fp16=fp16, int8=int8, calib=Path(calib) if calib else None,
                     calib_tiles=calib_tiles, max_batch=max_batch, workspace_gb=workspace_gb)
     if suffix == ".onnx":
-        batches, used = build(model)
+        batches, used, mode = build(model)
     else:
         with tempfile.TemporaryDirectory(prefix="cdkd-export-") as tmp:
             onnx_path = Path(tmp) / f"{out.stem}.onnx"
             parity = export_onnx(model, onnx_path, opset=opset, dynamic_batch=True, check_data=check_data,
                                  check_tiles=check_tiles, min_agreement=min_agreement).parity
-            batches, used = build(onnx_path)
+            batches, used, mode = build(onnx_path)
     atomic_write_text(sidecar, meta.to_json())
-    precision = "+".join(p for p, on in (("int8", int8), ("fp16", fp16)) if on) or "fp32"
+    precision = "+".join(p for p, on in (("int8", mode != "none"), ("fp16", fp16)) if on) or "fp32"
     return EngineReport(engine=str(out), sidecar=str(sidecar), source=str(model), precision=precision, batch=batches,
-                        tensorrt=trt.__version__, calibration_cache=str(cache) if int8 else None,
-                        calibration_tiles=used, onnx_parity=parity, seconds=round(time.perf_counter() - start, 3))
+                        tensorrt=trt.__version__, calibration_cache=str(cache) if mode == "implicit" else None,
+                        calibration_tiles=used, onnx_parity=parity, seconds=round(time.perf_counter() - start, 3),
+                        quantization=mode)

@@ -3,11 +3,14 @@
 Both give what every runtime takes: (N, C, T, T) float32, normalised with the model's ``NormStats``. Real tiles
 are cut the way the scene engine sees imagery: pixels normalised, invalid pixels (nodata, alpha, mask) and the
 padding of images smaller than a tile set to 0 after normalising, i.e. to the band mean.
+``calibration_split`` divides a folder's images into tiles to calibrate an INT8 model on and tiles held out to
+check it.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,21 +80,10 @@ def _tile(raster: RasterInfo, meta: InferenceMeta, rng: np.random.Generator) -> 
     return padded, frac
 
 
-def real_tiles(folder: str | Path, meta: InferenceMeta, n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
-    """``n`` normalised tiles (n, in_chans, T, T) float32 from the images under ``folder``, and the files used.
-
-    Files (those with the model's bands and pixel type) are visited in a seeded random order, one tile each,
-    cycling when ``n`` exceeds their number; each tile comes from a random position with at least half its
-    pixels valid where one is found. A file whose pixels cannot be read is skipped with one warning.
-
-    Raises:
-        DataError: no usable image under ``folder``. CdkdValueError: ``n`` < 1.
-    """
-    if n < 1:
-        raise CdkdValueError(f"number of tiles must be >= 1, got {n}")
-    folder = Path(folder)
-    rasters = _usable(folder, meta)
-    rng = np.random.default_rng(seed)
+def _draw(rasters: list[RasterInfo], meta: InferenceMeta, n: int, rng: np.random.Generator,
+          folder: Path) -> tuple[np.ndarray, list[str]]:
+    """``n`` tiles from ``rasters``, visited in a seeded random order, one tile each, cycling when ``n`` exceeds
+    their number; an unreadable file is dropped with one warning."""
     order = [rasters[i] for i in rng.permutation(len(rasters))]
     tiles: list[np.ndarray] = []
     used: list[str] = []
@@ -111,7 +103,67 @@ def real_tiles(folder: str | Path, meta: InferenceMeta, n: int, seed: int = 0) -
         i += 1
     if broken:
         warnings.warn(f"skipped {len(broken)} unreadable file(s) in {folder} (first: {broken[0]})", UserWarning,
-                      stacklevel=2)
+                      stacklevel=3)
     if not tiles:
-        raise DataError(f"{folder}: no readable image for check tiles ({broken[0] if broken else 'none found'})")
+        raise DataError(f"{folder}: no readable image to cut tiles from ({broken[0] if broken else 'none found'})")
     return np.stack(tiles).astype(np.float32, copy=False), used
+
+
+def real_tiles(folder: str | Path, meta: InferenceMeta, n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """``n`` normalised tiles (n, in_chans, T, T) float32 from the images under ``folder``, and the files used.
+
+    Files (those with the model's bands and pixel type) are visited in a seeded random order, one tile each,
+    cycling when ``n`` exceeds their number; each tile comes from a random position with at least half its
+    pixels valid where one is found. A file whose pixels cannot be read is skipped with one warning.
+
+    Raises:
+        DataError: no usable image under ``folder``. CdkdValueError: ``n`` < 1.
+    """
+    if n < 1:
+        raise CdkdValueError(f"number of tiles must be >= 1, got {n}")
+    folder = Path(folder)
+    return _draw(_usable(folder, meta), meta, n, np.random.default_rng(seed), folder)
+
+
+@dataclass(frozen=True)
+class CalibrationSplit:
+    """Tiles to calibrate a quantized model on and tiles held out to check it, all (N, C, T, T) float32, normalised.
+
+    ``disjoint``: the held tiles come from other files than the calibration tiles (False only when ``folder``
+    holds a single usable image: then they are other positions of it).
+    """
+
+    calib: np.ndarray
+    held: np.ndarray
+    calib_files: tuple[str, ...]
+    held_files: tuple[str, ...]
+    disjoint: bool
+
+
+def calibration_split(folder: str | Path, meta: InferenceMeta, n_calib: int, n_held: int,
+                      seed: int = 0) -> CalibrationSplit:
+    """``n_calib`` calibration tiles and ``n_held`` held-out check tiles from the images under ``folder``.
+
+    The usable files are shuffled (seeded) and split in proportion to ``n_calib`` : ``n_held`` (at least one
+    file on each side), so no held tile shares a file with a calibration tile: a check on them says how the
+    quantized model does on imagery its ranges were not fitted to. Tiles are cut and normalised as by
+    ``real_tiles``.
+
+    Raises:
+        DataError: no usable image under ``folder``. CdkdValueError: a count < 1.
+    """
+    for name, value in (("calibration tiles", n_calib), ("held-out check tiles", n_held)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CdkdValueError(f"number of {name} must be an integer >= 1, got {value!r}")
+    folder = Path(folder)
+    rasters = _usable(folder, meta)
+    rng = np.random.default_rng(seed)
+    if len(rasters) == 1:
+        calib, calib_files = _draw(rasters, meta, n_calib, rng, folder)
+        held, held_files = _draw(rasters, meta, n_held, rng, folder)
+        return CalibrationSplit(calib, held, tuple(calib_files), tuple(held_files), disjoint=False)
+    order = [rasters[i] for i in rng.permutation(len(rasters))]
+    n_files = min(len(order) - 1, max(1, round(len(order) * n_held / (n_calib + n_held))))
+    held, held_files = _draw(order[:n_files], meta, n_held, rng, folder)
+    calib, calib_files = _draw(order[n_files:], meta, n_calib, rng, folder)
+    return CalibrationSplit(calib, held, tuple(calib_files), tuple(held_files), disjoint=True)
