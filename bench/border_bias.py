@@ -35,8 +35,8 @@ from cdkd.data.labeled import find_pairs, read_pair, schema_for
 from cdkd.evaluation.semantic import predict_image
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.engine import segment_scene
-from cdkd.scene.runtimes import open_runtime
-from cdkd.scene.sliding import runtime_predict
+from cdkd.inference.runtimes import open_runtime
+from cdkd.inference.sliding import runtime_predict
 
 
 def border_mask(h: int, w: int, strip: int) -> np.ndarray:

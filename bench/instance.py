@@ -109,7 +109,7 @@ def scene_run(a: argparse.Namespace, student: Path) -> dict:
     from cdkd.evaluation.instance import match_footprints
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.scene.runtimes import open_runtime
+    from cdkd.inference.runtimes import open_runtime
 
     scene, labels = SOLARIS / "sample_geotiff.tif", SOLARIS / "geotiff_labels.geojson"
     det = finetune_detector(a, student, a.out / "spacenet", {"root": str(scene), "format": "geo",

@@ -49,7 +49,7 @@ def header(title: str) -> None:
     import onnxruntime
     import torch
 
-    from cdkd.scene.runtimes import cpu_bf16_supported, physical_cores
+    from cdkd.inference.runtimes import cpu_bf16_supported, physical_cores
 
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     isa = ", ".join(f for f in ("avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16") if f" {f}" in flags)
@@ -122,7 +122,7 @@ def export_pair(seg: Path, tmp: Path, calib: Path, method: str = "minmax", calib
 
 
 def speed(args: argparse.Namespace) -> None:
-    from cdkd.scene.runtimes import OnnxRuntime, TorchRuntime, cpu_bf16_supported
+    from cdkd.inference.runtimes import OnnxRuntime, TorchRuntime, cpu_bf16_supported
 
     header("Throughput, one tile (batch 1)")
     rows = []
@@ -158,7 +158,7 @@ def speed(args: argparse.Namespace) -> None:
 def session(args: argparse.Namespace) -> None:
     import onnxruntime as ort
 
-    from cdkd.scene.runtimes import onnx_session_options, physical_cores
+    from cdkd.inference.runtimes import onnx_session_options, physical_cores
 
     header(f"ONNX Runtime session options ({args.arch} + UPerNet 512, {args.tile} px)")
     variants = {
@@ -196,7 +196,7 @@ def session(args: argparse.Namespace) -> None:
         print(f"| {name} | {f:.2f} | {f / base['float32']:.2f} | {q:.2f} | {q / base['INT8']:.2f} |")
     print(f"\n(vs cdkd: time relative to cdkd's options, > 1 is slower; load {os.getloadavg()[0]:.1f} at the end)")
     if args.keep_float:
-        from cdkd.scene.runtimes import OnnxRuntime
+        from cdkd.inference.runtimes import OnnxRuntime
 
         with tempfile.TemporaryDirectory(prefix="cdkd-bench-int8-") as tmp:
             tmp = Path(tmp)
@@ -240,7 +240,7 @@ def accuracy(args: argparse.Namespace) -> None:
     from cdkd.data.classraster import NODATA
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.scene.runtimes import OnnxRuntime, TorchRuntime, cpu_bf16_supported
+    from cdkd.inference.runtimes import OnnxRuntime, TorchRuntime, cpu_bf16_supported
 
     header(f"INT8 against float32: {args.segmenter}")
     with tempfile.TemporaryDirectory(prefix="cdkd-bench-int8-") as tmp:

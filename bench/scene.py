@@ -243,7 +243,7 @@ def job_throughput(model: str, scene: str, out: str, runtime: str, device: str, 
     """One warm-up batch, then one timed ``segment_scene``."""
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.scene.runtimes import open_runtime
+    from cdkd.inference.runtimes import open_runtime
 
     _set_threads(threads)
     rt = open_runtime(model, runtime=runtime, device=device, threads=threads)
@@ -259,7 +259,7 @@ def job_cdkd(model: str, scene: str, out: str, batch: int, bands: list[int], thr
     """Streaming: ``segment_scene`` with the torch runtime on the CPU."""
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.scene.runtimes import open_runtime
+    from cdkd.inference.runtimes import open_runtime
 
     _set_threads(threads)
     rt = open_runtime(model, device="cpu")
@@ -276,8 +276,8 @@ def job_baseline(model: str, scene: str, out: str, batch: int, bands: list[int],
 
     from cdkd.data.stats import NormStats
     from cdkd.data.classraster import NODATA
-    from cdkd.scene.runtimes import open_runtime
-    from cdkd.scene.sliding import sliding_window_logits
+    from cdkd.inference.runtimes import open_runtime
+    from cdkd.inference.sliding import sliding_window_logits
 
     _set_threads(threads)
     rt = open_runtime(model, device="cpu")
@@ -338,7 +338,7 @@ def job_ceiling(scene: str, out: str, tile: int, overlap: int, batch: int, read_
 
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.scene.tiler import plan_windows
+    from cdkd.inference.tiler import plan_windows
 
     report = segment_scene(scene, FreeRuntime(tile, overlap), out,
                            SegmentOptions(batch_size=batch, overwrite=True, progress=False, read_threads=read_threads))
@@ -364,7 +364,7 @@ def job_overhead(model: str, scene: str, out: str, device: str, batch: int, thre
     """Engine time vs the bare model on as many tiles (batches already in memory), after a warm-up."""
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.scene.runtimes import open_runtime
+    from cdkd.inference.runtimes import open_runtime
 
     _set_threads(threads)
     rt = open_runtime(model, device=device)
@@ -395,7 +395,7 @@ def job_scaleout(model: str, scene: str, work: str, workers: int, block_rows: in
 
     from cdkd.scene.blocks import segment_scene_on_cluster
     from cdkd.scene.core.options import SegmentOptions
-    from cdkd.scene.runtimes import RuntimeSpec
+    from cdkd.inference.runtimes import RuntimeSpec
 
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
@@ -415,7 +415,7 @@ def content_matched_seams(classes: np.ndarray, tile: int, overlap: int, period: 
     the change rate at window edges over the rate at the same base-scene position in the copies where no window
     edge lies. (Edges fall on other content than the average row, and an untrained ViT changes class more often on
     its 16 px patch grid, which the window edges share: both inflate the plain index without any seam.)"""
-    from cdkd.scene.tiler import grid_offsets
+    from cdkd.inference.tiler import grid_offsets
 
     change = (classes[:, 1:] != classes[:, :-1]).mean(axis=0)
     size = classes.shape[1]
@@ -433,10 +433,10 @@ def content_matched_seams(classes: np.ndarray, tile: int, overlap: int, period: 
 def job_seams(model: str, scene: str, out: str, period: list[int]) -> dict:
     import rasterio
 
-    from cdkd.scene.blend import seam_index
+    from cdkd.inference.blend import seam_index
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.scene.runtimes import open_runtime
+    from cdkd.inference.runtimes import open_runtime
 
     rt = open_runtime(model, device="cpu")
     segment_scene(scene, rt, out, SegmentOptions(overwrite=True, progress=False, batch_size=4))

@@ -1,5 +1,5 @@
-"""``cdkd evaluate``: mIoU, OA, mF1 and a confusion matrix of a segmenter on labeled images; with ``--task
-instance``, COCO AP (boxes and masks) of a detector."""
+"""``cdkd evaluate``: mIoU, OA, mF1 and a confusion matrix of a segmenter on labeled images; COCO AP (boxes and
+masks) of a detector. The model file says which (``cdkd.tasks.task_of_model``)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ def evaluate_command(
     segmenter: Path = typer.Argument(..., help="segmenter.pt from cdkd finetune, or model.onnx from cdkd export."),
     data: Path = typer.Option(..., "--data", help="Labeled dataset root."),
     fmt: o.DataFormat = typer.Option(..., "--format", help="Dataset layout (coco, geo: --task instance)."),
-    task: o.Task = typer.Option(o.Task.semantic, "--task", help="semantic: mIoU of a segmenter; instance: COCO AP "
-                                "of a detector."),
+    task: Optional[o.Task] = typer.Option(None, "--task", help="semantic: mIoU of a segmenter; instance: COCO AP "
+                                          "of a detector (default: the model's task; given, it must match)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="--format geo: the scene's footprints."),
     class_field: Optional[str] = typer.Option(None, "--class-field", help="--format geo: the attribute naming "
                                               "each footprint's class."),
@@ -47,28 +47,14 @@ def evaluate_command(
       cdkd evaluate runs/det/detector.pt --task instance --data nwpu/ --format coco --split '*[268].jpg' --out ev
     """
     with cli_errors():
-        if task.value == "instance":
-            from cdkd.evaluation.instance import evaluate_instances
+        from cdkd.errors import CdkdValueError
+        from cdkd.tasks import task_of_model
 
-            res = evaluate_instances(segmenter, data, out, fmt=fmt.value, split=o.words(split), labels=labels,
-                                     class_field=class_field, classes=classes, overlap=overlap,
-                                     batch_size=batch_size, device=device, runtime=o.value(runtime), amp=amp.value,
-                                     threads=threads, overwrite=overwrite, progress=progress)
-            typer.echo(res.metrics.markdown_table())
-            typer.echo(f"evaluated {res.metrics.images} images ({res.metrics.objects} labelled objects, "
-                       f"{res.metrics.detections} detections) in {res.seconds:.1f} s with {res.runtime} on "
-                       f"{res.device}")
-            typer.echo(f"wrote {res.json_path}, {res.markdown_path}, {res.predictions_path}, {res.preview_path}")
-            return
-        from cdkd.evaluation.semantic import evaluate
-
-        res = evaluate(segmenter, data, fmt.value, out, classes=classes, split=o.words(split), overlap=overlap,
-                       batch_size=batch_size, device=device, runtime=o.value(runtime), amp=amp.value,
-                       threads=threads, overwrite=overwrite, progress=progress)
-        typer.echo(res.metrics.markdown_table())
-        typer.echo(f"\nevaluated {res.cost.summary()}")
-        share = res.cost.decoder_share
-        if share is not None and share > 0.5:
-            typer.echo("the decoder costs more than the encoder: cdkd finetune --decoder-channels 128 (or 256) "
-                       "trains a narrower one")
-        typer.echo(f"wrote {res.json_path}, {res.markdown_path}, {res.confusion_path}")
+        strategy = task_of_model(segmenter, o.value(runtime))
+        if task is not None and task.value != strategy.name:
+            raise CdkdValueError(f"{segmenter}: a model of the {strategy.name} task, not {task.value}; drop --task")
+        res = strategy.evaluate(segmenter, data, out, fmt.value, split=o.words(split), labels=labels,
+                                class_field=class_field, classes=classes, overlap=overlap, batch_size=batch_size,
+                                device=device, runtime=o.value(runtime), amp=amp.value, threads=threads,
+                                overwrite=overwrite, progress=progress)
+        typer.echo(res.summary())

@@ -95,9 +95,9 @@ def export_command(
             _export_int8(model, out, calib, calib_tiles, calib_method, keep_float, check_tiles, min_agreement,
                          opset=opset, dynamic_batch=dynamic_batch, batch_size=batch_size, overwrite=overwrite)
         elif fmt == o.ExportFormat.onnx:
-            from cdkd.export import export_onnx
+            from cdkd.tasks import task_of_model
 
-            res = export_onnx(model, out, opset=opset, dynamic_batch=dynamic_batch, batch_size=batch_size,
+            res = task_of_model(model).export_onnx(model, out, opset=opset, dynamic_batch=dynamic_batch, batch_size=batch_size,
                               check_data=check_data, check_tiles=check_tiles, min_agreement=_float(min_agreement),
                               overwrite=overwrite)
             typer.echo(res.parity.summary())
@@ -107,13 +107,10 @@ def export_command(
             typer.echo(f"wrote {res.onnx} (opset {res.opset}, batch {batch}, {res.size_bytes / 2**20:.1f} MiB) "
                        f"and {res.report}")
         else:
-            from cdkd.errors import CdkdValueError
             from cdkd.export import build_engine
-            from cdkd.scene.runtimes import is_instance_model, runtime_for
+            from cdkd.tasks import task_of_model
 
-            if is_instance_model(model, runtime_for(model)):
-                raise CdkdValueError(f"{model}: instance models (Mask R-CNN) do not build TensorRT engines here (NMS, "
-                                     "RoIAlign and a variable number of detections); run the .onnx in ONNX Runtime")
+            task_of_model(model).check_runtime(model, "tensorrt")
 
             res = build_engine(model, out, fp16=fp16, int8=int8, calib=calib, calib_tiles=calib_tiles,
                                max_batch=max_batch, workspace_gb=workspace_gb, opset=opset, check_data=check_data,

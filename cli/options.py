@@ -20,27 +20,90 @@ class Choice(str, enum.Enum):
         return self.value
 
 
-def _choice(name: str, values: tuple[str, ...]) -> type[Choice]:
-    return Choice(name, [(v, v) for v in values])  # type: ignore[return-value]
+class Runtime(Choice):  # cdkd.inference.runtimes.RUNTIMES
+    torch = "torch"
+    onnx = "onnx"
+    tensorrt = "tensorrt"
 
 
-Runtime = _choice("Runtime", ("torch", "onnx", "tensorrt"))  # cdkd.scene.runtimes.RUNTIMES
-Amp = _choice("Amp", ("auto", "none", "bf16", "fp16"))  # cdkd.scene.runtimes / cdkd.train.optim AMP_MODES
-Stats = _choice("Stats", ("model", "scene"))  # cdkd.scene.source.STATS_MODES
-OnError = _choice("OnError", ("fail", "skip"))  # cdkd.scene.batch.ON_ERROR
-DataFormat = _choice("DataFormat", ("dubai", "deepglobe", "loveda", "isprs", "openearthmap", "folder",  # FORMATS
-                                    "coco", "geo"))  # + cdkd.data.coco.INSTANCE_FORMATS (--task instance)
-Task = _choice("Task", ("semantic", "instance"))  # cdkd.artifacts.TASKS
-Head = _choice("Head", ("upernet", "linear"))  # cdkd.models.upernet.HEADS
-LrSchedule = _choice("LrSchedule", ("cosine", "poly"))  # cdkd.train.optim.LR_SCHEDULES
-ExportFormat = _choice("ExportFormat", ("onnx", "tensorrt"))  # cli.export.FORMATS
-CalibMethod = _choice("CalibMethod", ("minmax", "entropy", "percentile"))  # cdkd.export.quantize.CALIB_METHODS
-Adapter = _choice("Adapter", ("multi", "single"))  # cdkd.models.mmoa.MMoA
-Fusion = _choice("Fusion", ("gate", "add"))
-Direction = _choice("Direction", ("bi", "uni"))  # cdkd.distill.objective
-Schedule = _choice("Schedule", ("dynamic", "fixed"))  # cdkd.distill.schedule
-ProgressFormat = _choice("ProgressFormat", ("bar", "json", "none"))  # cdkd.progress.FORMATS
+class Amp(Choice):  # cdkd.inference.runtimes / cdkd.train.optim AMP_MODES
+    auto = "auto"
+    none = "none"
+    bf16 = "bf16"
+    fp16 = "fp16"
 
+
+class Stats(Choice):  # cdkd.scene.core.source.STATS_MODES
+    model = "model"
+    scene = "scene"
+
+
+class OnError(Choice):  # cdkd.scene.batch.ON_ERROR
+    fail = "fail"
+    skip = "skip"
+
+
+class DataFormat(Choice):  # cdkd.data.labeled.FORMATS + cdkd.data.coco.INSTANCE_FORMATS
+    dubai = "dubai"
+    deepglobe = "deepglobe"
+    loveda = "loveda"
+    isprs = "isprs"
+    openearthmap = "openearthmap"
+    folder = "folder"
+    coco = "coco"
+    geo = "geo"
+
+
+class Task(Choice):  # cdkd.artifacts.TASKS
+    semantic = "semantic"
+    instance = "instance"
+
+
+class Head(Choice):  # cdkd.models.upernet.HEADS
+    upernet = "upernet"
+    linear = "linear"
+
+
+class LrSchedule(Choice):  # cdkd.train.optim.LR_SCHEDULES
+    cosine = "cosine"
+    poly = "poly"
+
+
+class ExportFormat(Choice):  # cli.export
+    onnx = "onnx"
+    tensorrt = "tensorrt"
+
+
+class CalibMethod(Choice):  # cdkd.export.quantize.CALIB_METHODS
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+class Adapter(Choice):  # cdkd.models.mmoa.MMoA
+    multi = "multi"
+    single = "single"
+
+
+class Fusion(Choice):  # cdkd.models.mmoa.MMoA
+    gate = "gate"
+    add = "add"
+
+
+class Direction(Choice):  # cdkd.distill.objective
+    bi = "bi"
+    uni = "uni"
+
+
+class Schedule(Choice):  # cdkd.distill.schedule
+    dynamic = "dynamic"
+    fixed = "fixed"
+
+
+class ProgressFormat(Choice):  # cdkd.progress.FORMATS
+    bar = "bar"
+    json = "json"
+    none = "none"
 
 def value(choice: Optional[Choice]) -> Optional[str]:
     """The plain text of a choice (None stays None), for configs and library calls."""

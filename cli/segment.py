@@ -89,9 +89,11 @@ def segment_command(
     with cli_errors(resumable=True):
         from cdkd.errors import CdkdValueError
         from cdkd.progress import finish
-        from cdkd.scene.batch import RuntimeSpec, expand_scenes, plan_outputs, segment_many
+        from cdkd.inference.runtimes import RuntimeSpec
+        from cdkd.scene.batch import expand_scenes, plan_outputs, segment_many
         from cdkd.scene.core.options import SegmentOptions
-        from cdkd.scene.engine import segment_scene
+        from cdkd.scene.core.report import scene_summary
+        from cdkd.tasks import task_of_model
 
         if (model is None) == (engine is None):
             raise CdkdValueError("give exactly one of --model segmenter.pt or --engine model.onnx|model.engine")
@@ -111,34 +113,24 @@ def segment_command(
             outputs = [out] if out is not None else [dst for _, dst in plan_outputs(scenes, out_dir)]
             _check_previews(outputs, options.overwrite or options.resume)  # a resumed run finishes its previews
         spec = RuntimeSpec(str(model or engine), o.value(runtime), device, amp.value, threads)
-        from cdkd.scene.runtimes import is_instance_model, runtime_for
-
-        instance = is_instance_model(spec.model, runtime_for(spec.model, spec.runtime))
-        if instance and (out is None or scheduler is not None or preview):
-            raise CdkdValueError(f"{spec.model}: an instance model segments one scene at a time, here: give --out "
-                                 "FILE.gpkg (no --out-dir, --scheduler or --preview)")
-        if instance:
-            objects = segment_scene(scenes[0], spec.open(), out, options).to_dict()
-            _print_objects(objects)
-            finish([objects["output"], Path(objects["output"]).with_suffix(".json")])
-            return
+        task = task_of_model(spec.model, spec.runtime)
+        task.check_scene_job(spec.model, many=out is None, cluster=scheduler is not None, preview=preview)
         if out is not None:
             if scheduler is not None:
                 from cdkd.scene.blocks import segment_scene_on_cluster
 
                 report = segment_scene_on_cluster(scenes[0], spec, out, scheduler, options, block_rows)
             else:
-                report = segment_scene(scenes[0], spec.open(), out, options)
-            _print_scene(report.to_dict())
+                report = task.segment_scene(scenes[0], task.open_runtime(spec), out, options)
+            typer.echo(report.summary())
             if preview:
                 _write_preview(scenes[0], out, options.bands)
-            finish([report.output, report.confidence, Path(report.output).with_suffix(".json"),
-                    preview_path(out) if preview else None])
+            finish([*report.outputs(), preview_path(out) if preview else None])
             return
         batch = segment_many(scenes, out_dir, spec, options, scheduler, on_error.value)
         for result in batch.scenes:
             if result.ok:
-                _print_scene(result.report)
+                typer.echo(scene_summary(result.report))
                 if preview:
                     _write_preview(result.scene, Path(result.output), options.bands)
             else:
@@ -175,26 +167,3 @@ def _write_preview(scene: str | Path, out: Path, bands: Optional[tuple[int, ...]
 
     bands = bands if bands is not None and len(bands) in (1, 3) and not is_stac(scene) else None
     typer.echo(f"  preview: {write_preview(scene, out, preview_path(out), bands=bands, overwrite=True)}")
-
-
-def _print_objects(report: dict) -> None:
-    from cdkd.units import area_unit, format_area
-
-    typer.echo(f"{report['scene']} -> {report['output']}: {report['objects']} objects (from {report['pieces']} "
-               f"detections >= {report['min_score']} in {report['tiles_run']} of {report['tiles']} tiles), "
-               f"{report['seconds']:.1f} s ({report['runtime']} on {report['device']})")
-    unit = area_unit(c["area_m2"] for c in report["classes"].values())
-    for name, c in report["classes"].items():
-        typer.echo(f"  {name:<20} {c['objects']:7d} objects  {format_area(c['area_m2'], unit):>14}")
-
-
-def _print_scene(report: dict) -> None:
-    from cdkd.units import area_unit, format_area
-
-    typer.echo(f"{report['scene']} -> {report['output']}: {report['width']}x{report['height']} px, "
-               f"{report['tiles_run']} of {report['tiles']} tiles run, {format_area(report['area_m2'])} valid, "
-               f"{report['seconds']:.1f} s ({report['mpx_per_s']:.2f} Mpx/s, {report['runtime']} on "
-               f"{report['device']})")
-    unit = area_unit([report["area_m2"]])
-    for name, c in report["classes"].items():
-        typer.echo(f"  {name:<20} {100 * c['fraction']:6.2f} %  {format_area(c['area_m2'], unit):>14}")

@@ -171,7 +171,7 @@ def test_choice_options_mirror_the_library() -> None:
     from cdkd.data.coco import INSTANCE_FORMATS
     from cdkd.data.labeled import FORMATS
     from cdkd.models.upernet import HEADS
-    from cdkd.scene import runtimes
+    from cdkd.inference import runtimes
     from cdkd.scene.batch import ON_ERROR
     from cdkd.scene.core.source import STATS_MODES
     from cdkd.train import optim

@@ -16,8 +16,8 @@ from cdkd.data.classes import ClassSchema
 from cdkd.data.stats import NormStats
 from cdkd.evaluation.semantic import StageTimer, evaluate, predict_image
 from cdkd.models.student import build_student
-from cdkd.scene.runtimes import open_runtime
-from cdkd.scene.sliding import runtime_predict, sliding_window_logits
+from cdkd.inference.runtimes import open_runtime
+from cdkd.inference.sliding import runtime_predict, sliding_window_logits
 from cli.main import app
 
 runner = CliRunner()

@@ -22,7 +22,7 @@ from cdkd.export import (
     report_path,
 )
 from cdkd.export.parity import compare
-from cdkd.scene.runtimes import OnnxRuntime, TorchRuntime, read_onnx_meta
+from cdkd.inference.runtimes import OnnxRuntime, TorchRuntime, read_onnx_meta
 from cli import export
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

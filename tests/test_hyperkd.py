@@ -262,7 +262,7 @@ def test_cli_hyperkd_flags(tmp_path: Path) -> None:
 
 def test_wavelengths_travel_through_student_segmenter_onnx_and_sidecar(tmp_path: Path) -> None:
     from cdkd.export.onnx import export_onnx
-    from cdkd.scene.runtimes import read_onnx_meta
+    from cdkd.inference.runtimes import read_onnx_meta
 
     bands = S2.select([2, 3, 4, 8])
     norm = NormStats((1500.0,) * 4, (800.0,) * 4, (1, 2, 3, 4), "uint16", spectral=bands)

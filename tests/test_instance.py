@@ -13,12 +13,12 @@ from rasterio.transform import Affine
 from cdkd.artifacts import InferenceMeta
 from cdkd.data.coco import object_mask, object_schema
 from cdkd.data.stats import NormStats
-from cdkd.errors import CdkdValueError, DataError, OutputExistsError
+from cdkd.errors import CdkdValueError, CheckpointError, DataError, OutputExistsError
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.runstate import output_paths
-from cdkd.scene.engine import segment_scene
+from cdkd.scene.instances import segment_instances
 from cdkd.scene.objects import ObjectMerger, mask_polygon
-from cdkd.scene.tiler import TileWindow
+from cdkd.inference.tiler import TileWindow
 from tests.conftest import TINY_STUDENT, make_geotiff
 
 QUIET = dict(progress=False, read_threads=0)
@@ -93,18 +93,22 @@ def test_detector_pt_round_trip_and_runtime(tmp_path):
     import torch
 
     from cdkd.artifacts import artifact_format, load_detector
-    from cdkd.scene.runtimes import RuntimeSpec, open_runtime
+    from cdkd.inference.runtimes import RuntimeSpec, open_runtime
+    from cdkd.tasks import task_of_model
 
     path, det = _tiny_detector(tmp_path)
     model, info = load_detector(path)
     assert artifact_format(path) == "cdkd.detector" and info.classes.names == ("building", "tank")
     for a, b in zip(det.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
-    rt = open_runtime(path, device="cpu")
-    assert rt.meta.task == "instance" and rt.meta.tile_size == 64 and RuntimeSpec(str(path)).meta() == rt.meta
+    task = task_of_model(path)
+    rt = task.open_runtime(RuntimeSpec(str(path), device="cpu"))
+    assert task.name == "instance" and rt.meta.task == "instance" and rt.meta.tile_size == 64 and RuntimeSpec(str(path)).meta() == rt.meta
     (found,) = rt.detect(np.zeros((1, 3, 64, 64), np.float32))
     assert found.masks.dtype == bool and found.masks.shape[1:] == (64, 64) and len(found.labels) == len(found.scores)
     assert found.labels.min(initial=0) >= 0 and found.labels.max(initial=0) < 2  # 0-based class ids
+    with pytest.raises(CheckpointError):  # the segmenter runtime does not misread a detector
+        open_runtime(path, device="cpu")
 
 
 def test_inference_meta_task_is_backward_compatible():
@@ -220,7 +224,7 @@ class BlobDetector:
         from rasterio.features import rasterize, shapes
 
         from cdkd.data.coco import mask_bbox
-        from cdkd.scene.detector_runtimes import Detections
+        from cdkd.inference.detector_runtimes import Detections
 
         self.calls += 1
         if self.calls == self.interrupt_after:
@@ -267,7 +271,7 @@ def _read(path):
 def test_objects_cut_by_tile_borders_come_out_whole(constructed, tmp_path):
     runtime = BlobDetector(tmp_path / "blobs.model")
     out = tmp_path / "buildings.gpkg"
-    report = segment_scene(constructed, runtime, out, SegmentOptions(batch_size=3, **QUIET))
+    report = segment_instances(constructed, runtime, out, SegmentOptions(batch_size=3, **QUIET))
     found = _read(out)
     assert len(found) == len(BUILDINGS) + 1 == report.objects and report.pieces > report.objects
     assert found.crs.to_epsg() == 32633 and list(found.columns[:4]) == ["class_id", "class_name", "score", "area_m2"]
@@ -285,14 +289,14 @@ def test_objects_cut_by_tile_borders_come_out_whole(constructed, tmp_path):
 
 def test_min_score_and_overlap_rules(constructed, tmp_path):
     runtime = BlobDetector(tmp_path / "blobs.model")
-    report = segment_scene(constructed, runtime, tmp_path / "none.gpkg", SegmentOptions(min_score=0.95, **QUIET))
+    report = segment_instances(constructed, runtime, tmp_path / "none.gpkg", SegmentOptions(min_score=0.95, **QUIET))
     assert report.objects == 0 and len(_read(tmp_path / "none.gpkg")) == 0
     with pytest.raises(CdkdValueError, match="overlapping windows"):
-        segment_scene(constructed, runtime, tmp_path / "a.gpkg", SegmentOptions(overlap=0, **QUIET))
+        segment_instances(constructed, runtime, tmp_path / "a.gpkg", SegmentOptions(overlap=0, **QUIET))
     with pytest.raises(CdkdValueError, match="vector polygons"):
-        segment_scene(constructed, runtime, tmp_path / "a.tif", SegmentOptions(**QUIET))
+        segment_instances(constructed, runtime, tmp_path / "a.tif", SegmentOptions(**QUIET))
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        segment_scene(constructed, runtime, tmp_path / "none.gpkg", SegmentOptions(**QUIET))
+        segment_instances(constructed, runtime, tmp_path / "none.gpkg", SegmentOptions(**QUIET))
 
 
 def test_flatgeobuf_output(constructed, tmp_path):
@@ -300,20 +304,20 @@ def test_flatgeobuf_output(constructed, tmp_path):
 
     if "w" not in pyogrio.list_drivers().get("FlatGeobuf", ""):
         pytest.skip("this GDAL cannot write FlatGeobuf")
-    segment_scene(constructed, BlobDetector(tmp_path / "m"), tmp_path / "b.fgb", SegmentOptions(**QUIET))
+    segment_instances(constructed, BlobDetector(tmp_path / "m"), tmp_path / "b.fgb", SegmentOptions(**QUIET))
     assert len(pyogrio.read_dataframe(tmp_path / "b.fgb")) == len(BUILDINGS) + 1
 
 
 def test_resume_writes_what_an_uninterrupted_run_writes(constructed, tmp_path):
     whole = tmp_path / "whole.gpkg"
-    segment_scene(constructed, BlobDetector(tmp_path / "m"), whole, SegmentOptions(batch_size=2, **QUIET))
+    segment_instances(constructed, BlobDetector(tmp_path / "m"), whole, SegmentOptions(batch_size=2, **QUIET))
     out = tmp_path / "out.gpkg"
     with pytest.raises(KeyboardInterrupt):  # 4 windows per row, 2 per call: dies in the third window row
-        segment_scene(constructed, BlobDetector(tmp_path / "m", interrupt_after=5), out,
+        segment_instances(constructed, BlobDetector(tmp_path / "m", interrupt_after=5), out,
                       SegmentOptions(batch_size=2, checkpoint_seconds=0, **QUIET))
     assert not out.exists() and (output_paths(out)[3] / "state.json").exists()
     counting = BlobDetector(tmp_path / "m")
-    report = segment_scene(constructed, counting, out, SegmentOptions(batch_size=2, resume=True, **QUIET))
+    report = segment_instances(constructed, counting, out, SegmentOptions(batch_size=2, resume=True, **QUIET))
     assert report.resumed_from_row == 2 and counting.calls == 4  # rows 3 and 4 only
     a, b = _read(whole), _read(out)
     assert len(a) == len(b) and all(x.equals(y) for x, y in zip(a.geometry, b.geometry))
@@ -382,13 +386,24 @@ def test_evaluate_writes_metrics_and_a_picture(tmp_path):
 
 def test_onnx_export_of_a_detector_matches_pytorch(tmp_path):
     from cdkd.export import export_onnx
-    from cdkd.scene.runtimes import open_runtime
+    from cdkd.inference.runtimes import RuntimeSpec, open_runtime
+    from cdkd.scene.core.options import SegmentOptions
+    from cdkd.scene.engine import segment_scene
+    from cdkd.tasks import task_of_model
 
     path, _ = _tiny_detector(tmp_path, classes=("ship", "tank"))
+    task = task_of_model(path)
     with pytest.raises(CdkdValueError, match="batch 1 only"):
-        export_onnx(path, tmp_path / "det.onnx", dynamic_batch=True)
-    res = export_onnx(path, tmp_path / "det.onnx", check_tiles=2)
+        task.export_onnx(path, tmp_path / "det.onnx", dynamic_batch=True)
+    with pytest.raises(CdkdValueError, match="an instance model"):  # the segmenter exporter refuses, in one line
+        export_onnx(path, tmp_path / "det.onnx")
+    res = task.export_onnx(path, tmp_path / "det.onnx", check_tiles=2)
     assert res.parity.passed and res.parity.agreement == 1.0 and res.batch == 1
-    rt = open_runtime(tmp_path / "det.onnx")
+    assert task_of_model(tmp_path / "det.onnx").name == "instance"
+    rt = task.open_runtime(RuntimeSpec(str(tmp_path / "det.onnx")))
     assert rt.name == "onnx" and rt.meta.task == "instance" and rt.meta.classes.names == ("ship", "tank")
+    with pytest.raises(CdkdValueError, match="instance task"):  # not misread as a segmenter's logits
+        open_runtime(tmp_path / "det.onnx")
+    with pytest.raises(CdkdValueError, match="makes no class raster"):
+        segment_scene(tmp_path / "none.tif", rt, tmp_path / "none_lc.tif", SegmentOptions(progress=False))
     assert res.parity.detections[0] > 0  # the comparison compared something

@@ -77,11 +77,18 @@ def test_cli_errors_are_one_clean_line(student_pt, tmp_path):
 
 
 def test_detector_is_refused_by_the_semantic_paths(student_pt, tmp_path):
+    """The model file says its task: a detector is evaluated as one (on instance data), and a --task that
+    contradicts the file is one line."""
     _, json_path, _, _ = _coco(tmp_path)
     assert _finetune(student_pt, json_path, tmp_path / "det", "--steps", "1").exit_code == 0
     det = tmp_path / "det" / "detector.pt"
     res = _run("evaluate", det, "--data", tmp_path, "--format", "dubai", "--out", tmp_path / "e", "--no-progress")
-    assert res.exit_code == 2 and "--task instance" in one_clean_error(res.output)
+    assert res.exit_code == 2 and "not an instance format" in one_clean_error(res.output)
+    res = _run("evaluate", det, "--task", "semantic", "--data", tmp_path, "--format", "dubai", "--out",
+               tmp_path / "e", "--no-progress")
+    assert res.exit_code == 2 and "a model of the instance task, not semantic" in one_clean_error(res.output)
+    res = _run("export", det, "--format", "tensorrt", "--out", tmp_path / "d.engine")
+    assert res.exit_code == 2 and "do not build TensorRT engines" in one_clean_error(res.output)
     res = _run("segment", tmp_path / "x.tif", "--model", det, "--out-dir", tmp_path / "o")
     assert res.exit_code == 2 and "one scene at a time" in one_clean_error(res.output)
 

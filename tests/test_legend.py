@@ -26,7 +26,7 @@ from cdkd.data.classraster import (
 )
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.engine import segment_scene
-from cdkd.scene.runtimes import open_runtime
+from cdkd.inference.runtimes import open_runtime
 
 SCHEMA = BUILTIN_SCHEMAS["dubai"]
 

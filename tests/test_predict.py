@@ -11,7 +11,7 @@ import cdkd
 from cdkd.errors import CdkdValueError, DataError
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.engine import segment_scene
-from cdkd.scene.runtimes import open_runtime
+from cdkd.inference.runtimes import open_runtime
 
 rioxarray = pytest.importorskip("rioxarray")
 

@@ -55,7 +55,7 @@ def test_the_plugin_imports_only_the_standard_library_and_qgis():
 
 def test_the_plugin_choices_mirror_the_library():
     """The plugin cannot import cdkd; its fixed choices are spelled out and must agree with cdkd's."""
-    from cdkd.scene import runtimes
+    from cdkd.inference import runtimes
     from cdkd.scene.core.source import STATS_MODES
     from cdkd.vector.choices import AREA_MODES
 
@@ -214,7 +214,7 @@ def reference(tmp_path_factory, scene, model_pt) -> Path:
     """The class raster cdkd itself gives for ``scene`` (the library's segment_scene, in this process)."""
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.scene.runtimes import open_runtime
+    from cdkd.inference.runtimes import open_runtime
 
     out = tmp_path_factory.mktemp("reference") / "classes.tif"
     segment_scene(scene, open_runtime(model_pt, device="cpu"), out, SegmentOptions(batch_size=2, progress=False))
@@ -282,7 +282,7 @@ def test_cancel_then_resume_gives_the_uninterrupted_output(qgis_env, model_pt, t
     provider also holds the model "Segment and vectorize"."""
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.scene.runtimes import open_runtime
+    from cdkd.inference.runtimes import open_runtime
 
     python = qgis_python()
     if python is None:

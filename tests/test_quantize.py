@@ -28,7 +28,7 @@ from cdkd.export.quantize import (
 )
 from cdkd.export.tensorrt import build_engine, int8_mode
 from cdkd.export.tiles import calibration_split
-from cdkd.scene.runtimes import (
+from cdkd.inference.runtimes import (
     OnnxRuntime,
     TorchRuntime,
     cpu_bf16_supported,
@@ -323,7 +323,7 @@ def test_onnx_sessions_use_the_tuned_options(models) -> None:
 
 
 def test_bf16_autocast_on_the_cpu(models, monkeypatch) -> None:
-    import cdkd.scene.runtimes as runtimes
+    import cdkd.inference.runtimes as runtimes
 
     seg = models[0]
     x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)

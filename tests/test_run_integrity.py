@@ -28,7 +28,7 @@ from cdkd.errors import CheckpointError, DataError
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.runstate import output_paths
 from cdkd.scene.engine import segment_scene
-from cdkd.scene.runtimes import open_runtime
+from cdkd.inference.runtimes import open_runtime
 from cdkd.utils.runlock import RunInUseError, RunLock, holder
 from cli.main import app
 

@@ -21,7 +21,7 @@ from cdkd.scene.blocks import segment_scene_on_cluster
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.runstate import output_paths
 from cdkd.scene.engine import segment_scene
-from cdkd.scene.runtimes import RuntimeSpec, open_runtime
+from cdkd.inference.runtimes import RuntimeSpec, open_runtime
 from cli.main import app
 
 distributed = pytest.importorskip("distributed")

@@ -16,8 +16,8 @@ from cdkd.data.classraster import NODATA, read_class_schema
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.runstate import output_paths
 from cdkd.scene.engine import segment_scene
-from cdkd.scene.runtimes import open_runtime
-from cdkd.scene.sliding import sliding_window_logits
+from cdkd.inference.runtimes import open_runtime
+from cdkd.inference.sliding import sliding_window_logits
 from cdkd.scene.core.writer import overview_factors
 from cli.main import app
 

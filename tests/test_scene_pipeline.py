@@ -20,15 +20,15 @@ from cdkd.artifacts import InferenceMeta
 from cdkd.data.classes import BUILTIN_SCHEMAS
 from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdIOError, CdkdValueError
-from cdkd.scene.blend import seam_index, window_weights
+from cdkd.inference.blend import seam_index, window_weights
 from cdkd.scene.blocks import plan_blocks
 from cdkd.data.classraster import NODATA
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.runstate import output_paths
 from cdkd.scene.engine import segment_scene
 from cdkd.scene.core.pyramid import Pyramid, reduce_mean, reduce_mode
-from cdkd.scene.rowblend import PlanBlender
-from cdkd.scene.tiler import grid_offsets, pad_to_tile, plan_rows
+from cdkd.inference.rowblend import PlanBlender
+from cdkd.inference.tiler import grid_offsets, pad_to_tile, plan_rows
 
 QUIET = dict(progress=False, checkpoint_seconds=0)
 SCHEMA = BUILTIN_SCHEMAS["dubai"]
@@ -164,7 +164,7 @@ def _edge_jump_ratio(logits: np.ndarray, tile: int, overlap: int) -> float:
 def test_blended_logits_are_continuous_across_window_edges(tmp_path):
     """The engine's weights ramp each window out to ~0: no step where a window starts or ends (a plain average
     of the same tiles jumps there), and the class map's seam index stays at ~1."""
-    from cdkd.scene.sliding import sliding_window_logits
+    from cdkd.inference.sliding import sliding_window_logits
 
     runtime = TileShift(tmp_path / "m", tile=64, overlap=16)
     image = synthetic_image((3, 256, 300), seed=3)

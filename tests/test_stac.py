@@ -189,7 +189,7 @@ def test_an_interrupted_item_resumes_and_a_changed_item_is_refused(tmp_path, s2_
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.core.runstate import output_paths
     from cdkd.scene.engine import segment_scene
-    from cdkd.scene.runtimes import RuntimeSpec
+    from cdkd.inference.runtimes import RuntimeSpec
 
     patch = _patches(1)[0]
     data = _item(tmp_path, patch, bands=MODEL_BANDS)

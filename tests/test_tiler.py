@@ -1,4 +1,4 @@
-"""Tile planning (cdkd.scene.tiler), overlap blending (cdkd.scene.blend) and sliding-window inference."""
+"""Tile planning (cdkd.inference.tiler), overlap blending (cdkd.inference.blend) and sliding-window inference."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cdkd.errors import CdkdValueError
-from cdkd.scene.blend import axis_profile, window_weights
-from cdkd.scene.sliding import sliding_window_logits
-from cdkd.scene.tiler import TileWindow, grid_offsets, pad_to_tile, plan_rows, plan_windows
+from cdkd.inference.blend import axis_profile, window_weights
+from cdkd.inference.sliding import sliding_window_logits
+from cdkd.inference.tiler import TileWindow, grid_offsets, pad_to_tile, plan_rows, plan_windows
 
 # --------------------------------------------------------------------------------------------------------------
 # grid_offsets

@@ -589,7 +589,7 @@ def test_real_scene_segmented_then_vectorised(shared_data: Path, tmp_path: Path,
 
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.scene.runtimes import open_runtime
+    from cdkd.inference.runtimes import open_runtime
 
     model = make_segmenter(tmp_path / "segmenter.pt", tile=512, overlap=64)
     raster = tmp_path / "lc.tif"

@@ -103,7 +103,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
     from cdkd.finetune.trainer import finetune
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.scene.runtimes import open_runtime
+    from cdkd.inference.runtimes import open_runtime
     from cdkd.vector.vectorize import vectorize
 
     out, s, start = Path(out), settings, time.perf_counter()

@@ -201,6 +201,15 @@ class InstanceEvalOutputs:
     runtime: str
     device: str
 
+    def summary(self) -> str:
+        """The console summary: the AP table, what was evaluated and the files written."""
+        m = self.metrics
+        return "\n".join([m.markdown_table(),
+                          f"evaluated {m.images} images ({m.objects} labelled objects, {m.detections} detections) in "
+                          f"{self.seconds:.1f} s with {self.runtime} on {self.device}",
+                          f"wrote {self.json_path}, {self.markdown_path}, {self.predictions_path}, "
+                          f"{self.preview_path}"])
+
 
 def read_instance_data(data: str | Path, fmt: str, *, split: Sequence[str] | None = None,
                        labels: str | Path | None = None, class_field: str | None = None,
@@ -238,14 +247,15 @@ def evaluate_instances(
     progress: bool = True,
 ) -> InstanceEvalOutputs:
     """COCO AP (box and mask) of the instance model ``model`` (``detector.pt`` or its ``.onnx``) on ``data``."""
+    from cdkd.inference.detector_runtimes import open_detector
+    from cdkd.inference.runtimes import runtime_for
     from cdkd.scene.instances import detect_image
-    from cdkd.scene.runtimes import open_runtime
 
     out = Path(out_dir)
     paths = [out / "metrics.json", out / "metrics.md", out / "predictions.json", out / "predictions.png"]
     if not overwrite and any(p.exists() for p in paths):
         raise OutputExistsError(f"{out}: already holds evaluation results; pass --overwrite to replace them")
-    rt: Any = open_runtime(model, runtime, device=device, amp=amp, threads=threads)
+    rt: Any = open_detector(model, runtime_for(model, runtime), device=device, amp=amp, threads=threads)
     meta = rt.meta
     if meta.task != "instance":
         raise CdkdValueError(f"{model}: is a semantic segmenter; evaluate it without --task instance")

@@ -2,7 +2,7 @@
 
 Every image is covered by overlapping sliding windows (the same tiler as the scene engine), logits are blended
 with a smooth weight window, and the argmax is compared with the mask; the ignore index is skipped everywhere.
-The network runs in any runtime of ``cdkd.scene.runtimes`` (``segmenter.pt`` in PyTorch, an exported ``.onnx``
+The network runs in any runtime of ``cdkd.inference.runtimes`` (``segmenter.pt`` in PyTorch, an exported ``.onnx``
 in ONNX Runtime, a TensorRT engine), plugged into the same windows and blending (``sliding.runtime_predict``).
 With PyTorch the encoder's and the decoder's time are measured while evaluating (``StageTimer``), so the report
 says what share of the cost the decoder is.
@@ -28,8 +28,8 @@ from cdkd.utils.paths import check_writable
 from cdkd.errors import CdkdValueError, DataError, OutputExistsError
 from cdkd.evaluation.metrics import MetricAccumulator, SegMetrics
 from cdkd.progress import track
-from cdkd.scene.runtimes import open_runtime
-from cdkd.scene.sliding import Predict, runtime_predict, sliding_window_logits
+from cdkd.inference.runtimes import open_runtime
+from cdkd.inference.sliding import Predict, runtime_predict, sliding_window_logits
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 
 
@@ -106,6 +106,18 @@ class EvalOutputs:
     markdown_path: Path
     confusion_path: Path
     cost: EvalCost | None = None
+
+    def summary(self) -> str:
+        """The console summary: the metrics table, what the evaluation cost, and the files written."""
+        lines = [self.metrics.markdown_table()]
+        if self.cost is not None:
+            lines.append(f"\nevaluated {self.cost.summary()}")
+            share = self.cost.decoder_share
+            if share is not None and share > 0.5:
+                lines.append("the decoder costs more than the encoder: cdkd finetune --decoder-channels 128 (or "
+                             "256) trains a narrower one")
+        lines.append(f"wrote {self.json_path}, {self.markdown_path}, {self.confusion_path}")
+        return "\n".join(lines)
 
 
 def check_schema_matches(model_schema: ClassSchema, data_schema: ClassSchema, source: str) -> None:

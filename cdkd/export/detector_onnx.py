@@ -4,7 +4,7 @@ The graph maps ``image`` (1, C, T, T) float32, normalised with the model's stati
 that tile: ``boxes`` (N, 4) x0, y0, x1, y1 px, ``labels`` (N,) int64 1..K, ``scores`` (N,) and ``masks``
 (N, 1, T, T) float probabilities pasted into the tile; N varies per tile. The ``InferenceMeta`` JSON (task
 "instance") is embedded as for segmenters, so ``cdkd segment --engine det.onnx`` and ``cdkd evaluate --task
-instance det.onnx`` need nothing else (``cdkd.scene.detector_runtimes.OnnxDetectorRuntime``).
+instance det.onnx`` need nothing else (``cdkd.inference.detector_runtimes.OnnxDetectorRuntime``).
 
 What exports and what does not, plainly:
 
@@ -140,13 +140,13 @@ def export_detector_onnx(detector: str | Path, out: str | Path, *, opset: int = 
 
     from cdkd.artifacts import load_detector
     from cdkd.export.onnx import (
-        _embed_meta,
-        _fixed_position_embedding,
+        embed_meta,
+        fixed_position_embedding,
         refuse_existing,
         report_path,
     )
     from cdkd.export.tiles import real_tiles, synthetic_tiles
-    from cdkd.scene.detector_runtimes import OnnxDetectorRuntime, TorchDetectorRuntime
+    from cdkd.inference.detector_runtimes import OnnxDetectorRuntime, TorchDetectorRuntime
 
     start = time.perf_counter()
     detector, out = Path(detector), Path(out)
@@ -169,11 +169,11 @@ def export_detector_onnx(detector: str | Path, out: str | Path, *, opset: int = 
     wrapper = _OneTile(model).eval()
     example = torch.zeros(1, meta.in_chans, meta.tile_size, meta.tile_size)
     with atomic_path(out) as tmp:
-        with _fixed_position_embedding(model.encoder, meta.tile_size // model.patch_size), _quiet_tracing():
+        with fixed_position_embedding(model.encoder, meta.tile_size // model.patch_size), _quiet_tracing():
             torch.onnx.export(wrapper, (example,), str(tmp), input_names=["image"], output_names=list(OUTPUT_NAMES),
                               opset_version=opset, dynamo=False)
         proto = onnx.load(str(tmp))
-        _embed_meta(proto, meta)
+        embed_meta(proto, meta)
         proto.doc_string = (f"cdkd detector: image (1, {meta.in_chans}, {meta.tile_size}, {meta.tile_size}) float32 "
                             "normalised -> boxes, labels (1..K), scores, masks (N, 1, T, T)")
         onnx.save(proto, str(tmp))

@@ -3,7 +3,7 @@
 The model maps ``image`` (B, C, T, T) float32, normalised with the model's statistics, to ``logits``
 (B, K, T, T) float32. T (the tile size) is fixed; B is fixed to ``batch_size`` or, with ``dynamic_batch``, free.
 The ``InferenceMeta`` JSON (classes, normalisation with the bands' wavelengths when known, tile size, overlap) is
-embedded in ``metadata_props`` under ``ONNX_METADATA_KEY``, so ``cdkd.scene.runtimes.OnnxRuntime`` needs nothing
+embedded in ``metadata_props`` under ``ONNX_METADATA_KEY``, so ``cdkd.inference.runtimes.OnnxRuntime`` needs nothing
 but the file.
 
 Which exporter: ``torch.onnx.export(dynamo=True)`` (torch.export, then onnxscript's translation). The
@@ -114,7 +114,7 @@ def refuse_existing(paths: list[Path], overwrite: bool) -> None:
 
 
 @contextmanager
-def _fixed_position_embedding(encoder: Any, grid: int) -> Iterator[None]:
+def fixed_position_embedding(encoder: Any, grid: int) -> Iterator[None]:
     """While exporting, make ``encoder`` add its position embedding for a ``grid`` x ``grid`` token map as a constant.
 
     With ``dynamic_img_size`` timm resamples the learnt embedding in every forward, and under torch.export it
@@ -165,7 +165,7 @@ def _trace(model: Any, meta: InferenceMeta, opset: int, batch: int, dynamic: boo
     # torch.export specialises a dimension whose example size is 1, so a dynamic batch is traced at 2 or more.
     example = torch.zeros(max(batch, 2) if dynamic else batch, meta.in_chans, meta.tile_size, meta.tile_size)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic else None
-    with _fixed_position_embedding(model.encoder, meta.tile_size // model.patch_size):
+    with fixed_position_embedding(model.encoder, meta.tile_size // model.patch_size):
         program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     opset_version=max(opset, EXPORTER_OPSET), dynamo=True,
                                     dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
@@ -250,7 +250,7 @@ def _to_opset17(proto: Any) -> Any:
     return proto
 
 
-def _embed_meta(proto: Any, meta: InferenceMeta) -> None:
+def embed_meta(proto: Any, meta: InferenceMeta) -> None:
     """Write the ``InferenceMeta`` JSON and a few human-readable keys into ``metadata_props``."""
     props = {
         ONNX_METADATA_KEY: meta.to_json(),
@@ -294,7 +294,7 @@ class CheckTiles:
 
 
 def _parity(segmenter: Path, onnx_path: Path, check: CheckTiles, min_agreement: float) -> ParityResult:
-    from cdkd.scene.runtimes import OnnxRuntime, TorchRuntime
+    from cdkd.inference.runtimes import OnnxRuntime, TorchRuntime
 
     reference = TorchRuntime(segmenter, device="cpu", amp="none")
     candidate = OnnxRuntime(onnx_path, device="cpu")
@@ -306,7 +306,7 @@ def check_parity(segmenter: str | Path, onnx_path: str | Path, *, check_data: st
                  check_tiles: int = 8, min_agreement: float = MIN_AGREEMENT, seed: int = 0) -> ParityResult:
     """ONNX Runtime (CPU) against PyTorch (CPU, float32) on ``check_tiles`` tiles of ``check_data`` (a folder of
     images) or, without it, synthetic tiles. Returns the result; never raises on a mismatch."""
-    from cdkd.scene.runtimes import read_onnx_meta
+    from cdkd.inference.runtimes import read_onnx_meta
 
     check = CheckTiles.make(read_onnx_meta(onnx_path), check_data, check_tiles, seed)
     return _parity(Path(segmenter), Path(onnx_path), check, min_agreement)
@@ -345,8 +345,8 @@ def export_onnx(
         missing or corrupt. CdkdValueError: bad argument, a model too large for one file. DataError: no usable
         image in ``check_data``. ParityError: agreement below ``min_agreement`` (nothing is written).
 
-    A ``detector.pt`` (instance segmentation) is exported by ``cdkd.export.detector_onnx`` (batch 1, its own
-    parity check), which returns a ``DetectorExportReport``.
+    A ``detector.pt`` (instance segmentation) is refused here: ``cdkd.export.detector_onnx`` exports it (batch 1,
+    its own parity check), and ``cdkd.tasks.task_of_model(path).export_onnx`` picks the exporter by the model.
     """
     import onnx
     import onnxruntime
@@ -355,11 +355,8 @@ def export_onnx(
     from cdkd.artifacts import DETECTOR_FORMAT, artifact_format
 
     if artifact_format(segmenter) == DETECTOR_FORMAT:
-        from cdkd.export.detector_onnx import export_detector_onnx
-
-        return export_detector_onnx(segmenter, out, opset=opset, dynamic_batch=dynamic_batch,  # type: ignore
-                                    batch_size=batch_size, check_data=check_data, check_tiles=check_tiles,
-                                    min_agreement=min_agreement, overwrite=overwrite)
+        raise CdkdValueError(f"{segmenter}: an instance model (detector.pt); export it with cdkd export or "
+                             "cdkd.export.detector_onnx.export_detector_onnx (cdkd.tasks chooses by the model)")
     start = time.perf_counter()
     out, segmenter = Path(out), Path(segmenter)
     if segmenter.suffix.lower() == ".onnx":
@@ -385,7 +382,7 @@ def export_onnx(
     if written != opset:  # torch keeps the opset it could reach when a conversion fails, with a log line only
         raise CdkdValueError(f"torch {torch.__version__} exported opset {written}, not the {opset} asked for; "
                              f"use --opset {written}")
-    _embed_meta(proto, meta)
+    embed_meta(proto, meta)
 
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cdkd.errors import CdkdError, CdkdValueError
-from cdkd.scene.runtimes import Runtime
+from cdkd.inference.runtimes import Runtime
 
 MIN_AGREEMENT = 0.999  # fraction of pixels; float32 ONNX vs PyTorch normally agree on every pixel
 

@@ -46,7 +46,7 @@ from cdkd.errors import CdkdValueError
 from cdkd.export.onnx import (
     DEFAULT_OPSET,
     INPUT_NAME,
-    _embed_meta,
+    embed_meta,
     export_onnx,
     refuse_existing,
     report_path,
@@ -297,7 +297,7 @@ def quantized_ops(proto: Any) -> dict[str, int]:
 
 def _int8_parity(reference: Any, candidate_path: Path, split: CalibrationSplit, held_source: str,
                  min_agreement: float) -> ParityResult:
-    from cdkd.scene.runtimes import OnnxRuntime
+    from cdkd.inference.runtimes import OnnxRuntime
 
     candidate = OnnxRuntime(candidate_path, device="cpu")
     result = compare(reference, candidate, split.held, chunk=candidate.max_batch or 1, source=held_source,
@@ -338,7 +338,7 @@ def export_int8(
     import onnxruntime
 
     from cdkd.artifacts import load_segmenter
-    from cdkd.scene.runtimes import OnnxRuntime, TorchRuntime, read_onnx_meta
+    from cdkd.inference.runtimes import OnnxRuntime, TorchRuntime, read_onnx_meta
 
     start = time.perf_counter()
     model, out = Path(model), Path(out)
@@ -377,7 +377,7 @@ def export_int8(
         raw = Path(tmp) / "int8.onnx"
         kept = quantize_qdq(float_onnx, raw, split.calib, options)
         proto = onnx.load(str(raw))
-        _embed_meta(proto, meta)
+        embed_meta(proto, meta)
         settings = {"method": options.method, "activations": "int8 symmetric per tensor",
                     "weights": f"int8 symmetric per {'channel' if options.per_channel else 'tensor'}",
                     "keep_float": list(options.keep_float), "calib_tiles": len(split.calib)}

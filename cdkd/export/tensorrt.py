@@ -4,7 +4,7 @@ An engine runs only on the GPU model and TensorRT version that built it, so it i
 with ``build_engine`` where the ``tensorrt`` Python package and CUDA are present, or with ``trtexec`` (e.g. on a
 Jetson) followed by ``write_sidecar``. An engine file cannot hold metadata, so the ONNX model's
 ``InferenceMeta`` JSON sits beside it as ``model.engine.json`` (``engine_sidecar``), where
-``cdkd.scene.runtimes.TensorRTRuntime`` reads it.
+``cdkd.inference.runtimes.TensorRTRuntime`` reads it.
 
 Written against the TensorRT 10 Python API (explicit batch networks, ``build_serialized_network``, memory pool
 limits). INT8 takes one of two paths, chosen once by ``int8_mode``: a Q/DQ model (``cdkd export --int8``, whose
@@ -31,7 +31,7 @@ from cdkd.export.onnx import DEFAULT_OPSET, INPUT_NAME, export_onnx, refuse_exis
 from cdkd.export.parity import ParityResult
 from cdkd.export.quantize import is_qdq
 from cdkd.export.tiles import real_tiles
-from cdkd.scene.runtimes import read_onnx_meta
+from cdkd.inference.runtimes import read_onnx_meta
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")

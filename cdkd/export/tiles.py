@@ -18,7 +18,7 @@ import numpy as np
 from cdkd.artifacts import InferenceMeta
 from cdkd.data.files import find_rasters, RasterInfo, read_window
 from cdkd.errors import CdkdIOError, CdkdValueError, DataError
-from cdkd.scene.tiler import pad_to_tile
+from cdkd.inference.tiler import pad_to_tile
 
 MIN_VALID = 0.5  # a window with fewer valid pixels is redrawn (up to POSITION_TRIES times): nodata says nothing
 POSITION_TRIES = 4

@@ -21,7 +21,7 @@ from cdkd.scene.cluster import connect, register_runtime, worker_runtime
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.report import SceneReport
 from cdkd.scene.engine import segment_scene
-from cdkd.scene.runtimes import RuntimeSpec
+from cdkd.inference.runtimes import RuntimeSpec
 from cdkd.utils.atomic import atomic_write_text
 from cdkd.utils.paths import check_writable
 

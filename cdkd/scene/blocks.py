@@ -66,9 +66,9 @@ from cdkd.scene.core.writer import (
     read_chunk,
     write_chunk,
 )
-from cdkd.scene.rowblend import FinishedRows, Partial, PlanBlender, merge_seam
-from cdkd.scene.runtimes import RuntimeSpec, runtime_for
-from cdkd.scene.tiler import plan_rows
+from cdkd.inference.rowblend import FinishedRows, Partial, PlanBlender, merge_seam
+from cdkd.inference.runtimes import RuntimeSpec, runtime_for
+from cdkd.inference.tiler import plan_rows
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 
 DEFAULT_BLOCK_ROWS = 4  # window rows per block: 4 x 960 px rows at 1024 px tiles

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from cdkd.errors import CdkdValueError
-from cdkd.scene.runtimes import Runtime, RuntimeSpec
+from cdkd.inference.runtimes import Runtime, RuntimeSpec
 
 PLUGIN_NAME = "cdkd-runtime"
 

@@ -29,7 +29,7 @@ import numpy as np
 import rasterio
 
 from cdkd.data.gdal import raster_path
-from cdkd.errors import DataError
+from cdkd.errors import CdkdValueError, DataError
 from cdkd.scene.core.areas import ClassAreaTally
 from cdkd.data.classraster import check_num_classes
 from cdkd.scene.core.options import (
@@ -66,9 +66,9 @@ from cdkd.scene.core.runstate import (
 )
 from cdkd.scene.core.source import SceneSource
 from cdkd.scene.core.writer import SceneWriter, class_layers
-from cdkd.scene.rowblend import Partial, PlanBlender
-from cdkd.scene.runtimes import Runtime
-from cdkd.scene.tiler import plan_rows
+from cdkd.inference.rowblend import Partial, PlanBlender
+from cdkd.inference.runtimes import Runtime
+from cdkd.inference.tiler import plan_rows
 from cdkd.utils.atomic import atomic_write_text
 
 __all__ = ["SegmentOptions", "segment_scene"]
@@ -83,12 +83,12 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
     OutputExistsError for outputs in the way (``overwrite``), CheckpointError for a ``resume`` that does not
     match the interrupted run, KeyboardInterrupt after saving a checkpoint on Ctrl-C.
 
-    An instance model (``runtime.meta.task == "instance"``) writes polygons instead: ``cdkd.scene.instances``.
+    The class raster is the semantic task's output; an instance model's objects are written by
+    ``cdkd.scene.instances.segment_instances`` (``cdkd.tasks.task_of_model(path).segment_scene`` picks).
     """
-    if runtime.meta.task == "instance":
-        from cdkd.scene.instances import segment_instances
-
-        return segment_instances(scene, runtime, out, options, log)  # type: ignore[return-value]
+    if runtime.meta.task != "semantic":
+        raise CdkdValueError(f"{runtime.path}: a model of the {runtime.meta.task} task makes no class raster; map it "
+                             "through its task (cdkd.tasks.task_of_model(path).segment_scene)")
     scene, out = raster_path(scene), Path(out)
     start = time.perf_counter()
     check_num_classes(runtime.meta.classes)

@@ -58,7 +58,7 @@ from cdkd.scene.core.runstate import (
 )
 from cdkd.scene.core.source import SceneSource
 from cdkd.scene.objects import MERGE_IOU, ObjectMerger, SceneObject, mask_polygon
-from cdkd.scene.tiler import TileWindow, pad_to_tile, plan_rows
+from cdkd.inference.tiler import TileWindow, pad_to_tile, plan_rows
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 
 DEFAULT_MIN_SCORE = 0.5
@@ -66,7 +66,7 @@ VECTOR_OUTPUTS = (".gpkg", ".fgb", ".parquet")
 WRITE_BATCH = 10_000  # features per append to the output
 
 Log = Callable[[str], None]
-Detect = Callable[[np.ndarray], list]  # (B, C, T, T) float32 -> [Detections] (cdkd.scene.detector_runtimes)
+Detect = Callable[[np.ndarray], list]  # (B, C, T, T) float32 -> [Detections] (cdkd.inference.detector_runtimes)
 
 
 def check_min_score(min_score: float | None) -> float:
@@ -173,6 +173,22 @@ class InstanceReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def outputs(self) -> list[Path]:
+        """The files the run wrote: the polygons and the report."""
+        return [Path(self.output), Path(self.output).with_suffix(".json")]
+
+    def summary(self) -> str:
+        """The console summary: objects, detections, speed, and each class's objects and ground area."""
+        from cdkd.units import area_unit, format_area
+
+        lines = [f"{self.scene} -> {self.output}: {self.objects} objects (from {self.pieces} detections >= "
+                 f"{self.min_score} in {self.tiles_run} of {self.tiles} tiles), {self.seconds:.1f} s "
+                 f"({self.runtime} on {self.device})"]
+        unit = area_unit(c.area_m2 for c in self.classes.values())
+        lines += [f"  {name:<20} {c.objects:7d} objects  {format_area(c.area_m2, unit):>14}"
+                  for name, c in self.classes.items()]
+        return "\n".join(lines)
 
 
 def segment_instances(scene: str | Path, runtime: Any, out: str | Path, options: SegmentOptions = SegmentOptions(),

@@ -29,7 +29,7 @@ import shapely
 from rasterio.features import rasterize, shapes
 from rasterio.transform import Affine
 
-from cdkd.scene.tiler import TileWindow
+from cdkd.inference.tiler import TileWindow
 
 MERGE_IOU = 0.5  # pieces whose masks overlap by at least this IoU where both windows see them are one object
 MIN_PIXELS = 4  # mask parts smaller than this (px) are specks, not objects

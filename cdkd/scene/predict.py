@@ -36,9 +36,9 @@ from cdkd.scene.core.pipeline import (
     WeightCache,
     blend_rows,
 )
-from cdkd.scene.rowblend import PlanBlender
-from cdkd.scene.runtimes import Runtime, RuntimeSpec
-from cdkd.scene.tiler import TileWindow, plan_rows
+from cdkd.inference.rowblend import PlanBlender
+from cdkd.inference.runtimes import Runtime, RuntimeSpec
+from cdkd.inference.tiler import TileWindow, plan_rows
 
 
 @functools.lru_cache(maxsize=4)

@@ -9,6 +9,7 @@ Tasks load when first asked for, so that choosing one does not import the other'
 from __future__ import annotations
 
 from importlib import import_module
+from pathlib import Path
 
 from cdkd.errors import CdkdValueError
 from cdkd.tasks.base import Task, TrainingData
@@ -25,4 +26,20 @@ def task_named(name: str) -> Task:
     return getattr(import_module(module), cls)()
 
 
-__all__ = ["TASK_NAMES", "Task", "TrainingData", "task_named"]
+def task_of_model(path: str | Path, runtime: str | None = None) -> Task:
+    """The task of the model file ``path``, as the file says: a ``detector.pt`` or an ONNX export of one is an
+    instance model; a ``segmenter.pt``, its ONNX export or a TensorRT engine a semantic one. ``runtime`` as
+    ``--runtime`` (default: by suffix). Asked once per command; the strategy does the rest."""
+    from cdkd.artifacts import DETECTOR_FORMAT, artifact_format
+    from cdkd.inference.runtimes import read_onnx_meta, runtime_for
+
+    kind = runtime_for(path, runtime)
+    name = "semantic"
+    if kind == "torch" and artifact_format(path) == DETECTOR_FORMAT:
+        name = "instance"
+    elif kind == "onnx" and Path(path).is_file():
+        name = read_onnx_meta(path).task
+    return task_named(name)
+
+
+__all__ = ["TASK_NAMES", "Task", "TrainingData", "task_named", "task_of_model"]

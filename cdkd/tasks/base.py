@@ -2,7 +2,8 @@
 
 A task is chosen once, from the registry (``cdkd.tasks.task_named``, or ``task_of`` for a model's metadata), and
 the shared code calls its hooks: the fine-tuning loop asks it for its data, model, per-micro-batch objective and
-artifact. In the spirit of torchgeo's ``BaseTask`` and the distillation ``Recipe``: a second task is a second
+artifact; ``cdkd segment``, ``cdkd export`` and ``cdkd evaluate`` ask ``task_of_model`` once which task a model
+file holds, and then its runtime, its scene output, its exporter and its evaluation. In the spirit of torchgeo's ``BaseTask`` and the distillation ``Recipe``: a second task is a second
 subclass, never an ``if`` in the shared code.
 """
 
@@ -21,6 +22,9 @@ from cdkd.artifacts import StudentInfo
 from cdkd.config import FinetuneConfig
 from cdkd.data.classes import ClassSchema
 from cdkd.data.stats import NormStats
+from cdkd.errors import CdkdValueError
+from cdkd.inference.runtimes import RuntimeSpec
+from cdkd.scene.core.options import SegmentOptions
 from cdkd.train.loop import Objective
 
 Log = Callable[[str], None]
@@ -81,3 +85,33 @@ class Task(ABC):
     def report(self, data: TrainingData) -> dict[str, Any]:
         """This task's fields of the run's ``report.json``."""
         return {}
+
+    # ----------------------------------------------------------------------------------------------- inference
+
+    runtimes: ClassVar[tuple[str, ...]]  # the runtimes (``cdkd.inference.runtimes.RUNTIMES``) its models run in
+
+    def check_runtime(self, model: str | Path, kind: str) -> None:
+        """A CdkdValueError when this task's models do not run in the runtime ``kind``."""
+        if kind not in self.runtimes:
+            raise CdkdValueError(f"{model}: {self.name} models run in {' or '.join(self.runtimes)}, not {kind}")
+
+    @abstractmethod
+    def open_runtime(self, spec: RuntimeSpec) -> Any:
+        """The model ``spec`` names, ready to run on tiles (a ``cdkd.inference.runtimes.Runtime`` of this task)."""
+
+    def check_scene_job(self, model: str, *, many: bool, cluster: bool, preview: bool) -> None:
+        """User-facing checks of a ``cdkd segment`` job before anything is read: ``many`` scenes (``--out-dir``),
+        on a dask ``cluster``, with a ``preview``."""
+
+    @abstractmethod
+    def segment_scene(self, scene: str | Path, runtime: Any, out: str | Path, options: SegmentOptions,
+                      log: Log | None = None) -> Any:
+        """The task's output for one scene (a report with ``summary()``, ``outputs()`` and ``to_dict()``)."""
+
+    @abstractmethod
+    def export_onnx(self, model: str | Path, out: str | Path, **options: Any) -> Any:
+        """The model as one self-describing ONNX file, checked against PyTorch (``cdkd export``'s options)."""
+
+    @abstractmethod
+    def evaluate(self, model: str | Path, data: str | Path, out: str | Path, fmt: str, **options: Any) -> Any:
+        """Metrics of the model on labeled data (a result with ``summary()``), written under ``out``."""

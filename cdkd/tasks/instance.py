@@ -26,7 +26,9 @@ from cdkd.data.coco import INSTANCE_FORMATS, InstanceData, read_coco
 from cdkd.data.instance_tiles import InstanceTiles, collate_instances
 from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdValueError, DataError
+from cdkd.inference.runtimes import RuntimeSpec, runtime_for
 from cdkd.models.instance import Detector
+from cdkd.scene.core.options import SegmentOptions
 from cdkd.tasks.base import Log, Task, TrainingData
 from cdkd.train.loop import StepLog
 
@@ -125,6 +127,44 @@ class InstanceTask(Task):
 
     def report(self, data: TrainingData) -> dict[str, Any]:
         return {"images": data.samples}
+
+    # ----------------------------------------------------------------------------------------------- inference
+
+    runtimes = ("torch", "onnx")
+
+    def check_runtime(self, model: str | Path, kind: str) -> None:
+        if kind == "tensorrt":
+            raise CdkdValueError(f"{model}: instance models (Mask R-CNN) do not build TensorRT engines here (NMS, "
+                                 "RoIAlign and a variable number of detections); run the .onnx in ONNX Runtime")
+        super().check_runtime(model, kind)
+
+    def open_runtime(self, spec: RuntimeSpec) -> Any:
+        from cdkd.inference.detector_runtimes import open_detector
+
+        kind = runtime_for(spec.model, spec.runtime)
+        self.check_runtime(spec.model, kind)
+        return open_detector(spec.model, kind, device=spec.device, amp=spec.amp, threads=spec.threads)
+
+    def check_scene_job(self, model: str, *, many: bool, cluster: bool, preview: bool) -> None:
+        if many or cluster or preview:
+            raise CdkdValueError(f"{model}: an instance model segments one scene at a time, here: give --out "
+                                 "FILE.gpkg (no --out-dir, --scheduler or --preview)")
+
+    def segment_scene(self, scene: str | Path, runtime: Any, out: str | Path, options: SegmentOptions,
+                      log: Log | None = None) -> Any:
+        from cdkd.scene.instances import segment_instances
+
+        return segment_instances(scene, runtime, out, options, log)
+
+    def export_onnx(self, model: str | Path, out: str | Path, **options: Any) -> Any:
+        from cdkd.export.detector_onnx import export_detector_onnx
+
+        return export_detector_onnx(model, out, **options)
+
+    def evaluate(self, model: str | Path, data: str | Path, out: str | Path, fmt: str, **options: Any) -> Any:
+        from cdkd.evaluation.instance import evaluate_instances
+
+        return evaluate_instances(model, data, out, fmt=fmt, **options)
 
 
 class InstanceObjective:

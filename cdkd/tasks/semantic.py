@@ -22,7 +22,9 @@ from cdkd.data.classes import ClassSchema
 from cdkd.data.labelcheck import check_labels
 from cdkd.data.labeled import FORMATS, LabeledTiles, class_frequencies, find_pairs, schema_for
 from cdkd.errors import CdkdValueError
+from cdkd.inference.runtimes import RUNTIMES, Runtime, RuntimeSpec, runtime_for
 from cdkd.models.upernet import HEADS, Segmenter
+from cdkd.scene.core.options import SegmentOptions
 from cdkd.tasks.base import Log, Task, TrainingData
 from cdkd.train.loop import StepLog
 
@@ -83,6 +85,34 @@ class SemanticTask(Task):
 
     def report(self, data: TrainingData) -> dict[str, Any]:
         return {"pairs": data.samples}
+
+    # ----------------------------------------------------------------------------------------------- inference
+
+    runtimes = RUNTIMES
+
+    def open_runtime(self, spec: RuntimeSpec) -> Runtime:
+        self.check_runtime(spec.model, runtime_for(spec.model, spec.runtime))
+        return spec.open()
+
+    def segment_scene(self, scene: str | Path, runtime: Any, out: str | Path, options: SegmentOptions,
+                      log: Log | None = None) -> Any:
+        from cdkd.scene.engine import segment_scene
+
+        return segment_scene(scene, runtime, out, options, log)
+
+    def export_onnx(self, model: str | Path, out: str | Path, **options: Any) -> Any:
+        from cdkd.export.onnx import export_onnx
+
+        return export_onnx(model, out, **options)
+
+    def evaluate(self, model: str | Path, data: str | Path, out: str | Path, fmt: str, **options: Any) -> Any:
+        from cdkd.evaluation.semantic import evaluate
+
+        given = [k for k in ("labels", "class_field") if options.pop(k, None) is not None]
+        if given:
+            raise CdkdValueError(f"{model}: a segmenter is evaluated on image/mask pairs; "
+                                 f"{', '.join('--' + k.replace('_', '-') for k in given)} go with instance data")
+        return evaluate(model, data, fmt, out, **options)
 
 
 class SemanticObjective:

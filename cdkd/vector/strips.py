@@ -1,6 +1,6 @@
 """Planning the horizontal strips that ``cdkd vectorize`` reads a class raster in.
 
-Pure functions of the raster size, as ``cdkd.scene.tiler`` plans tiles: nothing here reads pixels. A strip is a
+Pure functions of the raster size, as ``cdkd.inference.tiler`` plans tiles: nothing here reads pixels. A strip is a
 band of whole rows: its *core* rows are the ones it polygonises, and the rows it *reads* add a halo above and
 below for the sieve (``cdkd.vector.sieve``), which must see every small region whole. Rows are 0-based pixel
 rows from the top; ``row1``/``read1`` are exclusive.

@@ -11,7 +11,7 @@ from cdkd.artifacts import InferenceMeta
 from cdkd.config import PATCH_SIZE, bounded, check_ranges
 from cdkd.errors import CdkdValueError
 from cdkd.scene.core.source import SceneInfo
-from cdkd.scene.tiler import PAD_MODES
+from cdkd.inference.tiler import PAD_MODES
 from cdkd.utils.memory import check_fits
 
 __all__ = ["SegmentOptions", "cache_budget", "check_buffers", "resolve_tiling"]

@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from cdkd.scene.blend import window_weights
-from cdkd.scene.rowblend import FinishedRows, Partial, PlanBlender
-from cdkd.scene.tiler import TileWindow, pad_to_tile
+from cdkd.inference.blend import window_weights
+from cdkd.inference.rowblend import FinishedRows, Partial, PlanBlender
+from cdkd.inference.tiler import TileWindow, pad_to_tile
 
 Reader = Callable[[TileWindow], "tuple[np.ndarray, np.ndarray]"]  # window -> (x (C, h, w) float32, valid (h, w))
 

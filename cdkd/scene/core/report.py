@@ -17,7 +17,7 @@ from cdkd.scene.core.runstate import model_sha256
 from cdkd.scene.core.source import SceneInfo, SceneSource
 
 if TYPE_CHECKING:
-    from cdkd.scene.runtimes import Runtime
+    from cdkd.inference.runtimes import Runtime
 
 __all__ = ["ClassArea", "Log", "SceneReport", "TileProgress", "announce_bands", "build_report", "log_stderr",
            "provenance"]
@@ -65,6 +65,28 @@ class SceneReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def outputs(self) -> list[Path]:
+        """The files the run wrote: the class raster, its confidence raster (``probs``) and the report."""
+        return [Path(p) for p in (self.output, self.confidence) if p] + [Path(self.output).with_suffix(".json")]
+
+    def summary(self) -> str:
+        return scene_summary(self.to_dict())
+
+
+def scene_summary(report: dict[str, Any]) -> str:
+    """The console summary of a scene report (``SceneReport.to_dict()``, or as read back from ``OUT.json``): size,
+    tiles, valid area, speed, and each class's share and ground area in one readable unit."""
+    from cdkd.units import area_unit, format_area
+
+    lines = [f"{report['scene']} -> {report['output']}: {report['width']}x{report['height']} px, "
+             f"{report['tiles_run']} of {report['tiles']} tiles run, {format_area(report['area_m2'])} valid, "
+             f"{report['seconds']:.1f} s ({report['mpx_per_s']:.2f} Mpx/s, {report['runtime']} on "
+             f"{report['device']})"]
+    unit = area_unit([report["area_m2"]])
+    lines += [f"  {name:<20} {100 * c['fraction']:6.2f} %  {format_area(c['area_m2'], unit):>14}"
+              for name, c in report["classes"].items()]
+    return "\n".join(lines)
 
 
 class TileProgress:

@@ -30,7 +30,7 @@ from cdkd.utils.paths import check_writable, file_sha256
 from cdkd.utils.runlock import LOCK_NAME, RunLock, holder, in_use_error
 
 if TYPE_CHECKING:
-    from cdkd.scene.runtimes import Runtime
+    from cdkd.inference.runtimes import Runtime
 
 __all__ = ["OUTPUT_SUFFIXES", "STATE_FORMAT", "check_outputs", "claimed", "deferred_sigint", "fingerprint",
            "load_arrays", "load_state", "model_sha256", "output_paths", "save_state"]

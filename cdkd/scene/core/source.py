@@ -33,7 +33,7 @@ from cdkd.data.gdal import gdal_reason, raster_path
 from cdkd.data.stac import StacScene, is_stac, stac_scene
 from cdkd.data.stats import NormStats, compute_stats
 from cdkd.errors import CdkdIOError, CdkdValueError, DataError
-from cdkd.scene.tiler import TileWindow
+from cdkd.inference.tiler import TileWindow
 
 PROBE = 256  # side of the probe windows read at open: corrupt pixel data fails here, not hours into a job
 STATS_MODES = ("model", "scene")

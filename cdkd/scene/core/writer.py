@@ -34,7 +34,7 @@ from cdkd.errors import CdkdIOError
 from cdkd.data.classraster import NODATA, class_tags, colormap, write_gis_legend
 from cdkd.scene.core.pyramid import Pyramid
 from cdkd.scene.core.source import SceneInfo
-from cdkd.scene.rowblend import CONFIDENCE_NODATA, FinishedRows
+from cdkd.inference.rowblend import CONFIDENCE_NODATA, FinishedRows
 from cdkd.utils.atomic import atomic_path
 
 BLOCK = 512

@@ -14,15 +14,15 @@ import numpy as np
 import torch
 
 from cdkd.errors import CdkdValueError
-from cdkd.scene.blend import window_weights
-from cdkd.scene.rowblend import PlanBlender, to_numpy
-from cdkd.scene.tiler import PAD_MODES, TileWindow, as_int, pad_to_tile, plan_rows
+from cdkd.inference.blend import window_weights
+from cdkd.inference.rowblend import PlanBlender, to_numpy
+from cdkd.inference.tiler import PAD_MODES, TileWindow, as_int, pad_to_tile, plan_rows
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
 
 def runtime_predict(runtime: Callable[[np.ndarray], np.ndarray]) -> Predict:
-    """A runtime of ``cdkd.scene.runtimes`` (numpy (B, C, T, T) float32 -> numpy (B, K, T, T) logits: PyTorch,
+    """A runtime of ``cdkd.inference.runtimes`` (numpy (B, C, T, T) float32 -> numpy (B, K, T, T) logits: PyTorch,
     ONNX Runtime or TensorRT) as the ``predict`` of ``sliding_window_logits``, so any runtime plugs into the
     same windows and blending."""
     return lambda batch: torch.from_numpy(runtime(batch.cpu().numpy()))

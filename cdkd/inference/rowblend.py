@@ -31,7 +31,7 @@ import torch
 
 from cdkd.errors import CdkdValueError
 from cdkd.data.classraster import NODATA
-from cdkd.scene.tiler import TileWindow
+from cdkd.inference.tiler import TileWindow
 
 CONFIDENCE_NODATA = 0  # confidence is round(255 * max softmax) >= 255 / K >= 1 wherever a pixel is valid
 OUTPUTS = ("classes", "logits")

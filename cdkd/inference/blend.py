@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from cdkd.errors import CdkdValueError
-from cdkd.scene.tiler import TileWindow
+from cdkd.inference.tiler import TileWindow
 
 BLEND_KINDS = ("cosine", "flat")
 
@@ -79,7 +79,7 @@ def seam_index(classes: np.ndarray, tile: int, overlap: int, nodata: int | None 
     inside the image) over the scene's mean change rate in that direction; 1.0 means the window grid leaves no
     trace. Pairs with a ``nodata`` pixel are left out.
     """
-    from cdkd.scene.tiler import grid_offsets
+    from cdkd.inference.tiler import grid_offsets
 
     def ratio(a: np.ndarray) -> float:  # along axis 1 of a
         size = a.shape[1]

@@ -1,10 +1,10 @@
 """Runtimes for instance models (``detector.pt`` in PyTorch, an exported detector ``.onnx`` in ONNX Runtime).
 
-They are ``cdkd.scene.runtimes``' runtimes with another output: the same attributes (``name``, ``path``,
+They are ``cdkd.inference.runtimes``' runtimes with another output: the same attributes (``name``, ``path``,
 ``meta``, ``device``, ``options``, ``max_batch``, ``fixed_tile``) and the same input, (B, C, T, T) float32 tiles
 already normalised with ``meta.norm``. Instead of logits, ``detect`` returns one ``Detections`` per tile: boxes, scores, 0-based class
 ids and binary masks (Mask R-CNN's mask probabilities thresholded at 0.5, its own rule), on the host.
-``cdkd.scene.runtimes.open_runtime`` returns one of these when the model file holds an instance model.
+``cdkd.inference.runtimes.open_runtime`` returns one of these when the model file holds an instance model.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cdkd.errors import CdkdValueError
-from cdkd.scene.runtimes import OnnxRuntime, TorchRuntime, _check_batch
+from cdkd.inference.runtimes import OnnxRuntime, TorchRuntime, check_batch
 
 MASK_THRESHOLD = 0.5  # Mask R-CNN's: a pixel belongs to the object where its mask probability is >= 0.5
 
@@ -58,7 +58,7 @@ class TorchDetectorRuntime(TorchRuntime):
     def detect(self, batch: np.ndarray) -> list[Detections]:
         import torch
 
-        x = torch.from_numpy(_check_batch(batch, self.meta, fixed_tile=False)).to(self._device)
+        x = torch.from_numpy(check_batch(batch, self.meta, fixed_tile=False)).to(self._device)
         with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype,
                                                     enabled=self._dtype is not None):
             out = self.model(x)
@@ -69,6 +69,7 @@ class OnnxDetectorRuntime(OnnxRuntime):
     """An exported detector (``cdkd.export.detector_onnx``) in ONNX Runtime (``OnnxRuntime``'s providers and
     threads): one tile per run (the graph's batch is 1), outputs ``boxes``, ``labels``, ``scores``, ``masks``."""
 
+    task = "instance"
     log_severity = 3  # the paste Loop's outputs grow per detection, and ONNX Runtime warns about it at every run
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
@@ -79,7 +80,7 @@ class OnnxDetectorRuntime(OnnxRuntime):
         raise CdkdValueError(f"{self.path}: an instance model gives objects, not logits; call detect()")
 
     def detect(self, batch: np.ndarray) -> list[Detections]:
-        batch = _check_batch(batch, self.meta)
+        batch = check_batch(batch, self.meta)
         out = []
         for tile in batch:
             res = dict(zip(self._outputs, self.session.run(None, {self._input: tile[None]})))

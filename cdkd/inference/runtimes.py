@@ -67,7 +67,7 @@ def _check_shape(shape: tuple[int, ...], meta: InferenceMeta, fixed_tile: bool =
         raise CdkdValueError(f"runtime input must be (B, {', '.join(map(str, expected))}), got {shape}")
 
 
-def _check_batch(batch: np.ndarray, meta: InferenceMeta, fixed_tile: bool = True) -> np.ndarray:
+def check_batch(batch: np.ndarray, meta: InferenceMeta, fixed_tile: bool = True) -> np.ndarray:
     _check_shape(tuple(batch.shape), meta, fixed_tile)
     return np.ascontiguousarray(batch, dtype=np.float32)
 
@@ -141,13 +141,13 @@ class TorchRuntime:
     def forward(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         import torch
 
-        from cdkd.scene.rowblend import to_device
+        from cdkd.inference.rowblend import to_device
 
         if isinstance(batch, torch.Tensor):
             _check_shape(tuple(batch.shape), self.meta, fixed_tile=False)
             x = to_device(batch.float(), self._device)
         else:
-            x = to_device(torch.from_numpy(_check_batch(batch, self.meta, fixed_tile=False)), self._device)
+            x = to_device(torch.from_numpy(check_batch(batch, self.meta, fixed_tile=False)), self._device)
         with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype,
                                                     enabled=self._dtype is not None):
             return self.model(x).float()
@@ -217,6 +217,7 @@ class OnnxRuntime:
     """An exported ``.onnx`` model in ONNX Runtime: the CUDA provider when installed and wanted, else the CPU."""
 
     name = "onnx"
+    task = "semantic"  # what the model must predict: an .onnx file of the other task is refused, not misread
     fixed_tile = True
     log_severity: int | None = None  # ONNX Runtime's session log level (None: its default)
 
@@ -229,6 +230,9 @@ class OnnxRuntime:
         if not path.is_file():
             raise CheckpointError(f"{path}: ONNX model not found (cdkd export --format onnx writes one)")
         self.meta = read_onnx_meta(path)
+        if self.meta.task != self.task:
+            raise CdkdValueError(f"{path}: a model of the {self.meta.task} task, not {self.task}; open it through its "
+                                 "task (cdkd.tasks.task_of_model(path).open_runtime)")
         available = ort.get_available_providers()
         if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
             raise CdkdValueError(f"device {device!r} requested but onnxruntime has no CUDA provider here "
@@ -267,12 +271,12 @@ class OnnxRuntime:
         return y
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return _chunked(self._run, _check_batch(batch, self.meta), self.max_batch, self._fixed)
+        return _chunked(self._run, check_batch(batch, self.meta), self.max_batch, self._fixed)
 
     def forward(self, batch: np.ndarray) -> torch.Tensor:
         import torch
 
-        batch = _check_batch(batch, self.meta)
+        batch = check_batch(batch, self.meta)
         if self.blend_device != "cpu":
             return _chunked(self._run_cuda, batch, self.max_batch, self._fixed)
         return torch.from_numpy(_chunked(self._run, batch, self.max_batch, self._fixed))
@@ -342,30 +346,17 @@ class TensorRTRuntime:
         return y
 
     def forward(self, batch: np.ndarray) -> torch.Tensor:
-        return _chunked(self._run, _check_batch(batch, self.meta), self.max_batch, self._fixed)
+        return _chunked(self._run, check_batch(batch, self.meta), self.max_batch, self._fixed)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.forward(batch).cpu().numpy()
 
 
-def is_instance_model(path: str | Path, kind: str) -> bool:
-    """Whether ``path`` holds an instance model (``detector.pt``, or an ONNX export of one)."""
-    from cdkd.artifacts import DETECTOR_FORMAT, artifact_format
-
-    if kind == "torch":
-        return artifact_format(path) == DETECTOR_FORMAT
-    return kind == "onnx" and Path(path).is_file() and read_onnx_meta(path).task == "instance"
-
-
 def open_runtime(path: str | Path, runtime: str | None = None, device: str = "auto", amp: str = "auto",
                  threads: int | None = None) -> Runtime:
-    """The runtime for the model file ``path`` (``segmenter.pt``, ``.onnx`` or ``.engine``); for an instance model
-    (``detector.pt``) a ``cdkd.scene.detector_runtimes`` runtime, whose ``meta.task`` is "instance"."""
+    """The runtime for the segmenter file ``path`` (``segmenter.pt``, ``.onnx`` or ``.engine``). An instance model
+    (``detector.pt``) is opened by its task: ``cdkd.tasks.task_of_model(path).open_runtime``."""
     kind = runtime_for(path, runtime)
-    if is_instance_model(path, kind):
-        from cdkd.scene.detector_runtimes import open_detector
-
-        return open_detector(path, kind, device=device, amp=amp, threads=threads)  # type: ignore[return-value]
     if kind == "torch":
         return TorchRuntime(path, device=device, amp=amp)
     if kind == "onnx":
