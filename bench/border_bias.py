@@ -33,10 +33,10 @@ import rasterio
 
 from cdkd.data.labeled import find_pairs, read_pair, schema_for
 from cdkd.evaluation.semantic import predict_image
-from cdkd.scene.core.options import SegmentOptions
-from cdkd.scene.engine import segment_scene
 from cdkd.inference.runtimes import open_runtime
 from cdkd.inference.sliding import runtime_predict
+from cdkd.scene.core.options import SegmentOptions
+from cdkd.scene.engine import segment_scene
 
 
 def border_mask(h: int, w: int, strip: int) -> np.ndarray:
@@ -72,10 +72,14 @@ def labeled_part(runtime, data: str, fmt: str, split: list[str] | None, strip: i
         pred_b += np.bincount(pred[edge & keep], minlength=k)[:k]
         pred_all += np.bincount(pred[keep], minlength=k)[:k]
         true_b += np.bincount(label[edge & keep], minlength=k)[:k]
-    return {"border_accuracy": ok_b / max(n_b, 1), "interior_accuracy": ok_i / max(n_i, 1),
-            "predicted_border_share": (pred_b / max(pred_b.sum(), 1)).tolist(),
-            "predicted_share": (pred_all / max(pred_all.sum(), 1)).tolist(),
-            "true_border_share": (true_b / max(true_b.sum(), 1)).tolist(), "classes": list(schema.names)}
+    return {
+        "border_accuracy": ok_b / max(n_b, 1),
+        "interior_accuracy": ok_i / max(n_i, 1),
+        "predicted_border_share": (pred_b / max(pred_b.sum(), 1)).tolist(),
+        "predicted_share": (pred_all / max(pred_all.sum(), 1)).tolist(),
+        "true_border_share": (true_b / max(true_b.sum(), 1)).tolist(),
+        "classes": list(schema.names),
+    }
 
 
 def scene_part(runtime, scenes: list[str], strip: int, bands: tuple[int, ...] | None) -> list[dict]:
@@ -89,8 +93,12 @@ def scene_part(runtime, scenes: list[str], strip: int, bands: tuple[int, ...] | 
                 classes = src.read(1)
             valid = classes != 255
             h, w = classes.shape
-            sides = {"top": np.s_[:strip, :], "bottom": np.s_[-strip:, :], "left": np.s_[:, :strip],
-                     "right": np.s_[:, -strip:]}
+            sides = {
+                "top": np.s_[:strip, :],
+                "bottom": np.s_[-strip:, :],
+                "left": np.s_[:, :strip],
+                "right": np.s_[:, -strip:],
+            }
             whole = shares(classes, k, valid)
             per_side = {}
             for name, sl in sides.items():
@@ -108,8 +116,9 @@ def _write(path: Path, array: np.ndarray, profile: dict) -> Path:
     return path
 
 
-def context_part(runtime, scenes: list[str], margin: int, pad: int, strip: int, bands: tuple[int, ...] | None
-                 ) -> list[dict]:
+def context_part(
+    runtime, scenes: list[str], margin: int, pad: int, strip: int, bands: tuple[int, ...] | None
+) -> list[dict]:
     """Per scene: agreement with the whole-scene prediction in the border band and inside, for the cut-out as is
     and reflect-padded by ``pad`` px."""
     from rasterio.windows import Window
@@ -123,8 +132,16 @@ def context_part(runtime, scenes: list[str], margin: int, pad: int, strip: int, 
                 h, w = src.height - 2 * margin, src.width - 2 * margin
                 win = Window(margin, margin, w, h)
                 cut = src.read(window=win)
-                profile = dict(driver="GTiff", width=w, height=h, count=src.count, dtype=src.dtypes[0], crs=src.crs,
-                               transform=window_transform(win, src.transform), nodata=src.nodata)
+                profile = dict(
+                    driver="GTiff",
+                    width=w,
+                    height=h,
+                    count=src.count,
+                    dtype=src.dtypes[0],
+                    crs=src.crs,
+                    transform=window_transform(win, src.transform),
+                    nodata=src.nodata,
+                )
             whole_out = Path(tmp) / f"w{i}.tif"
             segment_scene(scene, runtime, whole_out, opts, log=lambda m: None)
             with rasterio.open(whole_out) as src:
@@ -132,22 +149,32 @@ def context_part(runtime, scenes: list[str], margin: int, pad: int, strip: int, 
             plain = _write(Path(tmp) / f"c{i}.tif", cut, profile)
             padded_arr = np.pad(cut, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
             t = profile["transform"]
-            padded = _write(Path(tmp) / f"p{i}.tif", padded_arr,
-                            dict(profile, width=w + 2 * pad, height=h + 2 * pad,
-                                 transform=t * rasterio.Affine.translation(-pad, -pad)))
+            padded = _write(
+                Path(tmp) / f"p{i}.tif",
+                padded_arr,
+                dict(
+                    profile,
+                    width=w + 2 * pad,
+                    height=h + 2 * pad,
+                    transform=t * rasterio.Affine.translation(-pad, -pad),
+                ),
+            )
             result = {"scene": str(scene), "size": [h, w]}
             for name, path, off in (("as_is", plain, 0), ("reflect_padded", padded, pad)):
                 out = Path(tmp) / f"{name}{i}.tif"
                 segment_scene(path, runtime, out, opts, log=lambda m: None)
                 with rasterio.open(out) as src:
-                    pred = src.read(1)[off:off + h, off:off + w]
+                    pred = src.read(1)[off : off + h, off : off + w]
                 edge = border_mask(h, w, strip)
                 valid = (truth != 255) & (pred != 255)
                 same = pred == truth
-                result[name] = {"border_agreement": float(same[edge & valid].mean()),
-                                "interior_agreement": float(same[~edge & valid].mean()),
-                                "border_changed_to": np.bincount(pred[edge & valid & ~same],
-                                                                 minlength=runtime.meta.num_classes).tolist()}
+                result[name] = {
+                    "border_agreement": float(same[edge & valid].mean()),
+                    "interior_agreement": float(same[~edge & valid].mean()),
+                    "border_changed_to": np.bincount(
+                        pred[edge & valid & ~same], minlength=runtime.meta.num_classes
+                    ).tolist(),
+                }
             rows.append(result)
     return rows
 
@@ -172,8 +199,10 @@ def main() -> None:
     if args.data:
         lab = labeled_part(runtime, args.data, args.format, args.split.split(",") if args.split else None, args.strip)
         result["labeled"] = lab
-        print(f"labeled ({args.data}, {args.split}): accuracy border {100 * lab['border_accuracy']:.1f} % vs "
-              f"interior {100 * lab['interior_accuracy']:.1f} % ({args.strip} px band)")
+        print(
+            f"labeled ({args.data}, {args.split}): accuracy border {100 * lab['border_accuracy']:.1f} % vs "
+            f"interior {100 * lab['interior_accuracy']:.1f} % ({args.strip} px band)"
+        )
         print(f"{'class':<14}{'pred border':>12}{'pred all':>10}{'true border':>12}")
         for n, a, b, c in zip(names, lab["predicted_border_share"], lab["predicted_share"], lab["true_border_share"]):
             print(f"{n:<14}{100 * a:>11.1f}%{100 * b:>9.1f}%{100 * c:>11.1f}%")
@@ -181,8 +210,10 @@ def main() -> None:
         bands = tuple(int(b) for b in args.bands.split(",")) if args.bands else None
         result["scenes"] = scene_part(runtime, args.scenes, args.strip, bands)
         for row in result["scenes"]:
-            print(f"{Path(row['scene']).name}: largest gap between a side's class share and the scene's: "
-                  f"{100 * row['max_share_gap']:.1f} points")
+            print(
+                f"{Path(row['scene']).name}: largest gap between a side's class share and the scene's: "
+                f"{100 * row['max_share_gap']:.1f} points"
+            )
             for side, s in row["sides"].items():
                 print(f"   {side:<7}" + " ".join(f"{n[:8]:>9} {100 * v:5.1f}%" for n, v in zip(names, s)))
             print(f"   {'whole':<7}" + " ".join(f"{n[:8]:>9} {100 * v:5.1f}%" for n, v in zip(names, row["whole"])))
@@ -192,9 +223,11 @@ def main() -> None:
         print(f"edge effect: agreement with the whole-scene prediction ({args.strip} px border band / interior)")
         for row in result["context"]:
             a, p = row["as_is"], row["reflect_padded"]
-            print(f"  {Path(row['scene']).name:<28} as is {100 * a['border_agreement']:5.1f} / "
-                  f"{100 * a['interior_agreement']:5.1f} %   reflect-padded {100 * p['border_agreement']:5.1f} / "
-                  f"{100 * p['interior_agreement']:5.1f} %   border changed to {a['border_changed_to']}")
+            print(
+                f"  {Path(row['scene']).name:<28} as is {100 * a['border_agreement']:5.1f} / "
+                f"{100 * a['interior_agreement']:5.1f} %   reflect-padded {100 * p['border_agreement']:5.1f} / "
+                f"{100 * p['interior_agreement']:5.1f} %   border changed to {a['border_changed_to']}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from cdkd.config import DistillConfig, apply_overrides, save_config
-from cdkd.train.summary import write_curves
 from cdkd.train.rundir import RunDir
+from cdkd.train.summary import write_curves
 
 
 def write_run(root: Path, rows: int, seed: int = 0) -> RunDir:
@@ -34,12 +34,25 @@ def write_run(root: Path, rows: int, seed: int = 0) -> RunDir:
         if s in stages:
             stage = stages[s]
             lines.append({"step": s, "event": "stage", "stage": stage, "ratio": 0.84, "time": t0 + s})
-        kd, t_mae, s_mae = (float(a * math.exp(-b * s / rows) * (1 + 0.1 * rng.random()))
-                            for a, b in ((2.0, 3.0), (1.0, 1.0), (1.2, 0.8)))
-        lines.append({"step": s, "lr": 1e-4 * 0.5 * (1 + math.cos(math.pi * s / rows)),
-                      "loss": 0.2 * kd + 0.4 * t_mae + 0.4 * s_mae, "kd": kd, "t_mae": t_mae, "s_mae": s_mae,
-                      "ratio": t_mae / s_mae, "stage": stage, "weights": [0.2, 0.4, 0.4],
-                      "images_per_s": float(30 + rng.normal()), "time": t0 + s})
+        kd, t_mae, s_mae = (
+            float(a * math.exp(-b * s / rows) * (1 + 0.1 * rng.random()))
+            for a, b in ((2.0, 3.0), (1.0, 1.0), (1.2, 0.8))
+        )
+        lines.append(
+            {
+                "step": s,
+                "lr": 1e-4 * 0.5 * (1 + math.cos(math.pi * s / rows)),
+                "loss": 0.2 * kd + 0.4 * t_mae + 0.4 * s_mae,
+                "kd": kd,
+                "t_mae": t_mae,
+                "s_mae": s_mae,
+                "ratio": t_mae / s_mae,
+                "stage": stage,
+                "weights": [0.2, 0.4, 0.4],
+                "images_per_s": float(30 + rng.normal()),
+                "time": t0 + s,
+            }
+        )
     paths.metrics.write_text("".join(json.dumps(r) + "\n" for r in lines))
     return paths
 
@@ -59,8 +72,10 @@ def main() -> None:
             walls.append(time.perf_counter() - w)
             cpus.append(time.process_time() - c)
         size = paths.metrics.stat().st_size / 1e6
-        print(f"| rows | metrics.jsonl | wall s (best) | CPU s (best) |\n|---|---|---|---|\n"
-              f"| {args.rows} | {size:.1f} MB | {min(walls):.2f} | {min(cpus):.2f} |")
+        print(
+            f"| rows | metrics.jsonl | wall s (best) | CPU s (best) |\n|---|---|---|---|\n"
+            f"| {args.rows} | {size:.1f} MB | {min(walls):.2f} | {min(cpus):.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -51,16 +51,22 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.tile, args.tile, device=device)
     heads = [("upernet", int(c)) for c in args.channels.split(",")] + [("linear", 1)]
     models = [Segmenter(encoder, 6, head=h, channels=c).to(device).eval() for h, c in heads]
-    rows = [(f"{h} {c}" if h == "upernet" else "linear", count_parameters(m.decoder_modules()) / 1e6, enc, dec)
-            for (h, c), m, (enc, dec) in zip(heads, models, measure(models, x, args.repeats))]
-    print(f"vit_s + decoder, {args.tile} px, batch {args.batch}, {device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
+    rows = [
+        (f"{h} {c}" if h == "upernet" else "linear", count_parameters(m.decoder_modules()) / 1e6, enc, dec)
+        for (h, c), m, (enc, dec) in zip(heads, models, measure(models, x, args.repeats))
+    ]
+    print(
+        f"vit_s + decoder, {args.tile} px, batch {args.batch}, {device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}"
+    )
     print("| decoder | decoder params | encoder s | decoder s | decoder share | forward vs upernet 512 |")
     print("|---|---|---|---|---|---|")
     base = rows[0][2] + rows[0][3]
     for name, params, enc, dec in rows:
-        print(f"| {name} | {params:.1f} M | {enc:.2f} | {dec:.2f} | {100 * dec / (enc + dec):.0f} % | "
-              f"{(enc + dec) / base:.2f}x |")
+        print(
+            f"| {name} | {params:.1f} M | {enc:.2f} | {dec:.2f} | {100 * dec / (enc + dec):.0f} % | "
+            f"{(enc + dec) / base:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

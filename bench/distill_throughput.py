@@ -96,9 +96,13 @@ def _build(recipe: str, teacher: str, student: str, size: int, ckpt: bool, atten
     from cdkd.distill.recipes import build_recipe
     from cdkd.models.student import build_student
 
-    cfg = DistillConfig(recipe=recipe, student=StudentConfig(arch=student),
-                        teacher=TeacherConfig(variant=teacher, random_init=True, attention=attention,
-                                              grad_checkpointing=ckpt and recipe == "mask-cdkd"))
+    cfg = DistillConfig(
+        recipe=recipe,
+        student=StudentConfig(arch=student),
+        teacher=TeacherConfig(
+            variant=teacher, random_init=True, attention=attention, grad_checkpointing=ckpt and recipe == "mask-cdkd"
+        ),
+    )
     r = build_recipe(cfg)
     torch.manual_seed(0)
     t = r.build_teacher()
@@ -136,8 +140,20 @@ def step_flops(model, r, batch, weights, knobs, dtype) -> int:
         model.zero_grad(set_to_none=True)
 
 
-def one_config(recipe: str, teacher: str, student: str, size: int, batch: int, steps: int, amp: str, ckpt: bool,
-               device: str, compile: str, attention: str, flops: bool) -> dict:
+def one_config(
+    recipe: str,
+    teacher: str,
+    student: str,
+    size: int,
+    batch: int,
+    steps: int,
+    amp: str,
+    ckpt: bool,
+    device: str,
+    compile: str,
+    attention: str,
+    flops: bool,
+) -> dict:
     import numpy as np
     import torch
 
@@ -152,8 +168,11 @@ def one_config(recipe: str, teacher: str, student: str, size: int, batch: int, s
     rng = np.random.default_rng(0)
     # Counted on one image and scaled: every FLOP is per image, and segment-anything's attention at the full batch
     # could need more memory than the row being measured.
-    counted = batch * step_flops(model, r, synthetic_batch(recipe, 1, size, rng, dev), weights, knobs, dtype) \
-        if flops else None
+    counted = (
+        batch * step_flops(model, r, synthetic_batch(recipe, 1, size, rng, dev), weights, knobs, dtype)
+        if flops
+        else None
+    )
     done = apply_speedups(model, dev, compile=compile, channels_last=True)
     opt = adamw(model, 1e-5, 0.01)
     warmup = 3 if resolve_compile(compile, dev) else 1
@@ -173,12 +192,25 @@ def one_config(recipe: str, teacher: str, student: str, size: int, batch: int, s
         peak_gb = torch.cuda.max_memory_allocated(dev) / 2**30
     else:
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
-    return {"recipe": recipe, "teacher": teacher, "student": student, "size": size, "batch": batch, "amp": amp,
-            "grad_ckpt": ckpt, "device": device, "compile": resolve_compile(compile, dev), "attention": attention,
-            "fused_adamw": bool(opt.defaults.get("fused")), "channels_last_convs": done["channels_last_convs"],
-            "s_per_step": round(sec, 4), "images_per_s": round(batch / sec, 3), "peak_gb": round(peak_gb, 2),
-            "gflop_per_step": None if counted is None else round(counted / 1e9, 1),
-            "tflops": None if counted is None else round(counted / sec / 1e12, 4)}
+    return {
+        "recipe": recipe,
+        "teacher": teacher,
+        "student": student,
+        "size": size,
+        "batch": batch,
+        "amp": amp,
+        "grad_ckpt": ckpt,
+        "device": device,
+        "compile": resolve_compile(compile, dev),
+        "attention": attention,
+        "fused_adamw": bool(opt.defaults.get("fused")),
+        "channels_last_convs": done["channels_last_convs"],
+        "s_per_step": round(sec, 4),
+        "images_per_s": round(batch / sec, 3),
+        "peak_gb": round(peak_gb, 2),
+        "gflop_per_step": None if counted is None else round(counted / 1e9, 1),
+        "tflops": None if counted is None else round(counted / sec / 1e12, 4),
+    }
 
 
 def synthetic_rasters(folder: Path, count: int, side: int = 2048) -> Path:
@@ -191,15 +223,27 @@ def synthetic_rasters(folder: Path, count: int, side: int = 2048) -> Path:
     for i in range(count):
         coarse = rng.uniform(20, 230, (3, side // 64, side // 64))
         img = np.kron(coarse, np.ones((64, 64))) + rng.normal(0, 6, (3, side, side))
-        profile = dict(driver="GTiff", width=side, height=side, count=3, dtype="uint8", tiled=True, blockxsize=256,
-                       blockysize=256, compress="deflate", crs="EPSG:32633", transform=from_origin(0, side, 1, 1))
+        profile = dict(
+            driver="GTiff",
+            width=side,
+            height=side,
+            count=3,
+            dtype="uint8",
+            tiled=True,
+            blockxsize=256,
+            blockysize=256,
+            compress="deflate",
+            crs="EPSG:32633",
+            transform=from_origin(0, side, 1, 1),
+        )
         with rasterio.open(folder / f"tile_{i:02d}.tif", "w", **profile) as dst:
             dst.write(np.clip(img, 0, 255).astype("uint8"))
     return folder
 
 
-def loader_rate(recipe: str, size: int, batch: int, workers: int, device: str, data: Path | None,
-                batches: int = 20) -> dict:
+def loader_rate(
+    recipe: str, size: int, batch: int, workers: int, device: str, data: Path | None, batches: int = 20
+) -> dict:
     """images/s of the recipe's DataLoader alone, as the trainer builds it, copies to ``device`` included."""
     import torch
     from torch.utils.data import DataLoader
@@ -210,14 +254,22 @@ def loader_rate(recipe: str, size: int, batch: int, workers: int, device: str, d
 
     with tempfile.TemporaryDirectory() as tmp:
         root = data or synthetic_rasters(Path(tmp), 8)
-        cfg = DistillConfig(recipe=recipe, data=DataConfig(root=str(root), tile_size=size, num_workers=workers),
-                            teacher=TeacherConfig(variant="vit_b", random_init=True))
+        cfg = DistillConfig(
+            recipe=recipe,
+            data=DataConfig(root=str(root), tile_size=size, num_workers=workers),
+            teacher=TeacherConfig(variant="vit_b", random_init=True),
+        )
         r = build_recipe(cfg)
         rasters = find_rasters(root, bands=(1, 2, 3), min_bands=3)
         r.stats = compute_stats(rasters, (1, 2, 3), n_samples=8, window=size, seed=0)
         dev = torch.device(device)
-        loader = DataLoader(r.dataset(rasters, r.stats), batch_size=batch, num_workers=workers,
-                            sampler=StepSampler(batch, num_micro_steps=batches + 1), pin_memory=dev.type == "cuda")
+        loader = DataLoader(
+            r.dataset(rasters, r.stats),
+            batch_size=batch,
+            num_workers=workers,
+            sampler=StepSampler(batch, num_micro_steps=batches + 1),
+            pin_memory=dev.type == "cuda",
+        )
         it = iter(loader)
         next(it)  # worker start-up
         t0 = time.perf_counter()
@@ -226,9 +278,15 @@ def loader_rate(recipe: str, size: int, batch: int, workers: int, device: str, d
         _sync(dev)
         seconds = time.perf_counter() - t0
         del items
-    return {"recipe": recipe, "size": size, "batch": batch, "workers": workers, "files": len(rasters),
-            "data": str(data) if data else "synthetic 2048 px GeoTIFFs",
-            "images_per_s": round(batches * batch / seconds, 2)}
+    return {
+        "recipe": recipe,
+        "size": size,
+        "batch": batch,
+        "workers": workers,
+        "files": len(rasters),
+        "data": str(data) if data else "synthetic 2048 px GeoTIFFs",
+        "images_per_s": round(batches * batch / seconds, 2),
+    }
 
 
 def _child(spec: dict) -> dict:
@@ -237,8 +295,9 @@ def _child(spec: dict) -> dict:
 
 
 def run_child(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--_one", json.dumps(spec)], cwd=REPO, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--_one", json.dumps(spec)], cwd=REPO, capture_output=True, text=True
+    )
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -258,8 +317,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--grad-checkpointing", default="off", choices=["off", "on", "both"])
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "both"],
-                   help="torch.compile of the blocks (auto: on CUDA only; both: a row each)")
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off", "both"],
+        help="torch.compile of the blocks (auto: on CUDA only; both: a row each)",
+    )
     p.add_argument("--attention", default="auto", help="teacher attention forms, comma-separated: auto,sam,sdpa,flex")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra step per row)")
     p.add_argument("--loader", action="store_true", help="also time the recipe's DataLoader alone")
@@ -282,14 +345,35 @@ def main() -> None:
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[a.grad_checkpointing]
     compiles = ["off", "on"] if a.compile == "both" else [a.compile]
     rows = []
-    print(f"{'recipe':10} {'teacher':7} {'student':10} {'px':>5} {'batch':>5} {'ckpt':>5} {'compile':>7} {'attn':>5} "
-          f"{'s/step':>8} {'img/s':>7} {'peak GB':>7} {'GFLOP/step':>10} {'TFLOP/s':>8} {'% peak':>6}")
-    configs = itertools.product(a.recipes.split(","), a.teachers.split(","), a.students.split(","),
-                                (int(s) for s in a.sizes.split(",")), ckpts, compiles, a.attention.split(","))
+    print(
+        f"{'recipe':10} {'teacher':7} {'student':10} {'px':>5} {'batch':>5} {'ckpt':>5} {'compile':>7} {'attn':>5} "
+        f"{'s/step':>8} {'img/s':>7} {'peak GB':>7} {'GFLOP/step':>10} {'TFLOP/s':>8} {'% peak':>6}"
+    )
+    configs = itertools.product(
+        a.recipes.split(","),
+        a.teachers.split(","),
+        a.students.split(","),
+        (int(s) for s in a.sizes.split(",")),
+        ckpts,
+        compiles,
+        a.attention.split(","),
+    )
     for recipe, teacher, student, size, ckpt, comp, attn in configs:
-        spec = dict(kind="step", recipe=recipe, teacher=teacher, student=student, size=size, batch=a.batch_size,
-                    steps=a.steps, amp=a.amp, ckpt=ckpt, device=device, compile=comp, attention=attn,
-                    flops=not a.no_flops)
+        spec = dict(
+            kind="step",
+            recipe=recipe,
+            teacher=teacher,
+            student=student,
+            size=size,
+            batch=a.batch_size,
+            steps=a.steps,
+            amp=a.amp,
+            ckpt=ckpt,
+            device=device,
+            compile=comp,
+            attention=attn,
+            flops=not a.no_flops,
+        )
         r = run_child(spec)
         head = f"{recipe:10} {teacher:7} {student:10} {size:>5} {a.batch_size:>5} {ckpt!s:>5} {comp:>7} {attn:>5}"
         if "error" in r:
@@ -298,18 +382,33 @@ def main() -> None:
         r["peak_fraction"] = round(r["tflops"] / peak["tflops"], 4) if r["tflops"] and "tflops" in peak else None
         rows.append(r)
         frac = None if r["peak_fraction"] is None else 100 * r["peak_fraction"]
-        print(f"{head} {r['s_per_step']:>8.3f} {r['images_per_s']:>7.2f} {r['peak_gb']:>7.2f} "
-              f"{_fmt(r['gflop_per_step'], '>10.0f')} {_fmt(r['tflops'], '>8.2f')} {_fmt(frac, '>6.1f')}", flush=True)
+        print(
+            f"{head} {r['s_per_step']:>8.3f} {r['images_per_s']:>7.2f} {r['peak_gb']:>7.2f} "
+            f"{_fmt(r['gflop_per_step'], '>10.0f')} {_fmt(r['tflops'], '>8.2f')} {_fmt(frac, '>6.1f')}",
+            flush=True,
+        )
     loaders = []
     if a.loader:
         for recipe, size in itertools.product(a.recipes.split(","), (int(s) for s in a.sizes.split(","))):
-            lr = run_child(dict(kind="loader", recipe=recipe, size=size, batch=a.batch_size, workers=a.workers,
-                                device=device, data=None if a.data is None else str(a.data)))
+            lr = run_child(
+                dict(
+                    kind="loader",
+                    recipe=recipe,
+                    size=size,
+                    batch=a.batch_size,
+                    workers=a.workers,
+                    device=device,
+                    data=None if a.data is None else str(a.data),
+                )
+            )
             loaders.append(lr)
             steps = [x["images_per_s"] for x in rows if x["recipe"] == recipe and x["size"] == size]
             fastest = f" (fastest step: {max(steps):.2f} img/s)" if steps else ""
-            print(f"loader {recipe} {size} px, batch {a.batch_size}, {a.workers} workers: "
-                  f"{lr.get('images_per_s', lr.get('error'))} images/s{fastest}", flush=True)
+            print(
+                f"loader {recipe} {size} px, batch {a.batch_size}, {a.workers} workers: "
+                f"{lr.get('images_per_s', lr.get('error'))} images/s{fastest}",
+                flush=True,
+            )
     if a.json:
         a.json.write_text(json.dumps({"device": name, "peak": peak, "rows": rows, "loader": loaders}, indent=2))
 

@@ -84,8 +84,15 @@ def write_labeled(root: Path) -> dict[str, list[float]]:
             img.symlink_to(stacked)
         mask = labels(stacked)
         with rasterio.open(stacked) as src:
-            profile = dict(driver="GTiff", width=src.width, height=src.height, count=1, dtype="uint8",
-                           crs=src.crs, transform=src.transform)
+            profile = dict(
+                driver="GTiff",
+                width=src.width,
+                height=src.height,
+                count=1,
+                dtype="uint8",
+                crs=src.crs,
+                transform=src.transform,
+            )
         dst = root / "masks" / split / stacked.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         with rasterio.open(dst, "w", **profile) as out:
@@ -96,14 +103,43 @@ def write_labeled(root: Path) -> dict[str, list[float]]:
 
 
 def distill(out: Path, manifests: Path, a: argparse.Namespace) -> None:
-    teacher = (["--teacher-checkpoint", a.teacher_checkpoint.resolve()] if a.teacher_checkpoint else
-               ["--random-teacher"])
+    teacher = ["--teacher-checkpoint", a.teacher_checkpoint.resolve()] if a.teacher_checkpoint else ["--random-teacher"]
     short = out / "short_run.yaml"  # the default 100 warm-up steps would outlast a short run
     short.write_text(f"train: {{warmup_steps: {max(1, a.steps // 10)}}}\n")
-    cdkd("distill", "--recipe", "hyperkd", "--data", manifests, "--out", out / "distill", "--config", short,
-         "--teacher", a.teacher, *teacher, "--student", a.student, "--in-chans", 12, "--tile-size", a.tile,
-         "--batch-size", a.batch_size, "--steps", a.steps, "--lr", "1e-4", "--workers", 0, "--log-every", 1,
-         "--checkpoint-every", max(a.steps, 1), "--overwrite", "--no-progress")
+    cdkd(
+        "distill",
+        "--recipe",
+        "hyperkd",
+        "--data",
+        manifests,
+        "--out",
+        out / "distill",
+        "--config",
+        short,
+        "--teacher",
+        a.teacher,
+        *teacher,
+        "--student",
+        a.student,
+        "--in-chans",
+        12,
+        "--tile-size",
+        a.tile,
+        "--batch-size",
+        a.batch_size,
+        "--steps",
+        a.steps,
+        "--lr",
+        "1e-4",
+        "--workers",
+        0,
+        "--log-every",
+        1,
+        "--checkpoint-every",
+        max(a.steps, 1),
+        "--overwrite",
+        "--no-progress",
+    )
 
 
 def random_student(like: Path, out: Path) -> None:
@@ -116,22 +152,63 @@ def random_student(like: Path, out: Path) -> None:
     _, info = load_student(like)
     torch.manual_seed(0)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_student(out, build_student(info.arch, **info.arch_args),
-                 replace(info, provenance={"init": "random (bench/hyperkd_s2.py baseline)"}))
+    save_student(
+        out,
+        build_student(info.arch, **info.arch_args),
+        replace(info, provenance={"init": "random (bench/hyperkd_s2.py baseline)"}),
+    )
 
 
 def finetune_and_evaluate(out: Path, a: argparse.Namespace, student: Path, name: str) -> dict:
     """Frozen ``student`` + UPerNet (64 channels, class-balanced loss) on the train patches; test-patch scores."""
     labeled = out / "labeled"
-    cdkd("finetune", "--student", student, "--data", labeled, "--format", "folder", "--classes",
-         labeled / "classes.yaml", "--split", "train", "--out", out / f"seg_{name}", "--tile-size", a.tile,
-         "--batch-size", 4, "--steps", a.finetune_steps, "--decoder-channels", 64, "--class-balanced", "--seed", 0,
-         "--workers", 0, "--overwrite", "--no-progress")
-    cdkd("evaluate", out / f"seg_{name}" / "segmenter.pt", "--data", labeled, "--format", "folder", "--classes",
-         labeled / "classes.yaml", "--split", "test", "--out", out / f"eval_{name}", "--overwrite")
+    cdkd(
+        "finetune",
+        "--student",
+        student,
+        "--data",
+        labeled,
+        "--format",
+        "folder",
+        "--classes",
+        labeled / "classes.yaml",
+        "--split",
+        "train",
+        "--out",
+        out / f"seg_{name}",
+        "--tile-size",
+        a.tile,
+        "--batch-size",
+        4,
+        "--steps",
+        a.finetune_steps,
+        "--decoder-channels",
+        64,
+        "--class-balanced",
+        "--seed",
+        0,
+        "--workers",
+        0,
+        "--overwrite",
+        "--no-progress",
+    )
+    cdkd(
+        "evaluate",
+        out / f"seg_{name}" / "segmenter.pt",
+        "--data",
+        labeled,
+        "--format",
+        "folder",
+        "--classes",
+        labeled / "classes.yaml",
+        "--split",
+        "test",
+        "--out",
+        out / f"eval_{name}",
+        "--overwrite",
+    )
     m = json.loads((out / f"eval_{name}" / "metrics.json").read_text())
-    return {"miou": m.get("miou"), "oa": m.get("oa"), "mf1": m.get("mf1"),
-            "iou": dict(zip(m["class_names"], m["iou"]))}
+    return {"miou": m.get("miou"), "oa": m.get("oa"), "mf1": m.get("mf1"), "iou": dict(zip(m["class_names"], m["iou"]))}
 
 
 def main() -> None:
@@ -169,34 +246,63 @@ def main() -> None:
     metrics = [json.loads(x) for x in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "kd" in m]
 
-
     log("3/5 labels from spectral indices (NDVI, NDSI)")
     shares = write_labeled(out / "labeled")
 
     log("4/5 decoder fine-tuning and evaluation: the HyperKD student, and a random-init 12-band ViT-S")
     random_student(out / "distill" / "student.pt", out / "random" / "student.pt")
-    evaluation = {name: finetune_and_evaluate(out, a, student, name)
-                  for name, student in (("hyperkd", out / "distill" / "student.pt"),
-                                        ("random", out / "random" / "student.pt"))}
+    evaluation = {
+        name: finetune_and_evaluate(out, a, student, name)
+        for name, student in (("hyperkd", out / "distill" / "student.pt"), ("random", out / "random" / "student.pt"))
+    }
 
     log("5/5 ONNX export, then segment a band-stack scene and its stacked twin")
-    cdkd("export", out / "seg_hyperkd" / "segmenter.pt", "--format", "onnx", "--out", out / "model.onnx", "--check-data",
-         out / "labeled" / "images", "--overwrite")
+    cdkd(
+        "export",
+        out / "seg_hyperkd" / "segmenter.pt",
+        "--format",
+        "onnx",
+        "--out",
+        out / "model.onnx",
+        "--check-data",
+        out / "labeled" / "images",
+        "--overwrite",
+    )
     scene = TEST[1]
-    cdkd("segment", manifests / f"{scene}.bands.yaml", "--engine", out / "model.onnx", "--out",
-         out / "lc_bandfiles.tif", "--overwrite", "--no-progress")
-    cdkd("segment", DATA / "stacked" / f"{scene}.tif", "--engine", out / "model.onnx", "--out",
-         out / "lc_stacked.tif", "--overwrite", "--no-progress")
+    cdkd(
+        "segment",
+        manifests / f"{scene}.bands.yaml",
+        "--engine",
+        out / "model.onnx",
+        "--out",
+        out / "lc_bandfiles.tif",
+        "--overwrite",
+        "--no-progress",
+    )
+    cdkd(
+        "segment",
+        DATA / "stacked" / f"{scene}.tif",
+        "--engine",
+        out / "model.onnx",
+        "--out",
+        out / "lc_stacked.tif",
+        "--overwrite",
+        "--no-progress",
+    )
     with rasterio.open(out / "lc_bandfiles.tif") as a1, rasterio.open(out / "lc_stacked.tif") as a2:
         agree = float((a1.read(1) == a2.read(1)).mean())
     export = json.loads((out / "model.export.json").read_text())
 
     summary = {
-        "distill": {"steps": report["steps"], "seconds": report["seconds"], "images_seen": report["images_seen"],
-                    "first": {k: steps[0][k] for k in ("kd", "pix", "spec", "mask_saliency")},
-                    "last": {k: steps[-1][k] for k in ("kd", "pix", "spec", "mask_saliency")},
-                    "images_per_s": float(np.median([m["images_per_s"] for m in steps[1:]] or [0])),
-                    "alignment": report["alignment"]["table"]},
+        "distill": {
+            "steps": report["steps"],
+            "seconds": report["seconds"],
+            "images_seen": report["images_seen"],
+            "first": {k: steps[0][k] for k in ("kd", "pix", "spec", "mask_saliency")},
+            "last": {k: steps[-1][k] for k in ("kd", "pix", "spec", "mask_saliency")},
+            "images_per_s": float(np.median([m["images_per_s"] for m in steps[1:]] or [0])),
+            "alignment": report["alignment"]["table"],
+        },
         "labels_share_veg_snow_other": shares,
         "evaluate": evaluation,
         "export": {"agreement": export["parity"]["agreement"], "max_abs_diff": export["parity"]["max_abs_diff"]},

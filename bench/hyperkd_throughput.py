@@ -35,10 +35,17 @@ def build(overrides: dict, a: argparse.Namespace):
     from cdkd.models.student import build_student
     from cdkd.train.optim import adamw
 
-    base = {"data.root": str(a.data), "data.tile_size": a.tile, "data.stats_samples": 16,
-            "teacher.variant": a.teacher, "student.arch": a.student, "train.batch_size": a.batch_size}
-    base.update({"teacher.checkpoint": str(a.teacher_checkpoint)} if a.teacher_checkpoint else
-                {"teacher.random_init": True})
+    base = {
+        "data.root": str(a.data),
+        "data.tile_size": a.tile,
+        "data.stats_samples": 16,
+        "teacher.variant": a.teacher,
+        "student.arch": a.student,
+        "train.batch_size": a.batch_size,
+    }
+    base.update(
+        {"teacher.checkpoint": str(a.teacher_checkpoint)} if a.teacher_checkpoint else {"teacher.random_init": True}
+    )
     cfg = apply_overrides(DistillConfig(), dict(base, **overrides))
     recipe = build_recipe(cfg)
     bands = cfg.data.bands or tuple(range(1, cfg.student.in_chans + 1))
@@ -73,10 +80,13 @@ def main() -> None:
     a = p.parse_args()
     rgb = {"data.bands": [4, 3, 2], "student.in_chans": 3}
     twelve = {"recipe": "hyperkd", "student.in_chans": 12}
-    specs = [("hyperkd 12 bands", twelve), ("hyperkd RGB", {"recipe": "hyperkd", **rgb}),
-             ("mask-cdkd RGB", {"recipe": "mask-cdkd", **rgb}),
-             ("hyperkd 12 bands, guided 0", dict(twelve, **{"hyperkd.guided_ratio": 0.0})),
-             ("hyperkd 12 bands, guided 1", dict(twelve, **{"hyperkd.guided_ratio": 1.0}))]
+    specs = [
+        ("hyperkd 12 bands", twelve),
+        ("hyperkd RGB", {"recipe": "hyperkd", **rgb}),
+        ("mask-cdkd RGB", {"recipe": "mask-cdkd", **rgb}),
+        ("hyperkd 12 bands, guided 0", dict(twelve, **{"hyperkd.guided_ratio": 0.0})),
+        ("hyperkd 12 bands, guided 1", dict(twelve, **{"hyperkd.guided_ratio": 1.0})),
+    ]
     rows = {name: build(o, a) for name, o in specs}
     times: dict[str, list[float]] = {n: [] for n in rows}
     seen: dict[str, list[dict]] = {n: [] for n in rows}
@@ -97,9 +107,11 @@ def main() -> None:
         chans = model.student.patch_embed.proj.in_channels
         print(f"{name:<28} {med:7.2f} {a.batch_size / med:6.2f}  {chans:8d}  {'' if sal is None else sal:>13}  {mean}")
     ref = float(np.median(times["hyperkd RGB"]))
-    print(f"\nhyperkd 12 bands / hyperkd RGB: {np.median(times['hyperkd 12 bands']) / ref:.2f}x the step time; "
-          f"mask-cdkd RGB / hyperkd RGB: {np.median(times['mask-cdkd RGB']) / ref:.2f}x "
-          f"(medians of {a.rounds} rounds, batch {a.batch_size}, {a.tile} px, {a.student}, teacher {a.teacher})")
+    print(
+        f"\nhyperkd 12 bands / hyperkd RGB: {np.median(times['hyperkd 12 bands']) / ref:.2f}x the step time; "
+        f"mask-cdkd RGB / hyperkd RGB: {np.median(times['mask-cdkd RGB']) / ref:.2f}x "
+        f"(medians of {a.rounds} rounds, batch {a.batch_size}, {a.tile} px, {a.student}, teacher {a.teacher})"
+    )
 
 
 if __name__ == "__main__":

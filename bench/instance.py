@@ -46,12 +46,24 @@ def finetune_detector(a: argparse.Namespace, student: Path, out: Path, data: dic
     if a.reuse and (out / "detector.pt").is_file():
         log(f"reusing {out / 'detector.pt'}")
         return out / "detector.pt"
-    cfg = apply_overrides(FinetuneConfig(task="instance"), {
-        "student": str(student), **{f"data.{k}": v for k, v in data.items()}, "data.tile_size": a.tile,
-        "data.overlap": a.tile // 4, "data.num_workers": 1, "instance.channels": a.channels,
-        "instance.box_batch_size_per_image": a.box_batch, "train.steps": steps, "train.batch_size": a.batch_size,
-        "train.lr": a.lr, "train.warmup_steps": min(20, steps), "train.checkpoint_every": max(steps, 1),
-        "train.log_every": 10})
+    cfg = apply_overrides(
+        FinetuneConfig(task="instance"),
+        {
+            "student": str(student),
+            **{f"data.{k}": v for k, v in data.items()},
+            "data.tile_size": a.tile,
+            "data.overlap": a.tile // 4,
+            "data.num_workers": 1,
+            "instance.channels": a.channels,
+            "instance.box_batch_size_per_image": a.box_batch,
+            "train.steps": steps,
+            "train.batch_size": a.batch_size,
+            "train.lr": a.lr,
+            "train.warmup_steps": min(20, steps),
+            "train.checkpoint_every": max(steps, 1),
+            "train.log_every": 10,
+        },
+    )
     t0 = time.perf_counter()
     res = finetune(cfg, out, overwrite=True, progress=False, log=log)
     (out / "bench_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
@@ -61,13 +73,22 @@ def finetune_detector(a: argparse.Namespace, student: Path, out: Path, data: dic
 def evaluate(a: argparse.Namespace, detector: Path, out: Path, split: str) -> dict:
     from cdkd.evaluation.instance import evaluate_instances
 
-    res = evaluate_instances(detector, NWPU, out, fmt="coco", split=[split], overwrite=True, progress=False,
-                             batch_size=2)
+    res = evaluate_instances(
+        detector, NWPU, out, fmt="coco", split=[split], overwrite=True, progress=False, batch_size=2
+    )
     m = res.metrics.metrics
-    log(f"{detector.parent.name} on {split}: box AP {m['bbox']['AP']:.3f} AP50 {m['bbox']['AP50']:.3f}, mask AP "
-        f"{m['segm']['AP']:.3f} AP50 {m['segm']['AP50']:.3f} ({res.seconds:.0f} s)")
-    return {"box_AP": m["bbox"]["AP"], "box_AP50": m["bbox"]["AP50"], "mask_AP": m["segm"]["AP"],
-            "mask_AP50": m["segm"]["AP50"], "images": res.metrics.images, "seconds": round(res.seconds, 1)}
+    log(
+        f"{detector.parent.name} on {split}: box AP {m['bbox']['AP']:.3f} AP50 {m['bbox']['AP50']:.3f}, mask AP "
+        f"{m['segm']['AP']:.3f} AP50 {m['segm']['AP50']:.3f} ({res.seconds:.0f} s)"
+    )
+    return {
+        "box_AP": m["bbox"]["AP"],
+        "box_AP50": m["bbox"]["AP50"],
+        "mask_AP": m["segm"]["AP"],
+        "mask_AP50": m["segm"]["AP50"],
+        "images": res.metrics.images,
+        "seconds": round(res.seconds, 1),
+    }
 
 
 def distilled_student(a: argparse.Namespace) -> Path:
@@ -75,9 +96,21 @@ def distilled_student(a: argparse.Namespace) -> Path:
         return a.distilled
     import transfer
 
-    t = argparse.Namespace(tile=128, overlap=32, batch_size=16, channels=128, teacher_steps=200, teacher_lr=5e-4,
-                           distill_steps=150, distill_lr=5e-4, rs4d_lr=5e-4, decoder_steps=0, decoder_lr=1e-3,
-                           head="upernet", reuse=a.reuse)
+    t = argparse.Namespace(
+        tile=128,
+        overlap=32,
+        batch_size=16,
+        channels=128,
+        teacher_steps=200,
+        teacher_lr=5e-4,
+        distill_steps=150,
+        distill_lr=5e-4,
+        rs4d_lr=5e-4,
+        decoder_steps=0,
+        decoder_lr=1e-3,
+        head="upernet",
+        reuse=a.reuse,
+    )
     ckpt, _ = transfer.train_teacher(t, a.out)
     return transfer.distill_student(t, a.out, "kd", ckpt, "fixed", (1.0, 0.0, 0.0))
 
@@ -107,43 +140,66 @@ def scene_run(a: argparse.Namespace, student: Path) -> dict:
     import shapely
 
     from cdkd.evaluation.instance import match_footprints
+    from cdkd.inference.runtimes import open_runtime
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.inference.runtimes import open_runtime
 
     scene, labels = SOLARIS / "sample_geotiff.tif", SOLARIS / "geotiff_labels.geojson"
-    det = finetune_detector(a, student, a.out / "spacenet", {"root": str(scene), "format": "geo",
-                                                            "labels": str(labels)}, a.scene_steps)
+    det = finetune_detector(
+        a, student, a.out / "spacenet", {"root": str(scene), "format": "geo", "labels": str(labels)}, a.scene_steps
+    )
     out = a.out / "spacenet" / "buildings.gpkg"
-    report = segment_scene(scene, open_runtime(det, device="cpu"), out,
-                           SegmentOptions(overwrite=True, progress=False, min_score=a.min_score, batch_size=2))
+    report = segment_scene(
+        scene,
+        open_runtime(det, device="cpu"),
+        out,
+        SegmentOptions(overwrite=True, progress=False, min_score=a.min_score, batch_size=2),
+    )
     pred = pyogrio.read_dataframe(out, layer=out.stem)
     truth = pyogrio.read_dataframe(labels).to_crs(pred.crs)
     m = match_footprints(pred.geometry.to_numpy(), pred["score"].to_numpy(), truth.geometry.to_numpy())
-    log(f"SpaceNet: {len(pred)} predicted, {len(truth)} labelled, {m['matched']} matched at IoU 0.5 "
-        f"({report.seconds:.1f} s)")
-    train_s = float((a.out / "spacenet" / "bench_seconds.txt").read_text()) if (a.out / "spacenet" /
-                                                                                "bench_seconds.txt").is_file() else None
-    return {**m, "predicted": len(pred), "labelled": len(truth), "segment_seconds": round(report.seconds, 1),
-            "train_seconds": train_s, "area_m2_predicted": round(float(pred["area_m2"].sum()), 1),
-            "area_m2_labelled": round(float(shapely.area(truth.geometry.to_numpy()).sum()), 1)}
+    log(
+        f"SpaceNet: {len(pred)} predicted, {len(truth)} labelled, {m['matched']} matched at IoU 0.5 "
+        f"({report.seconds:.1f} s)"
+    )
+    train_s = (
+        float((a.out / "spacenet" / "bench_seconds.txt").read_text())
+        if (a.out / "spacenet" / "bench_seconds.txt").is_file()
+        else None
+    )
+    return {
+        **m,
+        "predicted": len(pred),
+        "labelled": len(truth),
+        "segment_seconds": round(report.seconds, 1),
+        "train_seconds": train_s,
+        "area_m2_predicted": round(float(pred["area_m2"].sum()), 1),
+        "area_m2_labelled": round(float(shapely.area(truth.geometry.to_numpy()).sum()), 1),
+    }
 
 
 def table(rows: dict, scene: dict | None, a: argparse.Namespace) -> str:
     def pct(v: float) -> str:
         return f"{100 * v:.1f}"
 
-    lines = ["| encoder (frozen) | head | evaluated on | box AP | box AP50 | mask AP | mask AP50 |",
-             "|:--|:--|:--|--:|--:|--:|--:|"]
+    lines = [
+        "| encoder (frozen) | head | evaluated on | box AP | box AP50 | mask AP | mask AP50 |",
+        "|:--|:--|:--|--:|--:|--:|--:|",
+    ]
     for (enc, head, split), r in rows.items():
-        lines.append(f"| {enc} | {head} | {split} ({r['images']} images) | {pct(r['box_AP'])} | {pct(r['box_AP50'])} "
-                     f"| {pct(r['mask_AP'])} | {pct(r['mask_AP50'])} |")
+        lines.append(
+            f"| {enc} | {head} | {split} ({r['images']} images) | {pct(r['box_AP'])} | {pct(r['box_AP50'])} "
+            f"| {pct(r['mask_AP'])} | {pct(r['mask_AP50'])} |"
+        )
     if scene:
-        lines += ["", "| SpaceNet scene | predicted | labelled | matched (IoU 0.5) | precision | recall | F1 | "
-                  "segment s |", "|:--|--:|--:|--:|--:|--:|--:|--:|",
-                  f"| {a.scene_steps} steps on the scene | {scene['predicted']} | {scene['labelled']} | "
-                  f"{scene['matched']} | {pct(scene['precision'])} | {pct(scene['recall'])} | {pct(scene['f1'])} | "
-                  f"{scene['segment_seconds']} |"]
+        lines += [
+            "",
+            "| SpaceNet scene | predicted | labelled | matched (IoU 0.5) | precision | recall | F1 | segment s |",
+            "|:--|--:|--:|--:|--:|--:|--:|--:|",
+            f"| {a.scene_steps} steps on the scene | {scene['predicted']} | {scene['labelled']} | "
+            f"{scene['matched']} | {pct(scene['precision'])} | {pct(scene['recall'])} | {pct(scene['f1'])} | "
+            f"{scene['segment_seconds']} |",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -185,17 +241,20 @@ def main() -> None:
         student = transfer.random_student(t_args, a.out, "random", "vit_s")
         det = finetune_detector(a, student, a.out / "random-nwpu", nwpu, a.steps)
         rows[("random init ViT-S", head, "held-out")] = evaluate(a, det, a.out / "random-nwpu" / "heldout", HELD_OUT)
-        rows[("random init ViT-S", head, "train subset")] = evaluate(a, det, a.out / "random-nwpu" / "train",
-                                                                     TRAIN_SUBSET)
+        rows[("random init ViT-S", head, "train subset")] = evaluate(
+            a, det, a.out / "random-nwpu" / "train", TRAIN_SUBSET
+        )
         zero = untrained(a, student, a.out / "random-untrained")
-        rows[("random init ViT-S", "untrained", "train subset")] = evaluate(a, zero, a.out / "random-untrained" /
-                                                                            "train", UNTRAINED_SUBSET)
+        rows[("random init ViT-S", "untrained", "train subset")] = evaluate(
+            a, zero, a.out / "random-untrained" / "train", UNTRAINED_SUBSET
+        )
         save()
     if "distilled" in stages:
         student = distilled_student(a)
         det = finetune_detector(a, student, a.out / "distilled-nwpu", nwpu, a.steps)
-        rows[("distilled ViT-S (KD only)", head, "held-out")] = evaluate(a, det, a.out / "distilled-nwpu" /
-                                                                         "heldout", HELD_OUT)
+        rows[("distilled ViT-S (KD only)", head, "held-out")] = evaluate(
+            a, det, a.out / "distilled-nwpu" / "heldout", HELD_OUT
+        )
         save()
     if "scene" in stages:
         scene = scene_run(a, transfer.random_student(t_args, a.out, "random", "vit_s"))

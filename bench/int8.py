@@ -54,9 +54,11 @@ def header(title: str) -> None:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     isa = ", ".join(f for f in ("avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16") if f" {f}" in flags)
     print(f"## {title}\n")
-    print(f"{datetime.date.today()}, {cpu_model()}, {physical_cores()} cores ({isa or 'no VNNI/BF16'}; torch bf16 "
-          f"native: {cpu_bf16_supported()}), load {os.getloadavg()[0]:.1f} at start, onnxruntime "
-          f"{onnxruntime.__version__}, torch {torch.__version__}\n")
+    print(
+        f"{datetime.date.today()}, {cpu_model()}, {physical_cores()} cores ({isa or 'no VNNI/BF16'}; torch bf16 "
+        f"native: {cpu_bf16_supported()}), load {os.getloadavg()[0]:.1f} at start, onnxruntime "
+        f"{onnxruntime.__version__}, torch {torch.__version__}\n"
+    )
 
 
 def make_segmenter(arch: str, tile: int, path: Path) -> Path:
@@ -78,8 +80,13 @@ def make_segmenter(arch: str, tile: int, path: Path) -> Path:
     model = Segmenter(encoder, schema.num_classes, layers=layers)
     # RSSCN7-like statistics: the calibration tiles come out near zero mean, unit spread
     norm = NormStats(mean=(95.0, 100.0, 90.0), std=(50.0,) * 3, bands=(1, 2, 3), dtype="uint8")
-    info = SegmenterInfo(student=StudentInfo(arch, args, norm, {"teacher": "none (bench)"}), head=model.config(),
-                         classes=schema, tile_size=tile, overlap=tile // 8)
+    info = SegmenterInfo(
+        student=StudentInfo(arch, args, norm, {"teacher": "none (bench)"}),
+        head=model.config(),
+        classes=schema,
+        tile_size=tile,
+        overlap=tile // 8,
+    )
     save_segmenter(path, model.eval(), info)
     return path
 
@@ -104,9 +111,16 @@ def keep_label(keep: tuple[str, ...] | None) -> str:
     return "+".join(keep) if keep else "none"
 
 
-def export_pair(seg: Path, tmp: Path, calib: Path, method: str = "minmax", calib_tiles: int = 8,
-                check_tiles: int = 2, min_agreement: float = 0.0,
-                keep: tuple[str, ...] | None = None) -> tuple[Path, object]:
+def export_pair(
+    seg: Path,
+    tmp: Path,
+    calib: Path,
+    method: str = "minmax",
+    calib_tiles: int = 8,
+    check_tiles: int = 2,
+    min_agreement: float = 0.0,
+    keep: tuple[str, ...] | None = None,
+) -> tuple[Path, object]:
     """The float32 export of ``seg`` and its INT8 model (``cdkd export --int8``'s path; ``keep``: the parts left
     float, None for cdkd's default); (float path, int8 report)."""
     from cdkd.export import export_onnx
@@ -115,8 +129,13 @@ def export_pair(seg: Path, tmp: Path, calib: Path, method: str = "minmax", calib
     fp32 = tmp / "model.onnx"
     if not fp32.exists():
         export_onnx(seg, fp32, check_tiles=1)
-    options = QuantizeOptions(method=method, calib_tiles=calib_tiles, check_tiles=check_tiles,
-                              min_agreement=min_agreement, keep_float=DEFAULT_KEEP_FLOAT if keep is None else keep)
+    options = QuantizeOptions(
+        method=method,
+        calib_tiles=calib_tiles,
+        check_tiles=check_tiles,
+        min_agreement=min_agreement,
+        keep_float=DEFAULT_KEEP_FLOAT if keep is None else keep,
+    )
     out = tmp / f"model.int8.{method}.{keep_label(keep)}.onnx"
     return fp32, export_int8(fp32, out, calib, options=options)
 
@@ -134,9 +153,11 @@ def speed(args: argparse.Namespace) -> None:
                 t0 = time.perf_counter()
                 fp32, int8 = export_pair(seg, tmp, args.calib, calib_tiles=args.calib_tiles)
                 export_s = time.perf_counter() - t0
-                runtimes = {"onnx fp32": OnnxRuntime(fp32, device="cpu"),
-                            "onnx int8": OnnxRuntime(int8.onnx, device="cpu"),
-                            "torch fp32": TorchRuntime(seg, device="cpu", amp="none")}
+                runtimes = {
+                    "onnx fp32": OnnxRuntime(fp32, device="cpu"),
+                    "onnx int8": OnnxRuntime(int8.onnx, device="cpu"),
+                    "torch fp32": TorchRuntime(seg, device="cpu", amp="none"),
+                }
                 if cpu_bf16_supported():
                     runtimes["torch bf16"] = TorchRuntime(seg, device="cpu", amp="bf16")
                 x = np.random.default_rng(0).normal(size=(1, 3, tile, tile)).astype(np.float32)
@@ -144,14 +165,19 @@ def speed(args: argparse.Namespace) -> None:
                 rows.append((arch, tile, t, os.getloadavg()[0], export_s, int8.size_bytes / int8.float_size_bytes))
                 print(f"  {arch} {tile}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()), flush=True)
                 del runtimes
-    print("\n| student + UPerNet 512 | tile | " + " | ".join(f"{r} s/tile" for r in RUNTIMES) +
-          " | INT8 / ORT fp32 | ORT fp32 / torch fp32 | bf16 / torch fp32 | INT8 size | load |")
+    print(
+        "\n| student + UPerNet 512 | tile | "
+        + " | ".join(f"{r} s/tile" for r in RUNTIMES)
+        + " | INT8 / ORT fp32 | ORT fp32 / torch fp32 | bf16 / torch fp32 | INT8 size | load |"
+    )
     print("|---|---|" + "---|" * (len(RUNTIMES) + 5))
     for arch, tile, t, load, _, size in rows:
         cells = " | ".join(f"{t[r]:.2f}" if r in t else "-" for r in RUNTIMES)
         bf16 = f"{t['torch fp32'] / t['torch bf16']:.2f}x" if "torch bf16" in t else "-"
-        print(f"| {arch} | {tile} | {cells} | **{t['onnx fp32'] / t['onnx int8']:.2f}x** | "
-              f"{t['torch fp32'] / t['onnx fp32']:.2f}x | {bf16} | {100 * size:.0f} % | {load:.1f} |")
+        print(
+            f"| {arch} | {tile} | {cells} | **{t['onnx fp32'] / t['onnx int8']:.2f}x** | "
+            f"{t['torch fp32'] / t['onnx fp32']:.2f}x | {bf16} | {100 * size:.0f} % | {load:.1f} |"
+        )
     print("\n(ratios are speed-ups: the left runtime's time over the right one's; INT8 size: of the float32 file)")
 
 
@@ -228,19 +254,26 @@ def _generated(size: int, path: Path) -> Path:
     from cdkd.demo.landscape import make_landscape
 
     image, _ = make_landscape(size, size, seed=3)
-    profile = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32633",
-                   transform=Affine(10, 0, 500_000, 0, -10, 5_000_000))
+    profile = dict(
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=Affine(10, 0, 500_000, 0, -10, 5_000_000),
+    )
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(image)
     return path
 
 
 def accuracy(args: argparse.Namespace) -> None:
-    from cdkd.errors import CdkdError
     from cdkd.data.classraster import NODATA
+    from cdkd.errors import CdkdError
+    from cdkd.inference.runtimes import OnnxRuntime, TorchRuntime, cpu_bf16_supported
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.inference.runtimes import OnnxRuntime, TorchRuntime, cpu_bf16_supported
 
     header(f"INT8 against float32: {args.segmenter}")
     with tempfile.TemporaryDirectory(prefix="cdkd-bench-int8-") as tmp:
@@ -250,8 +283,15 @@ def accuracy(args: argparse.Namespace) -> None:
         fp32 = None
         for method in args.methods:
             for keep in args.keep_float or [None]:
-                fp32, rep = export_pair(args.segmenter, tmp, args.calib, method=method, calib_tiles=args.calib_tiles,
-                                        check_tiles=args.check_tiles, keep=keep)
+                fp32, rep = export_pair(
+                    args.segmenter,
+                    tmp,
+                    args.calib,
+                    method=method,
+                    calib_tiles=args.calib_tiles,
+                    check_tiles=args.check_tiles,
+                    keep=keep,
+                )
                 name = f"int8 {method}" + (f" (float: {keep_label(keep)})" if args.keep_float else "")
                 models[name] = (rep.onnx, "onnx")
                 checks.append((name, rep))
@@ -265,8 +305,10 @@ def accuracy(args: argparse.Namespace) -> None:
         print("| INT8 model | held-out tiles: class agreement with float32 | max abs logit difference | export s |")
         print("|---|---|---|---|")
         for name, rep in checks:
-            print(f"| {name} | {100 * rep.parity.agreement:.2f} % | {rep.parity.max_abs_diff:.2f} | "
-                  f"{rep.seconds:.0f} |", flush=True)
+            print(
+                f"| {name} | {100 * rep.parity.agreement:.2f} % | {rep.parity.max_abs_diff:.2f} | {rep.seconds:.0f} |",
+                flush=True,
+            )
 
         scenes = list(args.scenes) + ([_generated(args.generated, tmp / "generated.tif")] if args.generated else [])
         rows = []
@@ -283,9 +325,17 @@ def accuracy(args: argparse.Namespace) -> None:
             if "onnx fp32" not in maps or len(maps) < 1 + len(models):
                 continue
             valid = maps["onnx fp32"] != NODATA
-            rows.append((Path(scene).name, int(valid.sum()),
-                         {k: float((v[valid] == maps["onnx fp32"][valid]).mean()) for k, v in maps.items()
-                          if k != "onnx fp32"}))
+            rows.append(
+                (
+                    Path(scene).name,
+                    int(valid.sum()),
+                    {
+                        k: float((v[valid] == maps["onnx fp32"][valid]).mean())
+                        for k, v in maps.items()
+                        if k != "onnx fp32"
+                    },
+                )
+            )
         if rows:
             print("\n| scene | valid pixels | " + " | ".join(f"{k} vs fp32" for k in models) + " |")
             print("|---|---|" + "---|" * len(models))
@@ -300,13 +350,24 @@ def accuracy(args: argparse.Namespace) -> None:
             base = None
             for name, (path, how) in {**open_fp32, **models}.items():
                 kind = "onnx" if how == "onnx" else "torch"
-                res = evaluate(path, args.labeled, args.format, tmp / f"eval_{name.replace(' ', '_')}",
-                               split=args.split, runtime=kind, device="cpu", amp=how if kind == "torch" else "none",
-                               progress=False)
+                res = evaluate(
+                    path,
+                    args.labeled,
+                    args.format,
+                    tmp / f"eval_{name.replace(' ', '_')}",
+                    split=args.split,
+                    runtime=kind,
+                    device="cpu",
+                    amp=how if kind == "torch" else "none",
+                    progress=False,
+                )
                 m = res.metrics
                 base = m.miou if base is None else base
-                print(f"| {name} | {100 * m.miou:.2f} | {100 * m.oa:.2f} | {100 * m.mf1:.2f} | "
-                      f"{100 * (m.miou - base):+.2f} |", flush=True)
+                print(
+                    f"| {name} | {100 * m.miou:.2f} | {100 * m.oa:.2f} | {100 * m.mf1:.2f} | "
+                    f"{100 * (m.miou - base):+.2f} |",
+                    flush=True,
+                )
     print(f"\n(load {os.getloadavg()[0]:.1f} at the end)")
 
 
@@ -331,14 +392,22 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "session":
             p.add_argument("--arch", default="vit_s")
             p.add_argument("--tile", type=int, default=512)
-            p.add_argument("--keep-float", type=keep_sets, help="also time INT8 models keeping these parts float, "
-                           "e.g. 'none;attention;patch_embed,attention,classifier'")
+            p.add_argument(
+                "--keep-float",
+                type=keep_sets,
+                help="also time INT8 models keeping these parts float, "
+                "e.g. 'none;attention;patch_embed,attention,classifier'",
+            )
         else:
             p.add_argument("--segmenter", type=Path, required=True)
             p.add_argument("--check-tiles", type=int, default=16)
             p.add_argument("--methods", type=words, default=["minmax", "entropy", "percentile"])
-            p.add_argument("--keep-float", type=keep_sets, help="INT8 variants keeping these parts float (each "
-                           "with every method), e.g. 'none;attention'; default: cdkd's")
+            p.add_argument(
+                "--keep-float",
+                type=keep_sets,
+                help="INT8 variants keeping these parts float (each "
+                "with every method), e.g. 'none;attention'; default: cdkd's",
+            )
             p.add_argument("--scenes", type=lambda t: [Path(w) for w in words(t)], default=[])
             p.add_argument("--generated", type=int, default=0, help="side of a generated landscape scene, px")
             p.add_argument("--labeled", type=Path)

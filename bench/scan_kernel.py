@@ -28,8 +28,14 @@ from cdkd.models.ssm_scan import _fused_fn, selective_scan_chunked  # noqa: E402
 # (forward, backward) (BLOCK_L, BLOCK_D, num_warps); the backward runs on the forward's BLOCK_L. First: the defaults.
 # Register use a thread for sm_90 (ptxas): fwd 16,16,4: 168; 32,16,8: 182; 32,16,4: 255; 8,16,4 / 16,8,2: ~213;
 # bwd 16,8,4: 168; 16,16,8: 238; 8,16,4: 243; 16,16,4: 255 + spills.
-CONFIGS = [((16, 16, 4), (16, 8, 4)), ((16, 16, 4), (16, 16, 8)), ((32, 16, 8), (32, 8, 4)),
-           ((32, 16, 4), (32, 16, 8)), ((8, 16, 4), (8, 16, 4)), ((16, 8, 2), (16, 8, 4))]
+CONFIGS = [
+    ((16, 16, 4), (16, 8, 4)),
+    ((16, 16, 4), (16, 16, 8)),
+    ((32, 16, 8), (32, 8, 4)),
+    ((32, 16, 4), (32, 16, 8)),
+    ((8, 16, 4), (8, 16, 4)),
+    ((16, 8, 2), (16, 8, 4)),
+]
 
 
 def inputs(batch: int, length: int, d: int = 512, n: int = 16):
@@ -76,8 +82,15 @@ def row(name: str, scan, xs, ref) -> dict:
         out["fwd_bwd_ms"] = timed(train)
     except Exception as e:  # a block size the compiler rejects is a result too
         out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    print(f"{name:34} " + (f"fwd {out['fwd_ms']:8.2f} ms   fwd+bwd {out['fwd_bwd_ms']:8.2f} ms   "
-                           f"max |dy| {out['max_abs_diff']:.1e}" if "error" not in out else out["error"]), flush=True)
+    print(
+        f"{name:34} "
+        + (
+            f"fwd {out['fwd_ms']:8.2f} ms   fwd+bwd {out['fwd_bwd_ms']:8.2f} ms   max |dy| {out['max_abs_diff']:.1e}"
+            if "error" not in out
+            else out["error"]
+        ),
+        flush=True,
+    )
     return out
 
 
@@ -100,19 +113,35 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: scan of {2 * a.tiles} x {(a.size // 16) ** 2} tokens x 512 x 16")
     rows = []
     for fwd, bwd in CONFIGS:
-        rows.append(row(f"triton fwd {fwd} bwd {bwd}", lambda u, delta, A, B, C, D, bias, fwd=fwd, bwd=bwd:
-                        selective_scan_triton(u, delta, A, B, C, D, delta_bias=bias, config_fwd=fwd, config_bwd=bwd,
-                                              **kw), xs, ref))
+        rows.append(
+            row(
+                f"triton fwd {fwd} bwd {bwd}",
+                lambda u, delta, A, B, C, D, bias, fwd=fwd, bwd=bwd: selective_scan_triton(
+                    u, delta, A, B, C, D, delta_bias=bias, config_fwd=fwd, config_bwd=bwd, **kw
+                ),
+                xs,
+                ref,
+            )
+        )
     fused = _fused_fn()
     if fused is not None:
         from cdkd.models.ssm_scan import _selective_scan_fused
 
-        rows.append(row("mamba_ssm", lambda u, delta, A, B, C, D, bias:
-                        _selective_scan_fused(u, delta, A, B, C, D, bias, True), xs, ref))
+        rows.append(
+            row(
+                "mamba_ssm",
+                lambda u, delta, A, B, C, D, bias: _selective_scan_fused(u, delta, A, B, C, D, bias, True),
+                xs,
+                ref,
+            )
+        )
     rows.append(row("chunked PyTorch", chunked, xs, ref))
     if a.json:
-        a.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "tiles": a.tiles, "size": a.size,
-                                      "rows": rows}, indent=2))
+        a.json.write_text(
+            json.dumps(
+                {"device": torch.cuda.get_device_name(), "tiles": a.tiles, "size": a.size, "rows": rows}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -57,12 +57,27 @@ SHARED_DATA = Path(os.environ.get("CDKD_SHARED_DATA", REPO.parent / "shared" / "
 
 # Segmenters built here: vit_s variants + UPerNet, written as cdkd finetune writes segmenter.pt.
 MODELS = {
-    "tiny": {"student": {"embed_dim": 48, "depth": 4, "num_heads": 2}, "layers": (1, 2, 3, 4), "channels": 32,
-             "tile": 256, "what": "vit_s shrunk to embed 48, depth 4 (the tests' fixture) + UPerNet 32 ch"},
-    "small": {"student": {}, "layers": (3, 6, 9, 12), "channels": 128, "tile": 256,
-              "what": "vit_s (embed 384, depth 12) + UPerNet 128 ch"},
-    "full": {"student": {}, "layers": (3, 6, 9, 12), "channels": 512, "tile": 1024,
-             "what": "vit_s (embed 384, depth 12) + UPerNet 512 ch, as cdkd finetune builds it"},
+    "tiny": {
+        "student": {"embed_dim": 48, "depth": 4, "num_heads": 2},
+        "layers": (1, 2, 3, 4),
+        "channels": 32,
+        "tile": 256,
+        "what": "vit_s shrunk to embed 48, depth 4 (the tests' fixture) + UPerNet 32 ch",
+    },
+    "small": {
+        "student": {},
+        "layers": (3, 6, 9, 12),
+        "channels": 128,
+        "tile": 256,
+        "what": "vit_s (embed 384, depth 12) + UPerNet 128 ch",
+    },
+    "full": {
+        "student": {},
+        "layers": (3, 6, 9, 12),
+        "channels": 512,
+        "tile": 1024,
+        "what": "vit_s (embed 384, depth 12) + UPerNet 512 ch, as cdkd finetune builds it",
+    },
 }
 SCHEMA = "dubai"
 BLOCK = 512
@@ -71,8 +86,9 @@ BLOCK = 512
 # ---------------------------------------------------------------------------------------------------- set-up
 
 
-def build_segmenter(path: Path, size: str, tile: int, bands: tuple[int, ...], dtype: str,
-                    overlap: int | None = None) -> dict:
+def build_segmenter(
+    path: Path, size: str, tile: int, bands: tuple[int, ...], dtype: str, overlap: int | None = None
+) -> dict:
     """Write a seeded random ``segmenter.pt`` of the ``MODELS[size]`` recipe; returns its description."""
     import torch
 
@@ -87,16 +103,24 @@ def build_segmenter(path: Path, size: str, tile: int, bands: tuple[int, ...], dt
     norm = NormStats(mean=(110.0,) * len(bands), std=(50.0,) * len(bands), bands=bands, dtype=dtype)
     torch.manual_seed(0)
     arch_args = dict(spec["student"], img_size=tile, in_chans=len(bands))
-    model = Segmenter(build_student("vit_s", **arch_args), schema.num_classes, layers=spec["layers"],
-                      channels=spec["channels"])
+    model = Segmenter(
+        build_student("vit_s", **arch_args), schema.num_classes, layers=spec["layers"], channels=spec["channels"]
+    )
     student = StudentInfo("vit_s", arch_args, norm, {"teacher": "none (bench/scene.py, random weights)"})
     overlap = tile // 4 if overlap is None else overlap
     info = SegmenterInfo(student=student, head=model.config(), classes=schema, tile_size=tile, overlap=overlap)
     save_segmenter(path, model.eval(), info)
     params = sum(p.numel() for p in model.parameters())
-    return {"size": size, "what": spec["what"], "path": str(path), "tile": tile,
-            "overlap": overlap, "classes": schema.num_classes, "params_m": params / 1e6,
-            "weights_mb": params * 4 / 2**20}
+    return {
+        "size": size,
+        "what": spec["what"],
+        "path": str(path),
+        "tile": tile,
+        "overlap": overlap,
+        "classes": schema.num_classes,
+        "params_m": params / 1e6,
+        "weights_mb": params * 4 / 2**20,
+    }
 
 
 def export_onnx_model(pt: Path, out: Path) -> str:
@@ -120,9 +144,16 @@ def export_onnx_model(pt: Path, out: Path) -> str:
     model, info = load_segmenter(pt)
     meta = info.inference_meta()
     example = torch.zeros(2, meta.in_chans, meta.tile_size, meta.tile_size)  # batch 1 would be specialised
-    program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"], dynamo=True,
-                                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=False,
-                                verbose=False)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamo=True,
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        external_data=False,
+        verbose=False,
+    )
     proto = program.model_proto
     entry = proto.metadata_props.add()
     entry.key, entry.value = ONNX_METADATA_KEY, meta.to_json()
@@ -145,10 +176,22 @@ def build_mosaic(base: Path, rows: int, cols: int, out: Path) -> Path:
         mask = src.dataset_mask() if internal_mask else None
         w, h = src.width, src.height
         shift = Affine.translation(-(cols - 1) * w / 2, -(rows - 1) * h / 2)  # keep the base's centre (latitude)
-        profile = {"driver": "GTiff", "width": w * cols, "height": h * rows, "count": src.count, "dtype": src.dtypes[0],
-                   "crs": src.crs, "transform": src.transform * shift, "nodata": src.nodata, "tiled": True,
-                   "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "deflate", "interleave": "pixel",
-                   "BIGTIFF": "IF_SAFER"}
+        profile = {
+            "driver": "GTiff",
+            "width": w * cols,
+            "height": h * rows,
+            "count": src.count,
+            "dtype": src.dtypes[0],
+            "crs": src.crs,
+            "transform": src.transform * shift,
+            "nodata": src.nodata,
+            "tiled": True,
+            "blockxsize": BLOCK,
+            "blockysize": BLOCK,
+            "compress": "deflate",
+            "interleave": "pixel",
+            "BIGTIFF": "IF_SAFER",
+        }
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(out, "w", **profile) as dst:
         for i in range(rows):
             for j in range(cols):
@@ -174,9 +217,21 @@ def synthetic_base(path: Path, size: int = 1024) -> Path:
             band += rng.uniform(-0.3, 0.3) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
         bands.append(np.clip(band + rng.normal(0, 0.03, band.shape), 0.02, 0.98))
     data = np.round(np.stack(bands) * 255).astype(np.uint8)
-    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32633",
-                       transform=from_origin(500_000, 5_000_000, 0.5, 0.5), tiled=True, blockxsize=512,
-                       blockysize=512, compress="deflate") as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 5_000_000, 0.5, 0.5),
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+    ) as dst:
         dst.write(data)
     return path
 
@@ -186,8 +241,14 @@ def scene_facts(path: Path) -> dict:
 
     with rasterio.open(path) as src:
         res = abs(src.transform.a)
-        return {"width": src.width, "height": src.height, "count": src.count, "dtype": src.dtypes[0],
-                "crs": src.crs.to_string(), "res": res}
+        return {
+            "width": src.width,
+            "height": src.height,
+            "count": src.count,
+            "dtype": src.dtypes[0],
+            "crs": src.crs.to_string(),
+            "res": res,
+        }
 
 
 def ground_km2(path: Path) -> float | None:
@@ -238,34 +299,43 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def job_throughput(model: str, scene: str, out: str, runtime: str, device: str, batch: int, bands: list[int],
-                   threads: int | None) -> dict:
+def job_throughput(
+    model: str, scene: str, out: str, runtime: str, device: str, batch: int, bands: list[int], threads: int | None
+) -> dict:
     """One warm-up batch, then one timed ``segment_scene``."""
+    from cdkd.inference.runtimes import open_runtime
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.inference.runtimes import open_runtime
 
     _set_threads(threads)
     rt = open_runtime(model, runtime=runtime, device=device, threads=threads)
     t = rt.meta.tile_size
     rt(np.zeros((batch, rt.meta.in_chans, t, t), np.float32))
-    report = segment_scene(scene, rt, out, SegmentOptions(batch_size=batch, bands=tuple(bands), overwrite=True,
-                                                          progress=False))
-    return {"seconds": report.seconds, "mpx_s": report.mpx_per_s, "km2": report.area_m2 / 1e6, "tiles": report.tiles_run,
-            "device": rt.device, "peak_mb": _peak_mb()}
+    report = segment_scene(
+        scene, rt, out, SegmentOptions(batch_size=batch, bands=tuple(bands), overwrite=True, progress=False)
+    )
+    return {
+        "seconds": report.seconds,
+        "mpx_s": report.mpx_per_s,
+        "km2": report.area_m2 / 1e6,
+        "tiles": report.tiles_run,
+        "device": rt.device,
+        "peak_mb": _peak_mb(),
+    }
 
 
 def job_cdkd(model: str, scene: str, out: str, batch: int, bands: list[int], threads: int | None) -> dict:
     """Streaming: ``segment_scene`` with the torch runtime on the CPU."""
+    from cdkd.inference.runtimes import open_runtime
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.inference.runtimes import open_runtime
 
     _set_threads(threads)
     rt = open_runtime(model, device="cpu")
     start_mb = _peak_mb()
-    report = segment_scene(scene, rt, out, SegmentOptions(batch_size=batch, bands=tuple(bands), overwrite=True,
-                                                          progress=False))
+    report = segment_scene(
+        scene, rt, out, SegmentOptions(batch_size=batch, bands=tuple(bands), overwrite=True, progress=False)
+    )
     return {"seconds": report.seconds, "start_mb": start_mb, "peak_mb": _peak_mb()}
 
 
@@ -274,8 +344,8 @@ def job_baseline(model: str, scene: str, out: str, batch: int, bands: list[int],
     import rasterio
     import torch
 
-    from cdkd.data.stats import NormStats
     from cdkd.data.classraster import NODATA
+    from cdkd.data.stats import NormStats
     from cdkd.inference.runtimes import open_runtime
     from cdkd.inference.sliding import sliding_window_logits
 
@@ -287,13 +357,25 @@ def job_baseline(model: str, scene: str, out: str, batch: int, bands: list[int],
     with rasterio.open(scene) as src:
         pixels = src.read(indexes=bands)
         valid = src.dataset_mask() > 0
-        profile = {"driver": "GTiff", "width": src.width, "height": src.height, "count": 1, "dtype": "uint8",
-                   "crs": src.crs, "transform": src.transform, "nodata": NODATA, "tiled": True, "blockxsize": BLOCK,
-                   "blockysize": BLOCK, "compress": "deflate"}
+        profile = {
+            "driver": "GTiff",
+            "width": src.width,
+            "height": src.height,
+            "count": 1,
+            "dtype": "uint8",
+            "crs": src.crs,
+            "transform": src.transform,
+            "nodata": NODATA,
+            "tiled": True,
+            "blockxsize": BLOCK,
+            "blockysize": BLOCK,
+            "compress": "deflate",
+        }
     x = NormStats(meta.norm.mean, meta.norm.std, tuple(bands), meta.norm.dtype).normalize(pixels)
     x[:, ~valid] = 0.0
-    logits = sliding_window_logits(lambda b: torch.from_numpy(rt(b.numpy())), x, meta.tile_size, meta.overlap,
-                                   meta.num_classes, batch_size=batch)
+    logits = sliding_window_logits(
+        lambda b: torch.from_numpy(rt(b.numpy())), x, meta.tile_size, meta.overlap, meta.num_classes, batch_size=batch
+    )
     classes = logits.argmax(dim=0).numpy().astype(np.uint8)
     classes[~valid] = NODATA
     with rasterio.open(out, "w", **profile) as dst:
@@ -317,8 +399,12 @@ class FreeRuntime:
         k = schema.num_classes
         yy, xx = np.mgrid[0:tile, 0:tile] / tile
         rng = np.random.default_rng(1)
-        self.field = np.stack([np.sin(rng.uniform(2, 9) * xx + rng.uniform(0, 6)) *
-                               np.cos(rng.uniform(2, 9) * yy + rng.uniform(0, 6)) for _ in range(k)]).astype(np.float32)
+        self.field = np.stack(
+            [
+                np.sin(rng.uniform(2, 9) * xx + rng.uniform(0, 6)) * np.cos(rng.uniform(2, 9) * yy + rng.uniform(0, 6))
+                for _ in range(k)
+            ]
+        ).astype(np.float32)
         self._out: dict[int, np.ndarray] = {}
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -336,12 +422,16 @@ def job_ceiling(scene: str, out: str, tile: int, overlap: int, batch: int, read_
     """The engine with a free model, then plain windowed reads of the same windows."""
     import rasterio
 
+    from cdkd.inference.tiler import plan_windows
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.inference.tiler import plan_windows
 
-    report = segment_scene(scene, FreeRuntime(tile, overlap), out,
-                           SegmentOptions(batch_size=batch, overwrite=True, progress=False, read_threads=read_threads))
+    report = segment_scene(
+        scene,
+        FreeRuntime(tile, overlap),
+        out,
+        SegmentOptions(batch_size=batch, overwrite=True, progress=False, read_threads=read_threads),
+    )
     with rasterio.open(scene) as src:
         windows = plan_windows(src.height, src.width, tile, overlap)
         start = time.perf_counter()
@@ -354,32 +444,48 @@ def job_ceiling(scene: str, out: str, tile: int, overlap: int, batch: int, read_
         valid_cog = cog_validate(out)[0]
     except ImportError:
         valid_cog = None
-    return {"tiles": report.tiles_run, "seconds": report.seconds, "tiles_s": report.tiles_run / report.seconds,
-            "read_tiles_s": len(windows) / reads, "stages": report.stages, "valid_cog": valid_cog,
-            "peak_mb": _peak_mb()}
+    return {
+        "tiles": report.tiles_run,
+        "seconds": report.seconds,
+        "tiles_s": report.tiles_run / report.seconds,
+        "read_tiles_s": len(windows) / reads,
+        "stages": report.stages,
+        "valid_cog": valid_cog,
+        "peak_mb": _peak_mb(),
+    }
 
 
-def job_overhead(model: str, scene: str, out: str, device: str, batch: int, threads: int | None,
-                 read_threads: int | None = None) -> dict:
+def job_overhead(
+    model: str, scene: str, out: str, device: str, batch: int, threads: int | None, read_threads: int | None = None
+) -> dict:
     """Engine time vs the bare model on as many tiles (batches already in memory), after a warm-up."""
+    from cdkd.inference.runtimes import open_runtime
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.inference.runtimes import open_runtime
 
     _set_threads(threads)
     rt = open_runtime(model, device=device)
     t = rt.meta.tile_size
     x = np.random.default_rng(0).normal(size=(batch, rt.meta.in_chans, t, t)).astype(np.float32)
     _sync(rt.forward(x))  # warm-up (cuDNN autotuning, allocator)
-    report = segment_scene(scene, rt, out, SegmentOptions(batch_size=batch, overwrite=True, progress=False,
-                                                          read_threads=read_threads))
+    report = segment_scene(
+        scene, rt, out, SegmentOptions(batch_size=batch, overwrite=True, progress=False, read_threads=read_threads)
+    )
     tiles = report.tiles_run
     start = time.perf_counter()
     for i in range(0, tiles, batch):
         _sync(rt.forward(x[: min(batch, tiles - i)]))
     bare = time.perf_counter() - start
-    return {"tiles": tiles, "engine_s": report.seconds, "model_s": bare, "ratio": report.seconds / bare,
-            "device": rt.device, "amp": rt.options.get("amp"), "stages": report.stages, "tiles_s": tiles / report.seconds}
+    return {
+        "tiles": tiles,
+        "engine_s": report.seconds,
+        "model_s": bare,
+        "ratio": report.seconds / bare,
+        "device": rt.device,
+        "amp": rt.options.get("amp"),
+        "stages": report.stages,
+        "tiles_s": tiles / report.seconds,
+    }
 
 
 def _sync(y) -> None:
@@ -393,21 +499,36 @@ def job_scaleout(model: str, scene: str, work: str, workers: int, block_rows: in
     """One scene on a LocalCluster of ``workers`` single-threaded processes; peak RSS of each worker."""
     import distributed
 
+    from cdkd.inference.runtimes import RuntimeSpec
     from cdkd.scene.blocks import segment_scene_on_cluster
     from cdkd.scene.core.options import SegmentOptions
-    from cdkd.inference.runtimes import RuntimeSpec
 
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  env=env) as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         client.run(lambda: __import__("torch").set_num_threads(1))
         out = Path(work) / f"scaleout_{workers}.tif"
-        report = segment_scene_on_cluster(scene, RuntimeSpec(model, device="cpu"), out, client,
-                                          SegmentOptions(overwrite=True, progress=False, read_threads=1),
-                                          rows_per_block=block_rows)
+        report = segment_scene_on_cluster(
+            scene,
+            RuntimeSpec(model, device="cpu"),
+            out,
+            client,
+            SegmentOptions(overwrite=True, progress=False, read_threads=1),
+            rows_per_block=block_rows,
+        )
         peaks = client.run(_peak_mb)
-    return {"workers": workers, "seconds": report.seconds, "tiles": report.tiles_run, "out": str(out),
-            "blocks": report.runtime_options["blocks"], "worker_peak_mb": sorted(peaks.values())}
+    return {
+        "workers": workers,
+        "seconds": report.seconds,
+        "tiles": report.tiles_run,
+        "out": str(out),
+        "blocks": report.runtime_options["blocks"],
+        "worker_peak_mb": sorted(peaks.values()),
+    }
 
 
 def content_matched_seams(classes: np.ndarray, tile: int, overlap: int, period: int) -> float:
@@ -434,9 +555,9 @@ def job_seams(model: str, scene: str, out: str, period: list[int]) -> dict:
     import rasterio
 
     from cdkd.inference.blend import seam_index
+    from cdkd.inference.runtimes import open_runtime
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.inference.runtimes import open_runtime
 
     rt = open_runtime(model, device="cpu")
     segment_scene(scene, rt, out, SegmentOptions(overwrite=True, progress=False, batch_size=4))
@@ -444,13 +565,25 @@ def job_seams(model: str, scene: str, out: str, period: list[int]) -> dict:
         classes = src.read(1)
     tile, overlap = rt.meta.tile_size, rt.meta.overlap
     cols, rows = seam_index(classes, tile, overlap, nodata=255)
-    return {"cols": cols, "rows": rows, "tile": tile, "overlap": overlap,
-            "matched_cols": content_matched_seams(classes, tile, overlap, period[1]),
-            "matched_rows": content_matched_seams(classes.T, tile, overlap, period[0])}
+    return {
+        "cols": cols,
+        "rows": rows,
+        "tile": tile,
+        "overlap": overlap,
+        "matched_cols": content_matched_seams(classes, tile, overlap, period[1]),
+        "matched_rows": content_matched_seams(classes.T, tile, overlap, period[0]),
+    }
 
 
-JOBS = {"throughput": job_throughput, "cdkd": job_cdkd, "baseline": job_baseline, "ceiling": job_ceiling,
-        "overhead": job_overhead, "scaleout": job_scaleout, "seams": job_seams}
+JOBS = {
+    "throughput": job_throughput,
+    "cdkd": job_cdkd,
+    "baseline": job_baseline,
+    "ceiling": job_ceiling,
+    "overhead": job_overhead,
+    "scaleout": job_scaleout,
+    "seams": job_seams,
+}
 
 
 GDAL_CACHEMAX: str | None = None  # --gdal-cachemax, passed to the children's environment
@@ -459,8 +592,14 @@ GDAL_CACHEMAX: str | None = None  # --gdal-cachemax, passed to the children's en
 def run_child(job: str, **kwargs) -> dict | None:
     """Run ``JOBS[job](**kwargs)`` in a fresh interpreter; its result, or None (and the error printed)."""
     env = dict(os.environ, **({"GDAL_CACHEMAX": GDAL_CACHEMAX} if GDAL_CACHEMAX else {}))
-    proc = subprocess.run([sys.executable, __file__, "--_job", json.dumps({"job": job, **kwargs})], cwd=REPO,
-                          capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--_job", json.dumps({"job": job, **kwargs})],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if proc.returncode:
         err = (proc.stderr.strip().splitlines() or ["?"])[-1]
         print(f"  {job} {Path(kwargs['scene']).name} failed: {err}", flush=True)
@@ -501,8 +640,13 @@ def mosaic(base: Path, factor: int, work: Path, layout: str = "square") -> Path:
 
 
 def throughput(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) -> dict:
-    model = build_segmenter(work / f"segmenter_{args.model_size}.pt", args.model_size,
-                            args.tile_size or MODELS[args.model_size]["tile"], tuple(bands), dtype)
+    model = build_segmenter(
+        work / f"segmenter_{args.model_size}.pt",
+        args.model_size,
+        args.tile_size or MODELS[args.model_size]["tile"],
+        tuple(bands),
+        dtype,
+    )
     files = {"torch": Path(model["path"])}
     exporter = None
     if "onnx" in args.runtimes:
@@ -519,9 +663,17 @@ def throughput(args: argparse.Namespace, work: Path, bands: list[int], dtype: st
     variants = runtime_variants(args.runtimes, args.devices)
     for _ in range(args.repeats):  # rounds alternate between runtimes
         for runtime, device in variants:
-            r = run_child("throughput", model=str(files[runtime]), scene=str(scene),
-                          out=str(work / f"out_{runtime}_{device}.tif"), runtime=runtime, device=device,
-                          batch=args.batch_size, bands=bands, threads=args.threads)
+            r = run_child(
+                "throughput",
+                model=str(files[runtime]),
+                scene=str(scene),
+                out=str(work / f"out_{runtime}_{device}.tif"),
+                runtime=runtime,
+                device=device,
+                batch=args.batch_size,
+                bands=bands,
+                threads=args.threads,
+            )
             if r is not None:
                 times.setdefault(f"{runtime}/{device}", []).append(r)
     facts = scene_facts(scene)
@@ -530,28 +682,54 @@ def throughput(args: argparse.Namespace, work: Path, bands: list[int], dtype: st
     for name, runs in times.items():
         sec = statistics.median(r["seconds"] for r in runs)
         km2 = runs[0]["km2"]
-        rows[name] = {"seconds": sec, "seconds_all": [r["seconds"] for r in runs], "mpx_s": mpx / sec,
-                      "km2_h": km2 / sec * 3600, "km2": km2, "tiles": runs[0]["tiles"],
-                      "peak_mb": max(r["peak_mb"] for r in runs)}
+        rows[name] = {
+            "seconds": sec,
+            "seconds_all": [r["seconds"] for r in runs],
+            "mpx_s": mpx / sec,
+            "km2_h": km2 / sec * 3600,
+            "km2": km2,
+            "tiles": runs[0]["tiles"],
+            "peak_mb": max(r["peak_mb"] for r in runs),
+        }
     note, ground = "", ground_km2(scene)
     if rows and ground:
         engine = next(iter(rows.values()))["km2"]
         if abs(engine / ground - 1) > 0.01:
-            note = (f"; the footprint on the WGS84 ellipsoid is {ground:.3f} km²: the engine's areas are "
-                    f"{engine / ground:.2f}x the ground's")
-    return {"model": model, "exporter": exporter, "scene": str(scene), "factor": args.throughput_factor,
-            "scene_facts": facts, "rows": rows, "area_note": note, "ground_km2": ground}
+            note = (
+                f"; the footprint on the WGS84 ellipsoid is {ground:.3f} km²: the engine's areas are "
+                f"{engine / ground:.2f}x the ground's"
+            )
+    return {
+        "model": model,
+        "exporter": exporter,
+        "scene": str(scene),
+        "factor": args.throughput_factor,
+        "scene_facts": facts,
+        "rows": rows,
+        "area_note": note,
+        "ground_km2": ground,
+    }
 
 
 def memory(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) -> dict:
-    model = build_segmenter(work / f"segmenter_{args.memory_model}_mem.pt", args.memory_model,
-                            args.tile_size or MODELS[args.memory_model]["tile"], tuple(bands), dtype)
+    model = build_segmenter(
+        work / f"segmenter_{args.memory_model}_mem.pt",
+        args.memory_model,
+        args.tile_size or MODELS[args.memory_model]["tile"],
+        tuple(bands),
+        dtype,
+    )
     rows = []
     for factor in args.factors:
         scene = mosaic(args.base, factor, work, args.layout)
         facts = scene_facts(scene)
-        common = {"model": model["path"], "scene": str(scene), "batch": args.batch_size, "bands": bands,
-                  "threads": args.threads}
+        common = {
+            "model": model["path"],
+            "scene": str(scene),
+            "batch": args.batch_size,
+            "bands": bands,
+            "threads": args.threads,
+        }
         cdkd = run_child("cdkd", out=str(work / f"mem_cdkd_{factor}x.tif"), **common)
         base = run_child("baseline", out=str(work / f"mem_baseline_{factor}x.tif"), **common)
         rows.append({"factor": factor, "pixels": facts["width"] * facts["height"], "cdkd": cdkd, "baseline": base})
@@ -561,8 +739,18 @@ def memory(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) -
 
 def ceiling(args: argparse.Namespace, work: Path) -> dict:
     scene = mosaic(args.base, args.ceiling_factor, work)
-    runs = [run_child("ceiling", scene=str(scene), out=str(work / "ceiling.tif"), tile=1024, overlap=64,
-                      batch=args.batch_size, read_threads=args.read_threads) for _ in range(args.repeats)]
+    runs = [
+        run_child(
+            "ceiling",
+            scene=str(scene),
+            out=str(work / "ceiling.tif"),
+            tile=1024,
+            overlap=64,
+            batch=args.batch_size,
+            read_threads=args.read_threads,
+        )
+        for _ in range(args.repeats)
+    ]
     runs = [r for r in runs if r]
     best = min(runs, key=lambda r: r["seconds"]) if runs else None
     return {"scene": scene_facts(scene), "best": best, "seconds_all": [r["seconds"] for r in runs]}
@@ -571,16 +759,28 @@ def ceiling(args: argparse.Namespace, work: Path) -> dict:
 def overhead(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) -> dict:
     model = build_segmenter(work / "segmenter_full.pt", "full", 1024, tuple(bands), dtype)
     scene = mosaic(args.base, args.overhead_factor, work)
-    r = run_child("overhead", model=model["path"], scene=str(scene), out=str(work / "overhead.tif"),
-                  device=args.device, batch=args.batch_size, threads=args.threads, read_threads=args.read_threads)
+    r = run_child(
+        "overhead",
+        model=model["path"],
+        scene=str(scene),
+        out=str(work / "overhead.tif"),
+        device=args.device,
+        batch=args.batch_size,
+        threads=args.threads,
+        read_threads=args.read_threads,
+    )
     return {"model": model, "scene": scene_facts(scene), "result": r}
 
 
 def scaleout(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) -> dict:
     model = build_segmenter(work / "segmenter_tiny512.pt", "tiny", 512, tuple(bands), dtype)
     scene = mosaic(args.base, args.scaleout_factor, work)
-    runs = {n: run_child("scaleout", model=model["path"], scene=str(scene), work=str(work), workers=n,
-                         block_rows=args.block_rows) for n in (1, 2)}
+    runs = {
+        n: run_child(
+            "scaleout", model=model["path"], scene=str(scene), work=str(work), workers=n, block_rows=args.block_rows
+        )
+        for n in (1, 2)
+    }
     equal = None
     if runs[1] and runs[2]:
         import rasterio
@@ -594,9 +794,16 @@ def seams(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) ->
     model = build_segmenter(work / "segmenter_tiny512_seams.pt", "tiny", 512, tuple(bands), dtype, overlap=64)
     scene = mosaic(args.base, args.seams_factor, work)
     base = scene_facts(args.base)
-    return {"scene": scene_facts(scene), "result": run_child("seams", model=model["path"], scene=str(scene),
-                                                             out=str(work / "seams.tif"),
-                                                             period=[base["height"], base["width"]])}
+    return {
+        "scene": scene_facts(scene),
+        "result": run_child(
+            "seams",
+            model=model["path"],
+            scene=str(scene),
+            out=str(work / "seams.tif"),
+            period=[base["height"], base["width"]],
+        ),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -604,38 +811,49 @@ def seams(args: argparse.Namespace, work: Path, bands: list[int], dtype: str) ->
 
 def print_ceiling(c: dict) -> None:
     s, b = c["scene"], c["best"]
-    print(f"\n3. Engine ceiling: a model that costs nothing (precomputed logits), {s['width']} x {s['height']} "
-          f"{s['count']}-band, 1024 px tiles, overlap 64")
+    print(
+        f"\n3. Engine ceiling: a model that costs nothing (precomputed logits), {s['width']} x {s['height']} "
+        f"{s['count']}-band, 1024 px tiles, overlap 64"
+    )
     if not b:
         print("   failed")
         return
-    print(f"   engine {b['tiles_s']:.1f} tiles/s ({b['tiles']} tiles in {b['seconds']:.2f} s, best of "
-          f"{', '.join(f'{x:.2f}' for x in c['seconds_all'])} s); plain windowed reads {b['read_tiles_s']:.1f} tiles/s; "
-          f"engine / reads {b['tiles_s'] / b['read_tiles_s']:.2f}x; valid COG (rio-cogeo): {b['valid_cog']}; "
-          f"peak {b['peak_mb']:.0f} MB")
+    print(
+        f"   engine {b['tiles_s']:.1f} tiles/s ({b['tiles']} tiles in {b['seconds']:.2f} s, best of "
+        f"{', '.join(f'{x:.2f}' for x in c['seconds_all'])} s); plain windowed reads {b['read_tiles_s']:.1f} tiles/s; "
+        f"engine / reads {b['tiles_s'] / b['read_tiles_s']:.2f}x; valid COG (rio-cogeo): {b['valid_cog']}; "
+        f"peak {b['peak_mb']:.0f} MB"
+    )
     print(f"   stage busy seconds: {b['stages']}")
 
 
 def print_overhead(o: dict) -> None:
     r, s = o["result"], o["scene"]
-    print(f"\n4. Overhead of the engine with the real model ({o['model']['what']}, 1024 px), "
-          f"{s['width']} x {s['height']}")
+    print(
+        f"\n4. Overhead of the engine with the real model ({o['model']['what']}, 1024 px), {s['width']} x {s['height']}"
+    )
     if not r:
         print("   failed")
         return
-    print(f"   {r['device']} (amp {r['amp']}): engine {r['engine_s']:.2f} s, bare model {r['model_s']:.2f} s on "
-          f"{r['tiles']} tiles: engine / model = {r['ratio']:.3f} ({r['tiles_s']:.2f} tiles/s)")
+    print(
+        f"   {r['device']} (amp {r['amp']}): engine {r['engine_s']:.2f} s, bare model {r['model_s']:.2f} s on "
+        f"{r['tiles']} tiles: engine / model = {r['ratio']:.3f} ({r['tiles_s']:.2f} tiles/s)"
+    )
     print(f"   stage busy seconds: {r['stages']}")
 
 
 def print_scaleout(o: dict) -> None:
     s, runs = o["scene"], o["runs"]
-    print(f"\n5. Scale-out: one {s['width']} x {s['height']} scene on a LocalCluster of single-threaded workers "
-          f"({o['model']['what']}, 512 px tiles)")
+    print(
+        f"\n5. Scale-out: one {s['width']} x {s['height']} scene on a LocalCluster of single-threaded workers "
+        f"({o['model']['what']}, 512 px tiles)"
+    )
     for n, r in runs.items():
         if r:
-            print(f"   {n} worker(s): {r['seconds']:.1f} s, {r['blocks']} blocks, peak RSS per worker "
-                  f"{', '.join(f'{m:.0f}' for m in r['worker_peak_mb'])} MB")
+            print(
+                f"   {n} worker(s): {r['seconds']:.1f} s, {r['blocks']} blocks, peak RSS per worker "
+                f"{', '.join(f'{m:.0f}' for m in r['worker_peak_mb'])} MB"
+            )
     if runs[1] and runs[2]:
         print(f"   speed-up 2 / 1 workers: {runs[1]['seconds'] / runs[2]['seconds']:.2f}x; outputs equal: {o['equal']}")
 
@@ -643,35 +861,46 @@ def print_scaleout(o: dict) -> None:
 def print_seams(o: dict) -> None:
     r = o["result"]
     if r:
-        print(f"\n6. Seam index (class changes across window edges / mean), untrained tiny segmenter, tile "
-              f"{r['tile']}, overlap {r['overlap']}, {o['scene']['width']} x {o['scene']['height']}: across columns "
-              f"{r['cols']:.3f}, across rows {r['rows']:.3f} (1.0 = no trace of the window grid); with the content "
-              f"held fixed (same base-scene position in the mosaic's other copies): {r['matched_cols']:.3f}, "
-              f"{r['matched_rows']:.3f}")
+        print(
+            f"\n6. Seam index (class changes across window edges / mean), untrained tiny segmenter, tile "
+            f"{r['tile']}, overlap {r['overlap']}, {o['scene']['width']} x {o['scene']['height']}: across columns "
+            f"{r['cols']:.3f}, across rows {r['rows']:.3f} (1.0 = no trace of the window grid); with the content "
+            f"held fixed (same base-scene position in the mosaic's other copies): {r['matched_cols']:.3f}, "
+            f"{r['matched_rows']:.3f}"
+        )
 
 
 def print_throughput(t: dict, threads: str) -> None:
     m, s = t["model"], t["scene_facts"]
-    print(f"\n1. Throughput of segment_scene per runtime (end to end: read, normalise, run, blend, write COG), "
-          f"{threads}")
-    print(f"   model: {m['size']} = {m['what']}, random weights, {m['params_m']:.1f} M params, tile {m['tile']}, "
-          f"overlap {m['overlap']}, {m['classes']} classes")
+    print(
+        f"\n1. Throughput of segment_scene per runtime (end to end: read, normalise, run, blend, write COG), {threads}"
+    )
+    print(
+        f"   model: {m['size']} = {m['what']}, random weights, {m['params_m']:.1f} M params, tile {m['tile']}, "
+        f"overlap {m['overlap']}, {m['classes']} classes"
+    )
     if t["exporter"]:
         print(f"   onnx: {t['exporter']}")
-    print(f"   scene: {t['factor']}x mosaic, {s['width']} x {s['height']} ({s['width'] * s['height'] / 1e6:.2f} Mpx); "
-          "median over runs, each in a fresh process after one warm-up batch")
+    print(
+        f"   scene: {t['factor']}x mosaic, {s['width']} x {s['height']} ({s['width'] * s['height'] / 1e6:.2f} Mpx); "
+        "median over runs, each in a fresh process after one warm-up batch"
+    )
     print(f"{'runtime':<14}{'tiles':>7}{'s':>9}{'Mpx/s':>9}{'km²/h':>10}{'peak MB':>10}   runs (s)")
     for name, r in t["rows"].items():
         runs = ", ".join(f"{x:.1f}" for x in r["seconds_all"])
-        print(f"{name:<14}{r['tiles']:>7}{r['seconds']:>9.2f}{r['mpx_s']:>9.3f}{r['km2_h']:>10.2f}"
-              f"{r['peak_mb']:>10.0f}   {runs}")
+        print(
+            f"{name:<14}{r['tiles']:>7}{r['seconds']:>9.2f}{r['mpx_s']:>9.3f}{r['km2_h']:>10.2f}"
+            f"{r['peak_mb']:>10.0f}   {runs}"
+        )
     ref = t["rows"].get("torch/cpu")
     for name, r in t["rows"].items():
         if ref and name != "torch/cpu":
             print(f"{name} / torch/cpu: {r['mpx_s'] / ref['mpx_s']:.2f}x Mpx/s")
     if t["rows"]:
         km2 = next(iter(t["rows"].values()))["km2"]
-        print(f"   km² = the engine's SceneReport.area_m2 / 1e6 of the valid pixels ({km2:.3f} km² per run){t['area_note']}")
+        print(
+            f"   km² = the engine's SceneReport.area_m2 / 1e6 of the valid pixels ({km2:.3f} km² per run){t['area_note']}"
+        )
 
 
 def _mb(r: dict | None, key: str) -> str:
@@ -680,28 +909,42 @@ def _mb(r: dict | None, key: str) -> str:
 
 def print_memory(mem: dict, threads: str) -> None:
     m = mem["model"]
-    print(f"\n2. Peak memory vs scene area: cdkd segment_scene (streaming) vs the whole-scene baseline, torch CPU, "
-          f"{threads}")
-    print(f"   model: {m['size']} = {m['what']}, {m['params_m']:.2f} M params ({m['weights_mb']:.1f} MB of weights), "
-          f"tile {m['tile']}, overlap {m['overlap']}, {m['classes']} classes")
-    print("   baseline: rasterio full read -> normalise -> sliding_window_logits (K x H x W float32 sums) -> argmax "
-          "-> tiled GeoTIFF (cdkd writes a COG with overviews)")
-    print("   peak = peak RSS (VmHWM) of a fresh process, imports and model included; + = peak minus the high-water "
-          "mark just before the call")
+    print(
+        f"\n2. Peak memory vs scene area: cdkd segment_scene (streaming) vs the whole-scene baseline, torch CPU, "
+        f"{threads}"
+    )
+    print(
+        f"   model: {m['size']} = {m['what']}, {m['params_m']:.2f} M params ({m['weights_mb']:.1f} MB of weights), "
+        f"tile {m['tile']}, overlap {m['overlap']}, {m['classes']} classes"
+    )
+    print(
+        "   baseline: rasterio full read -> normalise -> sliding_window_logits (K x H x W float32 sums) -> argmax "
+        "-> tiled GeoTIFF (cdkd writes a COG with overviews)"
+    )
+    print(
+        "   peak = peak RSS (VmHWM) of a fresh process, imports and model included; + = peak minus the high-water "
+        "mark just before the call"
+    )
     if mem.get("layout") == "tall":
-        print("   (what the call itself needed). Tall mosaics: the base stacked vertically, same width, so only the height "
-              "grows")
+        print(
+            "   (what the call itself needed). Tall mosaics: the base stacked vertically, same width, so only the height "
+            "grows"
+        )
     else:
-        print("   (what the call itself needed). An n x n mosaic is n times wider: cdkd's row band (K x tile x W "
-              "float32) grows with the width by design; --layout tall grows the height only")
+        print(
+            "   (what the call itself needed). An n x n mosaic is n times wider: cdkd's row band (K x tile x W "
+            "float32) grows with the width by design; --layout tall grows the height only"
+        )
     print(f"{'':>6}{'':>12}{'peak MB':>14}{'':>5}{'+ MB':>13}{'':>6}{'seconds':>14}")
     print(f"{'area':>6}{'pixels':>12}" + f"{'cdkd':>9}{'baseline':>10}" * 3)
     for row in mem["rows"]:
         c, b = row["cdkd"], row["baseline"]
         cs = "-" if c is None else f"{c['seconds']:.1f}"
         bs = "-" if b is None else f"{b['seconds']:.1f}"
-        print(f"{str(row['factor']) + 'x':>6}{row['pixels']:>12,}{_mb(c, 'peak_mb'):>9}{_mb(b, 'peak_mb'):>10}"
-              f"{_mb(c, 'delta'):>9}{_mb(b, 'delta'):>10}{cs:>9}{bs:>10}")
+        print(
+            f"{str(row['factor']) + 'x':>6}{row['pixels']:>12,}{_mb(c, 'peak_mb'):>9}{_mb(b, 'peak_mb'):>10}"
+            f"{_mb(c, 'delta'):>9}{_mb(b, 'delta'):>10}{cs:>9}{bs:>10}"
+        )
     ok = [r for r in mem["rows"] if r["cdkd"] and r["baseline"]]
     if not ok:
         return
@@ -711,13 +954,17 @@ def print_memory(mem: dict, threads: str) -> None:
         return max(r["peak_mb"] - r["start_mb"], 1.0)
 
     c, b = last["cdkd"], last["baseline"]
-    print(f"baseline / cdkd at {last['factor']}x: peak {b['peak_mb'] / c['peak_mb']:.2f}x, + MB "
-          f"{delta(b) / delta(c):.1f}x")
+    print(
+        f"baseline / cdkd at {last['factor']}x: peak {b['peak_mb'] / c['peak_mb']:.2f}x, + MB "
+        f"{delta(b) / delta(c):.1f}x"
+    )
     if first is not last:
         fc, fb = first["cdkd"], first["baseline"]
-        print(f"growth {last['factor']}x / {first['factor']}x: cdkd peak {c['peak_mb'] / fc['peak_mb']:.2f}x "
-              f"(+ MB {delta(c) / delta(fc):.1f}x), baseline peak {b['peak_mb'] / fb['peak_mb']:.2f}x "
-              f"(+ MB {delta(b) / delta(fb):.1f}x)")
+        print(
+            f"growth {last['factor']}x / {first['factor']}x: cdkd peak {c['peak_mb'] / fc['peak_mb']:.2f}x "
+            f"(+ MB {delta(c) / delta(fc):.1f}x), baseline peak {b['peak_mb'] / fb['peak_mb']:.2f}x "
+            f"(+ MB {delta(b) / delta(fb):.1f}x)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -735,12 +982,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-size", choices=["small", "full"], default="small", help="throughput model")
     parser.add_argument("--memory-model", choices=list(MODELS), default="tiny", help="model of the memory part")
-    parser.add_argument("--base", default="cogeo.tif", help="base scene: a path, a name in SHARED/scenes, or "
-                        "'synthetic' (made here, for machines without the shared data)")
+    parser.add_argument(
+        "--base",
+        default="cogeo.tif",
+        help="base scene: a path, a name in SHARED/scenes, or "
+        "'synthetic' (made here, for machines without the shared data)",
+    )
     parser.add_argument("--bands", default="1,2,3", help="scene bands fed to the model")
     parser.add_argument("--factors", type=_factors, default=[1, 4, 16], help="mosaic areas (x base) for memory")
-    parser.add_argument("--layout", choices=["square", "tall"], default="square",
-                        help="memory mosaics: square (n x n, grows in width too) or tall (factor x 1, height only)")
+    parser.add_argument(
+        "--layout",
+        choices=["square", "tall"],
+        default="square",
+        help="memory mosaics: square (n x n, grows in width too) or tall (factor x 1, height only)",
+    )
     parser.add_argument("--throughput-factor", type=int, default=1, help="mosaic area (x base) for throughput")
     parser.add_argument("--runtimes", default="torch,onnx", help="comma list of torch, onnx")
     parser.add_argument("--devices", default="cpu,cuda", help="throughput devices: cpu, cuda (where present)")
@@ -748,18 +1003,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per runtime")
     parser.add_argument("--threads", type=int, default=None, help="torch/onnxruntime intra-op threads")
-    parser.add_argument("--parts", default="throughput,memory", help="which parts to run: throughput, memory, "
-                        "ceiling, overhead, scaleout, seams")
+    parser.add_argument(
+        "--parts",
+        default="throughput,memory",
+        help="which parts to run: throughput, memory, ceiling, overhead, scaleout, seams",
+    )
     parser.add_argument("--ceiling-factor", type=int, default=64, help="ceiling scene area (x base): 64 = 8192^2")
     parser.add_argument("--overhead-factor", type=int, default=4, help="overhead scene area (x base)")
     parser.add_argument("--scaleout-factor", type=int, default=256, help="scale-out scene area (x base): 16384^2")
     parser.add_argument("--seams-factor", type=int, default=16, help="seams scene area (x base): 16 = 4 x 4")
     parser.add_argument("--block-rows", type=int, default=2, help="window rows per block in the scale-out part")
-    parser.add_argument("--read-threads", type=int, default=None,
-                        help="engine reader threads (ceiling and overhead parts; default: the engine's)")
+    parser.add_argument(
+        "--read-threads",
+        type=int,
+        default=None,
+        help="engine reader threads (ceiling and overhead parts; default: the engine's)",
+    )
     parser.add_argument("--device", default="cpu", help="device of the overhead part (cpu or cuda)")
-    parser.add_argument("--gdal-cachemax", default=None,
-                        help="GDAL block cache for the measured processes, e.g. 16MB (default: GDAL's, 5%% of RAM)")
+    parser.add_argument(
+        "--gdal-cachemax",
+        default=None,
+        help="GDAL block cache for the measured processes, e.g. 16MB (default: GDAL's, 5%% of RAM)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep models, mosaics and outputs here")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--_job", help=argparse.SUPPRESS)
@@ -791,19 +1056,30 @@ def main(argv: list[str] | None = None) -> None:
 
     facts = scene_facts(base)
     threads = f"{args.threads or torch.get_num_threads()} threads"
-    print(f"cdkd scene bench: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-          f"{torch.__version__}, onnxruntime {onnxruntime.__version__}, load average {os.getloadavg()[0]:.1f} at start")
+    print(
+        f"cdkd scene bench: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__}, onnxruntime {onnxruntime.__version__}, load average {os.getloadavg()[0]:.1f} at start"
+    )
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}; torch on CUDA runs with amp=auto (bf16 autocast) as cdkd segment")
-    print(f"base: {base.name} ({facts['width']} x {facts['height']}, {facts['count']} x {facts['dtype']}, "
-          f"{facts['crs']}, {facts['res']:.2f} m px), bands {args.bands}, batch {args.batch_size}, GDAL_CACHEMAX "
-          f"{args.gdal_cachemax or os.environ.get('GDAL_CACHEMAX', 'default (5% of RAM)')}")
+    print(
+        f"base: {base.name} ({facts['width']} x {facts['height']}, {facts['count']} x {facts['dtype']}, "
+        f"{facts['crs']}, {facts['res']:.2f} m px), bands {args.bands}, batch {args.batch_size}, GDAL_CACHEMAX "
+        f"{args.gdal_cachemax or os.environ.get('GDAL_CACHEMAX', 'default (5% of RAM)')}"
+    )
     load = os.getloadavg()[0]
     if load > (os.cpu_count() or 1):
-        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs: other processes compete and timings are "
-              "inflated (torch's OpenMP threads suffer most; --threads 1 helps); memory is unaffected")
-    result = {"base": str(base), "bands": bands, "batch": args.batch_size, "torch": torch.__version__,
-              "onnxruntime": onnxruntime.__version__}
+        print(
+            f"warning: load average {load:.1f} on {os.cpu_count()} CPUs: other processes compete and timings are "
+            "inflated (torch's OpenMP threads suffer most; --threads 1 helps); memory is unaffected"
+        )
+    result = {
+        "base": str(base),
+        "bands": bands,
+        "batch": args.batch_size,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
     with tempfile.TemporaryDirectory(prefix="cdkd-bench-scene-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -147,8 +147,7 @@ def _memory_child(spec: dict) -> None:
     print(json.dumps({"peak_mb": round(peak, 1), "forward_mb": round(peak - before, 1)}))
 
 
-def run(sizes: list[int], names: list[str], repeats: int, batch: int, threads: int | None,
-        device: str = "cpu") -> dict:
+def run(sizes: list[int], names: list[str], repeats: int, batch: int, threads: int | None, device: str = "cpu") -> dict:
     """All measurements; returns the JSON-able result."""
     dev = torch.device(device)
     out = []
@@ -163,19 +162,34 @@ def run(sizes: list[int], names: list[str], repeats: int, batch: int, threads: i
         rows = {}
         for name, m in models.items():
             mem = cuda_memory(m, x) if dev.type == "cuda" else peak_memory(name, size, batch, threads)
-            rows[name] = {"params_m": sum(p.numel() for p in m.parameters()) / 1e6, "gflops": sum(flops[name]),
-                          "gflops_scan": flops[name][1], "median_s": statistics.median(times[name]),
-                          "times_s": times[name], **mem}
-            print(f"  {size} px {name}: {rows[name]['median_s']:.2f} s, {rows[name]['peak_mb']:.0f} MB peak",
-                  file=sys.stderr, flush=True)
+            rows[name] = {
+                "params_m": sum(p.numel() for p in m.parameters()) / 1e6,
+                "gflops": sum(flops[name]),
+                "gflops_scan": flops[name][1],
+                "median_s": statistics.median(times[name]),
+                "times_s": times[name],
+                **mem,
+            }
+            print(
+                f"  {size} px {name}: {rows[name]['median_s']:.2f} s, {rows[name]['peak_mb']:.0f} MB peak",
+                file=sys.stderr,
+                flush=True,
+            )
         del models
         ref = rows.get("vit_s")
         for r in rows.values():
             r["time_vs_vit_s"] = r["median_s"] / ref["median_s"] if ref else float("nan")
         out.append({"size": size, "models": rows})
-    return {"batch": batch, "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "machine": platform.processor() or platform.machine(), "load_avg": os.getloadavg(), "sizes": out}
+    return {
+        "batch": batch,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "machine": platform.processor() or platform.machine(),
+        "load_avg": os.getloadavg(),
+        "sizes": out,
+    }
 
 
 def build_segmenter(name: str, size: int, channels: int) -> nn.Module:
@@ -195,8 +209,16 @@ def compile_segmenter(model: nn.Module) -> nn.Module:
     return model
 
 
-def segmenter_table(names: list[str], channels: list[int], size: int, batch: int, repeats: int, device: str,
-                    compiles: list[bool], progress=None) -> list[dict]:
+def segmenter_table(
+    names: list[str],
+    channels: list[int],
+    size: int,
+    batch: int,
+    repeats: int,
+    device: str,
+    compiles: list[bool],
+    progress=None,
+) -> list[dict]:
     """tiles/s of every student x head width, eager and/or compiled (each its own freshly built model);
     ``progress(rows)`` is called after every row (to save what is done when a time limit cuts the run short)."""
     dev = torch.device(device)
@@ -218,8 +240,11 @@ def segmenter_table(names: list[str], channels: list[int], size: int, batch: int
                 key = "compiled" if compiled else "eager"
                 row[f"{key}_tiles_s"] = batch / t
                 row[f"{key}_warmup_s"] = warm
-                print(f"  {size} px {name} + UPerNet {ch} {key}: {batch / t:.1f} tiles/s (warm-up {warm:.0f} s)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {size} px {name} + UPerNet {ch} {key}: {batch / t:.1f} tiles/s (warm-up {warm:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 del model
             rows.append(row)
             _relative(rows)
@@ -247,8 +272,10 @@ def print_segmenter_table(rows: list[dict], where: str) -> None:
         eager, comp = r.get("eager_tiles_s"), r.get("compiled_tiles_s")
         ratio = f"{comp / eager:.2f}" if eager and comp else "-"
         rel = r.get("compiled_vs_vit_s", r.get("eager_vs_vit_s"))
-        print(f"{r['model']:<12}{r['channels']:>8}{_num(eager):>10}{_num(comp):>10}{ratio:>16}"
-              f"{'-' if rel is None else f'{rel:.2f}':>9}")
+        print(
+            f"{r['model']:<12}{r['channels']:>8}{_num(eager):>10}{_num(comp):>10}{ratio:>16}"
+            f"{'-' if rel is None else f'{rel:.2f}':>9}"
+        )
 
 
 def _num(v: float | None) -> str:
@@ -256,17 +283,26 @@ def _num(v: float | None) -> str:
 
 
 def print_table(result: dict) -> None:
-    where = (f"{result['device']}, bf16 autocast" if result.get("device", "cpu") != "cpu"
-             else f"float32, {result['threads']} threads")
-    print(f"batch {result['batch']}, {where}, median of {result['repeats']} "
-          f"(GFLOPs at batch 1; load average at the end {result['load_avg'][0]:.1f})")
-    print(f"{'px':>5} {'model':<16}{'params (M)':>11}{'GFLOPs':>9}{'(scan)':>8}{'time (s)':>10}{'x vit_s':>9}"
-          f"{'peak MB':>9}{'fwd MB':>8}")
+    where = (
+        f"{result['device']}, bf16 autocast"
+        if result.get("device", "cpu") != "cpu"
+        else f"float32, {result['threads']} threads"
+    )
+    print(
+        f"batch {result['batch']}, {where}, median of {result['repeats']} "
+        f"(GFLOPs at batch 1; load average at the end {result['load_avg'][0]:.1f})"
+    )
+    print(
+        f"{'px':>5} {'model':<16}{'params (M)':>11}{'GFLOPs':>9}{'(scan)':>8}{'time (s)':>10}{'x vit_s':>9}"
+        f"{'peak MB':>9}{'fwd MB':>8}"
+    )
     for block in result["sizes"]:
         for name, r in block["models"].items():
             scan = f"{r['gflops_scan']:.1f}" if r["gflops_scan"] else ""
-            print(f"{block['size']:>5} {LABELS.get(name, name):<16}{r['params_m']:>11.2f}{r['gflops']:>9.1f}{scan:>8}"
-                  f"{r['median_s']:>10.3f}{r['time_vs_vit_s']:>9.2f}{r['peak_mb']:>9.0f}{r['forward_mb']:>8.0f}")
+            print(
+                f"{block['size']:>5} {LABELS.get(name, name):<16}{r['params_m']:>11.2f}{r['gflops']:>9.1f}{scan:>8}"
+                f"{r['median_s']:>10.3f}{r['time_vs_vit_s']:>9.2f}{r['peak_mb']:>9.0f}{r['forward_mb']:>8.0f}"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -277,11 +313,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, CUDA allocator peaks)")
-    parser.add_argument("--segmenters", default="", help="UPerNet head widths for the student + UPerNet table, "
-                        "e.g. 512,256 (empty: no table)")
+    parser.add_argument(
+        "--segmenters",
+        default="",
+        help="UPerNet head widths for the student + UPerNet table, e.g. 512,256 (empty: no table)",
+    )
     parser.add_argument("--seg-size", type=int, default=1024, help="tile side of the student + UPerNet table")
-    parser.add_argument("--compile", default="off", choices=["off", "on", "both"],
-                        help="student + UPerNet table: eager, compiled or both")
+    parser.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "on", "both"],
+        help="student + UPerNet table: eager, compiled or both",
+    )
     parser.add_argument("--segmenters-only", action="store_true", help="skip the per-student table")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
@@ -300,14 +343,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.segmenters:
         compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
         dev = torch.device(args.device)
-        where = (f"{torch.cuda.get_device_name(dev)}, bf16 autocast" if dev.type == "cuda"
-                 else f"cpu float32, {torch.get_num_threads()} threads")
+        where = (
+            f"{torch.cuda.get_device_name(dev)}, bf16 autocast"
+            if dev.type == "cuda"
+            else f"cpu float32, {torch.get_num_threads()} threads"
+        )
+
         def save(rows: list[dict]) -> None:
             result["segmenters"] = {"where": where, "rows": rows}
             _save(args.json, result)
 
-        rows = segmenter_table(names, [int(c) for c in args.segmenters.split(",")], args.seg_size, args.batch,
-                               args.repeats, args.device, compiles, progress=save)
+        rows = segmenter_table(
+            names,
+            [int(c) for c in args.segmenters.split(",")],
+            args.seg_size,
+            args.batch,
+            args.repeats,
+            args.device,
+            compiles,
+            progress=save,
+        )
         print_segmenter_table(rows, where)
         result["segmenters"] = {"where": where, "rows": rows}
     _save(args.json, result)

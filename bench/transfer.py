@@ -43,8 +43,9 @@ def encoder_gflops(encoder: torch.nn.Module, tile: int, layers: list[int]) -> fl
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        encoder.forward_intermediates(torch.zeros(1, 3, tile, tile), indices=[i - 1 for i in layers],
-                                      output_fmt="NCHW", intermediates_only=True)
+        encoder.forward_intermediates(
+            torch.zeros(1, 3, tile, tile), indices=[i - 1 for i in layers], output_fmt="NCHW", intermediates_only=True
+        )
     return fc.get_total_flops() / 1e9
 
 
@@ -74,8 +75,9 @@ def train_segmenter(seg: torch.nn.Module, a: argparse.Namespace, steps: int, lr:
     opt = adamw(seg, lr, 0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("poly", 20, steps))
     data = LabeledTiles(pairs, schema, stats, a.tile, augment=True, seed=0)
-    loader = DataLoader(data, batch_size=a.batch_size, sampler=StepSampler(a.batch_size, num_micro_steps=steps),
-                        num_workers=0)
+    loader = DataLoader(
+        data, batch_size=a.batch_size, sampler=StepSampler(a.batch_size, num_micro_steps=steps), num_workers=0
+    )
     seg.train()
     for step, batch in enumerate(loader, 1):
         loss = F.cross_entropy(seg(batch["image"]), batch["label"], ignore_index=schema.ignore_index)
@@ -97,15 +99,29 @@ def teacher_segmenter(a: argparse.Namespace, ckpt: Path | None, head: str, froze
 
     torch.manual_seed(0)
     _, schema, stats = dubai_train(a)
-    teacher = MMoATeacher(build_sam_encoder("vit_t", ckpt, random_init=ckpt is None),
-                          TeacherConfig(variant="vit_t", random_init=True, adapter_blocks=()))
+    teacher = MMoATeacher(
+        build_sam_encoder("vit_t", ckpt, random_init=ckpt is None),
+        TeacherConfig(variant="vit_t", random_init=True, adapter_blocks=()),
+    )
     if not frozen:
         teacher.requires_grad_(True)
         teacher.mask_token.requires_grad_(False)
-    seg = Segmenter(teacher, num_classes=schema.num_classes, head=head, layers=(2, 4, 6, 8), channels=a.channels,
-                    freeze_encoder=frozen, feature_norm=False)
-    info = SegmenterInfo(StudentInfo("sam_vit_t", {"img_size": a.tile, "in_chans": 3}, stats, {}), seg.config(),
-                         schema, a.tile, a.overlap)
+    seg = Segmenter(
+        teacher,
+        num_classes=schema.num_classes,
+        head=head,
+        layers=(2, 4, 6, 8),
+        channels=a.channels,
+        freeze_encoder=frozen,
+        feature_norm=False,
+    )
+    info = SegmenterInfo(
+        StudentInfo("sam_vit_t", {"img_size": a.tile, "in_chans": 3}, stats, {}),
+        seg.config(),
+        schema,
+        a.tile,
+        a.overlap,
+    )
     return seg, info, teacher
 
 
@@ -115,8 +131,12 @@ def train_teacher(a: argparse.Namespace, out: Path) -> tuple[Path, dict]:
     if a.reuse and ckpt.is_file():
         log(f"reusing {ckpt}")
         seg, info, teacher = teacher_segmenter(a, ckpt, "upernet", frozen=True)
-        return ckpt, {"miou": float("nan"), "oa": float("nan"), "mf1": float("nan"),
-                      "gflops": encoder_gflops(teacher, a.tile, [2, 4, 6, 8])}
+        return ckpt, {
+            "miou": float("nan"),
+            "oa": float("nan"),
+            "mf1": float("nan"),
+            "gflops": encoder_gflops(teacher, a.tile, [2, 4, 6, 8]),
+        }
     seg, info, teacher = teacher_segmenter(a, None, "upernet", frozen=False)
     train_segmenter(seg, a, a.teacher_steps, a.teacher_lr, "teacher")
     torch.save({k: v for k, v in teacher.state_dict().items() if k != "mask_token"}, ckpt)
@@ -152,26 +172,49 @@ def evaluate_model(model: torch.nn.Module, info, samples: int = 512) -> dict:
     return {"miou": float(m.miou), "oa": float(m.oa), "mf1": float(m.mf1)}
 
 
-def distill_student(a: argparse.Namespace, out: Path, name: str, teacher_ckpt: Path, schedule: str = "fixed",
-                    weights: tuple[float, float, float] = (1.0, 0.0, 0.0), recipe: str = "mask-cdkd",
-                    student: str = "vit_s") -> Path:
+def distill_student(
+    a: argparse.Namespace,
+    out: Path,
+    name: str,
+    teacher_ckpt: Path,
+    schedule: str = "fixed",
+    weights: tuple[float, float, float] = (1.0, 0.0, 0.0),
+    recipe: str = "mask-cdkd",
+    student: str = "vit_s",
+) -> Path:
     from cdkd.config import DistillConfig, apply_overrides
     from cdkd.distill.trainer import distill
 
     if a.reuse and (out / name / "student.pt").is_file():
         log(f"reusing {out / name / 'student.pt'}")
         return out / name / "student.pt"
-    cfg = apply_overrides(DistillConfig(), {
-        "recipe": recipe, "student.arch": student,
-        "data.root": str(SHARED / "unlabeled" / "rsscn7"), "data.tile_size": a.tile, "data.num_workers": 1,
-        "teacher.variant": "vit_t", "teacher.checkpoint": str(teacher_ckpt), "teacher.adapter_dim": 32,
-        "objective.decoder_dim": 128, "objective.decoder_depth": 2, "objective.decoder_heads": 4,
-        "objective.schedule": schedule, "objective.fixed_weights": weights, "objective.schedule_warmup": 20,
-        "rs4d.noise_ratio": 0.2, "rs4d.mask_ratio": 0.2,
-        "train.steps": a.distill_steps, "train.batch_size": a.batch_size,
-        "train.lr": a.rs4d_lr if recipe == "rs4d" else a.distill_lr,
-        "train.warmup_steps": 20, "train.log_every": 10, "train.checkpoint_every": a.distill_steps,
-    })
+    cfg = apply_overrides(
+        DistillConfig(),
+        {
+            "recipe": recipe,
+            "student.arch": student,
+            "data.root": str(SHARED / "unlabeled" / "rsscn7"),
+            "data.tile_size": a.tile,
+            "data.num_workers": 1,
+            "teacher.variant": "vit_t",
+            "teacher.checkpoint": str(teacher_ckpt),
+            "teacher.adapter_dim": 32,
+            "objective.decoder_dim": 128,
+            "objective.decoder_depth": 2,
+            "objective.decoder_heads": 4,
+            "objective.schedule": schedule,
+            "objective.fixed_weights": weights,
+            "objective.schedule_warmup": 20,
+            "rs4d.noise_ratio": 0.2,
+            "rs4d.mask_ratio": 0.2,
+            "train.steps": a.distill_steps,
+            "train.batch_size": a.batch_size,
+            "train.lr": a.rs4d_lr if recipe == "rs4d" else a.distill_lr,
+            "train.warmup_steps": 20,
+            "train.log_every": 10,
+            "train.checkpoint_every": a.distill_steps,
+        },
+    )
     res = distill(cfg, out / name, overwrite=True, progress=False, log=log)
     return res.student_path
 
@@ -206,13 +249,26 @@ def transfer(a: argparse.Namespace, out: Path, name: str, student: Path) -> dict
     from cdkd.finetune.trainer import finetune
 
     layers = layers_for(student)
-    cfg = apply_overrides(FinetuneConfig(), {
-        "student": str(student), "data.root": str(SHARED / "labeled" / "dubai"), "data.format": "dubai",
-        "data.split": ("tile[1-6]",), "data.tile_size": a.tile, "data.overlap": a.overlap, "data.num_workers": 1,
-        "head.type": a.head, "head.layers": layers, "head.channels": a.channels, "train.steps": a.decoder_steps,
-        "train.batch_size": a.batch_size,
-        "train.lr": a.decoder_lr, "train.checkpoint_every": a.decoder_steps, "train.log_every": 10,
-    })
+    cfg = apply_overrides(
+        FinetuneConfig(),
+        {
+            "student": str(student),
+            "data.root": str(SHARED / "labeled" / "dubai"),
+            "data.format": "dubai",
+            "data.split": ("tile[1-6]",),
+            "data.tile_size": a.tile,
+            "data.overlap": a.overlap,
+            "data.num_workers": 1,
+            "head.type": a.head,
+            "head.layers": layers,
+            "head.channels": a.channels,
+            "train.steps": a.decoder_steps,
+            "train.batch_size": a.batch_size,
+            "train.lr": a.decoder_lr,
+            "train.checkpoint_every": a.decoder_steps,
+            "train.log_every": 10,
+        },
+    )
     res = finetune(cfg, out / f"{name}-{a.head}", overwrite=True, progress=False, log=log)
     model, info = load_segmenter(res.segmenter_path)
     return dict(evaluate_model(model, info), gflops=encoder_gflops(model.encoder, a.tile, layers))
@@ -232,8 +288,12 @@ def main() -> None:
     p.add_argument("--rs4d-lr", type=float, default=5e-4)
     p.add_argument("--decoder-steps", type=int, default=120)
     p.add_argument("--decoder-lr", type=float, default=1e-3)
-    p.add_argument("--head", default="upernet", choices=["upernet", "linear"],
-                   help="the decoder every encoder gets (linear = the DINOv2 linear probe)")
+    p.add_argument(
+        "--head",
+        default="upernet",
+        choices=["upernet", "linear"],
+        help="the decoder every encoder gets (linear = the DINOv2 linear probe)",
+    )
     p.add_argument("--reuse", action="store_true", help="reuse the teacher and students already in --out")
     p.add_argument("--rows", default=",".join(ROWS), help=f"students to run, from {','.join(ROWS)}")
     a = p.parse_args()
@@ -271,28 +331,39 @@ def main() -> None:
         cells = " | ".join("—" if math.isnan(r[k]) else f"{100 * r[k]:.2f}" for k in ("miou", "oa", "mf1"))
         lines.append(f"| {name} | {cells} | {r['gflops']:.2f} |")
     table = "\n".join(lines)
-    note = (f"\n\n{a.head} decoder on every frozen encoder (the last row: the teacher with its own UPerNet, "
-            f"trained end to end). Dubai tile7-8: 512 seeded {a.tile} px windows from the 18 held-out images; teacher {a.teacher_steps} steps, "
-            f"distillation {a.distill_steps} steps, decoder {a.decoder_steps} steps, batch {a.batch_size}; "
-            f"{minutes:.0f} min in all.")
+    note = (
+        f"\n\n{a.head} decoder on every frozen encoder (the last row: the teacher with its own UPerNet, "
+        f"trained end to end). Dubai tile7-8: 512 seeded {a.tile} px windows from the 18 held-out images; teacher {a.teacher_steps} steps, "
+        f"distillation {a.distill_steps} steps, decoder {a.decoder_steps} steps, batch {a.batch_size}; "
+        f"{minutes:.0f} min in all."
+    )
     print(table + note)
     (a.out / f"transfer-{a.head}.md").write_text(table + note + "\n")
-    (a.out / f"transfer-{a.head}.json").write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(a).items()},
-                                                     "minutes": minutes}, indent=2))
+    (a.out / f"transfer-{a.head}.json").write_text(
+        json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(a).items()}, "minutes": minutes}, indent=2)
+    )
 
 
 ROWS = {  # --rows key -> (table row, how the frozen encoder is made)
     "random": ("random init ViT-S", lambda a, out, t: random_student(a, out, "random", "vit_s")),
     "mae": ("MAE only", lambda a, out, t: distill_student(a, out, "mae", t, "fixed", (0.0, 0.0, 1.0))),
     "kd": ("KD only", lambda a, out, t: distill_student(a, out, "kd", t, "fixed", (1.0, 0.0, 0.0))),
-    "cdkd": ("Mask-CDKD (KD + MAE, dynamic)",
-             lambda a, out, t: distill_student(a, out, "cdkd", t, "dynamic", (0.6, 0.2, 0.2))),
-    "rsmamba-random": ("random init rsmamba_s", lambda a, out, t: random_student(a, out, "rsmamba-random",
-                                                                                  "rsmamba_s")),
-    "rs4d": ("RS4D rsmamba_s (L1 to the embedding, 20/20)",
-             lambda a, out, t: distill_student(a, out, "rs4d", t, recipe="rs4d", student="rsmamba_s")),
-    "rs4d-vit": ("RS4D ViT-S (L1 to the embedding, 20/20)",
-                 lambda a, out, t: distill_student(a, out, "rs4d-vit", t, recipe="rs4d", student="vit_s")),
+    "cdkd": (
+        "Mask-CDKD (KD + MAE, dynamic)",
+        lambda a, out, t: distill_student(a, out, "cdkd", t, "dynamic", (0.6, 0.2, 0.2)),
+    ),
+    "rsmamba-random": (
+        "random init rsmamba_s",
+        lambda a, out, t: random_student(a, out, "rsmamba-random", "rsmamba_s"),
+    ),
+    "rs4d": (
+        "RS4D rsmamba_s (L1 to the embedding, 20/20)",
+        lambda a, out, t: distill_student(a, out, "rs4d", t, recipe="rs4d", student="rsmamba_s"),
+    ),
+    "rs4d-vit": (
+        "RS4D ViT-S (L1 to the embedding, 20/20)",
+        lambda a, out, t: distill_student(a, out, "rs4d-vit", t, recipe="rs4d", student="vit_s"),
+    ),
 }
 
 

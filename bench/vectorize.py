@@ -75,16 +75,32 @@ def make_scene(path: Path, size: int, seed: int = 0) -> dict:
     del field
     rows, cols = np.ogrid[:size, :size]
     ids[(rows + cols < size // 6) | (size - 1 - rows + cols < size // 10)] = NODATA  # footprint corners
-    schema = ClassSchema.from_dict({"classes": [{"id": i, "name": n, "color": c}
-                                                for i, (n, c) in enumerate(zip(CLASSES, COLORS))]})
-    profile = {"driver": "GTiff", "width": size, "height": size, "count": 1, "dtype": "uint8",
-               "crs": "EPSG:32633", "transform": Affine(10, 0, 400_000, 0, -10, 5_600_000), "nodata": NODATA,
-               "tiled": True, "blockxsize": 512, "blockysize": 512, "compress": "deflate"}
+    schema = ClassSchema.from_dict(
+        {"classes": [{"id": i, "name": n, "color": c} for i, (n, c) in enumerate(zip(CLASSES, COLORS))]}
+    )
+    profile = {
+        "driver": "GTiff",
+        "width": size,
+        "height": size,
+        "count": 1,
+        "dtype": "uint8",
+        "crs": "EPSG:32633",
+        "transform": Affine(10, 0, 400_000, 0, -10, 5_600_000),
+        "nodata": NODATA,
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 512,
+        "compress": "deflate",
+    }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(ids, 1)
         write_class_metadata(dst, schema)
-    return {"size": size, "classes": len(CLASSES), "nodata_share": float((ids == NODATA).mean()),
-            "file_mb": path.stat().st_size / 1e6}
+    return {
+        "size": size,
+        "classes": len(CLASSES),
+        "nodata_share": float((ids == NODATA).mean()),
+        "file_mb": path.stat().st_size / 1e6,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -111,9 +127,16 @@ def work_shapes(raster: Path, out: Path) -> int:
     features = [(shape(g), int(v)) for g, v in shapes(ids, mask=valid, connectivity=4, transform=transform)]
     polygons = np.array([g for g, _ in features])
     class_ids = np.array([v for _, v in features], dtype=np.int32)
-    frame = gpd.GeoDataFrame({"class_id": class_ids, "class_name": np.asarray(CLASSES, dtype=object)[class_ids],
-                              "area_m2": shapely.area(polygons), "perimeter_m": shapely.length(polygons)},
-                             geometry=polygons, crs=crs.to_wkt())
+    frame = gpd.GeoDataFrame(
+        {
+            "class_id": class_ids,
+            "class_name": np.asarray(CLASSES, dtype=object)[class_ids],
+            "area_m2": shapely.area(polygons),
+            "perimeter_m": shapely.length(polygons),
+        },
+        geometry=polygons,
+        crs=crs.to_wkt(),
+    )
     pyogrio.write_dataframe(frame, out, layer="scene", driver="GPKG", layer_options={"SPATIAL_INDEX": "YES"})
     return len(frame)
 
@@ -134,8 +157,9 @@ def work_measures(raster: Path, out: Path) -> dict:
     from cdkd.vector.measure import area_perimeter
 
     info = pyogrio.read_info(out, layer="scene")
-    pick = np.sort(np.random.default_rng(0).choice(info["features"], min(MEASURE_SAMPLE, info["features"]),
-                                                   replace=False))
+    pick = np.sort(
+        np.random.default_rng(0).choice(info["features"], min(MEASURE_SAMPLE, info["features"]), replace=False)
+    )
     frame = pyogrio.read_dataframe(out, layer="scene", columns=[])
     polygons = frame.geometry.values[pick]
     crs = CRS.from_wkt(frame.crs.to_wkt())
@@ -149,8 +173,12 @@ def work_measures(raster: Path, out: Path) -> dict:
 
 WORKERS = {"cdkd": work_cdkd, "shapes": work_shapes, "import": work_import, "measures": work_measures}
 # imported before the clock starts, so that "work" is the work
-IMPORTS = {"cdkd": ("cdkd.vector",), "shapes": ("geopandas", "pyogrio", "rasterio", "shapely"),
-           "import": ("cdkd.vector",), "measures": ("cdkd.vector.measure", "pyogrio")}
+IMPORTS = {
+    "cdkd": ("cdkd.vector",),
+    "shapes": ("geopandas", "pyogrio", "rasterio", "shapely"),
+    "import": ("cdkd.vector",),
+    "measures": ("cdkd.vector.measure", "pyogrio"),
+}
 
 
 def worker_main(name: str, raster: Path, out: Path) -> None:
@@ -179,16 +207,19 @@ def run_measured(cmd: list[str]) -> dict:
     os.close(fd)
     try:
         start = time.perf_counter()
-        proc = subprocess.run([TIME, "-o", stats, "-f", "%M %U %S", *cmd], capture_output=True, text=True,
-                              check=False)
+        proc = subprocess.run([TIME, "-o", stats, "-f", "%M %U %S", *cmd], capture_output=True, text=True, check=False)
         wall = time.perf_counter() - start
         peak_kb, user, system = Path(stats).read_text().split()[-3:]
     finally:
         os.unlink(stats)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return {"wall_s": wall, "cpu_s": float(user) + float(system), "peak_rss_mb": int(peak_kb) / 1024,
-            "stdout": proc.stdout}
+    return {
+        "wall_s": wall,
+        "cpu_s": float(user) + float(system),
+        "peak_rss_mb": int(peak_kb) / 1024,
+        "stdout": proc.stdout,
+    }
 
 
 def run(size: int, workdir: Path) -> dict:
@@ -202,10 +233,18 @@ def run(size: int, workdir: Path) -> dict:
     python = sys.executable
     plans = {
         "cdkd.vector.vectorize": [python, __file__, "--worker", "cdkd", str(raster), str(workdir / "cdkd.gpkg")],
-        "gdal_polygonize.py": [GDAL_PYTHON, GDAL_POLYGONIZE, str(raster), "-q", "-f", "GPKG",
-                               str(workdir / "gdal.gpkg"), "scene", "class_id"],
-        "rasterio shapes (whole)": [python, __file__, "--worker", "shapes", str(raster),
-                                    str(workdir / "shapes.gpkg")],
+        "gdal_polygonize.py": [
+            GDAL_PYTHON,
+            GDAL_POLYGONIZE,
+            str(raster),
+            "-q",
+            "-f",
+            "GPKG",
+            str(workdir / "gdal.gpkg"),
+            "scene",
+            "class_id",
+        ],
+        "rasterio shapes (whole)": [python, __file__, "--worker", "shapes", str(raster), str(workdir / "shapes.gpkg")],
         "import cdkd.vector only": [python, __file__, "--worker", "import", str(raster), str(workdir / "x")],
         "measures (sample)": [python, __file__, "--worker", "measures", str(raster), str(workdir / "cdkd.gpkg")],
     }
@@ -240,21 +279,28 @@ def run(size: int, workdir: Path) -> dict:
 
 def print_table(result: dict) -> None:
     s = result["scene"]
-    print(f"{s['size']} x {s['size']} px class raster, {s['classes']} classes, {s['nodata_share']:.1%} nodata, "
-          f"{s['file_mb']:.1f} MB DEFLATE GeoTIFF; {result['cpus']} CPUs; one run each, each in its own process")
+    print(
+        f"{s['size']} x {s['size']} px class raster, {s['classes']} classes, {s['nodata_share']:.1%} nodata, "
+        f"{s['file_mb']:.1f} MB DEFLATE GeoTIFF; {result['cpus']} CPUs; one run each, each in its own process"
+    )
     print(f"{'method':<26}{'wall (s)':>10}{'work (s)':>10}{'CPU (s)':>10}{'peak RSS (MB)':>15}{'polygons':>10}")
     for name, r in result["rows"].items():
         work = f"{r['work_s']:.2f}" if r["work_s"] is not None else "-"
-        print(f"{name:<26}{r['wall_s']:>10.2f}{work:>10}{r['cpu_s']:>10.2f}{r['peak_rss_mb']:>15.0f}"
-              f"{r['polygons']:>10}")
+        print(
+            f"{name:<26}{r['wall_s']:>10.2f}{work:>10}{r['cpu_s']:>10.2f}{r['peak_rss_mb']:>15.0f}{r['polygons']:>10}"
+        )
     q = result["ratios"]
-    print(f"cdkd / gdal_polygonize: time {q['time_cdkd_over_gdal']:.2f}x, peak RSS {q['rss_cdkd_over_gdal']:.2f}x;"
-          f"  cdkd / whole-array shapes: time {q['time_cdkd_over_shapes']:.2f}x, peak RSS "
-          f"{q['rss_cdkd_over_shapes']:.2f}x")
+    print(
+        f"cdkd / gdal_polygonize: time {q['time_cdkd_over_gdal']:.2f}x, peak RSS {q['rss_cdkd_over_gdal']:.2f}x;"
+        f"  cdkd / whole-array shapes: time {q['time_cdkd_over_shapes']:.2f}x, peak RSS "
+        f"{q['rss_cdkd_over_shapes']:.2f}x"
+    )
     print(f"cdkd peak RSS above its import baseline: {q['rss_cdkd_above_import_mb']:.0f} MB")
     m = result["measures"]
-    print(f"measures on {m['sample']} of cdkd's polygons ({m['vertices'] / m['sample']:.0f} vertices each): planar "
-          f"{m['planar_s_per_100k']:.2f} s, ellipsoidal {m['ellipsoidal_s_per_100k']:.1f} s per 100 000 polygons")
+    print(
+        f"measures on {m['sample']} of cdkd's polygons ({m['vertices'] / m['sample']:.0f} vertices each): planar "
+        f"{m['planar_s_per_100k']:.2f} s, ellipsoidal {m['ellipsoidal_s_per_100k']:.1f} s per 100 000 polygons"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -264,15 +310,20 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=8192, help="raster side in px")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep the raster and outputs here "
-                        "(default: a temporary folder, removed afterwards)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the raster and outputs here (default: a temporary folder, removed afterwards)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if not Path(TIME).is_file():
         raise SystemExit(f"{TIME} (GNU time) not found: it measures each run's peak memory (apt install time)")
     if not Path(GDAL_POLYGONIZE).is_file():
-        raise SystemExit(f"{GDAL_POLYGONIZE} not found (install GDAL's Python scripts, e.g. apt install gdal-bin "
-                         "python3-gdal)")
+        raise SystemExit(
+            f"{GDAL_POLYGONIZE} not found (install GDAL's Python scripts, e.g. apt install gdal-bin python3-gdal)"
+        )
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cdkd-vectorize-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:

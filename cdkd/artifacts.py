@@ -64,8 +64,15 @@ def save_student(path: str | Path, student: nn.Module, info: StudentInfo) -> Non
     """Write ``student.pt`` atomically (a temporary name renamed when complete)."""
     state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
     atomic_torch_save(
-        {"format": STUDENT_FORMAT, "version": STUDENT_VERSION, "arch": info.arch, "arch_args": info.arch_args,
-         "state_dict": state, "norm": info.norm.to_dict(), "provenance": info.provenance},
+        {
+            "format": STUDENT_FORMAT,
+            "version": STUDENT_VERSION,
+            "arch": info.arch,
+            "arch_args": info.arch_args,
+            "state_dict": state,
+            "norm": info.norm.to_dict(),
+            "provenance": info.provenance,
+        },
         path,
     )
 
@@ -76,9 +83,9 @@ KINDS = {
     SEGMENTER_FORMAT: "a land-cover segmenter (segmenter.pt)",
     DETECTOR_FORMAT: "an instance detector (detector.pt)",
     "cdkd.distill-checkpoint": "a distillation training checkpoint (RUN_DIR/checkpoints/step_*.pt), not a model: "
-                               "the run's student.pt is written when it ends (cdkd distill --resume finishes it)",
+    "the run's student.pt is written when it ends (cdkd distill --resume finishes it)",
     "cdkd.finetune-checkpoint": "a fine-tuning training checkpoint (RUN_DIR/checkpoints/step_*.pt), not a model: "
-                                "the run's segmenter.pt is written when it ends (cdkd finetune --resume finishes it)",
+    "the run's segmenter.pt is written when it ends (cdkd finetune --resume finishes it)",
 }
 
 
@@ -97,8 +104,10 @@ def _read_artifact(path: Path, fmt: str, version: int, what: str, hint: str) -> 
         kind = f"is {KINDS[found]}, not" if found in KINDS else "not"
         raise CheckpointError(f"{path}: {kind} a cdkd {what} file (expected format {fmt!r}; {hint})")
     if int(blob.get("version", 0)) > version:
-        raise CheckpointError(f"{path}: {what} format version {blob['version']} is newer than this cdkd "
-                              f"understands ({version}); upgrade cdkd")
+        raise CheckpointError(
+            f"{path}: {what} format version {blob['version']} is newer than this cdkd "
+            f"understands ({version}); upgrade cdkd"
+        )
     return blob
 
 
@@ -113,8 +122,12 @@ def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> 
     """Rebuild the student in ``student.pt``; returns (model in eval mode, its info)."""
     path = Path(path)
     blob = _read_artifact(path, STUDENT_FORMAT, STUDENT_VERSION, "student", "cdkd distill writes RUN_DIR/student.pt")
-    info = StudentInfo(arch=blob["arch"], arch_args=dict(blob["arch_args"]), norm=NormStats.from_dict(blob["norm"]),
-                       provenance=dict(blob.get("provenance", {})))
+    info = StudentInfo(
+        arch=blob["arch"],
+        arch_args=dict(blob["arch_args"]),
+        norm=NormStats.from_dict(blob["norm"]),
+        provenance=dict(blob.get("provenance", {})),
+    )
     model = build_student(info.arch, **info.arch_args)
     _load_weights(model, blob["state_dict"], path, info.arch)
     return model.to(map_location).eval(), info
@@ -140,8 +153,15 @@ class SegmenterInfo:
 
     def inference_meta(self) -> InferenceMeta:
         """What a runtime needs besides the network (embedded in exported ONNX models and engine sidecars)."""
-        return InferenceMeta(classes=self.classes, norm=self.norm, tile_size=self.tile_size, overlap=self.overlap,
-                             in_chans=self.in_chans, arch=self.student.arch, head=str(self.head.get("head", "?")))
+        return InferenceMeta(
+            classes=self.classes,
+            norm=self.norm,
+            tile_size=self.tile_size,
+            overlap=self.overlap,
+            in_chans=self.in_chans,
+            arch=self.student.arch,
+            head=str(self.head.get("head", "?")),
+        )
 
 
 INFERENCE_META_FORMAT = "cdkd.inference"
@@ -179,9 +199,17 @@ class InferenceMeta:
         return self.classes.num_classes
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"format": INFERENCE_META_FORMAT, "version": 1, "classes": self.classes.to_dict(),
-             "norm": self.norm.to_dict(), "tile_size": self.tile_size, "overlap": self.overlap,
-             "in_chans": self.in_chans, "arch": self.arch, "head": self.head}
+        d = {
+            "format": INFERENCE_META_FORMAT,
+            "version": 1,
+            "classes": self.classes.to_dict(),
+            "norm": self.norm.to_dict(),
+            "tile_size": self.tile_size,
+            "overlap": self.overlap,
+            "in_chans": self.in_chans,
+            "arch": self.arch,
+            "head": self.head,
+        }
         if self.task != "semantic":  # absent means semantic: metadata written before tasks existed reads the same
             d["task"] = self.task
         return d
@@ -199,9 +227,16 @@ class InferenceMeta:
             task = str(d.get("task", "semantic"))
             if task not in TASKS:
                 raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}; a newer cdkd wrote it")
-            return cls(classes=ClassSchema.from_dict(d["classes"]), norm=NormStats.from_dict(d["norm"]),
-                       tile_size=int(d["tile_size"]), overlap=int(d["overlap"]), in_chans=int(d["in_chans"]),
-                       arch=str(d.get("arch", "?")), head=str(d.get("head", "?")), task=task)
+            return cls(
+                classes=ClassSchema.from_dict(d["classes"]),
+                norm=NormStats.from_dict(d["norm"]),
+                tile_size=int(d["tile_size"]),
+                overlap=int(d["overlap"]),
+                in_chans=int(d["in_chans"]),
+                arch=str(d.get("arch", "?")),
+                head=str(d.get("head", "?")),
+                task=task,
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{source}: no usable cdkd inference metadata ({e})") from None
 
@@ -211,10 +246,17 @@ def _save_with_head(path: str | Path, fmt: str, version: int, model: nn.Module, 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     st = info.student
     atomic_torch_save(
-        {"format": fmt, "version": version,
-         "student": {"arch": st.arch, "arch_args": st.arch_args, "provenance": st.provenance},
-         "head": info.head, "state_dict": state, "classes": info.classes.to_dict(), "norm": st.norm.to_dict(),
-         "tile_size": info.tile_size, "overlap": info.overlap},
+        {
+            "format": fmt,
+            "version": version,
+            "student": {"arch": st.arch, "arch_args": st.arch_args, "provenance": st.provenance},
+            "head": info.head,
+            "state_dict": state,
+            "classes": info.classes.to_dict(),
+            "norm": st.norm.to_dict(),
+            "tile_size": info.tile_size,
+            "overlap": info.overlap,
+        },
         path,
     )
 
@@ -222,10 +264,19 @@ def _save_with_head(path: str | Path, fmt: str, version: int, model: nn.Module, 
 def _head_info(blob: dict[str, Any], cls: type[SegmenterInfo]) -> SegmenterInfo:
     """The info of a student + head artifact read by ``_read_artifact``."""
     st = blob["student"]
-    student = StudentInfo(arch=st["arch"], arch_args=dict(st["arch_args"]), norm=NormStats.from_dict(blob["norm"]),
-                          provenance=dict(st.get("provenance", {})))
-    return cls(student=student, head=dict(blob["head"]), classes=ClassSchema.from_dict(blob["classes"]),
-               tile_size=int(blob["tile_size"]), overlap=int(blob["overlap"]))
+    student = StudentInfo(
+        arch=st["arch"],
+        arch_args=dict(st["arch_args"]),
+        norm=NormStats.from_dict(blob["norm"]),
+        provenance=dict(st.get("provenance", {})),
+    )
+    return cls(
+        student=student,
+        head=dict(blob["head"]),
+        classes=ClassSchema.from_dict(blob["classes"]),
+        tile_size=int(blob["tile_size"]),
+        overlap=int(blob["overlap"]),
+    )
 
 
 def save_segmenter(path: str | Path, segmenter: Segmenter, info: SegmenterInfo) -> None:
@@ -236,8 +287,9 @@ def save_segmenter(path: str | Path, segmenter: Segmenter, info: SegmenterInfo) 
 def load_segmenter(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Segmenter, SegmenterInfo]:
     """Rebuild the segmenter in ``segmenter.pt``; returns (model in eval mode, its info)."""
     path = Path(path)
-    blob = _read_artifact(path, SEGMENTER_FORMAT, SEGMENTER_VERSION, "segmenter",
-                          "cdkd finetune writes RUN_DIR/segmenter.pt")
+    blob = _read_artifact(
+        path, SEGMENTER_FORMAT, SEGMENTER_VERSION, "segmenter", "cdkd finetune writes RUN_DIR/segmenter.pt"
+    )
     info = _head_info(blob, SegmenterInfo)
     student = info.student
     model = Segmenter(build_student(student.arch, **student.arch_args), **info.head)
@@ -251,8 +303,16 @@ class DetectorInfo(SegmenterInfo):
     ``Detector.config()``), object classes and inference settings."""
 
     def inference_meta(self) -> InferenceMeta:
-        return InferenceMeta(classes=self.classes, norm=self.norm, tile_size=self.tile_size, overlap=self.overlap,
-                             in_chans=self.in_chans, arch=self.student.arch, head="maskrcnn", task="instance")
+        return InferenceMeta(
+            classes=self.classes,
+            norm=self.norm,
+            tile_size=self.tile_size,
+            overlap=self.overlap,
+            in_chans=self.in_chans,
+            arch=self.student.arch,
+            head="maskrcnn",
+            task="instance",
+        )
 
 
 def save_detector(path: str | Path, detector: nn.Module, info: DetectorInfo) -> None:
@@ -265,8 +325,9 @@ def load_detector(path: str | Path, map_location: str | torch.device = "cpu") ->
     from cdkd.models.instance import Detector
 
     path = Path(path)
-    blob = _read_artifact(path, DETECTOR_FORMAT, DETECTOR_VERSION, "detector",
-                          "cdkd finetune --task instance writes RUN_DIR/detector.pt")
+    blob = _read_artifact(
+        path, DETECTOR_FORMAT, DETECTOR_VERSION, "detector", "cdkd finetune --task instance writes RUN_DIR/detector.pt"
+    )
     info = _head_info(blob, DetectorInfo)
     student = info.student
     model = Detector(build_student(student.arch, **student.arch_args), **info.head)

@@ -38,8 +38,12 @@ class Range:
         """Why ``value`` is out of range, or None."""
         if isinstance(value, float) and not math.isfinite(value):
             return "must be a finite number"
-        for bound, ok, word in ((self.ge, lambda b: value >= b, ">="), (self.gt, lambda b: value > b, ">"),
-                                (self.le, lambda b: value <= b, "<="), (self.lt, lambda b: value < b, "<")):
+        for bound, ok, word in (
+            (self.ge, lambda b: value >= b, ">="),
+            (self.gt, lambda b: value > b, ">"),
+            (self.le, lambda b: value <= b, "<="),
+            (self.lt, lambda b: value < b, "<"),
+        ):
             if bound is not None and not ok(bound):
                 return f"must be {word} {bound:g}"
         return None
@@ -127,7 +131,9 @@ class ObjectiveConfig:
     teacher_taps: tuple[int, ...] | None = None  # 1-based; None = the first global-attention blocks
     direction: str = "bi"  # bi: KD also trains the teacher adapters | uni: teacher features detached for KD
     schedule: str = "dynamic"  # dynamic (driven by r = L_T_MAE / L_S_MAE) | fixed
-    fixed_weights: tuple[float, float, float] = bounded((0.6, 0.2, 0.2), ge=0, flag="--weights")  # (KD, T_MAE, S_MAE) for schedule=fixed
+    fixed_weights: tuple[float, float, float] = bounded(
+        (0.6, 0.2, 0.2), ge=0, flag="--weights"
+    )  # (KD, T_MAE, S_MAE) for schedule=fixed
     ema_decay: float = bounded(0.98, ge=0, lt=1)  # smoothing of the losses that drive r
     schedule_warmup: int = bounded(20, ge=0)  # loss updates before the schedule may change stage
 
@@ -142,12 +148,18 @@ class RS4DConfig:
     """
 
     noise_ratio: float = bounded(0.2, ge=0, le=1, flag="--noise-ratio")  # fraction of valid patches with added noise
-    mask_ratio: float = bounded(0.2, ge=0, le=1, flag="--mask-ratio")  # fraction of valid patches masked (mask token, or mean pixels for vit_s)
-    noise_std: float = bounded(1.0, gt=0)  # noise standard deviation, in normalised units (1 = one dataset standard deviation)
+    mask_ratio: float = bounded(
+        0.2, ge=0, le=1, flag="--mask-ratio"
+    )  # fraction of valid patches masked (mask token, or mean pixels for vit_s)
+    noise_std: float = bounded(
+        1.0, gt=0
+    )  # noise standard deviation, in normalised units (1 = one dataset standard deviation)
     adaptive: bool = False  # raise both ratios toward the max_* values as the smoothed loss falls
     max_noise_ratio: float = bounded(0.4, ge=0, le=1)
     max_mask_ratio: float = bounded(0.4, ge=0, le=1)
-    adapt_target: float = bounded(0.5, gt=0, lt=1)  # the ratios reach their maxima once the loss is this fraction of its reference
+    adapt_target: float = bounded(
+        0.5, gt=0, lt=1
+    )  # the ratios reach their maxima once the loss is this fraction of its reference
     adapt_warmup: int = bounded(50, ge=0)  # loss updates before the reference loss is taken
     ema_decay: float = bounded(0.98, ge=0, lt=1)  # smoothing of the loss that drives the ratios
 
@@ -164,7 +176,9 @@ class HyperKDConfig:
     """
 
     mask_ratio: float = bounded(0.75, gt=0, lt=1, flag="--mask-ratio")
-    guided_ratio: float = bounded(0.5, ge=0, le=1, flag="--guided-ratio")  # 0 = uniform masking, 1 = masking probability proportional to teacher saliency
+    guided_ratio: float = bounded(
+        0.5, ge=0, le=1, flag="--guided-ratio"
+    )  # 0 = uniform masking, 1 = masking probability proportional to teacher saliency
     teacher_ranges: tuple[float, ...] = (630.0, 690.0, 510.0, 580.0, 450.0, 510.0)  # (lo, hi) nm of R, G, B
     init_patch_embed: bool = True  # student's patch embedding from the teacher's through the alignment
     weights: tuple[float, float, float] = bounded((1.0, 1.0, 1.0), ge=0)  # KD, pixel reconstruction, spectral term
@@ -181,7 +195,9 @@ class HyperKDConfig:
 class TrainConfig:
     """Optimisation and bookkeeping."""
 
-    steps: int | None = bounded(None, ge=1, flag="--steps")  # optimiser steps; exclusive with epochs; None with epochs None = 1000
+    steps: int | None = bounded(
+        None, ge=1, flag="--steps"
+    )  # optimiser steps; exclusive with epochs; None with epochs None = 1000
     epochs: float | None = bounded(None, gt=0, flag="--epochs")  # passes over the image files
     batch_size: int = bounded(4, ge=1, flag="--batch-size")  # images per device per micro-batch
     grad_accum: int = bounded(1, ge=1, flag="--grad-accum")  # micro-batches per optimiser step
@@ -256,7 +272,9 @@ class InstanceHeadConfig:
     anchor_sizes: tuple[int, ...] = bounded((16, 32, 64, 128, 256), ge=1)  # anchor side in px per level (strides 4..64)
     box_batch_size_per_image: int = bounded(512, ge=1)  # RoIs sampled per tile for the box head's loss
     detections_per_image: int = bounded(100, ge=1)  # most detections kept per tile
-    object_bias: float = bounded(0.75, ge=0, le=1)  # share of training windows placed around an object (the rest uniform)
+    object_bias: float = bounded(
+        0.75, ge=0, le=1
+    )  # share of training windows placed around an object (the rest uniform)
 
 
 def _finetune_train() -> TrainConfig:

@@ -206,8 +206,16 @@ class PixelAreas:
         block_of_column: (width,) int64 block index of each column.
     """
 
-    def __init__(self, crs: Any, transform: Any, width: int, height: int, *, max_knot_rows: int = MAX_KNOT_ROWS,
-                 block_tolerance: float = BLOCK_TOLERANCE) -> None:
+    def __init__(
+        self,
+        crs: Any,
+        transform: Any,
+        width: int,
+        height: int,
+        *,
+        max_knot_rows: int = MAX_KNOT_ROWS,
+        block_tolerance: float = BLOCK_TOLERANCE,
+    ) -> None:
         if width <= 0 or height <= 0:
             raise ValueError(f"raster size must be positive, got {width} x {height}")
         self.crs, self.transform, self.width, self.height = crs, transform, int(width), int(height)
@@ -231,8 +239,10 @@ class PixelAreas:
         rows = np.unique(np.round(np.linspace(0, self.height - 1, 3)))
         grid = pixel_quad_areas(self.crs, self.transform, cols[None, :], rows[:, None])
         if not (np.isfinite(grid).all() and (grid > 0).all()):
-            raise DataError(f"{self.width} x {self.height} px raster at {tuple(self.transform)[:6]}: pixel areas "
-                            "cannot be computed (does it reach beyond the CRS's valid area, e.g. past a pole?)")
+            raise DataError(
+                f"{self.width} x {self.height} px raster at {tuple(self.transform)[:6]}: pixel areas "
+                "cannot be computed (does it reach beyond the CRS's valid area, e.g. past a pole?)"
+            )
         spread = float(((grid.max(1) - grid.min(1)) / grid.mean(1)).max())
         if spread <= 1e-9:  # the same area along every row (up to rounding)
             return 1
@@ -242,7 +252,7 @@ class PixelAreas:
         """(n, blocks) float64: the pixel area (m²) of rows ``[top, top + n)`` in each column block."""
         r = np.arange(top, top + n, dtype=np.float64)
         if len(self.knot_rows) == self.height:
-            return self.knot_areas[top:top + n]
+            return self.knot_areas[top : top + n]
         i = np.clip(np.searchsorted(self.knot_rows, r, side="right") - 1, 0, len(self.knot_rows) - 2)
         r0, r1 = self.knot_rows[i], self.knot_rows[i + 1]
         w = ((r - r0) / (r1 - r0))[:, None]
@@ -255,5 +265,6 @@ class PixelAreas:
     def total(self) -> float:
         """Ground area (m²) of the whole raster, as the sum of its pixel areas."""
         per_block = np.bincount(self.block_of_column, minlength=self.blocks)
-        return float(sum(self.rows(t, min(4096, self.height - t)).sum(0) @ per_block
-                         for t in range(0, self.height, 4096)))
+        return float(
+            sum(self.rows(t, min(4096, self.height - t)).sum(0) @ per_block for t in range(0, self.height, 4096))
+        )

@@ -162,8 +162,15 @@ class _JsonLines(Progress):
 
     def _report(self) -> None:
         fraction = None if not self.total else min(self.done / self.total, 1.0)
-        emit("progress", desc=self.desc, done=self.done, total=self.total, unit=self.unit, fraction=fraction,
-             **self.fields)
+        emit(
+            "progress",
+            desc=self.desc,
+            done=self.done,
+            total=self.total,
+            unit=self.unit,
+            fraction=fraction,
+            **self.fields,
+        )
         self.last, self.reported = time.monotonic(), self.done
 
 
@@ -203,5 +210,16 @@ def _json_value(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-__all__ = ["ENV", "FORMATS", "Progress", "command_started", "emit", "finish", "finished", "progress_bar",
-           "progress_format", "set_progress_format", "track"]
+__all__ = [
+    "ENV",
+    "FORMATS",
+    "Progress",
+    "command_started",
+    "emit",
+    "finish",
+    "finished",
+    "progress_bar",
+    "progress_format",
+    "set_progress_format",
+    "track",
+]

@@ -26,8 +26,12 @@ def demo_command(
         typer.echo(f"\ncdkd demo finished in {result.seconds:.0f} s. Outputs:")
         for key, path in result.outputs.items():
             typer.echo(f"  {str(path):<48} {EXPLAIN[key]}")
-        typer.echo(f"\nThe map agrees with the scene's true classes on {100 * result.agreement:.1f} % of its valid "
-                   "pixels (synthetic data: colours and textures separate the classes).")
-        typer.echo("Real use needs a SAM checkpoint (see README: SAM checkpoints) and real imagery: "
-                   "cdkd distill --data TILES/ --teacher-checkpoint sam_vit_l_0b3195.pth, then cdkd finetune, "
-                   "cdkd export, cdkd segment and cdkd vectorize.")
+        typer.echo(
+            f"\nThe map agrees with the scene's true classes on {100 * result.agreement:.1f} % of its valid "
+            "pixels (synthetic data: colours and textures separate the classes)."
+        )
+        typer.echo(
+            "Real use needs a SAM checkpoint (see README: SAM checkpoints) and real imagery: "
+            "cdkd distill --data TILES/ --teacher-checkpoint sam_vit_l_0b3195.pth, then cdkd finetune, "
+            "cdkd export, cdkd segment and cdkd vectorize."
+        )

@@ -22,53 +22,83 @@ def distill_command(
     data: Optional[Path] = typer.Option(None, "--data", help="Folder of unlabeled images (searched recursively)."),
     out: Path = typer.Option(..., "--out", help="Run folder: student.pt, checkpoints/, metrics.jsonl, config.yaml."),
     config: Optional[Path] = o.config_opt,
-    recipe: Optional[str] = typer.Option(None, "--recipe",
-                                         help="mask-cdkd (default: SAM + MMoA, KD + MAE), rs4d (L1 to SAM's "
-                                              "image embedding, noised and masked student input) or hyperkd "
-                                              "(every band; RGB teacher through spectral alignment)."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="SAM encoder: vit_b, vit_l (default) or vit_h.",
-                                          rich_help_panel=_DIRECT),
-    teacher_checkpoint: Optional[Path] = typer.Option(None, "--teacher-checkpoint",
-                                                      help="Official SAM checkpoint (.pth) or encoder state dict.",
-                                                      rich_help_panel=_DIRECT),
-    random_teacher: bool = typer.Option(False, "--random-teacher",
-                                        help="Random SAM weights: tests and smoke runs only.", rich_help_panel=_DIRECT),
-    adapter: Optional[o.Adapter] = typer.Option(None, "--adapter", help="Teacher adapters (default multi).",
-                                          rich_help_panel=_DIRECT),
+    recipe: Optional[str] = typer.Option(
+        None,
+        "--recipe",
+        help="mask-cdkd (default: SAM + MMoA, KD + MAE), rs4d (L1 to SAM's "
+        "image embedding, noised and masked student input) or hyperkd "
+        "(every band; RGB teacher through spectral alignment).",
+    ),
+    teacher: Optional[str] = typer.Option(
+        None, "--teacher", help="SAM encoder: vit_b, vit_l (default) or vit_h.", rich_help_panel=_DIRECT
+    ),
+    teacher_checkpoint: Optional[Path] = typer.Option(
+        None,
+        "--teacher-checkpoint",
+        help="Official SAM checkpoint (.pth) or encoder state dict.",
+        rich_help_panel=_DIRECT,
+    ),
+    random_teacher: bool = typer.Option(
+        False, "--random-teacher", help="Random SAM weights: tests and smoke runs only.", rich_help_panel=_DIRECT
+    ),
+    adapter: Optional[o.Adapter] = typer.Option(
+        None, "--adapter", help="Teacher adapters (default multi).", rich_help_panel=_DIRECT
+    ),
     fusion: Optional[o.Fusion] = typer.Option(None, "--fusion", help="Default gate.", rich_help_panel=_DIRECT),
-    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
-                                                      help="Recompute teacher blocks in backward to save memory.",
-                                                      rich_help_panel=_DIRECT),
-    student: Optional[str] = typer.Option(None, "--student",
-                                          help="vit_s (default), vit_s_win, or rsmamba_s|b|l|h (state-space)."),
-    in_chans: Optional[int] = typer.Option(None, "--in-chans", help="Input bands of the student (default: 3, red, green and blue where the "
-                                  "files say which; every band with --recipe hyperkd)."),
+    grad_checkpointing: Optional[bool] = typer.Option(
+        None,
+        "--grad-checkpointing/--no-grad-checkpointing",
+        help="Recompute teacher blocks in backward to save memory.",
+        rich_help_panel=_DIRECT,
+    ),
+    student: Optional[str] = typer.Option(
+        None, "--student", help="vit_s (default), vit_s_win, or rsmamba_s|b|l|h (state-space)."
+    ),
+    in_chans: Optional[int] = typer.Option(
+        None,
+        "--in-chans",
+        help="Input bands of the student (default: 3, red, green and blue where the "
+        "files say which; every band with --recipe hyperkd).",
+    ),
     bands: Optional[str] = typer.Option(None, "--bands", help="1-based bands to read, e.g. 3,2,1."),
-    wavelengths: Optional[str] = typer.Option(None, "--wavelengths",
-                                              help="What the file bands measure: a sensor preset (sentinel2, "
-                                                   "sentinel2_l2a, naip, worldview3, enmap) or centres in nm, "
-                                                   "e.g. 443:20,490:65 (default: the files' band metadata)."),
+    wavelengths: Optional[str] = typer.Option(
+        None,
+        "--wavelengths",
+        help="What the file bands measure: a sensor preset (sentinel2, "
+        "sentinel2_l2a, naip, worldview3, enmap) or centres in nm, "
+        "e.g. 443:20,490:65 (default: the files' band metadata).",
+    ),
     tile_size: Optional[int] = o.tile_opt,
     direction: Optional[o.Direction] = typer.Option(None, "--direction", help="Default bi.", rich_help_panel=_OBJ),
     schedule: Optional[o.Schedule] = typer.Option(None, "--schedule", help="Default dynamic.", rich_help_panel=_OBJ),
-    weights: Optional[str] = typer.Option(None, "--weights", help="KD,T_MAE,S_MAE weights for --schedule fixed.",
-                                          rich_help_panel=_OBJ),
-    mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio",
-                                               help="Masked patch fraction (mask-cdkd 0.75, rs4d 0.2, hyperkd "
-                                                    "0.75).",
-                                               rich_help_panel=_OBJ),
-    noise_ratio: Optional[float] = typer.Option(None, "--noise-ratio",
-                                                help="Fraction of patches given Gaussian noise (0.2).",
-                                                rich_help_panel=_RS4D),
-    adaptive_ratios: Optional[bool] = typer.Option(None, "--adaptive-ratios/--fixed-ratios",
-                                                   help="Raise noise and mask ratios as the loss falls.",
-                                                   rich_help_panel=_RS4D),
-    guided_ratio: Optional[float] = typer.Option(None, "--guided-ratio",
-                                                 help="Share of the masking probability that follows the teacher's "
-                                                      "feature saliency, the rest uniform (0.5).",
-                                                 rich_help_panel=_HYPERKD),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", help="KD,T_MAE,S_MAE weights for --schedule fixed.", rich_help_panel=_OBJ
+    ),
+    mask_ratio: Optional[float] = typer.Option(
+        None,
+        "--mask-ratio",
+        help="Masked patch fraction (mask-cdkd 0.75, rs4d 0.2, hyperkd 0.75).",
+        rich_help_panel=_OBJ,
+    ),
+    noise_ratio: Optional[float] = typer.Option(
+        None, "--noise-ratio", help="Fraction of patches given Gaussian noise (0.2).", rich_help_panel=_RS4D
+    ),
+    adaptive_ratios: Optional[bool] = typer.Option(
+        None,
+        "--adaptive-ratios/--fixed-ratios",
+        help="Raise noise and mask ratios as the loss falls.",
+        rich_help_panel=_RS4D,
+    ),
+    guided_ratio: Optional[float] = typer.Option(
+        None,
+        "--guided-ratio",
+        help="Share of the masking probability that follows the teacher's feature saliency, the rest uniform (0.5).",
+        rich_help_panel=_HYPERKD,
+    ),
     batch_size: Optional[int] = o.batch_opt,
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per step.", rich_help_panel=_TRAIN),
+    grad_accum: Optional[int] = typer.Option(
+        None, "--grad-accum", help="Micro-batches per step.", rich_help_panel=_TRAIN
+    ),
     steps: Optional[int] = o.steps_opt,
     epochs: Optional[float] = o.epochs_opt,
     lr: Optional[float] = o.lr_opt,
@@ -140,8 +170,10 @@ def distill_command(
         if not cfg.data.root:
             raise ConfigError("no training data: pass --data DIR (or data.root in --config)")
         result = distill(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
-        typer.echo(f"student: {result.student_path}  ({result.recipe}, {result.steps} steps, stage {result.stage}, "
-                   f"{result.seconds:.0f} s)")
+        typer.echo(
+            f"student: {result.student_path}  ({result.recipe}, {result.steps} steps, stage {result.stage}, "
+            f"{result.seconds:.0f} s)"
+        )
         _print_alignment(run_dir(out).report)
 
 
@@ -156,8 +188,13 @@ def _print_alignment(report: Path) -> None:
             typer.echo(f"  {line}")
 
 
-def _recipe_flags(cfg: Any, mask_ratio: Optional[float], noise_ratio: Optional[float],
-                  adaptive: Optional[bool], guided_ratio: Optional[float] = None) -> Any:
+def _recipe_flags(
+    cfg: Any,
+    mask_ratio: Optional[float],
+    noise_ratio: Optional[float],
+    adaptive: Optional[bool],
+    guided_ratio: Optional[float] = None,
+) -> Any:
     """Flags whose section depends on the recipe (known only once the config file is read)."""
     from cdkd.config import apply_overrides
     from cdkd.errors import CdkdValueError

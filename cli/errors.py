@@ -43,11 +43,14 @@ def cli_errors(resumable: bool = False) -> Iterator[None]:
 
 def is_out_of_memory(e: BaseException) -> bool:
     """torch's allocation failures: ``torch.OutOfMemoryError`` on CUDA, a RuntimeError from the CPU allocator."""
-    return type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(e) or \
-        "DefaultCPUAllocator" in str(e)
+    return (
+        type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(e) or "DefaultCPUAllocator" in str(e)
+    )
 
 
 def _out_of_memory() -> None:
-    print("Error: out of memory; use a smaller --tile-size or --batch-size (or --grad-accum for training)",
-          file=sys.stderr)
+    print(
+        "Error: out of memory; use a smaller --tile-size or --batch-size (or --grad-accum for training)",
+        file=sys.stderr,
+    )
     raise typer.Exit(1) from None

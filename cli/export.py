@@ -14,37 +14,67 @@ INT8 = "INT8 (ONNX Q/DQ model, TensorRT engine)"
 TRT = "TensorRT"
 
 # Options as module constants, the way options.py holds the shared ones (and no call in a default argument).
-model_arg = typer.Argument(..., help="segmenter.pt from cdkd finetune; or model.onnx for --format tensorrt, "
-                           "--int8 and --sidecar.")
+model_arg = typer.Argument(
+    ..., help="segmenter.pt from cdkd finetune; or model.onnx for --format tensorrt, --int8 and --sidecar."
+)
 format_opt = typer.Option(o.ExportFormat.onnx, "--format", help="What to write.")
 out_opt = typer.Option(None, "--out", help="model.onnx or model.engine to write.")
-opset_opt = typer.Option(17, "--opset", help="ONNX opset (17 suits TensorRT 8.5+ and ONNX Runtime).",
-                         rich_help_panel=ONNX)
-dynamic_opt = typer.Option(False, "--dynamic-batch", help="Free batch dimension (else fixed to --batch-size).",
-                           rich_help_panel=ONNX)
+opset_opt = typer.Option(
+    17, "--opset", help="ONNX opset (17 suits TensorRT 8.5+ and ONNX Runtime).", rich_help_panel=ONNX
+)
+dynamic_opt = typer.Option(
+    False, "--dynamic-batch", help="Free batch dimension (else fixed to --batch-size).", rich_help_panel=ONNX
+)
 batch_opt = typer.Option(1, "--batch-size", help="Fixed batch size of the ONNX model.", rich_help_panel=ONNX)
-check_data_opt = typer.Option(None, "--check-data", help="Folder of images for the parity check (default: "
-                              "synthetic tiles).", rich_help_panel=ONNX)
+check_data_opt = typer.Option(
+    None, "--check-data", help="Folder of images for the parity check (default: synthetic tiles).", rich_help_panel=ONNX
+)
 check_tiles_opt = typer.Option(8, "--check-tiles", help="Tiles in the parity check.", rich_help_panel=ONNX)
-agreement_opt = typer.Option(None, "--min-agreement", help="Fraction of pixels whose class must match the float "
-                             "model (default 0.999; with --int8 0.98, on tiles held out of calibration).",
-                             rich_help_panel=ONNX)
+agreement_opt = typer.Option(
+    None,
+    "--min-agreement",
+    help="Fraction of pixels whose class must match the float "
+    "model (default 0.999; with --int8 0.98, on tiles held out of calibration).",
+    rich_help_panel=ONNX,
+)
 fp16_opt = typer.Option(False, "--fp16", help="Allow fp16 kernels.", rich_help_panel=TRT)
-int8_opt = typer.Option(False, "--int8", help="--format onnx: write a calibrated INT8 Q/DQ model (for ONNX Runtime "
-                        "and TensorRT); --format tensorrt: allow int8 kernels (a float model is calibrated on "
-                        "--calib, a Q/DQ model needs nothing).", rich_help_panel=INT8)
-calib_opt = typer.Option(None, "--calib", help="Folder of images for INT8 calibration (some files are held out to "
-                         "check the INT8 ONNX model).", rich_help_panel=INT8)
+int8_opt = typer.Option(
+    False,
+    "--int8",
+    help="--format onnx: write a calibrated INT8 Q/DQ model (for ONNX Runtime "
+    "and TensorRT); --format tensorrt: allow int8 kernels (a float model is calibrated on "
+    "--calib, a Q/DQ model needs nothing).",
+    rich_help_panel=INT8,
+)
+calib_opt = typer.Option(
+    None,
+    "--calib",
+    help="Folder of images for INT8 calibration (some files are held out to check the INT8 ONNX model).",
+    rich_help_panel=INT8,
+)
 calib_tiles_opt = typer.Option(32, "--calib-tiles", help="Tiles for INT8 calibration.", rich_help_panel=INT8)
-calib_method_opt = typer.Option(o.CalibMethod.minmax, "--calib-method", help="INT8 ONNX: how activation ranges are "
-                                "calibrated.", rich_help_panel=INT8)
-keep_float_opt = typer.Option(None, "--keep-float", help="INT8 ONNX: parts left float32, comma-separated from "
-                              "patch_embed, attention, classifier, or 'none' (default: all three).",
-                              rich_help_panel=INT8)
+calib_method_opt = typer.Option(
+    o.CalibMethod.minmax,
+    "--calib-method",
+    help="INT8 ONNX: how activation ranges are calibrated.",
+    rich_help_panel=INT8,
+)
+keep_float_opt = typer.Option(
+    None,
+    "--keep-float",
+    help="INT8 ONNX: parts left float32, comma-separated from "
+    "patch_embed, attention, classifier, or 'none' (default: all three).",
+    rich_help_panel=INT8,
+)
 max_batch_opt = typer.Option(4, "--max-batch", help="Largest batch of a dynamic-batch engine.", rich_help_panel=TRT)
 workspace_opt = typer.Option(4.0, "--workspace-gb", help="TensorRT workspace limit in GiB.", rich_help_panel=TRT)
-sidecar_opt = typer.Option(None, "--sidecar", metavar="ENGINE", help="Write ENGINE.json for an engine built with "
-                           "trtexec from MODEL (.onnx), then stop.", rich_help_panel=TRT)
+sidecar_opt = typer.Option(
+    None,
+    "--sidecar",
+    metavar="ENGINE",
+    help="Write ENGINE.json for an engine built with trtexec from MODEL (.onnx), then stop.",
+    rich_help_panel=TRT,
+)
 
 
 def export_command(
@@ -92,35 +122,71 @@ def export_command(
 
             typer.echo(f"wrote {write_sidecar(model, sidecar, overwrite=overwrite)} (metadata of {model})")
         elif onnx_int8:
-            _export_int8(model, out, calib, calib_tiles, calib_method, keep_float, check_tiles, min_agreement,
-                         opset=opset, dynamic_batch=dynamic_batch, batch_size=batch_size, overwrite=overwrite)
+            _export_int8(
+                model,
+                out,
+                calib,
+                calib_tiles,
+                calib_method,
+                keep_float,
+                check_tiles,
+                min_agreement,
+                opset=opset,
+                dynamic_batch=dynamic_batch,
+                batch_size=batch_size,
+                overwrite=overwrite,
+            )
         elif fmt == o.ExportFormat.onnx:
             from cdkd.tasks import task_of_model
 
-            res = task_of_model(model).export_onnx(model, out, opset=opset, dynamic_batch=dynamic_batch, batch_size=batch_size,
-                              check_data=check_data, check_tiles=check_tiles, min_agreement=_float(min_agreement),
-                              overwrite=overwrite)
+            res = task_of_model(model).export_onnx(
+                model,
+                out,
+                opset=opset,
+                dynamic_batch=dynamic_batch,
+                batch_size=batch_size,
+                check_data=check_data,
+                check_tiles=check_tiles,
+                min_agreement=_float(min_agreement),
+                overwrite=overwrite,
+            )
             typer.echo(res.parity.summary())
             if res.parity.synthetic:
                 typer.echo("(synthetic tiles: pass --check-data DIR to check on real imagery)")
             batch = "dynamic" if res.batch is None else res.batch
-            typer.echo(f"wrote {res.onnx} (opset {res.opset}, batch {batch}, {res.size_bytes / 2**20:.1f} MiB) "
-                       f"and {res.report}")
+            typer.echo(
+                f"wrote {res.onnx} (opset {res.opset}, batch {batch}, {res.size_bytes / 2**20:.1f} MiB) "
+                f"and {res.report}"
+            )
         else:
             from cdkd.export import build_engine
             from cdkd.tasks import task_of_model
 
             task_of_model(model).check_runtime(model, "tensorrt")
 
-            res = build_engine(model, out, fp16=fp16, int8=int8, calib=calib, calib_tiles=calib_tiles,
-                               max_batch=max_batch, workspace_gb=workspace_gb, opset=opset, check_data=check_data,
-                               check_tiles=check_tiles, min_agreement=_float(min_agreement), overwrite=overwrite)
+            res = build_engine(
+                model,
+                out,
+                fp16=fp16,
+                int8=int8,
+                calib=calib,
+                calib_tiles=calib_tiles,
+                max_batch=max_batch,
+                workspace_gb=workspace_gb,
+                opset=opset,
+                check_data=check_data,
+                check_tiles=check_tiles,
+                min_agreement=_float(min_agreement),
+                overwrite=overwrite,
+            )
             if res.onnx_parity is not None:
                 typer.echo(res.onnx_parity.summary())
             lo, _, hi = res.batch
             how = {"explicit": " from Q/DQ", "implicit": " calibrated by TensorRT"}.get(res.quantization, "")
-            typer.echo(f"wrote {res.engine} ({res.precision}{how}, batch {lo}..{hi}, TensorRT {res.tensorrt}) "
-                       f"and {res.sidecar}")
+            typer.echo(
+                f"wrote {res.engine} ({res.precision}{how}, batch {lo}..{hi}, TensorRT {res.tensorrt}) "
+                f"and {res.sidecar}"
+            )
 
 
 def _float(min_agreement: float | None) -> float:
@@ -130,24 +196,42 @@ def _float(min_agreement: float | None) -> float:
     return MIN_AGREEMENT if min_agreement is None else min_agreement
 
 
-def _export_int8(model: Path, out: Path, calib: Path | None, calib_tiles: int, method: o.CalibMethod,
-                 keep_float: str | None, check_tiles: int, min_agreement: float | None, **export: object) -> None:
+def _export_int8(
+    model: Path,
+    out: Path,
+    calib: Path | None,
+    calib_tiles: int,
+    method: o.CalibMethod,
+    keep_float: str | None,
+    check_tiles: int,
+    min_agreement: float | None,
+    **export: object,
+) -> None:
     """``--format onnx --int8``: the calibrated Q/DQ model, its check on held-out tiles printed."""
     from cdkd.export.quantize import DEFAULT_KEEP_FLOAT, MIN_INT8_AGREEMENT, QuantizeOptions, export_int8
 
     words = o.words(keep_float)
     keep = DEFAULT_KEEP_FLOAT if words is None else tuple(w for w in words if w != "none")
-    options = QuantizeOptions(method=method.value, calib_tiles=calib_tiles, check_tiles=check_tiles, keep_float=keep,
-                              min_agreement=MIN_INT8_AGREEMENT if min_agreement is None else min_agreement)
+    options = QuantizeOptions(
+        method=method.value,
+        calib_tiles=calib_tiles,
+        check_tiles=check_tiles,
+        keep_float=keep,
+        min_agreement=MIN_INT8_AGREEMENT if min_agreement is None else min_agreement,
+    )
     res = export_int8(model, out, calib, options=options, **export)  # type: ignore[arg-type]
     if res.float_parity is not None:
         typer.echo(f"float export: {res.float_parity.summary()}")
-    held = f"{len(res.held_files)} file(s) held out of calibration" if res.held_disjoint else \
-        "other positions of the one calibration image"
-    typer.echo(f"int8 ({options.method}, {len(res.calib_files)} calibration file(s)): {res.parity.summary()} "
-               f"[{held}]")
+    held = (
+        f"{len(res.held_files)} file(s) held out of calibration"
+        if res.held_disjoint
+        else "other positions of the one calibration image"
+    )
+    typer.echo(f"int8 ({options.method}, {len(res.calib_files)} calibration file(s)): {res.parity.summary()} [{held}]")
     ops = ", ".join(f"{n} {op}" for op, n in res.quantized.items())
     kept = ", ".join(f"{part} ({len(names)})" for part, names in res.kept_float.items()) or "nothing"
     typer.echo(f"quantized {ops}; kept float: {kept}")
-    typer.echo(f"wrote {res.onnx} (opset {res.opset}, {res.size_bytes / 2**20:.1f} MiB, float "
-               f"{res.float_size_bytes / 2**20:.1f} MiB) and {res.report}")
+    typer.echo(
+        f"wrote {res.onnx} (opset {res.opset}, {res.size_bytes / 2**20:.1f} MiB, float "
+        f"{res.float_size_bytes / 2**20:.1f} MiB) and {res.report}"
+    )

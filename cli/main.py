@@ -51,12 +51,17 @@ def _print_version(given: bool) -> None:
 @app.callback()
 def _main(
     ctx: typer.Context,
-    version: Optional[bool] = typer.Option(None, "--version", callback=_print_version, is_eager=True,
-                                           help="Print the cdkd version and exit."),
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_print_version, is_eager=True, help="Print the cdkd version and exit."
+    ),
     progress_format: o.ProgressFormat = typer.Option(
-        o.ProgressFormat.bar, "--progress-format", envvar="CDKD_PROGRESS", case_sensitive=False,
+        o.ProgressFormat.bar,
+        "--progress-format",
+        envvar="CDKD_PROGRESS",
+        case_sensitive=False,
         help="bar: a progress bar; json: JSON lines on stderr (progress, start, finish with the outputs, error), "
-             "for programs that run cdkd, such as the QGIS provider; none: no progress."),
+        "for programs that run cdkd, such as the QGIS provider; none: no progress.",
+    ),
 ) -> None:
     """cdkd: Mask-CDKD distillation, land-cover fine-tuning, export and scene mapping."""
     warnings.showwarning = _show_warning
@@ -66,8 +71,7 @@ def _main(
         progress.set_progress_format(progress_format.value)  # child processes (torchrun ranks) report alike
     if progress_format.value == "json":
         _break_as_interrupt()
-    progress.command_started(ctx.invoked_subcommand, argv=sys.argv[1:], cdkd_version=cdkd.__version__,
-                             pid=os.getpid())
+    progress.command_started(ctx.invoked_subcommand, argv=sys.argv[1:], cdkd_version=cdkd.__version__, pid=os.getpid())
 
 
 def _break_as_interrupt() -> None:

@@ -105,9 +105,11 @@ class ProgressFormat(Choice):  # cdkd.progress.FORMATS
     json = "json"
     none = "none"
 
+
 def value(choice: Optional[Choice]) -> Optional[str]:
     """The plain text of a choice (None stays None), for configs and library calls."""
     return None if choice is None else choice.value
+
 
 TRAIN = "Training"
 
@@ -115,16 +117,19 @@ config_opt = typer.Option(None, "--config", help="YAML configuration; flags over
 resume_opt = typer.Option(False, "--resume", help="Continue the newest checkpoint in --out.")
 overwrite_opt = typer.Option(False, "--overwrite", help="Replace earlier results in --out.")
 progress_opt = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
-tensorboard_opt = typer.Option(None, "--tensorboard/--no-tensorboard", rich_help_panel=TRAIN,
-                               help="Also write TensorBoard events to OUT/tensorboard/ (pip install tensorboard).")
+tensorboard_opt = typer.Option(
+    None,
+    "--tensorboard/--no-tensorboard",
+    rich_help_panel=TRAIN,
+    help="Also write TensorBoard events to OUT/tensorboard/ (pip install tensorboard).",
+)
 device_opt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=TRAIN)
 workers_opt = typer.Option(None, "--workers", help="Data loader processes.", rich_help_panel=TRAIN)
 batch_opt = typer.Option(None, "--batch-size", help="Images per micro-batch.", rich_help_panel=TRAIN)
 steps_opt = typer.Option(None, "--steps", help="Optimiser steps.", rich_help_panel=TRAIN)
 epochs_opt = typer.Option(None, "--epochs", help="Passes over the image files.", rich_help_panel=TRAIN)
 lr_opt = typer.Option(None, "--lr", help="Peak learning rate.", rich_help_panel=TRAIN)
-amp_opt = typer.Option(None, "--amp", help="Mixed precision on CUDA (auto = bf16; none on CPU).",
-                       rich_help_panel=TRAIN)
+amp_opt = typer.Option(None, "--amp", help="Mixed precision on CUDA (auto = bf16; none on CPU).", rich_help_panel=TRAIN)
 seed_opt = typer.Option(None, "--seed", help="Makes runs repeatable.", rich_help_panel=TRAIN)
 tile_opt = typer.Option(None, "--tile-size", help="Tile size in px, a multiple of 16.")
 

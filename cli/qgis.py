@@ -9,14 +9,20 @@ import typer
 
 from cli.errors import cli_errors
 
-app = typer.Typer(help="The cdkd Processing provider for QGIS (Segment scene, Vectorize classes, Segment objects, "
-                       "Segment and vectorize): install it into a QGIS profile or pack it as a ZIP.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="The cdkd Processing provider for QGIS (Segment scene, Vectorize classes, Segment objects, "
+    "Segment and vectorize): install it into a QGIS profile or pack it as a ZIP.",
+    no_args_is_help=True,
+)
 
-config_path_opt = typer.Option(None, "--config-path", help="QGIS settings folder holding profiles/ (default: "
-                               "$QGIS_CUSTOM_CONFIG_PATH, else QGIS's own: ~/.local/share/QGIS/QGIS3 on Linux, "
-                               "~/Library/Application Support/QGIS/QGIS3 on macOS, %APPDATA%\\QGIS\\QGIS3 on "
-                               "Windows).")
+config_path_opt = typer.Option(
+    None,
+    "--config-path",
+    help="QGIS settings folder holding profiles/ (default: "
+    "$QGIS_CUSTOM_CONFIG_PATH, else QGIS's own: ~/.local/share/QGIS/QGIS3 on Linux, "
+    "~/Library/Application Support/QGIS/QGIS3 on macOS, %APPDATA%\\QGIS\\QGIS3 on "
+    "Windows).",
+)
 executable_opt = typer.Option(None, "--executable", help="The cdkd executable QGIS should run (default: this one).")
 
 
@@ -25,8 +31,11 @@ def install_command(
     profile: str = typer.Option("default", "--profile", help="QGIS user profile to install into."),
     config_path: Optional[Path] = config_path_opt,
     executable: Optional[Path] = executable_opt,
-    enable: bool = typer.Option(True, "--enable/--no-enable", help="Enable the plugin in the profile's settings "
-                                "(QGIS and qgis_process load it without the plugin manager)."),
+    enable: bool = typer.Option(
+        True,
+        "--enable/--no-enable",
+        help="Enable the plugin in the profile's settings (QGIS and qgis_process load it without the plugin manager).",
+    ),
 ) -> None:
     """Copy the plugin into a QGIS profile and record which cdkd it runs; restart QGIS to load it.
 

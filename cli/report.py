@@ -13,8 +13,9 @@ from cli.errors import cli_errors
 
 def report_command(
     run: Path = typer.Argument(..., help="Run folder of cdkd distill or cdkd finetune (their --out)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the picture here (.png, .pdf or .svg) instead "
-                                       "of RUN/curves.png."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Write the picture here (.png, .pdf or .svg) instead of RUN/curves.png."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     overwrite: bool = o.overwrite_opt,
 ) -> None:

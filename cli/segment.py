@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -17,58 +17,109 @@ TILING = "Tiling"
 
 
 def segment_command(
-    scenes: List[str] = typer.Argument(..., help="GeoTIFF (or VRT) scene(s), folders of them, GDAL virtual paths "
-                                       "(/vsizip/..., /vsis3/...), URLs, or STAC Items / ItemCollections (.json "
-                                       "file or URL; see docs/stac.md)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="segmenter.pt (or detector.pt) from cdkd finetune "
-                                         "(PyTorch).", rich_help_panel=RUN),
-    engine: Optional[Path] = typer.Option(None, "--engine", help="Exported model.onnx or TensorRT model.engine.",
-                                          rich_help_panel=RUN),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output class raster (one scene); for a detector the "
-                                       "objects' polygons (.gpkg, .fgb, .parquet)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Output folder (any number of scenes): "
-                                           "<stem>.tif per scene and segment_report.json."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of segment options (tile_size, "
-                                          "overlap, batch_size, bands, stats, probs, ...); flags override it."),
-    runtime: Optional[o.Runtime] = typer.Option(None, "--runtime", help="Default: from the model file's suffix.",
-                                                rich_help_panel=RUN),
+    scenes: list[str] = typer.Argument(
+        ...,
+        help="GeoTIFF (or VRT) scene(s), folders of them, GDAL virtual paths "
+        "(/vsizip/..., /vsis3/...), URLs, or STAC Items / ItemCollections (.json "
+        "file or URL; see docs/stac.md).",
+    ),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="segmenter.pt (or detector.pt) from cdkd finetune (PyTorch).", rich_help_panel=RUN
+    ),
+    engine: Optional[Path] = typer.Option(
+        None, "--engine", help="Exported model.onnx or TensorRT model.engine.", rich_help_panel=RUN
+    ),
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        help="Output class raster (one scene); for a detector the objects' polygons (.gpkg, .fgb, .parquet).",
+    ),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out-dir", help="Output folder (any number of scenes): <stem>.tif per scene and segment_report.json."
+    ),
+    config: Optional[Path] = typer.Option(
+        None,
+        "--config",
+        help="YAML file of segment options (tile_size, "
+        "overlap, batch_size, bands, stats, probs, ...); flags override it.",
+    ),
+    runtime: Optional[o.Runtime] = typer.Option(
+        None, "--runtime", help="Default: from the model file's suffix.", rich_help_panel=RUN
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN),
-    amp: o.Amp = typer.Option(o.Amp.auto, "--amp", help="Autocast for --model: on CUDA (auto = bf16), bf16 also on "
-                              "CPUs with AVX-512 BF16/AMX (auto = float32 there).", rich_help_panel=RUN),
-    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime CPU threads (default: one per "
-                                          "physical core).", rich_help_panel=RUN),
-    tile_size: Optional[int] = typer.Option(None, "--tile-size", help="Tile size in px (default: the model's).",
-                                            rich_help_panel=TILING),
-    overlap: Optional[int] = typer.Option(None, "--overlap", help="Window overlap in px (default: the model's).",
-                                          rich_help_panel=TILING),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tiles per forward pass (default 4).",
-                                             rich_help_panel=TILING),
-    read_threads: Optional[int] = typer.Option(None, "--read-threads", help="Threads reading tiles ahead of the "
-                                               "model (default 2 beside a CPU model, up to 6 feeding a GPU; 0 reads in "
-                                               "the engine's thread).",
-                                               rich_help_panel=RUN),
-    bands: Optional[str] = typer.Option(None, "--bands", help="Scene bands fed to the model, in order, e.g. "
-                                        "3,2,1 or 1,1,1 (default: the model's).", rich_help_panel=TILING),
-    assets: Optional[str] = typer.Option(None, "--assets", help="STAC items: the asset keys to stack as the "
-                                         "scene's bands, in order, e.g. B04,B03,B02 (default: the assets holding "
-                                         "the model's bands).", rich_help_panel=TILING),
-    stats: Optional[o.Stats] = typer.Option(None, "--stats", help="Normalisation: model (stored with it, the "
-                                            "default) or scene (computed once from this scene).",
-                                            rich_help_panel=TILING),
-    probs: Optional[bool] = typer.Option(None, "--probs/--no-probs", help="Also write <out>_confidence.tif (uint8 "
-                                         "max probability)."),
-    min_score: Optional[float] = typer.Option(None, "--min-score", help="Detectors: drop objects scoring less "
-                                              "(default 0.5).", rich_help_panel=TILING),
-    preview: bool = typer.Option(False, "--preview", help="Also write <out>.png: the scene beside its classes, "
-                                 "with the legend."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="dask.distributed scheduler address, e.g. "
-                                            "tcp://host:8786 (default: run here). With --out the scene is split "
-                                            "into blocks of window rows across the workers; with --out-dir each "
-                                            "scene is one task."),
-    block_rows: int = typer.Option(4, "--block-rows", help="Window rows per block when one scene runs on a "
-                                   "cluster (--scheduler with --out).", rich_help_panel=TILING),
-    on_error: o.OnError = typer.Option(o.OnError.fail, "--on-error", help="fail: stop at the first bad scene; "
-                                       "skip: go on."),
+    amp: o.Amp = typer.Option(
+        o.Amp.auto,
+        "--amp",
+        help="Autocast for --model: on CUDA (auto = bf16), bf16 also on "
+        "CPUs with AVX-512 BF16/AMX (auto = float32 there).",
+        rich_help_panel=RUN,
+    ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="ONNX Runtime CPU threads (default: one per physical core).", rich_help_panel=RUN
+    ),
+    tile_size: Optional[int] = typer.Option(
+        None, "--tile-size", help="Tile size in px (default: the model's).", rich_help_panel=TILING
+    ),
+    overlap: Optional[int] = typer.Option(
+        None, "--overlap", help="Window overlap in px (default: the model's).", rich_help_panel=TILING
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Tiles per forward pass (default 4).", rich_help_panel=TILING
+    ),
+    read_threads: Optional[int] = typer.Option(
+        None,
+        "--read-threads",
+        help="Threads reading tiles ahead of the "
+        "model (default 2 beside a CPU model, up to 6 feeding a GPU; 0 reads in "
+        "the engine's thread).",
+        rich_help_panel=RUN,
+    ),
+    bands: Optional[str] = typer.Option(
+        None,
+        "--bands",
+        help="Scene bands fed to the model, in order, e.g. 3,2,1 or 1,1,1 (default: the model's).",
+        rich_help_panel=TILING,
+    ),
+    assets: Optional[str] = typer.Option(
+        None,
+        "--assets",
+        help="STAC items: the asset keys to stack as the "
+        "scene's bands, in order, e.g. B04,B03,B02 (default: the assets holding "
+        "the model's bands).",
+        rich_help_panel=TILING,
+    ),
+    stats: Optional[o.Stats] = typer.Option(
+        None,
+        "--stats",
+        help="Normalisation: model (stored with it, the default) or scene (computed once from this scene).",
+        rich_help_panel=TILING,
+    ),
+    probs: Optional[bool] = typer.Option(
+        None, "--probs/--no-probs", help="Also write <out>_confidence.tif (uint8 max probability)."
+    ),
+    min_score: Optional[float] = typer.Option(
+        None, "--min-score", help="Detectors: drop objects scoring less (default 0.5).", rich_help_panel=TILING
+    ),
+    preview: bool = typer.Option(
+        False, "--preview", help="Also write <out>.png: the scene beside its classes, with the legend."
+    ),
+    scheduler: Optional[str] = typer.Option(
+        None,
+        "--scheduler",
+        help="dask.distributed scheduler address, e.g. "
+        "tcp://host:8786 (default: run here). With --out the scene is split "
+        "into blocks of window rows across the workers; with --out-dir each "
+        "scene is one task.",
+    ),
+    block_rows: int = typer.Option(
+        4,
+        "--block-rows",
+        help="Window rows per block when one scene runs on a cluster (--scheduler with --out).",
+        rich_help_panel=TILING,
+    ),
+    on_error: o.OnError = typer.Option(
+        o.OnError.fail, "--on-error", help="fail: stop at the first bad scene; skip: go on."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scene from its last row."),
     progress: bool = o.progress_opt,
@@ -88,8 +139,8 @@ def segment_command(
     """
     with cli_errors(resumable=True):
         from cdkd.errors import CdkdValueError
-        from cdkd.progress import finish
         from cdkd.inference.runtimes import RuntimeSpec
+        from cdkd.progress import finish
         from cdkd.scene.batch import expand_scenes, plan_outputs, segment_many
         from cdkd.scene.core.options import SegmentOptions
         from cdkd.scene.core.report import scene_summary
@@ -102,10 +153,22 @@ def segment_command(
             raise CdkdValueError("give exactly one of --out FILE (one scene) or --out-dir DIR")
         if out is not None and len(scenes) != 1:
             raise CdkdValueError(f"--out names one output but {len(scenes)} scenes were given; use --out-dir")
-        flags = o.given({"tile_size": tile_size, "overlap": overlap, "batch_size": batch_size,
-                         "bands": o.ints(bands, "--bands"), "stats": o.value(stats), "probs": probs,
-                         "read_threads": read_threads, "min_score": min_score, "assets": o.words(assets),
-                         "overwrite": overwrite or None, "resume": resume or None, "progress": progress})
+        flags = o.given(
+            {
+                "tile_size": tile_size,
+                "overlap": overlap,
+                "batch_size": batch_size,
+                "bands": o.ints(bands, "--bands"),
+                "stats": o.value(stats),
+                "probs": probs,
+                "read_threads": read_threads,
+                "min_score": min_score,
+                "assets": o.words(assets),
+                "overwrite": overwrite or None,
+                "resume": resume or None,
+                "progress": progress,
+            }
+        )
         options = o.resolve_config(SegmentOptions, config, None, flags)
         if options.resume and options.overwrite:
             raise CdkdValueError("--resume and --overwrite contradict each other; pick one")
@@ -135,8 +198,7 @@ def segment_command(
                     _write_preview(result.scene, Path(result.output), options.bands)
             else:
                 print(f"Error: {result.error}", file=sys.stderr)
-        typer.echo(f"{len(batch.scenes) - len(batch.failed)} of {len(scenes)} scene(s) done in "
-                   f"{batch.seconds:.1f} s")
+        typer.echo(f"{len(batch.scenes) - len(batch.failed)} of {len(scenes)} scene(s) done in {batch.seconds:.1f} s")
         if batch.failed or len(batch.scenes) < len(scenes):
             raise typer.Exit(1)
         finish([r.output for r in batch.scenes])

@@ -1,4 +1,5 @@
-"""``cdkd vectorize``: land-cover polygons from a class raster (GeoPackage, FlatGeobuf or GeoParquet), strip by strip."""
+"""``cdkd vectorize``: land-cover polygons from a class raster (GeoPackage, FlatGeobuf or GeoParquet), strip by
+strip."""
 
 from __future__ import annotations
 
@@ -12,25 +13,39 @@ from cli import options as o
 from cli.errors import cli_errors
 
 # options used by this command only (shared ones live in cli/options.py)
-raster_arg = typer.Argument(..., help="Class raster GeoTIFF: cdkd segment output, or any single-band integer "
-                            "raster with --classes.")
-out_opt = typer.Option(..., "--out", help="File to write, its format by extension: .gpkg (GeoPackage, styled for "
-                       "QGIS), .fgb (FlatGeobuf) or .parquet (GeoParquet), these two with a QGIS style <name>.qml "
-                       "beside them. The JSON report <out>.json goes beside it too.")
-min_area_opt = typer.Option(None, "--min-area", help="Merge regions smaller than this into their largest "
-                            "neighbour, e.g. 100m2 or 25px.")
-simplify_opt = typer.Option(None, "--simplify", help="Simplify as one coverage (neighbours keep sharing their "
-                            "edges), tolerance in CRS units.")
+raster_arg = typer.Argument(
+    ..., help="Class raster GeoTIFF: cdkd segment output, or any single-band integer raster with --classes."
+)
+out_opt = typer.Option(
+    ...,
+    "--out",
+    help="File to write, its format by extension: .gpkg (GeoPackage, styled for "
+    "QGIS), .fgb (FlatGeobuf) or .parquet (GeoParquet), these two with a QGIS style <name>.qml "
+    "beside them. The JSON report <out>.json goes beside it too.",
+)
+min_area_opt = typer.Option(
+    None, "--min-area", help="Merge regions smaller than this into their largest neighbour, e.g. 100m2 or 25px."
+)
+simplify_opt = typer.Option(
+    None, "--simplify", help="Simplify as one coverage (neighbours keep sharing their edges), tolerance in CRS units."
+)
 layer_opt = typer.Option(None, "--layer", help="Layer name (default: the raster's file stem).")
-layer_per_class_opt = typer.Option(None, "--layer-per-class/--one-layer", help="One layer per class, named after "
-                                   "the class (GeoPackage only).")
+layer_per_class_opt = typer.Option(
+    None, "--layer-per-class/--one-layer", help="One layer per class, named after the class (GeoPackage only)."
+)
 classes_opt = typer.Option(None, "--classes", help="Class file (YAML) for rasters without cdkd class metadata.")
-area_opt = typer.Option(None, "--area", case_sensitive=False, help="How area_m2, perimeter_m and --min-area in m2 "
-                        "are measured: auto (default: planar where planar areas are within 0.1 % of the ground over "
-                        "the raster, e.g. UTM; on the ellipsoid elsewhere, e.g. geographic CRSs and Web Mercator), "
-                        "planar (CRS units in metres), or ellipsoidal (ground measures on the CRS's ellipsoid).")
-window_rows_opt = typer.Option(None, "--window-rows", min=1, help="Rows per strip (default ~2 M pixels a strip); "
-                               "smaller strips use less memory.")
+area_opt = typer.Option(
+    None,
+    "--area",
+    case_sensitive=False,
+    help="How area_m2, perimeter_m and --min-area in m2 "
+    "are measured: auto (default: planar where planar areas are within 0.1 % of the ground over "
+    "the raster, e.g. UTM; on the ellipsoid elsewhere, e.g. geographic CRSs and Web Mercator), "
+    "planar (CRS units in metres), or ellipsoidal (ground measures on the CRS's ellipsoid).",
+)
+window_rows_opt = typer.Option(
+    None, "--window-rows", min=1, help="Rows per strip (default ~2 M pixels a strip); smaller strips use less memory."
+)
 overwrite_opt = typer.Option(False, "--overwrite", help="Replace an existing output, its report and its style.")
 
 
@@ -74,6 +89,8 @@ def vectorize_command(
         for warning in report.warnings:
             typer.echo(f"Warning: {warning}", err=True)
         style = f", {report.style_path}" if report.style_path else ""
-        typer.echo(f"\nwrote {report.output} (layers: {', '.join(report.layers)}) and {report.json_path}{style} "
-                   f"in {report.seconds:.1f} s")
+        typer.echo(
+            f"\nwrote {report.output} (layers: {', '.join(report.layers)}) and {report.json_path}{style} "
+            f"in {report.seconds:.1f} s"
+        )
         finish([report.output, report.json_path, report.style_path])

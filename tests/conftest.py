@@ -39,10 +39,24 @@ def distill_single_and_ddp(args: list[str], tmp_path: Path) -> tuple[Path, Path]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     result = CliRunner().invoke(app, args + ["--out", str(single), "--batch-size", "2"])
     assert result.exit_code == 0, result.output
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cli.main", *args, "--out", str(ddp), "--batch-size", "1"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "cli.main",
+        *args,
+        "--out",
+        str(ddp),
+        "--batch-size",
+        "1",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return single, ddp
 
@@ -287,8 +301,9 @@ def make_segmenter(
     from cdkd.models.upernet import Segmenter
 
     schema = schema or BUILTIN_SCHEMAS["dubai"]
-    norm = norm or NormStats(mean=(110.0,) * in_chans, std=(50.0,) * in_chans, bands=tuple(range(1, in_chans + 1)),
-                             dtype="uint8")
+    norm = norm or NormStats(
+        mean=(110.0,) * in_chans, std=(50.0,) * in_chans, bands=tuple(range(1, in_chans + 1)), dtype="uint8"
+    )
     torch.manual_seed(seed)
     arch_args = dict(TINY_STUDENT, img_size=tile, in_chans=in_chans)
     model = Segmenter(build_student("vit_s", **arch_args), schema.num_classes, layers=(1, 2, 3, 4), channels=32)

@@ -58,12 +58,12 @@ def main(plugins: str, scene: str, model: str, out: str) -> dict:
     record["progress_seen"] = seen
     record["checkpoint"] = os.path.isfile(out + ".partial/state.json")
     record["finished_early"] = os.path.exists(out)
-    resumed = processing.runAndLoadResults("cdkd:segment", dict(params, RESUME=True),
-                                           feedback=QgsProcessingFeedback())
+    resumed = processing.runAndLoadResults("cdkd:segment", dict(params, RESUME=True), feedback=QgsProcessingFeedback())
     record["resumed"] = {k: v for k, v in resumed.items() if isinstance(v, (str, type(None)))}
     polygons = out[: -len(".tif")] + ".gpkg"
-    processing.runAndLoadResults("cdkd:vectorize", {"INPUT": out, "OUTPUT": polygons, "LAYER_PER_CLASS": True},
-                                 feedback=QgsProcessingFeedback())
+    processing.runAndLoadResults(
+        "cdkd:vectorize", {"INPUT": out, "OUTPUT": polygons, "LAYER_PER_CLASS": True}, feedback=QgsProcessingFeedback()
+    )
     record["layers"] = sorted(describe(layer) for layer in QgsProject.instance().mapLayers().values())
     model = QgsApplication.processingRegistry().createAlgorithmById("cdkd:Segment and vectorize")
     record["model"] = [p.name() for p in model.parameterDefinitions()] if model is not None else []

@@ -64,7 +64,9 @@ def test_sentinel2_alignment_weights_sum_to_one_and_pick_the_visible_bands():
 
 def test_enmap_like_224_band_alignment_averages_the_bands_in_range():
     enmap = SENSOR_PRESETS["enmap"]
-    assert len(enmap) == 224 and enmap.centers[0] == pytest.approx(418.416) and enmap.centers[-1] == pytest.approx(2445.3)
+    assert (
+        len(enmap) == 224 and enmap.centers[0] == pytest.approx(418.416) and enmap.centers[-1] == pytest.approx(2445.3)
+    )
     w = alignment_weights(enmap, TEACHER_RGB)
     np.testing.assert_allclose(w.sum(axis=1), 1.0)
     centres = np.asarray(enmap.centers)
@@ -145,8 +147,10 @@ def test_band_metadata_from_tags_imagery_domain_and_envi_header(tmp_path):
     assert bs.centers == pytest.approx((490, 560, 665)) and bs.bands[2].width_nm == pytest.approx(30)
 
     envi = make_geotiff(tmp_path / "cube.tif", arr)
-    (tmp_path / "cube.hdr").write_text("ENVI\nbands = 3\nwavelength units = Micrometers\n"
-                                       "wavelength = {0.45,\n 0.55, 0.65}\nfwhm = {0.01, 0.01, 0.01}\n")
+    (tmp_path / "cube.hdr").write_text(
+        "ENVI\nbands = 3\nwavelength units = Micrometers\n"
+        "wavelength = {0.45,\n 0.55, 0.65}\nfwhm = {0.01, 0.01, 0.01}\n"
+    )
     bs = read_band_set(envi)
     assert bs.centers == pytest.approx((450, 550, 650)) and bs.bands[0].width_nm == pytest.approx(10)
 
@@ -226,8 +230,12 @@ def _mixed_resolution_folder(root, with_b8a_name: bool = True):
     fine = synthetic_image((2, 40, 40), seed=1, dtype="uint16")
     coarse = synthetic_image((2, 20, 20), seed=2, dtype="uint16")
     t10, t20 = Affine(10, 0, 500_000, 0, -10, 5_000_000), Affine(20, 0, 500_000, 0, -20, 5_000_000)
-    files = {"x_B02.tif": (fine[:1], t10), "x_B03.tif": (fine[1:], t10), "x_B05.tif": (coarse[:1], t20),
-             "x_B8A.tif" if with_b8a_name else "x_nir.tif": (coarse[1:], t20)}
+    files = {
+        "x_B02.tif": (fine[:1], t10),
+        "x_B03.tif": (fine[1:], t10),
+        "x_B05.tif": (coarse[:1], t20),
+        "x_B8A.tif" if with_b8a_name else "x_nir.tif": (coarse[1:], t20),
+    }
     for name, (arr, t) in files.items():
         make_geotiff(root / name, arr, transform=t)
     return fine, coarse, t10, t20
@@ -241,8 +249,15 @@ def test_band_stack_folder_reads_one_grid_in_wavelength_order(tmp_path):
         pixels = src.read()
     np.testing.assert_array_equal(pixels[:2], fine)  # the grid bands are read unchanged
     expected = np.zeros((2, 40, 40), dtype=np.float32)
-    reproject(coarse.astype(np.float32), expected, src_transform=t20, dst_transform=t10, src_crs="EPSG:32633",
-              dst_crs="EPSG:32633", resampling=Resampling.bilinear)
+    reproject(
+        coarse.astype(np.float32),
+        expected,
+        src_transform=t20,
+        dst_transform=t10,
+        src_crs="EPSG:32633",
+        dst_crs="EPSG:32633",
+        resampling=Resampling.bilinear,
+    )
     assert np.abs(pixels[2:].astype(np.float32) - expected).max() <= 1.0  # rasterio's bilinear, within rounding
     assert read_band_set(tmp_path / "scene").names == ("B02", "B03", "B05", "B8A")
     win, valid = read_window(str(tmp_path / "scene"), (4, 1), 8, 4, 16, 12)

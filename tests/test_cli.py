@@ -19,8 +19,9 @@ def _run(args: list[str]):
     return res, res.output
 
 
-@pytest.mark.parametrize("cmd", [[], ["distill"], ["finetune"], ["evaluate"], ["export"], ["segment"], ["vectorize"], ["demo"],
-                                 ["report"]])
+@pytest.mark.parametrize(
+    "cmd", [[], ["distill"], ["finetune"], ["evaluate"], ["export"], ["segment"], ["vectorize"], ["demo"], ["report"]]
+)
 def test_help(cmd: list[str]) -> None:
     res = runner.invoke(app, cmd + ["--help"])
     assert res.exit_code == 0
@@ -28,8 +29,25 @@ def test_help(cmd: list[str]) -> None:
 
 
 def _distill(data: Path, out: Path, *extra: str):
-    return _run(["distill", "--data", data, "--out", out, "--teacher", "vit_b", "--tile-size", "64",
-                 "--steps", "1", "--workers", "0", "--no-progress", *extra])
+    return _run(
+        [
+            "distill",
+            "--data",
+            data,
+            "--out",
+            out,
+            "--teacher",
+            "vit_b",
+            "--tile-size",
+            "64",
+            "--steps",
+            "1",
+            "--workers",
+            "0",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_missing_checkpoint_says_where_to_get_one(tile_dir: Path, tmp_path: Path) -> None:
@@ -170,8 +188,8 @@ def test_choice_options_mirror_the_library() -> None:
     from cdkd.artifacts import TASKS
     from cdkd.data.coco import INSTANCE_FORMATS
     from cdkd.data.labeled import FORMATS
-    from cdkd.models.upernet import HEADS
     from cdkd.inference import runtimes
+    from cdkd.models.upernet import HEADS
     from cdkd.scene.batch import ON_ERROR
     from cdkd.scene.core.source import STATS_MODES
     from cdkd.train import optim
@@ -187,23 +205,27 @@ def test_choice_options_mirror_the_library() -> None:
     assert set(values(o.LrSchedule)) == set(optim.LR_SCHEDULES)
 
 
-@pytest.mark.parametrize("args, choices", [
-    (["segment", "a.tif", "--on-error", "ignore"], "'fail', 'skip'"),
-    (["segment", "a.tif", "--stats", "tile"], "'model', 'scene'"),
-    (["segment", "a.tif", "--amp", "fp8"], "'bf16'"),
-    (["segment", "a.tif", "--runtime", "tflite"], "'tensorrt'"),
-    (["finetune", "--out", "r", "--format", "voc"], "'openearthmap'"),
-    (["finetune", "--out", "r", "--head", "fcn"], "'upernet', 'linear'"),
-    (["finetune", "--out", "r", "--lr-schedule", "step"], "'poly'"),
-    (["evaluate", "m.pt", "--data", "d", "--out", "e", "--format", "voc"], "'dubai'"),
-    (["evaluate", "m.pt", "--data", "d", "--out", "e", "--format", "dubai", "--runtime", "tvm"], "'onnx'"),
-    (["export", "m.pt", "--out", "m.x", "--format", "tflite"], "'onnx', 'tensorrt'"),
-    (["distill", "--out", "r", "--adapter", "lora"], "'multi', 'single'"),
-    (["distill", "--out", "r", "--fusion", "concat"], "'gate', 'add'"),
-    (["distill", "--out", "r", "--direction", "both"], "'bi', 'uni'"),
-    (["distill", "--out", "r", "--schedule", "cosine"], "'dynamic', 'fixed'"),
-    (["distill", "--out", "r", "--amp", "fp8"], "'bf16'"),
-], ids=lambda v: v[-1] if isinstance(v, list) else "")
+@pytest.mark.parametrize(
+    "args, choices",
+    [
+        (["segment", "a.tif", "--on-error", "ignore"], "'fail', 'skip'"),
+        (["segment", "a.tif", "--stats", "tile"], "'model', 'scene'"),
+        (["segment", "a.tif", "--amp", "fp8"], "'bf16'"),
+        (["segment", "a.tif", "--runtime", "tflite"], "'tensorrt'"),
+        (["finetune", "--out", "r", "--format", "voc"], "'openearthmap'"),
+        (["finetune", "--out", "r", "--head", "fcn"], "'upernet', 'linear'"),
+        (["finetune", "--out", "r", "--lr-schedule", "step"], "'poly'"),
+        (["evaluate", "m.pt", "--data", "d", "--out", "e", "--format", "voc"], "'dubai'"),
+        (["evaluate", "m.pt", "--data", "d", "--out", "e", "--format", "dubai", "--runtime", "tvm"], "'onnx'"),
+        (["export", "m.pt", "--out", "m.x", "--format", "tflite"], "'onnx', 'tensorrt'"),
+        (["distill", "--out", "r", "--adapter", "lora"], "'multi', 'single'"),
+        (["distill", "--out", "r", "--fusion", "concat"], "'gate', 'add'"),
+        (["distill", "--out", "r", "--direction", "both"], "'bi', 'uni'"),
+        (["distill", "--out", "r", "--schedule", "cosine"], "'dynamic', 'fixed'"),
+        (["distill", "--out", "r", "--amp", "fp8"], "'bf16'"),
+    ],
+    ids=lambda v: v[-1] if isinstance(v, list) else "",
+)
 def test_a_wrong_choice_is_refused_at_once(args: list[str], choices: str, tmp_path: Path) -> None:
     res, out = _run(args)
     assert res.exit_code == 2, out
@@ -224,8 +246,10 @@ def test_help_lists_the_choices() -> None:
 def scene_and_model(tmp_path: Path) -> tuple[Path, Path]:
     from conftest import make_segmenter, synthetic_image
 
-    return (make_geotiff(tmp_path / "scene.tif", synthetic_image((3, 90, 120), seed=2)),
-            make_segmenter(tmp_path / "segmenter.pt", tile=64, overlap=16))
+    return (
+        make_geotiff(tmp_path / "scene.tif", synthetic_image((3, 90, 120), seed=2)),
+        make_segmenter(tmp_path / "segmenter.pt", tile=64, overlap=16),
+    )
 
 
 def test_segment_config_file_and_flags_over_it(scene_and_model, tmp_path: Path) -> None:
@@ -234,14 +258,27 @@ def test_segment_config_file_and_flags_over_it(scene_and_model, tmp_path: Path) 
     scene, model = scene_and_model
     cfg = tmp_path / "segment.yaml"
     cfg.write_text("tile_size: 48\noverlap: 8\nbatch_size: 2\nprobs: true\n")
-    res, out = _run(["segment", scene, "--model", model, "--out", tmp_path / "a.tif", "--config", cfg,
-                     "--no-progress"])
+    res, out = _run(["segment", scene, "--model", model, "--out", tmp_path / "a.tif", "--config", cfg, "--no-progress"])
     assert res.exit_code == 0, out
     report = json.loads((tmp_path / "a.json").read_text())
     assert (report["tile_size"], report["overlap"], report["batch_size"]) == (48, 8, 2)
     assert (tmp_path / "a_confidence.tif").exists()  # probs from the file
-    res, out = _run(["segment", scene, "--model", model, "--out", tmp_path / "b.tif", "--config", cfg,
-                     "--overlap", "16", "--no-probs", "--no-progress"])
+    res, out = _run(
+        [
+            "segment",
+            scene,
+            "--model",
+            model,
+            "--out",
+            tmp_path / "b.tif",
+            "--config",
+            cfg,
+            "--overlap",
+            "16",
+            "--no-probs",
+            "--no-progress",
+        ]
+    )
     assert res.exit_code == 0, out
     report = json.loads((tmp_path / "b.json").read_text())
     assert (report["tile_size"], report["overlap"]) == (48, 16) and not (tmp_path / "b_confidence.tif").exists()
@@ -260,14 +297,12 @@ def test_segment_preview_beside_the_output(scene_and_model, tmp_path: Path) -> N
     assert res.exit_code == 0, text
     with Image.open(tmp_path / "lc.png") as im:
         assert "cdkd:legend" in im.text and im.size[0] > 2 * 120
-    res, text = _run(["segment", scene, "--model", model, "--out", tmp_path / "lc2.tif", "--preview",
-                      "--no-progress"])
+    res, text = _run(["segment", scene, "--model", model, "--out", tmp_path / "lc2.tif", "--preview", "--no-progress"])
     assert res.exit_code == 0 and (tmp_path / "lc2.png").exists()
     (tmp_path / "x.png").write_bytes(b"mine")
     res, text = _run(["segment", scene, "--model", model, "--out", tmp_path / "x.tif", "--preview"])
     assert res.exit_code == 1 and "x.png" in one_clean_error(text) and "--overwrite" in text
     assert not (tmp_path / "x.tif").exists() and (tmp_path / "x.png").read_bytes() == b"mine"  # refused first
-    res, text = _run(["segment", scene, "--model", model, "--out-dir", tmp_path / "many", "--preview",
-                      "--no-progress"])
+    res, text = _run(["segment", scene, "--model", model, "--out-dir", tmp_path / "many", "--preview", "--no-progress"])
     assert res.exit_code == 0, text
     assert (tmp_path / "many" / "scene.png").exists()

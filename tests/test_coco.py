@@ -29,16 +29,42 @@ def _coco(tmp_path, missing: bool = False):
     flat = raw.flatten(order="F")  # uncompressed RLE: run lengths over the column-major pixels, from a 0-run
     changes = np.flatnonzero(np.diff(np.r_[0, flat.astype(np.int8), 0])) if flat.any() else []
     runs = np.diff(np.r_[0, changes, flat.size]).tolist()
-    d = {"images": [{"id": 11, "file_name": "a.png", "height": 48, "width": 64},
-                    {"id": 12, "file_name": "b.png", "height": 48, "width": 64}],
-         "categories": [{"id": 7, "name": "tank"}, {"id": 3, "name": "ship"}],
-         "annotations": [
-             {"id": 1, "image_id": 11, "category_id": 3, "bbox": [10, 10, 20, 10], "area": 200, "iscrowd": 0,
-              "segmentation": [[10, 10, 30, 10, 30, 20, 10, 20]]},
-             {"id": 2, "image_id": 11, "category_id": 7, "bbox": [5, 30, 20, 10], "area": 185, "iscrowd": 0,
-              "segmentation": counts},
-             {"id": 3, "image_id": 12, "category_id": 7, "bbox": [50, 2, 10, 4], "area": 40, "iscrowd": 0,
-              "segmentation": {"size": [48, 64], "counts": runs}}]}
+    d = {
+        "images": [
+            {"id": 11, "file_name": "a.png", "height": 48, "width": 64},
+            {"id": 12, "file_name": "b.png", "height": 48, "width": 64},
+        ],
+        "categories": [{"id": 7, "name": "tank"}, {"id": 3, "name": "ship"}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 11,
+                "category_id": 3,
+                "bbox": [10, 10, 20, 10],
+                "area": 200,
+                "iscrowd": 0,
+                "segmentation": [[10, 10, 30, 10, 30, 20, 10, 20]],
+            },
+            {
+                "id": 2,
+                "image_id": 11,
+                "category_id": 7,
+                "bbox": [5, 30, 20, 10],
+                "area": 185,
+                "iscrowd": 0,
+                "segmentation": counts,
+            },
+            {
+                "id": 3,
+                "image_id": 12,
+                "category_id": 7,
+                "bbox": [50, 2, 10, 4],
+                "area": 40,
+                "iscrowd": 0,
+                "segmentation": {"size": [48, 64], "counts": runs},
+            },
+        ],
+    }
     path = root / "annotations" / "instances_train.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(d))
@@ -107,24 +133,47 @@ def test_malformed_files_are_refused(tmp_path):
 
 def _hand_made():
     """Ground truth: 2 images, 2 categories; detections: hits, a near miss, a false positive, a duplicate."""
-    gt = {"images": [{"id": 1, "height": 60, "width": 60, "file_name": "1"},
-                     {"id": 2, "height": 60, "width": 60, "file_name": "2"}],
-          "categories": [{"id": 1, "name": "a"}, {"id": 5, "name": "b"}], "annotations": []}
+    gt = {
+        "images": [
+            {"id": 1, "height": 60, "width": 60, "file_name": "1"},
+            {"id": 2, "height": 60, "width": 60, "file_name": "2"},
+        ],
+        "categories": [{"id": 1, "name": "a"}, {"id": 5, "name": "b"}],
+        "annotations": [],
+    }
 
     def box_mask(x, y, w, h):
         m = np.zeros((60, 60), bool)
-        m[y:y + h, x:x + w] = True
+        m[y : y + h, x : x + w] = True
         return m
 
-    for k, (img, cat, box) in enumerate([(1, 1, (5, 5, 20, 20)), (1, 5, (30, 30, 15, 25)), (2, 1, (10, 30, 30, 10)),
-                                          (2, 5, (40, 5, 8, 8))]):
-        gt["annotations"].append({"id": k + 1, "image_id": img, "category_id": cat, "bbox": list(box), "iscrowd": 0,
-                                  "area": box[2] * box[3], "segmentation": encode_mask(box_mask(*box))})
-    dets = [(1, 1, (6, 5, 20, 20), 0.9), (1, 1, (6, 6, 19, 19), 0.4), (1, 5, (30, 32, 15, 22), 0.8),
-            (2, 1, (12, 30, 30, 10), 0.7), (2, 1, (0, 0, 10, 10), 0.95), (2, 5, (43, 8, 8, 8), 0.6),
-            (1, 5, (0, 40, 10, 10), 0.3)]
-    results = [{"image_id": i, "category_id": c, "bbox": list(b), "score": s, "segmentation": encode_mask(box_mask(*b))}
-               for i, c, b, s in dets]
+    for k, (img, cat, box) in enumerate(
+        [(1, 1, (5, 5, 20, 20)), (1, 5, (30, 30, 15, 25)), (2, 1, (10, 30, 30, 10)), (2, 5, (40, 5, 8, 8))]
+    ):
+        gt["annotations"].append(
+            {
+                "id": k + 1,
+                "image_id": img,
+                "category_id": cat,
+                "bbox": list(box),
+                "iscrowd": 0,
+                "area": box[2] * box[3],
+                "segmentation": encode_mask(box_mask(*box)),
+            }
+        )
+    dets = [
+        (1, 1, (6, 5, 20, 20), 0.9),
+        (1, 1, (6, 6, 19, 19), 0.4),
+        (1, 5, (30, 32, 15, 22), 0.8),
+        (2, 1, (12, 30, 30, 10), 0.7),
+        (2, 1, (0, 0, 10, 10), 0.95),
+        (2, 5, (43, 8, 8, 8), 0.6),
+        (1, 5, (0, 40, 10, 10), 0.3),
+    ]
+    results = [
+        {"image_id": i, "category_id": c, "bbox": list(b), "score": s, "segmentation": encode_mask(box_mask(*b))}
+        for i, c, b, s in dets
+    ]
     return gt, results
 
 
@@ -173,8 +222,10 @@ def test_object_results_use_the_detector_box_and_keep_maskless_detections():
     from cdkd.evaluation.instance import object_results
     from cdkd.scene.objects import SceneObject
 
-    objects = [SceneObject(shapely.box(2, 3, 6, 5), 0, 0.8, 1, (1.5, 2.5, 6.5, 5.5)),
-               SceneObject(None, 1, 0.4, 1, (10.0, 10.0, 20.0, 12.0))]
+    objects = [
+        SceneObject(shapely.box(2, 3, 6, 5), 0, 0.8, 1, (1.5, 2.5, 6.5, 5.5)),
+        SceneObject(None, 1, 0.4, 1, (10.0, 10.0, 20.0, 12.0)),
+    ]
     with_mask, maskless = object_results(objects, 7, 16, 24, category_ids=(3, 9))
     assert with_mask["bbox"] == [1.5, 2.5, 5.0, 3.0] and with_mask["category_id"] == 3
     mask = object_mask(InstanceObject(0, (0, 0, 0, 0), with_mask["segmentation"]), 16, 24)

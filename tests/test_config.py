@@ -10,8 +10,15 @@ from cdkd.errors import ConfigError
 
 
 def test_yaml_round_trip(tmp_path) -> None:
-    cfg = apply_overrides(DistillConfig(), {"data.bands": (3, 2, 1), "train.lr": 3e-4, "teacher.checkpoint": "sam.pth",
-                                            "objective.fixed_weights": [0.5, 0.25, 0.25]})
+    cfg = apply_overrides(
+        DistillConfig(),
+        {
+            "data.bands": (3, 2, 1),
+            "train.lr": 3e-4,
+            "teacher.checkpoint": "sam.pth",
+            "objective.fixed_weights": [0.5, 0.25, 0.25],
+        },
+    )
     save_config(cfg, tmp_path / "c.yaml")
     back = load_config(DistillConfig, tmp_path / "c.yaml")
     assert back == cfg
@@ -25,14 +32,17 @@ def test_partial_file_keeps_defaults_and_coerces(tmp_path) -> None:
     assert cfg.teacher == DistillConfig().teacher
 
 
-@pytest.mark.parametrize("data,match", [
-    ({"train": {"nope": 1}}, "nope"),
-    ({"train": {"steps": 1.5}}, "integer"),
-    ({"train": {"lr": "fast"}}, "float"),
-    ({"data": {"augment": "maybe"}}, "true/false"),
-    ({"objective": {"fixed_weights": [1, 2]}}, "3 values"),
-    ({"train": 5}, "mapping"),
-])
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"train": {"nope": 1}}, "nope"),
+        ({"train": {"steps": 1.5}}, "integer"),
+        ({"train": {"lr": "fast"}}, "float"),
+        ({"data": {"augment": "maybe"}}, "true/false"),
+        ({"objective": {"fixed_weights": [1, 2]}}, "3 values"),
+        ({"train": 5}, "mapping"),
+    ],
+)
 def test_bad_values_name_the_key(data, match) -> None:
     with pytest.raises(ConfigError, match=match):
         from_dict(DistillConfig, data, source="x.yaml")

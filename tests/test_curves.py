@@ -11,18 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_clean_error, read_metrics
 from PIL import Image
+from test_finetune import folder_data  # noqa: F401 (a fixture: labeled 48 px tiles with a class file)
 from typer.testing import CliRunner
 
 from cdkd.config import DistillConfig, FinetuneConfig, apply_overrides, save_config
 from cdkd.train.curves import MAX_POINTS, figure_size, layout
 from cdkd.train.history import History
-from cdkd.train.summary import summarize, write_curves
 from cdkd.train.rundir import RunDir
+from cdkd.train.summary import summarize, write_curves
 from cdkd.train.tensorboard import TensorBoardLog
 from cli.main import app
-from conftest import one_clean_error, read_metrics
-from test_finetune import folder_data  # noqa: F401 (a fixture: labeled 48 px tiles with a class file)
 
 runner = CliRunner()
 T0 = 1_700_000_000.0  # the rows' wall-clock time: 0.5 s per step from here
@@ -46,6 +46,7 @@ def _rows(method: str, steps: int, seed: int = 0) -> list[dict]:
     stage = {"mask-cdkd": "early", "rs4d": "adaptive", "hyperkd": "fixed"}.get(method)
     for s in range(1, steps + 1):
         decay = math.exp(-3 * s / steps)
+
         def noisy(scale: float, decay: float = decay) -> float:
             return float(scale * decay * (1 + 0.1 * rng.random()))
 
@@ -54,8 +55,16 @@ def _rows(method: str, steps: int, seed: int = 0) -> list[dict]:
             terms = {"kd": noisy(2.0), "t_mae": noisy(1.0), "s_mae": noisy(1.2)}
             if s == steps // 2:
                 stage = "middle"
-                out.append({"step": s, "event": "stage", "stage": stage, "ratio": 0.84, "weights": [0.6, 0.2, 0.2],
-                            "time": T0 + SECONDS_PER_STEP * s})
+                out.append(
+                    {
+                        "step": s,
+                        "event": "stage",
+                        "stage": stage,
+                        "ratio": 0.84,
+                        "weights": [0.6, 0.2, 0.2],
+                        "time": T0 + SECONDS_PER_STEP * s,
+                    }
+                )
             extra = {"ratio": terms["t_mae"] / terms["s_mae"], "stage": stage, "weights": [0.2, 0.4, 0.4]}
         elif method == "rs4d":
             terms = {"l1": noisy(0.5)}
@@ -71,8 +80,16 @@ def _rows(method: str, steps: int, seed: int = 0) -> list[dict]:
             terms = {k: noisy(0.4) for k in MASK_RCNN}
             extra = {"objects_per_tile": 3.0}
         loss = sum(v for k, v in terms.items() if k != "mask_saliency") or noisy(1.5)
-        out.append({**row, "loss": loss, **terms, **extra, "images_per_s": float(30 + rng.normal()),
-                    "time": T0 + SECONDS_PER_STEP * s})
+        out.append(
+            {
+                **row,
+                "loss": loss,
+                **terms,
+                **extra,
+                "images_per_s": float(30 + rng.normal()),
+                "time": T0 + SECONDS_PER_STEP * s,
+            }
+        )
     return out
 
 
@@ -114,8 +131,9 @@ def test_curves_and_summary_of_each_recipe_and_task(method: str, tmp_path: Path)
     last = [r for r in rows if "event" not in r][-1]
     assert (summary.kind, summary.method, summary.status) == (kind, method, "finished")
     assert (summary.step, summary.total, summary.artifact_present) == (steps, steps, True)
-    assert set(summary.losses) == {k for k in last if k == "loss" or k in ("kd", "t_mae", "s_mae", "l1", "pix", "spec")
-                                   or k.startswith("loss_")}
+    assert set(summary.losses) == {
+        k for k in last if k == "loss" or k in ("kd", "t_mae", "s_mae", "l1", "pix", "spec") or k.startswith("loss_")
+    }
     assert all(summary.losses[k] == last[k] for k in summary.losses)
     assert summary.stage == last.get("stage")
     speeds = [r["images_per_s"] for r in rows if "images_per_s" in r]
@@ -180,8 +198,20 @@ def test_report_command_errors_and_out(tmp_path: Path) -> None:
 
 def test_tensorboard_flag_without_the_package_is_one_line(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # an import of it now fails as if not installed
-    res = runner.invoke(app, ["distill", "--data", str(tmp_path), "--teacher", "vit_t", "--random-teacher",
-                              "--tensorboard", "--out", str(tmp_path / "run")])
+    res = runner.invoke(
+        app,
+        [
+            "distill",
+            "--data",
+            str(tmp_path),
+            "--teacher",
+            "vit_t",
+            "--random-teacher",
+            "--tensorboard",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert res.exit_code == 2 and "pip install tensorboard" in one_clean_error(res.output)
     assert not (tmp_path / "run").exists()
 
@@ -219,17 +249,45 @@ def test_tensorboard_switched_on_at_a_resume_and_a_fresh_run_that_fails(tmp_path
     assert not failed.root.exists()
 
 
-def test_real_runs_draw_curves_report_and_continue_tensorboard(folder_data: Path, tmp_path: Path,  # noqa: F811
-                                                               monkeypatch) -> None:
+def test_real_runs_draw_curves_report_and_continue_tensorboard(
+    folder_data: Path,  # noqa: F811 (the fixture imported above)
+    tmp_path: Path,
+    monkeypatch,
+) -> None:
     """A tiny real distill (rs4d into the smallest student: megabytes of checkpoints, not hundreds; with TensorBoard,
     stopped after its first checkpoint and resumed), then a tiny finetune on its student: each writes curves.png,
     and ``cdkd report`` reads them."""
     monkeypatch.setenv("CDKD_CACHE_DIR", str(tmp_path / "cache"))  # the label check's memory
     board = ["--tensorboard"] if importlib.util.find_spec("tensorboard") else []  # events checked where installed
     run = tmp_path / "distill"
-    args = ["distill", "--recipe", "rs4d", "--data", str(folder_data / "images"), "--teacher", "vit_t",
-            "--random-teacher", "--student", "rsmamba_test", "--tile-size", "32", "--steps", "2", "--batch-size", "1",
-            "--workers", "0", "--log-every", "1", "--checkpoint-every", "1", "--out", str(run), "--no-progress", *board]
+    args = [
+        "distill",
+        "--recipe",
+        "rs4d",
+        "--data",
+        str(folder_data / "images"),
+        "--teacher",
+        "vit_t",
+        "--random-teacher",
+        "--student",
+        "rsmamba_test",
+        "--tile-size",
+        "32",
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "1",
+        "--out",
+        str(run),
+        "--no-progress",
+        *board,
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert _png_size(run / "curves.png") == figure_size(5)
@@ -249,8 +307,13 @@ def test_real_runs_draw_curves_report_and_continue_tensorboard(folder_data: Path
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     last = read_metrics(run)[-1]
-    assert (data["kind"], data["method"], data["status"], data["step"], data["total"]) == \
-        ("distill", "rs4d", "finished", 2, 2)
+    assert (data["kind"], data["method"], data["status"], data["step"], data["total"]) == (
+        "distill",
+        "rs4d",
+        "finished",
+        2,
+        2,
+    )
     assert data["checkpoints"] == ["step_0000001.pt", "step_0000002.pt"] and data["artifact_present"]
     assert data["losses"] == {k: last[k] for k in ("loss", "l1")} and data["stage"] == "fixed"
     assert data["images_per_s"] == pytest.approx(np.median([r["images_per_s"] for r in read_metrics(run)]))
@@ -258,11 +321,36 @@ def test_real_runs_draw_curves_report_and_continue_tensorboard(folder_data: Path
     seg = tmp_path / "seg"
     head = tmp_path / "head.yaml"
     head.write_text("head: {layers: [1, 2, 3, 4]}\n")  # rsmamba_test has 4 blocks
-    res = runner.invoke(app, ["finetune", "--student", str(run / "student.pt"), "--config", str(head),
-                              "--data", str(folder_data),
-                              "--format", "folder", "--classes", str(folder_data / "classes.yaml"), "--split", "train",
-                              "--steps", "2", "--batch-size", "2", "--decoder-channels", "16", "--workers", "0",
-                              "--out", str(seg), "--no-progress", *board])
+    res = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--student",
+            str(run / "student.pt"),
+            "--config",
+            str(head),
+            "--data",
+            str(folder_data),
+            "--format",
+            "folder",
+            "--classes",
+            str(folder_data / "classes.yaml"),
+            "--split",
+            "train",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--decoder-channels",
+            "16",
+            "--workers",
+            "0",
+            "--out",
+            str(seg),
+            "--no-progress",
+            *board,
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert _png_size(seg / "curves.png") == figure_size(4)
     res = runner.invoke(app, ["report", str(seg)])

@@ -26,8 +26,16 @@ def test_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     res = CliRunner().invoke(app, ["demo", "--out", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
-    for name in ("model.onnx", "landcover.tif", "landcover_confidence.tif", "landcover.json", "landcover.gpkg",
-                 "distill/student.pt", "finetune/segmenter.pt", "demo.json"):
+    for name in (
+        "model.onnx",
+        "landcover.tif",
+        "landcover_confidence.tif",
+        "landcover.json",
+        "landcover.gpkg",
+        "distill/student.pt",
+        "finetune/segmenter.pt",
+        "demo.json",
+    ):
         assert (out / name).exists(), name
     summary = json.loads((out / "demo.json").read_text())
     assert summary["agreement"] > 0.5  # four classes: chance is ~0.25

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import distill_single_and_ddp, read_metrics
 from typer.testing import CliRunner
 
 from cdkd.artifacts import load_student
 from cdkd.config import DistillConfig, apply_overrides, load_config
 from cdkd.distill.trainer import distill
 from cli.main import app
-from conftest import distill_single_and_ddp, read_metrics
-
 
 
 @pytest.fixture
@@ -39,11 +38,22 @@ def rgb_tiles(tile_dir: Path) -> Path:
 
 def small_config(data: Path, **overrides) -> DistillConfig:
     base = {
-        "data.root": str(data), "data.tile_size": 64, "data.num_workers": 0, "data.stats_samples": 16,
-        "teacher.variant": "vit_b", "teacher.random_init": True, "teacher.adapter_dim": 16,
-        "objective.decoder_dim": 64, "objective.decoder_depth": 1, "objective.decoder_heads": 4,
-        "train.batch_size": 2, "train.steps": 4, "train.warmup_steps": 1, "train.lr": 1e-4,
-        "train.log_every": 1, "train.checkpoint_every": 2,
+        "data.root": str(data),
+        "data.tile_size": 64,
+        "data.num_workers": 0,
+        "data.stats_samples": 16,
+        "teacher.variant": "vit_b",
+        "teacher.random_init": True,
+        "teacher.adapter_dim": 16,
+        "objective.decoder_dim": 64,
+        "objective.decoder_depth": 1,
+        "objective.decoder_heads": 4,
+        "train.batch_size": 2,
+        "train.steps": 4,
+        "train.warmup_steps": 1,
+        "train.lr": 1e-4,
+        "train.log_every": 1,
+        "train.checkpoint_every": 2,
     }
     return apply_overrides(DistillConfig(), dict(base, **overrides))
 
@@ -54,8 +64,16 @@ def _student_state(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_loss_decreases_on_real_tiles(rsscn7_dir: Path, tmp_path: Path) -> None:
-    cfg = small_config(rsscn7_dir, **{"train.steps": 30, "train.lr": 5e-4, "train.warmup_steps": 3,
-                                      "train.checkpoint_every": 100, "objective.schedule_warmup": 5})
+    cfg = small_config(
+        rsscn7_dir,
+        **{
+            "train.steps": 30,
+            "train.lr": 5e-4,
+            "train.warmup_steps": 3,
+            "train.checkpoint_every": 100,
+            "objective.schedule_warmup": 5,
+        },
+    )
     result = distill(cfg, tmp_path / "run", progress=False)
     rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert len(rows) == 30
@@ -77,8 +95,11 @@ def test_run_folder_contract_and_refusal_to_overwrite(rgb_tiles: Path, tmp_path:
         assert (run / name).is_file(), name
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002.pt"]
     # the resolved configuration: absolute paths (a --resume from another folder finds the data) and bands settled
-    settled = replace(cfg, data=replace(cfg.data, root=str(Path(cfg.data.root).absolute()), bands=(1, 2, 3)),
-                      student=replace(cfg.student, in_chans=3))
+    settled = replace(
+        cfg,
+        data=replace(cfg.data, root=str(Path(cfg.data.root).absolute()), bands=(1, 2, 3)),
+        student=replace(cfg.student, in_chans=3),
+    )
     assert load_config(DistillConfig, run / "config.yaml") == settled
     report = json.loads((run / "report.json").read_text())
     assert report["steps"] == 2 and report["images_seen"] == 4
@@ -123,11 +144,30 @@ def test_resume_refuses_a_changed_configuration(rgb_tiles: Path, tmp_path: Path)
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process(rgb_tiles: Path, tmp_path: Path) -> None:
     """2 ranks x batch 1 see exactly the samples of 1 process x batch 2, so losses and weights agree."""
-    common = ["distill", "--data", str(rgb_tiles), "--teacher", "vit_b", "--random-teacher", "--tile-size", "64",
-              "--steps", "2", "--workers", "0", "--log-every", "1", "--lr", "1e-4", "--no-progress"]
+    common = [
+        "distill",
+        "--data",
+        str(rgb_tiles),
+        "--teacher",
+        "vit_b",
+        "--random-teacher",
+        "--tile-size",
+        "64",
+        "--steps",
+        "2",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--lr",
+        "1e-4",
+        "--no-progress",
+    ]
     cfg_file = tmp_path / "small.yaml"
-    cfg_file.write_text("teacher: {adapter_dim: 16}\nobjective: {decoder_dim: 64, decoder_depth: 1, decoder_heads: 4}\n"
-                        "train: {warmup_steps: 1}\ndata: {stats_samples: 16}\n")
+    cfg_file.write_text(
+        "teacher: {adapter_dim: 16}\nobjective: {decoder_dim: 64, decoder_depth: 1, decoder_heads: 4}\n"
+        "train: {warmup_steps: 1}\ndata: {stats_samples: 16}\n"
+    )
     common += ["--config", str(cfg_file)]
     single, ddp = distill_single_and_ddp(common, tmp_path)
     a, b = read_metrics(single), read_metrics(ddp)
@@ -143,9 +183,18 @@ def test_ddp_two_gloo_processes_match_one_process(rgb_tiles: Path, tmp_path: Pat
 
 def test_windowed_student_and_fixed_uni_ablation_run(rgb_tiles: Path, tmp_path: Path) -> None:
     """vit_s_win (full grid + mask token) with the single-adapter, additive, one-way, fixed-weight ablation."""
-    cfg = small_config(rgb_tiles, **{"student.arch": "vit_s_win", "train.steps": 2, "teacher.adapter": "single",
-                                    "teacher.fusion": "add", "objective.direction": "uni",
-                                    "objective.schedule": "fixed", "objective.fixed_weights": (0.5, 0.25, 0.25)})
+    cfg = small_config(
+        rgb_tiles,
+        **{
+            "student.arch": "vit_s_win",
+            "train.steps": 2,
+            "teacher.adapter": "single",
+            "teacher.fusion": "add",
+            "objective.direction": "uni",
+            "objective.schedule": "fixed",
+            "objective.fixed_weights": (0.5, 0.25, 0.25),
+        },
+    )
     distill(cfg, tmp_path / "run", progress=False)
     rows = read_metrics(tmp_path / "run")
     assert all(r["weights"] == [0.5, 0.25, 0.25] and r["stage"] == "fixed" for r in rows)

@@ -15,9 +15,9 @@ from cdkd.artifacts import StudentInfo, load_segmenter, save_student
 from cdkd.data.classes import ClassSchema
 from cdkd.data.stats import NormStats
 from cdkd.evaluation.semantic import StageTimer, evaluate, predict_image
-from cdkd.models.student import build_student
 from cdkd.inference.runtimes import open_runtime
 from cdkd.inference.sliding import runtime_predict, sliding_window_logits
+from cdkd.models.student import build_student
 from cli.main import app
 
 runner = CliRunner()
@@ -59,8 +59,9 @@ def _evaluate(model: Path, data: Path, out: Path, **kw):
 def test_onnx_evaluation_equals_torch(models, data: Path, tmp_path: Path) -> None:
     pt, onnx = models
     torch_rt, onnx_rt = open_runtime(pt, device="cpu", amp="none"), open_runtime(onnx, device="cpu")
-    image = torch.from_numpy(torch_rt.meta.norm.normalize(np.random.default_rng(2).integers(0, 255, (3, 90, 150))
-                                                          .astype(np.uint8)))
+    image = torch.from_numpy(
+        torch_rt.meta.norm.normalize(np.random.default_rng(2).integers(0, 255, (3, 90, 150)).astype(np.uint8))
+    )
     logits = [sliding_window_logits(runtime_predict(rt), image, 64, 16, 3, batch_size=3) for rt in (torch_rt, onnx_rt)]
     assert torch.allclose(logits[0], logits[1], atol=1e-3, rtol=1e-3)
     a = _evaluate(pt, data, tmp_path / "pt")
@@ -83,21 +84,65 @@ def test_the_same_windows_whatever_the_runtime(models, data: Path) -> None:
 
 def test_decoder_share_in_output_and_metrics(models, data: Path, tmp_path: Path) -> None:
     pt, onnx = models
-    res = runner.invoke(app, ["evaluate", str(pt), "--data", str(data), "--format", "folder", "--classes",
-                              str(data / "classes.yaml"), "--out", str(tmp_path / "e"), "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(pt),
+            "--data",
+            str(data),
+            "--format",
+            "folder",
+            "--classes",
+            str(data / "classes.yaml"),
+            "--out",
+            str(tmp_path / "e"),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     cost = json.loads((tmp_path / "e" / "metrics.json").read_text())["cost"]
     assert cost["encoder_s"] > 0 and cost["decoder_s"] > 0
     assert cost["decoder_share"] == pytest.approx(cost["decoder_s"] / (cost["encoder_s"] + cost["decoder_s"]))
     assert cost["encoder_s"] + cost["decoder_s"] <= cost["seconds"] and cost["megapixels"] > 0
     assert f"({100 * cost['decoder_share']:.0f} % decoder)" in res.output and "with torch on cpu" in res.output
-    res = runner.invoke(app, ["evaluate", str(onnx), "--data", str(data), "--format", "folder", "--classes",
-                              str(data / "classes.yaml"), "--out", str(tmp_path / "o"), "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(onnx),
+            "--data",
+            str(data),
+            "--format",
+            "folder",
+            "--classes",
+            str(data / "classes.yaml"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "with onnx on cpu" in res.output and "not measured" in res.output
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["cost"]["decoder_share"] is None
-    res = runner.invoke(app, ["evaluate", str(pt), "--runtime", "onnx", "--data", str(data), "--format", "folder",
-                              "--classes", str(data / "classes.yaml"), "--out", str(tmp_path / "x"), "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(pt),
+            "--runtime",
+            "onnx",
+            "--data",
+            str(data),
+            "--format",
+            "folder",
+            "--classes",
+            str(data / "classes.yaml"),
+            "--out",
+            str(tmp_path / "x"),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 1 and "not a readable ONNX model" in res.output
 
 
@@ -118,14 +163,42 @@ def test_finetune_decoder_channels_flag(data: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     student = tmp_path / "student.pt"
     norm = NormStats(mean=(120.0,) * 3, std=(60.0,) * 3, bands=(1, 2, 3), dtype="uint8")
-    save_student(student, build_student("vit_s", img_size=32, embed_dim=48, depth=4, num_heads=2),
-                 StudentInfo("vit_s", {"img_size": 32, "in_chans": 3, "embed_dim": 48, "depth": 4, "num_heads": 2},
-                             norm, {"teacher": "none"}))
+    save_student(
+        student,
+        build_student("vit_s", img_size=32, embed_dim=48, depth=4, num_heads=2),
+        StudentInfo(
+            "vit_s",
+            {"img_size": 32, "in_chans": 3, "embed_dim": 48, "depth": 4, "num_heads": 2},
+            norm,
+            {"teacher": "none"},
+        ),
+    )
     cfg = tmp_path / "ft.yaml"
     cfg.write_text("head: {layers: [1, 2, 3, 4], channels: 8}\n")  # a 4-block student; the flag wins over 8
-    args = ["finetune", "--student", student, "--data", data, "--format", "folder", "--classes",
-            data / "classes.yaml", "--out", tmp_path / "seg", "--steps", "1", "--batch-size", "2", "--workers", "0",
-            "--config", cfg, "--decoder-channels", "24", "--no-progress"]
+    args = [
+        "finetune",
+        "--student",
+        student,
+        "--data",
+        data,
+        "--format",
+        "folder",
+        "--classes",
+        data / "classes.yaml",
+        "--out",
+        tmp_path / "seg",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--config",
+        cfg,
+        "--decoder-channels",
+        "24",
+        "--no-progress",
+    ]
     res = runner.invoke(app, [str(a) for a in args])
     assert res.exit_code == 0, res.output
     model, info = load_segmenter(tmp_path / "seg" / "segmenter.pt")

@@ -217,8 +217,7 @@ def test_cli_missing_or_corrupt_segmenter(tmp_path: Path) -> None:
 
 
 def test_cli_bad_parameters(segmenter_pt: Path, tmp_path: Path) -> None:
-    for args in (["--format", "tflite", "--out", tmp_path / "m.onnx"], [],
-                 ["--fp16", "--out", tmp_path / "m.onnx"]):
+    for args in (["--format", "tflite", "--out", tmp_path / "m.onnx"], [], ["--fp16", "--out", tmp_path / "m.onnx"]):
         res, output = _run(segmenter_pt, *args)
         assert res.exit_code == 2 and "Traceback" not in output
 
@@ -346,8 +345,9 @@ def test_engine_from_segmenter_checks_parity_as_asked(seg: Path, tmp_path: Path,
     fake = _FakeTensorRT()
     monkeypatch.setattr(trt_module, "_tensorrt", lambda: (fake, ""))
     engine = tmp_path / "m.engine"
-    res, output = _run(seg, "--format", "tensorrt", "--fp16", "--check-tiles", "3", "--min-agreement", "0.5",
-                       "--out", engine)
+    res, output = _run(
+        seg, "--format", "tensorrt", "--fp16", "--check-tiles", "3", "--min-agreement", "0.5", "--out", engine
+    )
     assert res.exit_code == 0, output
     assert "on 3 synthetic tiles" in output and ("parse", ".onnx") in fake.calls
     assert engine.read_bytes() == b"serialized engine"

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_image
 from typer.testing import CliRunner
 
 from cdkd.artifacts import StudentInfo, load_segmenter, save_student
 from cdkd.data.stats import NormStats
 from cdkd.models.student import build_student
 from cli.main import app
-from conftest import make_image
 
 runner = CliRunner()
 CLASSES = """ignore_index: 255
@@ -32,8 +32,11 @@ def student_pt(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     path = tmp_path / "student.pt"
     norm = NormStats(mean=(120.0, 120.0, 120.0), std=(60.0, 60.0, 60.0), bands=(1, 2, 3), dtype="uint8")
-    save_student(path, build_student("vit_s", img_size=32), StudentInfo("vit_s", {"img_size": 32, "in_chans": 3},
-                                                                          norm, {"teacher": "none"}))
+    save_student(
+        path,
+        build_student("vit_s", img_size=32),
+        StudentInfo("vit_s", {"img_size": 32, "in_chans": 3}, norm, {"teacher": "none"}),
+    )
     return path
 
 
@@ -55,8 +58,27 @@ def folder_data(tmp_path: Path) -> Path:
 
 
 def _finetune(student: Path, data: Path, out: Path, *extra: str):
-    args = ["finetune", "--student", student, "--data", data, "--format", "folder", "--classes", data / "classes.yaml",
-            "--split", "train", "--out", out, "--batch-size", "4", "--workers", "0", "--no-progress", *extra]
+    args = [
+        "finetune",
+        "--student",
+        student,
+        "--data",
+        data,
+        "--format",
+        "folder",
+        "--classes",
+        data / "classes.yaml",
+        "--split",
+        "train",
+        "--out",
+        out,
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
     return runner.invoke(app, [str(a) for a in args])
 
 
@@ -80,9 +102,24 @@ def test_finetune_then_evaluate_round_trip(student_pt: Path, folder_data: Path, 
     assert torch.equal(model.encoder.blocks[0].attn.qkv.weight, student["blocks.0.attn.qkv.weight"])
 
     ev = tmp_path / "eval"
-    res = runner.invoke(app, ["evaluate", str(run / "segmenter.pt"), "--data", str(folder_data), "--format", "folder",
-                              "--classes", str(folder_data / "classes.yaml"), "--split", "test", "--out", str(ev),
-                              "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(run / "segmenter.pt"),
+            "--data",
+            str(folder_data),
+            "--format",
+            "folder",
+            "--classes",
+            str(folder_data / "classes.yaml"),
+            "--split",
+            "test",
+            "--out",
+            str(ev),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "mIoU" in res.output and "bright" in res.output
     report = json.loads((ev / "metrics.json").read_text())
@@ -91,8 +128,22 @@ def test_finetune_then_evaluate_round_trip(student_pt: Path, folder_data: Path, 
     # 2 images x (48 x 48 - 4 ignored pixels) were scored
     assert sum(map(sum, report["confusion"])) == 2 * (48 * 48 - 4)
     assert report["oa"] > 0.5  # brightness classes are easy; a broken pipeline sits near 1/3
-    res = runner.invoke(app, ["evaluate", str(run / "segmenter.pt"), "--data", str(folder_data), "--format", "folder",
-                              "--classes", str(folder_data / "classes.yaml"), "--out", str(ev), "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(run / "segmenter.pt"),
+            "--data",
+            str(folder_data),
+            "--format",
+            "folder",
+            "--classes",
+            str(folder_data / "classes.yaml"),
+            "--out",
+            str(ev),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 1 and "--overwrite" in res.output
 
 
@@ -112,7 +163,10 @@ def test_finetune_resume_matches_uninterrupted(student_pt: Path, folder_data: Pa
     assert res.exit_code == 0, res.output
     resumed = load_segmenter(run2 / "segmenter.pt")[0].state_dict()
     for k in full:
-        assert torch.allclose(full[k].float(), resumed[k].float(), atol=1e-6), (k, float((full[k].float() - resumed[k].float()).abs().max()))
+        assert torch.allclose(full[k].float(), resumed[k].float(), atol=1e-6), (
+            k,
+            float((full[k].float() - resumed[k].float()).abs().max()),
+        )
 
 
 def test_linear_head_and_class_balanced(student_pt: Path, folder_data: Path, tmp_path: Path) -> None:
@@ -154,12 +208,27 @@ def test_bad_inputs(student_pt: Path, folder_data: Path, tmp_path: Path) -> None
     assert res.exit_code == 2 and "fp17" in res.output and "bf16" in res.output  # refused by the --amp choice
 
 
-def test_evaluate_refuses_classes_that_do_not_match_the_model(student_pt: Path, folder_data: Path,
-                                                              tmp_path: Path) -> None:
+def test_evaluate_refuses_classes_that_do_not_match_the_model(
+    student_pt: Path, folder_data: Path, tmp_path: Path
+) -> None:
     run = tmp_path / "seg"
     assert _finetune(student_pt, folder_data, run, "--steps", "1").exit_code == 0
     other = tmp_path / "other.yaml"
     other.write_text(CLASSES.replace("bright", "shiny"))
-    res = runner.invoke(app, ["evaluate", str(run / "segmenter.pt"), "--data", str(folder_data), "--format", "folder",
-                              "--classes", str(other), "--out", str(tmp_path / "ev"), "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(run / "segmenter.pt"),
+            "--data",
+            str(folder_data),
+            "--format",
+            "folder",
+            "--classes",
+            str(other),
+            "--out",
+            str(tmp_path / "ev"),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 1 and "do not match" in _one_error(res.output)

@@ -14,6 +14,7 @@ import shapely
 from rasterio.transform import Affine
 from test_vectorize import area_by_class, read, write_class_raster
 
+from cdkd.data.classraster import NODATA
 from cdkd.errors import CdkdValueError, CheckpointError
 from cdkd.geodesy import (
     PixelAreas,
@@ -24,7 +25,6 @@ from cdkd.geodesy import (
     planar_scale_error,
 )
 from cdkd.scene.core.areas import ClassAreaTally
-from cdkd.data.classraster import NODATA
 from cdkd.vector import vectorize
 from cdkd.vector.coverage import simplify_coverage
 from cdkd.vector.polygonize import polygonize
@@ -65,7 +65,7 @@ def land_cover(n: int = 100, seed: int = 0) -> np.ndarray:
     ids[np.hypot(r - n * 0.75, c - n * 0.7) < n * 0.06] = 0
     ragged = np.random.default_rng(seed).random((n, n)) < 0.15
     ids[ragged & (np.abs(d - n * 0.3) < 2)] = 1
-    ids[n - 12:n - 4, 4:20] = NODATA
+    ids[n - 12 : n - 4, 4:20] = NODATA
     return ids
 
 
@@ -135,16 +135,21 @@ def test_simplified_polygons_measure_their_ground_area(tmp_path: Path, crs: str)
     tolerance = 1.5 * abs(t.a)
     polygons, classes = polygonize(ids, ids != NODATA, 0)
     simple = simplify_coverage(polygons, t, tolerance)
-    same_turn = [p for p in simple if len(p.interiors) and
-                 shapely.LinearRing(p.exterior).is_ccw == shapely.LinearRing(p.interiors[0]).is_ccw]
+    same_turn = [
+        p
+        for p in simple
+        if len(p.interiors) and shapely.LinearRing(p.exterior).is_ccw == shapely.LinearRing(p.interiors[0]).is_ccw
+    ]
     assert same_turn  # the case the issue found
     src = write_class_raster(tmp_path / "lc.tif", ids, crs=crs, transform=t)
-    ground = area_by_class(read(vectorize(src, tmp_path / "g.gpkg", simplify=tolerance, area="ellipsoidal",
-                                          progress=False).output))
+    ground = area_by_class(
+        read(vectorize(src, tmp_path / "g.gpkg", simplify=tolerance, area="ellipsoidal", progress=False).output)
+    )
     truth = truth_by_class(ids, truth_m2(crs, t, ids.shape))
     # planar areas of the same simplified polygons, relative to the planar pixel areas: simplification alone
-    planar_change = np.bincount(classes, weights=shapely.area(simple), minlength=4) / \
-        (np.bincount(ids[ids != NODATA], minlength=4) * abs(t.determinant))
+    planar_change = np.bincount(classes, weights=shapely.area(simple), minlength=4) / (
+        np.bincount(ids[ids != NODATA], minlength=4) * abs(t.determinant)
+    )
     np.testing.assert_allclose(ground / truth, planar_change, rtol=1e-4)
     assert np.abs(ground / truth - 1).max() < 0.1  # the 5 px island loses 6 % to simplification
 
@@ -152,20 +157,24 @@ def test_simplified_polygons_measure_their_ground_area(tmp_path: Path, crs: str)
 def test_footprint_area_is_the_sum_of_pixel_areas() -> None:
     t = Affine(0.01, 0, 5.0, 0, -0.01, 62.0)  # 2° x 4°: long edges, strongly varying pixel areas
     assert footprint_area_m2("EPSG:4326", t, 200, 400) == pytest.approx(
-        PixelAreas("EPSG:4326", t, 200, 400).total(), rel=1e-6)
+        PixelAreas("EPSG:4326", t, 200, 400).total(), rel=1e-6
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # --area auto's rule
 
 
-@pytest.mark.parametrize("crs, transform, expected", [
-    ("EPSG:32632", Affine(5, 0, 500_000, 0, -5, 5_200_000), 8.0e-4),  # central meridian: k0² = 0.9992
-    ("EPSG:32632", Affine(10, 0, 170_000, 0, -10, 120_000), 1.9e-3),  # zone edge near the equator: +0.19 %
-    ("EPSG:3857", GRIDS["EPSG:3857"], 1.15),  # 47° N: areas x2.15
-    ("EPSG:3035", Affine(10, 0, 4_300_000, 0, -10, 2_700_000), 0.0),  # equal area
-    ("EPSG:2263", Affine(10, 0, 980_000, 0, -10, 200_000), 0.0),  # US survey feet: the unit is accounted for
-])
+@pytest.mark.parametrize(
+    "crs, transform, expected",
+    [
+        ("EPSG:32632", Affine(5, 0, 500_000, 0, -5, 5_200_000), 8.0e-4),  # central meridian: k0² = 0.9992
+        ("EPSG:32632", Affine(10, 0, 170_000, 0, -10, 120_000), 1.9e-3),  # zone edge near the equator: +0.19 %
+        ("EPSG:3857", GRIDS["EPSG:3857"], 1.15),  # 47° N: areas x2.15
+        ("EPSG:3035", Affine(10, 0, 4_300_000, 0, -10, 2_700_000), 0.0),  # equal area
+        ("EPSG:2263", Affine(10, 0, 980_000, 0, -10, 200_000), 0.0),  # US survey feet: the unit is accounted for
+    ],
+)
 def test_planar_scale_error(crs: str, transform: Affine, expected: float) -> None:
     assert planar_scale_error(crs, transform, 1000, 1000) == pytest.approx(expected, abs=5e-5, rel=1e-2)
 
@@ -178,12 +187,15 @@ def test_planar_scale_error_is_infinite_in_degrees() -> None:
 # PixelAreas
 
 
-@pytest.mark.parametrize("crs, transform, blocks", [
-    ("EPSG:4326", GRIDS["EPSG:4326"], 1),
-    ("EPSG:3857", GRIDS["EPSG:3857"], 1),
-    ("EPSG:32632", Affine(200, 0, 200_000, 0, -200, 5_300_000), 2),  # 300 km from the central meridian
-    ("EPSG:4326", Affine(0.17320508, 0.1, 8.5, 0.1, -0.17320508, 60.0), 7),  # rotated 30°: rows cross parallels
-])
+@pytest.mark.parametrize(
+    "crs, transform, blocks",
+    [
+        ("EPSG:4326", GRIDS["EPSG:4326"], 1),
+        ("EPSG:3857", GRIDS["EPSG:3857"], 1),
+        ("EPSG:32632", Affine(200, 0, 200_000, 0, -200, 5_300_000), 2),  # 300 km from the central meridian
+        ("EPSG:4326", Affine(0.17320508, 0.1, 8.5, 0.1, -0.17320508, 60.0), 7),  # rotated 30°: rows cross parallels
+    ],
+)
 def test_pixel_areas_match_every_pixels_geodesic_area(crs: str, transform: Affine, blocks: int) -> None:
     grid = PixelAreas(crs, transform, 60, 40)
     assert grid.blocks >= blocks and (blocks > 1) == (grid.blocks > 1)
@@ -240,7 +252,7 @@ def test_tally_bands_in_any_order_merge_and_resume() -> None:
     whole.add(0, ids)
     a, b = ClassAreaTally(4, "EPSG:4326", t, w, h), ClassAreaTally(4, "EPSG:4326", t, w, h)
     for top in (150, 30, 110):  # out of order, two workers
-        a.add(top, ids[top:top + 40])
+        a.add(top, ids[top : top + 40])
     b.add(0, ids[:30])
     b.add(70, ids[70:110])
     b.add(190, ids[190:])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from conftest import TINY_STUDENT, make_geotiff, make_segmenter, one_clean_error, synthetic_image
 from typer.testing import CliRunner
 
 from cdkd.artifacts import InferenceMeta, engine_sidecar, load_segmenter, load_student
@@ -26,7 +27,6 @@ from cdkd.distill.trainer import distill, validate_config
 from cdkd.errors import CdkdValueError
 from cdkd.models.student import build_student
 from cli.main import app
-from conftest import TINY_STUDENT, make_geotiff, make_segmenter, one_clean_error, synthetic_image
 
 runner = CliRunner()
 S2 = SENSOR_PRESETS["sentinel2_l2a"]
@@ -50,7 +50,11 @@ def test_guided_masks_keep_the_exact_ratio_and_spare_padding(ratio: float, guide
         assert int(masked[i].sum()) == round(ratio * int(valid[i].sum()))
     assert not (masked & ~valid).any()
     hidden = hidden_patches(masked, valid)  # what a visible-only encoder drops: equal counts, masks kept
-    assert len(set(hidden.sum(1).tolist())) == 1 and (hidden & masked).equal(masked) and not (hidden & valid & ~masked).any()
+    assert (
+        len(set(hidden.sum(1).tolist())) == 1
+        and (hidden & masked).equal(masked)
+        and not (hidden & valid & ~masked).any()
+    )
 
 
 def test_guided_masks_prefer_salient_patches() -> None:
@@ -189,23 +193,47 @@ def _s2_tiles(root: Path, n: int = 3, tags: bool = True) -> Path:
 
 # A tiny grid-keeping student (mask tokens: the path vit_s_win and RSMamba take) and a small decoder: a step costs
 # milliseconds of optimiser work instead of seconds for ViT-S's 22 M parameters.
-TINY = {"student.arch": "rsmamba_test", "hyperkd.student_taps": [1, 2, 3], "hyperkd.decoder_dim": 32,
-        "hyperkd.decoder_depth": 1, "hyperkd.decoder_heads": 2}
+TINY = {
+    "student.arch": "rsmamba_test",
+    "hyperkd.student_taps": [1, 2, 3],
+    "hyperkd.decoder_dim": 32,
+    "hyperkd.decoder_depth": 1,
+    "hyperkd.decoder_heads": 2,
+}
 
 
 def hyperkd_config(data: Path, **overrides) -> DistillConfig:
-    base = {"recipe": "hyperkd", "data.root": str(data), "data.tile_size": 64, "data.num_workers": 0,
-            "data.stats_samples": 8, "teacher.variant": "vit_t", "teacher.random_init": True,
-            "student.in_chans": 12, "train.batch_size": 2, "train.steps": 4, "train.warmup_steps": 1,
-            "train.lr": 1e-3, "train.log_every": 1, "train.checkpoint_every": 2, **TINY}
+    base = {
+        "recipe": "hyperkd",
+        "data.root": str(data),
+        "data.tile_size": 64,
+        "data.num_workers": 0,
+        "data.stats_samples": 8,
+        "teacher.variant": "vit_t",
+        "teacher.random_init": True,
+        "student.in_chans": 12,
+        "train.batch_size": 2,
+        "train.steps": 4,
+        "train.warmup_steps": 1,
+        "train.lr": 1e-3,
+        "train.log_every": 1,
+        "train.checkpoint_every": 2,
+        **TINY,
+    }
     return apply_overrides(DistillConfig(), dict(base, **overrides))
 
 
 def test_registry_settings_and_missing_wavelengths(tmp_path: Path) -> None:
-    assert RECIPES["hyperkd"].name == "hyperkd" and build_recipe(DistillConfig(recipe="hyperkd")).settings == HyperKDConfig()
-    for bad, match in [({"hyperkd.guided_ratio": 1.5}, "guided_ratio"), ({"hyperkd.mask_ratio": 0.0}, "mask_ratio"),
-                       ({"hyperkd.spectral_loss": "sid"}, "spectral_loss"),
-                       ({"hyperkd.teacher_ranges": [630, 690, 510]}, "pairs")]:
+    assert (
+        RECIPES["hyperkd"].name == "hyperkd"
+        and build_recipe(DistillConfig(recipe="hyperkd")).settings == HyperKDConfig()
+    )
+    for bad, match in [
+        ({"hyperkd.guided_ratio": 1.5}, "guided_ratio"),
+        ({"hyperkd.mask_ratio": 0.0}, "mask_ratio"),
+        ({"hyperkd.spectral_loss": "sid"}, "spectral_loss"),
+        ({"hyperkd.teacher_ranges": [630, 690, 510]}, "pairs"),
+    ]:
         with pytest.raises(CdkdValueError, match=match):
             validate_config(hyperkd_config(tmp_path, **bad))
     data = _s2_tiles(tmp_path / "plain", n=1, tags=False)
@@ -240,11 +268,35 @@ def test_hyperkd_run_records_bands_and_alignment_and_resumes_exactly(tmp_path: P
 def test_cli_hyperkd_flags(tmp_path: Path) -> None:
     data = _s2_tiles(tmp_path / "s2", n=1, tags=False)
     tiny = tmp_path / "tiny.yaml"
-    tiny.write_text("student: {arch: rsmamba_test}\nhyperkd: {student_taps: [1, 2, 3], decoder_dim: 32, "
-                    "decoder_depth: 1, decoder_heads: 2}\n")
-    args = ["distill", "--data", str(data), "--out", str(tmp_path / "run"), "--recipe", "hyperkd", "--random-teacher",
-            "--teacher", "vit_t", "--tile-size", "64", "--in-chans", "12", "--steps", "1", "--batch-size", "1",
-            "--workers", "0", "--no-progress", "--config", str(tiny)]
+    tiny.write_text(
+        "student: {arch: rsmamba_test}\nhyperkd: {student_taps: [1, 2, 3], decoder_dim: 32, "
+        "decoder_depth: 1, decoder_heads: 2}\n"
+    )
+    args = [
+        "distill",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--recipe",
+        "hyperkd",
+        "--random-teacher",
+        "--teacher",
+        "vit_t",
+        "--tile-size",
+        "64",
+        "--in-chans",
+        "12",
+        "--steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--config",
+        str(tiny),
+    ]
     res = runner.invoke(app, args + ["--wavelengths", "sentinel2", "--guided-ratio", "0.7"])
     assert "the preset has 13 bands but the data has 12" in one_clean_error(res.output)  # no names: no narrowing
     res = runner.invoke(app, args + ["--wavelengths", "sentinel2_l2a", "--guided-ratio", "0.7", "--mask-ratio", "0.5"])
@@ -252,8 +304,10 @@ def test_cli_hyperkd_flags(tmp_path: Path) -> None:
     assert "spectral alignment" in res.output and "R (630-690 nm) <- 1.000 B04 (665 nm)" in res.output
     cfg = (tmp_path / "run" / "config.yaml").read_text()
     assert "guided_ratio: 0.7" in cfg and "wavelengths: sentinel2_l2a" in cfg
-    res = runner.invoke(app, ["distill", "--data", str(data), "--out", str(tmp_path / "r2"), "--guided-ratio", "0.5",
-                              "--random-teacher"])
+    res = runner.invoke(
+        app,
+        ["distill", "--data", str(data), "--out", str(tmp_path / "r2"), "--guided-ratio", "0.5", "--random-teacher"],
+    )
     assert "--guided-ratio belongs to --recipe hyperkd" in one_clean_error(res.output)
 
 

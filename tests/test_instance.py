@@ -14,17 +14,20 @@ from cdkd.artifacts import InferenceMeta
 from cdkd.data.coco import object_mask, object_schema
 from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdValueError, CheckpointError, DataError, OutputExistsError
+from cdkd.inference.tiler import TileWindow
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.runstate import output_paths
 from cdkd.scene.instances import segment_instances
 from cdkd.scene.objects import ObjectMerger, mask_polygon
-from cdkd.inference.tiler import TileWindow
 from tests.conftest import TINY_STUDENT, make_geotiff
 
 QUIET = dict(progress=False, read_threads=0)
 TRANSFORM = Affine(10, 0, 500_000, 0, -10, 5_000_000)  # 10 m UTM pixels, as make_geotiff writes
-TINY_STUDENTS = {"vit_s": TINY_STUDENT, "vit_s_win": dict(TINY_STUDENT, global_blocks=(1, 3)),
-                 "rsmamba_s": {"embed_dim": 32, "depth": 2, "d_inner": 64}}
+TINY_STUDENTS = {
+    "vit_s": TINY_STUDENT,
+    "vit_s_win": dict(TINY_STUDENT, global_blocks=(1, 3)),
+    "rsmamba_s": {"embed_dim": 32, "depth": 2, "d_inner": 64},
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -39,13 +42,21 @@ def test_detector_trains_and_detects_on_every_student(arch):
     from cdkd.models.student import build_student
 
     torch.manual_seed(0)
-    det = Detector(build_student(arch, img_size=64, **TINY_STUDENTS[arch]), num_classes=3, channels=32,
-                   box_batch_size_per_image=32, detections_per_image=10).train()
+    det = Detector(
+        build_student(arch, img_size=64, **TINY_STUDENTS[arch]),
+        num_classes=3,
+        channels=32,
+        box_batch_size_per_image=32,
+        detections_per_image=10,
+    ).train()
     masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
     masks[0, 10:30, 12:40] = 1
     target = {"boxes": torch.tensor([[12.0, 10, 40, 30]]), "labels": torch.tensor([2]), "masks": masks}
-    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-             "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, 64, 64, dtype=torch.uint8),
+    }
     losses = det(torch.randn(2, 3, 64, 64), [target, empty])
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
     sum(losses.values()).backward()
@@ -65,10 +76,18 @@ def test_unfrozen_student_trains_too():
     from cdkd.models.instance import Detector
     from cdkd.models.student import build_student
 
-    det = Detector(build_student("vit_s", img_size=64, **TINY_STUDENT), num_classes=1, channels=32,
-                   freeze_encoder=False, box_batch_size_per_image=16).train()
-    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-             "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}
+    det = Detector(
+        build_student("vit_s", img_size=64, **TINY_STUDENT),
+        num_classes=1,
+        channels=32,
+        freeze_encoder=False,
+        box_batch_size_per_image=16,
+    ).train()
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, 64, 64, dtype=torch.uint8),
+    }
     sum(det(torch.randn(1, 3, 64, 64), [empty]).values()).backward()
     assert det.encoder.blocks[-1].mlp.fc2.weight.grad is not None and det.config()["freeze_encoder"] is False
 
@@ -103,7 +122,12 @@ def test_detector_pt_round_trip_and_runtime(tmp_path):
         assert torch.equal(a, b)
     task = task_of_model(path)
     rt = task.open_runtime(RuntimeSpec(str(path), device="cpu"))
-    assert task.name == "instance" and rt.meta.task == "instance" and rt.meta.tile_size == 64 and RuntimeSpec(str(path)).meta() == rt.meta
+    assert (
+        task.name == "instance"
+        and rt.meta.task == "instance"
+        and rt.meta.tile_size == 64
+        and RuntimeSpec(str(path)).meta() == rt.meta
+    )
     (found,) = rt.detect(np.zeros((1, 3, 64, 64), np.float32))
     assert found.masks.dtype == bool and found.masks.shape[1:] == (64, 64) and len(found.labels) == len(found.scores)
     assert found.labels.min(initial=0) >= 0 and found.labels.max(initial=0) < 2  # 0-based class ids
@@ -216,9 +240,16 @@ class BlobDetector:
     def __init__(self, path, tile=64, overlap=16, interrupt_after: int = -1) -> None:
         path.write_bytes(b"a model file")
         self.path, self.options, self.calls, self.interrupt_after = str(path), {}, 0, interrupt_after
-        self.meta = InferenceMeta(object_schema(["building", "tank"]), NormStats((100.0,) * 3, (50.0,) * 3,
-                                                                                  (1, 2, 3), "uint8"),
-                                  tile, overlap, 3, arch="blobs", head="blobs", task="instance")
+        self.meta = InferenceMeta(
+            object_schema(["building", "tank"]),
+            NormStats((100.0,) * 3, (50.0,) * 3, (1, 2, 3), "uint8"),
+            tile,
+            overlap,
+            3,
+            arch="blobs",
+            head="blobs",
+            task="instance",
+        )
 
     def detect(self, batch):
         from rasterio.features import rasterize, shapes
@@ -239,8 +270,14 @@ class BlobDetector:
                 labels.append(2 if tile[0][m].mean() > 2 else 1)
             n = len(masks)
             boxes = [mask_bbox(m) for m in masks]
-            out.append(Detections.from_outputs(np.array(boxes).reshape(n, 4), np.array(labels), np.full(n, 0.9),
-                                               np.array(masks, dtype=np.float32).reshape(n, 1, *bright.shape)))
+            out.append(
+                Detections.from_outputs(
+                    np.array(boxes).reshape(n, 4),
+                    np.array(labels),
+                    np.full(n, 0.9),
+                    np.array(masks, dtype=np.float32).reshape(n, 1, *bright.shape),
+                )
+            )
         return out
 
 
@@ -275,7 +312,7 @@ def test_objects_cut_by_tile_borders_come_out_whole(constructed, tmp_path):
     found = _read(out)
     assert len(found) == len(BUILDINGS) + 1 == report.objects and report.pieces > report.objects
     assert found.crs.to_epsg() == 32633 and list(found.columns[:4]) == ["class_id", "class_name", "score", "area_m2"]
-    for (r0, r1, c0, c1) in BUILDINGS.values():
+    for r0, r1, c0, c1 in BUILDINGS.values():
         expected = _map_box(c0, r0, c1, r1)
         hits = [g for g in found.geometry if g.intersects(expected)]
         assert len(hits) == 1 and hits[0].equals(expected)  # one polygon, exactly the building
@@ -313,8 +350,12 @@ def test_resume_writes_what_an_uninterrupted_run_writes(constructed, tmp_path):
     segment_instances(constructed, BlobDetector(tmp_path / "m"), whole, SegmentOptions(batch_size=2, **QUIET))
     out = tmp_path / "out.gpkg"
     with pytest.raises(KeyboardInterrupt):  # 4 windows per row, 2 per call: dies in the third window row
-        segment_instances(constructed, BlobDetector(tmp_path / "m", interrupt_after=5), out,
-                      SegmentOptions(batch_size=2, checkpoint_seconds=0, **QUIET))
+        segment_instances(
+            constructed,
+            BlobDetector(tmp_path / "m", interrupt_after=5),
+            out,
+            SegmentOptions(batch_size=2, checkpoint_seconds=0, **QUIET),
+        )
     assert not out.exists() and (output_paths(out)[3] / "state.json").exists()
     counting = BlobDetector(tmp_path / "m")
     report = segment_instances(constructed, counting, out, SegmentOptions(batch_size=2, resume=True, **QUIET))

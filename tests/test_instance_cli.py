@@ -38,9 +38,29 @@ def _finetune(student: Path, data: Path, out: Path, *extra) -> object:
     config = out.parent / "small.yaml"
     if not config.exists():
         config.write_text(SMALL)
-    return _run("finetune", "--task", "instance", "--student", student, "--data", data, "--format", "coco", "--out",
-                out, "--tile-size", "64", "--batch-size", "2", "--workers", "0", "--no-progress", "--config", config,
-                *extra)
+    return _run(
+        "finetune",
+        "--task",
+        "instance",
+        "--student",
+        student,
+        "--data",
+        data,
+        "--format",
+        "coco",
+        "--out",
+        out,
+        "--tile-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--config",
+        config,
+        *extra,
+    )
 
 
 def test_finetune_instance_resume_matches_uninterrupted(student_pt, tmp_path):
@@ -68,11 +88,33 @@ def test_cli_errors_are_one_clean_line(student_pt, tmp_path):
     root, json_path, _, _ = _coco(tmp_path, missing=True)
     res = _finetune(student_pt, json_path, tmp_path / "r")
     assert res.exit_code == 1 and "images are missing" in one_clean_error(res.output)
-    res = _run("finetune", "--student", student_pt, "--data", json_path, "--format", "coco", "--out", tmp_path / "s",
-               "--no-progress")
+    res = _run(
+        "finetune",
+        "--student",
+        student_pt,
+        "--data",
+        json_path,
+        "--format",
+        "coco",
+        "--out",
+        tmp_path / "s",
+        "--no-progress",
+    )
     assert res.exit_code == 2 and "--task instance" in one_clean_error(res.output)
-    res = _run("finetune", "--task", "instance", "--student", student_pt, "--data", root, "--format", "dubai",
-               "--out", tmp_path / "t", "--no-progress")
+    res = _run(
+        "finetune",
+        "--task",
+        "instance",
+        "--student",
+        student_pt,
+        "--data",
+        root,
+        "--format",
+        "dubai",
+        "--out",
+        tmp_path / "t",
+        "--no-progress",
+    )
     assert res.exit_code == 2 and "not an instance format" in one_clean_error(res.output)
 
 
@@ -84,8 +126,19 @@ def test_detector_is_refused_by_the_semantic_paths(student_pt, tmp_path):
     det = tmp_path / "det" / "detector.pt"
     res = _run("evaluate", det, "--data", tmp_path, "--format", "dubai", "--out", tmp_path / "e", "--no-progress")
     assert res.exit_code == 2 and "not an instance format" in one_clean_error(res.output)
-    res = _run("evaluate", det, "--task", "semantic", "--data", tmp_path, "--format", "dubai", "--out",
-               tmp_path / "e", "--no-progress")
+    res = _run(
+        "evaluate",
+        det,
+        "--task",
+        "semantic",
+        "--data",
+        tmp_path,
+        "--format",
+        "dubai",
+        "--out",
+        tmp_path / "e",
+        "--no-progress",
+    )
     assert res.exit_code == 2 and "a model of the instance task, not semantic" in one_clean_error(res.output)
     res = _run("export", det, "--format", "tensorrt", "--out", tmp_path / "d.engine")
     assert res.exit_code == 2 and "do not build TensorRT engines" in one_clean_error(res.output)
@@ -100,19 +153,48 @@ def test_real_data_finetune_evaluate_segment(student_pt, tmp_path):
     whu = _require(SHARED_DATA / "instances" / "whu")
     solaris = _require(SHARED_DATA / "instances" / "solaris")
     run = tmp_path / "whu"
-    res = _finetune(student_pt, whu / "annotations" / "train_instances.json", run, "--steps", "1",
-                    "--tile-size", "256")
+    res = _finetune(student_pt, whu / "annotations" / "train_instances.json", run, "--steps", "1", "--tile-size", "256")
     assert res.exit_code == 0, res.output
     det = run / "detector.pt"
-    res = _run("evaluate", det, "--task", "instance", "--data", whu / "annotations" / "val_instances.json",
-               "--format", "coco", "--split", "val_1.tif", "--out", tmp_path / "eval", "--no-progress")
+    res = _run(
+        "evaluate",
+        det,
+        "--task",
+        "instance",
+        "--data",
+        whu / "annotations" / "val_instances.json",
+        "--format",
+        "coco",
+        "--split",
+        "val_1.tif",
+        "--out",
+        tmp_path / "eval",
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["images"] == 1 and saved["ground_truth_objects"] == 3 and "building" in saved["segm"]["per_class"]
     assert (tmp_path / "eval" / "predictions.png").is_file()
     out = tmp_path / "buildings.gpkg"
-    res = _run("segment", solaris / "sample_geotiff.tif", "--model", det, "--out", out, "--bands", "1,1,1",
-               "--stats", "scene", "--min-score", "0.3", "--tile-size", "320", "--overlap", "64", "--no-progress")
+    res = _run(
+        "segment",
+        solaris / "sample_geotiff.tif",
+        "--model",
+        det,
+        "--out",
+        out,
+        "--bands",
+        "1,1,1",
+        "--stats",
+        "scene",
+        "--min-score",
+        "0.3",
+        "--tile-size",
+        "320",
+        "--overlap",
+        "64",
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     import pyogrio
 
@@ -122,10 +204,32 @@ def test_real_data_finetune_evaluate_segment(student_pt, tmp_path):
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["tiles"] == report["tiles_run"] == 16 and report["crs"] == "EPSG:32616"
 
-    res = _run("finetune", "--task", "instance", "--student", student_pt, "--data", solaris / "sample_geotiff.tif",
-               "--labels", solaris / "geotiff_labels.geojson", "--format", "geo", "--out", tmp_path / "geo",
-               "--tile-size", "128", "--steps", "1", "--batch-size", "1", "--workers", "0", "--no-progress",
-               "--config", tmp_path / "small.yaml")
+    res = _run(
+        "finetune",
+        "--task",
+        "instance",
+        "--student",
+        student_pt,
+        "--data",
+        solaris / "sample_geotiff.tif",
+        "--labels",
+        solaris / "geotiff_labels.geojson",
+        "--format",
+        "geo",
+        "--out",
+        tmp_path / "geo",
+        "--tile-size",
+        "128",
+        "--steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--config",
+        tmp_path / "small.yaml",
+    )
     assert res.exit_code == 0, res.output
     _, info = load_detector(tmp_path / "geo" / "detector.pt")
     assert info.classes.names == ("building",) and info.norm.dtype == "uint16" and info.norm.bands == (1, 1, 1)

@@ -44,7 +44,7 @@ def block_ids(k: int, seed: int, shape: tuple[int, int] = (H, W), with_ignore: b
     ids = np.kron(blocks, np.ones((4, 4), dtype=np.int64))[: shape[0], : shape[1]]
     ids[ids == k] = IGNORE
     # every id (and ignore) appears at least once
-    ids.flat[: hi] = [v if v < k else IGNORE for v in range(hi)]
+    ids.flat[:hi] = [v if v < k else IGNORE for v in range(hi)]
     return ids
 
 
@@ -70,8 +70,16 @@ def write_palette_png(path: Path, index: np.ndarray, colors: dict[int, tuple[int
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path, "w", driver="PNG", width=index.shape[1], height=index.shape[0], count=1,
-                           dtype="uint8", photometric="palette") as dst:
+        with rasterio.open(
+            path,
+            "w",
+            driver="PNG",
+            width=index.shape[1],
+            height=index.shape[0],
+            count=1,
+            dtype="uint8",
+            photometric="palette",
+        ) as dst:
             dst.write(index, 1)
             dst.write_colormap(1, {i: c + (255,) for i, c in colors.items()})
     for aux in path.parent.glob(path.name + ".aux.xml"):
@@ -97,7 +105,12 @@ RGB_STATS = NormStats(mean=(120.0, 120.0, 120.0), std=(50.0, 50.0, 50.0), bands=
 def test_builtin_schemas_are_valid_and_round_trip(tmp_path):
     assert set(BUILTIN_SCHEMAS) == {"dubai", "deepglobe", "loveda", "isprs", "openearthmap"}
     assert [BUILTIN_SCHEMAS[k].num_classes for k in ("dubai", "deepglobe", "loveda", "isprs", "openearthmap")] == [
-        5, 6, 7, 6, 8]
+        5,
+        6,
+        7,
+        6,
+        8,
+    ]
     dubai = BUILTIN_SCHEMAS["dubai"]
     assert dubai.names == ("building", "land", "road", "vegetation", "water")
     assert [color_hex(c) for c in dubai.colors] == ["#3C1098", "#8429F6", "#6EC1E4", "#FEDD3A", "#E2A929"]
@@ -119,8 +132,8 @@ def test_class_file_format_from_the_docstring(tmp_path):
         "ignore_index: 255\n"
         "classes:\n"
         "  - {id: 1, name: road, color: [110, 193, 228]}\n"  # order in the file does not matter
-        "  - {id: 0, name: building, color: \"#3C1098\"}\n"
-        "ignore: [{value: 0}, {color: \"#9B9B9B\"}]\n"
+        '  - {id: 0, name: building, color: "#3C1098"}\n'
+        'ignore: [{value: 0}, {color: "#9B9B9B"}]\n'
         "values: {1: 0, 2: 1}\n"
     )
     s = ClassSchema.load(path)
@@ -159,8 +172,12 @@ def test_class_schema_rejects_bad_values(tmp_path):
     with pytest.raises(CdkdValueError, match="not a colour"):
         parse_color([1, 2, 300])
     with pytest.raises(CdkdValueError, match=r"ignore value\(s\) \[1\] are also class ids"):
-        ClassSchema.from_dict({"classes": [{"id": 0, "name": "a", "color": "#000001"},
-                                           {"id": 1, "name": "b", "color": "#000002"}], "ignore": [{"value": 1}]})
+        ClassSchema.from_dict(
+            {
+                "classes": [{"id": 0, "name": "a", "color": "#000001"}, {"id": 1, "name": "b", "color": "#000002"}],
+                "ignore": [{"value": 1}],
+            }
+        )
     with pytest.raises(CdkdIOError, match="class file not found"):
         ClassSchema.load(tmp_path / "missing.yaml")
 
@@ -183,8 +200,11 @@ def test_decode_index_values_outside_the_schema_are_listed_with_pixel_counts():
     mask = np.zeros((10, 10), dtype=np.uint8)
     mask[0, :7] = 9
     mask[1, :2] = 12
-    with pytest.raises(DataError, match=r"ann\.png: 2 unknown values: 9 \(7 px\), 12 \(2 px\) outside the class "
-                                        r"schema \(expected class ids 0\.\.5"):
+    with pytest.raises(
+        DataError,
+        match=r"ann\.png: 2 unknown values: 9 \(7 px\), 12 \(2 px\) outside the class "
+        r"schema \(expected class ids 0\.\.5",
+    ):
         schema.decode_index(mask, "ann.png")
     loveda = BUILTIN_SCHEMAS["loveda"]
     with pytest.raises(DataError, match=r"1 unknown value: 8 \(1 px\).*raw values 0->255, 1->0"):
@@ -225,8 +245,11 @@ def test_dubai_layout_rgb_and_paletted_masks_split_and_missing_masks(tmp_path):
     expected["tile7/images/image_part_001.jpg"][:2, :] = IGNORE
     make_image(root / "tile7/images/no_mask.jpg", rgb_image(9), "JPEG")
 
-    with pytest.warns(UserWarning, match=r"skipped 1 of 4 images that have no mask \(first: "
-                                         r"tile7/images/no_mask\.jpg, looked for tile7/masks/no_mask\.png\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"skipped 1 of 4 images that have no mask \(first: "
+        r"tile7/images/no_mask\.jpg, looked for tile7/masks/no_mask\.png\)",
+    ):
         pairs = find_pairs(root, "dubai")
     assert [p.name for p in pairs] == sorted(expected)
     assert pairs[0].mask == str(root / "tile1/masks/image_part_001.png")
@@ -270,8 +293,10 @@ def test_loveda_mmseg_layout_with_split_folders(tmp_path):
     assert [p.name for p in pairs] == sorted(expected)
     for name, label in labels_of(pairs, schema).items():
         np.testing.assert_array_equal(label, expected[name])  # raw 0 -> ignore, raw v -> v - 1
-    assert [p.name for p in find_pairs(root, "loveda", split=["train"])] == ["img_dir/train/0.png",
-                                                                              "img_dir/train/1.png"]
+    assert [p.name for p in find_pairs(root, "loveda", split=["train"])] == [
+        "img_dir/train/0.png",
+        "img_dir/train/1.png",
+    ]
     with pytest.raises(DataError, match=r"split \['test'\] matches none of the 3 loveda pairs"):
         find_pairs(root, "loveda", split=["test"])
 
@@ -283,8 +308,11 @@ def test_isprs_flat_mmseg_layout(tmp_path):
     make_image(root / "img_dir/2_10_0_0_512_512.png", rgb_image(3), "PNG")
     make_image(root / "ann_dir/2_10_0_0_512_512.png", encode_index(ids, shift=0, ignore_raw=255), "PNG")
     (pair,) = find_pairs(root, "isprs")
-    assert pair == LabeledPair(str(root / "img_dir/2_10_0_0_512_512.png"),
-                               str(root / "ann_dir/2_10_0_0_512_512.png"), "img_dir/2_10_0_0_512_512.png")
+    assert pair == LabeledPair(
+        str(root / "img_dir/2_10_0_0_512_512.png"),
+        str(root / "ann_dir/2_10_0_0_512_512.png"),
+        "img_dir/2_10_0_0_512_512.png",
+    )
     image, label = read_pair(pair, schema, [1, 2, 3])
     assert image.shape == (3, H, W) and image.dtype == np.uint8
     np.testing.assert_array_equal(label, ids)
@@ -323,11 +351,15 @@ def test_folder_layout_needs_a_class_file(tmp_path):
     with pytest.raises(CdkdValueError, match="format 'folder' has no built-in classes: give a class file"):
         schema_for("folder", None)
     classes = tmp_path / "classes.yaml"
-    classes.write_text(yaml.safe_dump({
-        "classes": [{"id": i, "name": f"c{i}", "color": [i * 50, 0, 0]} for i in range(3)],
-        "ignore": [{"value": 0}],
-        "values": {10: 0, 11: 1, 12: 2},
-    }))
+    classes.write_text(
+        yaml.safe_dump(
+            {
+                "classes": [{"id": i, "name": f"c{i}", "color": [i * 50, 0, 0]} for i in range(3)],
+                "ignore": [{"value": 0}],
+                "values": {10: 0, 11: 1, 12: 2},
+            }
+        )
+    )
     schema = schema_for("folder", classes)
     (pair,) = find_pairs(root, "folder")
     assert pair.name == "images/a/scene.jpg"
@@ -346,12 +378,18 @@ def test_find_pairs_errors(tmp_path):
         find_pairs(tmp_path / "missing", "dubai")
     with pytest.raises(CdkdValueError, match="unknown labeled-data format 'coco'.*" + ", ".join(FORMATS)):
         find_pairs(tmp_path, "coco")
-    with pytest.raises(DataError, match=r"no isprs image/mask pair found: no image found; expected "
-                                        r"<root>/img_dir/\[<split>/\]<name>\.png with masks <root>/ann_dir"):
+    with pytest.raises(
+        DataError,
+        match=r"no isprs image/mask pair found: no image found; expected "
+        r"<root>/img_dir/\[<split>/\]<name>\.png with masks <root>/ann_dir",
+    ):
         find_pairs(tmp_path, "isprs")
     make_image(tmp_path / "tile1/images/a.jpg", rgb_image(0), "JPEG")
-    with pytest.raises(DataError, match=r"1 image\(s\) without a mask, e\.g\. tile1/images/a\.jpg \(looked for "
-                                        r"tile1/masks/a\.png\); expected <root>/<tile>/images"):
+    with pytest.raises(
+        DataError,
+        match=r"1 image\(s\) without a mask, e\.g\. tile1/images/a\.jpg \(looked for "
+        r"tile1/masks/a\.png\); expected <root>/<tile>/images",
+    ):
         find_pairs(tmp_path, "dubai")
 
 

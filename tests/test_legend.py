@@ -14,7 +14,6 @@ import rasterio
 from conftest import make_geotiff, make_segmenter, synthetic_image
 
 from cdkd.data.classes import BUILTIN_SCHEMAS
-from cdkd.errors import CdkdIOError
 from cdkd.data.classraster import (
     CLASSES_TAG,
     NODATA,
@@ -24,9 +23,10 @@ from cdkd.data.classraster import (
     read_class_schema,
     write_gis_legend,
 )
+from cdkd.errors import CdkdIOError
+from cdkd.inference.runtimes import open_runtime
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.engine import segment_scene
-from cdkd.inference.runtimes import open_runtime
 
 SCHEMA = BUILTIN_SCHEMAS["dubai"]
 
@@ -51,8 +51,9 @@ def _rat(xml_text: str) -> tuple[list[str], list[tuple[str, int, int]], list[lis
     categories = [c.text or "" for c in band.find("CategoryNames").findall("Category")]
     rat = band.find("GDALRasterAttributeTable")
     assert rat.get("tableType") == "thematic"
-    columns = [(f.findtext("Name"), int(f.findtext("Type")), int(f.findtext("Usage")))
-               for f in rat.findall("FieldDefn")]
+    columns = [
+        (f.findtext("Name"), int(f.findtext("Type")), int(f.findtext("Usage"))) for f in rat.findall("FieldDefn")
+    ]
     rows = [[f.text for f in row.findall("F")] for row in sorted(rat.findall("Row"), key=lambda r: int(r.get("index")))]
     return categories, columns, rows
 
@@ -61,8 +62,14 @@ def test_legend_xml_names_every_class_with_its_colour() -> None:
     categories, columns, rows = _rat(gis_legend_xml(SCHEMA))
     assert categories == list(SCHEMA.names)
     # GDAL's codes: Integer 0 / String 2; usages MinMax 5, Name 2, Red..Alpha 6..9
-    assert columns == [("Value", 0, 5), ("Class_Name", 2, 2), ("Red", 0, 6), ("Green", 0, 7), ("Blue", 0, 8),
-                       ("Alpha", 0, 9)]
+    assert columns == [
+        ("Value", 0, 5),
+        ("Class_Name", 2, 2),
+        ("Red", 0, 6),
+        ("Green", 0, 7),
+        ("Blue", 0, 8),
+        ("Alpha", 0, 9),
+    ]
     assert rows == [[str(c.id), c.name, *map(str, c.color), "255"] for c in SCHEMA.classes]
     assert str(NODATA) not in [r[0] for r in rows]
 
@@ -86,8 +93,9 @@ def test_gdalinfo_shows_categories_and_rat(class_cog: Path) -> None:
     if shutil.which("gdalinfo") is None:
         pytest.skip("gdalinfo not on PATH (apt-get install gdal-bin)")
     write_gis_legend(class_cog, SCHEMA)
-    info = json.loads(subprocess.run(["gdalinfo", "-json", str(class_cog)], check=True, capture_output=True,
-                                     text=True).stdout)
+    info = json.loads(
+        subprocess.run(["gdalinfo", "-json", str(class_cog)], check=True, capture_output=True, text=True).stdout
+    )
     band = info["bands"][0]
     assert band["categories"] == list(SCHEMA.names)
     rat = band.get("rat") or info.get("rat")  # GDAL < 3.7 puts band 1's table at the top level
@@ -115,8 +123,10 @@ def test_vectorize_reads_the_same_class_names(class_cog: Path, tmp_path: Path) -
 def test_stale_sidecar_is_replaced_and_missing_raster_refused(class_cog: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy.tif"
     shutil.copy(class_cog, copy)
-    legend_sidecar(copy).write_text("<PAMDataset><PAMRasterBand band=\"1\"><CategoryNames><Category>old</Category>"
-                                    "</CategoryNames></PAMRasterBand></PAMDataset>")
+    legend_sidecar(copy).write_text(
+        '<PAMDataset><PAMRasterBand band="1"><CategoryNames><Category>old</Category>'
+        "</CategoryNames></PAMRasterBand></PAMDataset>"
+    )
     write_gis_legend(copy, SCHEMA)
     assert _rat(legend_sidecar(copy).read_text())[0] == list(SCHEMA.names)
     with pytest.raises(CdkdIOError, match="missing.tif"):

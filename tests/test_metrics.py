@@ -14,17 +14,13 @@ from cdkd.evaluation.metrics import MetricAccumulator, SegMetrics, confusion_mat
 
 IGN = 255
 # 2 x 3 label map with one ignored pixel; its prediction (2) must not be counted anywhere.
-TARGET = np.array([[0, 0, 0],
-                   [1, IGN, 2]])
-PRED = np.array([[0, 0, 1],
-                 [1, 2, 1]])
+TARGET = np.array([[0, 0, 0], [1, IGN, 2]])
+PRED = np.array([[0, 0, 1], [1, 2, 1]])
 # rows = ground truth, columns = prediction:
 #   class 0: pixels (0,0) (0,1) right, (0,2) taken for 1
 #   class 1: pixel (1,0) right
 #   class 2: pixel (1,2) taken for 1
-EXPECTED_CM = np.array([[2, 1, 0],
-                        [0, 1, 0],
-                        [0, 1, 0]])
+EXPECTED_CM = np.array([[2, 1, 0], [0, 1, 0], [0, 1, 0]])
 NAMES = ["water", "forest", "urban"]
 
 
@@ -37,9 +33,7 @@ def test_confusion_matrix_by_hand():
 def test_confusion_matrix_without_ignore_counts_every_pixel():
     t = np.array([0, 1, 1, 2])
     p = np.array([0, 1, 2, 2])
-    np.testing.assert_array_equal(
-        confusion_matrix(p, t, 3, ignore_index=None), [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
-    )
+    np.testing.assert_array_equal(confusion_matrix(p, t, 3, ignore_index=None), [[1, 0, 0], [0, 1, 1], [0, 0, 1]])
 
 
 def test_confusion_matrix_torch_uint8_any_shape():

@@ -17,8 +17,10 @@ from cdkd.models.teacher import MMoATeacher
 
 def _model(direction: str = "bi", in_chans: int = 3) -> MaskCDKD:
     torch.manual_seed(0)
-    teacher = MMoATeacher(sam_model_registry["vit_b"](checkpoint=None).image_encoder,
-                          TeacherConfig(variant="vit_b", random_init=True, adapter_dim=8))
+    teacher = MMoATeacher(
+        sam_model_registry["vit_b"](checkpoint=None).image_encoder,
+        TeacherConfig(variant="vit_b", random_init=True, adapter_dim=8),
+    )
     with torch.no_grad():  # give the zero-initialised adapters a path for gradients to show
         for blk in teacher.blocks:
             for a in blk.mmoa.adapters:
@@ -34,8 +36,11 @@ def _mask(b: int = 2) -> torch.Tensor:
 
 
 def _adapter_grad(model: MaskCDKD) -> float:
-    return sum(float(p.grad.abs().sum()) for n, p in model.teacher.named_parameters()
-               if p.grad is not None and ".mmoa.adapters." in n)
+    return sum(
+        float(p.grad.abs().sum())
+        for n, p in model.teacher.named_parameters()
+        if p.grad is not None and ".mmoa.adapters." in n
+    )
 
 
 @pytest.mark.parametrize("direction,teacher_learns_from_kd", [("bi", True), ("uni", False)])
@@ -85,8 +90,9 @@ def test_multiband_student_and_teacher_view() -> None:
 
 
 def test_taps_must_pair_and_fit() -> None:
-    teacher = MMoATeacher(sam_model_registry["vit_b"](checkpoint=None).image_encoder,
-                          TeacherConfig(variant="vit_b", random_init=True))
+    teacher = MMoATeacher(
+        sam_model_registry["vit_b"](checkpoint=None).image_encoder, TeacherConfig(variant="vit_b", random_init=True)
+    )
     student = build_student("vit_s", img_size=64)
     with pytest.raises(CdkdValueError, match="pair up"):
         MaskCDKD(teacher, student, ObjectiveConfig(student_taps=(3, 6)))
@@ -101,8 +107,9 @@ def test_grid_students_of_any_kind_fit_mask_cdkd() -> None:
     torch.manual_seed(0)
     teacher = build_teacher(TeacherConfig(variant="vit_t", random_init=True, adapter_dim=8))
     student = build_student("rsmamba_s", img_size=64, embed_dim=32, depth=9, d_inner=64, d_state=4)
-    model = MaskCDKD(teacher, student, ObjectiveConfig(decoder_dim=32, decoder_depth=1, decoder_heads=4,
-                                                       teacher_taps=(2, 4, 6)))
+    model = MaskCDKD(
+        teacher, student, ObjectiveConfig(decoder_dim=32, decoder_depth=1, decoder_heads=4, teacher_taps=(2, 4, 6))
+    )
     assert model.student_decoder.mask_token is None
     losses = model(torch.randn(2, 3, 64, 64), _mask())
     (losses.kd + losses.s_mae).backward()

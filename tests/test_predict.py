@@ -9,9 +9,9 @@ from conftest import make_geotiff, make_segmenter, synthetic_image
 
 import cdkd
 from cdkd.errors import CdkdValueError, DataError
+from cdkd.inference.runtimes import open_runtime
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.engine import segment_scene
-from cdkd.inference.runtimes import open_runtime
 
 rioxarray = pytest.importorskip("rioxarray")
 

@@ -12,8 +12,8 @@ from conftest import make_geotiff, synthetic_image
 from PIL import Image
 
 from cdkd.data.classes import BUILTIN_SCHEMAS
-from cdkd.errors import CdkdValueError, OutputExistsError
 from cdkd.data.classraster import NODATA, write_class_metadata
+from cdkd.errors import CdkdValueError, OutputExistsError
 from cdkd.scene.preview import LEGEND_KEY, panel_shape, preview_layout, write_preview
 
 SCHEMA = BUILTIN_SCHEMAS["dubai"]
@@ -29,8 +29,16 @@ def pair(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
     ids = np.repeat((np.arange(W)[None, :] // 90).astype(np.uint8), H, axis=0)
     ids[:30, :60] = NODATA
     with rasterio.open(scene) as src:
-        profile = dict(driver="GTiff", width=W, height=H, count=1, dtype="uint8", crs=src.crs, transform=src.transform,
-                       nodata=NODATA)
+        profile = dict(
+            driver="GTiff",
+            width=W,
+            height=H,
+            count=1,
+            dtype="uint8",
+            crs=src.crs,
+            transform=src.transform,
+            nodata=NODATA,
+        )
     classes = tmp_path / "scene_lc.tif"
     with rasterio.open(classes, "w", **profile) as dst:
         dst.write(ids, 1)
@@ -52,8 +60,9 @@ def test_preview_size_classes_and_legend(pair, tmp_path: Path) -> None:
     layout = preview_layout(rows, cols, SCHEMA.names)
     assert (png.shape[1], png.shape[0]) == layout.size
     # legend: every class by name and colour, in the PNG's text chunk and as a swatch in the image
-    assert json.loads(text[LEGEND_KEY]) == [{"id": c.id, "name": c.name, "color": list(c.color)}
-                                           for c in SCHEMA.classes]
+    assert json.loads(text[LEGEND_KEY]) == [
+        {"id": c.id, "name": c.name, "color": list(c.color)} for c in SCHEMA.classes
+    ]
     for (left, top, size, _), c in zip(layout.swatches, SCHEMA.classes):
         inner = png[top + 2 : top + size - 2, left + 2 : left + size - 2].reshape(-1, 3)
         assert (inner == c.color).all(), c.name

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from cdkd import progress
 from cdkd.data.classes import BUILTIN_SCHEMAS
-from cdkd.errors import CdkdValueError
 from cdkd.data.classraster import write_class_metadata
+from cdkd.errors import CdkdValueError
 from cli.main import app
 
 
@@ -33,10 +33,20 @@ def test_json_lines_are_throttled_and_carry_each_steps_figures_as_numbers(json_m
             bar.update(1)
             bar.set_postfix(loss=f"{1 / step:.3f}", stage="early", img_s=float("nan"))
     lines = events(capsys.readouterr().err)
-    assert lines[0] == {"event": "progress", "desc": "distill", "done": 2, "total": 10, "unit": "step",
-                        "fraction": 0.2}
-    assert lines[1:] == [{"event": "progress", "desc": "distill", "done": 10, "total": 10, "unit": "step",
-                          "fraction": 1.0, "loss": 0.1, "stage": "early", "img_s": None}]  # NaN: null in JSON
+    assert lines[0] == {"event": "progress", "desc": "distill", "done": 2, "total": 10, "unit": "step", "fraction": 0.2}
+    assert lines[1:] == [
+        {
+            "event": "progress",
+            "desc": "distill",
+            "done": 10,
+            "total": 10,
+            "unit": "step",
+            "fraction": 1.0,
+            "loss": 0.1,
+            "stage": "early",
+            "img_s": None,
+        }
+    ]  # NaN: null in JSON
 
     monkeypatch.setattr(progress, "JSON_INTERVAL", 0.0)  # every step
     with progress.progress_bar(3, desc="finetune", unit="step") as bar:

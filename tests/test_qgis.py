@@ -31,13 +31,17 @@ THIS_CDKD = CdkdCommand((sys.executable, "-m", "cli.main"), {"PYTHONPATH": str(R
 def qgis_python() -> str | None:
     """A Python that imports PyQGIS (Debian's python3-qgis lives in the system Python)."""
     for python in (os.environ.get("CDKD_QGIS_PYTHON"), "/usr/bin/python3", shutil.which("python3")):
-        if python and Path(python).is_file() and subprocess.run(
-                [python, "-c", "import qgis.core"], capture_output=True, timeout=60).returncode == 0:
+        if (
+            python
+            and Path(python).is_file()
+            and subprocess.run([python, "-c", "import qgis.core"], capture_output=True, timeout=60).returncode == 0
+        ):
             return python
     return None
 
 
 # ---------------------------------------------------------------------------------------------- no QGIS needed
+
 
 def test_the_plugin_imports_only_the_standard_library_and_qgis():
     """It runs in QGIS's Python: no torch, no numpy, no cdkd."""
@@ -61,8 +65,13 @@ def test_the_plugin_choices_mirror_the_library():
 
     def constants(name: str) -> dict:
         tree = ast.parse((plugin_source() / name).read_text())
-        return {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
-                for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Tuple)}
+        return {
+            t.id: ast.literal_eval(n.value)
+            for n in tree.body
+            if isinstance(n, ast.Assign)
+            for t in n.targets
+            if isinstance(t, ast.Name) and isinstance(n.value, ast.Tuple)
+        }
 
     segment, vectorize = constants("segment.py"), constants("vectorize.py")
     assert segment["RUNTIMES"] == ("auto", *runtimes.RUNTIMES) and set(segment["AMP"]) == set(runtimes.AMP_MODES)
@@ -101,8 +110,10 @@ def test_cli_install_and_zip(tmp_path):
     runner = CliRunner()
     for cmd in (["qgis"], ["qgis", "install"], ["qgis", "zip"]):
         assert "Usage" in runner.invoke(app, [*cmd, "--help"]).output
-    res = runner.invoke(app, ["qgis", "install", "--config-path", str(tmp_path), "--profile", "gis",
-                              "--executable", "/opt/env/bin/cdkd"])
+    res = runner.invoke(
+        app,
+        ["qgis", "install", "--config-path", str(tmp_path), "--profile", "gis", "--executable", "/opt/env/bin/cdkd"],
+    )
     assert res.exit_code == 0, res.output
     plugin = tmp_path / "profiles" / "gis" / "python" / "plugins" / PLUGIN_NAME
     assert f"installed the cdkd Processing provider in {plugin}" in res.output
@@ -117,12 +128,16 @@ def test_cli_install_and_zip(tmp_path):
 def test_profiles_folder_of_each_platform(tmp_path):
     home = {"HOME": "/home/u"}
     assert profiles_root(platform="linux", environ=home) == Path("/home/u/.local/share/QGIS/QGIS3/profiles")
-    assert profiles_root(platform="darwin", environ=home) == \
-        Path("/home/u/Library/Application Support/QGIS/QGIS3/profiles")
-    assert profiles_root(platform="win32", environ={"APPDATA": "C:/Users/u/AppData/Roaming"}) == \
-        Path("C:/Users/u/AppData/Roaming/QGIS/QGIS3/profiles")
-    assert profiles_root(platform="linux", environ={**home, "QGIS_CUSTOM_CONFIG_PATH": str(tmp_path)}) == \
-        tmp_path / "profiles"
+    assert profiles_root(platform="darwin", environ=home) == Path(
+        "/home/u/Library/Application Support/QGIS/QGIS3/profiles"
+    )
+    assert profiles_root(platform="win32", environ={"APPDATA": "C:/Users/u/AppData/Roaming"}) == Path(
+        "C:/Users/u/AppData/Roaming/QGIS/QGIS3/profiles"
+    )
+    assert (
+        profiles_root(platform="linux", environ={**home, "QGIS_CUSTOM_CONFIG_PATH": str(tmp_path)})
+        == tmp_path / "profiles"
+    )
 
 
 def test_zip_for_install_from_zip(tmp_path):
@@ -174,6 +189,7 @@ def test_class_legend_read_back_from_the_sidecar(class_raster):
 
 # ---------------------------------------------------------------------------------------------- with QGIS
 
+
 @pytest.fixture(scope="module")
 def model_pt(tmp_path_factory) -> Path:
     return make_segmenter(tmp_path_factory.mktemp("model") / "segmenter.pt")
@@ -212,9 +228,9 @@ def scene(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, scene, model_pt) -> Path:
     """The class raster cdkd itself gives for ``scene`` (the library's segment_scene, in this process)."""
+    from cdkd.inference.runtimes import open_runtime
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.inference.runtimes import open_runtime
 
     out = tmp_path_factory.mktemp("reference") / "classes.tif"
     segment_scene(scene, open_runtime(model_pt, device="cpu"), out, SegmentOptions(batch_size=2, progress=False))
@@ -241,8 +257,19 @@ def qgis_process(env: dict[str, str], *args: str) -> subprocess.CompletedProcess
 @needs_qgis
 def test_qgis_process_segment_gives_what_cdkd_segment_gives(qgis_env, scene, model_pt, reference, tmp_path):
     out = tmp_path / "qgis classes.tif"  # a space: paths go through two command lines
-    proc = qgis_process(qgis_env, "--json", "run", "cdkd:segment", "--", f"INPUT={scene}", f"MODEL={model_pt}",
-                        "DEVICE=cpu", "BATCH_SIZE=2", "PROBS=1", f"OUTPUT={out}")
+    proc = qgis_process(
+        qgis_env,
+        "--json",
+        "run",
+        "cdkd:segment",
+        "--",
+        f"INPUT={scene}",
+        f"MODEL={model_pt}",
+        "DEVICE=cpu",
+        "BATCH_SIZE=2",
+        "PROBS=1",
+        f"OUTPUT={out}",
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = json.loads(proc.stdout)["results"]
     assert results["OUTPUT"] == str(out) and Path(results["CONFIDENCE"]).is_file()
@@ -256,8 +283,17 @@ def test_qgis_process_vectorize_and_its_errors(qgis_env, reference, scene, tmp_p
     import pyogrio
 
     out = tmp_path / "polygons.gpkg"
-    proc = qgis_process(qgis_env, "run", "cdkd:vectorize", "--", f"INPUT={reference}", f"OUTPUT={out}",
-                        "MIN_AREA=4px", "SIMPLIFY=0.3", "AREA=0")
+    proc = qgis_process(
+        qgis_env,
+        "run",
+        "cdkd:vectorize",
+        "--",
+        f"INPUT={reference}",
+        f"OUTPUT={out}",
+        "MIN_AREA=4px",
+        "SIMPLIFY=0.3",
+        "AREA=0",
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = pyogrio.read_dataframe(out, layer="classes")
     with rasterio.open(reference) as src:
@@ -280,9 +316,9 @@ def test_cancel_then_resume_gives_the_uninterrupted_output(qgis_env, model_pt, t
     saves a checkpoint; the same algorithm with Resume ticked finishes the scene, bitwise as one uninterrupted
     run; its output, and the polygons of each class, open in the project in the class colours and names. The
     provider also holds the model "Segment and vectorize"."""
+    from cdkd.inference.runtimes import open_runtime
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.inference.runtimes import open_runtime
 
     python = qgis_python()
     if python is None:
@@ -292,8 +328,13 @@ def test_cancel_then_resume_gives_the_uninterrupted_output(qgis_env, model_pt, t
     segment_scene(tall, open_runtime(model_pt, device="cpu"), whole, SegmentOptions(batch_size=1, progress=False))
     out = tmp_path / "resumed.tif"
     plugins = Path(qgis_env["QGIS_CUSTOM_CONFIG_PATH"]) / "profiles" / "default" / "python" / "plugins"
-    proc = subprocess.run([python, str(REPO_ROOT / "tests" / "qgis_session.py"), str(plugins), str(tall),
-                           str(model_pt), str(out)], env=qgis_env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [python, str(REPO_ROOT / "tests" / "qgis_session.py"), str(plugins), str(tall), str(model_pt), str(out)],
+        env=qgis_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (record["canceled"] or "").startswith("Canceled: cdkd saved a checkpoint") and record["checkpoint"], record
@@ -306,8 +347,16 @@ def test_cancel_then_resume_gives_the_uninterrupted_output(qgis_env, model_pt, t
     with rasterio.open(whole) as src:
         present = sorted(names[int(v)] for v in np.unique(src.read(1)) if v != src.nodata)
     polygons = tmp_path / "resumed.gpkg"
-    assert record["layers"] == sorted([[str(out), "paletted", names]] +
-                                      [[f"{polygons}|layername={n}", "categorizedSymbol", names] for n in present])
+    assert record["layers"] == sorted(
+        [[str(out), "paletted", names]] + [[f"{polygons}|layername={n}", "categorizedSymbol", names] for n in present]
+    )
     # the model shipped with the provider, loaded by it
-    assert set(record["model"]) >= {"scene", "model", "device", "min_area", "simplify", "segment:Class raster",
-                                    "vectorize:Polygons"}
+    assert set(record["model"]) >= {
+        "scene",
+        "model",
+        "device",
+        "min_area",
+        "simplify",
+        "segment:Class raster",
+        "vectorize:Polygons",
+    }

@@ -91,8 +91,9 @@ def test_qdq_wraps_the_products_it_should_and_only_those(models) -> None:
     wrapped = sum(res.quantized.values())
     assert wrapped == len(products) - len(kept) and res.quantized["Conv"] >= 8 and res.quantized["MatMul"] >= 16
     softmax_out = {n.output[0] for n in proto.graph.node if n.op_type == "Softmax"}
-    assert softmax_out and not any(i in softmax_out for n in proto.graph.node if n.op_type == "QuantizeLinear"
-                                   for i in n.input)  # attention stays float32 on both sides of its softmax
+    assert softmax_out and not any(
+        i in softmax_out for n in proto.graph.node if n.op_type == "QuantizeLinear" for i in n.input
+    )  # attention stays float32 on both sides of its softmax
     for node in proto.graph.node:
         if node.op_type in ("Softmax", "LayerNormalization", "Erf"):
             assert "DequantizeLinear" not in inputs[node.name], node.name  # these read float32
@@ -205,12 +206,27 @@ def test_refuses_quantized_input_existing_output_and_bad_options(models, calib_d
         export_int8(res.onnx, tmp_path / "again.onnx", calib_dir, options=OPTIONS)
     with pytest.raises(OutputExistsError, match="--overwrite"):
         export_int8(fp32, res.onnx, calib_dir, options=OPTIONS)
-    for bad, match in ((dict(method="kl"), "minmax, entropy, percentile"), (dict(keep_float=("softmax",)), "'softmax'"),
-                       (dict(calib_tiles=0), "calibration tiles")):
+    for bad, match in (
+        (dict(method="kl"), "minmax, entropy, percentile"),
+        (dict(keep_float=("softmax",)), "'softmax'"),
+        (dict(calib_tiles=0), "calibration tiles"),
+    ):
         with pytest.raises(CdkdValueError, match=match):
             export_int8(fp32, tmp_path / "x.onnx", calib_dir, options=QuantizeOptions(**bad))
-    res_cli = runner.invoke(app, ["export", str(fp32), "--int8", "--calib", str(calib_dir), "--check-data",
-                                  str(calib_dir), "--out", str(tmp_path / "y.onnx")])
+    res_cli = runner.invoke(
+        app,
+        [
+            "export",
+            str(fp32),
+            "--int8",
+            "--calib",
+            str(calib_dir),
+            "--check-data",
+            str(calib_dir),
+            "--out",
+            str(tmp_path / "y.onnx"),
+        ],
+    )
     assert res_cli.exit_code == 2 and "held out of --calib" in res_cli.output
 
 
@@ -230,8 +246,9 @@ def test_calibration_split_holds_files_out(calib_dir: Path, tmp_path: Path, mode
 # the command, end to end from a segmenter.pt, and the scene engine on the INT8 model
 
 
-def test_cli_int8_export_from_a_segmenter_and_segment_with_it(models, calib_dir: Path, tmp_path: Path,
-                                                              monkeypatch) -> None:
+def test_cli_int8_export_from_a_segmenter_and_segment_with_it(
+    models, calib_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
     """From a segmenter.pt: exported to float ONNX, checked (float against PyTorch), quantized, checked (INT8
     against PyTorch on held-out tiles). The float export is the fixture's, of the same segmenter.pt (torch.export
     takes half a minute; test_export covers it), its parity check run afresh on the calibration folder."""
@@ -243,14 +260,36 @@ def test_cli_int8_export_from_a_segmenter_and_segment_with_it(models, calib_dir:
 
     def exported(segmenter, onnx_path, *, check_data, check_tiles, min_agreement, **_):
         shutil.copy(fp32, onnx_path)
-        return SimpleNamespace(parity=check_parity(segmenter, onnx_path, check_data=check_data,
-                                                   check_tiles=check_tiles, min_agreement=min_agreement))
+        return SimpleNamespace(
+            parity=check_parity(
+                segmenter, onnx_path, check_data=check_data, check_tiles=check_tiles, min_agreement=min_agreement
+            )
+        )
 
     monkeypatch.setattr(quantize, "export_onnx", exported)
     out = tmp_path / "m.int8.onnx"
-    res = runner.invoke(app, ["export", str(seg), "--format", "onnx", "--int8", "--calib", str(calib_dir),
-                              "--calib-method", "percentile", "--calib-tiles", "6", "--check-tiles", "3",
-                              "--min-agreement", str(FIXTURE_AGREEMENT), "--out", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "export",
+            str(seg),
+            "--format",
+            "onnx",
+            "--int8",
+            "--calib",
+            str(calib_dir),
+            "--calib-method",
+            "percentile",
+            "--calib-tiles",
+            "6",
+            "--check-tiles",
+            "3",
+            "--min-agreement",
+            str(FIXTURE_AGREEMENT),
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "float export: onnx vs torch" in res.output and "int8 (percentile" in res.output
     assert "onnx int8 vs torch float32" in res.output and "held out of calibration" in res.output
@@ -258,8 +297,22 @@ def test_cli_int8_export_from_a_segmenter_and_segment_with_it(models, calib_dir:
     assert report["float_parity"]["passed"] and report["options"]["method"] == "percentile"
 
     scene = make_geotiff(tmp_path / "scene.tif", synthetic_image((3, 150, 170), seed=7))
-    res = runner.invoke(app, ["segment", str(scene), "--engine", str(out), "--device", "cpu", "--threads", "1",
-                              "--out", str(tmp_path / "lc.tif"), "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "segment",
+            str(scene),
+            "--engine",
+            str(out),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path / "lc.tif"),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "onnx on cpu" in res.output and (tmp_path / "lc.tif").is_file()
 
@@ -268,8 +321,9 @@ def test_cli_int8_export_from_a_segmenter_and_segment_with_it(models, calib_dir:
 # TensorRT: a Q/DQ model is built with explicit quantization
 
 
-def test_tensorrt_chooses_explicit_quantization_for_a_qdq_model(models, calib_dir: Path, tmp_path: Path,
-                                                                 monkeypatch) -> None:
+def test_tensorrt_chooses_explicit_quantization_for_a_qdq_model(
+    models, calib_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
     import cdkd.export.tensorrt as trt_module
 
     _, fp32, res = models

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA, distill_single_and_ddp, one_clean_error, read_metrics
 from typer.testing import CliRunner
 
 from cdkd.artifacts import load_student
@@ -21,7 +22,6 @@ from cdkd.distill.trainer import distill, validate_config
 from cdkd.errors import CdkdValueError
 from cdkd.models.student import build_student
 from cli.main import app
-from conftest import SHARED_DATA, distill_single_and_ddp, one_clean_error, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -31,10 +31,20 @@ TINY_MAMBA = {"embed_dim": 32, "depth": 3, "d_inner": 64, "d_state": 4}
 def rs4d_config(data: Path, **overrides) -> DistillConfig:
     """rs4d with a random vit_t teacher (SAM's architecture, small) and 64 px tiles: steps take well under a second."""
     base = {
-        "recipe": "rs4d", "data.root": str(data), "data.tile_size": 64, "data.num_workers": 0,
-        "data.stats_samples": 16, "teacher.variant": "vit_t", "teacher.random_init": True,
-        "student.arch": "rsmamba_s", "train.batch_size": 2, "train.steps": 4, "train.warmup_steps": 1,
-        "train.lr": 1e-3, "train.log_every": 1, "train.checkpoint_every": 2,
+        "recipe": "rs4d",
+        "data.root": str(data),
+        "data.tile_size": 64,
+        "data.num_workers": 0,
+        "data.stats_samples": 16,
+        "teacher.variant": "vit_t",
+        "teacher.random_init": True,
+        "student.arch": "rsmamba_s",
+        "train.batch_size": 2,
+        "train.steps": 4,
+        "train.warmup_steps": 1,
+        "train.lr": 1e-3,
+        "train.log_every": 1,
+        "train.checkpoint_every": 2,
     }
     return apply_overrides(DistillConfig(), dict(base, **overrides))
 
@@ -51,10 +61,15 @@ def test_registry_and_unknown_recipe() -> None:
         validate_config(DistillConfig(recipe="nope", teacher=TeacherConfig(random_init=True)))
 
 
-@pytest.mark.parametrize("bad,match", [({"rs4d.noise_ratio": 0.7, "rs4d.mask_ratio": 0.5}, "exceed 1"),
-                                       ({"rs4d.mask_ratio": -0.1}, "must be >= 0"),
-                                       ({"rs4d.adaptive": True, "rs4d.max_mask_ratio": 0.1}, "only rise"),
-                                       ({"rs4d.noise_std": 0.0}, "noise_std must be > 0")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"rs4d.noise_ratio": 0.7, "rs4d.mask_ratio": 0.5}, "exceed 1"),
+        ({"rs4d.mask_ratio": -0.1}, "must be >= 0"),
+        ({"rs4d.adaptive": True, "rs4d.max_mask_ratio": 0.1}, "only rise"),
+        ({"rs4d.noise_std": 0.0}, "noise_std must be > 0"),
+    ],
+)
 def test_rs4d_settings_are_checked(bad: dict, match: str, tmp_path: Path) -> None:
     with pytest.raises(CdkdValueError, match=match):
         validate_config(rs4d_config(tmp_path, **bad))
@@ -90,8 +105,9 @@ def test_corruption_of_real_items_keeps_ratios_and_never_touches_padding(tile_di
     items = PatchDraws(UnlabeledTiles(rasters, stats, 128, seed=0), 128, seed=0)
     batch = torch.utils.data.default_collate([items[i] for i in range(len(rasters))])
     again = torch.utils.data.default_collate([items[i] for i in range(len(rasters))])
-    assert torch.equal(batch["patch_order"], again["patch_order"]) and torch.equal(batch["noise_seed"],
-                                                                                   again["noise_seed"])
+    assert torch.equal(batch["patch_order"], again["patch_order"]) and torch.equal(
+        batch["noise_seed"], again["noise_seed"]
+    )
     images, valid = batch["image"], batch["valid"]
     patch_valid = patch_validity(valid, 16)
     assert (~patch_valid).any(1).all()  # every tile has padded patches
@@ -127,9 +143,12 @@ def _rs4d_model(arch: str = "rsmamba_s", **overrides) -> RS4D:
 
 def _batch(b: int = 2, size: int = 64) -> dict[str, torch.Tensor]:
     n = (size // 16) ** 2
-    return {"image": torch.randn(b, 3, size, size), "valid": torch.ones(b, size, size, dtype=torch.bool),
-            "patch_order": torch.stack([torch.randperm(n) for _ in range(b)]),
-            "noise_seed": torch.arange(b, dtype=torch.int64) + 7}
+    return {
+        "image": torch.randn(b, 3, size, size),
+        "valid": torch.ones(b, size, size, dtype=torch.bool),
+        "patch_order": torch.stack([torch.randperm(n) for _ in range(b)]),
+        "noise_seed": torch.arange(b, dtype=torch.int64) + 7,
+    }
 
 
 @pytest.mark.parametrize("arch", ["rsmamba_s", "vit_s"])
@@ -165,8 +184,16 @@ def test_rs4d_corruption_is_a_function_of_the_seeds_and_padding_counts_nothing()
 
 
 def test_adaptive_ratios_rise_as_the_loss_falls_and_resume_exactly() -> None:
-    cfg = RS4DConfig(noise_ratio=0.1, mask_ratio=0.1, adaptive=True, max_noise_ratio=0.3, max_mask_ratio=0.4,
-                     adapt_target=0.5, adapt_warmup=3, ema_decay=0.5)
+    cfg = RS4DConfig(
+        noise_ratio=0.1,
+        mask_ratio=0.1,
+        adaptive=True,
+        max_noise_ratio=0.3,
+        max_mask_ratio=0.4,
+        adapt_target=0.5,
+        adapt_warmup=3,
+        ema_decay=0.5,
+    )
     control = CorruptionControl(cfg)
     losses = [1.0, 1.0, 1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.5, 1.0]
     seen, events = [], []
@@ -198,8 +225,10 @@ def test_adaptive_ratios_rise_as_the_loss_falls_and_resume_exactly() -> None:
 
 
 def test_recipe_settings_round_trip_through_yaml(tmp_path: Path) -> None:
-    cfg = rs4d_config(tmp_path, **{"rs4d.noise_ratio": 0.3, "rs4d.mask_ratio": 0.1, "rs4d.adaptive": True,
-                                   "student.grad_checkpointing": True})
+    cfg = rs4d_config(
+        tmp_path,
+        **{"rs4d.noise_ratio": 0.3, "rs4d.mask_ratio": 0.1, "rs4d.adaptive": True, "student.grad_checkpointing": True},
+    )
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(DistillConfig, tmp_path / "c.yaml") == cfg
     grid = {}
@@ -217,8 +246,9 @@ def test_cli_recipe_flags(tile_dir: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "belong to --recipe rs4d" in one_clean_error(res.output)
     res = runner.invoke(app, base + ["--out", str(tmp_path / "b"), "--recipe", "nope"])
     assert res.exit_code == 2 and "unknown recipe 'nope'" in one_clean_error(res.output)
-    res = runner.invoke(app, base + ["--out", str(tmp_path / "c"), "--recipe", "rs4d", "--mask-ratio", "0.6",
-                                     "--noise-ratio", "0.6"])
+    res = runner.invoke(
+        app, base + ["--out", str(tmp_path / "c"), "--recipe", "rs4d", "--mask-ratio", "0.6", "--noise-ratio", "0.6"]
+    )
     assert res.exit_code == 2 and "exceed 1" in one_clean_error(res.output)
 
 
@@ -235,9 +265,17 @@ def rgb_tiles(tile_dir: Path) -> Path:
 def test_rs4d_resume_reproduces_the_uninterrupted_run(rgb_tiles: Path, tmp_path: Path) -> None:
     """Adaptive ratios on (they change within the run), so the control's state must survive the restart too."""
     run = tmp_path / "run"
-    cfg = rs4d_config(rgb_tiles, **{"rs4d.adaptive": True, "rs4d.adapt_warmup": 1, "rs4d.ema_decay": 0.0,
-                                    "rs4d.adapt_target": 0.999, "rs4d.max_noise_ratio": 0.4,
-                                    "rs4d.max_mask_ratio": 0.4})
+    cfg = rs4d_config(
+        rgb_tiles,
+        **{
+            "rs4d.adaptive": True,
+            "rs4d.adapt_warmup": 1,
+            "rs4d.ema_decay": 0.0,
+            "rs4d.adapt_target": 0.999,
+            "rs4d.max_noise_ratio": 0.4,
+            "rs4d.max_mask_ratio": 0.4,
+        },
+    )
     distill(cfg, run, progress=False)
     full_state = load_student(run / "student.pt")[0].state_dict()
     full = read_metrics(run)
@@ -266,8 +304,9 @@ def test_rs4d_loss_falls_on_real_tiles(tmp_path: Path) -> None:
     data = SHARED_DATA / "unlabeled" / "rsscn7"
     if not data.is_dir():
         pytest.skip(f"real data not available: {data}")
-    cfg = rs4d_config(data, **{"train.steps": 12, "train.lr": 2e-3, "train.warmup_steps": 2,
-                               "train.checkpoint_every": 100})  # the real-size rsmamba_s
+    cfg = rs4d_config(
+        data, **{"train.steps": 12, "train.lr": 2e-3, "train.warmup_steps": 2, "train.checkpoint_every": 100}
+    )  # the real-size rsmamba_s
     distill(cfg, tmp_path / "run", progress=False)
     rows = [r for r in read_metrics(tmp_path / "run") if "l1" in r]
     assert len(rows) == 12 and rows[0]["noise_ratio"] == 0.2 and rows[0]["mask_ratio"] == 0.2
@@ -281,30 +320,101 @@ def test_rsmamba_round_trip_distill_finetune_export_segment(tmp_path: Path) -> N
     path, ~1 min of export alone: README) at 64 px tiles."""
     import rasterio
 
-    need = [SHARED_DATA / "unlabeled" / "rsscn7", SHARED_DATA / "labeled" / "dubai",
-            SHARED_DATA / "scenes" / "colorado_hro.tif"]
+    need = [
+        SHARED_DATA / "unlabeled" / "rsscn7",
+        SHARED_DATA / "labeled" / "dubai",
+        SHARED_DATA / "scenes" / "colorado_hro.tif",
+    ]
     if not all(p.exists() for p in need):
         pytest.skip(f"real data not available under {SHARED_DATA}")
     rsscn7, dubai, scene = need
-    res = runner.invoke(app, ["distill", "--recipe", "rs4d", "--noise-ratio", "0.2", "--mask-ratio", "0.2",
-                              "--student", "rsmamba_test", "--teacher", "vit_t", "--random-teacher",
-                              "--data", str(rsscn7), "--out", str(tmp_path / "d"), "--tile-size", "64", "--steps", "2",
-                              "--batch-size", "2", "--workers", "0", "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "distill",
+            "--recipe",
+            "rs4d",
+            "--noise-ratio",
+            "0.2",
+            "--mask-ratio",
+            "0.2",
+            "--student",
+            "rsmamba_test",
+            "--teacher",
+            "vit_t",
+            "--random-teacher",
+            "--data",
+            str(rsscn7),
+            "--out",
+            str(tmp_path / "d"),
+            "--tile-size",
+            "64",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "(rs4d, 2 steps" in res.output
     (tmp_path / "ft.yaml").write_text("head: {layers: [1, 2, 3, 4], channels: 32}\n")
-    res = runner.invoke(app, ["finetune", "--student", str(tmp_path / "d" / "student.pt"), "--data", str(dubai),
-                              "--format", "dubai", "--split", "tile1", "--out", str(tmp_path / "f"), "--steps", "2",
-                              "--batch-size", "2", "--workers", "0", "--config", str(tmp_path / "ft.yaml"),
-                              "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--student",
+            str(tmp_path / "d" / "student.pt"),
+            "--data",
+            str(dubai),
+            "--format",
+            "dubai",
+            "--split",
+            "tile1",
+            "--out",
+            str(tmp_path / "f"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--config",
+            str(tmp_path / "ft.yaml"),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["export", str(tmp_path / "f" / "segmenter.pt"), "--format", "onnx",
-                              "--out", str(tmp_path / "m.onnx"), "--check-data", str(dubai / "tile1" / "images")])
+    res = runner.invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "f" / "segmenter.pt"),
+            "--format",
+            "onnx",
+            "--out",
+            str(tmp_path / "m.onnx"),
+            "--check-data",
+            str(dubai / "tile1" / "images"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     parity = json.loads((tmp_path / "m.export.json").read_text())["parity"]
     assert parity["agreement"] >= 0.999 and not parity["synthetic"]
-    res = runner.invoke(app, ["segment", str(scene), "--engine", str(tmp_path / "m.onnx"),
-                              "--out", str(tmp_path / "lc.tif"), "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "segment",
+            str(scene),
+            "--engine",
+            str(tmp_path / "m.onnx"),
+            "--out",
+            str(tmp_path / "lc.tif"),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     with rasterio.open(tmp_path / "lc.tif") as out, rasterio.open(scene) as src:
         assert (out.width, out.height, out.crs) == (src.width, src.height, src.crs)
@@ -316,9 +426,29 @@ def test_rsmamba_round_trip_distill_finetune_export_segment(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_rs4d_ddp_two_gloo_processes_match_one_process(rgb_tiles: Path, tmp_path: Path) -> None:
     """The corruption is drawn per sample, so 2 ranks x batch 1 corrupt exactly what 1 process x batch 2 does."""
-    common = ["distill", "--recipe", "rs4d", "--data", str(rgb_tiles), "--teacher", "vit_t", "--random-teacher",
-              "--student", "rsmamba_test", "--tile-size", "64", "--steps", "2", "--workers", "0", "--log-every", "1",
-              "--lr", "1e-3", "--no-progress"]
+    common = [
+        "distill",
+        "--recipe",
+        "rs4d",
+        "--data",
+        str(rgb_tiles),
+        "--teacher",
+        "vit_t",
+        "--random-teacher",
+        "--student",
+        "rsmamba_test",
+        "--tile-size",
+        "64",
+        "--steps",
+        "2",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--lr",
+        "1e-3",
+        "--no-progress",
+    ]
     single, ddp = distill_single_and_ddp(common, tmp_path)
     a, b = read_metrics(single), read_metrics(ddp)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]

@@ -24,8 +24,15 @@ def tiny(arch: str, img_size: int = 64, in_chans: int = 3) -> torch.nn.Module:
     return build_student(arch, img_size=img_size, in_chans=in_chans, **overrides).eval()
 
 
-@pytest.mark.parametrize("arch,depth,d_inner,params_m", [("rsmamba_s", 16, 512, 8.26), ("rsmamba_b", 24, 512, 11.76),
-                                                         ("rsmamba_l", 28, 640, 16.58), ("rsmamba_h", 32, 640, 18.77)])
+@pytest.mark.parametrize(
+    "arch,depth,d_inner,params_m",
+    [
+        ("rsmamba_s", 16, 512, 8.26),
+        ("rsmamba_b", 24, 512, 11.76),
+        ("rsmamba_l", 28, 640, 16.58),
+        ("rsmamba_h", 32, 640, 18.77),
+    ],
+)
 def test_variants_are_the_papers(arch: str, depth: int, d_inner: int, params_m: float) -> None:
     model = build_student(arch)  # 1024 px position embedding
     assert model.depth == depth and model.embed_dim == 256 and model.patch_size == 16
@@ -43,13 +50,17 @@ def test_student_contract(arch: str, size: tuple[int, int], in_chans: int) -> No
     x = torch.randn(2, in_chans, *size)
     c, depth = model.embed_dim, model.depth
     with torch.no_grad():
-        feats = model.forward_intermediates(x, indices=[0, 1, 2, 3], norm=True, output_fmt="NCHW",
-                                            stop_early=True, intermediates_only=True)
+        feats = model.forward_intermediates(
+            x, indices=[0, 1, 2, 3], norm=True, output_fmt="NCHW", stop_early=True, intermediates_only=True
+        )
         assert [tuple(f.shape) for f in feats] == [(2, c, h, w)] * 4
         last, inter = model.forward_intermediates(x, indices=2, output_fmt="NLC")
         assert last.shape == (2, h * w, c) and [tuple(f.shape) for f in inter] == [(2, h * w, c)] * 2
-        assert torch.allclose(inter[-1], model.forward_intermediates(x, indices=[-1], output_fmt="NLC",
-                                                                     intermediates_only=True)[0], atol=1e-5)
+        assert torch.allclose(
+            inter[-1],
+            model.forward_intermediates(x, indices=[-1], output_fmt="NLC", intermediates_only=True)[0],
+            atol=1e-5,
+        )
         assert model.forward_features(x).shape == (2, h * w, c) and model(x).shape == (2, c)
         mask = torch.zeros(2, h * w, dtype=torch.bool)
         mask[:, ::2] = True

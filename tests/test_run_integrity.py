@@ -25,10 +25,10 @@ from rasterio.errors import NotGeoreferencedWarning
 from typer.testing import CliRunner
 
 from cdkd.errors import CheckpointError, DataError
+from cdkd.inference.runtimes import open_runtime
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.runstate import output_paths
 from cdkd.scene.engine import segment_scene
-from cdkd.inference.runtimes import open_runtime
 from cdkd.utils.runlock import RunInUseError, RunLock, holder
 from cli.main import app
 
@@ -95,8 +95,21 @@ def test_resumed_summary_counts_each_tile_once(models, tall, tmp_path):
     a = open_runtime(models[0])
     with pytest.raises(KeyboardInterrupt):  # batch 3 over rows of 2 windows: the interrupted batch spans rows
         segment_scene(tall, Interrupting(a, after=4), out, SegmentOptions(batch_size=3, **QUIET))
-    res = runner.invoke(app, ["segment", str(tall), "--model", str(models[0]), "--out", str(out), "--batch-size",
-                              "3", "--resume", "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "segment",
+            str(tall),
+            "--model",
+            str(models[0]),
+            "--out",
+            str(out),
+            "--batch-size",
+            "3",
+            "--resume",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["tiles_run"] + report["tiles_skipped"] == report["tiles"]
@@ -133,10 +146,17 @@ def test_a_dead_runs_lock_is_stale(models, tall, tmp_path):
     a = open_runtime(models[0])
     with pytest.raises(KeyboardInterrupt):
         segment_scene(tall, Interrupting(a, after=3), out, SegmentOptions(batch_size=2, **QUIET))
-    code = ("import sys; from cdkd.utils.runlock import RunLock; RunLock(sys.argv[1], 'x').acquire(); "
-            "print('held', flush=True); sys.stdin.read()")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(partial)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            cwd=REPO_ROOT, text=True)
+    code = (
+        "import sys; from cdkd.utils.runlock import RunLock; RunLock(sys.argv[1], 'x').acquire(); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(partial)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=REPO_ROOT,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "held"
         assert holder(partial)["pid"] == proc.pid
@@ -152,17 +172,36 @@ def test_a_dead_runs_lock_is_stale(models, tall, tmp_path):
 
 def test_training_run_folders_are_exclusive(tmp_path):
     run = tmp_path / "run"
-    code = ("import sys; from cdkd.utils.runlock import RunLock; RunLock(sys.argv[1], 'x').acquire(); "
-            "print('held', flush=True); sys.stdin.read()")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            cwd=REPO_ROOT, text=True)
+    code = (
+        "import sys; from cdkd.utils.runlock import RunLock; RunLock(sys.argv[1], 'x').acquire(); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO_ROOT, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "held"
         data = tmp_path / "unl"
         make_image(data / "a.png", synthetic_image((3, 40, 40)), "PNG")
         for extra in ([], ["--overwrite"], ["--resume"]):
-            res = runner.invoke(app, ["distill", "--data", str(data), "--teacher", "vit_t", "--random-teacher",
-                                      "--tile-size", "32", "--steps", "1", "--out", str(run), *extra])
+            res = runner.invoke(
+                app,
+                [
+                    "distill",
+                    "--data",
+                    str(data),
+                    "--teacher",
+                    "vit_t",
+                    "--random-teacher",
+                    "--tile-size",
+                    "32",
+                    "--steps",
+                    "1",
+                    "--out",
+                    str(run),
+                    *extra,
+                ],
+            )
             assert res.exit_code == 1 and f"pid {proc.pid}" in res.output, res.output
     finally:
         proc.kill()
@@ -189,18 +228,43 @@ def finetune_run(tmp_path) -> tuple[list[str], Path]:
     torch.manual_seed(0)
     student = tmp_path / "student.pt"
     arch = {"img_size": 32, "in_chans": 3, "embed_dim": 48, "depth": 12, "num_heads": 2}
-    save_student(student, build_student("vit_s", **arch),
-                 StudentInfo("vit_s", arch, NormStats((120.0,) * 3, (60.0,) * 3, (1, 2, 3), "uint8"), {}))
+    save_student(
+        student,
+        build_student("vit_s", **arch),
+        StudentInfo("vit_s", arch, NormStats((120.0,) * 3, (60.0,) * 3, (1, 2, 3), "uint8"), {}),
+    )
     data = tmp_path / "lab"
     for i in range(2):
         make_image(data / "images" / f"p{i}.png", synthetic_image((3, 40, 40), seed=i), "PNG")
-        make_image(data / "masks" / f"p{i}.png", np.random.default_rng(i).integers(0, 2, (1, 40, 40)).astype(np.uint8),
-                   "PNG")
-    (data / "classes.yaml").write_text("classes:\n  - {id: 0, name: a, color: '#000000'}\n  - {id: 1, name: b, "
-                                       "color: '#FFFFFF'}\n")
-    args = ["finetune", "--student", str(student), "--data", str(data), "--format", "folder", "--classes",
-            str(data / "classes.yaml"), "--tile-size", "32", "--decoder-channels", "16", "--batch-size", "2",
-            "--workers", "0", "--steps", "2", "--no-progress", "--out"]
+        make_image(
+            data / "masks" / f"p{i}.png", np.random.default_rng(i).integers(0, 2, (1, 40, 40)).astype(np.uint8), "PNG"
+        )
+    (data / "classes.yaml").write_text(
+        "classes:\n  - {id: 0, name: a, color: '#000000'}\n  - {id: 1, name: b, color: '#FFFFFF'}\n"
+    )
+    args = [
+        "finetune",
+        "--student",
+        str(student),
+        "--data",
+        str(data),
+        "--format",
+        "folder",
+        "--classes",
+        str(data / "classes.yaml"),
+        "--tile-size",
+        "32",
+        "--decoder-channels",
+        "16",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--steps",
+        "2",
+        "--no-progress",
+        "--out",
+    ]
     return args, tmp_path / "run"
 
 
@@ -248,8 +312,23 @@ def test_reports_never_hold_nan(tmp_path):
 def test_distill_steps_zero_is_refused_and_leaves_nothing(tmp_path):
     data = tmp_path / "unl"
     make_image(data / "a.png", synthetic_image((3, 40, 40)), "PNG")
-    res = runner.invoke(app, ["distill", "--data", str(data), "--teacher", "vit_t", "--random-teacher",
-                              "--tile-size", "32", "--steps", "0", "--out", str(tmp_path / "run")])
+    res = runner.invoke(
+        app,
+        [
+            "distill",
+            "--data",
+            str(data),
+            "--teacher",
+            "vit_t",
+            "--random-teacher",
+            "--tile-size",
+            "32",
+            "--steps",
+            "0",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert res.exit_code == 2 and "--steps" in res.output
     assert not (tmp_path / "run").exists()
 
@@ -343,8 +422,12 @@ def test_good_runs_print_no_library_warning(models, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(KeyboardInterrupt):
-            segment_scene(make_geotiff(tmp_path / "t.tif", synthetic_image((3, 200, 64))), Interrupting(a, 3), out,
-                          SegmentOptions(batch_size=1, **QUIET))
+            segment_scene(
+                make_geotiff(tmp_path / "t.tif", synthetic_image((3, 200, 64))),
+                Interrupting(a, 3),
+                out,
+                SegmentOptions(batch_size=1, **QUIET),
+            )
         segment_scene(tmp_path / "t.tif", a, out, SegmentOptions(batch_size=1, resume=True, **QUIET))
         segment_scene(small, a, tmp_path / "small_lc.tif", SegmentOptions(**QUIET))
     noisy = [str(w.message) for w in caught if issubclass(w.category, (NotGeoreferencedWarning, UserWarning))]

@@ -44,11 +44,14 @@ def _grads(attn, x):
     return y.detach(), [x.grad, attn.qkv.weight.grad, attn.rel_pos_h.grad, attn.rel_pos_w.grad, attn.proj.weight.grad]
 
 
-@pytest.mark.parametrize("block,shape", [
-    (0, (3, 8, 8)),  # windowed block: 3 windows of 8 x 8 tokens (its native table size)
-    (1, (2, 6, 5)),  # global block on a 6 x 5 grid: the 127-entry tables interpolated, rows != columns
-    (1, (1, 16, 16)),
-])
+@pytest.mark.parametrize(
+    "block,shape",
+    [
+        (0, (3, 8, 8)),  # windowed block: 3 windows of 8 x 8 tokens (its native table size)
+        (1, (2, 6, 5)),  # global block on a 6 x 5 grid: the 127-entry tables interpolated, rows != columns
+        (1, (1, 16, 16)),
+    ],
+)
 def test_sdpa_equals_segment_anything_in_values_and_gradients(encoder, block: int, shape) -> None:
     sam = copy.deepcopy(encoder.blocks[block].attn)
     fused = FusedSamAttention(copy.deepcopy(sam), "sdpa")
@@ -105,8 +108,11 @@ def test_students_use_fused_attention() -> None:
     from cdkd.models.student import build_student
 
     for arch in ("vit_s", "vit_s_win"):
-        model = build_student(arch, img_size=64, depth=2, global_blocks=(1,)) if arch == "vit_s_win" else \
-            build_student(arch, img_size=64, depth=2)
+        model = (
+            build_student(arch, img_size=64, depth=2, global_blocks=(1,))
+            if arch == "vit_s_win"
+            else build_student(arch, img_size=64, depth=2)
+        )
         assert all(blk.attn.fused_attn for blk in model.blocks), arch
 
 

@@ -28,8 +28,9 @@ from cdkd.models.ssm_scan import selective_scan, selective_scan_chunked, selecti
 CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if CUDA else "cpu"
-kernel_test = pytest.mark.skipif(not (CUDA or INTERPRETED),
-                                 reason="run by test_in_the_triton_interpreter (a process with TRITON_INTERPRET=1)")
+kernel_test = pytest.mark.skipif(
+    not (CUDA or INTERPRETED), reason="run by test_in_the_triton_interpreter (a process with TRITON_INTERPRET=1)"
+)
 
 
 def test_in_the_triton_interpreter() -> None:
@@ -37,9 +38,14 @@ def test_in_the_triton_interpreter() -> None:
     if CUDA or INTERPRETED:
         pytest.skip("the kernel tests run in this process")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
 
@@ -51,21 +57,26 @@ def test_kernels_compile_for_the_gpu(tmp_path, monkeypatch) -> None:
     if INTERPRETED:
         pytest.skip("the kernels are interpreted in this process")
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile as triton_compile
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
 
     from cdkd.models.kernels import selective_scan_triton as module
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # a fresh compile, not a cached one
     bf16, f32 = "*bf16", "*fp32"
-    pointers = {module._scan_fwd_kernel: [bf16, bf16, f32, bf16, bf16, f32, f32, bf16, f32],
-                module._scan_bwd_kernel: [bf16, bf16, f32, bf16, bf16, f32, f32, f32, f32] + [f32] * 7}
+    pointers = {
+        module._scan_fwd_kernel: [bf16, bf16, f32, bf16, bf16, f32, f32, bf16, f32],
+        module._scan_bwd_kernel: [bf16, bf16, f32, bf16, bf16, f32, f32, f32, f32] + [f32] * 7,
+    }
     for kernel, config in ((module._scan_fwd_kernel, module.FORWARD), (module._scan_bwd_kernel, module.BACKWARD)):
-        consts = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_L=module.FORWARD[0], BLOCK_D=config[1],
-                      BLOCK_N=16)
+        consts = dict(
+            HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_L=module.FORWARD[0], BLOCK_D=config[1], BLOCK_N=16
+        )
         kinds = iter(pointers[kernel] + ["i32"] * len(kernel.arg_names))
         signature = {n: "constexpr" if n in consts else next(kinds) for n in kernel.arg_names}
-        source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={(kernel.arg_names.index(n),): v for n, v in consts.items()})
+        source = ASTSource(
+            fn=kernel, signature=signature, constexprs={(kernel.arg_names.index(n),): v for n, v in consts.items()}
+        )
         compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config[2]})
         assert len(compiled.asm["cubin"]) > 1000 and compiled.metadata.shared < 100_000
 
@@ -85,8 +96,9 @@ def kernels():
 SMALL = dict(config_fwd=(8, 4, 1), config_bwd=(8, 4, 1))
 
 
-def _inputs(length: int, batch: int = 2, d: int = 6, n: int = 3, seed: int = 0, big_steps: bool = False,
-            device: str = DEVICE):
+def _inputs(
+    length: int, batch: int = 2, d: int = 6, n: int = 3, seed: int = 0, big_steps: bool = False, device: str = DEVICE
+):
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, length, d, generator=g)
     delta = torch.randn(batch, length, d, generator=g) - 1.0 + (40.0 if big_steps else 0.0)
@@ -143,7 +155,7 @@ def test_strided_views_as_the_mixer_hands_them_over(kernels) -> None:
     u_view = u.transpose(1, 2).contiguous().transpose(1, 2)
     dbc = torch.cat([torch.zeros_like(B[..., :2]), B, C], -1)
     n = B.shape[-1]
-    views = [u_view, delta, A, dbc[..., 2:2 + n], dbc[..., 2 + n:], D, bias]
+    views = [u_view, delta, A, dbc[..., 2 : 2 + n], dbc[..., 2 + n :], D, bias]
     assert not views[0].is_contiguous() and not views[3].is_contiguous()
     _assert_equal(_run(kernels.selective_scan_triton, views, **SMALL), _run(selective_scan_ref, views))
 

@@ -16,12 +16,12 @@ import rasterio
 from conftest import make_geotiff, make_segmenter, synthetic_image
 from typer.testing import CliRunner
 
+from cdkd.inference.runtimes import RuntimeSpec, open_runtime
 from cdkd.scene.batch import segment_many
 from cdkd.scene.blocks import segment_scene_on_cluster
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.runstate import output_paths
 from cdkd.scene.engine import segment_scene
-from cdkd.inference.runtimes import RuntimeSpec, open_runtime
 from cli.main import app
 
 distributed = pytest.importorskip("distributed")
@@ -54,8 +54,9 @@ def test_many_scenes_one_task_each(cluster, tmp_path, model_pt):
     scenes = [make_geotiff(tmp_path / f"s{i}.tif", synthetic_image((3, 80, 100), seed=i)) for i in range(3)]
     local = segment_many(scenes, tmp_path / "local", RuntimeSpec(str(model_pt)), SegmentOptions(progress=False))
     addresses = set(cluster.scheduler_info["workers"])
-    report = segment_many(scenes, tmp_path / "dask", RuntimeSpec(str(model_pt)), SegmentOptions(),
-                          cluster.scheduler_address)
+    report = segment_many(
+        scenes, tmp_path / "dask", RuntimeSpec(str(model_pt)), SegmentOptions(), cluster.scheduler_address
+    )
     assert report.failed == [] and [Path(s.scene) for s in report.scenes] == scenes and not local.failed
     assert {s.worker for s in report.scenes} <= addresses  # ran on the cluster's workers, not here
     for s in scenes:
@@ -67,8 +68,9 @@ def test_one_scene_in_blocks_equals_the_local_engine_bitwise(cluster, tmp_path, 
     image[:, 380:, :120] = 0
     scene = make_geotiff(tmp_path / "s.tif", image, nodata=0)
     local = _local(scene, model_pt, tmp_path / "local.tif")
-    report = segment_scene_on_cluster(scene, RuntimeSpec(str(model_pt)), tmp_path / "cl.tif",
-                                      cluster.scheduler_address, QUIET, rows_per_block=2)
+    report = segment_scene_on_cluster(
+        scene, RuntimeSpec(str(model_pt)), tmp_path / "cl.tif", cluster.scheduler_address, QUIET, rows_per_block=2
+    )
     assert np.array_equal(_read(tmp_path / "cl.tif"), _read(local))
     assert np.array_equal(_read(tmp_path / "cl_confidence.tif"), _read(tmp_path / "local_confidence.tif"))
     assert report.runtime_options["blocks"] == 5 and len(report.runtime_options["workers"]) == 2
@@ -87,8 +89,9 @@ def test_a_worker_killed_mid_run_costs_only_its_blocks(cluster, tmp_path, model_
     done: dict = {}
 
     def run() -> None:
-        done["report"] = segment_scene_on_cluster(scene, RuntimeSpec(str(model_pt)), out, cluster.scheduler_address,
-                                                  QUIET, rows_per_block=1)
+        done["report"] = segment_scene_on_cluster(
+            scene, RuntimeSpec(str(model_pt)), out, cluster.scheduler_address, QUIET, rows_per_block=1
+        )
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -116,27 +119,54 @@ def test_resume_of_a_cluster_run_redoes_only_missing_blocks(cluster, tmp_path, m
 
     monkeypatch.setattr(blocks, "_assemble", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        segment_scene_on_cluster(scene, RuntimeSpec(str(model_pt)), out, cluster.scheduler_address, QUIET,
-                                 rows_per_block=2)
+        segment_scene_on_cluster(
+            scene, RuntimeSpec(str(model_pt)), out, cluster.scheduler_address, QUIET, rows_per_block=2
+        )
     monkeypatch.undo()
     markers = sorted((output_paths(out)[3] / "blocks").glob("block_*.json"))
     assert len(markers) == 3
     kept = {m.name: json.loads(m.read_text())["seconds"] for m in markers[:2]}
     markers[2].unlink()  # as if the last block had not finished
-    segment_scene_on_cluster(scene, RuntimeSpec(str(model_pt)), out, cluster.scheduler_address,
-                             SegmentOptions(progress=False, probs=True, resume=True), rows_per_block=2)
+    segment_scene_on_cluster(
+        scene,
+        RuntimeSpec(str(model_pt)),
+        out,
+        cluster.scheduler_address,
+        SegmentOptions(progress=False, probs=True, resume=True),
+        rows_per_block=2,
+    )
     assert np.array_equal(_read(out), _read(local))
     with pytest.raises(Exception, match="is complete|nothing to resume"):
-        segment_scene_on_cluster(scene, RuntimeSpec(str(model_pt)), out, cluster.scheduler_address,
-                                 SegmentOptions(progress=False, resume=True), rows_per_block=2)
+        segment_scene_on_cluster(
+            scene,
+            RuntimeSpec(str(model_pt)),
+            out,
+            cluster.scheduler_address,
+            SegmentOptions(progress=False, resume=True),
+            rows_per_block=2,
+        )
     assert kept  # the kept blocks' markers were read back, not recomputed (their results stood)
 
 
 def test_cli_runs_one_scene_on_the_cluster(cluster, tmp_path, model_pt):
     scene = make_geotiff(tmp_path / "s.tif", synthetic_image((3, 150, 120), seed=7))
     local = _local(scene, model_pt, tmp_path / "local.tif")
-    res = CliRunner().invoke(app, ["segment", str(scene), "--model", str(model_pt), "--out", str(tmp_path / "c.tif"),
-                                   "--scheduler", cluster.scheduler_address, "--block-rows", "1", "--probs",
-                                   "--no-progress"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "segment",
+            str(scene),
+            "--model",
+            str(model_pt),
+            "--out",
+            str(tmp_path / "c.tif"),
+            "--scheduler",
+            cluster.scheduler_address,
+            "--block-rows",
+            "1",
+            "--probs",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert np.array_equal(_read(tmp_path / "c.tif"), _read(local))

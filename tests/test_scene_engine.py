@@ -11,14 +11,14 @@ import rasterio
 from conftest import make_geotiff, make_segmenter, one_clean_error, synthetic_image
 from typer.testing import CliRunner
 
-from cdkd.errors import CheckpointError, DataError, OutputExistsError
 from cdkd.data.classraster import NODATA, read_class_schema
-from cdkd.scene.core.options import SegmentOptions
-from cdkd.scene.core.runstate import output_paths
-from cdkd.scene.engine import segment_scene
+from cdkd.errors import CheckpointError, DataError, OutputExistsError
 from cdkd.inference.runtimes import open_runtime
 from cdkd.inference.sliding import sliding_window_logits
+from cdkd.scene.core.options import SegmentOptions
+from cdkd.scene.core.runstate import output_paths
 from cdkd.scene.core.writer import overview_factors
+from cdkd.scene.engine import segment_scene
 from cli.main import app
 
 runner = CliRunner()
@@ -284,8 +284,11 @@ def test_a_folder_stands_for_its_scenes_including_a_vrt(tmp_path, model_pt):
 def test_an_output_never_replaces_its_scene(tmp_path, model_pt):
     scene = make_geotiff(tmp_path / "s.tif", synthetic_image((3, 40, 40)))
     before = scene.read_bytes()
-    for args in (["--out", scene, "--overwrite"], ["--out-dir", tmp_path, "--overwrite"],
-                 ["--out", tmp_path / "s.tiff", "--overwrite"]):
+    for args in (
+        ["--out", scene, "--overwrite"],
+        ["--out-dir", tmp_path, "--overwrite"],
+        ["--out", tmp_path / "s.tiff", "--overwrite"],
+    ):
         res = _segment(scene, "--model", model_pt, *args)
         if args[1] == tmp_path / "s.tiff":  # a different file: allowed
             assert res.exit_code == 0, res.output
@@ -303,8 +306,17 @@ def big_model_pt(tmp_path_factory) -> Path:
     return make_segmenter(tmp_path_factory.mktemp("big") / "segmenter.pt", tile=512, overlap=64)
 
 
-@pytest.mark.parametrize("name", ["colorado_hro.tif", "colorado_hro_nodata.tif", "colorado_hro_alpha.tif",
-                                  "colorado_hro_mask.tif", "RGB.byte.tif", "pix4d_rgba_nodata.tif"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "colorado_hro.tif",
+        "colorado_hro_nodata.tif",
+        "colorado_hro_alpha.tif",
+        "colorado_hro_mask.tif",
+        "RGB.byte.tif",
+        "pix4d_rgba_nodata.tif",
+    ],
+)
 def test_real_scenes_keep_georeferencing_and_nodata(shared_data, big_model_pt, tmp_path, name):
     scene = shared_data / "scenes" / name
     report = segment_scene(scene, open_runtime(big_model_pt), tmp_path / "out.tif", SegmentOptions(**QUIET))
@@ -326,17 +338,21 @@ def test_real_cogeo_is_a_valid_cog(shared_data, runtime, tmp_path):
 
 def test_real_naip_band_selection(shared_data, runtime, tmp_path):
     scene = shared_data / "scenes" / "naip_4band.tif"
-    report = segment_scene(scene, runtime, tmp_path / "out.tif", SegmentOptions(bands=(4, 1, 2), overlap=0,
-                                                                                batch_size=16, **QUIET))
+    report = segment_scene(
+        scene, runtime, tmp_path / "out.tif", SegmentOptions(bands=(4, 1, 2), overlap=0, batch_size=16, **QUIET)
+    )
     assert report.valid_pixels > 0
 
 
-@pytest.mark.parametrize("name, message", [
-    ("corrupt.tif", "cannot read pixels"),
-    ("rotated.tif", "has no CRS"),
-    ("spacenet_pan_uint16.tif", "--bands"),
-    ("all-nodata.tif", "uint16"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("corrupt.tif", "cannot read pixels"),
+        ("rotated.tif", "has no CRS"),
+        ("spacenet_pan_uint16.tif", "--bands"),
+        ("all-nodata.tif", "uint16"),
+    ],
+)
 def test_real_broken_scenes_fail_clearly(shared_data, model_pt, tmp_path, name, message):
     res = _segment(shared_data / "scenes" / name, "--model", model_pt, "--out", tmp_path / "out.tif")
     assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
@@ -344,14 +360,25 @@ def test_real_broken_scenes_fail_clearly(shared_data, model_pt, tmp_path, name, 
 
 
 def test_real_all_nodata_with_scene_stats_is_empty(shared_data, model_pt, tmp_path):
-    res = _segment(shared_data / "scenes" / "all-nodata.tif", "--model", model_pt, "--out", tmp_path / "out.tif",
-                   "--stats", "scene")
+    res = _segment(
+        shared_data / "scenes" / "all-nodata.tif",
+        "--model",
+        model_pt,
+        "--out",
+        tmp_path / "out.tif",
+        "--stats",
+        "scene",
+    )
     assert res.exit_code == 1 and "no valid pixel" in res.output
 
 
 def test_real_pan_uint16_with_mapped_bands(shared_data, runtime, tmp_path):
-    report = segment_scene(shared_data / "scenes" / "spacenet_pan_uint16.tif", runtime, tmp_path / "out.tif",
-                           SegmentOptions(bands=(1, 1, 1), stats="scene", overlap=0, batch_size=16, **QUIET))
+    report = segment_scene(
+        shared_data / "scenes" / "spacenet_pan_uint16.tif",
+        runtime,
+        tmp_path / "out.tif",
+        SegmentOptions(bands=(1, 1, 1), stats="scene", overlap=0, batch_size=16, **QUIET),
+    )
     assert report.valid_pixels > 0
 
 

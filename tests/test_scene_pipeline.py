@@ -18,17 +18,17 @@ from conftest import make_geotiff, synthetic_image
 import cdkd
 from cdkd.artifacts import InferenceMeta
 from cdkd.data.classes import BUILTIN_SCHEMAS
+from cdkd.data.classraster import NODATA
 from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdIOError, CdkdValueError
 from cdkd.inference.blend import seam_index, window_weights
-from cdkd.scene.blocks import plan_blocks
-from cdkd.data.classraster import NODATA
-from cdkd.scene.core.options import SegmentOptions
-from cdkd.scene.core.runstate import output_paths
-from cdkd.scene.engine import segment_scene
-from cdkd.scene.core.pyramid import Pyramid, reduce_mean, reduce_mode
 from cdkd.inference.rowblend import PlanBlender
 from cdkd.inference.tiler import grid_offsets, pad_to_tile, plan_rows
+from cdkd.scene.blocks import plan_blocks
+from cdkd.scene.core.options import SegmentOptions
+from cdkd.scene.core.pyramid import Pyramid, reduce_mean, reduce_mode
+from cdkd.scene.core.runstate import output_paths
+from cdkd.scene.engine import segment_scene
 
 QUIET = dict(progress=False, checkpoint_seconds=0)
 SCHEMA = BUILTIN_SCHEMAS["dubai"]
@@ -64,8 +64,9 @@ class LinearRuntime:
         return torch.from_numpy(self(batch))
 
 
-def canonical_reference(runtime, pixels: np.ndarray, valid: np.ndarray, tile: int, overlap: int,
-                        kind: str = "cosine") -> np.ndarray:
+def canonical_reference(
+    runtime, pixels: np.ndarray, valid: np.ndarray, tile: int, overlap: int, kind: str = "cosine"
+) -> np.ndarray:
     """Whole-image classes by the definition: per window row the sum of its windows' weighted logits (left to
     right), then the rows' sums top to bottom; argmax (first on ties); nodata where invalid."""
     _, height, width = pixels.shape
@@ -251,7 +252,7 @@ def test_streamed_pyramid_equals_reducing_the_whole_raster():
         for level, level_top, rows in pyramid.push(a[top : top + n]):
             assert level_top == sum(r.shape[0] for r in got[level])
             got[level].append(rows)
-    for level, level_top, rows in pyramid.finish():
+    for level, _level_top, rows in pyramid.finish():
         got[level].append(rows)
     for level in (1, 2, 3):
         assert np.array_equal(np.concatenate(got[level]), whole[level])
@@ -350,18 +351,19 @@ def test_a_scene_inside_a_zip(tmp_path, linear):
     with zipfile.ZipFile(tmp_path / "scenes.zip", "w") as z:
         z.write(scene, "inner/s.tif")
     direct = segment_scene(scene, linear, tmp_path / "direct.tif", SegmentOptions(**QUIET))
-    zipped = segment_scene(f"/vsizip/{tmp_path}/scenes.zip/inner/s.tif", linear, tmp_path / "zipped.tif",
-                           SegmentOptions(**QUIET))
+    zipped = segment_scene(
+        f"/vsizip/{tmp_path}/scenes.zip/inner/s.tif", linear, tmp_path / "zipped.tif", SegmentOptions(**QUIET)
+    )
     assert np.array_equal(_read(tmp_path / "direct.tif"), _read(tmp_path / "zipped.tif"))
     assert zipped.scene.startswith("/vsizip/") and zipped.valid_pixels == direct.valid_pixels
     with pytest.raises(CdkdIOError, match="not a readable raster"):
-        segment_scene(f"/vsizip/{tmp_path}/scenes.zip/missing.tif", linear, tmp_path / "x.tif",
-                      SegmentOptions(**QUIET))
+        segment_scene(f"/vsizip/{tmp_path}/scenes.zip/missing.tif", linear, tmp_path / "x.tif", SegmentOptions(**QUIET))
 
 
 def test_a_cog_served_over_http_with_range_requests(tmp_path, linear, monkeypatch, http_folder):
-    scene = make_geotiff(tmp_path / "s.tif", synthetic_image((3, 300, 260), seed=8), tiled=True, blockxsize=128,
-                         blockysize=128)
+    scene = make_geotiff(
+        tmp_path / "s.tif", synthetic_image((3, 300, 260), seed=8), tiled=True, blockxsize=128, blockysize=128
+    )
     cog = tmp_path / "served" / "scene.tif"
     cog.parent.mkdir()
     rasterio.shutil.copy(scene, cog, driver="COG", BLOCKSIZE=128)

@@ -14,8 +14,8 @@ from cdkd.models.mmoa import MMoA
 from cdkd.models.speedups import apply_speedups, channels_last_convs, compile_blocks, resolve_compile
 from cdkd.models.student import ViTStudent
 from cdkd.models.teacher import build_teacher
-from cdkd.utils.flops import count_flops
 from cdkd.train.optim import adamw, check_train_config
+from cdkd.utils.flops import count_flops
 
 
 def _vit_flops(batch: int, tokens: int, dim: int, depth: int, patch_in: int) -> tuple[int, int]:
@@ -83,8 +83,12 @@ def test_adapter_convolutions_stay_channels_last_on_cuda(monkeypatch) -> None:
         want = adapter(h)
     convs = [m for m in adapter.modules() if isinstance(m, torch.nn.Conv2d)]
     layouts = []
-    hooks = [m.register_forward_hook(lambda m, inp, out: layouts.append(
-        inp[0].is_contiguous(memory_format=torch.channels_last))) for m in convs]
+    hooks = [
+        m.register_forward_hook(
+            lambda m, inp, out: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        for m in convs
+    ]
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     with torch.no_grad():
         got = adapter(h)

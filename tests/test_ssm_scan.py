@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdkd.models.ssm_scan import (default_chunk, fused_available, linear_scan, selective_scan, selective_scan_chunked,
-                                  selective_scan_ref)
+from cdkd.models.ssm_scan import (
+    default_chunk,
+    fused_available,
+    linear_scan,
+    selective_scan,
+    selective_scan_chunked,
+    selective_scan_ref,
+)
 
 
 def _inputs(length: int, batch: int = 2, d: int = 6, n: int = 4, seed: int = 0, big_steps: bool = False):
@@ -82,8 +88,9 @@ def test_bfloat16_inputs_are_scanned_in_float32() -> None:
     u, delta, A, B, C, D, _ = _inputs(24)
     y = selective_scan_chunked(u.bfloat16(), delta.bfloat16(), A, B.bfloat16(), C.bfloat16(), D, chunk=8)
     assert y.dtype == torch.bfloat16
-    want = selective_scan_ref(u.bfloat16().float(), delta.bfloat16().float(), A, B.bfloat16().float(),
-                              C.bfloat16().float(), D)
+    want = selective_scan_ref(
+        u.bfloat16().float(), delta.bfloat16().float(), A, B.bfloat16().float(), C.bfloat16().float(), D
+    )
     torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
 
 

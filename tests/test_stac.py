@@ -43,8 +43,12 @@ def _patches(n: int) -> list[Path]:
 
 def _eo(name: str) -> dict:
     band = next(b for b in S2.bands if b.name == name)
-    return {"name": name, "common_name": COMMON[name], "center_wavelength": band.center_nm / 1000,
-            "full_width_half_max": band.width_nm / 1000}
+    return {
+        "name": name,
+        "common_name": COMMON[name],
+        "center_wavelength": band.center_nm / 1000,
+        "full_width_half_max": band.width_nm / 1000,
+    }
 
 
 def _item(root: Path, patch: Path, bands=("B02", "B03", "B04", "B08", "B11")) -> dict:
@@ -53,14 +57,24 @@ def _item(root: Path, patch: Path, bands=("B02", "B03", "B04", "B08", "B11")) ->
     file does not exist)."""
     folder = root / patch.name
     folder.mkdir(parents=True, exist_ok=True)
-    assets = {"B04-jp2": {"href": f"{patch.name}/B04.jp2", "type": "image/jp2", "roles": ["data"],
-                          "eo:bands": [_eo("B04")]}}
+    assets = {
+        "B04-jp2": {"href": f"{patch.name}/B04.jp2", "type": "image/jp2", "roles": ["data"], "eo:bands": [_eo("B04")]}
+    }
     for name in bands:
-        rasterio.shutil.copy(patch / f"{patch.name}_{name}.tif", folder / f"{name}.tif", driver="COG", BLOCKSIZE=64,
-                             OVERVIEWS="NONE")
+        rasterio.shutil.copy(
+            patch / f"{patch.name}_{name}.tif", folder / f"{name}.tif", driver="COG", BLOCKSIZE=64, OVERVIEWS="NONE"
+        )
         assets[name] = {"href": f"{patch.name}/{name}.tif", "type": COG, "roles": ["data"], "eo:bands": [_eo(name)]}
-    return {"type": "Feature", "stac_version": "1.0.0", "stac_extensions": [EO], "id": patch.name, "geometry": None,
-            "properties": {"datetime": "2017-06-13T10:10:31Z"}, "links": [], "assets": assets}
+    return {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "stac_extensions": [EO],
+        "id": patch.name,
+        "geometry": None,
+        "properties": {"datetime": "2017-06-13T10:10:31Z"},
+        "links": [],
+        "assets": assets,
+    }
 
 
 def _write(path: Path, data: dict) -> Path:
@@ -72,8 +86,9 @@ def _segmenter(path: Path, bands: tuple[str, ...] | None, in_chans: int = 4) -> 
     """A tiny real segmenter for uint16 data; it knows its bands (Sentinel-2 names and wavelengths) or not. Its
     64 px windows overlap by 8 px: four windows cover a 120 px patch."""
     spectral = None if bands is None else S2.select([S2.names.index(b) + 1 for b in bands])
-    norm = NormStats((1000.0,) * in_chans, (500.0,) * in_chans, tuple(range(1, in_chans + 1)), "uint16",
-                     spectral=spectral)
+    norm = NormStats(
+        (1000.0,) * in_chans, (500.0,) * in_chans, tuple(range(1, in_chans + 1)), "uint16", spectral=spectral
+    )
     return make_segmenter(path, overlap=8, in_chans=in_chans, norm=norm)
 
 
@@ -107,8 +122,9 @@ def test_a_stac_item_over_http_segments_to_the_raster_of_its_files_given_locally
 
     output = _segment(url, "--model", model, "--out", tmp_path / "remote.tif")
     assert f"item {patch.name}: reads asset(s) B03, B04, B08, B11" in output
-    manifest = write_manifest(tmp_path / "local.bands.yaml", files=[catalog / patch.name / f"{b}.tif"
-                                                                     for b in MODEL_BANDS])
+    manifest = write_manifest(
+        tmp_path / "local.bands.yaml", files=[catalog / patch.name / f"{b}.tif" for b in MODEL_BANDS]
+    )
     _segment(manifest, "--model", model, "--out", tmp_path / "local.tif")
 
     remote, local = _read(tmp_path / "remote.tif"), _read(tmp_path / "local.tif")
@@ -127,8 +143,10 @@ def test_a_missing_band_is_one_line_naming_the_item_and_the_band(tmp_path, s2_mo
     model = s2_model
     res = CliRunner().invoke(app, ["segment", str(item), "--model", str(model), "--out", str(tmp_path / "lc.tif")])
     assert res.exit_code == 1
-    assert one_clean_error(res.output) == (f"Error: item {patch.name}: no asset for band B11 (swir16, 1610 nm); "
-                                           "assets: B04-jp2, B02, B03, B04, B08 (choose them with --assets a,b,...)")
+    assert one_clean_error(res.output) == (
+        f"Error: item {patch.name}: no asset for band B11 (swir16, 1610 nm); "
+        "assets: B04-jp2, B02, B03, B04, B08 (choose them with --assets a,b,...)"
+    )
     assert not list(tmp_path.glob("lc*"))
 
 
@@ -136,22 +154,24 @@ def test_assets_chosen_explicitly_or_as_red_green_blue_for_a_model_without_band_
     patch = _patches(1)[0]
     item = _write(tmp_path / "item.json", _item(tmp_path, patch, bands=("B02", "B03", "B04")))
     model = _segmenter(tmp_path / "rgb.pt", None, in_chans=3)
-    assert "reads asset(s) B04, B03, B02" in _segment(item, "--model", model, "--out", tmp_path / "chosen.tif",
-                                                      "--assets", "B04,B03,B02")
+    assert "reads asset(s) B04, B03, B02" in _segment(
+        item, "--model", model, "--out", tmp_path / "chosen.tif", "--assets", "B04,B03,B02"
+    )
     files = [tmp_path / patch.name / f"{b}.tif" for b in ("B04", "B03", "B02")]
-    _segment(write_manifest(tmp_path / "rgb.bands.yaml", files=files), "--model", model, "--out",
-             tmp_path / "files.tif")
+    _segment(
+        write_manifest(tmp_path / "rgb.bands.yaml", files=files), "--model", model, "--out", tmp_path / "files.tif"
+    )
     assert np.array_equal(_read(tmp_path / "chosen.tif")[0], _read(tmp_path / "files.tif")[0])
     norm = NormStats((1000.0,) * 3, (500.0,) * 3, (1, 2, 3), "uint16")
     with SceneSource(item, 3, norm) as rgb, SceneSource(item, 3, norm, assets=("B02", "B03", "B04")) as bgr:
         assert [a.key for a in rgb.stac.assets] == ["B04", "B03", "B02"]  # red, green, blue by their eo:bands
         assert [a.key for a in bgr.stac.assets] == ["B02", "B03", "B04"] and bgr.bands == (1, 2, 3)  # as given
 
-    res = CliRunner().invoke(app, ["segment", str(item), "--model", str(model), "--out", str(tmp_path / "x.tif"),
-                                   "--assets", "B04,nir,B02"])
+    res = CliRunner().invoke(
+        app, ["segment", str(item), "--model", str(model), "--out", str(tmp_path / "x.tif"), "--assets", "B04,nir,B02"]
+    )
     assert res.exit_code == 1
-    assert one_clean_error(res.output) == (f"Error: item {patch.name}: no asset 'nir'; assets: B04-jp2, B02, B03, "
-                                           "B04")
+    assert one_clean_error(res.output) == (f"Error: item {patch.name}: no asset 'nir'; assets: B04-jp2, B02, B03, B04")
 
 
 def test_an_item_collection_gives_one_output_per_item_named_by_its_id(tmp_path, s2_model):
@@ -186,10 +206,10 @@ class _Interrupted:
 
 def test_an_interrupted_item_resumes_and_a_changed_item_is_refused(tmp_path, s2_model):
     from cdkd.errors import CheckpointError
+    from cdkd.inference.runtimes import RuntimeSpec
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.core.runstate import output_paths
     from cdkd.scene.engine import segment_scene
-    from cdkd.inference.runtimes import RuntimeSpec
 
     patch = _patches(1)[0]
     data = _item(tmp_path, patch, bands=MODEL_BANDS)
@@ -210,8 +230,9 @@ def test_an_interrupted_item_resumes_and_a_changed_item_is_refused(tmp_path, s2_
     item.write_text(original)
     os.utime(item, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # the very file of the interrupted run
     report = segment_scene(item, runtime, tmp_path / "out.tif", SegmentOptions(resume=True, **options))
-    assert report.resumed_from_row == 1 and np.array_equal(_read(tmp_path / "out.tif")[0],
-                                                           _read(tmp_path / "whole.tif")[0])
+    assert report.resumed_from_row == 1 and np.array_equal(
+        _read(tmp_path / "out.tif")[0], _read(tmp_path / "whole.tif")[0]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- without shared data
@@ -230,11 +251,15 @@ def test_assets_are_matched_by_wavelength_common_name_or_preset_name():
     ]
     model = BandSet((Band(842, 115, "B08"), Band(665, 30, "B04"), Band(705, 15, "B05")))
     assert [a.key for a in choose_assets("item x", assets, model, 3, None)] == ["nir", "red", "rededge1"]
-    with pytest.raises(DataError, match=r"^item x: no asset for bands B12 \(swir22, 2190 nm\), 443 nm \(coastal\); assets: "):
+    with pytest.raises(
+        DataError, match=r"^item x: no asset for bands B12 \(swir22, 2190 nm\), 443 nm \(coastal\); assets: "
+    ):
         choose_assets("item x", assets, BandSet((Band(2190, 180, "B12"), Band(443))), 2, None)
     with pytest.raises(DataError, match="the model does not say which bands its 4 channels are; choose 4 assets"):
         choose_assets("item x", assets, None, 4, None)
-    assert is_stac("items.json#A") and is_stac("https://h/v1/collections/s2/items/S2A_1") and stac_stem("a.json#A") == "A"
+    assert (
+        is_stac("items.json#A") and is_stac("https://h/v1/collections/s2/items/S2A_1") and stac_stem("a.json#A") == "A"
+    )
     assert not is_stac("scene.bands.json") and not is_stac("https://h/scene.tif")
 
 
@@ -244,14 +269,28 @@ def test_stac_1_1_bands_and_the_projection_extension_place_assets_without_georef
     for name, array, colour in zip(("r", "g", "b"), arrays, ("red", "green", "blue")):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(tmp_path / f"{name}.tif", "w", driver="GTiff", width=50, height=40, count=1,
-                               dtype="uint16") as dst:
+            with rasterio.open(
+                tmp_path / f"{name}.tif", "w", driver="GTiff", width=50, height=40, count=1, dtype="uint16"
+            ) as dst:
                 dst.write(array, 1)
-        assets[name] = {"href": f"./{name}.tif", "type": "image/tiff", "bands": [{"name": name,
-                                                                                   "eo:common_name": colour}]}
-    item = {"type": "Feature", "stac_version": "1.1.0", "id": "plain", "geometry": None, "links": [],
-            "properties": {"datetime": "2020-01-01T00:00:00Z", "proj:code": "EPSG:32633",
-                           "proj:transform": [10, 0, 500000, 0, -10, 5000000]}, "assets": assets}
+        assets[name] = {
+            "href": f"./{name}.tif",
+            "type": "image/tiff",
+            "bands": [{"name": name, "eo:common_name": colour}],
+        }
+    item = {
+        "type": "Feature",
+        "stac_version": "1.1.0",
+        "id": "plain",
+        "geometry": None,
+        "links": [],
+        "properties": {
+            "datetime": "2020-01-01T00:00:00Z",
+            "proj:code": "EPSG:32633",
+            "proj:transform": [10, 0, 500000, 0, -10, 5000000],
+        },
+        "assets": assets,
+    }
     path = _write(tmp_path / "plain.json", item)
     with open_raster(path) as src:  # no model: the item's red, green and blue assets
         assert src.crs == "EPSG:32633" and src.transform == Affine(10, 0, 500000, 0, -10, 5000000)

@@ -158,8 +158,10 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
     x = torch.randn(1, 3, 64, 64)
     grads = []
     for ckpt in (False, True):
-        teacher = MMoATeacher(_randomised_sam_b(), TeacherConfig(variant="vit_b", random_init=True, adapter_dim=8,
-                                                                 grad_checkpointing=ckpt)).train()
+        teacher = MMoATeacher(
+            _randomised_sam_b(),
+            TeacherConfig(variant="vit_b", random_init=True, adapter_dim=8, grad_checkpointing=ckpt),
+        ).train()
         with torch.no_grad():
             for blk in teacher.blocks:
                 for a in blk.mmoa.adapters:

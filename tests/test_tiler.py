@@ -90,9 +90,7 @@ def test_grid_offsets_refuses_non_integers(bad):
 # plan_windows / plan_rows / TileWindow
 
 
-@pytest.mark.parametrize(
-    "height, width", [(200, 300), (64, 64), (40, 40), (40, 150), (150, 40), (1, 1), (65, 129)]
-)
+@pytest.mark.parametrize("height, width", [(200, 300), (64, 64), (40, 40), (40, 150), (150, 40), (1, 1), (65, 129)])
 @pytest.mark.parametrize("overlap", [0, 16, 17])
 def test_plan_windows_cover_the_image(height, width, overlap):
     tile = 64

@@ -37,7 +37,10 @@ def test_neck_pyramid_strides_4_8_16_32(grid):
     out = neck(feats)
     ceil = lambda n: -(-n // 2)  # noqa: E731
     assert [tuple(o.shape) for o in out] == [
-        (2, 32, 4 * h, 4 * w), (2, 32, 2 * h, 2 * w), (2, 32, h, w), (2, 32, ceil(h), ceil(w))
+        (2, 32, 4 * h, 4 * w),
+        (2, 32, 2 * h, 2 * w),
+        (2, 32, h, w),
+        (2, 32, ceil(h), ceil(w)),
     ]
     assert out[2] is feats[2]  # the stride-16 level is the map itself
 

@@ -15,8 +15,8 @@ from conftest import one_clean_error
 from test_vectorize import SCHEMA, app, blob_ids, read, runner, scene_ids, write_class_raster
 
 from cdkd.data.classes import color_hex
-from cdkd.errors import CdkdValueError, ConfigError, OutputExistsError
 from cdkd.data.classraster import NODATA
+from cdkd.errors import CdkdValueError, ConfigError, OutputExistsError
 from cdkd.vector import VectorizeConfig, vectorize
 from cdkd.vector.choices import AREA_MODES
 from cdkd.vector.formats import FORMATS, geo_metadata
@@ -80,7 +80,8 @@ def test_flatgeobuf_and_geoparquet_hold_the_geopackages_features(tmp_path: Path,
     assert _classes_in_qml(other.style_path.read_text()) == {c.id: (c.name, color_hex(c.color)) for c in SCHEMA.classes}
     # nothing left behind: no staged GeoPackage, no temporary
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("lc")) == sorted(
-        ["lc.gpkg", "lc.gpkg.json", f"lc{suffix}", f"lc{suffix}.json", "lc.qml"])
+        ["lc.gpkg", "lc.gpkg.json", f"lc{suffix}", f"lc{suffix}.json", "lc.qml"]
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -123,8 +124,11 @@ def test_unknown_extension_is_refused_in_one_line(tmp_path: Path) -> None:
 def test_area_choices_are_listed_and_a_wrong_one_refused_at_once(tmp_path: Path) -> None:
     help_text = runner.invoke(app, ["vectorize", "--help"], env={"COLUMNS": "250"}).output
     assert "<auto|planar|ellipsoidal>" in help_text
-    res = runner.invoke(app, ["vectorize", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "o.gpkg"),
-                              "--area", "flat"], env={"COLUMNS": "250"})
+    res = runner.invoke(
+        app,
+        ["vectorize", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "o.gpkg"), "--area", "flat"],
+        env={"COLUMNS": "250"},
+    )
     assert res.exit_code == 2 and "'flat' is not one of 'auto', 'planar', 'ellipsoidal'" in res.output
     assert not (tmp_path / "o.gpkg").exists()
     assert AREA_MODES == ("auto", "planar", "ellipsoidal")
@@ -137,8 +141,9 @@ def test_config_round_trip_and_flags_override_it(tmp_path: Path) -> None:
     assert VectorizeConfig.load(path) == cfg
     src = write_class_raster(tmp_path / "s.tif", scene_ids())
     out = tmp_path / "o.gpkg"
-    res = runner.invoke(app, ["vectorize", str(src), "--out", str(out), "--config", str(path), "--layer", "lc",
-                              "--no-progress"])
+    res = runner.invoke(
+        app, ["vectorize", str(src), "--out", str(out), "--config", str(path), "--layer", "lc", "--no-progress"]
+    )
     assert res.exit_code == 0, res.output
     import json
 
@@ -148,13 +153,16 @@ def test_config_round_trip_and_flags_override_it(tmp_path: Path) -> None:
     assert settings["area"] == "planar" and settings["min_area_px"] == 3
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("area: flat\n", "area 'flat': choose one of auto, planar, ellipsoidal"),
-    ("min_area: 5 acres\n", "is not an area"),
-    ("simplify: -1\n", "tolerance > 0"),
-    ("colour: red\n", "unknown key(s) colour"),
-    ("window_rows: 0\n", "window_rows must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("area: flat\n", "area 'flat': choose one of auto, planar, ellipsoidal"),
+        ("min_area: 5 acres\n", "is not an area"),
+        ("simplify: -1\n", "tolerance > 0"),
+        ("colour: red\n", "unknown key(s) colour"),
+        ("window_rows: 0\n", "window_rows must be a positive integer"),
+    ],
+)
 def test_bad_config_files_name_the_file(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -172,9 +180,16 @@ def test_an_empty_layer_converts_to_an_empty_file(tmp_path: Path, suffix: str) -
     from cdkd.vector.formats import convert
 
     staged = tmp_path / "empty.gpkg"
-    pyogrio.raw.write(staged, np.zeros(0, object), [np.zeros(0, np.int32), np.zeros(0, object)],
-                      ["class_id", "class_name"], layer="objects", driver="GPKG", geometry_type="Polygon",
-                      crs="EPSG:32633")
+    pyogrio.raw.write(
+        staged,
+        np.zeros(0, object),
+        [np.zeros(0, np.int32), np.zeros(0, object)],
+        ["class_id", "class_name"],
+        layer="objects",
+        driver="GPKG",
+        geometry_type="Polygon",
+        crs="EPSG:32633",
+    )
     out = tmp_path / f"objects{suffix}"
     convert(staged, "objects", out, FORMATS[suffix])
     frame = gpd.read_parquet(out) if suffix == ".parquet" else gpd.read_file(out)

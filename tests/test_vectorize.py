@@ -19,9 +19,9 @@ from rasterio.transform import Affine
 from typer.testing import CliRunner
 
 from cdkd.data.classes import ClassSchema, LandCoverClass
+from cdkd.data.classraster import NODATA, write_class_metadata
 from cdkd.errors import CdkdValueError, OutputExistsError
 from cdkd.scene.core.areas import ClassAreaTally
-from cdkd.data.classraster import NODATA, write_class_metadata
 from cdkd.vector import MinArea, parse_min_area, vectorize
 from cdkd.vector.coverage import node
 from cdkd.vector.join import join_pieces
@@ -30,8 +30,14 @@ from cdkd.vector.sieve import sieve_halo, sieve_ids, sieve_size
 from cdkd.vector.strips import plan_strips
 from cli.vectorize import vectorize_command
 
-SCHEMA = ClassSchema((LandCoverClass(0, "grass", "#00FF00"), LandCoverClass(1, "water", "#0000FF"),
-                      LandCoverClass(2, "road", "#808080"), LandCoverClass(3, "building", "#FF0000")))
+SCHEMA = ClassSchema(
+    (
+        LandCoverClass(0, "grass", "#00FF00"),
+        LandCoverClass(1, "water", "#0000FF"),
+        LandCoverClass(2, "road", "#808080"),
+        LandCoverClass(3, "building", "#FF0000"),
+    )
+)
 UTM = Affine(10, 0, 500_000, 0, -10, 5_000_000)  # 10 m pixels: 100 m² each
 PIXEL_M2 = 100.0
 
@@ -51,8 +57,15 @@ runner = CliRunner()
 # fixtures
 
 
-def write_class_raster(path: Path, ids: np.ndarray, *, labelled: bool = True, crs: str | None = "EPSG:32633",
-                       transform: Affine = UTM, nodata: float | None = NODATA) -> Path:
+def write_class_raster(
+    path: Path,
+    ids: np.ndarray,
+    *,
+    labelled: bool = True,
+    crs: str | None = "EPSG:32633",
+    transform: Affine = UTM,
+    nodata: float | None = NODATA,
+) -> Path:
     """(H, W) integer ids as a single-band GeoTIFF, labelled with ``SCHEMA`` as cdkd segment labels its output."""
     make_geotiff(path, ids[None], crs=crs, transform=transform, nodata=nodata)
     if labelled:
@@ -138,11 +151,13 @@ def test_strips_equal_one_window_and_whole_raster_polygonize(tmp_path: Path, win
     strips = vectorize(src, tmp_path / "strips.gpkg", window_rows=window_rows, progress=False)
     assert whole.settings.strips == 1 and strips.settings.strips == -(-64 // window_rows)
     a, b = read(whole.output), read(strips.output)
-    assert_same_polygons(canonical(a.geometry.values, a.class_id.to_numpy()),
-                         canonical(b.geometry.values, b.class_id.to_numpy()))
+    assert_same_polygons(
+        canonical(a.geometry.values, a.class_id.to_numpy()), canonical(b.geometry.values, b.class_id.to_numpy())
+    )
     # and both equal GDAL's polygons of the whole array, moved into the CRS
-    ref = [(shapely.geometry.shape(g), int(v)) for g, v in shapes(ids, mask=ids != NODATA, connectivity=4,
-                                                                  transform=UTM)]
+    ref = [
+        (shapely.geometry.shape(g), int(v)) for g, v in shapes(ids, mask=ids != NODATA, connectivity=4, transform=UTM)
+    ]
     ref_polygons, ref_classes = np.array([g for g, _ in ref]), np.array([v for _, v in ref])
     assert_same_polygons(canonical(ref_polygons, ref_classes), canonical(b.geometry.values, b.class_id.to_numpy()))
     assert strips.polygons == len(b) == len(ref)
@@ -170,8 +185,9 @@ def test_u_ring_and_hole_survive_many_borders(tmp_path: Path) -> None:
 
 def test_fields_crs_and_report(tmp_path: Path) -> None:
     ids = scene_ids()
-    report = vectorize(write_class_raster(tmp_path / "scene.tif", ids), tmp_path / "out.gpkg", window_rows=9,
-                       progress=False)
+    report = vectorize(
+        write_class_raster(tmp_path / "scene.tif", ids), tmp_path / "out.gpkg", window_rows=9, progress=False
+    )
     info = pyogrio.read_info(report.output, layer="scene")
     assert pyogrio.list_layers(report.output)[:, 0].tolist() == ["scene", "layer_styles"]
     assert pyproj.CRS(info["crs"]).to_epsg() == 32633
@@ -189,8 +205,11 @@ def test_fields_crs_and_report(tmp_path: Path) -> None:
 
 def test_nodata_never_becomes_a_polygon(tmp_path: Path) -> None:
     ids = scene_ids()
-    frame = read(vectorize(write_class_raster(tmp_path / "s.tif", ids), tmp_path / "o.gpkg", window_rows=5,
-                           progress=False).output)
+    frame = read(
+        vectorize(
+            write_class_raster(tmp_path / "s.tif", ids), tmp_path / "o.gpkg", window_rows=5, progress=False
+        ).output
+    )
     rows, cols = np.nonzero(ids == NODATA)
     x, y = 500_000 + 10 * (cols + 0.5), 5_000_000 - 10 * (rows + 0.5)
     hits = shapely.STRtree(frame.geometry.values).query(shapely.points(x, y), predicate="within")
@@ -224,14 +243,24 @@ def test_geographic_crs_gives_geodesic_m2(tmp_path: Path) -> None:
     ids[10:30, 5:45] = 1
     step, west, north = 0.001, 10.0, 45.04
     transform = Affine(step, 0, west, 0, -step, north)
-    report = vectorize(write_class_raster(tmp_path / "geo.tif", ids, crs="EPSG:4326", transform=transform),
-                       tmp_path / "geo.gpkg", window_rows=7, progress=False)
+    report = vectorize(
+        write_class_raster(tmp_path / "geo.tif", ids, crs="EPSG:4326", transform=transform),
+        tmp_path / "geo.gpkg",
+        window_rows=7,
+        progress=False,
+    )
     geod = pyproj.Geod(ellps="WGS84")
 
     def pixels_m2(rows: range, cols: range) -> float:  # per-pixel geodesic truth
-        return sum(abs(geod.geometry_area_perimeter(shapely.box(west + c * step, north - (r + 1) * step,
-                                                                west + (c + 1) * step, north - r * step))[0])
-                   for r in rows for c in cols)
+        return sum(
+            abs(
+                geod.geometry_area_perimeter(
+                    shapely.box(west + c * step, north - (r + 1) * step, west + (c + 1) * step, north - r * step)
+                )[0]
+            )
+            for r in rows
+            for c in cols
+        )
 
     block = shapely.box(west + 5 * step, north - 30 * step, west + 45 * step, north - 10 * step)
     _, block_perimeter = geod.geometry_area_perimeter(block)
@@ -387,8 +416,13 @@ def islands_ids() -> np.ndarray:
 @pytest.mark.parametrize("min_area", ["400m2", "4px", "3.5 px"])
 def test_min_area_merges_small_islands_into_the_surrounding_class(tmp_path: Path, min_area: str) -> None:
     ids = islands_ids()
-    report = vectorize(write_class_raster(tmp_path / "i.tif", ids), tmp_path / "i.gpkg", window_rows=8,
-                       min_area=min_area, progress=False)
+    report = vectorize(
+        write_class_raster(tmp_path / "i.tif", ids),
+        tmp_path / "i.gpkg",
+        window_rows=8,
+        min_area=min_area,
+        progress=False,
+    )
     assert report.settings.min_area_px == 4 and report.settings.sieve_halo_rows == 3
     frame = read(report.output)
     assert sorted(frame.class_id) == [0, 1]  # grass and the 49 px water block; the islands went to grass
@@ -406,7 +440,7 @@ def test_strip_sieve_removes_what_a_whole_raster_sieve_removes() -> None:
         whole = sieve_ids(ids, valid, size)
         strips = np.empty_like(ids)
         for s in plan_strips(ids.shape[0], 10, sieve_halo(size)):
-            strips[s.row0:s.row1] = sieve_ids(ids[s.read0:s.read1], valid[s.read0:s.read1], size)[s.core]
+            strips[s.row0 : s.row1] = sieve_ids(ids[s.read0 : s.read1], valid[s.read0 : s.read1], size)[s.core]
         np.testing.assert_array_equal((whole != ids) & valid, (strips != ids) & valid)
         assert (strips[~valid] == ids[~valid]).all()
 
@@ -446,9 +480,13 @@ def test_merger_closes_everything_after_the_last_strip() -> None:
     valid = ids != NODATA
     merger, count = StripMerger(), 0
     for s in plan_strips(ids.shape[0], 5):
-        polygons, classes = polygonize(np.where(valid, ids, 0)[s.row0:s.row1], valid[s.row0:s.row1], s.row0)
-        count += sum(len(p) for p, _ in merger.add(polygons, classes, ids[s.row0:s.row1], valid[s.row0:s.row1],
-                                                   s.row0, last=s.row1 == ids.shape[0]))
+        polygons, classes = polygonize(np.where(valid, ids, 0)[s.row0 : s.row1], valid[s.row0 : s.row1], s.row0)
+        count += sum(
+            len(p)
+            for p, _ in merger.add(
+                polygons, classes, ids[s.row0 : s.row1], valid[s.row0 : s.row1], s.row0, last=s.row1 == ids.shape[0]
+            )
+        )
     assert merger.open_components == 0
     assert count == len(list(shapes(ids, mask=valid, connectivity=4)))
 
@@ -517,23 +555,26 @@ def _truncated(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case, code, expected", [
-    ("text", 1, "not a readable raster"),
-    ("missing", 1, "no such file"),
-    ("truncated", 1, "cannot read rows"),
-    ("bands", 1, "has 3 bands"),
-    ("float", 1, "float32 is not an integer type"),
-    ("no_crs", 1, "has no CRS"),
-    ("unlabelled", 1, "--classes"),
-    ("unknown_values", 1, "2 values that are neither class ids nor nodata: 7 (20 px), 9 (3 px)"),
-    ("all_nodata", 1, "every pixel is nodata"),
-    ("min_area", 2, "--min-area '100 acres' is not an area"),
-    ("simplify", 2, "--simplify must be a tolerance > 0"),
-    ("suffix", 2, "unknown output extension '.shp'; use .gpkg (GeoPackage), .fgb (FlatGeobuf), .parquet"),
-    ("both_layers", 2, "not both"),
-    ("classes_missing", 1, "class file not found"),
-    ("planar_degrees", 1, "is in degrees: planar areas would be in square degrees"),
-])
+@pytest.mark.parametrize(
+    "case, code, expected",
+    [
+        ("text", 1, "not a readable raster"),
+        ("missing", 1, "no such file"),
+        ("truncated", 1, "cannot read rows"),
+        ("bands", 1, "has 3 bands"),
+        ("float", 1, "float32 is not an integer type"),
+        ("no_crs", 1, "has no CRS"),
+        ("unlabelled", 1, "--classes"),
+        ("unknown_values", 1, "2 values that are neither class ids nor nodata: 7 (20 px), 9 (3 px)"),
+        ("all_nodata", 1, "every pixel is nodata"),
+        ("min_area", 2, "--min-area '100 acres' is not an area"),
+        ("simplify", 2, "--simplify must be a tolerance > 0"),
+        ("suffix", 2, "unknown output extension '.shp'; use .gpkg (GeoPackage), .fgb (FlatGeobuf), .parquet"),
+        ("both_layers", 2, "not both"),
+        ("classes_missing", 1, "class file not found"),
+        ("planar_degrees", 1, "is in degrees: planar areas would be in square degrees"),
+    ],
+)
 def test_cli_errors(tmp_path: Path, case: str, code: int, expected: str) -> None:
     ids = scene_ids()
     src = tmp_path / f"{case}.tif"
@@ -566,10 +607,13 @@ def test_cli_errors(tmp_path: Path, case: str, code: int, expected: str) -> None
         extra = ["--area", "planar"]
     elif case != "missing":
         write_class_raster(src, ids)
-        extra = {"min_area": ["--min-area", "100 acres"], "simplify": ["--simplify", "-1"],
-                 "both_layers": ["--layer", "x", "--layer-per-class"],
-                 "classes_missing": ["--classes", tmp_path / "nope.yaml"],
-                 "area_mode": ["--area", "flat"]}.get(case, [])
+        extra = {
+            "min_area": ["--min-area", "100 acres"],
+            "simplify": ["--simplify", "-1"],
+            "both_layers": ["--layer", "x", "--layer-per-class"],
+            "classes_missing": ["--classes", tmp_path / "nope.yaml"],
+            "area_mode": ["--area", "flat"],
+        }.get(case, [])
         if case == "suffix":
             out = tmp_path / "out.shp"
     exit_code, text = _run(src, "--out", out, *extra)
@@ -587,9 +631,9 @@ def test_real_scene_segmented_then_vectorised(shared_data: Path, tmp_path: Path,
     """End to end on a real scene: cdkd segment's class raster -> polygons that cover exactly its valid pixels."""
     from conftest import make_segmenter
 
+    from cdkd.inference.runtimes import open_runtime
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.inference.runtimes import open_runtime
 
     model = make_segmenter(tmp_path / "segmenter.pt", tile=512, overlap=64)
     raster = tmp_path / "lc.tif"

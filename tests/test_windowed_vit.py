@@ -125,8 +125,16 @@ def test_equals_timm_vit_when_all_blocks_are_global():
     """Same weight names and maths as timm's ViT (no class token), position resampling included."""
     m = small(img_size=128, global_blocks=range(4))
     timm_vit = VisionTransformer(
-        img_size=128, patch_size=16, embed_dim=32, depth=4, num_heads=4, class_token=False,
-        global_pool="avg", fc_norm=False, num_classes=0, dynamic_img_size=True,
+        img_size=128,
+        patch_size=16,
+        embed_dim=32,
+        depth=4,
+        num_heads=4,
+        class_token=False,
+        global_pool="avg",
+        fc_norm=False,
+        num_classes=0,
+        dynamic_img_size=True,
     ).eval()
     sd = {k: v for k, v in m.state_dict().items() if k != "mask_token"}
     timm_vit.load_state_dict(sd, strict=True)
@@ -144,7 +152,7 @@ def _changed_tokens(m: WindowedViT, x: torch.Tensor, patch: tuple[int, int]) -> 
     with torch.no_grad():
         a = m.forward_intermediates(x, indices=[0], intermediates_only=True)[0]
         b = m.forward_intermediates(x2, indices=[0], intermediates_only=True)[0]
-    return ((a - b).abs().amax(dim=(0, 1)) > 1e-6)
+    return (a - b).abs().amax(dim=(0, 1)) > 1e-6
 
 
 def test_window_attention_is_local():

@@ -16,8 +16,11 @@ from cdkd.data.files import (
 )
 from cdkd.data.stats import NormStats, compute_stats
 
-_LAZY = {"StepSampler": "cdkd.data.sampler", "UnlabeledTiles": "cdkd.data.unlabeled",
-         "check_tile_size": "cdkd.data.unlabeled"}
+_LAZY = {
+    "StepSampler": "cdkd.data.sampler",
+    "UnlabeledTiles": "cdkd.data.unlabeled",
+    "check_tile_size": "cdkd.data.unlabeled",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -38,10 +38,12 @@ def alignment_weights(student: BandSet, teacher: BandSet) -> np.ndarray:
         lo, hi = t[k]
         centre = (lo + hi) / 2
         nearest = student.bands[int(np.argmin(np.abs(np.asarray(student.centers) - centre)))]
-        raise CdkdValueError(f"teacher channel {teacher.bands[k].name or k + 1} ({lo:g}-{hi:g} nm) has no student "
-                             f"band in its range (nearest: {nearest.label()}); the student's bands are "
-                             f"{student.describe(8)}. Give wavelengths that cover it or other teacher ranges "
-                             "(hyperkd.teacher_ranges)")
+        raise CdkdValueError(
+            f"teacher channel {teacher.bands[k].name or k + 1} ({lo:g}-{hi:g} nm) has no student "
+            f"band in its range (nearest: {nearest.label()}); the student's bands are "
+            f"{student.describe(8)}. Give wavelengths that cover it or other teacher ranges "
+            "(hyperkd.teacher_ranges)"
+        )
     return overlap / sums
 
 
@@ -55,16 +57,18 @@ def format_alignment(weights: np.ndarray, student: BandSet, teacher: BandSet, mi
         head = f"{teacher.bands[k].name or k + 1} ({t_int[k, 0]:g}-{t_int[k, 1]:g} nm) <- "
         if len(used) > 6:
             c = np.asarray(student.centers)[used]
-            body = (f"{len(used)} bands {c.min():.0f}-{c.max():.0f} nm, weights {row[used].min():.3f}-"
-                    f"{row[used].max():.3f}")
+            body = (
+                f"{len(used)} bands {c.min():.0f}-{c.max():.0f} nm, weights {row[used].min():.3f}-{row[used].max():.3f}"
+            )
         else:
             body = " + ".join(f"{row[i]:.3f} {student.bands[i].label()}" for i in used)
         lines.append(head + body)
     return "\n".join(lines)
 
 
-def patch_embed_from_teacher(teacher_w: np.ndarray, weights: np.ndarray, out_dim: int,
-                             base: np.ndarray | None = None) -> np.ndarray:
+def patch_embed_from_teacher(
+    teacher_w: np.ndarray, weights: np.ndarray, out_dim: int, base: np.ndarray | None = None
+) -> np.ndarray:
     """Student patch-embedding filters (out_dim, C, p, p) from the teacher's (D_t, T, p, p) through ``weights``
     (T, C).
 

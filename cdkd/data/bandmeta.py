@@ -88,8 +88,12 @@ def _band_set_from_envi(header: Mapping[str, str], count: int) -> BandSet | None
     names = _envi_list(header.get("band names", "")) or [""] * len(centers)
     if len(centers) != count or any(c is None for c in centers) or len(widths) != count or len(names) != count:
         return None
-    return BandSet(tuple(Band(_to_nm(c, units), None if w is None else _to_nm(w, units), n)  # type: ignore[arg-type]
-                         for c, w, n in zip(centers, widths, names)))
+    return BandSet(
+        tuple(
+            Band(_to_nm(c, units), None if w is None else _to_nm(w, units), n)  # type: ignore[arg-type]
+            for c, w, n in zip(centers, widths, names)
+        )
+    )
 
 
 def _band_from_tags(tags: Mapping[str, str], imagery: Mapping[str, str], name: str) -> Band | None:
@@ -125,8 +129,10 @@ def band_set_of(src: Any, path: str | Path | None = None) -> BandSet | None:
         return _with_preset_widths(BandSet(tuple(found)))  # type: ignore[arg-type]
     if any(b is not None for b in found):
         missing = [i + 1 for i, b in enumerate(found) if b is None]
-        raise DataError(f"{where}: bands {missing} carry no wavelength while the others do; tag every band "
-                        "(wavelength_nm) or pass --wavelengths")
+        raise DataError(
+            f"{where}: bands {missing} carry no wavelength while the others do; tag every band "
+            "(wavelength_nm) or pass --wavelengths"
+        )
     if path is not None and not str(path).startswith("/vsi") and (hdr := _envi_sidecar(path)) is not None:
         try:
             envi = _band_set_from_envi(read_envi_header(hdr), src.count)
@@ -145,6 +151,11 @@ def _with_preset_widths(found: BandSet) -> BandSet:
     for preset in SENSOR_PRESETS.values():
         picked = preset_for_names(found.names, preset)
         if picked is not None and same_bands(found, picked):
-            return BandSet(tuple(Band(b.center_nm, b.width_nm if b.width_nm is not None else p.width_nm, b.name)
-                                 for b, p in zip(found.bands, picked.bands)), found.sensor)
+            return BandSet(
+                tuple(
+                    Band(b.center_nm, b.width_nm if b.width_nm is not None else p.width_nm, b.name)
+                    for b, p in zip(found.bands, picked.bands)
+                ),
+                found.sensor,
+            )
     return found

@@ -24,8 +24,7 @@ import numpy as np
 
 from cdkd.errors import CdkdValueError, DataError
 
-__all__ = ["Band", "BandSet", "choose_scene_bands", "match_bands", "normalize_band_name", "same_bands",
-           "tolerance_nm"]
+__all__ = ["Band", "BandSet", "choose_scene_bands", "match_bands", "normalize_band_name", "same_bands", "tolerance_nm"]
 
 DEFAULT_WIDTH_NM = 10.0  # assumed width of a lone band whose width is unknown
 MATCH_TOLERANCE_NM = 10.0  # least centre difference a scene band may have from the model's and still match
@@ -134,8 +133,10 @@ class BandSet:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BandSet:
         try:
-            bands = tuple(Band(center_nm=float(b["center_nm"]), width_nm=b.get("width_nm"), name=b.get("name", ""))
-                          for b in d["bands"])
+            bands = tuple(
+                Band(center_nm=float(b["center_nm"]), width_nm=b.get("width_nm"), name=b.get("name", ""))
+                for b in d["bands"]
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise CdkdValueError(f"not a band set ({type(e).__name__}: {e}): {dict(d)!r}") from None
         return cls(bands, str(d.get("sensor", "")))
@@ -190,9 +191,12 @@ def same_bands(a: BandSet | None, b: BandSet | None) -> bool:
 def match_bands(model: BandSet, scene: BandSet) -> list[int | None]:
     """For every model band, the 1-based scene band that measures it (nearest centre within ``tolerance_nm``,
     each scene band used once, closest pairs first), or None when the scene has no such band."""
-    pairs = sorted((abs(m.center_nm - s.center_nm), i, j)
-                   for i, m in enumerate(model.bands) for j, s in enumerate(scene.bands)
-                   if abs(m.center_nm - s.center_nm) <= tolerance_nm(m))
+    pairs = sorted(
+        (abs(m.center_nm - s.center_nm), i, j)
+        for i, m in enumerate(model.bands)
+        for j, s in enumerate(scene.bands)
+        if abs(m.center_nm - s.center_nm) <= tolerance_nm(m)
+    )
     out: list[int | None] = [None] * len(model)
     used: set[int] = set()
     for _, i, j in pairs:
@@ -201,8 +205,9 @@ def match_bands(model: BandSet, scene: BandSet) -> list[int | None]:
     return out
 
 
-def choose_scene_bands(model: BandSet | None, scene: BandSet | None, requested: Sequence[int] | None,
-                       where: str | Path) -> tuple[int, ...] | None:
+def choose_scene_bands(
+    model: BandSet | None, scene: BandSet | None, requested: Sequence[int] | None, where: str | Path
+) -> tuple[int, ...] | None:
     """The scene bands (1-based) to feed a model whose input bands are ``model``, or None to keep the count-based
     default (either side says nothing about wavelengths).
 
@@ -222,13 +227,16 @@ def choose_scene_bands(model: BandSet | None, scene: BandSet | None, requested: 
             if abs(m.center_nm - s.center_nm) > tolerance_nm(m):
                 wrong.append(f"--bands gives scene band {j} ({s.label()}) to model channel {k + 1} ({m.label()})")
         if wrong:
-            raise DataError(f"{where}: {'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}; the model reads "
-                            f"{model.describe()}")
+            raise DataError(
+                f"{where}: {'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}; the model reads {model.describe()}"
+            )
         return None
     matched = match_bands(model, scene)
     missing = [m.label() for m, j in zip(model.bands, matched) if j is None]
     if missing:
-        raise DataError(f"{where}: the scene has no band for {', '.join(missing[:6])}"
-                        f"{' ...' if len(missing) > 6 else ''} (the model reads {model.describe()}; the scene has "
-                        f"{scene.describe()}); give a scene with those bands, or map bands with --bands")
+        raise DataError(
+            f"{where}: the scene has no band for {', '.join(missing[:6])}"
+            f"{' ...' if len(missing) > 6 else ''} (the model reads {model.describe()}; the scene has "
+            f"{scene.describe()}); give a scene with those bands, or map bands with --bands"
+        )
     return tuple(int(j) for j in matched)  # type: ignore[arg-type]

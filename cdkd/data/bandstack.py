@@ -114,11 +114,15 @@ class BandStack:
     @classmethod
     def from_folder(cls, folder: str | Path, **kwargs: Any) -> BandStack:
         folder = Path(folder)
-        found = sorted(str(p.resolve()) for p in folder.iterdir()
-                       if p.suffix.lower() in _BAND_FILE_SUFFIXES and p.is_file() and not p.name.startswith("."))
+        found = sorted(
+            str(p.resolve())
+            for p in folder.iterdir()
+            if p.suffix.lower() in _BAND_FILE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+        )
         if not found:
-            raise DataError(f"{folder}: no band file in this folder (looked for "
-                            f"{', '.join('*' + s for s in _BAND_FILE_SUFFIXES)})")
+            raise DataError(
+                f"{folder}: no band file in this folder (looked for {', '.join('*' + s for s in _BAND_FILE_SUFFIXES)})"
+            )
         return cls(tuple(found), str(folder), **dict(kwargs, ordered=False))
 
     @classmethod
@@ -138,13 +142,16 @@ class BandStack:
         if unknown:
             raise CdkdValueError(f"{path}: unknown key(s) {', '.join(unknown)} in a band manifest")
         base = path.resolve().parent
-        opts = {"resampling": str(spec.get("resampling", "bilinear")),
-                "wavelengths": None if spec.get("wavelengths") is None else str(spec["wavelengths"])}
+        opts = {
+            "resampling": str(spec.get("resampling", "bilinear")),
+            "wavelengths": None if spec.get("wavelengths") is None else str(spec["wavelengths"]),
+        }
         if "folder" in spec:
             files = cls.from_folder(base / str(spec["folder"])).files
         else:
-            files = tuple(str((base / str(f)).resolve()) if not str(f).startswith("/vsi") else str(f)
-                          for f in spec["files"] or ())
+            files = tuple(
+                str((base / str(f)).resolve()) if not str(f).startswith("/vsi") else str(f) for f in spec["files"] or ()
+            )
         stack = cls(files, str(path), ordered="files" in spec, **opts)
         grid = spec.get("grid")
         return stack if grid is None else replace(stack, grid=stack.index_of(grid))
@@ -185,17 +192,23 @@ class BandStack:
         items, spectral = self.bands()
         grid_file = self.files[self.grid] if self.grid >= 0 else None
         ref = next((b for b in items if b.path == grid_file), None) or min(
-            items, key=lambda b: abs(b.transform.a * b.transform.e))
+            items, key=lambda b: abs(b.transform.a * b.transform.e)
+        )
         for b in items:
             if b.crs != ref.crs:
-                raise DataError(f"{self.source}: {Path(b.path).name} is in {b.crs} but {Path(ref.path).name} in "
-                                f"{ref.crs}; a band stack needs one CRS (reproject the files first)")
+                raise DataError(
+                    f"{self.source}: {Path(b.path).name} is in {b.crs} but {Path(ref.path).name} in "
+                    f"{ref.crs}; a band stack needs one CRS (reproject the files first)"
+                )
             if b.dtype != ref.dtype:
-                raise DataError(f"{self.source}: {Path(b.path).name} holds {b.dtype} but {Path(ref.path).name} "
-                                f"{ref.dtype}; a band stack needs one pixel type")
+                raise DataError(
+                    f"{self.source}: {Path(b.path).name} holds {b.dtype} but {Path(ref.path).name} "
+                    f"{ref.dtype}; a band stack needs one pixel type"
+                )
             if b.transform.b or b.transform.d:
-                raise DataError(f"{self.source}: {Path(b.path).name} has a rotated grid; band stacks need north-up "
-                                "files")
+                raise DataError(
+                    f"{self.source}: {Path(b.path).name} has a rotated grid; band stacks need north-up files"
+                )
         g = ref.transform
         root = ET.Element("VRTDataset", rasterXSize=str(ref.width), rasterYSize=str(ref.height))
         if ref.crs is not None:
@@ -204,7 +217,7 @@ class BandStack:
         for k, b in enumerate(items):
             band = ET.SubElement(root, "VRTRasterBand", dataType=_gdal_typename(b.dtype), band=str(k + 1))
             info = spectral.bands[k] if spectral is not None else None
-            ET.SubElement(band, "Description").text = (info.name if info is not None and info.name else b.name)
+            ET.SubElement(band, "Description").text = info.name if info is not None and info.name else b.name
             if b.nodata is not None:
                 ET.SubElement(band, "NoDataValue").text = repr(float(b.nodata))
             if info is not None:
@@ -214,8 +227,12 @@ class BandStack:
             ET.SubElement(src, "SourceBand").text = "1"
             ET.SubElement(src, "SrcRect", xOff="0", yOff="0", xSize=str(b.width), ySize=str(b.height))
             t = b.transform
-            dst = {"xOff": (t.c - g.c) / g.a, "yOff": (t.f - g.f) / g.e, "xSize": b.width * t.a / g.a,
-                   "ySize": b.height * t.e / g.e}
+            dst = {
+                "xOff": (t.c - g.c) / g.a,
+                "yOff": (t.f - g.f) / g.e,
+                "xSize": b.width * t.a / g.a,
+                "ySize": b.height * t.e / g.e,
+            }
             ET.SubElement(src, "DstRect", **{k2: _num(v) for k2, v in dst.items()})
             if b.nodata is not None:
                 ET.SubElement(src, "NODATA").text = repr(float(b.nodata))
@@ -285,9 +302,15 @@ def manifest_members(path: str | Path) -> list[Path]:
         return []
 
 
-def write_manifest(out: str | Path, *, folder: str | Path | None = None, files: Sequence[str | Path] | None = None,
-                   grid: str | int | None = None, resampling: str = "bilinear",
-                   wavelengths: str | None = None) -> Path:
+def write_manifest(
+    out: str | Path,
+    *,
+    folder: str | Path | None = None,
+    files: Sequence[str | Path] | None = None,
+    grid: str | int | None = None,
+    resampling: str = "bilinear",
+    wavelengths: str | None = None,
+) -> Path:
     """Write a band-stack manifest (atomically); paths are stored as given (absolute stays absolute)."""
     import yaml
 

@@ -52,18 +52,18 @@ def parse_color(value: Any, where: str = "colour") -> Color:
     if isinstance(value, str):
         m = _HEX.match(value.strip())
         if not m:
-            raise CdkdValueError(f"{where}: {value!r} is not a colour: write it as \"#RRGGBB\" or [R, G, B]")
+            raise CdkdValueError(f'{where}: {value!r} is not a colour: write it as "#RRGGBB" or [R, G, B]')
         h = m.group(1)
         return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
     try:
         parts = tuple(value)
     except TypeError:
-        raise CdkdValueError(f"{where}: {value!r} is not a colour: write it as \"#RRGGBB\" or [R, G, B]") from None
+        raise CdkdValueError(f'{where}: {value!r} is not a colour: write it as "#RRGGBB" or [R, G, B]') from None
     ok = len(parts) == 3 and all(
         not isinstance(p, bool) and isinstance(p, (int, np.integer)) and 0 <= p <= 255 for p in parts
     )
     if not ok:
-        raise CdkdValueError(f"{where}: {value!r} is not a colour: need three integers 0..255 or \"#RRGGBB\"")
+        raise CdkdValueError(f'{where}: {value!r} is not a colour: need three integers 0..255 or "#RRGGBB"')
     return int(parts[0]), int(parts[1]), int(parts[2])
 
 
@@ -277,8 +277,10 @@ class ClassSchema:
         rgb = mask[:3]
         if rgb.dtype != np.uint8:
             if rgb.dtype.kind not in "ui" or (rgb.size and (rgb.min() < 0 or rgb.max() > 255)):
-                raise DataError(f"{path}: colour-coded mask of type {rgb.dtype} has values outside 0..255; "
-                                "save colour masks as 8-bit RGB")
+                raise DataError(
+                    f"{path}: colour-coded mask of type {rgb.dtype} has values outside 0..255; "
+                    "save colour masks as 8-bit RGB"
+                )
         keys = _pack(rgb)
         known = [(_key(c), c_id) for c_id, c in enumerate(self.colors)]
         known += [(_key(c), self.ignore_index) for c in self.ignore_colors]
@@ -291,8 +293,10 @@ class ClassSchema:
         if not hit.all():
             values, counts = np.unique(keys[~hit], return_counts=True)
             listed = [(color_hex(((v >> 16) & 255, (v >> 8) & 255, v & 255)), n) for v, n in zip(values, counts)]
-            raise DataError(f"{path}: {_unknown_list(listed, 'colour')}; known: {self._known_colors()}; "
-                            "add the missing colours to the class file (as classes or under 'ignore')")
+            raise DataError(
+                f"{path}: {_unknown_list(listed, 'colour')}; known: {self._known_colors()}; "
+                "add the missing colours to the class file (as classes or under 'ignore')"
+            )
         return known_ids[pos]
 
     def decode_index(self, mask: np.ndarray, path: str | Path = "mask") -> np.ndarray:
@@ -380,9 +384,7 @@ def _parse_ignore(entries: Any) -> tuple[list[Color], list[int]]:
     return colors, values
 
 
-def _build_value_map(
-    values: Any, ignore_values: list[int], k: int, ignore_index: int
-) -> dict[int, int] | None:
+def _build_value_map(values: Any, ignore_values: list[int], k: int, ignore_index: int) -> dict[int, int] | None:
     """Merge ``values`` and the ``ignore`` values into one raw value -> id map (None: raw value = id)."""
     if values is None and not ignore_values:
         return None
@@ -397,8 +399,10 @@ def _build_value_map(
     else:
         if not isinstance(values, Mapping):
             raise CdkdValueError(f"'values' must be a mapping raw value -> class id, got {values!r}")
-        out = {_as_int(r, "raw mask value in 'values'"): _as_int(t, f"class id for raw value {r!r}")
-               for r, t in values.items()}
+        out = {
+            _as_int(r, "raw mask value in 'values'"): _as_int(t, f"class id for raw value {r!r}")
+            for r, t in values.items()
+        }
     for v in ignore_values:
         if out.get(v, ignore_index) != ignore_index:
             raise CdkdValueError(f"raw value {v} is listed under 'ignore' but 'values' maps it to class {out[v]}")
@@ -447,32 +451,64 @@ BUILTIN_SCHEMAS: dict[str, ClassSchema] = {
     # Dubai aerial imagery (MBRSC / Humans in the Loop): the true mask colours (its classes.json is wrong);
     # #9B9B9B marks unlabeled pixels and a few pixels are #000000
     "dubai": _schema(
-        [("building", "#3C1098"), ("land", "#8429F6"), ("road", "#6EC1E4"), ("vegetation", "#FEDD3A"),
-         ("water", "#E2A929")],
+        [
+            ("building", "#3C1098"),
+            ("land", "#8429F6"),
+            ("road", "#6EC1E4"),
+            ("vegetation", "#FEDD3A"),
+            ("water", "#E2A929"),
+        ],
         ignore_colors=["#9B9B9B", "#000000"],
     ),
     # DeepGlobe Land Cover: colour-coded masks, black = unknown
     "deepglobe": _schema(
-        [("urban", "#00FFFF"), ("agriculture", "#FFFF00"), ("rangeland", "#FF00FF"), ("forest", "#00FF00"),
-         ("water", "#0000FF"), ("barren", "#FFFFFF")],
+        [
+            ("urban", "#00FFFF"),
+            ("agriculture", "#FFFF00"),
+            ("rangeland", "#FF00FF"),
+            ("forest", "#00FF00"),
+            ("water", "#0000FF"),
+            ("barren", "#FFFFFF"),
+        ],
         ignore_colors=["#000000"],
     ),
     # LoveDA: index masks 0 = no-data, 1..7 -> ids 0..6; colours as in mmsegmentation's LoveDA palette
     "loveda": _schema(
-        [("background", "#FFFFFF"), ("building", "#FF0000"), ("road", "#FFFF00"), ("water", "#0000FF"),
-         ("barren", "#9F81B7"), ("forest", "#00FF00"), ("agriculture", "#FFC380")],
+        [
+            ("background", "#FFFFFF"),
+            ("building", "#FF0000"),
+            ("road", "#FFFF00"),
+            ("water", "#0000FF"),
+            ("barren", "#9F81B7"),
+            ("forest", "#00FF00"),
+            ("agriculture", "#FFC380"),
+        ],
         value_map=_shifted(7),
     ),
     # ISPRS Potsdam / Vaihingen (mmsegmentation conversion): index masks 0..5, 255 = ignore; colours are the
     # ISPRS label colours, so the original colour-coded label files decode too
     "isprs": _schema(
-        [("impervious_surface", "#FFFFFF"), ("building", "#0000FF"), ("low_vegetation", "#00FFFF"),
-         ("tree", "#00FF00"), ("car", "#FFFF00"), ("clutter", "#FF0000")],
+        [
+            ("impervious_surface", "#FFFFFF"),
+            ("building", "#0000FF"),
+            ("low_vegetation", "#00FFFF"),
+            ("tree", "#00FF00"),
+            ("car", "#FFFF00"),
+            ("clutter", "#FF0000"),
+        ],
     ),
     # OpenEarthMap: index masks 0 = unknown, 1..8 -> ids 0..7; colours from the data set's own palette
     "openearthmap": _schema(
-        [("bareland", "#800000"), ("rangeland", "#00FF24"), ("developed_space", "#949494"), ("road", "#FFFFFF"),
-         ("tree", "#226126"), ("water", "#0045FF"), ("agriculture", "#4BB549"), ("building", "#DE1F07")],
+        [
+            ("bareland", "#800000"),
+            ("rangeland", "#00FF24"),
+            ("developed_space", "#949494"),
+            ("road", "#FFFFFF"),
+            ("tree", "#226126"),
+            ("water", "#0045FF"),
+            ("agriculture", "#4BB549"),
+            ("building", "#DE1F07"),
+        ],
         value_map=_shifted(8),
     ),
 }

@@ -34,9 +34,14 @@ MAX_CLASSES = NODATA  # ids 0..254; 255 is nodata
 _GFT_INTEGER, _GFT_STRING = 0, 2
 _GFU_NAME, _GFU_MINMAX, _GFU_RED, _GFU_GREEN, _GFU_BLUE, _GFU_ALPHA = 2, 5, 6, 7, 8, 9
 # The raster attribute table's columns: (name, GDAL type, GDAL usage); names as QGIS and ArcGIS expect them.
-RAT_COLUMNS = (("Value", _GFT_INTEGER, _GFU_MINMAX), ("Class_Name", _GFT_STRING, _GFU_NAME),
-               ("Red", _GFT_INTEGER, _GFU_RED), ("Green", _GFT_INTEGER, _GFU_GREEN),
-               ("Blue", _GFT_INTEGER, _GFU_BLUE), ("Alpha", _GFT_INTEGER, _GFU_ALPHA))
+RAT_COLUMNS = (
+    ("Value", _GFT_INTEGER, _GFU_MINMAX),
+    ("Class_Name", _GFT_STRING, _GFU_NAME),
+    ("Red", _GFT_INTEGER, _GFU_RED),
+    ("Green", _GFT_INTEGER, _GFU_GREEN),
+    ("Blue", _GFT_INTEGER, _GFU_BLUE),
+    ("Alpha", _GFT_INTEGER, _GFU_ALPHA),
+)
 
 
 def check_num_classes(schema: ClassSchema) -> None:
@@ -75,8 +80,9 @@ def read_class_schema(src: Any) -> ClassSchema | None:
         return None
     try:
         legend = json.loads(text)
-        return ClassSchema.from_dict({"classes": legend["classes"],
-                                      "ignore_index": legend.get("ignore_index", NODATA)}, CLASSES_TAG)
+        return ClassSchema.from_dict(
+            {"classes": legend["classes"], "ignore_index": legend.get("ignore_index", NODATA)}, CLASSES_TAG
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise CdkdValueError(f"{getattr(src, 'name', 'raster')}: unreadable {CLASSES_TAG} tag ({e})") from None
 

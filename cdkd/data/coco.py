@@ -90,9 +90,17 @@ class InstanceData:
                     seg = encode_mask(object_mask(obj, im.height, im.width))
                 ann_id = obj.id or next_id
                 next_id = max(next_id, ann_id) + 1
-                annotations.append({"id": ann_id, "image_id": im.id, "category_id": self.category_ids[obj.class_id],
-                                    "bbox": [float(v) for v in obj.bbox], "area": float(_area(seg, im)),
-                                    "segmentation": seg, "iscrowd": int(obj.iscrowd)})
+                annotations.append(
+                    {
+                        "id": ann_id,
+                        "image_id": im.id,
+                        "category_id": self.category_ids[obj.class_id],
+                        "bbox": [float(v) for v in obj.bbox],
+                        "area": float(_area(seg, im)),
+                        "segmentation": seg,
+                        "iscrowd": int(obj.iscrowd),
+                    }
+                )
         return {"images": images, "annotations": annotations, "categories": categories}
 
 
@@ -126,8 +134,9 @@ def _area(segmentation: Any, image: InstanceImage) -> float:
     return float(mask_utils.area(_rle(segmentation, image.height, image.width)))
 
 
-def object_mask(obj: InstanceObject, height: int, width: int,
-                window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+def object_mask(
+    obj: InstanceObject, height: int, width: int, window: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
     """The object's (h, w) bool mask over ``window`` = (row, col, h, w) of its (``height``, ``width``) image
     (None: the whole image)."""
     row, col, h, w = window if window is not None else (0, 0, height, width)
@@ -136,7 +145,7 @@ def object_mask(obj: InstanceObject, height: int, width: int,
         from pycocotools import mask as mask_utils
 
         full = mask_utils.decode(_rle(seg, height, width)).astype(bool)
-        return full[row:row + h, col:col + w]
+        return full[row : row + h, col : col + w]
     import shapely
     from rasterio.features import rasterize
 
@@ -246,8 +255,10 @@ def _resolve_images(json_path: Path, file_names: list[str], images: str | Path |
     if best is None or best_missing is None:
         tried = ", ".join(str(f) for f in folders)
         raise DataError(f"{json_path}: none of its {len(file_names)} images was found; looked in {tried}")
-    raise DataError(f"{json_path}: {len(best_missing)} of its {len(file_names)} images are missing from {best} "
-                    f"(first: {best_missing[0]}); looked in {', '.join(str(f) for f in folders)}")
+    raise DataError(
+        f"{json_path}: {len(best_missing)} of its {len(file_names)} images are missing from {best} "
+        f"(first: {best_missing[0]}); looked in {', '.join(str(f) for f in folders)}"
+    )
 
 
 def _matches(file_name: str, patterns: Sequence[str]) -> bool:
@@ -304,17 +315,21 @@ def read_coco(path: str | Path, split: Sequence[str] | None = None, images: str 
             bbox = tuple(float(v) for v in ann["bbox"])
             seg = ann["segmentation"]
         except (KeyError, TypeError, ValueError):
-            raise DataError(f"{json_path}: annotation {ann.get('id', '?')} lacks image_id, category_id, bbox or "
-                            "segmentation") from None
+            raise DataError(
+                f"{json_path}: annotation {ann.get('id', '?')} lacks image_id, category_id, bbox or segmentation"
+            ) from None
         if image_id not in known_images:
-            raise DataError(f"{json_path}: annotation {ann.get('id', '?')} refers to image {image_id}, which the "
-                            "file does not list")
+            raise DataError(
+                f"{json_path}: annotation {ann.get('id', '?')} refers to image {image_id}, which the file does not list"
+            )
         if cat not in class_of:
-            raise DataError(f"{json_path}: annotation {ann.get('id', '?')} has category {cat}, which the file does "
-                            "not list")
+            raise DataError(
+                f"{json_path}: annotation {ann.get('id', '?')} has category {cat}, which the file does not list"
+            )
         if image_id in objects and len(bbox) == 4:
-            objects[image_id].append(InstanceObject(class_of[cat], bbox, seg, bool(ann.get("iscrowd", 0)),
-                                                    int(ann.get("id", 0))))
+            objects[image_id].append(
+                InstanceObject(class_of[cat], bbox, seg, bool(ann.get("iscrowd", 0)), int(ann.get("id", 0)))
+            )
     imgs = tuple(InstanceImage(str(folder / name), i, name, h, w, tuple(objects[i])) for i, name, h, w in entries)
     for im in imgs:
         _check_declared_size(json_path, im)
@@ -328,8 +343,10 @@ def _check_declared_size(json_path: Path, image: InstanceImage) -> None:
 
     height, width = raster_header(image.path)[:2]
     if (height, width) != (image.height, image.width):
-        raise DataError(f"{json_path}: image {image.id} ({image.file_name}) is declared {image.height}x{image.width} "
-                        f"(rows x columns) but {image.path} is {height}x{width}; fix the file's height and width")
+        raise DataError(
+            f"{json_path}: image {image.id} ({image.file_name}) is declared {image.height}x{image.width} "
+            f"(rows x columns) but {image.path} is {height}x{width}; fix the file's height and width"
+        )
 
 
 def write_coco(path: str | Path, coco: dict[str, Any] | InstanceData) -> Path:
@@ -341,5 +358,17 @@ def write_coco(path: str | Path, coco: dict[str, Any] | InstanceData) -> Path:
     return Path(path)
 
 
-__all__ = ["INSTANCE_FORMATS", "InstanceData", "InstanceImage", "InstanceObject", "encode_mask", "find_coco_json",
-           "image_folders", "mask_bbox", "object_mask", "object_schema", "read_coco", "write_coco"]
+__all__ = [
+    "INSTANCE_FORMATS",
+    "InstanceData",
+    "InstanceImage",
+    "InstanceObject",
+    "encode_mask",
+    "find_coco_json",
+    "image_folders",
+    "mask_bbox",
+    "object_mask",
+    "object_schema",
+    "read_coco",
+    "write_coco",
+]

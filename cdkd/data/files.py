@@ -35,8 +35,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 PROBE_SIZE = 64  # side of the windows read to check that a file's pixel data decodes
 
-_FORMATS_HELP = ("looked for JPEG, PNG, TIFF and GeoTIFF files and band-stack manifests: "
-                 + ", ".join(f"*{s}" for s in IMAGE_SUFFIXES) + ", *.bands.yaml")
+_FORMATS_HELP = (
+    "looked for JPEG, PNG, TIFF and GeoTIFF files and band-stack manifests: "
+    + ", ".join(f"*{s}" for s in IMAGE_SUFFIXES)
+    + ", *.bands.yaml"
+)
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,9 @@ def open_raster(path: str | Path) -> rasterio.io.DatasetReader:
     return open_file(path)
 
 
-def read_pixels(src: rasterio.io.DatasetReader, bands: tuple[int, ...], window: Window) -> tuple[np.ndarray, np.ndarray]:
+def read_pixels(
+    src: rasterio.io.DatasetReader, bands: tuple[int, ...], window: Window
+) -> tuple[np.ndarray, np.ndarray]:
     """Pixels (C, h, w) and validity (h, w) of ``window`` in an open dataset."""
     pixels = src.read(indexes=list(bands), window=window)
     # GDAL semantics: a pixel is invalid where the nodata value / alpha / internal mask says so
@@ -272,8 +277,10 @@ def require_one_dtype(rasters: Sequence[RasterInfo], root: str | Path) -> str:
     if len(by_dtype) > 1:
         counts = ", ".join(f"{d}: {len(v)} files" for d, v in sorted(by_dtype.items(), key=lambda kv: -len(kv[1])))
         minority = min(by_dtype.values(), key=len)[0]
-        raise DataError(f"{root}: images of different data types ({counts}, e.g. {Path(minority.path).name}); "
-                        "one set of normalisation statistics cannot serve them all: put each type in its own folder")
+        raise DataError(
+            f"{root}: images of different data types ({counts}, e.g. {Path(minority.path).name}); "
+            "one set of normalisation statistics cannot serve them all: put each type in its own folder"
+        )
     return next(iter(by_dtype))
 
 
@@ -302,6 +309,8 @@ def resolve_band_set(paths: Sequence[str], bands: Sequence[int], wavelengths: st
         if not same_bands(first, other):
             a = first.describe() if first else "no wavelengths"
             b = other.describe() if other else "no wavelengths"
-            raise DataError(f"{p}: its bands ({b}) differ from those of {paths[0]} ({a}); one model reads one set "
-                            "of bands: put each sensor in its own folder")
+            raise DataError(
+                f"{p}: its bands ({b}) differ from those of {paths[0]} ({a}); one model reads one set "
+                "of bands: put each sensor in its own folder"
+            )
     return None if first is None else first.select(bands)

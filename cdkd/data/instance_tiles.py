@@ -32,8 +32,16 @@ class InstanceTiles(Dataset):
     x0, y0, x1, y1 px, ``labels`` (N,) int64 class ids **1..K** (torchvision's convention: 0 is background),
     ``masks`` (N, T, T) uint8. Images smaller than the tile are placed top-left and padded."""
 
-    def __init__(self, data: InstanceData, stats: NormStats, tile_size: int, augment: bool = True, seed: int = 0,
-                 object_bias: float = 0.75, min_pixels: int = 8) -> None:
+    def __init__(
+        self,
+        data: InstanceData,
+        stats: NormStats,
+        tile_size: int,
+        augment: bool = True,
+        seed: int = 0,
+        object_bias: float = 0.75,
+        min_pixels: int = 8,
+    ) -> None:
         self.tile_size = check_tile_size(tile_size)
         if not data.images:
             raise DataError(f"{data.source}: no image to draw training tiles from")
@@ -93,16 +101,20 @@ class InstanceTiles(Dataset):
             if len(stack):
                 stack, _ = flip_rotate(stack, np.zeros((t, t), bool), twin)
         boxes = [mask_bbox(m > 0.5) for m in stack]
-        return {"image": torch.from_numpy(np.ascontiguousarray(image)),
-                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                "labels": torch.tensor(labels, dtype=torch.int64),
-                "masks": torch.from_numpy(np.ascontiguousarray(stack > 0.5).astype(np.uint8))}
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)),
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "masks": torch.from_numpy(np.ascontiguousarray(stack > 0.5).astype(np.uint8)),
+        }
 
 
 def collate_instances(items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     """A batch: ``image`` (B, C, T, T) and ``targets``, a list of B dicts (boxes, labels, masks) for Mask R-CNN."""
-    return {"image": torch.stack([it["image"] for it in items]),
-            "targets": [{k: it[k] for k in ("boxes", "labels", "masks")} for it in items]}
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "targets": [{k: it[k] for k in ("boxes", "labels", "masks")} for it in items],
+    }
 
 
 __all__ = ["InstanceTiles", "collate_instances"]

@@ -34,8 +34,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cdkd"
 
 
-def check_labels(pairs: Sequence[LabeledPair], schema: ClassSchema, fmt: str,
-                 log: Callable[[str], None] | None = None) -> None:
+def check_labels(
+    pairs: Sequence[LabeledPair], schema: ClassSchema, fmt: str, log: Callable[[str], None] | None = None
+) -> None:
     """Raise a one-line DataError for the first pair whose mask does not fit ``fmt`` and ``schema`` (see the
     module docstring); pairs checked before, unchanged, are not read again."""
     digest = hashlib.sha256(json.dumps([fmt, schema.to_dict()], sort_keys=True).encode()).hexdigest()[:16]
@@ -59,8 +60,10 @@ def check_pair(pair: LabeledPair, schema: ClassSchema, fmt: str) -> None:
     img_h, img_w, _, _ = raster_header(pair.image)
     mask_h, mask_w, count, _ = raster_header(pair.mask)
     if (img_h, img_w) != (mask_h, mask_w):
-        raise DataError(f"{pair.image} is {img_h}x{img_w} (rows x columns) but its mask {pair.mask} is "
-                        f"{mask_h}x{mask_w}: image and mask must have the same size")
+        raise DataError(
+            f"{pair.image} is {img_h}x{img_w} (rows x columns) but its mask {pair.mask} is "
+            f"{mask_h}x{mask_w}: image and mask must have the same size"
+        )
     _check_layout(pair.mask, count, fmt)
     for row in range(0, mask_h, ROWS):
         read_label(pair, schema, (row, 0, min(ROWS, mask_h - row), mask_w))
@@ -72,11 +75,15 @@ def _check_layout(mask: str, count: int, fmt: str) -> None:
         with reading(mask) as src:
             paletted = src.colorinterp[0] == ColorInterp.palette
         if not paletted:
-            raise DataError(f"{mask}: is a single-band index mask, but --format {fmt} masks are colour-coded "
-                            "(R, G, B); for index masks use --format folder with a class file")
+            raise DataError(
+                f"{mask}: is a single-band index mask, but --format {fmt} masks are colour-coded "
+                "(R, G, B); for index masks use --format folder with a class file"
+            )
     if kind == "index" and count >= 3:
-        raise DataError(f"{mask}: is a {count}-band (colour-coded) mask, but --format {fmt} masks hold class "
-                        "values in one band; for colour-coded masks use --format folder with a class file")
+        raise DataError(
+            f"{mask}: is a {count}-band (colour-coded) mask, but --format {fmt} masks hold class "
+            "values in one band; for colour-coded masks use --format folder with a class file"
+        )
 
 
 def _key(pair: LabeledPair) -> str:

@@ -48,7 +48,12 @@ FORMATS = ("dubai", "deepglobe", "loveda", "isprs", "openearthmap", "folder")
 
 # how each format encodes its masks: "rgb" colour-coded, "index" raw values, "auto" decided per file
 _MASK_KINDS = {
-    "dubai": "rgb", "deepglobe": "rgb", "loveda": "index", "isprs": "index", "openearthmap": "index", "folder": "auto",
+    "dubai": "rgb",
+    "deepglobe": "rgb",
+    "loveda": "index",
+    "isprs": "index",
+    "openearthmap": "index",
+    "folder": "auto",
 }
 
 _LAYOUTS = {
@@ -214,8 +219,12 @@ def find_pairs(root: str | Path, fmt: str, split: Sequence[str] | None = None) -
         raise DataError(f"{root}: {what} (expected {_LAYOUTS[fmt]})")
     matched, unmatched = _candidate_pairs(root, fmt)
     if not matched:
-        detail = (f"{len(unmatched)} image(s) without a mask, e.g. {unmatched[0][0].relative_to(root)} "
-                  f"(looked for {unmatched[0][1].relative_to(root)})" if unmatched else "no image found")
+        detail = (
+            f"{len(unmatched)} image(s) without a mask, e.g. {unmatched[0][0].relative_to(root)} "
+            f"(looked for {unmatched[0][1].relative_to(root)})"
+            if unmatched
+            else "no image found"
+        )
         raise DataError(f"{root}: no {fmt} image/mask pair found: {detail}; expected {_LAYOUTS[fmt]}")
     if unmatched:
         img, expected = unmatched[0]
@@ -295,8 +304,9 @@ def _read_label(path: str, schema: ClassSchema, window: Window | None) -> np.nda
     """
     try:
         with reading(path) as src:
-            if window is not None and (window.row_off + window.height > src.height
-                                       or window.col_off + window.width > src.width):
+            if window is not None and (
+                window.row_off + window.height > src.height or window.col_off + window.width > src.width
+            ):
                 raise CdkdValueError(f"{path}: window {window} lies outside the {src.height}x{src.width} mask")
             if src.count >= 3:
                 return schema.decode_rgb(src.read([1, 2, 3], window=window), path)

@@ -120,8 +120,9 @@ def read_items(href: str) -> tuple[str, list[Any]]:
             return where, list(pystac.ItemCollection.from_dict(data).items)
     except (KeyError, TypeError, ValueError, pystac.STACError) as e:
         raise DataError(f"{href}: not a valid STAC item ({type(e).__name__}: {e})") from None
-    raise DataError(f"{href}: not a STAC Item or ItemCollection (GeoJSON type {kind!r}; expected 'Feature' or "
-                    "'FeatureCollection')")
+    raise DataError(
+        f"{href}: not a STAC Item or ItemCollection (GeoJSON type {kind!r}; expected 'Feature' or 'FeatureCollection')"
+    )
 
 
 def read_item(ref: str | Path) -> tuple[str, Any]:
@@ -136,8 +137,9 @@ def read_item(ref: str | Path) -> tuple[str, Any]:
             raise DataError(f"{href}: no item {wanted!r} (items: {listed or 'none'})")
         return where, found[0]
     if len(items) != 1:
-        raise DataError(f"{href}: holds {len(items)} items; name one as {href}#ITEM_ID, or segment them all with "
-                        "--out-dir")
+        raise DataError(
+            f"{href}: holds {len(items)} items; name one as {href}#ITEM_ID, or segment them all with --out-dir"
+        )
     return where, items[0]
 
 
@@ -211,8 +213,12 @@ def _band(entry: Any) -> StacBand:
     def get(key: str) -> Any:
         return entry.get(key, entry.get(f"eo:{key}"))
 
-    return StacBand(str(entry.get("name") or ""), str(get("common_name") or ""), _um(get("center_wavelength")),
-                    _um(get("full_width_half_max")))
+    return StacBand(
+        str(entry.get("name") or ""),
+        str(get("common_name") or ""),
+        _um(get("center_wavelength")),
+        _um(get("full_width_half_max")),
+    )
 
 
 def _asset_bands(fields: dict[str, Any], item_bands: list[Any]) -> tuple[StacBand, ...]:
@@ -239,10 +245,28 @@ def _common_name(band: Band) -> str:
     """The widest EO common name whose range holds the band's centre (``pan`` left out): ``nir`` for 842 nm."""
     from pystac.extensions.eo import Band as EOBand
 
-    names = ("coastal", "blue", "green", "red", "yellow", "rededge", "nir", "nir08", "nir09", "cirrus", "swir16",
-             "swir22", "lwir", "lwir11", "lwir12")
-    fits = [(hi - lo, n) for n in names if (r := EOBand.band_range(n)) and (lo := 1000 * r[0]) <= band.center_nm
-            <= (hi := 1000 * r[1])]
+    names = (
+        "coastal",
+        "blue",
+        "green",
+        "red",
+        "yellow",
+        "rededge",
+        "nir",
+        "nir08",
+        "nir09",
+        "cirrus",
+        "swir16",
+        "swir22",
+        "lwir",
+        "lwir11",
+        "lwir12",
+    )
+    fits = [
+        (hi - lo, n)
+        for n in names
+        if (r := EOBand.band_range(n)) and (lo := 1000 * r[0]) <= band.center_nm <= (hi := 1000 * r[1])
+    ]
     return max(fits)[1] if fits else ""
 
 
@@ -254,8 +278,9 @@ def _band_label(band: Band) -> str:
     return f"{nm} ({common})" if common else nm
 
 
-def choose_assets(label: str, assets: Sequence[StacAsset], model: BandSet | None, in_chans: int | None,
-                  keys: Sequence[str] | None) -> list[StacAsset]:
+def choose_assets(
+    label: str, assets: Sequence[StacAsset], model: BandSet | None, in_chans: int | None, keys: Sequence[str] | None
+) -> list[StacAsset]:
     """The assets that make the scene, in the model's channel order (see the module docstring).
 
     Raises DataError naming the item (``label``) and what is missing: an asset key, or the model bands that no
@@ -270,14 +295,21 @@ def choose_assets(label: str, assets: Sequence[StacAsset], model: BandSet | None
         return [by_key[k] for k in keys]
     if model is None:
         if in_chans not in (None, 3):
-            raise DataError(f"{label}: the model does not say which bands its {in_chans} channels are; choose "
-                            f"{in_chans} assets with --assets a,b,... (assets: {listed})")
-        model = BandSet(tuple(Band(b.center_nm, b.width_nm, c) for b, c in zip(TEACHER_RGB.bands,
-                                                                               ("red", "green", "blue"))))
+            raise DataError(
+                f"{label}: the model does not say which bands its {in_chans} channels are; choose "
+                f"{in_chans} assets with --assets a,b,... (assets: {listed})"
+            )
+        model = BandSet(
+            tuple(Band(b.center_nm, b.width_nm, c) for b, c in zip(TEACHER_RGB.bands, ("red", "green", "blue")))
+        )
     # single-band assets are the candidates: a band stack is made of single-band files
     candidates = [(i, a) for i, a in enumerate(assets) if len(a.bands) == 1]
-    pairs = sorted((d, not a.is_geotiff, i, m) for m, band in enumerate(model.bands) for i, a in candidates
-                   if (d := a.bands[0].distance(band)) is not None)
+    pairs = sorted(
+        (d, not a.is_geotiff, i, m)
+        for m, band in enumerate(model.bands)
+        for i, a in candidates
+        if (d := a.bands[0].distance(band)) is not None
+    )
     chosen: list[StacAsset | None] = [None] * len(model)
     used: set[int] = set()
     for _, _, i, m in pairs:
@@ -286,8 +318,9 @@ def choose_assets(label: str, assets: Sequence[StacAsset], model: BandSet | None
     missing = [_band_label(b) for b, a in zip(model.bands, chosen) if a is None]
     if missing:
         s = "s" if len(missing) > 1 else ""
-        raise DataError(f"{label}: no asset for band{s} {', '.join(missing)}; assets: {listed} (choose them with "
-                        "--assets a,b,...)")
+        raise DataError(
+            f"{label}: no asset for band{s} {', '.join(missing)}; assets: {listed} (choose them with --assets a,b,...)"
+        )
     return chosen  # type: ignore[return-value]
 
 
@@ -302,7 +335,7 @@ def gdal_path(href: str) -> str:
         return "/vsicurl/" + href
     for scheme, vsi in (("s3://", "/vsis3/"), ("gs://", "/vsigs/"), ("file://", "")):
         if low.startswith(scheme):
-            return vsi + href[len(scheme):]
+            return vsi + href[len(scheme) :]
     return href
 
 
@@ -337,8 +370,11 @@ class StacScene:
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must find unchanged: the item's location and id, and every asset's href."""
-        out: dict[str, Any] = {"scene": f"{self.href}#{self.item_id}", "item": self.item_id,
-                               "assets": {a.key: a.href for a in self.assets}}
+        out: dict[str, Any] = {
+            "scene": f"{self.href}#{self.item_id}",
+            "item": self.item_id,
+            "assets": {a.key: a.href for a in self.assets},
+        }
         if not _URL.match(self.href):
             st = Path(self.href).stat()
             out.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
@@ -373,8 +409,10 @@ class StacScene:
         if root.find("SRS") is not None:
             return xml
         if self.crs is None:
-            raise DataError(f"{self.label}: its assets carry no CRS and the item gives no proj:code or proj:epsg; "
-                            "the output could not be placed on a map")
+            raise DataError(
+                f"{self.label}: its assets carry no CRS and the item gives no proj:code or proj:epsg; "
+                "the output could not be placed on a map"
+            )
         from rasterio.crs import CRS
         from rasterio.errors import CRSError
 
@@ -382,16 +420,22 @@ class StacScene:
         try:
             srs.text = CRS.from_user_input(self.crs).to_wkt()
         except CRSError as e:
-            raise DataError(f"{self.label}: its projection extension's CRS {self.crs!r} is not one GDAL knows "
-                            f"({e})") from None
+            raise DataError(
+                f"{self.label}: its projection extension's CRS {self.crs!r} is not one GDAL knows ({e})"
+            ) from None
         root.insert(0, srs)
         geo = root.find("GeoTransform")
         if geo is not None and tuple(float(v) for v in geo.text.split(",")) == _IDENTITY:
             sizes = {(r.get("xSize"), r.get("ySize")) for r in root.iter("SrcRect")}
             if self.transform is None or len(sizes) > 1:
-                raise DataError(f"{self.label}: its assets carry no georeferencing, and "
-                                + ("the item gives no proj:transform" if self.transform is None else
-                                   "they differ in size, so they cannot be placed on one grid"))
+                raise DataError(
+                    f"{self.label}: its assets carry no georeferencing, and "
+                    + (
+                        "the item gives no proj:transform"
+                        if self.transform is None
+                        else "they differ in size, so they cannot be placed on one grid"
+                    )
+                )
             a, b, c, d, e, f = self.transform
             geo.text = ", ".join(repr(v) for v in (c, a, b, f, d, e))
         return ET.tostring(root, encoding="unicode")
@@ -416,12 +460,14 @@ class StacScene:
             with self._env():
                 return rasterio.open(xml)
         except (RasterioError, OSError) as e:
-            raise CdkdIOError(f"{self.label} ({self.ref}): its assets cannot be read as one raster "
-                              f"({gdal_reason(e)})") from None
+            raise CdkdIOError(
+                f"{self.label} ({self.ref}): its assets cannot be read as one raster ({gdal_reason(e)})"
+            ) from None
 
 
-def stac_scene(ref: str | Path, spectral: BandSet | None = None, in_chans: int | None = None,
-               assets: Sequence[str] | None = None) -> StacScene:
+def stac_scene(
+    ref: str | Path, spectral: BandSet | None = None, in_chans: int | None = None, assets: Sequence[str] | None = None
+) -> StacScene:
     """The scene a STAC ``ref`` stands for with a model whose bands are ``spectral`` (``NormStats.spectral``;
     None: unknown) and that takes ``in_chans`` channels, or made of the asset keys ``assets``."""
     href, item = read_item(ref)
@@ -431,7 +477,8 @@ def stac_scene(ref: str | Path, spectral: BandSet | None = None, in_chans: int |
     return StacScene(str(ref), href, item.id, tuple(chosen), crs, transform)
 
 
-def open_stac(ref: str | Path, spectral: BandSet | None = None, in_chans: int | None = None,
-              assets: Sequence[str] | None = None) -> Any:
+def open_stac(
+    ref: str | Path, spectral: BandSet | None = None, in_chans: int | None = None, assets: Sequence[str] | None = None
+) -> Any:
     """``stac_scene(...).open()``: with no model, an item opens as its red, green and blue assets."""
     return stac_scene(ref, spectral, in_chans, assets).open()

@@ -46,8 +46,9 @@ class NormStats:
                 f"normalisation statistics disagree: {len(mean)} means, {len(std)} stds, {len(bands)} bands"
             )
         if self.spectral is not None and len(self.spectral) != len(bands):
-            raise CdkdValueError(f"normalisation statistics for {len(bands)} bands carry wavelengths for "
-                                 f"{len(self.spectral)}")
+            raise CdkdValueError(
+                f"normalisation statistics for {len(bands)} bands carry wavelengths for {len(self.spectral)}"
+            )
         if not all(math.isfinite(v) for v in mean + std):
             raise CdkdValueError(f"normalisation statistics are not finite: mean={mean} std={std}")
         # frozen dataclass: normalise the fields once, here
@@ -59,8 +60,12 @@ class NormStats:
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and strings (safe for YAML and ``torch.save(weights_only=True)``); ``spectral`` only when
         known, so files written without it read the same."""
-        d: dict[str, Any] = {"mean": list(self.mean), "std": list(self.std), "bands": list(self.bands),
-                             "dtype": self.dtype}
+        d: dict[str, Any] = {
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "bands": list(self.bands),
+            "dtype": self.dtype,
+        }
         if self.spectral is not None:
             d["spectral"] = self.spectral.to_dict()
         return d
@@ -72,8 +77,13 @@ class NormStats:
         if missing:
             raise CdkdValueError(f"normalisation statistics lack {', '.join(missing)}: {dict(d)!r}")
         spectral = BandSet.from_dict(d["spectral"]) if d.get("spectral") else None
-        return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), bands=tuple(d["bands"]), dtype=str(d["dtype"]),
-                   spectral=spectral)
+        return cls(
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            bands=tuple(d["bands"]),
+            dtype=str(d["dtype"]),
+            spectral=spectral,
+        )
 
     def normalize(self, pixels: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """(C, H, W) pixels of any dtype -> float32 ``(x - mean) / std`` per band, C = len(bands).
@@ -124,7 +134,11 @@ def _merge(
 
 
 def compute_stats(
-    rasters: Sequence[RasterInfo], bands: Sequence[int], n_samples: int = 64, window: int = 512, seed: int = 0,
+    rasters: Sequence[RasterInfo],
+    bands: Sequence[int],
+    n_samples: int = 64,
+    window: int = 512,
+    seed: int = 0,
     read: Callable[..., tuple[np.ndarray, np.ndarray]] = read_window,
 ) -> NormStats:
     """Per-band mean/std over the valid pixels of up to ``n_samples`` random windows.

@@ -38,25 +38,33 @@ def _read_vectors(labels: Path, layer: str | None):
         raise DataError(f"{labels}: not a readable vector file ({str(e).splitlines()[0]})") from None
 
 
-def _classes(frame, labels: Path, class_field: str | None, schema: ClassSchema | None) -> tuple[ClassSchema, np.ndarray]:
+def _classes(
+    frame, labels: Path, class_field: str | None, schema: ClassSchema | None
+) -> tuple[ClassSchema, np.ndarray]:
     """(schema, (n,) class id per feature)."""
     n = len(frame)
     if class_field is None:
         if schema is not None and schema.num_classes != 1:
-            raise DataError(f"{labels}: the class file lists {schema.num_classes} classes; name the attribute that "
-                            "holds each footprint's class with --class-field")
+            raise DataError(
+                f"{labels}: the class file lists {schema.num_classes} classes; name the attribute that "
+                "holds each footprint's class with --class-field"
+            )
         return schema or object_schema([DEFAULT_CLASS]), np.zeros(n, dtype=np.int64)
     if class_field not in frame.columns:
-        raise DataError(f"{labels}: has no attribute {class_field!r} (attributes: "
-                        f"{', '.join(c for c in frame.columns if c != 'geometry')})")
+        raise DataError(
+            f"{labels}: has no attribute {class_field!r} (attributes: "
+            f"{', '.join(c for c in frame.columns if c != 'geometry')})"
+        )
     values = frame[class_field].astype(str).to_numpy()
     if schema is None:
         schema = object_schema(sorted(set(values.tolist())))
     index = {name: i for i, name in enumerate(schema.names)}
     unknown = sorted(set(values.tolist()) - set(index))
     if unknown:
-        raise DataError(f"{labels}: attribute {class_field!r} holds value(s) {unknown[:10]} that are no class of "
-                        f"{list(schema.names)}")
+        raise DataError(
+            f"{labels}: attribute {class_field!r} holds value(s) {unknown[:10]} that are no class of "
+            f"{list(schema.names)}"
+        )
     return schema, np.array([index[v] for v in values], dtype=np.int64)
 
 
@@ -84,14 +92,19 @@ def read_vector_labels(
         crs, transform, height, width = src.crs, src.transform, src.height, src.width
     frame = _read_vectors(labels, layer)
     if frame.crs is not None and crs is None:
-        raise DataError(f"{scene}: has no CRS but its labels {labels.name} are in {frame.crs.to_string()}; assign "
-                        "the scene its CRS (gdal_edit.py -a_srs EPSG:XXXX) so the footprints can be placed on it")
+        raise DataError(
+            f"{scene}: has no CRS but its labels {labels.name} are in {frame.crs.to_string()}; assign "
+            "the scene its CRS (gdal_edit.py -a_srs EPSG:XXXX) so the footprints can be placed on it"
+        )
     if frame.crs is None and crs is not None:
-        raise DataError(f"{labels}: has no CRS, so its footprints cannot be placed on {scene} "
-                        f"({crs.to_string()}); write the labels with their CRS")
+        raise DataError(
+            f"{labels}: has no CRS, so its footprints cannot be placed on {scene} "
+            f"({crs.to_string()}); write the labels with their CRS"
+        )
     if frame.crs is not None and not frame.crs.equals(crs.to_wkt()):
-        (log or (lambda m: None))(f"{labels.name}: reprojecting footprints from {frame.crs.to_string()} to the "
-                                  f"scene's {crs.to_string()}")
+        (log or (lambda m: None))(
+            f"{labels.name}: reprojecting footprints from {frame.crs.to_string()} to the scene's {crs.to_string()}"
+        )
         frame = frame.to_crs(crs.to_wkt())
     geoms = frame.geometry.to_numpy()
     kinds = set(shapely.get_type_id(geoms[~shapely.is_missing(geoms)]).tolist()) - {3, 6}  # Polygon, MultiPolygon
@@ -147,14 +160,22 @@ def scene_label_pairs(root: str | Path, split: Sequence[str] | None = None) -> l
                 pairs.append((tif, vec))
                 break
     if not pairs:
-        raise DataError(f"{root}: holds no <name>.tif with its labels <name>.geojson|.gpkg|... beside it; or pass "
-                        "the scene as --data and its footprints as --labels")
+        raise DataError(
+            f"{root}: holds no <name>.tif with its labels <name>.geojson|.gpkg|... beside it; or pass "
+            "the scene as --data and its footprints as --labels"
+        )
     return pairs
 
 
-def read_geo(data: str | Path, labels: str | Path | None = None, *, class_field: str | None = None,
-             schema: ClassSchema | None = None, split: Sequence[str] | None = None,
-             log: Callable[[str], None] | None = None) -> InstanceData:
+def read_geo(
+    data: str | Path,
+    labels: str | Path | None = None,
+    *,
+    class_field: str | None = None,
+    schema: ClassSchema | None = None,
+    split: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> InstanceData:
     """``--format geo``: one scene (``data``) with its ``labels``, or a folder of scene/label pairs, as one
     ``InstanceData`` (image ids 1..n)."""
     data = Path(data)
@@ -172,10 +193,14 @@ def read_geo(data: str | Path, labels: str | Path | None = None, *, class_field:
     names = parts[0].schema.names
     for (scene, _), part in zip(pairs, parts):
         if part.schema.names != names:
-            raise DataError(f"{scene}: its labels' classes {list(part.schema.names)} differ from {list(names)}; give "
-                            "the classes once with --classes")
-    images = tuple(InstanceImage(im.path, i + 1, im.file_name, im.height, im.width, im.objects)
-                   for i, im in enumerate(p.images[0] for p in parts))
+            raise DataError(
+                f"{scene}: its labels' classes {list(part.schema.names)} differ from {list(names)}; give "
+                "the classes once with --classes"
+            )
+    images = tuple(
+        InstanceImage(im.path, i + 1, im.file_name, im.height, im.width, im.objects)
+        for i, im in enumerate(p.images[0] for p in parts)
+    )
     return InstanceData(str(data), images, parts[0].schema)
 
 

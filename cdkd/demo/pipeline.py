@@ -20,9 +20,9 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
+from cdkd.data.classraster import NODATA
 from cdkd.demo.landscape import demo_schema, make_landscape
 from cdkd.errors import OutputExistsError
-from cdkd.data.classraster import NODATA
 from cdkd.utils.atomic import atomic_write_text
 
 CRS = "EPSG:32633"  # UTM 33N, 10 m pixels: a Sentinel-2-like scene
@@ -52,9 +52,18 @@ class DemoResult:
 
 
 def _write_tif(path: Path, image: np.ndarray, origin: tuple[float, float], nodata: float | None = None) -> None:
-    profile = {"driver": "GTiff", "width": image.shape[-1], "height": image.shape[-2], "count": image.shape[0],
-               "dtype": image.dtype.name, "crs": CRS, "transform": from_origin(*origin, GSD, GSD), "nodata": nodata,
-               "tiled": True, "compress": "deflate"}
+    profile = {
+        "driver": "GTiff",
+        "width": image.shape[-1],
+        "height": image.shape[-2],
+        "count": image.shape[0],
+        "dtype": image.dtype.name,
+        "crs": CRS,
+        "transform": from_origin(*origin, GSD, GSD),
+        "nodata": nodata,
+        "tiled": True,
+        "compress": "deflate",
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(image)
@@ -84,8 +93,13 @@ def make_demo_data(root: Path, s: DemoSettings) -> dict[str, Path]:
     return {"unlabeled": unlabeled, "labeled": labeled, "scene": scene, "truth": root / "scene_truth.tif"}
 
 
-def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite: bool = False,
-             progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
+def run_demo(
+    out: str | Path,
+    settings: DemoSettings = DemoSettings(),
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> DemoResult:
     """Run every stage into ``out`` and return where the outputs are."""
     from cdkd.config import (
         DataConfig,
@@ -101,9 +115,9 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
     from cdkd.distill.trainer import distill
     from cdkd.export.onnx import export_onnx
     from cdkd.finetune.trainer import finetune
+    from cdkd.inference.runtimes import open_runtime
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
-    from cdkd.inference.runtimes import open_runtime
     from cdkd.vector.vectorize import vectorize
 
     out, s, start = Path(out), settings, time.perf_counter()
@@ -123,42 +137,78 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
         teacher=TeacherConfig(variant="vit_t", random_init=True),
         student=StudentConfig(arch="vit_s"),
         objective=ObjectiveConfig(decoder_dim=128, decoder_depth=1, decoder_heads=4),
-        train=TrainConfig(steps=s.distill_steps, batch_size=4, lr=2e-4, warmup_steps=5, checkpoint_every=1000,
-                          log_every=10, seed=s.seed, device="cpu"))
+        train=TrainConfig(
+            steps=s.distill_steps,
+            batch_size=4,
+            lr=2e-4,
+            warmup_steps=5,
+            checkpoint_every=1000,
+            log_every=10,
+            seed=s.seed,
+            device="cpu",
+        ),
+    )
     student = distill(dcfg, out / "distill", progress=progress, log=log).student_path
 
     log("[3/6] fine-tuning a UPerNet decoder on the frozen student (labeled demo tiles) ...")
     fcfg = FinetuneConfig(
         student=str(student),
-        data=LabeledDataConfig(root=str(data["labeled"]), format="folder", classes=str(data["labeled"] / "classes.yaml"),
-                               num_workers=0),
+        data=LabeledDataConfig(
+            root=str(data["labeled"]), format="folder", classes=str(data["labeled"] / "classes.yaml"), num_workers=0
+        ),
         head=HeadConfig(channels=64),
-        train=TrainConfig(steps=s.finetune_steps, batch_size=8, lr=1e-3, warmup_steps=0, lr_schedule="poly",
-                          checkpoint_every=1000, log_every=25, seed=s.seed, device="cpu"))
+        train=TrainConfig(
+            steps=s.finetune_steps,
+            batch_size=8,
+            lr=1e-3,
+            warmup_steps=0,
+            lr_schedule="poly",
+            checkpoint_every=1000,
+            log_every=25,
+            seed=s.seed,
+            device="cpu",
+        ),
+    )
     segmenter = finetune(fcfg, out / "finetune", progress=progress, log=log).segmenter_path
 
     log("[4/6] exporting to ONNX and checking it against PyTorch on the labeled tiles ...")
     onnx_path = out / "model.onnx"
     exported = export_onnx(segmenter, onnx_path, dynamic_batch=True, check_data=data["labeled"] / "images")
-    log(f"      argmax agreement {100 * exported.parity.agreement:.3f} %, max |delta logit| "
-        f"{exported.parity.max_abs_diff:.2e}")
+    log(
+        f"      argmax agreement {100 * exported.parity.agreement:.3f} %, max |delta logit| "
+        f"{exported.parity.max_abs_diff:.2e}"
+    )
 
     log("[5/6] segmenting the scene with ONNX Runtime ...")
     landcover = out / "landcover.tif"
-    scene = segment_scene(data["scene"], open_runtime(onnx_path), landcover,
-                          SegmentOptions(batch_size=8, probs=True, progress=progress))
+    scene = segment_scene(
+        data["scene"], open_runtime(onnx_path), landcover, SegmentOptions(batch_size=8, probs=True, progress=progress)
+    )
 
     log("[6/6] vectorising the land-cover raster to GeoPackage ...")
     polygons = out / "landcover.gpkg"
     vector = vectorize(landcover, polygons, min_area="4px", progress=progress)
 
     agreement = _agreement(landcover, data["truth"])
-    outputs = {"scene": data["scene"], "student": student, "segmenter": segmenter, "onnx": onnx_path,
-               "landcover": landcover, "confidence": Path(scene.confidence), "scene_report": landcover.with_suffix(".json"),
-               "polygons": polygons, "polygons_report": vector.json_path}
+    outputs = {
+        "scene": data["scene"],
+        "student": student,
+        "segmenter": segmenter,
+        "onnx": onnx_path,
+        "landcover": landcover,
+        "confidence": Path(scene.confidence),
+        "scene_report": landcover.with_suffix(".json"),
+        "polygons": polygons,
+        "polygons_report": vector.json_path,
+    }
     result = DemoResult(out, outputs, agreement, time.perf_counter() - start)
-    atomic_write_text(out / "demo.json", json.dumps({"outputs": {k: str(v) for k, v in outputs.items()},
-                                                     "agreement": agreement, "seconds": result.seconds}, indent=2))
+    atomic_write_text(
+        out / "demo.json",
+        json.dumps(
+            {"outputs": {k: str(v) for k, v in outputs.items()}, "agreement": agreement, "seconds": result.seconds},
+            indent=2,
+        ),
+    )
     return result
 
 

@@ -17,16 +17,16 @@ import numpy as np
 
 from cdkd.config import DistillConfig
 from cdkd.data.bands import BandSet
-from cdkd.data.files import resolve_band_set
-from cdkd.data.files import RasterInfo
+from cdkd.data.files import RasterInfo, resolve_band_set
 from cdkd.data.sensors import TEACHER_RGB
 from cdkd.errors import DataError
 
 RGB_INPUTS = 3  # SAM's input channels
 
 
-def choose_bands(cfg: DistillConfig, rasters: Sequence[RasterInfo], every_band: bool,
-                 log: Callable[[str], None]) -> DistillConfig:
+def choose_bands(
+    cfg: DistillConfig, rasters: Sequence[RasterInfo], every_band: bool, log: Callable[[str], None]
+) -> DistillConfig:
     """``cfg`` with ``data.bands`` and ``student.in_chans`` settled for ``rasters`` (see the module docstring);
     ``every_band``: the recipe's student reads all bands of the data."""
     given, in_chans = cfg.data.bands, cfg.student.in_chans
@@ -35,8 +35,10 @@ def choose_bands(cfg: DistillConfig, rasters: Sequence[RasterInfo], every_band: 
     counts = sorted({r.count for r in rasters})
     if every_band:
         if in_chans is None and len(counts) > 1:
-            raise DataError(f"{cfg.data.root}: the files have {' or '.join(map(str, counts))} bands, and the student "
-                            "reads every band: put each sensor in its own folder, or choose --bands")
+            raise DataError(
+                f"{cfg.data.root}: the files have {' or '.join(map(str, counts))} bands, and the student "
+                "reads every band: put each sensor in its own folder, or choose --bands"
+            )
         n = in_chans or counts[0]
         what = "every band" if n == counts[0] else f"of {counts[0]}, as --in-chans {n} asks"
         log(f"the student reads bands 1-{n} of the data ({what}; --bands or --in-chans to choose)")
@@ -49,13 +51,17 @@ def choose_bands(cfg: DistillConfig, rasters: Sequence[RasterInfo], every_band: 
     picked = rgb_bands(measured) if measured is not None else None
     if picked is None:
         if measured is not None:
-            log(f"the files' bands ({measured.describe(6)}) hold no red, green and blue band; the teacher reads "
-                f"bands {','.join(map(str, default))} (--bands to choose)")
+            log(
+                f"the files' bands ({measured.describe(6)}) hold no red, green and blue band; the teacher reads "
+                f"bands {','.join(map(str, default))} (--bands to choose)"
+            )
         return _settled(cfg, default, n)
     if picked != default:
         chosen = ", ".join(measured.bands[i - 1].label() for i in picked)
-        log(f"the teacher reads bands {','.join(map(str, picked))} ({chosen}) as red, green and blue, chosen by "
-            "wavelength (--bands to choose others)")
+        log(
+            f"the teacher reads bands {','.join(map(str, picked))} ({chosen}) as red, green and blue, chosen by "
+            "wavelength (--bands to choose others)"
+        )
     return _settled(cfg, picked, n)
 
 
@@ -64,13 +70,22 @@ def readable(rasters: Sequence[RasterInfo], bands: tuple[int, ...], root: str) -
     keep = [r for r in rasters if r.count >= max(bands)]
     if not keep:
         counts = sorted({r.count for r in rasters})
-        hint = (f"--bands {','.join(['1'] * len(bands))} to repeat a single band" if counts == [1] else
-                "--bands to choose among them")
-        raise DataError(f"{root}: the files have {' or '.join(map(str, counts))} band(s) but the student reads bands "
-                        f"{','.join(map(str, bands))}: pass {hint}, or --in-chans to read fewer")
+        hint = (
+            f"--bands {','.join(['1'] * len(bands))} to repeat a single band"
+            if counts == [1]
+            else "--bands to choose among them"
+        )
+        raise DataError(
+            f"{root}: the files have {' or '.join(map(str, counts))} band(s) but the student reads bands "
+            f"{','.join(map(str, bands))}: pass {hint}, or --in-chans to read fewer"
+        )
     if len(keep) < len(rasters):
-        warnings.warn(f"skipped {len(rasters) - len(keep)} of {len(rasters)} files in {root} that have fewer than "
-                      f"{max(bands)} bands", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"skipped {len(rasters) - len(keep)} of {len(rasters)} files in {root} that have fewer than "
+            f"{max(bands)} bands",
+            UserWarning,
+            stacklevel=2,
+        )
     return keep
 
 

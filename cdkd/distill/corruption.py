@@ -97,8 +97,9 @@ def seeded_noise(seeds: torch.Tensor, shape: tuple[int, ...], device: torch.devi
     return torch.stack(out)
 
 
-def apply_corruption(images: torch.Tensor, masked: torch.Tensor, noised: torch.Tensor, noise: torch.Tensor,
-                     patch_size: int) -> torch.Tensor:
+def apply_corruption(
+    images: torch.Tensor, masked: torch.Tensor, noised: torch.Tensor, noise: torch.Tensor, patch_size: int
+) -> torch.Tensor:
     """Images (B, C, H, W), normalised: ``noise`` (B, C, H, W, already scaled) added inside the ``noised``
     patches, the ``masked`` patches set to 0 (the dataset mean); every other pixel unchanged."""
     grid = images.shape[-2] // patch_size, images.shape[-1] // patch_size

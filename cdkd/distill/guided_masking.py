@@ -41,8 +41,9 @@ def patch_saliency(features: torch.Tensor, patch_valid: torch.Tensor) -> torch.T
     return (f - mean).norm(dim=-1) * patch_valid.to(f.dtype)
 
 
-def guided_mask(saliency: torch.Tensor, patch_valid: torch.Tensor, noise: torch.Tensor, mask_ratio: float,
-                guided_ratio: float) -> torch.Tensor:
+def guided_mask(
+    saliency: torch.Tensor, patch_valid: torch.Tensor, noise: torch.Tensor, mask_ratio: float, guided_ratio: float
+) -> torch.Tensor:
     """(B, N) bool mask: exactly round(mask_ratio * n_valid) valid patches per image, drawn without replacement
     with probability (1 - guided_ratio) / n + guided_ratio * s_i / sum s (see the module docstring); ``noise``
     (B, N) standard Gumbel draws. Padding is never masked. An image whose saliency is all zero is masked

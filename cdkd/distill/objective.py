@@ -76,8 +76,9 @@ class MaskCDKD(nn.Module):
         self.projectors = nn.ModuleList(nn.Linear(student.embed_dim, teacher.embed_dim) for _ in t_taps)
         dec = dict(dim=cfg.decoder_dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads, patch_size=16)
         self.teacher_decoder = MAEDecoder(teacher.embed_dim, out_chans=3, fills_masked=False, **dec)
-        self.student_decoder = MAEDecoder(student.embed_dim, out_chans=in_chans,
-                                          fills_masked=student.encodes_visible_only, **dec)
+        self.student_decoder = MAEDecoder(
+            student.embed_dim, out_chans=in_chans, fills_masked=student.encodes_visible_only, **dec
+        )
 
     @staticmethod
     def _check_taps(taps: Sequence[int], depth: int, who: str) -> None:
@@ -91,8 +92,9 @@ class MaskCDKD(nn.Module):
     def forward_student(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.student.forward_masked(images, mask, self.student_taps)
 
-    def kd_loss(self, t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor],
-                keep: torch.Tensor) -> torch.Tensor:
+    def kd_loss(
+        self, t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor], keep: torch.Tensor
+    ) -> torch.Tensor:
         """MSE between projected student and teacher features on ``keep`` tokens (visible and valid), per pair.
 
         Teacher features are layer-normalised (no affine) first: SAM's raw activations have block-dependent

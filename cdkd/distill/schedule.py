@@ -28,8 +28,13 @@ ENTER_LATE_AT = 0.95
 class LossSchedule:
     """Call ``update(t_mae, s_mae)`` once per optimiser step; read ``weights``, ``stage_name`` and ``ratio``."""
 
-    def __init__(self, mode: str = "dynamic", fixed_weights: tuple[float, float, float] = (0.6, 0.2, 0.2),
-                 ema_decay: float = 0.98, warmup: int = 20) -> None:
+    def __init__(
+        self,
+        mode: str = "dynamic",
+        fixed_weights: tuple[float, float, float] = (0.6, 0.2, 0.2),
+        ema_decay: float = 0.98,
+        warmup: int = 20,
+    ) -> None:
         if mode not in ("dynamic", "fixed"):
             raise ValueError(f"schedule must be 'dynamic' or 'fixed', got {mode!r}")
         if not 0.0 <= ema_decay < 1.0:
@@ -74,13 +79,20 @@ class LossSchedule:
         elif self.stage == 1 and r >= ENTER_LATE_AT:
             self.stage = 2
         if self.stage != before:
-            return (f"schedule: stage {STAGES[before][0]} -> {STAGES[self.stage][0]} at r = {r:.3f}, "
-                    f"weights (KD, T_MAE, S_MAE) = {self.weights}")
+            return (
+                f"schedule: stage {STAGES[before][0]} -> {STAGES[self.stage][0]} at r = {r:.3f}, "
+                f"weights (KD, T_MAE, S_MAE) = {self.weights}"
+            )
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "updates": self.updates, "stage": self.stage, "ema_t": self._ema_t,
-                "ema_s": self._ema_s}
+        return {
+            "mode": self.mode,
+            "updates": self.updates,
+            "stage": self.stage,
+            "ema_t": self._ema_t,
+            "ema_s": self._ema_s,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates, self.stage = int(state["updates"]), int(state["stage"])

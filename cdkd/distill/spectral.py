@@ -36,8 +36,13 @@ def patch_spectra(patches: torch.Tensor, channels: int) -> torch.Tensor:
     return patches.reshape(b, n, d // channels, channels)
 
 
-def to_physical(spectra: torch.Tensor, band_mean: torch.Tensor, band_std: torch.Tensor,
-                patch_mean: torch.Tensor | None = None, patch_std: torch.Tensor | None = None) -> torch.Tensor:
+def to_physical(
+    spectra: torch.Tensor,
+    band_mean: torch.Tensor,
+    band_std: torch.Tensor,
+    patch_mean: torch.Tensor | None = None,
+    patch_std: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B, N, P, C) spectra in normalised units -> physical units.
 
     ``patch_mean``/``patch_std`` (B, N, 1, 1): MAE's per-patch normalisation to undo first (norm_pix targets),

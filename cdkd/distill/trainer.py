@@ -34,7 +34,7 @@ from cdkd.data.sampler import batches
 from cdkd.data.stats import with_band_metadata
 from cdkd.distill.bands import choose_bands, readable
 from cdkd.distill.recipes import LossControl, Recipe, build_recipe, frozen_fingerprint
-from cdkd.errors import CheckpointError, CdkdValueError
+from cdkd.errors import CdkdValueError, CheckpointError
 from cdkd.models.speedups import apply_speedups
 from cdkd.models.student import STUDENT_REGISTRY, build_student
 from cdkd.models.teacher import check_teacher_source, teacher_provenance
@@ -42,15 +42,26 @@ from cdkd.train.checkpoint import restore_model, rng_state, set_rng_state, train
 from cdkd.train.distributed import DistContext, cleanup_distributed, init_distributed, resolve_device
 from cdkd.train.loop import StepLog, TrainLoop
 from cdkd.train.optim import adamw, check_train_config, lr_lambda
-from cdkd.utils.paths import file_sha256, files_digest
 from cdkd.train.rundir import RunDir, check_identity, check_resumable
+from cdkd.utils.paths import file_sha256, files_digest
 
 DEFAULT_STEPS = 1000
 # Settings a resumed run may change: they do not alter the trajectory (or, for steps, only extend it).
-RESUMABLE_KEYS = {"train.steps", "train.epochs", "train.checkpoint_every", "train.log_every", "train.device",
-                  "train.tensorboard", "data.num_workers", "data.root", "teacher.checkpoint",
-                  "teacher.grad_checkpointing",
-                  "train.compile", "train.channels_last", "teacher.attention"}  # the last three: speed only
+RESUMABLE_KEYS = {
+    "train.steps",
+    "train.epochs",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.device",
+    "train.tensorboard",
+    "data.num_workers",
+    "data.root",
+    "teacher.checkpoint",
+    "teacher.grad_checkpointing",
+    "train.compile",
+    "train.channels_last",
+    "teacher.attention",
+}  # the last three: speed only
 
 
 CHECKPOINT_FORMAT = "cdkd.distill-checkpoint"
@@ -84,8 +95,9 @@ def validate_config(cfg: DistillConfig) -> Recipe:
     # Fail on a missing SAM checkpoint before minutes of data scanning, not after.
     check_teacher_source(cfg.teacher.variant, cfg.teacher.checkpoint, cfg.teacher.random_init)
     if cfg.data.bands is not None and cfg.student.in_chans is not None and len(cfg.data.bands) != cfg.student.in_chans:
-        raise CdkdValueError(f"--bands selects {len(cfg.data.bands)} bands but the student takes "
-                             f"{cfg.student.in_chans} (--in-chans)")
+        raise CdkdValueError(
+            f"--bands selects {len(cfg.data.bands)} bands but the student takes {cfg.student.in_chans} (--in-chans)"
+        )
     return recipe
 
 
@@ -127,8 +139,15 @@ def _stderr(msg: str) -> None:
 
 
 class _Run:
-    def __init__(self, cfg: DistillConfig, recipe: Recipe, paths: RunDir, ctx: DistContext, progress: bool,
-                 log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        recipe: Recipe,
+        paths: RunDir,
+        ctx: DistContext,
+        progress: bool,
+        log: Callable[[str], None],
+    ) -> None:
         self.cfg, self.recipe, self.paths, self.ctx, self.progress = cfg, recipe, paths, ctx, progress
         self.log = log if ctx.is_main else (lambda _msg: None)
         self.device = resolve_device(cfg.train.device, ctx)
@@ -145,8 +164,11 @@ class _Run:
         """What the run reads, by content: the data files (paths relative to the data folder, sizes) and the
         teacher's weights. A resumed run must read the same."""
         teacher = self.cfg.teacher
-        weights = (f"random (seed {self.cfg.train.seed})" if teacher.random_init or not teacher.checkpoint
-                   else file_sha256(teacher.checkpoint))
+        weights = (
+            f"random (seed {self.cfg.train.seed})"
+            if teacher.random_init or not teacher.checkpoint
+            else file_sha256(teacher.checkpoint)
+        )
         return {"data": files_digest([r.path for r in rasters], self.cfg.data.root), "teacher": weights}
 
     def _build(self, stats: NormStats) -> tuple[nn.Module, StudentInfo]:
@@ -162,8 +184,10 @@ class _Run:
         model = self.recipe.build(teacher, student).to(self.device)
         done = apply_speedups(model, self.device, compile=cfg.train.compile, channels_last=cfg.train.channels_last)
         if any(done.values()):
-            self.log(f"speed-ups: {done['compiled_blocks']} blocks compiled, "
-                     f"{done['channels_last_convs']} convolutions channels-last")
+            self.log(
+                f"speed-ups: {done['compiled_blocks']} blocks compiled, "
+                f"{done['channels_last_convs']} convolutions channels-last"
+            )
         info = StudentInfo(arch=cfg.student.arch, arch_args=arch_args, norm=stats, provenance={})
         return model, info
 
@@ -186,26 +210,42 @@ class _Run:
         if blob is not None:
             stats = NormStats.from_dict(blob["norm"])
         else:
-            stats = compute_stats(rasters, bands, n_samples=cfg.data.stats_samples, window=cfg.data.tile_size,
-                                  seed=cfg.train.seed)
+            stats = compute_stats(
+                rasters, bands, n_samples=cfg.data.stats_samples, window=cfg.data.tile_size, seed=cfg.train.seed
+            )
             stats = with_band_metadata(stats, rasters, cfg.data.wavelengths)  # student.pt says what its bands measure
         self.recipe.stats = stats
         model, info = self._build(stats)
         optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, steps))
+            optimizer, lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, steps)
+        )
         control = self.recipe.control()
         net: nn.Module = model
         if self.ctx.enabled:
             net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        loop = TrainLoop(cfg.train, model, optimizer, scheduler, self.device, self.paths,
-                         lambda step: self._payload(loop, model, control, stats, identity), CHECKPOINT_FORMAT,
-                         net=net, ctx=self.ctx, name="distill", progress=self.progress, log=self.log)
+        loop = TrainLoop(
+            cfg.train,
+            model,
+            optimizer,
+            scheduler,
+            self.device,
+            self.paths,
+            lambda step: self._payload(loop, model, control, stats, identity),
+            CHECKPOINT_FORMAT,
+            net=net,
+            ctx=self.ctx,
+            name="distill",
+            progress=self.progress,
+            log=self.log,
+        )
         start = 0
         if blob is not None:
             if abs(blob["teacher_fingerprint"] - frozen_fingerprint(model)) > 1e-6 * abs(blob["teacher_fingerprint"]):
-                raise CheckpointError(f"{self.paths.checkpoints}: the teacher's frozen weights differ from the run "
-                                      "being resumed (another SAM checkpoint or seed?)")
+                raise CheckpointError(
+                    f"{self.paths.checkpoints}: the teacher's frozen weights differ from the run "
+                    "being resumed (another SAM checkpoint or seed?)"
+                )
             restore_model(model, blob["model"], self.paths.checkpoints)
             optimizer.load_state_dict(blob["optimizer"])
             scheduler.load_state_dict(blob["scheduler"])
@@ -224,56 +264,103 @@ class _Run:
                 self.paths.truncate_metrics(start)
             self.ctx.barrier()
             accum = cfg.train.grad_accum
-            sampler = StepSampler(cfg.train.batch_size, self.ctx.world_size, self.ctx.rank,
-                                  start_micro_step=start * accum, num_micro_steps=steps * accum)
-            loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
-                                num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-                                persistent_workers=False,
-                                # Its own generator: drawing the workers' base seed from the global RNG would shift
-                                # dropout's random stream after a resume.
-                                generator=torch.Generator().manual_seed(cfg.train.seed))
-            self.log(f"distilling {cfg.teacher.variant} -> {cfg.student.arch} ({self.recipe.name}) on {len(rasters)} "
-                     f"images, {steps} steps, batch {cfg.train.batch_size}x{accum}x{self.ctx.world_size}, "
-                     f"device {self.device}")
+            sampler = StepSampler(
+                cfg.train.batch_size,
+                self.ctx.world_size,
+                self.ctx.rank,
+                start_micro_step=start * accum,
+                num_micro_steps=steps * accum,
+            )
+            loader = DataLoader(
+                dataset,
+                batch_size=cfg.train.batch_size,
+                sampler=sampler,
+                num_workers=cfg.data.num_workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=False,
+                # Its own generator: drawing the workers' base seed from the global RNG would shift
+                # dropout's random stream after a resume.
+                generator=torch.Generator().manual_seed(cfg.train.seed),
+            )
+            self.log(
+                f"distilling {cfg.teacher.variant} -> {cfg.student.arch} ({self.recipe.name}) on {len(rasters)} "
+                f"images, {steps} steps, batch {cfg.train.batch_size}x{accum}x{self.ctx.world_size}, "
+                f"device {self.device}"
+            )
             t0 = time.perf_counter()
-            step_log = loop.run(RecipeObjective(net, self.recipe.terms, control, self.device), batches(loader),
-                                start, steps)
+            step_log = loop.run(
+                RecipeObjective(net, self.recipe.terms, control, self.device), batches(loader), start, steps
+            )
             seconds = time.perf_counter() - t0
-            last = ({k: step_log.row[k] for k in ("loss", *self.recipe.terms)} if step_log is not None else
-                    {k: v for k, v in self.paths.last_metrics().items() if k == "loss" or k in self.recipe.terms})
+            last = (
+                {k: step_log.row[k] for k in ("loss", *self.recipe.terms)}
+                if step_log is not None
+                else {k: v for k, v in self.paths.last_metrics().items() if k == "loss" or k in self.recipe.terms}
+            )
             if self.ctx.is_main:
                 info = replace(info, provenance=self._provenance(steps, len(rasters)))
                 save_student(self.paths.artifact, model.student, info)
-            loop.finish({"student": str(self.paths.artifact), "recipe": self.recipe.name, "steps": steps,
-                         "resumed_from": start,
-                         "images_seen": (steps - start) * cfg.train.batch_size * accum * self.ctx.world_size,
-                         "seconds": round(seconds, 2), "final_losses": last, **control.summary(),
-                         "files": len(rasters), "cdkd_version": cdkd.__version__})
+            loop.finish(
+                {
+                    "student": str(self.paths.artifact),
+                    "recipe": self.recipe.name,
+                    "steps": steps,
+                    "resumed_from": start,
+                    "images_seen": (steps - start) * cfg.train.batch_size * accum * self.ctx.world_size,
+                    "seconds": round(seconds, 2),
+                    "final_losses": last,
+                    **control.summary(),
+                    "files": len(rasters),
+                    "cdkd_version": cdkd.__version__,
+                }
+            )
             self.ctx.barrier()
-        return DistillResult(self.paths.root, self.paths.artifact, steps, last, control.stage, seconds,
-                             self.recipe.name)
+        return DistillResult(
+            self.paths.root, self.paths.artifact, steps, last, control.stage, seconds, self.recipe.name
+        )
 
     def _finished(self, step: int, blob: dict[str, Any]) -> DistillResult:
         """``--resume`` of a run that has reached its steps: nothing runs and nothing is written."""
         self.log(f"{self.paths.root}: already finished at step {step}; nothing to do (give more --steps to go on)")
         report = json.loads(self.paths.report.read_text()) if self.paths.report.is_file() else {}
         stage = report.get("stage") or blob.get("schedule", {}).get("stage", "")
-        return DistillResult(self.paths.root, self.paths.artifact, step, report.get("final_losses") or {}, str(stage),
-                             0.0, self.recipe.name)
+        return DistillResult(
+            self.paths.root,
+            self.paths.artifact,
+            step,
+            report.get("final_losses") or {},
+            str(stage),
+            0.0,
+            self.recipe.name,
+        )
 
-    def _payload(self, loop: TrainLoop, model: nn.Module, control: LossControl, stats: NormStats,
-                 identity: dict[str, Any]) -> dict[str, Any]:
+    def _payload(
+        self, loop: TrainLoop, model: nn.Module, control: LossControl, stats: NormStats, identity: dict[str, Any]
+    ) -> dict[str, Any]:
         """What a checkpoint holds: everything that changes during training, and what the run read."""
-        return {"config": to_dict(self.cfg), "model": trainable_state(model), "optimizer": loop.optimizer.state_dict(),
-                "scheduler": loop.scheduler.state_dict(), "schedule": control.state_dict(), "rng": rng_state(),
-                "scaler": loop.scaler.state_dict(), "norm": stats.to_dict(),
-                "teacher_fingerprint": frozen_fingerprint(model), "identity": identity,
-                "cdkd_version": cdkd.__version__}
+        return {
+            "config": to_dict(self.cfg),
+            "model": trainable_state(model),
+            "optimizer": loop.optimizer.state_dict(),
+            "scheduler": loop.scheduler.state_dict(),
+            "schedule": control.state_dict(),
+            "rng": rng_state(),
+            "scaler": loop.scaler.state_dict(),
+            "norm": stats.to_dict(),
+            "teacher_fingerprint": frozen_fingerprint(model),
+            "identity": identity,
+            "cdkd_version": cdkd.__version__,
+        }
 
     def _provenance(self, steps: int, files: int) -> dict[str, Any]:
-        return {"teacher": teacher_provenance(self.cfg.teacher), "data": {"root": self.cfg.data.root, "files": files},
-                "steps": steps, **self.recipe.provenance(), "cdkd_version": cdkd.__version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        return {
+            "teacher": teacher_provenance(self.cfg.teacher),
+            "data": {"root": self.cfg.data.root, "files": files},
+            "steps": steps,
+            **self.recipe.provenance(),
+            "cdkd_version": cdkd.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
 
 
 class RecipeObjective:
@@ -298,7 +385,9 @@ class RecipeObjective:
         losses = {k: float(parts[k]) for k in terms}
         event = control.update(losses)
         last = {"loss": sum(weights[k] * losses[k] for k in terms), **losses}
-        return StepLog(last["loss"], {**last, **self.knobs, **control.log_fields(),
-                                      "weights": [weights[k] for k in terms]},
-                       shown={**{k: f"{v:.3f}" for k, v in {**last, **self.knobs}.items()}, "stage": control.stage},
-                       events=[(event.message, event.record)] if event else [])
+        return StepLog(
+            last["loss"],
+            {**last, **self.knobs, **control.log_fields(), "weights": [weights[k] for k in terms]},
+            shown={**{k: f"{v:.3f}" for k, v in {**last, **self.knobs}.items()}, "stage": control.stage},
+            events=[(event.message, event.record)] if event else [],
+        )

@@ -45,8 +45,9 @@ def _quiet(fn, *args):
         return fn(*args)
 
 
-def coco_metrics(gt: dict[str, Any], results: list[dict[str, Any]], iou_types: Sequence[str] = IOU_TYPES
-                 ) -> dict[str, Any]:
+def coco_metrics(
+    gt: dict[str, Any], results: list[dict[str, Any]], iou_types: Sequence[str] = IOU_TYPES
+) -> dict[str, Any]:
     """COCO AP of ``results`` (COCO result dicts) against the ground truth ``gt`` (a COCO instances dict).
 
     Returns ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class": {category id: {"AP", "AP50"}}}}``
@@ -77,8 +78,10 @@ def coco_metrics(gt: dict[str, Any], results: list[dict[str, Any]], iou_types: S
         for k, cat in enumerate(ev.params.catIds):
             p = precision[:, :, k, 0, -1]
             p50 = precision[0, :, k, 0, -1]
-            per_class[cat] = {"AP": float(p[p > -1].mean()) if (p > -1).any() else math.nan,
-                              "AP50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else math.nan}
+            per_class[cat] = {
+                "AP": float(p[p > -1].mean()) if (p > -1).any() else math.nan,
+                "AP50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else math.nan,
+            }
         out[iou_type] = {**summary, "per_class": per_class}
     return out
 
@@ -87,8 +90,14 @@ def _nan(v: float) -> float:
     return math.nan if v < 0 else float(v)
 
 
-def object_results(objects: Sequence[SceneObject], image_id: int, height: int, width: int,
-                   category_ids: Sequence[int], max_per_class: int = MAX_DETECTIONS) -> list[dict[str, Any]]:
+def object_results(
+    objects: Sequence[SceneObject],
+    image_id: int,
+    height: int,
+    width: int,
+    category_ids: Sequence[int],
+    max_per_class: int = MAX_DETECTIONS,
+) -> list[dict[str, Any]]:
     """COCO result dicts (box, compressed RLE mask, score, the data's category id) of one image's objects.
 
     Only the ``max_per_class`` best of each class are kept: COCOeval scores no more than that per image and
@@ -106,17 +115,28 @@ def object_results(objects: Sequence[SceneObject], image_id: int, height: int, w
         mask = np.zeros((height, width), dtype=bool)
         if obj.polygon is not None:  # the detector's box counts even when its mask is empty (as in Mask R-CNN)
             x0, y0, x1, y1 = (round(v) for v in obj.polygon.bounds)
-            mask[y0:y1, x0:x1] = object_mask(InstanceObject(obj.class_id, (x0, y0, x1 - x0, y1 - y0), obj.polygon),
-                                             height, width, (y0, x0, y1 - y0, x1 - x0))
+            mask[y0:y1, x0:x1] = object_mask(
+                InstanceObject(obj.class_id, (x0, y0, x1 - x0, y1 - y0), obj.polygon),
+                height,
+                width,
+                (y0, x0, y1 - y0, x1 - x0),
+            )
         bx0, by0, bx1, by1 = obj.box if obj.box is not None else obj.polygon.bounds
-        out.append({"image_id": image_id, "category_id": int(category_ids[obj.class_id]),
-                    "bbox": [round(float(v), 2) for v in (bx0, by0, bx1 - bx0, by1 - by0)],
-                    "segmentation": encode_mask(mask), "score": round(float(obj.score), 5)})
+        out.append(
+            {
+                "image_id": image_id,
+                "category_id": int(category_ids[obj.class_id]),
+                "bbox": [round(float(v), 2) for v in (bx0, by0, bx1 - bx0, by1 - by0)],
+                "segmentation": encode_mask(mask),
+                "score": round(float(obj.score), 5),
+            }
+        )
     return out
 
 
-def match_footprints(predicted: Sequence[Any], scores: Sequence[float], truth: Sequence[Any], iou: float = 0.5
-                     ) -> dict[str, Any]:
+def match_footprints(
+    predicted: Sequence[Any], scores: Sequence[float], truth: Sequence[Any], iou: float = 0.5
+) -> dict[str, Any]:
     """Greedy one-to-one matching of predicted polygons (best score first) with labelled ones, in one CRS: a
     prediction matches the unmatched label it overlaps most if their IoU is at least ``iou`` (COCO's rule for
     one IoU threshold). Returns matched, precision, recall, F1 and the mean IoU of the matches."""
@@ -143,8 +163,13 @@ def match_footprints(predicted: Sequence[Any], scores: Sequence[float], truth: S
     precision = matched / len(predicted) if len(predicted) else 0.0
     recall = matched / len(truth) if len(truth) else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"matched": matched, "precision": precision, "recall": recall, "f1": f1,
-            "mean_iou": float(np.mean(ious)) if ious else math.nan}
+    return {
+        "matched": matched,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "mean_iou": float(np.mean(ious)) if ious else math.nan,
+    }
 
 
 def check_categories(model: ClassSchema, data: InstanceData) -> None:
@@ -152,8 +177,10 @@ def check_categories(model: ClassSchema, data: InstanceData) -> None:
     a = [n.lower() for n in model.names]
     b = [n.lower() for n in data.schema.names]
     if a != b:
-        raise DataError(f"{data.source}: its categories {b} do not match the model's classes {a}; evaluate on data "
-                        "labelled with the model's classes")
+        raise DataError(
+            f"{data.source}: its categories {b} do not match the model's classes {a}; evaluate on data "
+            "labelled with the model's classes"
+        )
 
 
 @dataclass(frozen=True)
@@ -167,8 +194,13 @@ class InstanceMetrics:
     detections: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.metrics, "classes": list(self.class_names), "images": self.images,
-                "ground_truth_objects": self.objects, "detections": self.detections}
+        return {
+            **self.metrics,
+            "classes": list(self.class_names),
+            "images": self.images,
+            "ground_truth_objects": self.objects,
+            "detections": self.detections,
+        }
 
     def markdown_table(self) -> str:
         """AP / AP50 (percent) for boxes and masks per class, then the overall COCO summary."""
@@ -176,10 +208,13 @@ class InstanceMetrics:
         lines = ["| class | box AP | box AP50 | mask AP | mask AP50 |", "|:--|--:|--:|--:|--:|"]
         for name in self.class_names:
             cb, cs = b["per_class"][name], s["per_class"][name]
-            lines.append(f"| {name.replace('|', chr(92) + '|')} | {_pct(cb['AP'])} | {_pct(cb['AP50'])} | "
-                         f"{_pct(cs['AP'])} | {_pct(cs['AP50'])} |")
-        lines.append(f"| **all** | **{_pct(b['AP'])}** | **{_pct(b['AP50'])}** | **{_pct(s['AP'])}** | "
-                     f"**{_pct(s['AP50'])}** |")
+            lines.append(
+                f"| {name.replace('|', chr(92) + '|')} | {_pct(cb['AP'])} | {_pct(cb['AP50'])} | "
+                f"{_pct(cs['AP'])} | {_pct(cs['AP50'])} |"
+            )
+        lines.append(
+            f"| **all** | **{_pct(b['AP'])}** | **{_pct(b['AP50'])}** | **{_pct(s['AP'])}** | **{_pct(s['AP50'])}** |"
+        )
         lines += ["", "| | AP | AP50 | AP75 | APs | APm | APl |", "|:--|--:|--:|--:|--:|--:|--:|"]
         for kind, m in (("box", b), ("mask", s)):
             lines.append(f"| {kind} | " + " | ".join(_pct(m[k]) for k in SUMMARY) + " |")
@@ -204,16 +239,25 @@ class InstanceEvalOutputs:
     def summary(self) -> str:
         """The console summary: the AP table, what was evaluated and the files written."""
         m = self.metrics
-        return "\n".join([m.markdown_table(),
-                          f"evaluated {m.images} images ({m.objects} labelled objects, {m.detections} detections) in "
-                          f"{self.seconds:.1f} s with {self.runtime} on {self.device}",
-                          f"wrote {self.json_path}, {self.markdown_path}, {self.predictions_path}, "
-                          f"{self.preview_path}"])
+        return "\n".join(
+            [
+                m.markdown_table(),
+                f"evaluated {m.images} images ({m.objects} labelled objects, {m.detections} detections) in "
+                f"{self.seconds:.1f} s with {self.runtime} on {self.device}",
+                f"wrote {self.json_path}, {self.markdown_path}, {self.predictions_path}, {self.preview_path}",
+            ]
+        )
 
 
-def read_instance_data(data: str | Path, fmt: str, *, split: Sequence[str] | None = None,
-                       labels: str | Path | None = None, class_field: str | None = None,
-                       classes: str | Path | None = None) -> InstanceData:
+def read_instance_data(
+    data: str | Path,
+    fmt: str,
+    *,
+    split: Sequence[str] | None = None,
+    labels: str | Path | None = None,
+    class_field: str | None = None,
+    classes: str | Path | None = None,
+) -> InstanceData:
     """Objects of ``--format coco`` (a COCO file or its folder) or ``geo`` (a scene + vector footprints)."""
     if fmt not in INSTANCE_FORMATS:
         raise CdkdValueError(f"format {fmt!r} is not an instance format; choose one of {', '.join(INSTANCE_FORMATS)}")
@@ -273,10 +317,13 @@ def evaluate_instances(
     for im in iterator:
         pixels, valid = read_window(im.path, meta.norm.bands, 0, 0, im.height, im.width)
         if pixels.dtype.name != meta.norm.dtype:
-            raise DataError(f"{im.path}: pixels are {pixels.dtype.name} but the model's normalisation statistics are "
-                            f"for {meta.norm.dtype}")
-        objects = detect_image(rt.detect, meta.norm.normalize(pixels, valid), meta.tile_size, overlap, valid=valid,
-                               batch_size=batch_size)
+            raise DataError(
+                f"{im.path}: pixels are {pixels.dtype.name} but the model's normalisation statistics are "
+                f"for {meta.norm.dtype}"
+            )
+        objects = detect_image(
+            rt.detect, meta.norm.normalize(pixels, valid), meta.tile_size, overlap, valid=valid, batch_size=batch_size
+        )
         results += object_results(objects, im.id, im.height, im.width, dataset.category_ids)
         if len(drawn) < PREVIEW_IMAGES:
             drawn.append((im, pixels, objects))
@@ -284,13 +331,24 @@ def evaluate_instances(
     gt = dataset.to_coco()
     raw = coco_metrics(gt, results)
     name_of = dict(zip(dataset.category_ids, meta.classes.names))
-    named = {t: {**{k: v for k, v in m.items() if k != "per_class"},
-                 "per_class": {name_of[c]: v for c, v in m["per_class"].items()}} for t, m in raw.items()}
+    named = {
+        t: {
+            **{k: v for k, v in m.items() if k != "per_class"},
+            "per_class": {name_of[c]: v for c, v in m["per_class"].items()},
+        }
+        for t, m in raw.items()
+    }
     metrics = InstanceMetrics(named, meta.classes.names, len(dataset.images), dataset.num_objects, len(results))
     out.mkdir(parents=True, exist_ok=True)
-    report = dict(metrics.to_dict(), model=str(model), data=str(data), format=fmt,
-                  tile_size=meta.tile_size, overlap=overlap,
-                  cost={"runtime": rt.name, "device": rt.device, "seconds": round(seconds, 2)})
+    report = dict(
+        metrics.to_dict(),
+        model=str(model),
+        data=str(data),
+        format=fmt,
+        tile_size=meta.tile_size,
+        overlap=overlap,
+        cost={"runtime": rt.name, "device": rt.device, "seconds": round(seconds, 2)},
+    )
     atomic_write_text(paths[0], json.dumps(report, indent=2))
     atomic_write_text(paths[1], metrics.markdown_table())
     atomic_write_text(paths[2], json.dumps(results))
@@ -299,8 +357,12 @@ def evaluate_instances(
     return InstanceEvalOutputs(metrics, paths[0], paths[1], paths[2], paths[3], seconds, rt.name, rt.device)
 
 
-def draw_predictions(path: Path, images: Sequence[tuple[Any, np.ndarray, list[SceneObject]]],
-                     schema: ClassSchema, min_score: float = PREVIEW_MIN_SCORE) -> Path:
+def draw_predictions(
+    path: Path,
+    images: Sequence[tuple[Any, np.ndarray, list[SceneObject]]],
+    schema: ClassSchema,
+    min_score: float = PREVIEW_MIN_SCORE,
+) -> Path:
     """A PNG of ``images`` (InstanceImage, raw pixels (C, H, W), objects) side by side: predictions scoring at
     least ``min_score`` in their class colours (mask outline, box dotted, class and score), ground truth dashed
     cyan."""
@@ -325,14 +387,19 @@ def draw_predictions(path: Path, images: Sequence[tuple[Any, np.ndarray, list[Sc
         for obj in shown:
             color = np.array(schema.classes[obj.class_id].color) / 255
             if obj.polygon is not None:
-                ax.add_patch(Patch(np.asarray(obj.polygon.exterior.coords), closed=True, fill=False,
-                                   edgecolor=color, linewidth=1.4))
+                ax.add_patch(
+                    Patch(
+                        np.asarray(obj.polygon.exterior.coords), closed=True, fill=False, edgecolor=color, linewidth=1.4
+                    )
+                )
             x0, y0, x1, y1 = obj.box if obj.box is not None else obj.polygon.bounds
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linestyle=":",
-                                   linewidth=0.8))
+            ax.add_patch(
+                Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linestyle=":", linewidth=0.8)
+            )
             ax.text(x0, y0 - 2, f"{schema.names[obj.class_id]} {obj.score:.2f}", color=color, fontsize=6)
-        ax.set_title(f"{im.file_name}: {len(shown)} found (score >= {min_score}), {len(im.objects)} labelled",
-                     fontsize=8)
+        ax.set_title(
+            f"{im.file_name}: {len(shown)} found (score >= {min_score}), {len(im.objects)} labelled", fontsize=8
+        )
         ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(path, format="png")
@@ -350,5 +417,15 @@ def _rings(segmentation: Any, im: Any) -> list[np.ndarray]:
     return [np.asarray(poly.exterior.coords)] if poly is not None else []
 
 
-__all__ = ["IOU_TYPES", "InstanceEvalOutputs", "InstanceMetrics", "check_categories", "coco_metrics",
-           "draw_predictions", "evaluate_instances", "match_footprints", "object_results", "read_instance_data"]
+__all__ = [
+    "IOU_TYPES",
+    "InstanceEvalOutputs",
+    "InstanceMetrics",
+    "check_categories",
+    "coco_metrics",
+    "draw_predictions",
+    "evaluate_instances",
+    "match_footprints",
+    "object_results",
+    "read_instance_data",
+]

@@ -154,13 +154,14 @@ class SegMetrics:
         self.macc = _nanmean(self.recall)
 
     @classmethod
-    def from_confusion(cls, cm: np.ndarray | Sequence[Sequence[int]], class_names: Sequence[str] | None = None
-                       ) -> "SegMetrics":
+    def from_confusion(
+        cls, cm: np.ndarray | Sequence[Sequence[int]], class_names: Sequence[str] | None = None
+    ) -> SegMetrics:
         """Metrics of the (K, K) matrix ``cm``; ``class_names`` (K names) default to "0", "1", ..."""
         return cls(np.asarray(cm), None if class_names is None else list(class_names))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SegMetrics":
+    def from_dict(cls, d: dict[str, Any]) -> SegMetrics:
         """Rebuild from ``to_dict()`` output (only the confusion matrix and class names are needed)."""
         return cls.from_confusion(np.asarray(d["confusion"], dtype=np.int64), d.get("class_names"))
 
@@ -244,8 +245,9 @@ class SegMetrics:
                     v = values[i, j]
                     text = f"{v:.2f}" if normalize else f"{int(v)}"
                     # white text on the dark half of the colour map stays readable
-                    ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                            color="white" if v > 0.5 * vmax else "black")
+                    ax.text(
+                        j, i, text, ha="center", va="center", fontsize=8, color="white" if v > 0.5 * vmax else "black"
+                    )
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,8 +258,9 @@ class SegMetrics:
 class MetricAccumulator:
     """Running confusion matrix over batches: ``update(pred, target)`` per batch, ``compute()`` at the end."""
 
-    def __init__(self, num_classes: int, ignore_index: int | None = 255,
-                 class_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, num_classes: int, ignore_index: int | None = 255, class_names: Sequence[str] | None = None
+    ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise CdkdValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if class_names is not None and len(class_names) != num_classes:

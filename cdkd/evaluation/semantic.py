@@ -24,13 +24,13 @@ from cdkd.artifacts import InferenceMeta
 from cdkd.data.classes import ClassSchema
 from cdkd.data.labelcheck import check_labels
 from cdkd.data.labeled import find_pairs, read_pair, schema_for
-from cdkd.utils.paths import check_writable
 from cdkd.errors import CdkdValueError, DataError, OutputExistsError
 from cdkd.evaluation.metrics import MetricAccumulator, SegMetrics
-from cdkd.progress import track
 from cdkd.inference.runtimes import open_runtime
 from cdkd.inference.sliding import Predict, runtime_predict, sliding_window_logits
+from cdkd.progress import track
 from cdkd.utils.atomic import atomic_path, atomic_write_text
+from cdkd.utils.paths import check_writable
 
 
 @dataclass(frozen=True)
@@ -53,17 +53,24 @@ class EvalCost:
         return self.decoder_s / (self.encoder_s + self.decoder_s)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(asdict(self), decoder_share=self.decoder_share,
-                    mpx_per_s=self.megapixels / self.seconds if self.seconds > 0 else None)
+        return dict(
+            asdict(self),
+            decoder_share=self.decoder_share,
+            mpx_per_s=self.megapixels / self.seconds if self.seconds > 0 else None,
+        )
 
     def summary(self) -> str:
-        line = (f"{self.megapixels:.1f} Mpx in {self.seconds:.1f} s ({self.megapixels / max(self.seconds, 1e-9):.2f}"
-                f" Mpx/s) with {self.runtime} on {self.device}")
+        line = (
+            f"{self.megapixels:.1f} Mpx in {self.seconds:.1f} s ({self.megapixels / max(self.seconds, 1e-9):.2f}"
+            f" Mpx/s) with {self.runtime} on {self.device}"
+        )
         share = self.decoder_share
         if share is None:
             return line + "; encoder/decoder split not measured (the runtime runs the network as one graph)"
-        return (line + f"; network time: encoder {self.encoder_s:.1f} s, decoder {self.decoder_s:.1f} s "
-                f"({100 * share:.0f} % decoder)")
+        return (
+            line + f"; network time: encoder {self.encoder_s:.1f} s, decoder {self.decoder_s:.1f} s "
+            f"({100 * share:.0f} % decoder)"
+        )
 
 
 class StageTimer:
@@ -76,9 +83,11 @@ class StageTimer:
         cuda = any(p.is_cuda for p in model.parameters())
         self._sync = torch.cuda.synchronize if cuda else (lambda: None)
         self._t0 = self._t1 = 0.0
-        self._handles = [model.register_forward_pre_hook(self._start),
-                         model.neck.register_forward_pre_hook(self._split),  # the encoder's features are done
-                         model.register_forward_hook(self._stop)]
+        self._handles = [
+            model.register_forward_pre_hook(self._start),
+            model.neck.register_forward_pre_hook(self._split),  # the encoder's features are done
+            model.register_forward_hook(self._stop),
+        ]
 
     def _now(self) -> float:
         self._sync()
@@ -114,8 +123,10 @@ class EvalOutputs:
             lines.append(f"\nevaluated {self.cost.summary()}")
             share = self.cost.decoder_share
             if share is not None and share > 0.5:
-                lines.append("the decoder costs more than the encoder: cdkd finetune --decoder-channels 128 (or "
-                             "256) trains a narrower one")
+                lines.append(
+                    "the decoder costs more than the encoder: cdkd finetune --decoder-channels 128 (or "
+                    "256) trains a narrower one"
+                )
         lines.append(f"wrote {self.json_path}, {self.markdown_path}, {self.confusion_path}")
         return "\n".join(lines)
 
@@ -125,21 +136,31 @@ def check_schema_matches(model_schema: ClassSchema, data_schema: ClassSchema, so
     a = [n.lower() for n in model_schema.names]
     b = [n.lower() for n in data_schema.names]
     if a != b or model_schema.ignore_index != data_schema.ignore_index:
-        raise DataError(f"{source}: the data's classes {b} (ignore {data_schema.ignore_index}) do not match the "
-                        f"model's {a} (ignore {model_schema.ignore_index}); evaluate with the class file the model "
-                        "was trained with")
+        raise DataError(
+            f"{source}: the data's classes {b} (ignore {data_schema.ignore_index}) do not match the "
+            f"model's {a} (ignore {model_schema.ignore_index}); evaluate with the class file the model "
+            "was trained with"
+        )
 
 
-def predict_image(predict: Predict, meta: InferenceMeta, pixels: np.ndarray, batch_size: int = 4,
-                  overlap: int | None = None) -> np.ndarray:
+def predict_image(
+    predict: Predict, meta: InferenceMeta, pixels: np.ndarray, batch_size: int = 4, overlap: int | None = None
+) -> np.ndarray:
     """Class ids (H, W) for one raw image (C, H, W): normalised with the model's statistics, sliding windows.
 
     ``predict``: (B, C, T, T) normalised tiles -> (B, K, T, T) logits, e.g. ``runtime_predict(open_runtime(...))``.
     """
     image = torch.from_numpy(meta.norm.normalize(pixels))
     # Constant 0 padding (the dataset mean after normalisation) is what training used for small images.
-    logits = sliding_window_logits(predict, image, meta.tile_size, meta.overlap if overlap is None else overlap,
-                                   meta.num_classes, batch_size=batch_size, pad_mode="constant")
+    logits = sliding_window_logits(
+        predict,
+        image,
+        meta.tile_size,
+        meta.overlap if overlap is None else overlap,
+        meta.num_classes,
+        batch_size=batch_size,
+        pad_mode="constant",
+    )
     return logits.argmax(0).numpy()
 
 
@@ -196,13 +217,26 @@ def evaluate(
     finally:
         if timer is not None:
             timer.remove()
-    cost = EvalCost(rt.name, rt.device, time.perf_counter() - t0, pixels_seen / 1e6,
-                    timer.encoder_s if timer else None, timer.decoder_s if timer else None)
+    cost = EvalCost(
+        rt.name,
+        rt.device,
+        time.perf_counter() - t0,
+        pixels_seen / 1e6,
+        timer.encoder_s if timer else None,
+        timer.decoder_s if timer else None,
+    )
     metrics = acc.compute()
     out.mkdir(parents=True, exist_ok=True)
-    report = dict(metrics.to_dict(), segmenter=str(segmenter), data=str(data), format=fmt, images=len(pairs),
-                  tile_size=meta.tile_size, overlap=meta.overlap if overlap is None else overlap,
-                  cost=cost.to_dict())
+    report = dict(
+        metrics.to_dict(),
+        segmenter=str(segmenter),
+        data=str(data),
+        format=fmt,
+        images=len(pairs),
+        tile_size=meta.tile_size,
+        overlap=meta.overlap if overlap is None else overlap,
+        cost=cost.to_dict(),
+    )
     atomic_write_text(outputs[0], json.dumps(report, indent=2))
     atomic_write_text(outputs[1], metrics.markdown_table() + "\n")
     with atomic_path(outputs[2]) as tmp:

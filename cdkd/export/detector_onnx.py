@@ -68,9 +68,11 @@ class DetectorParity:
 
     def summary(self) -> str:
         kind = "synthetic" if self.synthetic else "real"
-        return (f"{self.candidate} vs {self.reference}: {self.detections[1]} vs {self.detections[0]} detections, "
-                f"mask agreement {100 * self.agreement:.3f}% on {self.tiles} {kind} tiles, max |delta score| "
-                f"{self.max_score_diff:.2g}, max |delta box| {self.max_box_diff:.2g} px")
+        return (
+            f"{self.candidate} vs {self.reference}: {self.detections[1]} vs {self.detections[0]} detections, "
+            f"mask agreement {100 * self.agreement:.3f}% on {self.tiles} {kind} tiles, max |delta score| "
+            f"{self.max_score_diff:.2g}, max |delta box| {self.max_box_diff:.2g} px"
+        )
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,9 @@ def _class_map(det: Any, size: int) -> np.ndarray:
     return out
 
 
-def compare_detectors(reference: Any, candidate: Any, tiles: np.ndarray, source: str = "synthetic",
-                      min_agreement: float = 0.999) -> DetectorParity:
+def compare_detectors(
+    reference: Any, candidate: Any, tiles: np.ndarray, source: str = "synthetic", min_agreement: float = 0.999
+) -> DetectorParity:
     """Run (N, C, T, T) normalised ``tiles`` through two detector runtimes, one at a time."""
     counts = [0, 0]
     score_diff = box_diff = 0.0
@@ -120,14 +123,32 @@ def compare_detectors(reference: Any, candidate: Any, tiles: np.ndarray, source:
         size = tile.shape[-1]
         same += int((_class_map(a, size) == _class_map(b, size)).sum())
         total += size * size
-    return DetectorParity(reference.name, candidate.name, (counts[0], counts[1]), score_diff, box_diff,
-                          same / max(total, 1), len(tiles), source, source == "synthetic", min_agreement)
+    return DetectorParity(
+        reference.name,
+        candidate.name,
+        (counts[0], counts[1]),
+        score_diff,
+        box_diff,
+        same / max(total, 1),
+        len(tiles),
+        source,
+        source == "synthetic",
+        min_agreement,
+    )
 
 
-def export_detector_onnx(detector: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET,
-                         dynamic_batch: bool = False, batch_size: int = 1, check_data: str | Path | None = None,
-                         check_tiles: int = 4, min_agreement: float = 0.999, overwrite: bool = False
-                         ) -> DetectorExportReport:
+def export_detector_onnx(
+    detector: str | Path,
+    out: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = False,
+    batch_size: int = 1,
+    check_data: str | Path | None = None,
+    check_tiles: int = 4,
+    min_agreement: float = 0.999,
+    overwrite: bool = False,
+) -> DetectorExportReport:
     """Export ``detector`` (a ``detector.pt``) to the ONNX model ``out`` (batch 1) and check it against PyTorch
     on ``check_tiles`` tiles of ``check_data`` (a folder of images) or synthetic ones; written only if they agree.
 
@@ -153,8 +174,10 @@ def export_detector_onnx(detector: str | Path, out: str | Path, *, opset: int = 
     if out.suffix.lower() != ".onnx":
         raise CdkdValueError(f"{out}: an ONNX model's name must end in .onnx (the runtime is chosen by suffix)")
     if dynamic_batch or batch_size != 1:
-        raise CdkdValueError("a detector exports with batch 1 only (torchvision's detection graph runs one image "
-                             "per call); drop --dynamic-batch / --batch-size")
+        raise CdkdValueError(
+            "a detector exports with batch 1 only (torchvision's detection graph runs one image "
+            "per call); drop --dynamic-batch / --batch-size"
+        )
     highest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= highest:
         raise CdkdValueError(f"opset must be an integer from {MIN_OPSET} to {highest}, got {opset!r}")
@@ -170,23 +193,46 @@ def export_detector_onnx(detector: str | Path, out: str | Path, *, opset: int = 
     example = torch.zeros(1, meta.in_chans, meta.tile_size, meta.tile_size)
     with atomic_path(out) as tmp:
         with fixed_position_embedding(model.encoder, meta.tile_size // model.patch_size), _quiet_tracing():
-            torch.onnx.export(wrapper, (example,), str(tmp), input_names=["image"], output_names=list(OUTPUT_NAMES),
-                              opset_version=opset, dynamo=False)
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                str(tmp),
+                input_names=["image"],
+                output_names=list(OUTPUT_NAMES),
+                opset_version=opset,
+                dynamo=False,
+            )
         proto = onnx.load(str(tmp))
         embed_meta(proto, meta)
-        proto.doc_string = (f"cdkd detector: image (1, {meta.in_chans}, {meta.tile_size}, {meta.tile_size}) float32 "
-                            "normalised -> boxes, labels (1..K), scores, masks (N, 1, T, T)")
+        proto.doc_string = (
+            f"cdkd detector: image (1, {meta.in_chans}, {meta.tile_size}, {meta.tile_size}) float32 "
+            "normalised -> boxes, labels (1..K), scores, masks (N, 1, T, T)"
+        )
         onnx.save(proto, str(tmp))
-        parity = compare_detectors(TorchDetectorRuntime(detector, device="cpu", amp="none"),
-                                   OnnxDetectorRuntime(tmp, device="cpu"), tiles, source, min_agreement)
+        parity = compare_detectors(
+            TorchDetectorRuntime(detector, device="cpu", amp="none"),
+            OnnxDetectorRuntime(tmp, device="cpu"),
+            tiles,
+            source,
+            min_agreement,
+        )
         if not parity.passed:
-            raise DetectorParityError(f"{out}: ONNX Runtime disagrees with PyTorch ({parity.summary()}); the model "
-                                      "was not written")
+            raise DetectorParityError(
+                f"{out}: ONNX Runtime disagrees with PyTorch ({parity.summary()}); the model was not written"
+            )
     result = DetectorExportReport(
-        onnx=str(out), report=str(report), detector=str(detector), opset=opset, batch=1,
-        size_bytes=out.stat().st_size, exporter="torch.onnx.export(dynamo=False)",
+        onnx=str(out),
+        report=str(report),
+        detector=str(detector),
+        opset=opset,
+        batch=1,
+        size_bytes=out.stat().st_size,
+        exporter="torch.onnx.export(dynamo=False)",
         versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-        meta=meta.to_dict(), parity=parity, seconds=round(time.perf_counter() - start, 3))
+        meta=meta.to_dict(),
+        parity=parity,
+        seconds=round(time.perf_counter() - start, 3),
+    )
     atomic_write_text(report, json.dumps(result.to_dict(), indent=2))
     return result
 
@@ -221,5 +267,4 @@ def _quiet_tracing() -> Any:
     return stack
 
 
-__all__ = ["DetectorExportReport", "DetectorParity", "DetectorParityError", "compare_detectors",
-           "export_detector_onnx"]
+__all__ = ["DetectorExportReport", "DetectorParity", "DetectorParityError", "compare_detectors", "export_detector_onnx"]

@@ -43,8 +43,17 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 SINGLE_FILE_LIMIT = 2**31 - 2**26  # protobuf caps a message at 2 GiB; leave room for the graph itself
 
 # Reductions whose ``axes`` opset 18 moved from an attribute to an input (ReduceSum did so in opset 13).
-_REDUCE_AXES_INPUT = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
-                      "ReduceProd", "ReduceSumSquare")
+_REDUCE_AXES_INPUT = (
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceSumSquare",
+)
 # Attributes opset 18 added to existing operators, at the values that mean what opset 17 meant without them.
 _OPSET18_DEFAULTS: dict[str, dict[str, Any]] = {
     "Resize": {"antialias": 0, "keep_aspect_ratio_policy": b"stretch"},
@@ -94,8 +103,10 @@ def _check_args(out: Path, opset: int, batch_size: int, check_tiles: int, min_ag
         raise CdkdValueError(f"{out}: an ONNX model's name must end in .onnx (the runtime is chosen by suffix)")
     highest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= highest:
-        raise CdkdValueError(f"opset must be an integer from {MIN_OPSET} (LayerNormalization) to {highest} "
-                             f"(this onnx package), got {opset!r}")
+        raise CdkdValueError(
+            f"opset must be an integer from {MIN_OPSET} (LayerNormalization) to {highest} "
+            f"(this onnx package), got {opset!r}"
+        )
     for name, value in (("batch size", batch_size), ("number of check tiles", check_tiles)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CdkdValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -138,10 +149,18 @@ def fixed_position_embedding(encoder: Any, grid: int) -> Iterator[None]:
             def fixed(h: int, w: int) -> torch.Tensor:
                 return pos
 
-        elif (isinstance(encoder, VisionTransformer) and encoder.dynamic_img_size and encoder.pos_embed is not None
-              and encoder.num_prefix_tokens == 0):  # the students: no class or register tokens
-            pos = resample_abs_pos_embed(encoder.pos_embed, new_size=[grid, grid],
-                                         old_size=list(encoder.patch_embed.grid_size), num_prefix_tokens=0)
+        elif (
+            isinstance(encoder, VisionTransformer)
+            and encoder.dynamic_img_size
+            and encoder.pos_embed is not None
+            and encoder.num_prefix_tokens == 0
+        ):  # the students: no class or register tokens
+            pos = resample_abs_pos_embed(
+                encoder.pos_embed,
+                new_size=[grid, grid],
+                old_size=list(encoder.patch_embed.grid_size),
+                num_prefix_tokens=0,
+            )
             name = "_pos_embed"  # timm's own method
 
             def fixed(x: torch.Tensor) -> torch.Tensor:  # timm's _pos_embed: (B, h, w, C) -> (B, h * w, C)
@@ -166,9 +185,17 @@ def _trace(model: Any, meta: InferenceMeta, opset: int, batch: int, dynamic: boo
     example = torch.zeros(max(batch, 2) if dynamic else batch, meta.in_chans, meta.tile_size, meta.tile_size)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic else None
     with fixed_position_embedding(model.encoder, meta.tile_size // model.patch_size):
-        program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    opset_version=max(opset, EXPORTER_OPSET), dynamo=True,
-                                    dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=max(opset, EXPORTER_OPSET),
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            verbose=False,
+        )
     return program.model_proto
 
 
@@ -207,15 +234,20 @@ def _to_opset17(proto: Any) -> Any:
     moved: set[str] = set()  # constants that became attributes
 
     def refuse(node: Any, why: str) -> CdkdValueError:
-        return CdkdValueError(f"cannot express the exported model in opset 17 ({node.op_type} {why}); export with "
-                              f"opset {EXPORTER_OPSET} or higher (TensorRT 10, ONNX Runtime)")
+        return CdkdValueError(
+            f"cannot express the exported model in opset 17 ({node.op_type} {why}); export with "
+            f"opset {EXPORTER_OPSET} or higher (TensorRT 10, ONNX Runtime)"
+        )
 
     for node in proto.graph.node:
         if node.domain not in ("", "ai.onnx") or onnx.defs.get_schema(node.op_type, 18).since_version < 18:
             continue  # the same operator in opset 17
         defaults = _OPSET18_DEFAULTS.get(node.op_type, {})
-        kept = [a for a in node.attribute
-                if not (a.name in defaults and onnx.helper.get_attribute_value(a) == defaults[a.name])]
+        kept = [
+            a
+            for a in node.attribute
+            if not (a.name in defaults and onnx.helper.get_attribute_value(a) == defaults[a.name])
+        ]
         del node.attribute[:]
         node.attribute.extend(kept)
         new = [a.name for a in node.attribute if a.name in defaults or (node.op_type == "Resize" and a.name == "axes")]
@@ -245,8 +277,10 @@ def _to_opset17(proto: Any) -> Any:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise CdkdValueError(f"the exported model fails onnx's checker at opset 17 ({str(e).splitlines()[0]}); "
-                             f"export with opset {EXPORTER_OPSET} or higher") from None
+        raise CdkdValueError(
+            f"the exported model fails onnx's checker at opset 17 ({str(e).splitlines()[0]}); "
+            f"export with opset {EXPORTER_OPSET} or higher"
+        ) from None
     return proto
 
 
@@ -267,9 +301,11 @@ def embed_meta(proto: Any, meta: InferenceMeta) -> None:
     for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    proto.doc_string = (f"cdkd segmenter: {INPUT_NAME} (B, {meta.in_chans}, {meta.tile_size}, {meta.tile_size}) "
-                        f"float32 normalised -> {OUTPUT_NAME} (B, {meta.num_classes}, {meta.tile_size}, "
-                        f"{meta.tile_size}); metadata under {ONNX_METADATA_KEY!r}")
+    proto.doc_string = (
+        f"cdkd segmenter: {INPUT_NAME} (B, {meta.in_chans}, {meta.tile_size}, {meta.tile_size}) "
+        f"float32 normalised -> {OUTPUT_NAME} (B, {meta.num_classes}, {meta.tile_size}, "
+        f"{meta.tile_size}); metadata under {ONNX_METADATA_KEY!r}"
+    )
 
 
 def _shape(value_info: Any) -> tuple[int | str, ...]:
@@ -298,12 +334,26 @@ def _parity(segmenter: Path, onnx_path: Path, check: CheckTiles, min_agreement: 
 
     reference = TorchRuntime(segmenter, device="cpu", amp="none")
     candidate = OnnxRuntime(onnx_path, device="cpu")
-    return compare(reference, candidate, check.tiles, chunk=candidate.max_batch or 1, source=check.source,
-                   files=check.files, min_agreement=min_agreement)
+    return compare(
+        reference,
+        candidate,
+        check.tiles,
+        chunk=candidate.max_batch or 1,
+        source=check.source,
+        files=check.files,
+        min_agreement=min_agreement,
+    )
 
 
-def check_parity(segmenter: str | Path, onnx_path: str | Path, *, check_data: str | Path | None = None,
-                 check_tiles: int = 8, min_agreement: float = MIN_AGREEMENT, seed: int = 0) -> ParityResult:
+def check_parity(
+    segmenter: str | Path,
+    onnx_path: str | Path,
+    *,
+    check_data: str | Path | None = None,
+    check_tiles: int = 8,
+    min_agreement: float = MIN_AGREEMENT,
+    seed: int = 0,
+) -> ParityResult:
     """ONNX Runtime (CPU) against PyTorch (CPU, float32) on ``check_tiles`` tiles of ``check_data`` (a folder of
     images) or, without it, synthetic tiles. Returns the result; never raises on a mismatch."""
     from cdkd.inference.runtimes import read_onnx_meta
@@ -355,13 +405,17 @@ def export_onnx(
     from cdkd.artifacts import DETECTOR_FORMAT, artifact_format
 
     if artifact_format(segmenter) == DETECTOR_FORMAT:
-        raise CdkdValueError(f"{segmenter}: an instance model (detector.pt); export it with cdkd export or "
-                             "cdkd.export.detector_onnx.export_detector_onnx (cdkd.tasks chooses by the model)")
+        raise CdkdValueError(
+            f"{segmenter}: an instance model (detector.pt); export it with cdkd export or "
+            "cdkd.export.detector_onnx.export_detector_onnx (cdkd.tasks chooses by the model)"
+        )
     start = time.perf_counter()
     out, segmenter = Path(out), Path(segmenter)
     if segmenter.suffix.lower() == ".onnx":
-        raise CdkdValueError(f"{segmenter}: already an ONNX model; ONNX export takes a segmenter.pt (to build an "
-                             "engine from it: --format tensorrt)")
+        raise CdkdValueError(
+            f"{segmenter}: already an ONNX model; ONNX export takes a segmenter.pt (to build an "
+            "engine from it: --format tensorrt)"
+        )
     report = report_path(out)
     _check_args(out, opset, batch_size, check_tiles, min_agreement)
     refuse_existing([out, report], overwrite)
@@ -370,8 +424,10 @@ def export_onnx(
     check = CheckTiles.make(meta, check_data, check_tiles)  # before the slow part: bad data fails fast
     size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     if size >= SINGLE_FILE_LIMIT:
-        raise CdkdValueError(f"{segmenter}: {size / 2**30:.1f} GiB of weights exceed what one ONNX file can hold "
-                             "(protobuf's 2 GiB limit); cdkd exports single-file models only")
+        raise CdkdValueError(
+            f"{segmenter}: {size / 2**30:.1f} GiB of weights exceed what one ONNX file can hold "
+            "(protobuf's 2 GiB limit); cdkd exports single-file models only"
+        )
 
     proto = _trace(model, meta, opset, batch_size, dynamic_batch)
     del model  # the PyTorch runtime of the parity check loads its own copy
@@ -380,23 +436,33 @@ def export_onnx(
         proto = _to_opset17(proto)  # MIN_OPSET is 17: one step down at most
     written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if written != opset:  # torch keeps the opset it could reach when a conversion fails, with a log line only
-        raise CdkdValueError(f"torch {torch.__version__} exported opset {written}, not the {opset} asked for; "
-                             f"use --opset {written}")
+        raise CdkdValueError(
+            f"torch {torch.__version__} exported opset {written}, not the {opset} asked for; use --opset {written}"
+        )
     embed_meta(proto, meta)
 
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
         parity = _parity(segmenter, tmp, check, min_agreement)
         if not parity.passed:
-            raise ParityError(f"{out}: ONNX Runtime disagrees with PyTorch ({parity.summary()}, below the "
-                              f"{100 * min_agreement:.1f}% that --min-agreement asks); the model was not written")
+            raise ParityError(
+                f"{out}: ONNX Runtime disagrees with PyTorch ({parity.summary()}, below the "
+                f"{100 * min_agreement:.1f}% that --min-agreement asks); the model was not written"
+            )
     result = ExportReport(
-        onnx=str(out), report=str(report), segmenter=str(segmenter), opset=opset,
-        batch=None if dynamic_batch else batch_size, input_shape=_shape(proto.graph.input[0]),
-        output_shape=_shape(proto.graph.output[0]), size_bytes=out.stat().st_size,
+        onnx=str(out),
+        report=str(report),
+        segmenter=str(segmenter),
+        opset=opset,
+        batch=None if dynamic_batch else batch_size,
+        input_shape=_shape(proto.graph.input[0]),
+        output_shape=_shape(proto.graph.output[0]),
+        size_bytes=out.stat().st_size,
         exporter="torch.onnx.export(dynamo=True)",
         versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-        meta=meta.to_dict(), parity=parity, seconds=round(time.perf_counter() - start, 3),
+        meta=meta.to_dict(),
+        parity=parity,
+        seconds=round(time.perf_counter() - start, 3),
     )
     atomic_write_text(report, json.dumps(result.to_dict(), indent=2) + "\n")
     return result

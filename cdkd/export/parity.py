@@ -46,12 +46,22 @@ class ParityResult:
     def summary(self) -> str:
         """One line, e.g. ``argmax agreement 100.000% on 8 real tiles, max |delta logit| 2.1e-06``."""
         kind = "synthetic" if self.synthetic else "real"
-        return (f"{self.candidate} vs {self.reference}: argmax agreement {100 * self.agreement:.3f}% on "
-                f"{self.tiles} {kind} tiles, max |delta logit| {self.max_abs_diff:.2g}")
+        return (
+            f"{self.candidate} vs {self.reference}: argmax agreement {100 * self.agreement:.3f}% on "
+            f"{self.tiles} {kind} tiles, max |delta logit| {self.max_abs_diff:.2g}"
+        )
 
 
-def compare(reference: Runtime, candidate: Runtime, tiles: np.ndarray, *, chunk: int = 1, source: str = "synthetic",
-            files: tuple[str, ...] = (), min_agreement: float = MIN_AGREEMENT) -> ParityResult:
+def compare(
+    reference: Runtime,
+    candidate: Runtime,
+    tiles: np.ndarray,
+    *,
+    chunk: int = 1,
+    source: str = "synthetic",
+    files: tuple[str, ...] = (),
+    min_agreement: float = MIN_AGREEMENT,
+) -> ParityResult:
     """Run (N, C, T, T) normalised ``tiles`` through both runtimes, ``chunk`` tiles at a time (memory: a 1024 px
     ViT tile needs GBs on the CPU), and measure how far ``candidate`` is from ``reference``. Never raises on a
     mismatch: ``ParityResult.passed`` says whether it is within ``min_agreement``."""
@@ -69,6 +79,15 @@ def compare(reference: Runtime, candidate: Runtime, tiles: np.ndarray, *, chunk:
         count += diff.size
         same += int((ref.argmax(1) == out.argmax(1)).sum())
         total += ref.shape[0] * ref.shape[2] * ref.shape[3]
-    return ParityResult(reference=reference.name, candidate=candidate.name, agreement=same / total,
-                        max_abs_diff=max_diff, mean_abs_diff=sum_diff / count, tiles=len(tiles), source=source,
-                        synthetic=source == "synthetic", files=tuple(files), min_agreement=min_agreement)
+    return ParityResult(
+        reference=reference.name,
+        candidate=candidate.name,
+        agreement=same / total,
+        max_abs_diff=max_diff,
+        mean_abs_diff=sum_diff / count,
+        tiles=len(tiles),
+        source=source,
+        synthetic=source == "synthetic",
+        files=tuple(files),
+        min_agreement=min_agreement,
+    )

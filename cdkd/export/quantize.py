@@ -81,15 +81,15 @@ class QuantizeOptions:
     def check(self) -> None:
         """CdkdValueError naming the first bad field."""
         if self.method not in CALIB_METHODS:
-            raise CdkdValueError(f"unknown calibration method {self.method!r}; choose one of "
-                                 f"{', '.join(CALIB_METHODS)}")
+            raise CdkdValueError(
+                f"unknown calibration method {self.method!r}; choose one of {', '.join(CALIB_METHODS)}"
+            )
         for name, value in (("calibration tiles", self.calib_tiles), ("check tiles", self.check_tiles)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise CdkdValueError(f"number of {name} must be an integer >= 1, got {value!r}")
         unknown = [p for p in self.keep_float if p not in KEEP_FLOAT]
         if unknown:
-            raise CdkdValueError(f"cannot keep {unknown[0]!r} in float; choose from {', '.join(KEEP_FLOAT)} "
-                                 "(or none)")
+            raise CdkdValueError(f"cannot keep {unknown[0]!r} in float; choose from {', '.join(KEEP_FLOAT)} (or none)")
         if not 0.0 <= self.min_agreement <= 1.0:
             raise CdkdValueError(f"min_agreement must be a fraction in [0, 1], got {self.min_agreement}")
 
@@ -163,8 +163,9 @@ def float_nodes(graph: Any, parts: tuple[str, ...]) -> dict[str, list[str]]:
         found["patch_embed"] = [n.name for n in quantizable if any(i in inputs for i in n.input)]
     if "attention" in parts:
         constants = _constants(graph)
-        found["attention"] = [n.name for n in quantizable if n.op_type == "MatMul"
-                              and not any(i in constants for i in n.input)]
+        found["attention"] = [
+            n.name for n in quantizable if n.op_type == "MatMul" and not any(i in constants for i in n.input)
+        ]
     if "classifier" in parts:
         producers, last, seen = _producers(graph), [], set()
         stack = [o.name for o in graph.output]
@@ -258,13 +259,18 @@ def quantize_qdq(float_onnx: Path, out: Path, tiles: np.ndarray, options: Quanti
     dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     batch = dim.dim_value if dim.dim_value and not dim.dim_param else 1
     if len(tiles) < batch:
-        raise CdkdValueError(f"calibrating {float_onnx.name} needs at least {batch} tiles (its fixed batch), got "
-                             f"{len(tiles)}: raise --calib-tiles")
+        raise CdkdValueError(
+            f"calibrating {float_onnx.name} needs at least {batch} tiles (its fixed batch), got "
+            f"{len(tiles)}: raise --calib-tiles"
+        )
     kept = float_nodes(proto.graph, options.keep_float)
     excluded = {name for names in kept.values() for name in names}
     quantized = {n.name for n in proto.graph.node if n.op_type in QUANTIZED_OPS and n.name not in excluded}
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[options.method]
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[options.method]
     extra = {
         "ActivationSymmetric": True,  # zero point 0: TensorRT's only int8 form
         "WeightSymmetric": True,
@@ -275,10 +281,17 @@ def quantize_qdq(float_onnx: Path, out: Path, tiles: np.ndarray, options: Quanti
     }
     with _quiet_ort_quantizer(), _calibrate_only(quantized):
         quantize_static(
-            str(float_onnx), str(out), _reader(tiles, batch), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZED_OPS), per_channel=options.per_channel,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
-            nodes_to_exclude=sorted(excluded), extra_options=extra,
+            str(float_onnx),
+            str(out),
+            _reader(tiles, batch),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            per_channel=options.per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=method,
+            nodes_to_exclude=sorted(excluded),
+            extra_options=extra,
             calibration_providers=["CPUExecutionProvider"],
         )
     return kept
@@ -290,18 +303,27 @@ def quantized_ops(proto: Any) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for node in proto.graph.node:
         if node.op_type in QUANTIZED_OPS and any(
-                producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input):
+            producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input
+        ):
             counts[node.op_type] += 1
     return dict(sorted(counts.items()))
 
 
-def _int8_parity(reference: Any, candidate_path: Path, split: CalibrationSplit, held_source: str,
-                 min_agreement: float) -> ParityResult:
+def _int8_parity(
+    reference: Any, candidate_path: Path, split: CalibrationSplit, held_source: str, min_agreement: float
+) -> ParityResult:
     from cdkd.inference.runtimes import OnnxRuntime
 
     candidate = OnnxRuntime(candidate_path, device="cpu")
-    result = compare(reference, candidate, split.held, chunk=candidate.max_batch or 1, source=held_source,
-                     files=split.held_files, min_agreement=min_agreement)
+    result = compare(
+        reference,
+        candidate,
+        split.held,
+        chunk=candidate.max_batch or 1,
+        source=held_source,
+        files=split.held_files,
+        min_agreement=min_agreement,
+    )
     return replace(result, candidate="onnx int8", reference=f"{reference.name} float32")
 
 
@@ -343,8 +365,10 @@ def export_int8(
     start = time.perf_counter()
     model, out = Path(model), Path(out)
     if calib is None:
-        raise CdkdValueError("INT8 export needs images to calibrate on: pass --calib DIR (real imagery like the "
-                             "scenes the model will map; some of its files are held out to check the result)")
+        raise CdkdValueError(
+            "INT8 export needs images to calibrate on: pass --calib DIR (real imagery like the "
+            "scenes the model will map; some of its files are held out to check the result)"
+        )
     options = options if options is not None else QuantizeOptions()
     options.check()
     if out.suffix.lower() != ".onnx":
@@ -355,8 +379,10 @@ def export_int8(
     if from_onnx:
         meta = read_onnx_meta(model)
         if is_qdq(model):
-            raise CdkdValueError(f"{model}: already quantized (it holds QuantizeLinear/DequantizeLinear); quantize "
-                                 "the float model it came from")
+            raise CdkdValueError(
+                f"{model}: already quantized (it holds QuantizeLinear/DequantizeLinear); quantize "
+                "the float model it came from"
+            )
     else:
         meta = load_segmenter(model)[1].inference_meta()
     if meta.task != "semantic":
@@ -370,17 +396,28 @@ def export_int8(
             reference = OnnxRuntime(model, device="cpu")
         else:
             float_onnx = Path(tmp) / "float.onnx"
-            float_parity = export_onnx(model, float_onnx, opset=opset, dynamic_batch=dynamic_batch,
-                                       batch_size=batch_size, check_data=calib, check_tiles=options.check_tiles,
-                                       min_agreement=MIN_AGREEMENT).parity
+            float_parity = export_onnx(
+                model,
+                float_onnx,
+                opset=opset,
+                dynamic_batch=dynamic_batch,
+                batch_size=batch_size,
+                check_data=calib,
+                check_tiles=options.check_tiles,
+                min_agreement=MIN_AGREEMENT,
+            ).parity
             reference = TorchRuntime(model, device="cpu", amp="none")
         raw = Path(tmp) / "int8.onnx"
         kept = quantize_qdq(float_onnx, raw, split.calib, options)
         proto = onnx.load(str(raw))
         embed_meta(proto, meta)
-        settings = {"method": options.method, "activations": "int8 symmetric per tensor",
-                    "weights": f"int8 symmetric per {'channel' if options.per_channel else 'tensor'}",
-                    "keep_float": list(options.keep_float), "calib_tiles": len(split.calib)}
+        settings = {
+            "method": options.method,
+            "activations": "int8 symmetric per tensor",
+            "weights": f"int8 symmetric per {'channel' if options.per_channel else 'tensor'}",
+            "keep_float": list(options.keep_float),
+            "calib_tiles": len(split.calib),
+        }
         entry = proto.metadata_props.add()
         entry.key, entry.value = QUANTIZATION_KEY, json.dumps(settings)
         onnx.checker.check_model(proto)
@@ -390,20 +427,32 @@ def export_int8(
             onnx.save(proto, str(candidate))
             parity = _int8_parity(reference, candidate, split, held_source, options.min_agreement)
             if not parity.passed:
-                raise ParityError(f"{out}: the INT8 model disagrees with the float model ({parity.summary()}, below "
-                                  f"the {100 * options.min_agreement:.1f}% that --min-agreement asks); try "
-                                  "--calib-method entropy or percentile, more --calib-tiles or --keep-float; "
-                                  "the model was not written")
+                raise ParityError(
+                    f"{out}: the INT8 model disagrees with the float model ({parity.summary()}, below "
+                    f"the {100 * options.min_agreement:.1f}% that --min-agreement asks); try "
+                    "--calib-method entropy or percentile, more --calib-tiles or --keep-float; "
+                    "the model was not written"
+                )
     dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     result = QuantizeReport(
-        onnx=str(out), report=str(report), source=str(model),
+        onnx=str(out),
+        report=str(report),
+        source=str(model),
         opset=next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-        batch=None if dim.dim_param or not dim.dim_value else int(dim.dim_value), size_bytes=out.stat().st_size,
-        float_size_bytes=float_size, options=options, quantized=quantized_ops(proto), kept_float=kept,
-        calib_files=split.calib_files, held_files=split.held_files, held_disjoint=split.disjoint,
-        versions={"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}, meta=meta.to_dict(),
-        parity=parity, float_parity=float_parity, seconds=round(time.perf_counter() - start, 3),
+        batch=None if dim.dim_param or not dim.dim_value else int(dim.dim_value),
+        size_bytes=out.stat().st_size,
+        float_size_bytes=float_size,
+        options=options,
+        quantized=quantized_ops(proto),
+        kept_float=kept,
+        calib_files=split.calib_files,
+        held_files=split.held_files,
+        held_disjoint=split.disjoint,
+        versions={"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        meta=meta.to_dict(),
+        parity=parity,
+        float_parity=float_parity,
+        seconds=round(time.perf_counter() - start, 3),
     )
     atomic_write_text(report, json.dumps(result.to_dict(), indent=2) + "\n")
     return result
-

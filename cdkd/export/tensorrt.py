@@ -79,8 +79,10 @@ def write_sidecar(onnx_path: str | Path, engine_path: str | Path, *, overwrite: 
         raise CheckpointError(f"{onnx_path}: ONNX model not found (give the .onnx the engine was built from)")
     meta = read_onnx_meta(onnx_path)
     if not engine.is_file():
-        raise CheckpointError(f"{engine}: engine not found (build it first, e.g. trtexec --onnx={onnx_path.name} "
-                              f"--saveEngine={engine.name} --fp16)")
+        raise CheckpointError(
+            f"{engine}: engine not found (build it first, e.g. trtexec --onnx={onnx_path.name} "
+            f"--saveEngine={engine.name} --fp16)"
+        )
     sidecar = engine_sidecar(engine)
     refuse_existing([sidecar], overwrite)
     atomic_write_text(sidecar, meta.to_json())
@@ -104,16 +106,20 @@ def int8_mode(onnx_path: str | Path | None, int8: bool) -> str:
     return "implicit" if int8 else "none"
 
 
-def trtexec_command(onnx_name: str, engine_name: str, meta: InferenceMeta, *, dynamic: bool, fp16: bool,
-                    int8: bool, max_batch: int) -> str:
+def trtexec_command(
+    onnx_name: str, engine_name: str, meta: InferenceMeta, *, dynamic: bool, fp16: bool, int8: bool, max_batch: int
+) -> str:
     """The ``trtexec`` command that builds the engine ``build_engine`` would (without INT8 calibration data);
     for a Q/DQ model ``int8`` is what makes TensorRT take its Q/DQ nodes as int8 kernels."""
     parts = ["trtexec", f"--onnx={onnx_name}", f"--saveEngine={engine_name}"]
     parts += ["--fp16"] * fp16 + ["--int8"] * int8
     if dynamic:  # trtexec would otherwise build a batch-1 engine from a dynamic model
         dims = f"{meta.in_chans}x{meta.tile_size}x{meta.tile_size}"
-        parts += [f"--minShapes={INPUT_NAME}:1x{dims}", f"--optShapes={INPUT_NAME}:{max_batch}x{dims}",
-                  f"--maxShapes={INPUT_NAME}:{max_batch}x{dims}"]
+        parts += [
+            f"--minShapes={INPUT_NAME}:1x{dims}",
+            f"--optShapes={INPUT_NAME}:{max_batch}x{dims}",
+            f"--maxShapes={INPUT_NAME}:{max_batch}x{dims}",
+        ]
     return " ".join(parts)
 
 
@@ -130,20 +136,24 @@ def _tensorrt() -> tuple[Any, str]:
     return trt, ""
 
 
-def _unavailable(reason: str, model: Path, out: Path, meta: InferenceMeta, *, fp16: bool, mode: str,
-                 max_batch: int) -> CdkdValueError:
+def _unavailable(
+    reason: str, model: Path, out: Path, meta: InferenceMeta, *, fp16: bool, mode: str, max_batch: int
+) -> CdkdValueError:
     """The one-line error that says where and how to build the engine instead."""
     if model.suffix.lower() == ".onnx":
         onnx_name, first, dynamic = model.name, "", _onnx_batch(model) is None
     else:
         onnx_name, dynamic = f"{out.stem}.onnx", True
         first = f"export the ONNX model (cdkd export {model} --format onnx --dynamic-batch --out {onnx_name}), then "
-    command = trtexec_command(onnx_name, out.name, meta, dynamic=dynamic, fp16=fp16, int8=mode != "none",
-                              max_batch=max_batch)
+    command = trtexec_command(
+        onnx_name, out.name, meta, dynamic=dynamic, fp16=fp16, int8=mode != "none", max_batch=max_batch
+    )
     if mode == "implicit":  # trtexec cannot calibrate from images: without a cache its INT8 scales are placeholders
-        command += (f" --calib={calibration_cache(out).name} (a cache from a cdkd export --format tensorrt --int8 "
-                    "--calib build with the same TensorRT; without one use --fp16, or a Q/DQ model from cdkd export "
-                    "--int8 --calib DIR, which needs no cache)")
+        command += (
+            f" --calib={calibration_cache(out).name} (a cache from a cdkd export --format tensorrt --int8 "
+            "--calib build with the same TensorRT; without one use --fp16, or a Q/DQ model from cdkd export "
+            "--int8 --calib DIR, which needs no cache)"
+        )
     return CdkdValueError(
         f"TensorRT engines must be built on the target GPU (an engine runs only on the GPU model and TensorRT "
         f"version that built it), and {reason} here: {first}on the target device run {command}, then write its "
@@ -189,9 +199,19 @@ def _calibrator(trt: Any, tiles: np.ndarray | None, batch: int, cache: Path) -> 
     return Calibrator()
 
 
-def _build(trt: Any, onnx_path: Path, out: Path, meta: InferenceMeta, *, fp16: bool, int8: bool,
-           calib: Path | None, calib_tiles: int, max_batch: int, workspace_gb: float) -> tuple[tuple[int, int, int],
-                                                                                              int, str]:
+def _build(
+    trt: Any,
+    onnx_path: Path,
+    out: Path,
+    meta: InferenceMeta,
+    *,
+    fp16: bool,
+    int8: bool,
+    calib: Path | None,
+    calib_tiles: int,
+    max_batch: int,
+    workspace_gb: float,
+) -> tuple[tuple[int, int, int], int, str]:
     """Parse ``onnx_path``, build and write the engine ``out``; returns (batch profile, calibration tiles used,
     ``int8_mode``)."""
     logger = trt.Logger(trt.Logger.WARNING)
@@ -235,8 +255,10 @@ def _build(trt: Any, onnx_path: Path, out: Path, meta: InferenceMeta, *, fp16: b
         if tiles is not None:
             used = len(tiles) // batch * batch  # whole batches only; a fixed-batch model takes nothing else
             if used == 0:
-                raise CdkdValueError(f"INT8 calibration of {onnx_path.name} needs at least {batch} tiles (its fixed "
-                                     f"batch), got {len(tiles)}: raise --calib-tiles")
+                raise CdkdValueError(
+                    f"INT8 calibration of {onnx_path.name} needs at least {batch} tiles (its fixed "
+                    f"batch), got {len(tiles)}: raise --calib-tiles"
+                )
             tiles = tiles[:used]
         calibrator = _calibrator(trt, tiles, batch, calibration_cache(out))
         config.int8_calibrator = calibrator
@@ -248,8 +270,10 @@ def _build(trt: Any, onnx_path: Path, out: Path, meta: InferenceMeta, *, fp16: b
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineBuildError(f"{onnx_path}: TensorRT could not build an engine (see its messages above; a larger "
-                               "--workspace-gb or a smaller --max-batch may help)")
+        raise EngineBuildError(
+            f"{onnx_path}: TensorRT could not build an engine (see its messages above; a larger "
+            "--workspace-gb or a smaller --max-batch may help)"
+        )
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         f.write(serialized)
     return batches, used, mode
@@ -293,8 +317,9 @@ def build_engine(
     start = time.perf_counter()
     model, out = Path(model), Path(out)
     if out.suffix.lower() not in ENGINE_SUFFIXES:
-        raise CdkdValueError(f"{out}: an engine's name must end in {', '.join(ENGINE_SUFFIXES)} (the runtime is "
-                             "chosen by suffix)")
+        raise CdkdValueError(
+            f"{out}: an engine's name must end in {', '.join(ENGINE_SUFFIXES)} (the runtime is chosen by suffix)"
+        )
     for name, value in (("max batch", max_batch), ("number of calibration tiles", calib_tiles)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CdkdValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -309,29 +334,59 @@ def build_engine(
     meta = read_onnx_meta(model) if suffix == ".onnx" else load_segmenter(model)[1].inference_meta()
     mode = int8_mode(model if suffix == ".onnx" else None, int8)
     if mode == "explicit" and calib is not None:
-        raise CdkdValueError(f"{model}: a Q/DQ model was calibrated when it was quantized; drop --calib (its int8 "
-                             "scales are in the graph)")
+        raise CdkdValueError(
+            f"{model}: a Q/DQ model was calibrated when it was quantized; drop --calib (its int8 "
+            "scales are in the graph)"
+        )
     if mode == "implicit" and calib is None and not cache.is_file():
-        raise CdkdValueError(f"int8 needs images to calibrate on (--calib DIR) or the calibration cache {cache} "
-                             "of an earlier build; or quantize the model first (cdkd export --format onnx --int8)")
+        raise CdkdValueError(
+            f"int8 needs images to calibrate on (--calib DIR) or the calibration cache {cache} "
+            "of an earlier build; or quantize the model first (cdkd export --format onnx --int8)"
+        )
     trt, reason = _tensorrt()
     if trt is None:
         raise _unavailable(reason, model, out, meta, fp16=fp16, mode=mode, max_batch=max_batch)
 
     parity = None
-    build = partial(_build, trt, out=out, meta=meta, fp16=fp16, int8=int8, calib=Path(calib) if calib else None,
-                    calib_tiles=calib_tiles, max_batch=max_batch, workspace_gb=workspace_gb)
+    build = partial(
+        _build,
+        trt,
+        out=out,
+        meta=meta,
+        fp16=fp16,
+        int8=int8,
+        calib=Path(calib) if calib else None,
+        calib_tiles=calib_tiles,
+        max_batch=max_batch,
+        workspace_gb=workspace_gb,
+    )
     if suffix == ".onnx":
         batches, used, mode = build(model)
     else:
         with tempfile.TemporaryDirectory(prefix="cdkd-export-") as tmp:
             onnx_path = Path(tmp) / f"{out.stem}.onnx"
-            parity = export_onnx(model, onnx_path, opset=opset, dynamic_batch=True, check_data=check_data,
-                                 check_tiles=check_tiles, min_agreement=min_agreement).parity
+            parity = export_onnx(
+                model,
+                onnx_path,
+                opset=opset,
+                dynamic_batch=True,
+                check_data=check_data,
+                check_tiles=check_tiles,
+                min_agreement=min_agreement,
+            ).parity
             batches, used, mode = build(onnx_path)
     atomic_write_text(sidecar, meta.to_json())
     precision = "+".join(p for p, on in (("int8", mode != "none"), ("fp16", fp16)) if on) or "fp32"
-    return EngineReport(engine=str(out), sidecar=str(sidecar), source=str(model), precision=precision, batch=batches,
-                        tensorrt=trt.__version__, calibration_cache=str(cache) if mode == "implicit" else None,
-                        calibration_tiles=used, onnx_parity=parity, seconds=round(time.perf_counter() - start, 3),
-                        quantization=mode)
+    return EngineReport(
+        engine=str(out),
+        sidecar=str(sidecar),
+        source=str(model),
+        precision=precision,
+        batch=batches,
+        tensorrt=trt.__version__,
+        calibration_cache=str(cache) if mode == "implicit" else None,
+        calibration_tiles=used,
+        onnx_parity=parity,
+        seconds=round(time.perf_counter() - start, 3),
+        quantization=mode,
+    )

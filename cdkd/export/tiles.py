@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cdkd.artifacts import InferenceMeta
-from cdkd.data.files import find_rasters, RasterInfo, read_window
+from cdkd.data.files import RasterInfo, find_rasters, read_window
 from cdkd.errors import CdkdIOError, CdkdValueError, DataError
 from cdkd.inference.tiler import pad_to_tile
 
@@ -55,8 +55,10 @@ def _usable(folder: Path, meta: InferenceMeta) -> list[RasterInfo]:
     same = [r for r in rasters if r.dtype == meta.norm.dtype]
     if not same:
         found = ", ".join(sorted({r.dtype for r in rasters}))
-        raise DataError(f"{folder}: no image of the model's pixel type {meta.norm.dtype} (found {found}); its "
-                        f"normalisation was computed on {meta.norm.dtype} imagery")
+        raise DataError(
+            f"{folder}: no image of the model's pixel type {meta.norm.dtype} (found {found}); its "
+            f"normalisation was computed on {meta.norm.dtype} imagery"
+        )
     return same
 
 
@@ -80,8 +82,9 @@ def _tile(raster: RasterInfo, meta: InferenceMeta, rng: np.random.Generator) -> 
     return padded, frac
 
 
-def _draw(rasters: list[RasterInfo], meta: InferenceMeta, n: int, rng: np.random.Generator,
-          folder: Path) -> tuple[np.ndarray, list[str]]:
+def _draw(
+    rasters: list[RasterInfo], meta: InferenceMeta, n: int, rng: np.random.Generator, folder: Path
+) -> tuple[np.ndarray, list[str]]:
     """``n`` tiles from ``rasters``, visited in a seeded random order, one tile each, cycling when ``n`` exceeds
     their number; an unreadable file is dropped with one warning."""
     order = [rasters[i] for i in rng.permutation(len(rasters))]
@@ -102,8 +105,9 @@ def _draw(rasters: list[RasterInfo], meta: InferenceMeta, n: int, rng: np.random
             used.append(raster.path)
         i += 1
     if broken:
-        warnings.warn(f"skipped {len(broken)} unreadable file(s) in {folder} (first: {broken[0]})", UserWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"skipped {len(broken)} unreadable file(s) in {folder} (first: {broken[0]})", UserWarning, stacklevel=3
+        )
     if not tiles:
         raise DataError(f"{folder}: no readable image to cut tiles from ({broken[0] if broken else 'none found'})")
     return np.stack(tiles).astype(np.float32, copy=False), used
@@ -140,8 +144,9 @@ class CalibrationSplit:
     disjoint: bool
 
 
-def calibration_split(folder: str | Path, meta: InferenceMeta, n_calib: int, n_held: int,
-                      seed: int = 0) -> CalibrationSplit:
+def calibration_split(
+    folder: str | Path, meta: InferenceMeta, n_calib: int, n_held: int, seed: int = 0
+) -> CalibrationSplit:
     """``n_calib`` calibration tiles and ``n_held`` held-out check tiles from the images under ``folder``.
 
     The usable files are shuffled (seeded) and split in proportion to ``n_calib`` : ``n_held`` (at least one

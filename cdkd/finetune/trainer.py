@@ -36,8 +36,17 @@ from cdkd.utils.paths import file_sha256, files_digest
 
 CHECKPOINT_FORMAT = "cdkd.finetune-checkpoint"
 DEFAULT_EPOCHS = 30.0
-RESUMABLE_KEYS = {"train.steps", "train.epochs", "train.checkpoint_every", "train.log_every", "train.device",
-                  "train.tensorboard", "data.num_workers", "data.root", "student"}
+RESUMABLE_KEYS = {
+    "train.steps",
+    "train.epochs",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.device",
+    "train.tensorboard",
+    "data.num_workers",
+    "data.root",
+    "student",
+}
 
 
 def run_dir(root: str | Path, task: str = "semantic") -> RunDir:
@@ -103,17 +112,35 @@ def finetune(
     torch.manual_seed(cfg.train.seed)
     model = task.build(student, data.schema, cfg).to(device)
     optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps,
-                                                                       steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, steps)
+    )
     objective = task.objective(model, data, cfg, device)
 
     def payload(step: int) -> dict:
-        return {"config": to_dict(cfg), "model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_state(), "identity": identity,
-                "cdkd_version": cdkd.__version__}
+        return {
+            "config": to_dict(cfg),
+            "model": trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "identity": identity,
+            "cdkd_version": cdkd.__version__,
+        }
 
-    loop = TrainLoop(cfg.train, model, optimizer, scheduler, device, paths, payload, CHECKPOINT_FORMAT,
-                     name="finetune", progress=progress, log=log)
+    loop = TrainLoop(
+        cfg.train,
+        model,
+        optimizer,
+        scheduler,
+        device,
+        paths,
+        payload,
+        CHECKPOINT_FORMAT,
+        name="finetune",
+        progress=progress,
+        log=log,
+    )
     start = 0
     if blob is not None:
         restore_model(model, blob["model"], paths.checkpoints)
@@ -123,29 +150,50 @@ def finetune(
         start = int(blob["step"])
 
     dataset, collate = task.dataset(data, tile, cfg)
-    sampler = StepSampler(cfg.train.batch_size, start_micro_step=start * cfg.train.grad_accum,
-                          num_micro_steps=steps * cfg.train.grad_accum)
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=device.type == "cuda", collate_fn=collate,
-                        # Its own generator: drawing the workers' base seed from the global RNG would shift
-                        # dropout's random stream after a resume.
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    sampler = StepSampler(
+        cfg.train.batch_size,
+        start_micro_step=start * cfg.train.grad_accum,
+        num_micro_steps=steps * cfg.train.grad_accum,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate,
+        # Its own generator: drawing the workers' base seed from the global RNG would shift
+        # dropout's random stream after a resume.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
     with paths.session(fresh=blob is None):
         save_config(cfg, paths.config)
         paths.truncate_metrics(start)
         if start:
             log(f"resuming {paths.root} at step {start}")
-        log(f"fine-tuning {task.describe(cfg, sinfo)} ({'full' if cfg.head.unfreeze else 'frozen encoder'}) on "
-            f"{data.describe}, {data.schema.num_classes} classes, {steps} steps, tile {tile}, device {device}")
+        log(
+            f"fine-tuning {task.describe(cfg, sinfo)} ({'full' if cfg.head.unfreeze else 'frozen encoder'}) on "
+            f"{data.describe}, {data.schema.num_classes} classes, {steps} steps, tile {tile}, device {device}"
+        )
         t0 = time.perf_counter()
         last = loop.run(objective, batches(loader), start, steps)
         seconds = time.perf_counter() - t0
         # resumed at its last step, nothing ran: the loss is the one logged
         loss = last.loss if last is not None else paths.last_metrics().get("loss", math.nan)
         task.save(paths.artifact, model, replace(sinfo, norm=data.norm), data.schema, tile, overlap)
-        loop.finish({task.artifact_name.removesuffix(".pt"): str(paths.artifact), "task": cfg.task, "steps": steps,
-                     "resumed_from": start, "seconds": round(seconds, 2), "final_loss": loss, **task.report(data),
-                     "classes": list(data.schema.names), "cdkd_version": cdkd.__version__})
+        loop.finish(
+            {
+                task.artifact_name.removesuffix(".pt"): str(paths.artifact),
+                "task": cfg.task,
+                "steps": steps,
+                "resumed_from": start,
+                "seconds": round(seconds, 2),
+                "final_loss": loss,
+                **task.report(data),
+                "classes": list(data.schema.names),
+                "cdkd_version": cdkd.__version__,
+            }
+        )
     return FinetuneResult(paths.root, paths.artifact, steps, loss, seconds, cfg.task)
 
 

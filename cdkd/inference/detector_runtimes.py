@@ -2,9 +2,10 @@
 
 They are ``cdkd.inference.runtimes``' runtimes with another output: the same attributes (``name``, ``path``,
 ``meta``, ``device``, ``options``, ``max_batch``, ``fixed_tile``) and the same input, (B, C, T, T) float32 tiles
-already normalised with ``meta.norm``. Instead of logits, ``detect`` returns one ``Detections`` per tile: boxes, scores, 0-based class
-ids and binary masks (Mask R-CNN's mask probabilities thresholded at 0.5, its own rule), on the host.
-``cdkd.inference.runtimes.open_runtime`` returns one of these when the model file holds an instance model.
+already normalised with ``meta.norm``. Instead of logits, ``detect`` returns one ``Detections`` per tile: boxes,
+scores, 0-based class ids and binary masks (Mask R-CNN's mask probabilities thresholded at 0.5, its own rule), on
+the host. ``open_detector`` opens one; ``cdkd.tasks.task_of_model(path).open_runtime`` does so for an instance
+model file.
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ class Detections:
     @classmethod
     def from_outputs(cls, boxes: Any, labels: Any, scores: Any, masks: Any) -> Detections:
         """From Mask R-CNN's outputs (torch tensors or numpy arrays): labels 1..K, masks (N, 1, T, T) float."""
-        as_np = (lambda a: a.detach().float().cpu().numpy() if hasattr(a, "detach") else np.asarray(a))
+
+        def as_np(a: Any) -> np.ndarray:
+            return a.detach().float().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
         masks = np.asarray(as_np(masks) >= MASK_THRESHOLD)
-        return cls(np.asarray(as_np(boxes), np.float32).reshape(-1, 4), np.asarray(as_np(scores), np.float32),
-                   np.asarray(as_np(labels)).astype(np.int64) - 1, masks.reshape(len(masks), *masks.shape[-2:]))
+        return cls(
+            np.asarray(as_np(boxes), np.float32).reshape(-1, 4),
+            np.asarray(as_np(scores), np.float32),
+            np.asarray(as_np(labels)).astype(np.int64) - 1,
+            masks.reshape(len(masks), *masks.shape[-2:]),
+        )
 
 
 class TorchDetectorRuntime(TorchRuntime):
@@ -59,8 +67,10 @@ class TorchDetectorRuntime(TorchRuntime):
         import torch
 
         x = torch.from_numpy(check_batch(batch, self.meta, fixed_tile=False)).to(self._device)
-        with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype,
-                                                    enabled=self._dtype is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self._device.type, dtype=self._dtype, enabled=self._dtype is not None),
+        ):
             out = self.model(x)
         return [Detections.from_outputs(o["boxes"], o["labels"], o["scores"], o["masks"]) for o in out]
 
@@ -88,8 +98,9 @@ class OnnxDetectorRuntime(OnnxRuntime):
         return out
 
 
-def open_detector(path: str | Path, kind: str, device: str = "auto", amp: str = "auto",
-                  threads: int | None = None) -> TorchDetectorRuntime | OnnxDetectorRuntime:
+def open_detector(
+    path: str | Path, kind: str, device: str = "auto", amp: str = "auto", threads: int | None = None
+) -> TorchDetectorRuntime | OnnxDetectorRuntime:
     """The detector runtime ``kind`` (torch, onnx) for ``path``; TensorRT is not offered for detectors."""
     if kind == "torch":
         return TorchDetectorRuntime(path, device=device, amp=amp)

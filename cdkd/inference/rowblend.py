@@ -29,8 +29,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from cdkd.errors import CdkdValueError
 from cdkd.data.classraster import NODATA
+from cdkd.errors import CdkdValueError
 from cdkd.inference.tiler import TileWindow
 
 CONFIDENCE_NODATA = 0  # confidence is round(255 * max softmax) >= 255 / K >= 1 wherever a pixel is valid
@@ -59,14 +59,22 @@ class Partial:
 
     def state(self) -> dict[str, np.ndarray]:
         """CPU numpy copies, for a checkpoint or another process (``from_state`` restores them)."""
-        return {"top": np.asarray(self.top), "logit_sum": to_numpy(self.logit_sum),
-                "weight_sum": to_numpy(self.weight_sum), "valid": to_numpy(self.valid)}
+        return {
+            "top": np.asarray(self.top),
+            "logit_sum": to_numpy(self.logit_sum),
+            "weight_sum": to_numpy(self.weight_sum),
+            "valid": to_numpy(self.valid),
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: str | torch.device = "cpu") -> Partial:
         arrays = _Arrays(device)
-        return cls(int(state["top"]), arrays.put(np.asarray(state["logit_sum"])),
-                   arrays.put(np.asarray(state["weight_sum"])), arrays.put(np.asarray(state["valid"])))
+        return cls(
+            int(state["top"]),
+            arrays.put(np.asarray(state["logit_sum"])),
+            arrays.put(np.asarray(state["weight_sum"])),
+            arrays.put(np.asarray(state["valid"])),
+        )
 
 
 class FinishedRows:
@@ -79,8 +87,14 @@ class FinishedRows:
     (the writer's), so the thread that feeds the GPU never waits for it.
     """
 
-    def __init__(self, top: int, classes: np.ndarray | None, confidence: np.ndarray | None = None,
-                 logits: Any = None, ready: Any = None) -> None:
+    def __init__(
+        self,
+        top: int,
+        classes: np.ndarray | None,
+        confidence: np.ndarray | None = None,
+        logits: Any = None,
+        ready: Any = None,
+    ) -> None:
         self.top, self.logits = top, logits
         self._classes, self._confidence, self._ready = classes, confidence, ready
 
@@ -128,8 +142,9 @@ def first_argmax(x: Array, out: Array | None = None, scratch: ArgmaxScratch | No
     """
     if isinstance(x, np.ndarray):
         shape = x.shape[1:]
-        best, better = scratch.views(shape) if scratch is not None else (np.empty(shape, x.dtype),
-                                                                           np.empty(shape, bool))
+        best, better = (
+            scratch.views(shape) if scratch is not None else (np.empty(shape, x.dtype), np.empty(shape, bool))
+        )
         index = np.empty(shape, dtype=np.uint8) if out is None else out
         np.copyto(best, x[0])
         index[...] = 0
@@ -293,10 +308,21 @@ class PlanBlender:
     ``output="logits"`` gives blended logits instead of class ids (evaluation). ``backend``: see ``_Arrays``.
     """
 
-    def __init__(self, num_classes: int, row_tops: Sequence[int], col_offsets: Sequence[int],
-                 window: tuple[int, int], image: tuple[int, int], device: str | torch.device = "cpu",
-                 x_range: tuple[int, int] | None = None, probs: bool = False, head: bool = False,
-                 carry: Partial | None = None, output: str = "classes", backend: str = "auto") -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        row_tops: Sequence[int],
+        col_offsets: Sequence[int],
+        window: tuple[int, int],
+        image: tuple[int, int],
+        device: str | torch.device = "cpu",
+        x_range: tuple[int, int] | None = None,
+        probs: bool = False,
+        head: bool = False,
+        carry: Partial | None = None,
+        output: str = "classes",
+        backend: str = "auto",
+    ) -> None:
         if output not in OUTPUTS:
             raise CdkdValueError(f"unknown blender output {output!r}; choose one of {', '.join(OUTPUTS)}")
         self.num_classes, self.row_tops, self.col_offsets = num_classes, list(row_tops), list(col_offsets)
@@ -346,16 +372,21 @@ class PlanBlender:
         r0, r1 = self._rows
         ec0, ec1 = self._col_excl[window.col]
         # the frame: the window's rows above and below the exclusive rows, and its shared columns between them
-        frame = [(window.row, r0, c0, c1), (r1, window.row + window.height, c0, c1),
-                 (r0, r1, c0, max(c0, ec0)), (r0, r1, min(c1, ec1), c1)]
+        frame = [
+            (window.row, r0, c0, c1),
+            (r1, window.row + window.height, c0, c1),
+            (r0, r1, c0, max(c0, ec0)),
+            (r0, r1, min(c1, ec1), c1),
+        ]
         for a, b, c, d in frame:
             if a < b and c < d:
                 self._add_block(window, logits, weights, valid, a, b, c, d)
         if r0 < r1 and ec0 < ec1:
             self._set_direct(window, logits, valid, r0, r1, ec0, ec1)
 
-    def _add_block(self, window: TileWindow, logits: Any, weights: Any, valid: Any, a: int, b: int, c: int,
-                   d: int) -> None:
+    def _add_block(
+        self, window: TileWindow, logits: Any, weights: Any, valid: Any, a: int, b: int, c: int, d: int
+    ) -> None:
         own = (slice(a - window.row, b - window.row), slice(c - window.col, d - window.col))
         band = (slice(a - self.top, b - self.top), slice(c - self.x0, d - self.x0))
         self._valid[band] |= valid[own]
@@ -422,13 +453,17 @@ class PlanBlender:
             regions += [(m0, m1, c, d) for c, d in self._shared_cols]
         rows = slice(a - self.top, b - self.top)
         if self.output == "logits":
-            out = (self._arrays.copy(self._direct_logits[:, rows]) if m0 < m1 else
-                   self._arrays.zeros((self.num_classes, b - a, self.x1 - self.x0), "float32"))
+            out = (
+                self._arrays.copy(self._direct_logits[:, rows])
+                if m0 < m1
+                else self._arrays.zeros((self.num_classes, b - a, self.x1 - self.x0), "float32")
+            )
             for r0, r1, c0, c1 in regions:
                 if r0 < r1 and c0 < c1:
                     band = (slice(r0 - self.top, r1 - self.top), slice(c0 - self.x0, c1 - self.x0))
-                    out[(slice(None), slice(r0 - a, r1 - a), band[1])] = blended(self._sum[(slice(None), *band)],
-                                                                                  self._w[band])
+                    out[(slice(None), slice(r0 - a, r1 - a), band[1])] = blended(
+                        self._sum[(slice(None), *band)], self._w[band]
+                    )
             return FinishedRows(a, None, logits=out)
         for r0, r1, c0, c1 in regions:
             if r0 < r1 and c0 < c1:

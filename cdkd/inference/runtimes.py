@@ -25,8 +25,14 @@ if TYPE_CHECKING:
     import torch
 
 RUNTIMES = ("torch", "onnx", "tensorrt")
-SUFFIXES = {".pt": "torch", ".pth": "torch", ".onnx": "onnx", ".engine": "tensorrt", ".plan": "tensorrt",
-            ".trt": "tensorrt"}
+SUFFIXES = {
+    ".pt": "torch",
+    ".pth": "torch",
+    ".onnx": "onnx",
+    ".engine": "tensorrt",
+    ".plan": "tensorrt",
+    ".trt": "tensorrt",
+}
 AMP_MODES = ("auto", "none", "fp16", "bf16")
 
 
@@ -44,7 +50,7 @@ class Runtime(Protocol):
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
-    def forward(self, batch: np.ndarray) -> "torch.Tensor": ...
+    def forward(self, batch: np.ndarray) -> torch.Tensor: ...
 
 
 def runtime_for(path: str | Path, runtime: str | None = None) -> str:
@@ -55,8 +61,10 @@ def runtime_for(path: str | Path, runtime: str | None = None) -> str:
         return runtime
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
-        raise CdkdValueError(f"{path}: cannot tell the runtime from the suffix {suffix!r} (known: "
-                             f"{', '.join(SUFFIXES)}); pass --runtime {'|'.join(RUNTIMES)}")
+        raise CdkdValueError(
+            f"{path}: cannot tell the runtime from the suffix {suffix!r} (known: "
+            f"{', '.join(SUFFIXES)}); pass --runtime {'|'.join(RUNTIMES)}"
+        )
     return SUFFIXES[suffix]
 
 
@@ -126,11 +134,15 @@ class TorchRuntime:
             self._dtype = torch.float16 if amp == "fp16" else torch.bfloat16
         elif self._device.type == "cpu" and amp == "bf16":
             if not cpu_bf16_supported():
-                raise CdkdValueError("--amp bf16 on the CPU needs AVX-512 BF16 or AMX, which this CPU lacks (bf16 "
-                                     "would be emulated, slower than float32); use --amp none")
+                raise CdkdValueError(
+                    "--amp bf16 on the CPU needs AVX-512 BF16 or AMX, which this CPU lacks (bf16 "
+                    "would be emulated, slower than float32); use --amp none"
+                )
             self._dtype = torch.bfloat16
-        self.options = {"amp": str(self._dtype).replace("torch.", "") if self._dtype else "none",
-                        "threads": torch.get_num_threads() if self._device.type == "cpu" else None}
+        self.options = {
+            "amp": str(self._dtype).replace("torch.", "") if self._dtype else "none",
+            "threads": torch.get_num_threads() if self._device.type == "cpu" else None,
+        }
 
     def _load(self, path: str | Path) -> tuple[torch.nn.Module, InferenceMeta]:
         from cdkd.artifacts import load_segmenter
@@ -148,8 +160,10 @@ class TorchRuntime:
             x = to_device(batch.float(), self._device)
         else:
             x = to_device(torch.from_numpy(check_batch(batch, self.meta, fixed_tile=False)), self._device)
-        with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._dtype,
-                                                    enabled=self._dtype is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self._device.type, dtype=self._dtype, enabled=self._dtype is not None),
+        ):
             return self.model(x).float()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -231,16 +245,23 @@ class OnnxRuntime:
             raise CheckpointError(f"{path}: ONNX model not found (cdkd export --format onnx writes one)")
         self.meta = read_onnx_meta(path)
         if self.meta.task != self.task:
-            raise CdkdValueError(f"{path}: a model of the {self.meta.task} task, not {self.task}; open it through its "
-                                 "task (cdkd.tasks.task_of_model(path).open_runtime)")
+            raise CdkdValueError(
+                f"{path}: a model of the {self.meta.task} task, not {self.task}; open it through its "
+                "task (cdkd.tasks.task_of_model(path).open_runtime)"
+            )
         available = ort.get_available_providers()
         if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
-            raise CdkdValueError(f"device {device!r} requested but onnxruntime has no CUDA provider here "
-                                 "(install onnxruntime-gpu); use --device cpu")
+            raise CdkdValueError(
+                f"device {device!r} requested but onnxruntime has no CUDA provider here "
+                "(install onnxruntime-gpu); use --device cpu"
+            )
         want_cuda = device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider" in available)
         self._device_id = int(device.split(":")[1]) if device.startswith("cuda:") else 0
-        providers = ([("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"] if want_cuda
-                     else ["CPUExecutionProvider"])
+        providers = (
+            [("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"]
+            if want_cuda
+            else ["CPUExecutionProvider"]
+        )
         options = onnx_session_options(threads, self.log_severity)
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.path = str(path)
@@ -261,8 +282,9 @@ class OnnxRuntime:
         import torch
 
         x = torch.from_numpy(batch).to(self.blend_device)
-        y = torch.empty((x.shape[0], self.meta.num_classes, *x.shape[2:]), dtype=torch.float32,
-                        device=self.blend_device)
+        y = torch.empty(
+            (x.shape[0], self.meta.num_classes, *x.shape[2:]), dtype=torch.float32, device=self.blend_device
+        )
         torch.cuda.current_stream(x.device).synchronize()  # ONNX Runtime runs on its own stream
         binding = self.session.io_binding()
         binding.bind_input(self._input, "cuda", self._device_id, np.float32, tuple(x.shape), x.data_ptr())
@@ -298,14 +320,18 @@ class TensorRTRuntime:
             raise CheckpointError(f"{path}: TensorRT engine not found")
         sidecar = engine_sidecar(path)
         if not sidecar.is_file():
-            raise CheckpointError(f"{path}: its metadata sidecar {sidecar.name} is missing (cdkd export writes it; "
-                                  "for a trtexec-built engine copy the .onnx model's with cdkd export --sidecar)")
+            raise CheckpointError(
+                f"{path}: its metadata sidecar {sidecar.name} is missing (cdkd export writes it; "
+                "for a trtexec-built engine copy the .onnx model's with cdkd export --sidecar)"
+            )
         self.meta = InferenceMeta.from_json(sidecar.read_text(), str(sidecar))
         try:
             import tensorrt as trt
         except ImportError:
-            raise CdkdValueError("the tensorrt runtime needs NVIDIA TensorRT (pip install tensorrt) and a CUDA GPU; "
-                                 "use the .onnx model with --runtime onnx elsewhere") from None
+            raise CdkdValueError(
+                "the tensorrt runtime needs NVIDIA TensorRT (pip install tensorrt) and a CUDA GPU; "
+                "use the .onnx model with --runtime onnx elsewhere"
+            ) from None
         import torch
 
         if not torch.cuda.is_available() or device == "cpu":
@@ -315,8 +341,10 @@ class TensorRTRuntime:
         logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise CheckpointError(f"{path}: TensorRT could not deserialize the engine (built for another GPU or "
-                                  "TensorRT version? rebuild it on this device)")
+            raise CheckpointError(
+                f"{path}: TensorRT could not deserialize the engine (built for another GPU or "
+                "TensorRT version? rebuild it on this device)"
+            )
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
@@ -352,8 +380,9 @@ class TensorRTRuntime:
         return self.forward(batch).cpu().numpy()
 
 
-def open_runtime(path: str | Path, runtime: str | None = None, device: str = "auto", amp: str = "auto",
-                 threads: int | None = None) -> Runtime:
+def open_runtime(
+    path: str | Path, runtime: str | None = None, device: str = "auto", amp: str = "auto", threads: int | None = None
+) -> Runtime:
     """The runtime for the segmenter file ``path`` (``segmenter.pt``, ``.onnx`` or ``.engine``). An instance model
     (``detector.pt``) is opened by its task: ``cdkd.tasks.task_of_model(path).open_runtime``."""
     kind = runtime_for(path, runtime)

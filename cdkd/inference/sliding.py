@@ -91,8 +91,15 @@ def sliding_window_logits(
     rows = plan_rows(height, width, tile, overlap)  # validates tile and overlap
     windows = [w for row in rows for w in row]
     last_of_row = {id(row[-1]) for row in rows}
-    blender = PlanBlender(num_classes, [row[0].row for row in rows], [w.col for w in rows[0]], rows[0][0].shape,
-                          (height, width), image.device, output="logits")
+    blender = PlanBlender(
+        num_classes,
+        [row[0].row for row in rows],
+        [w.col for w in rows[0]],
+        rows[0][0].shape,
+        (height, width),
+        image.device,
+        output="logits",
+    )
     out = torch.zeros((num_classes, height, width), dtype=torch.float32)
     index = 0
     with torch.inference_mode():

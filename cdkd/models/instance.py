@@ -65,16 +65,23 @@ class SimpleFeaturePyramid(nn.Module):
         d = embed_dim
         if d % 4:
             raise CdkdValueError(f"the simple feature pyramid needs an embedding width divisible by 4, got {d}")
-        self.scales = nn.ModuleList([
-            nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, stride=2), group_norm(d // 2), nn.GELU(),
-                          nn.ConvTranspose2d(d // 2, d // 4, 2, stride=2)),
-            nn.ConvTranspose2d(d, d // 2, 2, stride=2),
-            nn.Identity(),
-            nn.MaxPool2d(2, stride=2, ceil_mode=True),  # ceil: an odd grid keeps its last row and column
-        ])
+        self.scales = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.ConvTranspose2d(d, d // 2, 2, stride=2),
+                    group_norm(d // 2),
+                    nn.GELU(),
+                    nn.ConvTranspose2d(d // 2, d // 4, 2, stride=2),
+                ),
+                nn.ConvTranspose2d(d, d // 2, 2, stride=2),
+                nn.Identity(),
+                nn.MaxPool2d(2, stride=2, ceil_mode=True),  # ceil: an odd grid keeps its last row and column
+            ]
+        )
         widths = (d // 4, d // 2, d, d)
-        self.outputs = nn.ModuleList(nn.Sequential(_conv_norm(w, channels, 1), _conv_norm(channels, channels, 3))
-                                     for w in widths)
+        self.outputs = nn.ModuleList(
+            nn.Sequential(_conv_norm(w, channels, 1), _conv_norm(channels, channels, 3)) for w in widths
+        )
         self.top = LastLevelMaxPool()
         self.out_channels = channels
 
@@ -95,8 +102,9 @@ class StudentBackbone(nn.Module):
         super().__init__()
         for attr in ("forward_intermediates", "embed_dim", "depth", "patch_size"):
             if not hasattr(student, attr):
-                raise CdkdValueError(f"encoder {type(student).__name__} lacks {attr!r}; use a student from "
-                                     "cdkd.models.student")
+                raise CdkdValueError(
+                    f"encoder {type(student).__name__} lacks {attr!r}; use a student from cdkd.models.student"
+                )
         depth = int(student.depth)
         if not 1 <= layer <= depth:
             raise CdkdValueError(f"layer {layer} out of range: 1-based student blocks 1..{depth}")
@@ -118,8 +126,14 @@ class StudentBackbone(nn.Module):
         """(B, C, H, W) -> the student's block ``layer`` output (B, D, H/16, W/16)."""
 
         def run() -> torch.Tensor:
-            return self.body.forward_intermediates(x, indices=[self.layer - 1], norm=self.feature_norm,
-                                                   stop_early=True, output_fmt="NCHW", intermediates_only=True)[0]
+            return self.body.forward_intermediates(
+                x,
+                indices=[self.layer - 1],
+                norm=self.feature_norm,
+                stop_early=True,
+                output_fmt="NCHW",
+                intermediates_only=True,
+            )[0]
 
         if self.freeze:
             with torch.no_grad():
@@ -137,8 +151,9 @@ class TileTransform(GeneralizedRCNNTransform):
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         return image
 
-    def resize(self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    def resize(
+        self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         return image, target
 
 
@@ -162,29 +177,43 @@ class Detector(nn.Module):
         score_threshold: detections below it are dropped (keep it low for COCO AP; scenes filter with min_score).
     """
 
-    def __init__(self, encoder: nn.Module, num_classes: int, layer: int | None = None, channels: int = 256,
-                 freeze_encoder: bool = True, anchor_sizes: Sequence[int] = DEFAULT_ANCHORS,
-                 box_batch_size_per_image: int = 512, detections_per_image: int = 100,
-                 score_threshold: float = 0.05, feature_norm: bool = False) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_classes: int,
+        layer: int | None = None,
+        channels: int = 256,
+        freeze_encoder: bool = True,
+        anchor_sizes: Sequence[int] = DEFAULT_ANCHORS,
+        box_batch_size_per_image: int = 512,
+        detections_per_image: int = 100,
+        score_threshold: float = 0.05,
+        feature_norm: bool = False,
+    ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise CdkdValueError(f"num_classes must be a positive int, got {num_classes!r}")
         anchor_sizes = tuple(int(s) for s in anchor_sizes)
         if len(anchor_sizes) != len(LEVELS) + 1 or min(anchor_sizes) < 1:
-            raise CdkdValueError(f"anchor_sizes needs {len(LEVELS) + 1} positive sizes (strides 4..64), got "
-                                 f"{list(anchor_sizes)}")
+            raise CdkdValueError(
+                f"anchor_sizes needs {len(LEVELS) + 1} positive sizes (strides 4..64), got {list(anchor_sizes)}"
+            )
         if channels < 1:
             raise CdkdValueError(f"channels must be >= 1, got {channels}")
         layer = int(encoder.depth) if layer is None else int(layer)
         self.num_classes, self.layer, self.channels = num_classes, layer, int(channels)
         self.freeze_encoder, self.anchor_sizes = bool(freeze_encoder), anchor_sizes
-        self.box_batch_size_per_image, self.detections_per_image = int(box_batch_size_per_image), int(detections_per_image)
+        self.box_batch_size_per_image, self.detections_per_image = (
+            int(box_batch_size_per_image),
+            int(detections_per_image),
+        )
         self.score_threshold, self.feature_norm = float(score_threshold), bool(feature_norm)
         self.patch_size = int(encoder.patch_size)
         backbone = StudentBackbone(encoder, layer, self.channels, self.freeze_encoder, self.feature_norm)
         anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), (ASPECT_RATIOS,) * len(anchor_sizes))
         self.mask_rcnn = MaskRCNN(
-            backbone, rpn_anchor_generator=anchors,
+            backbone,
+            rpn_anchor_generator=anchors,
             box_predictor=FastRCNNPredictor(BOX_REPRESENTATION, num_classes + 1),  # torchvision's, as it builds it
             box_roi_pool=MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=2),
             mask_roi_pool=MultiScaleRoIAlign(list(LEVELS), output_size=14, sampling_ratio=2),
@@ -192,10 +221,13 @@ class Detector(nn.Module):
             mask_head=MaskRCNNHeads(self.channels, (self.channels,) * 4, 1),
             mask_predictor=MaskRCNNPredictor(self.channels, self.channels, num_classes + 1),
             box_batch_size_per_image=self.box_batch_size_per_image,
-            box_detections_per_img=self.detections_per_image, box_score_thresh=self.score_threshold)
+            box_detections_per_img=self.detections_per_image,
+            box_score_thresh=self.score_threshold,
+        )
         # min/max size, mean and std are unused: TileTransform neither resizes nor normalises
-        self.mask_rcnn.transform = TileTransform(min_size=64, max_size=64, image_mean=[0.0], image_std=[1.0],
-                                                 size_divisible=32)
+        self.mask_rcnn.transform = TileTransform(
+            min_size=64, max_size=64, image_mean=[0.0], image_std=[1.0], size_divisible=32
+        )
 
     @property
     def encoder(self) -> nn.Module:
@@ -204,14 +236,21 @@ class Detector(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments as plain types: ``Detector(encoder, **config)`` rebuilds the network."""
-        return {"num_classes": self.num_classes, "layer": self.layer, "channels": self.channels,
-                "freeze_encoder": self.freeze_encoder, "anchor_sizes": list(self.anchor_sizes),
-                "box_batch_size_per_image": self.box_batch_size_per_image,
-                "detections_per_image": self.detections_per_image, "score_threshold": self.score_threshold,
-                "feature_norm": self.feature_norm}
+        return {
+            "num_classes": self.num_classes,
+            "layer": self.layer,
+            "channels": self.channels,
+            "freeze_encoder": self.freeze_encoder,
+            "anchor_sizes": list(self.anchor_sizes),
+            "box_batch_size_per_image": self.box_batch_size_per_image,
+            "detections_per_image": self.detections_per_image,
+            "score_threshold": self.score_threshold,
+            "feature_norm": self.feature_norm,
+        }
 
-    def forward(self, images: list[torch.Tensor] | torch.Tensor,
-                targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
+    def forward(
+        self, images: list[torch.Tensor] | torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None
+    ) -> Any:
         """See the class docstring; a (B, C, H, W) tensor stands for a list of B images."""
         if isinstance(images, torch.Tensor):
             if images.ndim != 4:
@@ -220,8 +259,9 @@ class Detector(nn.Module):
         p = self.patch_size
         for img in images:
             if img.shape[-2] % p or img.shape[-1] % p:
-                raise CdkdValueError(f"input size {img.shape[-2]}x{img.shape[-1]} is not a multiple of the patch "
-                                     f"size {p}")
+                raise CdkdValueError(
+                    f"input size {img.shape[-2]}x{img.shape[-1]} is not a multiple of the patch size {p}"
+                )
         return self.mask_rcnn(images, targets)
 
 

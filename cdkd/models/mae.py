@@ -80,8 +80,16 @@ class MAEDecoder(nn.Module):
     for the grid, so any tile size works.
     """
 
-    def __init__(self, in_dim: int, dim: int = 256, depth: int = 4, num_heads: int = 8, patch_size: int = 16,
-                 out_chans: int = 3, fills_masked: bool = True) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int = 256,
+        depth: int = 4,
+        num_heads: int = 8,
+        patch_size: int = 16,
+        out_chans: int = 3,
+        fills_masked: bool = True,
+    ) -> None:
         super().__init__()
         self.embed = nn.Linear(in_dim, dim)
         # Only a decoder behind a visible-only encoder owns a mask token: an unused parameter would stall DDP.

@@ -155,8 +155,10 @@ class MMoA(nn.Module):
         self.mlp = mlp
         if adapter == "multi":
             self.adapters = nn.ModuleList(
-                [MultiScaleAdapter(dim, bottleneck, fine_dilations),
-                 MultiScaleAdapter(dim, bottleneck, coarse_dilations)]
+                [
+                    MultiScaleAdapter(dim, bottleneck, fine_dilations),
+                    MultiScaleAdapter(dim, bottleneck, coarse_dilations),
+                ]
             )
         else:
             self.adapters = nn.ModuleList([BottleneckAdapter(dim, bottleneck)])

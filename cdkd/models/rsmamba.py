@@ -54,9 +54,18 @@ class MambaMixer(nn.Module):
     ``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``out_proj``.
     """
 
-    def __init__(self, d_model: int, d_inner: int, d_state: int = 16, d_conv: int = 4, dt_rank: int | None = None,
-                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
-                 scan_backend: str = "auto") -> None:
+    def __init__(
+        self,
+        d_model: int,
+        d_inner: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        dt_rank: int | None = None,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        scan_backend: str = "auto",
+    ) -> None:
         super().__init__()
         if scan_backend not in BACKENDS:
             raise CdkdValueError(f"scan_backend must be one of {', '.join(BACKENDS)}, got {scan_backend!r}")
@@ -77,7 +86,7 @@ class MambaMixer(nn.Module):
 
     def _init_dt(self, dt_min: float, dt_max: float, floor: float) -> None:
         """Mamba's step initialisation: softplus(bias) log-uniform in [dt_min, dt_max], weights ~ U(+-rank^-0.5)."""
-        std = self.dt_rank ** -0.5
+        std = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -std, std)
         dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=floor)
@@ -88,16 +97,17 @@ class MambaMixer(nn.Module):
         length = x.shape[1]
         # Slices, not chunk/split: torch exports those as opset-18 Split, which opset 17 (TensorRT 8.x) lacks.
         uz = self.in_proj(x)
-        u, z = uz[..., : self.d_inner], uz[..., self.d_inner:]  # (B, L, d_inner) each: SSM branch and its gate
+        u, z = uz[..., : self.d_inner], uz[..., self.d_inner :]  # (B, L, d_inner) each: SSM branch and its gate
         # Depthwise conv over the sequence, causal: padded by d_conv - 1 on both sides, the tail dropped.
         u = F.silu(self.conv1d(u.transpose(1, 2))[..., :length].transpose(1, 2))
         dbc = self.x_proj(u)
         r, n = self.dt_rank, self.d_state
-        dt, B, C = dbc[..., :r], dbc[..., r:r + n], dbc[..., r + n:]
+        dt, B, C = dbc[..., :r], dbc[..., r : r + n], dbc[..., r + n :]
         dt = F.linear(dt, self.dt_proj.weight)  # the bias is added inside the scan (the fused kernel's delta_bias)
         A = -torch.exp(self.A_log.float())
-        y = selective_scan(u, dt, A, B, C, self.D, delta_bias=self.dt_proj.bias, delta_softplus=True,
-                           backend=self.scan_backend)
+        y = selective_scan(
+            u, dt, A, B, C, self.D, delta_bias=self.dt_proj.bias, delta_softplus=True, backend=self.scan_backend
+        )
         return self.out_proj(y * F.silu(z))
 
 
@@ -147,8 +157,9 @@ class RSMamba(TokenGridBackbone):
         super().__init__()
         self._init_grid(img_size, patch_size, in_chans, embed_dim, depth, bias=False)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        mixer = partial(MambaMixer, embed_dim, d_inner, d_state=d_state, d_conv=d_conv, dt_rank=dt_rank,
-                        scan_backend=scan_backend)
+        mixer = partial(
+            MambaMixer, embed_dim, d_inner, d_state=d_state, d_conv=d_conv, dt_rank=dt_rank, scan_backend=scan_backend
+        )
         self.blocks = nn.ModuleList(BiMambaBlock(embed_dim, mixer(), dpr[i]) for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.init_weights()

@@ -53,8 +53,9 @@ def channels_last_convs(model: nn.Module, within: type | tuple[type, ...] | None
     return count
 
 
-def apply_speedups(model: nn.Module, device: torch.device, *, compile: str = "auto", channels_last: bool = True
-                   ) -> dict[str, int]:
+def apply_speedups(
+    model: nn.Module, device: torch.device, *, compile: str = "auto", channels_last: bool = True
+) -> dict[str, int]:
     """The speed-ups that suit ``device`` (after ``model.to(device)``, before building the optimiser): blocks
     compiled per ``compile`` (see :func:`resolve_compile`), convolutions channels-last on CUDA when
     ``channels_last``. Returns what was done, for the run's log."""

@@ -43,8 +43,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BACKENDS", "default_chunk", "fused_available", "linear_scan", "selective_scan", "selective_scan_chunked",
-           "selective_scan_ref", "triton_available"]
+__all__ = [
+    "BACKENDS",
+    "default_chunk",
+    "fused_available",
+    "linear_scan",
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_ref",
+    "triton_available",
+]
 
 BACKENDS = ("auto", "chunked", "fused", "triton", "reference")
 # Elements of one chunk's (Q, D, N) tensors per image: 1 MB in float32 (Q = 32 at D = 512, N = 16). Measured on a
@@ -86,8 +94,9 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     return h[:, :length] if odd else h
 
 
-def _left_states(a_left: torch.Tensor, b_left: torch.Tensor, right: torch.Tensor, h0: torch.Tensor | None
-                 ) -> torch.Tensor:
+def _left_states(
+    a_left: torch.Tensor, b_left: torch.Tensor, right: torch.Tensor, h0: torch.Tensor | None
+) -> torch.Tensor:
     """States at the pairs' left elements from the states after the previous pairs (``right`` shifted by one)."""
     if h0 is None:
         return torch.cat([b_left[:, :1], torch.addcmul(b_left[:, 1:], a_left[:, 1:], right[:, :-1])], 1)
@@ -100,8 +109,9 @@ def _contract(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.matmul(h.reshape(b * t, d, n), c.reshape(b * t, n, 1)).view(b, t, d)
 
 
-def _scan_chunk(dt: torch.Tensor, du: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _scan_chunk(
+    dt: torch.Tensor, du: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk: dt, du (batch, q, D), B, C (batch, q, N), h0 (batch, D, N) or None -> y (batch, q, D) without
     the skip term, and the last state (batch, D, N).
 
@@ -160,7 +170,7 @@ def selective_scan_chunked(
         du = delta * u
         ys, h_last = [], None
         for s in range(0, length, q):  # the short recurrence across chunks: the last state enters the next one
-            y, h_last = _scan_chunk(delta[:, s:s + q], du[:, s:s + q], A, B[:, s:s + q], C[:, s:s + q], h_last)
+            y, h_last = _scan_chunk(delta[:, s : s + q], du[:, s : s + q], A, B[:, s : s + q], C[:, s : s + q], h_last)
             ys.append(y)
         y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
         if D is not None:
@@ -227,10 +237,17 @@ def _selective_scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus) -> t
     fn = _fused_fn()
     if fn is None:
         raise RuntimeError("mamba_ssm's selective_scan_fn is not importable; pip install mamba-ssm on a CUDA machine")
-    y = fn(u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A.float().contiguous(),
-           B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-           None if D is None else D.float().contiguous(), None,
-           None if delta_bias is None else delta_bias.float().contiguous(), delta_softplus)
+    y = fn(
+        u.transpose(1, 2).contiguous(),
+        delta.transpose(1, 2).contiguous(),
+        A.float().contiguous(),
+        B.transpose(1, 2).contiguous(),
+        C.transpose(1, 2).contiguous(),
+        None if D is None else D.float().contiguous(),
+        None,
+        None if delta_bias is None else delta_bias.float().contiguous(),
+        delta_softplus,
+    )
     return y.transpose(1, 2)
 
 

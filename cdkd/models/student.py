@@ -28,8 +28,9 @@ class ViTStudent(VisionTransformer):
     def __init__(self, **kwargs: Any) -> None:
         # fc_norm=False keeps the final LayerNorm on the tokens (timm moves it after pooling for "avg" otherwise),
         # so forward_features gives normalised patch tokens for the MAE head and for dense decoders.
-        kwargs = dict(dict(class_token=False, global_pool="avg", fc_norm=False, num_classes=0, dynamic_img_size=True),
-                      **kwargs)
+        kwargs = dict(
+            dict(class_token=False, global_pool="avg", fc_norm=False, num_classes=0, dynamic_img_size=True), **kwargs
+        )
         super().__init__(**kwargs)
         self.depth = len(self.blocks)
         self.patch_size = self.patch_embed.patch_size[0]
@@ -64,8 +65,9 @@ def _scatter(tokens: torch.Tensor, visible: torch.Tensor, n: int) -> torch.Tenso
 
 def vit_s(img_size: int = 1024, in_chans: int = 3, **overrides: Any) -> nn.Module:
     """ViT-S/16 with global attention in every block, as in the paper."""
-    args = dict(img_size=img_size, in_chans=in_chans, patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                mlp_ratio=4.0)
+    args = dict(
+        img_size=img_size, in_chans=in_chans, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0
+    )
     return ViTStudent(**dict(args, **overrides))
 
 
@@ -73,16 +75,33 @@ def vit_s_win(img_size: int = 1024, in_chans: int = 3, **overrides: Any) -> nn.M
     """ViT-S/16 with windowed attention and four global blocks: fewer FLOPs and less time on large tiles."""
     from cdkd.models.windowed_vit import WindowedViT
 
-    args = dict(img_size=img_size, in_chans=in_chans, patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                mlp_ratio=4.0, window_size=16, global_blocks=(2, 5, 8, 11))
+    args = dict(
+        img_size=img_size,
+        in_chans=in_chans,
+        patch_size=16,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        mlp_ratio=4.0,
+        window_size=16,
+        global_blocks=(2, 5, 8, 11),
+    )
     return WindowedViT(**dict(args, **overrides))
 
 
 def _rsmamba(img_size: int, in_chans: int, depth: int, d_inner: int, overrides: dict[str, Any]) -> nn.Module:
     from cdkd.models.rsmamba import RSMamba
 
-    args = dict(img_size=img_size, in_chans=in_chans, patch_size=16, embed_dim=256, depth=depth, d_inner=d_inner,
-                d_state=16, d_conv=4)
+    args = dict(
+        img_size=img_size,
+        in_chans=in_chans,
+        patch_size=16,
+        embed_dim=256,
+        depth=depth,
+        d_inner=d_inner,
+        d_state=16,
+        d_conv=4,
+    )
     return RSMamba(**dict(args, **overrides))
 
 
@@ -112,8 +131,12 @@ def rsmamba_test(img_size: int = 1024, in_chans: int = 3, **overrides: Any) -> n
 
 
 STUDENT_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "vit_s": vit_s, "vit_s_win": vit_s_win,
-    "rsmamba_s": rsmamba_s, "rsmamba_b": rsmamba_b, "rsmamba_l": rsmamba_l, "rsmamba_h": rsmamba_h,
+    "vit_s": vit_s,
+    "vit_s_win": vit_s_win,
+    "rsmamba_s": rsmamba_s,
+    "rsmamba_b": rsmamba_b,
+    "rsmamba_l": rsmamba_l,
+    "rsmamba_h": rsmamba_h,
     "rsmamba_test": rsmamba_test,
 }
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from cdkd.config import TeacherConfig
-from cdkd.errors import SAM_CHECKPOINT_HELP, CheckpointError, CdkdValueError
+from cdkd.errors import SAM_CHECKPOINT_HELP, CdkdValueError, CheckpointError
 from cdkd.models.kernels.sam_attention import fuse_sam_attention
 from cdkd.models.mmoa import MMoA
 from cdkd.utils.paths import file_sha256
@@ -44,9 +44,20 @@ def _build_sam_vit_t() -> nn.Module:
 
     from segment_anything.modeling import ImageEncoderViT
 
-    return ImageEncoderViT(img_size=1024, patch_size=16, embed_dim=256, depth=8, num_heads=8, mlp_ratio=4.0,
-                           out_chans=256, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                           use_rel_pos=True, window_size=8, global_attn_indexes=SAM_VARIANTS["vit_t"][1])
+    return ImageEncoderViT(
+        img_size=1024,
+        patch_size=16,
+        embed_dim=256,
+        depth=8,
+        num_heads=8,
+        mlp_ratio=4.0,
+        out_chans=256,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=8,
+        global_attn_indexes=SAM_VARIANTS["vit_t"][1],
+    )
 
 
 def default_teacher_taps(variant: str) -> tuple[int, ...]:
@@ -76,8 +87,10 @@ def check_teacher_source(variant: str, checkpoint: str | Path | None, random_ini
     if variant not in SAM_VARIANTS:
         raise CdkdValueError(f"unknown teacher {variant!r}; choose one of {', '.join(SAM_VARIANTS)}")
     if checkpoint is None and not random_init:
-        raise CheckpointError(f"no SAM checkpoint given for teacher {variant}; {SAM_CHECKPOINT_HELP}, "
-                              "or pass --random-teacher for a smoke test")
+        raise CheckpointError(
+            f"no SAM checkpoint given for teacher {variant}; {SAM_CHECKPOINT_HELP}, "
+            "or pass --random-teacher for a smoke test"
+        )
     if checkpoint is not None and random_init:
         raise CdkdValueError("give either a teacher checkpoint or random_init, not both")
     if checkpoint is not None and not Path(checkpoint).is_file():
@@ -88,24 +101,28 @@ def _read_encoder_state(path: Path, variant: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file: pickle, zip, runtime errors
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}); "
-                              f"{SAM_CHECKPOINT_HELP}") from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}); {SAM_CHECKPOINT_HELP}"
+        ) from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
     prefix = "image_encoder."
     if any(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     weight = state.get("patch_embed.proj.weight")
     if weight is None:
-        raise CheckpointError(f"{path}: no SAM image encoder weights inside (missing patch_embed.proj.weight); "
-                              f"{SAM_CHECKPOINT_HELP}")
+        raise CheckpointError(
+            f"{path}: no SAM image encoder weights inside (missing patch_embed.proj.weight); {SAM_CHECKPOINT_HELP}"
+        )
     dims = {d: v for v, (d, _) in SAM_VARIANTS.items()}
     found = dims.get(int(weight.shape[0]), f"an unknown variant (embed dim {weight.shape[0]})")
     if found != variant:
-        raise CheckpointError(f"{path}: this is a {found} checkpoint, but the teacher is {variant}; "
-                              f"pass --teacher {found} or the {variant} checkpoint")
+        raise CheckpointError(
+            f"{path}: this is a {found} checkpoint, but the teacher is {variant}; "
+            f"pass --teacher {found} or the {variant} checkpoint"
+        )
     return state
 
 
@@ -167,8 +184,16 @@ class MMoATeacher(nn.Module):
 
     def _make_mmoa(self, mlp: nn.Module) -> MMoA:
         c = self.cfg
-        return MMoA(mlp, self.embed_dim, adapter=c.adapter, fusion=c.fusion, bottleneck=c.adapter_dim,
-                    fine_dilations=c.fine_dilations, coarse_dilations=c.coarse_dilations, gate_dim=c.gate_dim)
+        return MMoA(
+            mlp,
+            self.embed_dim,
+            adapter=c.adapter,
+            fusion=c.fusion,
+            bottleneck=c.adapter_dim,
+            fine_dilations=c.fine_dilations,
+            coarse_dilations=c.coarse_dilations,
+            gate_dim=c.gate_dim,
+        )
 
     @property
     def depth(self) -> int:
@@ -226,9 +251,15 @@ class MMoATeacher(nn.Module):
                 feats.append(t.flatten(1, 2))
         return feats, t.flatten(1, 2)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] | int | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = True,
-                              ) -> list[torch.Tensor]:
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Sequence[int] | int | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = True,
+    ) -> list[torch.Tensor]:
         """timm's contract (0-based ``indices``; NCHW maps), so decoders built for students also fit the teacher.
 
         ``norm`` is accepted for compatibility and ignored: SAM's blocks have no final norm before the neck.
@@ -268,8 +299,9 @@ def build_frozen_teacher(cfg: TeacherConfig) -> MMoATeacher:
 
     ``forward`` gives SAM's own image embedding; the fixed target of RS4D distillation.
     """
-    teacher = MMoATeacher(build_sam_encoder(cfg.variant, cfg.checkpoint, cfg.random_init),
-                          replace(cfg, adapter_blocks=()))
+    teacher = MMoATeacher(
+        build_sam_encoder(cfg.variant, cfg.checkpoint, cfg.random_init), replace(cfg, adapter_blocks=())
+    )
     teacher.requires_grad_(False)
     return teacher.eval()
 

@@ -55,8 +55,9 @@ class TokenGridBackbone(nn.Module):
     blocks: nn.ModuleList
     norm: nn.Module
 
-    def _init_grid(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int,
-                   bias: bool = True) -> None:
+    def _init_grid(
+        self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int, bias: bool = True
+    ) -> None:
         if img_size % patch_size:
             raise CdkdValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         if in_chans < 1:
@@ -67,8 +68,15 @@ class TokenGridBackbone(nn.Module):
         self.patch_size = patch_size
         self.depth = depth
         self.grad_checkpointing = False
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                      embed_dim=embed_dim, output_fmt="NHWC", bias=bias, strict_img_size=False)
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            output_fmt="NHWC",
+            bias=bias,
+            strict_img_size=False,
+        )
         self.base_grid: tuple[int, int] = tuple(self.patch_embed.grid_size)  # type: ignore[assignment]
         self.pos_embed = nn.Parameter(torch.zeros(1, self.base_grid[0] * self.base_grid[1], embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -123,8 +131,9 @@ class TokenGridBackbone(nn.Module):
         layout = self._layout((h, w), t.device)
         return layout.to_sequence(t), layout
 
-    def _blocks(self, t: torch.Tensor, layout: Any, taps: Sequence[int] = (), last: int | None = None
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _blocks(
+        self, t: torch.Tensor, layout: Any, taps: Sequence[int] = (), last: int | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Blocks 0..last (default all) over (B, L, C); returns the last output and the outputs of ``taps``
         (block order), still in the student's token order."""
         last = self.depth - 1 if last is None else last

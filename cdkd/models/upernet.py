@@ -329,7 +329,7 @@ class Segmenter(nn.Module):
             )
         decoder.load_state_dict(state, strict=strict)
 
-    def train(self, mode: bool = True) -> "Segmenter":
+    def train(self, mode: bool = True) -> Segmenter:
         """Switch train/eval mode; a frozen encoder stays in eval mode whatever ``mode`` is."""
         super().train(mode)
         if self.freeze_encoder:

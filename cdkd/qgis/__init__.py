@@ -15,5 +15,12 @@ from cdkd.qgis.install import (
     zip_plugin,
 )
 
-__all__ = ["PLUGIN_NAME", "InstallResult", "cdkd_command", "install_plugin", "plugin_source", "profiles_root",
-           "zip_plugin"]
+__all__ = [
+    "PLUGIN_NAME",
+    "InstallResult",
+    "cdkd_command",
+    "install_plugin",
+    "plugin_source",
+    "profiles_root",
+    "zip_plugin",
+]

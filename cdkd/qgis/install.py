@@ -52,8 +52,9 @@ def plugin_source() -> Path:
     return Path(__file__).resolve().parent / "plugin"
 
 
-def profiles_root(config_root: str | Path | None = None, platform: str = sys.platform,
-                  environ: Mapping[str, str] | None = None) -> Path:
+def profiles_root(
+    config_root: str | Path | None = None, platform: str = sys.platform, environ: Mapping[str, str] | None = None
+) -> Path:
     """QGIS's profiles folder: ``config_root/profiles`` when given (or ``$QGIS_CUSTOM_CONFIG_PATH``), else the
     platform's default (see the module docstring)."""
     environ = os.environ if environ is None else environ
@@ -93,9 +94,13 @@ def recorded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return {k: environ[k] for k in RECORDED_ENV if environ.get(k)}
 
 
-def install_plugin(profile: str = "default", config_root: str | Path | None = None,
-                   command: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
-                   enable: bool = True) -> InstallResult:
+def install_plugin(
+    profile: str = "default",
+    config_root: str | Path | None = None,
+    command: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    enable: bool = True,
+) -> InstallResult:
     """Copy the plugin into QGIS profile ``profile`` (replacing an earlier cdkd plugin there), record ``command``
     (default ``cdkd_command()``) and ``env`` (default: ``RECORDED_ENV`` of this shell), and enable it."""
     if not profile or any(sep in profile for sep in ("/", "\\")) or profile in (".", ".."):
@@ -121,8 +126,11 @@ def install_plugin(profile: str = "default", config_root: str | Path | None = No
 
 def write_config(plugin_dir: Path, command: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Path:
     """``cdkd_processing.json`` in ``plugin_dir``: the command that starts cdkd and the variables it needs."""
-    record = {"command": list(command or cdkd_command()), "env": dict(recorded_env() if env is None else env),
-              "cdkd_version": cdkd.__version__}
+    record = {
+        "command": list(command or cdkd_command()),
+        "env": dict(recorded_env() if env is None else env),
+        "cdkd_version": cdkd.__version__,
+    }
     path = plugin_dir / CONFIG_NAME
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     return path
@@ -155,8 +163,9 @@ def enable_plugin(ini: Path, name: str = PLUGIN_NAME) -> Path:
     return ini
 
 
-def zip_plugin(out: str | Path, command: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
-               overwrite: bool = False) -> Path:
+def zip_plugin(
+    out: str | Path, command: Sequence[str] | None = None, env: Mapping[str, str] | None = None, overwrite: bool = False
+) -> Path:
     """The plugin as a ZIP for QGIS's "Plugins > Manage and Install > Install from ZIP" (one top folder,
     ``cdkd_processing/``), with ``cdkd_processing.json`` naming this cdkd (``command``; edit it, or set
     ``$CDKD_EXECUTABLE``, when the ZIP goes to another machine)."""
@@ -176,8 +185,11 @@ def zip_plugin(out: str | Path, command: Sequence[str] | None = None, env: Mappi
 
 
 def _plugin_files(source: Path) -> list[Path]:
-    return [p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-            and p.suffix != ".pyc" and p.name != CONFIG_NAME]
+    return [
+        p
+        for p in source.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc" and p.name != CONFIG_NAME
+    ]
 
 
 def _is_cdkd_plugin(folder: Path) -> bool:

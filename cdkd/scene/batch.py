@@ -17,11 +17,11 @@ from typing import Any, Callable, Sequence
 from cdkd.data.gdal import is_virtual_path
 from cdkd.data.stac import is_stac, stac_refs, stac_stem
 from cdkd.errors import CdkdError, CdkdValueError, DataError
+from cdkd.inference.runtimes import RuntimeSpec
 from cdkd.scene.cluster import connect, register_runtime, worker_runtime
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.report import SceneReport
 from cdkd.scene.engine import segment_scene
-from cdkd.inference.runtimes import RuntimeSpec
 from cdkd.utils.atomic import atomic_write_text
 from cdkd.utils.paths import check_writable
 
@@ -50,8 +50,13 @@ class BatchReport:
         return [r for r in self.scenes if not r.ok]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler, "seconds": self.seconds, "scenes": [asdict(r) for r in self.scenes],
-                "succeeded": sum(r.ok for r in self.scenes), "failed": len(self.failed)}
+        return {
+            "scheduler": self.scheduler,
+            "seconds": self.seconds,
+            "scenes": [asdict(r) for r in self.scenes],
+            "succeeded": sum(r.ok for r in self.scenes),
+            "failed": len(self.failed),
+        }
 
 
 SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2")
@@ -73,8 +78,9 @@ def expand_scenes(paths: Sequence[str | Path]) -> list[str | Path]:
         if not p.is_dir():
             scenes.append(p)
             continue
-        found = sorted(f for f in p.iterdir()
-                       if f.suffix.lower() in SCENE_SUFFIXES and f.is_file() and not f.name.startswith("."))
+        found = sorted(
+            f for f in p.iterdir() if f.suffix.lower() in SCENE_SUFFIXES and f.is_file() and not f.name.startswith(".")
+        )
         if not found:
             raise DataError(f"{p}: no scene in this folder (looked for {', '.join('*' + s for s in SCENE_SUFFIXES)})")
         scenes.extend(found)
@@ -117,9 +123,14 @@ def _segment_on_worker(scene: str, out: str, options: SegmentOptions) -> SceneRe
     return _result(scene, Path(out), lambda: segment_scene(scene, runtime, out, options), address)
 
 
-def segment_many(scenes: Sequence[str | Path], out_dir: str | Path, spec: RuntimeSpec,
-                 options: SegmentOptions = SegmentOptions(), scheduler: str | None = None,
-                 on_error: str = "fail") -> BatchReport:
+def segment_many(
+    scenes: Sequence[str | Path],
+    out_dir: str | Path,
+    spec: RuntimeSpec,
+    options: SegmentOptions = SegmentOptions(),
+    scheduler: str | None = None,
+    on_error: str = "fail",
+) -> BatchReport:
     """Segment every scene into ``out_dir/<stem>.tif``; writes ``out_dir/segment_report.json``.
 
     ``scheduler=None`` runs here, one scene after another; an address runs the scenes on that dask cluster.
@@ -140,8 +151,9 @@ def segment_many(scenes: Sequence[str | Path], out_dir: str | Path, spec: Runtim
     return report
 
 
-def _run_local(pairs: list[tuple[Path, Path]], spec: RuntimeSpec, options: SegmentOptions,
-               on_error: str) -> list[SceneResult]:
+def _run_local(
+    pairs: list[tuple[Path, Path]], spec: RuntimeSpec, options: SegmentOptions, on_error: str
+) -> list[SceneResult]:
     runtime = spec.open()
     results = []
     for scene, out in pairs:
@@ -151,8 +163,9 @@ def _run_local(pairs: list[tuple[Path, Path]], spec: RuntimeSpec, options: Segme
     return results
 
 
-def _run_cluster(pairs: list[tuple[Path, Path]], spec: RuntimeSpec, options: SegmentOptions, scheduler: str,
-                 on_error: str) -> list[SceneResult]:
+def _run_cluster(
+    pairs: list[tuple[Path, Path]], spec: RuntimeSpec, options: SegmentOptions, scheduler: str, on_error: str
+) -> list[SceneResult]:
     client = connect(scheduler)
     from distributed import as_completed
 

@@ -28,12 +28,15 @@ import numpy as np
 import rasterio
 from rasterio.transform import Affine
 
+from cdkd.data.classraster import check_num_classes
 from cdkd.data.gdal import raster_path
 from cdkd.data.stats import NormStats
 from cdkd.errors import CdkdValueError, CheckpointError, DataError
+from cdkd.inference.rowblend import FinishedRows, Partial, PlanBlender, merge_seam
+from cdkd.inference.runtimes import RuntimeSpec, runtime_for
+from cdkd.inference.tiler import plan_rows
 from cdkd.scene.cluster import connect, register_runtime, worker_runtime
 from cdkd.scene.core.areas import ClassAreaTally
-from cdkd.data.classraster import check_num_classes
 from cdkd.scene.core.options import SegmentOptions, cache_budget, resolve_tiling
 from cdkd.scene.core.pipeline import (
     RowCounts,
@@ -66,9 +69,6 @@ from cdkd.scene.core.writer import (
     read_chunk,
     write_chunk,
 )
-from cdkd.inference.rowblend import FinishedRows, Partial, PlanBlender, merge_seam
-from cdkd.inference.runtimes import RuntimeSpec, runtime_for
-from cdkd.inference.tiler import plan_rows
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 
 DEFAULT_BLOCK_ROWS = 4  # window rows per block: 4 x 960 px rows at 1024 px tiles
@@ -142,7 +142,7 @@ def _save_partials(path: Path, **partials: Partial | None) -> None:
 
 def _load_partial(path: Path, name: str) -> Partial | None:
     with np.load(path) as data:
-        state = {k[len(name) + 1:]: data[k] for k in data.files if k.startswith(name + ".")}
+        state = {k[len(name) + 1 :]: data[k] for k in data.files if k.startswith(name + ".")}
     return Partial.from_state(state) if state else None
 
 
@@ -156,28 +156,62 @@ def run_block(job: _Job, block: Block) -> dict[str, Any]:
     meta, options, times, counts = runtime.meta, job.options, StageTimes(), RowCounts()
     start = time.perf_counter()
     norm = NormStats.from_dict(job.norm)
-    with SceneSource(job.scene, job.in_chans, norm, job.bands, "model", assets=job.options.assets) as source, \
-            rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, job.tile)):
+    with (
+        SceneSource(job.scene, job.in_chans, norm, job.bands, "model", assets=job.options.assets) as source,
+        rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, job.tile)),
+    ):
         info = source.info
         plan = plan_rows(info.height, info.width, job.tile, job.overlap)
-        blender = PlanBlender(meta.num_classes, [r[0].row for r in plan], [w.col for w in plan[0]], plan[0][0].shape,
-                              (info.height, info.width), runtime.blend_device, probs=options.probs, head=block.head)
-        prefetcher = prefetcher_for(source.read_normalized, job.tile, options, blender.device, times,
-                                    stage=getattr(runtime, "takes_tensors", False))
+        blender = PlanBlender(
+            meta.num_classes,
+            [r[0].row for r in plan],
+            [w.col for w in plan[0]],
+            plan[0][0].shape,
+            (info.height, info.width),
+            runtime.blend_device,
+            probs=options.probs,
+            head=block.head,
+        )
+        prefetcher = prefetcher_for(
+            source.read_normalized,
+            job.tile,
+            options,
+            blender.device,
+            times,
+            stage=getattr(runtime, "takes_tensors", False),
+        )
         weights = WeightCache(info.height, info.width, job.overlap, blender.device)
         chunks, head = [], None
         try:
-            for _, row_head, finished in blend_rows(plan, block.start, block.stop, prefetcher, runtime.forward,
-                                                    blender, weights, options.batch_size, times, counts):
+            for _, row_head, finished in blend_rows(
+                plan,
+                block.start,
+                block.stop,
+                prefetcher,
+                runtime.forward,
+                blender,
+                weights,
+                options.batch_size,
+                times,
+                counts,
+            ):
                 head = head or row_head
                 if finished is not None:
                     chunks.append(_write_rows(partial, finished, info.transform))
         finally:
             prefetcher.close()
-    _save_partials(partial / "blocks" / f"block_{block.index:05d}.npz", head=head,
-                   tail=blender.carry if block.tail else None)
-    result = {"block": asdict(block), "chunks": chunks, "tiles_run": counts.run, "tiles_skipped": counts.skipped,
-              "worker": address, "seconds": time.perf_counter() - start, "stages": times.to_dict()}
+    _save_partials(
+        partial / "blocks" / f"block_{block.index:05d}.npz", head=head, tail=blender.carry if block.tail else None
+    )
+    result = {
+        "block": asdict(block),
+        "chunks": chunks,
+        "tiles_run": counts.run,
+        "tiles_skipped": counts.skipped,
+        "worker": address,
+        "seconds": time.perf_counter() - start,
+        "stages": times.to_dict(),
+    }
     atomic_write_text(marker, json.dumps(result))
     return result
 
@@ -193,18 +227,28 @@ def run_seam(job: _Job, upper: int, *done: Any) -> dict[str, Any]:
     tail = _load_partial(partial_dir / "blocks" / f"block_{upper:05d}.npz", "tail")
     head = _load_partial(partial_dir / "blocks" / f"block_{upper + 1:05d}.npz", "head")
     if (tail is None) != (head is None):
-        raise CheckpointError(f"{partial}: blocks {upper} and {upper + 1} disagree about the rows they share; run "
-                              "again with --overwrite")
-    chunks = [] if tail is None else [_write_rows(partial_dir, merge_seam(tail, head, job.options.probs),
-                                                  Affine.from_gdal(*job.transform))]
+        raise CheckpointError(
+            f"{partial}: blocks {upper} and {upper + 1} disagree about the rows they share; run again with --overwrite"
+        )
+    chunks = (
+        []
+        if tail is None
+        else [_write_rows(partial_dir, merge_seam(tail, head, job.options.probs), Affine.from_gdal(*job.transform))]
+    )
     result = {"seam": upper, "chunks": chunks}
     atomic_write_text(marker, json.dumps(result))
     return result
 
 
-def segment_scene_on_cluster(scene: str | Path, spec: RuntimeSpec, out: str | Path, scheduler: Any,
-                             options: SegmentOptions = SegmentOptions(), rows_per_block: int = DEFAULT_BLOCK_ROWS,
-                             log: Any = None) -> SceneReport:
+def segment_scene_on_cluster(
+    scene: str | Path,
+    spec: RuntimeSpec,
+    out: str | Path,
+    scheduler: Any,
+    options: SegmentOptions = SegmentOptions(),
+    rows_per_block: int = DEFAULT_BLOCK_ROWS,
+    log: Any = None,
+) -> SceneReport:
     """Segment one ``scene`` on the dask cluster at ``scheduler`` (address or ``distributed.Client``), in blocks of
     ``rows_per_block`` window rows, into the COG ``out``: the same file ``segment_scene`` writes. Each worker opens
     ``spec`` once. Errors as ``segment_scene``."""
@@ -217,8 +261,10 @@ def segment_scene_on_cluster(scene: str | Path, spec: RuntimeSpec, out: str | Pa
     check_outputs(scene, out, options)
     final, conf, report_path, partial = output_paths(out)
     kind_runtime = _SpecRuntime(spec, meta, kind)
-    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats, assets=options.assets) as source, \
-            claimed(partial, out, options.resume):
+    with (
+        SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats, assets=options.assets) as source,
+        claimed(partial, out, options.resume),
+    ):
         announce_bands(source, log or log_stderr)
         info = source.info
         plan = plan_rows(info.height, info.width, tile, overlap)
@@ -226,14 +272,24 @@ def segment_scene_on_cluster(scene: str | Path, spec: RuntimeSpec, out: str | Pa
         expected = {**fingerprint(scene, kind_runtime, source, tile, overlap, options.probs), "blocks": rows_per_block}
         # a STAC scene's workers stack the assets chosen here (the norm they get may not say the model's bands)
         assets = tuple(a.key for a in source.stac.assets) if source.stac is not None else None
-        job = _Job(str(scene), str(partial), meta.in_chans, source.norm.to_dict(), source.bands, tile, overlap,
-                   SegmentOptions(**dict(asdict(options), progress=False, assets=assets)), info.transform.to_gdal())
+        job = _Job(
+            str(scene),
+            str(partial),
+            meta.in_chans,
+            source.norm.to_dict(),
+            source.bands,
+            tile,
+            overlap,
+            SegmentOptions(**dict(asdict(options), progress=False, assets=assets)),
+            info.transform.to_gdal(),
+        )
         if options.resume:
             load_state(partial, expected)
         else:
             (partial / "blocks").mkdir(parents=True)
-            atomic_write_text(partial / "state.json", json.dumps({"format": STATE_FORMAT, "fingerprint": expected,
-                                                                  "mode": "blocks"}))
+            atomic_write_text(
+                partial / "state.json", json.dumps({"format": STATE_FORMAT, "fingerprint": expected, "mode": "blocks"})
+            )
         results = _run_blocks(job, blocks, spec, scheduler, sum(len(r) for r in plan), options)
         counts = RowCounts(sum(r.get("tiles_run", 0) for r in results), sum(r.get("tiles_skipped", 0) for r in results))
         times = StageTimes()
@@ -243,21 +299,45 @@ def segment_scene_on_cluster(scene: str | Path, spec: RuntimeSpec, out: str | Pa
         tally = ClassAreaTally(meta.num_classes, info.crs, info.transform, info.width, info.height)
         _assemble(partial, info, meta.classes, options.probs, results, tally, times, final, conf)
         report = build_report(
-            scene=scene, final=final, conf=conf if options.probs else None, runtime=kind_runtime, info=info,
-            tile=tile, overlap=overlap, options=options, tiles=sum(len(r) for r in plan), counts=counts, tally=tally,
-            seconds=time.perf_counter() - start, resumed_from=0, pixels_run=info.width * info.height,
-            bands=source.bands, norm=source.norm, stages=times.to_dict())
-        report = SceneReport(**{**report.to_dict(), "classes": report.classes,
-                                "runtime_options": {**report.runtime_options, "cluster": str(scheduler),
-                                                    "blocks": len(blocks), "rows_per_block": rows_per_block,
-                                                    "workers": sorted({r["worker"] for r in results if "worker" in r})}})
+            scene=scene,
+            final=final,
+            conf=conf if options.probs else None,
+            runtime=kind_runtime,
+            info=info,
+            tile=tile,
+            overlap=overlap,
+            options=options,
+            tiles=sum(len(r) for r in plan),
+            counts=counts,
+            tally=tally,
+            seconds=time.perf_counter() - start,
+            resumed_from=0,
+            pixels_run=info.width * info.height,
+            bands=source.bands,
+            norm=source.norm,
+            stages=times.to_dict(),
+        )
+        report = SceneReport(
+            **{
+                **report.to_dict(),
+                "classes": report.classes,
+                "runtime_options": {
+                    **report.runtime_options,
+                    "cluster": str(scheduler),
+                    "blocks": len(blocks),
+                    "rows_per_block": rows_per_block,
+                    "workers": sorted({r["worker"] for r in results if "worker" in r}),
+                },
+            }
+        )
         atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2))
         shutil.rmtree(partial)
     return report
 
 
-def _run_blocks(job: _Job, blocks: list[Block], spec: RuntimeSpec, scheduler: Any, total_tiles: int,
-                options: SegmentOptions) -> list[dict[str, Any]]:
+def _run_blocks(
+    job: _Job, blocks: list[Block], spec: RuntimeSpec, scheduler: Any, total_tiles: int, options: SegmentOptions
+) -> list[dict[str, Any]]:
     """Every block and seam on the cluster; their results, blocks first."""
     from distributed import Client, as_completed
 
@@ -266,10 +346,11 @@ def _run_blocks(job: _Job, blocks: list[Block], spec: RuntimeSpec, scheduler: An
     progress = TileProgress(total_tiles, 0, options.progress, Path(job.scene).name)
     try:
         register_runtime(client, spec)
-        futures = [client.submit(run_block, job, b, pure=False, key=f"cdkd-block-{b.index}-{id(job)}")
-                   for b in blocks]
-        seams = [client.submit(run_seam, job, i, futures[i], futures[i + 1], pure=False,
-                               key=f"cdkd-seam-{i}-{id(job)}") for i in range(len(blocks) - 1)]
+        futures = [client.submit(run_block, job, b, pure=False, key=f"cdkd-block-{b.index}-{id(job)}") for b in blocks]
+        seams = [
+            client.submit(run_seam, job, i, futures[i], futures[i + 1], pure=False, key=f"cdkd-seam-{i}-{id(job)}")
+            for i in range(len(blocks) - 1)
+        ]
         for future in as_completed(futures):
             result = future.result()  # a block's CdkdError (a corrupt window, say) is raised here as it was there
             progress.update(result["tiles_run"] + result["tiles_skipped"])
@@ -280,20 +361,36 @@ def _run_blocks(job: _Job, blocks: list[Block], spec: RuntimeSpec, scheduler: An
             client.close()
 
 
-def _assemble(partial: Path, info: Any, schema: Any, probs: bool, results: list[dict[str, Any]], tally: ClassAreaTally,
-              times: StageTimes, final: Path, conf: Path) -> None:
+def _assemble(
+    partial: Path,
+    info: Any,
+    schema: Any,
+    probs: bool,
+    results: list[dict[str, Any]],
+    tally: ClassAreaTally,
+    times: StageTimes,
+    final: Path,
+    conf: Path,
+) -> None:
     """Stream the workers' chunks in order into the local engine's writer: overviews, COG, legend."""
     chunks = sorted((top, rows) for r in results for top, rows in r["chunks"])
     at = 0
     for top, rows in chunks:
         if top != at:
-            raise CheckpointError(f"{partial}: rows {at}..{top} are missing from the workers' results; run again "
-                                  "with --resume")
+            raise CheckpointError(
+                f"{partial}: rows {at}..{top} are missing from the workers' results; run again with --resume"
+            )
         at = top + rows
     if at != info.height:
         raise CheckpointError(f"{partial}: rows {at}..{info.height} are missing; run again with --resume")
-    writer = SceneWriter(partial, info, class_layers(schema, probs), times,
-                         on_rows=lambda rows: tally.add(rows.top, rows.classes), threaded=False)
+    writer = SceneWriter(
+        partial,
+        info,
+        class_layers(schema, probs),
+        times,
+        on_rows=lambda rows: tally.add(rows.top, rows.classes),
+        threaded=False,
+    )
     for top, _ in chunks:
         classes = read_chunk(partial / "classes" / chunk_name(0, top))
         confidence = read_chunk(partial / "confidence" / chunk_name(0, top)) if probs else None

@@ -28,10 +28,13 @@ from typing import Any
 import numpy as np
 import rasterio
 
+from cdkd.data.classraster import check_num_classes
 from cdkd.data.gdal import raster_path
 from cdkd.errors import CdkdValueError, DataError
+from cdkd.inference.rowblend import Partial, PlanBlender
+from cdkd.inference.runtimes import Runtime
+from cdkd.inference.tiler import plan_rows
 from cdkd.scene.core.areas import ClassAreaTally
-from cdkd.data.classraster import check_num_classes
 from cdkd.scene.core.options import (
     SegmentOptions,
     cache_budget,
@@ -66,16 +69,18 @@ from cdkd.scene.core.runstate import (
 )
 from cdkd.scene.core.source import SceneSource
 from cdkd.scene.core.writer import SceneWriter, class_layers
-from cdkd.inference.rowblend import Partial, PlanBlender
-from cdkd.inference.runtimes import Runtime
-from cdkd.inference.tiler import plan_rows
 from cdkd.utils.atomic import atomic_write_text
 
 __all__ = ["SegmentOptions", "segment_scene"]
 
 
-def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
-                  options: SegmentOptions = SegmentOptions(), log: Log | None = None) -> SceneReport:
+def segment_scene(
+    scene: str | Path,
+    runtime: Runtime,
+    out: str | Path,
+    options: SegmentOptions = SegmentOptions(),
+    log: Log | None = None,
+) -> SceneReport:
     """Segment ``scene`` (a path, GDAL virtual path or URL) with ``runtime`` into the COG ``out`` (and
     ``OUT_confidence.tif`` with ``probs``); ``log`` gets one-line notices (default: stderr).
 
@@ -87,8 +92,10 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
     ``cdkd.scene.instances.segment_instances`` (``cdkd.tasks.task_of_model(path).segment_scene`` picks).
     """
     if runtime.meta.task != "semantic":
-        raise CdkdValueError(f"{runtime.path}: a model of the {runtime.meta.task} task makes no class raster; map it "
-                             "through its task (cdkd.tasks.task_of_model(path).segment_scene)")
+        raise CdkdValueError(
+            f"{runtime.path}: a model of the {runtime.meta.task} task makes no class raster; map it "
+            "through its task (cdkd.tasks.task_of_model(path).segment_scene)"
+        )
     scene, out = raster_path(scene), Path(out)
     start = time.perf_counter()
     check_num_classes(runtime.meta.classes)
@@ -96,9 +103,10 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
     check_outputs(scene, out, options)
     meta = runtime.meta
     final, _, report_path, partial = output_paths(out)
-    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats,
-                     assets=options.assets) as source, \
-            rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, tile)):
+    with (
+        SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats, assets=options.assets) as source,
+        rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, tile)),
+    ):
         check_buffers(source.info, meta, tile, options.batch_size)
         announce_bands(source, log or log_stderr)
         run = _LocalRun(scene, source, runtime, out, options, tile, overlap)
@@ -113,16 +121,25 @@ def segment_scene(scene: str | Path, runtime: Runtime, out: str | Path,
 class _LocalRun:
     """One scene in this process: the three stages, checkpoints, and the numbers for the report."""
 
-    def __init__(self, scene: str | Path, source: SceneSource, runtime: Runtime, out: Path, options: SegmentOptions,
-                 tile: int, overlap: int) -> None:
+    def __init__(
+        self,
+        scene: str | Path,
+        source: SceneSource,
+        runtime: Runtime,
+        out: Path,
+        options: SegmentOptions,
+        tile: int,
+        overlap: int,
+    ) -> None:
         self.scene, self.source, self.runtime, self.out, self.options = scene, source, runtime, out, options
         self.tile, self.overlap, self.info = tile, overlap, source.info
         self.plan = plan_rows(self.info.height, self.info.width, tile, overlap)
         self.partial = output_paths(out)[3]
         self.fingerprint = fingerprint(scene, runtime, source, tile, overlap, options.probs)
         self.times, self.counts = StageTimes(), RowCounts()
-        self.tally = ClassAreaTally(runtime.meta.num_classes, self.info.crs, self.info.transform,
-                                    self.info.width, self.info.height)
+        self.tally = ClassAreaTally(
+            runtime.meta.num_classes, self.info.crs, self.info.transform, self.info.width, self.info.height
+        )
         self.rows_done = self.resumed_from = 0
         self.sequence = 0
 
@@ -131,22 +148,45 @@ class _LocalRun:
     def execute(self) -> None:
         options, info = self.options, self.info
         state = self._load() if options.resume else None
-        writer = SceneWriter(self.partial, info, class_layers(self.runtime.meta.classes, options.probs), self.times,
-                             on_rows=lambda rows: self.tally.add(rows.top, rows.classes))
+        writer = SceneWriter(
+            self.partial,
+            info,
+            class_layers(self.runtime.meta.classes, options.probs),
+            self.times,
+            on_rows=lambda rows: self.tally.add(rows.top, rows.classes),
+        )
         blender = self.blender()
         if state is not None:
             blender.carry = self._restore(state, writer)
-        prefetcher = prefetcher_for(self.source.read_normalized, self.tile, options, blender.device, self.times,
-                                    stage=getattr(self.runtime, "takes_tensors", False))
+        prefetcher = prefetcher_for(
+            self.source.read_normalized,
+            self.tile,
+            options,
+            blender.device,
+            self.times,
+            stage=getattr(self.runtime, "takes_tensors", False),
+        )
         weights = WeightCache(info.height, info.width, self.overlap, blender.device)
         total = sum(len(r) for r in self.plan)
-        progress = TileProgress(total, sum(len(r) for r in self.plan[: self.rows_done]), options.progress,
-                             Path(str(self.scene)).name)
+        progress = TileProgress(
+            total, sum(len(r) for r in self.plan[: self.rows_done]), options.progress, Path(str(self.scene)).name
+        )
         last_checkpoint = time.monotonic()
         try:
             with deferred_sigint() as interrupted:
-                rows = blend_rows(self.plan, self.rows_done, len(self.plan), prefetcher, self.runtime.forward,
-                                  blender, weights, options.batch_size, self.times, self.counts, interrupted)
+                rows = blend_rows(
+                    self.plan,
+                    self.rows_done,
+                    len(self.plan),
+                    prefetcher,
+                    self.runtime.forward,
+                    blender,
+                    weights,
+                    options.batch_size,
+                    self.times,
+                    self.counts,
+                    interrupted,
+                )
                 for index, _, finished in rows:
                     if finished is not None:
                         writer.put(finished)
@@ -154,8 +194,10 @@ class _LocalRun:
                     progress.update(len(self.plan[index]))
                     if interrupted():
                         break
-                    if self.rows_done < len(self.plan) and \
-                            time.monotonic() - last_checkpoint >= options.checkpoint_seconds:
+                    if (
+                        self.rows_done < len(self.plan)
+                        and time.monotonic() - last_checkpoint >= options.checkpoint_seconds
+                    ):
                         self._checkpoint(writer, blender.carry)
                         last_checkpoint = time.monotonic()
                 if self.rows_done < len(self.plan):  # stopped early: by Ctrl-C
@@ -175,23 +217,36 @@ class _LocalRun:
 
     def blender(self) -> PlanBlender:
         info, plan = self.info, self.plan
-        return PlanBlender(self.runtime.meta.num_classes, [row[0].row for row in plan], [w.col for w in plan[0]],
-                           plan[0][0].shape, (info.height, info.width), self.runtime.blend_device,
-                           probs=self.options.probs)
+        return PlanBlender(
+            self.runtime.meta.num_classes,
+            [row[0].row for row in plan],
+            [w.col for w in plan[0]],
+            plan[0][0].shape,
+            (info.height, info.width),
+            self.runtime.blend_device,
+            probs=self.options.probs,
+        )
 
     # ------------------------------------------------------------------------------------------------ state
 
     def _checkpoint(self, writer: SceneWriter, carry: Partial | None) -> None:
         """Queue a checkpoint: the writer saves it once every finished row before it is on disk."""
         self.sequence += 1
-        engine = {"format": STATE_FORMAT, "fingerprint": self.fingerprint, "rows_done": self.rows_done,
-                  "tiles_run": self.counts.run, "tiles_skipped": self.counts.skipped, "sequence": self.sequence}
+        engine = {
+            "format": STATE_FORMAT,
+            "fingerprint": self.fingerprint,
+            "rows_done": self.rows_done,
+            "tiles_run": self.counts.run,
+            "tiles_skipped": self.counts.skipped,
+            "sequence": self.sequence,
+        }
         arrays = {} if carry is None else {f"carry.{k}": v for k, v in carry.state().items()}
         tally = self.tally
 
         def save(writer_meta: dict[str, Any], writer_arrays: dict[str, np.ndarray]) -> None:
-            save_state(self.partial, {**engine, "writer": writer_meta, "tally": tally.state()},
-                       {**arrays, **writer_arrays})
+            save_state(
+                self.partial, {**engine, "writer": writer_meta, "tally": tally.state()}, {**arrays, **writer_arrays}
+            )
 
         writer.checkpoint(save)
 
@@ -206,7 +261,7 @@ class _LocalRun:
         self.rows_done = self.resumed_from = int(state["rows_done"])
         self.counts.run, self.counts.skipped = int(state["tiles_run"]), int(state["tiles_skipped"])
         self.sequence = int(state["sequence"])
-        carry = {k[len("carry."):]: v for k, v in arrays.items() if k.startswith("carry.")}
+        carry = {k[len("carry.") :]: v for k, v in arrays.items() if k.startswith("carry.")}
         return Partial.from_state(carry, self.runtime.blend_device) if carry else None
 
     # ------------------------------------------------------------------------------------------------ report
@@ -218,9 +273,21 @@ class _LocalRun:
         first = tops[self.resumed_from] if self.resumed_from < len(tops) else info.height
         pixels_run = (info.height - first) * info.width
         return build_report(
-            scene=self.scene, final=final, conf=conf if options.probs else None, runtime=runtime, info=info,
-            tile=self.tile, overlap=self.overlap, options=options, tiles=sum(len(r) for r in self.plan),
-            counts=self.counts, tally=self.tally, seconds=seconds, resumed_from=self.resumed_from,
-            pixels_run=pixels_run, bands=self.source.bands, norm=self.source.norm, stages=self.times.to_dict())
-
-
+            scene=self.scene,
+            final=final,
+            conf=conf if options.probs else None,
+            runtime=runtime,
+            info=info,
+            tile=self.tile,
+            overlap=self.overlap,
+            options=options,
+            tiles=sum(len(r) for r in self.plan),
+            counts=self.counts,
+            tally=self.tally,
+            seconds=seconds,
+            resumed_from=self.resumed_from,
+            pixels_run=pixels_run,
+            bands=self.source.bands,
+            norm=self.source.norm,
+            stages=self.times.to_dict(),
+        )

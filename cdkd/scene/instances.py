@@ -35,6 +35,7 @@ import shapely
 
 from cdkd.data.gdal import raster_path
 from cdkd.errors import CdkdValueError, DataError
+from cdkd.inference.tiler import TileWindow, pad_to_tile, plan_rows
 from cdkd.scene.core.options import SegmentOptions, cache_budget, resolve_tiling
 from cdkd.scene.core.pipeline import (
     RowCounts,
@@ -58,7 +59,6 @@ from cdkd.scene.core.runstate import (
 )
 from cdkd.scene.core.source import SceneSource
 from cdkd.scene.objects import MERGE_IOU, ObjectMerger, SceneObject, mask_polygon
-from cdkd.inference.tiler import TileWindow, pad_to_tile, plan_rows
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 
 DEFAULT_MIN_SCORE = 0.5
@@ -76,8 +76,12 @@ def check_min_score(min_score: float | None) -> float:
     return score
 
 
-def window_objects(det: Any, window: TileWindow, valid: np.ndarray | None, min_score: float,
-                   ) -> tuple[list[shapely.Polygon | None], list[int], list[float], list[tuple[float, ...]]]:
+def window_objects(
+    det: Any,
+    window: TileWindow,
+    valid: np.ndarray | None,
+    min_score: float,
+) -> tuple[list[shapely.Polygon | None], list[int], list[float], list[tuple[float, ...]]]:
     """(mask polygons in image px or None, class ids, scores, boxes in image px) of one window's ``Detections``
     scoring at least ``min_score``, in the order of ``ObjectMerger.add``'s arguments.
 
@@ -100,9 +104,18 @@ def window_objects(det: Any, window: TileWindow, valid: np.ndarray | None, min_s
     return polygons, classes, scores, boxes
 
 
-def detect_image(detect: Detect, image: np.ndarray, tile: int, overlap: int, *, valid: np.ndarray | None = None,
-                 batch_size: int = 4, min_score: float = 0.0, merge_iou: float = MERGE_IOU,
-                 pad_mode: str = "constant") -> list[SceneObject]:
+def detect_image(
+    detect: Detect,
+    image: np.ndarray,
+    tile: int,
+    overlap: int,
+    *,
+    valid: np.ndarray | None = None,
+    batch_size: int = 4,
+    min_score: float = 0.0,
+    merge_iou: float = MERGE_IOU,
+    pad_mode: str = "constant",
+) -> list[SceneObject]:
     """The objects of a whole (C, H, W) float32 image held in memory (normalised), by the scene engine's rules:
     overlapping windows, pieces joined across them. Evaluation uses it; ``pad_mode`` "constant" (0, the mean)
     is what training used for images smaller than the tile."""
@@ -110,16 +123,24 @@ def detect_image(detect: Detect, image: np.ndarray, tile: int, overlap: int, *, 
     windows = [w for row in plan for w in row]
     merger = ObjectMerger(merge_iou)
     for start in range(0, len(windows), batch_size):
-        chunk = windows[start:start + batch_size]
+        chunk = windows[start : start + batch_size]
         tiles = [pad_to_tile(image[(slice(None), *w.slices)], tile, mode=pad_mode)[0] for w in chunk]
         for w, det in zip(chunk, detect(np.stack(tiles))):
             merger.add(w, *window_objects(det, w, None if valid is None else valid[w.slices], min_score))
     return merger.pop_final()
 
 
-def detect_rows(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, prefetcher: TilePrefetcher,
-                detect: Detect, batch_size: int, times: StageTimes, counts: RowCounts,
-                should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[int, list[tuple[Tile, Any]]]]:
+def detect_rows(
+    rows: Sequence[Sequence[TileWindow]],
+    start: int,
+    stop: int,
+    prefetcher: TilePrefetcher,
+    detect: Detect,
+    batch_size: int,
+    times: StageTimes,
+    counts: RowCounts,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Iterator[tuple[int, list[tuple[Tile, Any]]]]:
     """``(row index, [(tile, detections)])`` for window rows ``start..stop-1``, in order, from the engine's model
     stage (``pipeline.model_outputs``: batches across rows); tiles without a valid pixel are left out."""
     done: list[tuple[Tile, Any]] = []
@@ -182,17 +203,27 @@ class InstanceReport:
         """The console summary: objects, detections, speed, and each class's objects and ground area."""
         from cdkd.units import area_unit, format_area
 
-        lines = [f"{self.scene} -> {self.output}: {self.objects} objects (from {self.pieces} detections >= "
-                 f"{self.min_score} in {self.tiles_run} of {self.tiles} tiles), {self.seconds:.1f} s "
-                 f"({self.runtime} on {self.device})"]
+        lines = [
+            f"{self.scene} -> {self.output}: {self.objects} objects (from {self.pieces} detections >= "
+            f"{self.min_score} in {self.tiles_run} of {self.tiles} tiles), {self.seconds:.1f} s "
+            f"({self.runtime} on {self.device})"
+        ]
         unit = area_unit(c.area_m2 for c in self.classes.values())
-        lines += [f"  {name:<20} {c.objects:7d} objects  {format_area(c.area_m2, unit):>14}"
-                  for name, c in self.classes.items()]
+        lines += [
+            f"  {name:<20} {c.objects:7d} objects  {format_area(c.area_m2, unit):>14}"
+            for name, c in self.classes.items()
+        ]
         return "\n".join(lines)
 
 
-def segment_instances(scene: str | Path, runtime: Any, out: str | Path, options: SegmentOptions = SegmentOptions(),
-                      log: Log | None = None, merge_iou: float = MERGE_IOU) -> InstanceReport:
+def segment_instances(
+    scene: str | Path,
+    runtime: Any,
+    out: str | Path,
+    options: SegmentOptions = SegmentOptions(),
+    log: Log | None = None,
+    merge_iou: float = MERGE_IOU,
+) -> InstanceReport:
     """Objects of ``scene`` (a path, GDAL virtual path or URL) found by the instance ``runtime``, written to
     ``out`` (.gpkg, .fgb or .parquet) as polygons with ``class_id``, ``class_name``, ``score`` and ``area_m2`` in
     the scene's CRS, plus ``OUT.json``. ``options.min_score`` (default 0.5) drops weaker detections.
@@ -205,16 +236,19 @@ def segment_instances(scene: str | Path, runtime: Any, out: str | Path, options:
     start = time.perf_counter()
     tile, overlap = resolve_tiling(runtime.meta, options, runtime.fixed_tile, runtime.name)
     if overlap == 0:
-        raise CdkdValueError("instance segmentation needs overlapping windows (--overlap > 0): an object cut by a "
-                             "tile border is joined where two windows both see it")
+        raise CdkdValueError(
+            "instance segmentation needs overlapping windows (--overlap > 0): an object cut by a "
+            "tile border is joined where two windows both see it"
+        )
     min_score = check_min_score(options.min_score)
     check_outputs(scene, out, options, suffixes=VECTOR_OUTPUTS, kind="objects are written as vector polygons")
     _check_writable(out)
     meta = runtime.meta
     _, _, report_path, partial = output_paths(out)
-    with SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats,
-                     assets=options.assets) as source, \
-            rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, tile)):
+    with (
+        SceneSource(scene, meta.in_chans, meta.norm, options.bands, options.stats, assets=options.assets) as source,
+        rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, tile)),
+    ):
         announce_bands(source, log or log_stderr)
         run = _InstanceRun(scene, source, runtime, out, options, tile, overlap, min_score, merge_iou)
         with claimed(partial, out, options.resume):
@@ -235,15 +269,29 @@ def _check_writable(out: Path) -> None:
 class _InstanceRun:
     """One scene in this process: the stages, checkpoints and the numbers for the report."""
 
-    def __init__(self, scene: str | Path, source: SceneSource, runtime: Any, out: Path, options: SegmentOptions,
-                 tile: int, overlap: int, min_score: float, merge_iou: float) -> None:
+    def __init__(
+        self,
+        scene: str | Path,
+        source: SceneSource,
+        runtime: Any,
+        out: Path,
+        options: SegmentOptions,
+        tile: int,
+        overlap: int,
+        min_score: float,
+        merge_iou: float,
+    ) -> None:
         self.scene, self.source, self.runtime, self.out, self.options = scene, source, runtime, out, options
         self.tile, self.overlap, self.info = tile, overlap, source.info
         self.min_score, self.merge_iou = min_score, merge_iou
         self.plan = plan_rows(self.info.height, self.info.width, tile, overlap)
         self.partial = output_paths(out)[3]
-        self.fingerprint = dict(fingerprint(scene, runtime, source, tile, overlap, False), task="instance",
-                                min_score=min_score, merge_iou=merge_iou)
+        self.fingerprint = dict(
+            fingerprint(scene, runtime, source, tile, overlap, False),
+            task="instance",
+            min_score=min_score,
+            merge_iou=merge_iou,
+        )
         self.times, self.counts = StageTimes(), RowCounts()
         self.merger = ObjectMerger(merge_iou)
         self.rows_done = self.resumed_from = self.sequence = self.pieces = 0
@@ -256,15 +304,27 @@ class _InstanceRun:
         state = load_state(self.partial, self.fingerprint) if options.resume else None
         if state is not None:
             self._restore(state)
-        prefetcher = prefetcher_for(self.source.read_normalized, self.tile, options, self.runtime.device,
-                                    self.times)
-        progress = TileProgress(sum(len(r) for r in self.plan), sum(len(r) for r in self.plan[: self.rows_done]),
-                             options.progress, Path(str(self.scene)).name)
+        prefetcher = prefetcher_for(self.source.read_normalized, self.tile, options, self.runtime.device, self.times)
+        progress = TileProgress(
+            sum(len(r) for r in self.plan),
+            sum(len(r) for r in self.plan[: self.rows_done]),
+            options.progress,
+            Path(str(self.scene)).name,
+        )
         last_checkpoint = time.monotonic()
         try:
             with deferred_sigint() as interrupted:
-                rows = detect_rows(self.plan, self.rows_done, len(self.plan), prefetcher, self.runtime.detect,
-                                   options.batch_size, self.times, self.counts, interrupted)
+                rows = detect_rows(
+                    self.plan,
+                    self.rows_done,
+                    len(self.plan),
+                    prefetcher,
+                    self.runtime.detect,
+                    options.batch_size,
+                    self.times,
+                    self.counts,
+                    interrupted,
+                )
                 for index, results in rows:
                     t0 = time.perf_counter()
                     for tile, det in results:
@@ -278,8 +338,10 @@ class _InstanceRun:
                     progress.update(len(self.plan[index]))
                     if interrupted():
                         break
-                    if self.rows_done < len(self.plan) and \
-                            time.monotonic() - last_checkpoint >= options.checkpoint_seconds:
+                    if (
+                        self.rows_done < len(self.plan)
+                        and time.monotonic() - last_checkpoint >= options.checkpoint_seconds
+                    ):
                         self._checkpoint()
                         last_checkpoint = time.monotonic()
                 if self.rows_done < len(self.plan):  # stopped early: by Ctrl-C
@@ -314,10 +376,13 @@ class _InstanceRun:
         wkb = [shapely.to_wkb(o.polygon) for o in self.finished]
         with atomic_path(self.partial / name) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, wkb=np.frombuffer(b"".join(wkb), dtype=np.uint8),
-                         wkb_ends=np.cumsum([len(w) for w in wkb], dtype=np.int64),
-                         class_id=np.array([o.class_id for o in self.finished], dtype=np.int32),
-                         score=np.array([o.score for o in self.finished], dtype=np.float64))
+                np.savez(
+                    f,
+                    wkb=np.frombuffer(b"".join(wkb), dtype=np.uint8),
+                    wkb_ends=np.cumsum([len(w) for w in wkb], dtype=np.int64),
+                    class_id=np.array([o.class_id for o in self.finished], dtype=np.int32),
+                    score=np.array([o.score for o in self.finished], dtype=np.float64),
+                )
         self.chunks.append(name)
         self.written += len(self.finished)
         self.finished = []
@@ -335,9 +400,18 @@ class _InstanceRun:
     def _checkpoint(self) -> None:
         self._flush()
         self.sequence += 1
-        state = {"format": STATE_FORMAT, "fingerprint": self.fingerprint, "rows_done": self.rows_done,
-                 "tiles_run": self.counts.run, "tiles_skipped": self.counts.skipped, "sequence": self.sequence,
-                 "chunks": self.chunks, "written": self.written, "pieces": self.pieces, "maskless": self.maskless}
+        state = {
+            "format": STATE_FORMAT,
+            "fingerprint": self.fingerprint,
+            "rows_done": self.rows_done,
+            "tiles_run": self.counts.run,
+            "tiles_skipped": self.counts.skipped,
+            "sequence": self.sequence,
+            "chunks": self.chunks,
+            "written": self.written,
+            "pieces": self.pieces,
+            "maskless": self.maskless,
+        }
         save_state(self.partial, state, self.merger.state())
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -373,24 +447,51 @@ class _InstanceRun:
         for name in self.chunks:
             polygons, class_id, score = self._chunk(name)
             for s in range(0, len(polygons), WRITE_BATCH):
-                geoms = to_crs(polygons[s:s + WRITE_BATCH], info.transform)
-                ids = class_id[s:s + WRITE_BATCH]
+                geoms = to_crs(polygons[s : s + WRITE_BATCH], info.transform)
+                ids = class_id[s : s + WRITE_BATCH]
                 area, _ = geodesic_area_perimeter(geoms, info.crs)
-                fields = {"class_id": ids.astype(np.int32), "class_name": names[ids],
-                          "score": np.round(score[s:s + WRITE_BATCH], 4), "area_m2": np.round(area, 2)}
-                pyogrio.raw.write(staged, shapely.to_wkb(geoms), list(fields.values()), list(fields), layer=layer,
-                                  driver="GPKG", geometry_type="Polygon", crs=crs_wkt, append=written > 0,
-                                  promote_to_multi=False, layer_options={"SPATIAL_INDEX": "YES"} if not written
-                                  else None, dataset_options=None if written else GPKG_OPTIONS)
+                fields = {
+                    "class_id": ids.astype(np.int32),
+                    "class_name": names[ids],
+                    "score": np.round(score[s : s + WRITE_BATCH], 4),
+                    "area_m2": np.round(area, 2),
+                }
+                pyogrio.raw.write(
+                    staged,
+                    shapely.to_wkb(geoms),
+                    list(fields.values()),
+                    list(fields),
+                    layer=layer,
+                    driver="GPKG",
+                    geometry_type="Polygon",
+                    crs=crs_wkt,
+                    append=written > 0,
+                    promote_to_multi=False,
+                    layer_options={"SPATIAL_INDEX": "YES"} if not written else None,
+                    dataset_options=None if written else GPKG_OPTIONS,
+                )
                 written += len(geoms)
                 for c, a in zip(ids.tolist(), area.tolist()):
                     n, total = totals.get(c, (0, 0.0))
                     totals[c] = (n + 1, total + a)
         if not written:  # no object: an empty layer still says so, in the scene's CRS
-            empty = {"class_id": np.zeros(0, np.int32), "class_name": np.zeros(0, object),
-                     "score": np.zeros(0), "area_m2": np.zeros(0)}
-            pyogrio.raw.write(staged, np.zeros(0, object), list(empty.values()), list(empty), layer=layer,
-                              driver="GPKG", geometry_type="Polygon", crs=crs_wkt, dataset_options=GPKG_OPTIONS)
+            empty = {
+                "class_id": np.zeros(0, np.int32),
+                "class_name": np.zeros(0, object),
+                "score": np.zeros(0),
+                "area_m2": np.zeros(0),
+            }
+            pyogrio.raw.write(
+                staged,
+                np.zeros(0, object),
+                list(empty.values()),
+                list(empty),
+                layer=layer,
+                driver="GPKG",
+                geometry_type="Polygon",
+                crs=crs_wkt,
+                dataset_options=GPKG_OPTIONS,
+            )
         if self.out.suffix.lower() == ".gpkg":
             write_layer_styles(staged, [layer], schema)
             shutil.move(str(staged), self.out)
@@ -409,15 +510,33 @@ class _InstanceRun:
         first = tops[self.resumed_from] if self.resumed_from < len(tops) else info.height
         classes = {c.name: ClassObjects(*self.class_totals.get(c.id, (0, 0.0))) for c in meta.classes.classes}
         return InstanceReport(
-            scene=str(self.scene), output=str(self.out), runtime=runtime.name, device=runtime.device,
-            crs=info.crs.to_string(), width=info.width, height=info.height, tile_size=self.tile,
-            overlap=self.overlap, batch_size=self.options.batch_size, tiles=sum(len(r) for r in self.plan),
-            tiles_run=self.counts.run, tiles_skipped=self.counts.skipped, seconds=seconds,
+            scene=str(self.scene),
+            output=str(self.out),
+            runtime=runtime.name,
+            device=runtime.device,
+            crs=info.crs.to_string(),
+            width=info.width,
+            height=info.height,
+            tile_size=self.tile,
+            overlap=self.overlap,
+            batch_size=self.options.batch_size,
+            tiles=sum(len(r) for r in self.plan),
+            tiles_run=self.counts.run,
+            tiles_skipped=self.counts.skipped,
+            seconds=seconds,
             mpx_per_s=(info.height - first) * info.width / 1e6 / max(seconds, 1e-9),
-            resumed_from_row=self.resumed_from, min_score=self.min_score, merge_iou=self.merge_iou,
-            pieces=self.pieces, objects=self.written, without_mask=self.maskless, bands=list(self.source.bands),
-            scene_bands=info.count, **provenance(runtime, self.options, self.source.norm, runtime.device),
-            stages=self.times.to_dict(), classes=classes)
+            resumed_from_row=self.resumed_from,
+            min_score=self.min_score,
+            merge_iou=self.merge_iou,
+            pieces=self.pieces,
+            objects=self.written,
+            without_mask=self.maskless,
+            bands=list(self.source.bands),
+            scene_bands=info.count,
+            **provenance(runtime, self.options, self.source.norm, runtime.device),
+            stages=self.times.to_dict(),
+            classes=classes,
+        )
 
 
 __all__ = [

@@ -61,10 +61,11 @@ def mask_polygon(mask: np.ndarray, row: int, col: int, min_pixels: int = MIN_PIX
         return None
     cols = np.flatnonzero(mask.any(0))
     r0, c0 = int(rows[0]), int(cols[0])
-    crop = np.ascontiguousarray(mask[r0:rows[-1] + 1, c0:cols[-1] + 1], dtype=np.uint8)
+    crop = np.ascontiguousarray(mask[r0 : rows[-1] + 1, c0 : cols[-1] + 1], dtype=np.uint8)
     best, best_area = None, 0.0
-    for geom, _ in shapes(crop, mask=crop.astype(bool), connectivity=4,
-                          transform=Affine.translation(col + c0, row + r0)):
+    for geom, _ in shapes(
+        crop, mask=crop.astype(bool), connectivity=4, transform=Affine.translation(col + c0, row + r0)
+    ):
         poly = shapely.geometry.shape(geom)
         if poly.area > best_area:
             best, best_area = poly, poly.area
@@ -103,7 +104,7 @@ class _Piece:
         t, lft = max(top, r), max(left, c)
         b, rgt = min(bottom, r + m.shape[0]), min(right, c + m.shape[1])
         if b > t and rgt > lft:
-            out[t - top:b - top, lft - left:rgt - left] = m[t - r:b - r, lft - c:rgt - c]
+            out[t - top : b - top, lft - left : rgt - left] = m[t - r : b - r, lft - c : rgt - c]
         return out
 
 
@@ -133,8 +134,14 @@ class ObjectMerger:
         self._parent[g] = g
         return g
 
-    def add(self, window: TileWindow, polygons: list[shapely.Polygon | None], class_ids: list[int],
-            scores: list[float], boxes: list[Box] | None = None) -> None:
+    def add(
+        self,
+        window: TileWindow,
+        polygons: list[shapely.Polygon | None],
+        class_ids: list[int],
+        scores: list[float],
+        boxes: list[Box] | None = None,
+    ) -> None:
         """Add the objects one window found: mask polygons in image pixel coordinates (None: no mask pixel) and
         detector boxes (default: the polygons' bounds)."""
         old = self.pieces
@@ -145,13 +152,17 @@ class ObjectMerger:
             if poly is None:  # no mask pixel: the box, on pixel edges, stands in for joining
                 x0, y0 = np.floor(box[:2])
                 x1, y1 = np.maximum(np.ceil(box[2:]), (x0 + 1, y0 + 1))
-                piece = _Piece(shapely.box(x0, y0, x1, y1), int(cid), float(score), window, self._new_group(), box,
-                               has_mask=False)
+                piece = _Piece(
+                    shapely.box(x0, y0, x1, y1), int(cid), float(score), window, self._new_group(), box, has_mask=False
+                )
             else:
                 piece = _Piece(poly, int(cid), float(score), window, self._new_group(), box)
             x0, y0, x1, y1 = piece.bounds
-            near = np.flatnonzero((bounds[:, 0] < x1) & (bounds[:, 2] > x0) & (bounds[:, 1] < y1)
-                                  & (bounds[:, 3] > y0)) if len(old) else []
+            near = (
+                np.flatnonzero((bounds[:, 0] < x1) & (bounds[:, 2] > x0) & (bounds[:, 1] < y1) & (bounds[:, 3] > y0))
+                if len(old)
+                else []
+            )
             for k in near:
                 other = old[k]
                 if other.class_id == piece.class_id and other.window != window and self._same(piece, other):
@@ -194,28 +205,36 @@ class ObjectMerger:
     def state(self) -> dict[str, np.ndarray]:
         """The pending pieces as plain arrays (``np.savez``-able without pickling)."""
         wkb = [shapely.to_wkb(p.polygon) for p in self.pieces]
-        return {"wkb": np.frombuffer(b"".join(wkb), dtype=np.uint8),
-                "wkb_ends": np.cumsum([len(w) for w in wkb], dtype=np.int64),
-                "class_id": np.array([p.class_id for p in self.pieces], dtype=np.int64),
-                "score": np.array([p.score for p in self.pieces], dtype=np.float64),
-                "window": np.array([[p.window.row, p.window.col, p.window.height, p.window.width]
-                                    for p in self.pieces], dtype=np.int64).reshape(-1, 4),
-                "box": np.array([p.box for p in self.pieces], dtype=np.float64).reshape(-1, 4),
-                "has_mask": np.array([p.has_mask for p in self.pieces], dtype=bool),
-                "group": np.array([self._find(p.group) for p in self.pieces], dtype=np.int64),
-                "next_group": np.array([self._next_group], dtype=np.int64)}
+        return {
+            "wkb": np.frombuffer(b"".join(wkb), dtype=np.uint8),
+            "wkb_ends": np.cumsum([len(w) for w in wkb], dtype=np.int64),
+            "class_id": np.array([p.class_id for p in self.pieces], dtype=np.int64),
+            "score": np.array([p.score for p in self.pieces], dtype=np.float64),
+            "window": np.array(
+                [[p.window.row, p.window.col, p.window.height, p.window.width] for p in self.pieces], dtype=np.int64
+            ).reshape(-1, 4),
+            "box": np.array([p.box for p in self.pieces], dtype=np.float64).reshape(-1, 4),
+            "has_mask": np.array([p.has_mask for p in self.pieces], dtype=bool),
+            "group": np.array([self._find(p.group) for p in self.pieces], dtype=np.int64),
+            "next_group": np.array([self._next_group], dtype=np.int64),
+        }
 
     @classmethod
     def restore(cls, state: dict[str, np.ndarray], iou: float = MERGE_IOU) -> ObjectMerger:
         merger = cls(iou)
         buf, ends = state["wkb"].tobytes(), state["wkb_ends"].tolist()
         starts = [0] + ends[:-1]
-        for s, e, cid, score, win, g, box, has in zip(starts, ends, state["class_id"].tolist(),
-                                                     state["score"].tolist(), state["window"].tolist(),
-                                                     state["group"].tolist(), state["box"].tolist(),
-                                                     state["has_mask"].tolist()):
-            merger.pieces.append(_Piece(shapely.from_wkb(buf[s:e]), cid, score, TileWindow(*win), g, tuple(box),
-                                        has))
+        for s, e, cid, score, win, g, box, has in zip(
+            starts,
+            ends,
+            state["class_id"].tolist(),
+            state["score"].tolist(),
+            state["window"].tolist(),
+            state["group"].tolist(),
+            state["box"].tolist(),
+            state["has_mask"].tolist(),
+        ):
+            merger.pieces.append(_Piece(shapely.from_wkb(buf[s:e]), cid, score, TileWindow(*win), g, tuple(box), has))
             merger._parent[g] = g
         merger._next_group = int(state["next_group"][0])
         return merger

@@ -27,8 +27,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from cdkd.artifacts import InferenceMeta
-from cdkd.errors import CdkdValueError, DataError
 from cdkd.data.classraster import NODATA
+from cdkd.errors import CdkdValueError, DataError
+from cdkd.inference.rowblend import PlanBlender
+from cdkd.inference.runtimes import Runtime, RuntimeSpec
+from cdkd.inference.tiler import TileWindow, plan_rows
 from cdkd.scene.core.pipeline import (
     RowCounts,
     StageTimes,
@@ -36,9 +39,6 @@ from cdkd.scene.core.pipeline import (
     WeightCache,
     blend_rows,
 )
-from cdkd.inference.rowblend import PlanBlender
-from cdkd.inference.runtimes import Runtime, RuntimeSpec
-from cdkd.inference.tiler import TileWindow, plan_rows
 
 
 @functools.lru_cache(maxsize=4)
@@ -88,9 +88,21 @@ def _validity(pixels: np.ndarray, nodata: float | None) -> np.ndarray:
     return valid
 
 
-def _chunk_classes(block: np.ndarray, *, model: _Model, model_meta: InferenceMeta, nodata: float | None,
-                   shape: tuple[int, int], tile: int, overlap: int, batch_size: int, pad_mode: str, depth: int,
-                   out_chunks: tuple[tuple[int, ...], tuple[int, ...]], block_info: Any = None) -> np.ndarray:
+def _chunk_classes(
+    block: np.ndarray,
+    *,
+    model: _Model,
+    model_meta: InferenceMeta,
+    nodata: float | None,
+    shape: tuple[int, int],
+    tile: int,
+    overlap: int,
+    batch_size: int,
+    pad_mode: str,
+    depth: int,
+    out_chunks: tuple[tuple[int, ...], tuple[int, ...]],
+    block_info: Any = None,
+) -> np.ndarray:
     """The (h, w) uint8 classes of one output chunk from its (C, h + halo, w + halo) input block."""
     meta = model_meta
     i, j = block_info[None]["chunk-location"]
@@ -111,14 +123,14 @@ def _chunk_classes(block: np.ndarray, *, model: _Model, model_meta: InferenceMet
         return meta.norm.normalize(pixels, valid), valid
 
     runtime = model.runtime
-    blender = PlanBlender(meta.num_classes, tops, cols, (win_h, win_w), shape, runtime.blend_device,
-                          x_range=(x0, x1))
+    blender = PlanBlender(meta.num_classes, tops, cols, (win_h, win_w), shape, runtime.blend_device, x_range=(x0, x1))
     times, counts = StageTimes(), RowCounts()
     prefetcher = TilePrefetcher(read, tile, pad_mode, threads=0, depth=1, times=times)
     out = np.full((y1 - y0, x1 - x0), NODATA, dtype=np.uint8)
     weights = WeightCache(height, width, overlap, blender.device)
-    for _, _, finished in blend_rows(keep, ra, rb, prefetcher, runtime.forward, blender, weights, batch_size, times,
-                                     counts):
+    for _, _, finished in blend_rows(
+        keep, ra, rb, prefetcher, runtime.forward, blender, weights, batch_size, times, counts
+    ):
         if finished is None:
             continue
         a, b = max(finished.top, y0), min(finished.top + finished.rows, y1)
@@ -127,8 +139,15 @@ def _chunk_classes(block: np.ndarray, *, model: _Model, model_meta: InferenceMet
     return out
 
 
-def predict(data: Any, model: str | Path | Runtime, *, bands: Sequence[int] | None = None,
-            overlap: int | None = None, batch_size: int = 4, pad_mode: str = "reflect") -> Any:
+def predict(
+    data: Any,
+    model: str | Path | Runtime,
+    *,
+    bands: Sequence[int] | None = None,
+    overlap: int | None = None,
+    batch_size: int = 4,
+    pad_mode: str = "reflect",
+) -> Any:
     """Lazy land-cover classes of a (band, y, x) ``xarray.DataArray``: a (y, x) uint8 DataArray, dask-backed.
 
     Args:
@@ -145,8 +164,10 @@ def predict(data: Any, model: str | Path | Runtime, *, bands: Sequence[int] | No
     import xarray as xr
 
     if not isinstance(data, xr.DataArray) or data.ndim != 3:
-        raise CdkdValueError("predict needs a (band, y, x) xarray.DataArray, e.g. rioxarray.open_rasterio(path, "
-                             f"chunks=...); got {type(data).__name__} with {getattr(data, 'ndim', '?')} dimensions")
+        raise CdkdValueError(
+            "predict needs a (band, y, x) xarray.DataArray, e.g. rioxarray.open_rasterio(path, "
+            f"chunks=...); got {type(data).__name__} with {getattr(data, 'ndim', '?')} dimensions"
+        )
     handle = _Model(model)
     meta = handle.runtime.meta
     tile = meta.tile_size
@@ -156,30 +177,50 @@ def predict(data: Any, model: str | Path | Runtime, *, bands: Sequence[int] | No
     chosen = tuple(bands) if bands is not None else meta.norm.bands
     count = data.shape[0]
     if len(chosen) != meta.in_chans:
-        raise DataError(f"bands {','.join(map(str, chosen))} give {len(chosen)} band(s), but the model takes "
-                        f"{meta.in_chans}")
+        raise DataError(
+            f"bands {','.join(map(str, chosen))} give {len(chosen)} band(s), but the model takes {meta.in_chans}"
+        )
     if min(chosen) < 1 or max(chosen) > count:
-        raise DataError(f"the DataArray has {count} band(s), but band {max(chosen)} is needed (bands are 1-based "
-                        "positions along its first dimension)")
+        raise DataError(
+            f"the DataArray has {count} band(s), but band {max(chosen)} is needed (bands are 1-based "
+            "positions along its first dimension)"
+        )
     y_dim, x_dim = data.dims[1], data.dims[2]
     arr = data.data if isinstance(data.data, da.Array) else da.from_array(data.data, chunks=(-1, 2 * tile, 2 * tile))
     arr = arr[[b - 1 for b in chosen]]
     height, width = arr.shape[1:]
     arr = arr.rechunk({0: -1, 1: _widen(arr.chunks[1], 2 * tile), 2: _widen(arr.chunks[2], 2 * tile)})
     depth = tile  # a window that touches a chunk lies within one tile of it
-    halo = da.overlap.overlap(arr, depth={0: 0, 1: min(depth, height), 2: min(depth, width)},
-                              boundary={0: "none", 1: "none", 2: "none"})
+    halo = da.overlap.overlap(
+        arr, depth={0: 0, 1: min(depth, height), 2: min(depth, width)}, boundary={0: "none", 1: "none", 2: "none"}
+    )
     out_chunks = (arr.chunks[1], arr.chunks[2])
     classes = da.map_blocks(
-        _chunk_classes, halo, dtype=np.uint8, chunks=out_chunks, drop_axis=0,
-        model=handle, model_meta=meta, nodata=_nodata(data), shape=(height, width), tile=tile, overlap=overlap,
-        batch_size=batch_size, pad_mode=pad_mode, depth=depth, out_chunks=out_chunks)
+        _chunk_classes,
+        halo,
+        dtype=np.uint8,
+        chunks=out_chunks,
+        drop_axis=0,
+        model=handle,
+        model_meta=meta,
+        nodata=_nodata(data),
+        shape=(height, width),
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        pad_mode=pad_mode,
+        depth=depth,
+        out_chunks=out_chunks,
+    )
     coords = {k: v for k, v in data.coords.items() if set(v.dims) <= {y_dim, x_dim}}
     schema = meta.classes
-    attrs = {"long_name": "land-cover class", "_FillValue": NODATA,
-             "flag_values": list(range(schema.num_classes)),
-             "flag_meanings": " ".join(c.name.replace(" ", "_") for c in schema.classes),
-             "cdkd_classes": json.dumps(schema.to_dict()["classes"])}
+    attrs = {
+        "long_name": "land-cover class",
+        "_FillValue": NODATA,
+        "flag_values": list(range(schema.num_classes)),
+        "flag_meanings": " ".join(c.name.replace(" ", "_") for c in schema.classes),
+        "cdkd_classes": json.dumps(schema.to_dict()["classes"]),
+    }
     if "grid_mapping" in data.attrs:
         attrs["grid_mapping"] = data.attrs["grid_mapping"]
     return xr.DataArray(classes, dims=(y_dim, x_dim), coords=coords, attrs=attrs, name="classes")

@@ -64,8 +64,14 @@ def preview_layout(rows: int, cols: int, names: Sequence[str]) -> PreviewLayout:
     classes = (PAD + cols + GAP, top, cols, rows)
     legend = (PAD + 2 * (cols + GAP), top, legend_w, legend_h)
     swatches = tuple((legend[0], top + i * ROW + (ROW - SWATCH) // 2, SWATCH, SWATCH) for i in range(len(names)))
-    return PreviewLayout(width=legend[0] + legend_w + PAD, height=top + max(rows, legend_h) + PAD, scene=scene,
-                         classes=classes, legend=legend, swatches=swatches)
+    return PreviewLayout(
+        width=legend[0] + legend_w + PAD,
+        height=top + max(rows, legend_h) + PAD,
+        scene=scene,
+        classes=classes,
+        legend=legend,
+        swatches=swatches,
+    )
 
 
 def stretch(pixels: np.ndarray, valid: np.ndarray, percentiles: tuple[float, float] = STRETCH) -> np.ndarray:
@@ -135,8 +141,9 @@ def _open(path: Path, what: str) -> Any:
         raise CdkdIOError(f"{path}: cannot open the {what} ({e})") from None
 
 
-def _figure(scene: np.ndarray, classes: np.ndarray, schema: ClassSchema, layout: PreviewLayout,
-            titles: tuple[str, str]) -> Any:
+def _figure(
+    scene: np.ndarray, classes: np.ndarray, schema: ClassSchema, layout: PreviewLayout, titles: tuple[str, str]
+) -> Any:
     """A matplotlib Figure (Agg canvas, no pyplot state) drawn to ``layout``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -162,10 +169,9 @@ def _figure(scene: np.ndarray, classes: np.ndarray, schema: ClassSchema, layout:
     ax = axes(layout.legend)
     ax.set_xlim(0, layout.legend[2])
     ax.set_ylim(layout.legend[3], 0)
-    for c, (left, top, size, _) in zip(schema.classes, layout.swatches):
+    for c, (_left, top, size, _) in zip(schema.classes, layout.swatches):
         y = top - layout.legend[1]
-        ax.add_patch(Rectangle((0, y), size, size, facecolor=np.asarray(c.color) / 255, edgecolor="0.3",
-                               linewidth=0.8))
+        ax.add_patch(Rectangle((0, y), size, size, facecolor=np.asarray(c.color) / 255, edgecolor="0.3", linewidth=0.8))
         ax.text(size + 8, y + size / 2, c.name, fontsize=9, va="center", ha="left")
     return fig
 
@@ -191,9 +197,9 @@ def write_preview(
             blue bands, else 1,2,3.
         overwrite: replace an existing ``out_png``; else that is an ``OutputExistsError``.
     """
+    from cdkd.data.classraster import CLASSES_TAG, read_class_schema
     from cdkd.data.files import open_raster
     from cdkd.data.gdal import raster_path
-    from cdkd.data.classraster import CLASSES_TAG, read_class_schema
 
     scene_path, class_raster_path, out_png = raster_path(scene_path), Path(class_raster_path), Path(out_png)
     scene_name = str(scene_path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]  # a URL's too
@@ -204,12 +210,15 @@ def write_preview(
     with _open(class_raster_path, "class raster") as cls_src, open_raster(scene_path) as scene_src:
         schema = read_class_schema(cls_src)
         if schema is None:
-            raise CdkdValueError(f"{class_raster_path}: carries no class legend (no {CLASSES_TAG} tag); "
-                                 "is it a cdkd segment output?")
+            raise CdkdValueError(
+                f"{class_raster_path}: carries no class legend (no {CLASSES_TAG} tag); is it a cdkd segment output?"
+            )
         if (scene_src.width, scene_src.height) != (cls_src.width, cls_src.height):
-            raise CdkdValueError(f"{class_raster_path}: is {cls_src.width}x{cls_src.height} px but the scene "
-                                 f"{scene_name} is {scene_src.width}x{scene_src.height}; preview a class "
-                                 "raster with the scene it was made from")
+            raise CdkdValueError(
+                f"{class_raster_path}: is {cls_src.width}x{cls_src.height} px but the scene "
+                f"{scene_name} is {scene_src.width}x{scene_src.height}; preview a class "
+                "raster with the scene it was made from"
+            )
         shape = panel_shape(cls_src.width, cls_src.height, max_size)
         scene = read_scene_rgba(scene_src, shape, bands)
         classes = read_class_rgba(cls_src, shape, schema)

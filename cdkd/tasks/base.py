@@ -1,10 +1,11 @@
 """The contract of a task: what a model predicts, and everything that follows from it.
 
-A task is chosen once, from the registry (``cdkd.tasks.task_named``, or ``task_of`` for a model's metadata), and
+A task is chosen once, from the registry (``cdkd.tasks.task_named``, or ``task_of_model`` for a model file), and
 the shared code calls its hooks: the fine-tuning loop asks it for its data, model, per-micro-batch objective and
 artifact; ``cdkd segment``, ``cdkd export`` and ``cdkd evaluate`` ask ``task_of_model`` once which task a model
-file holds, and then its runtime, its scene output, its exporter and its evaluation. In the spirit of torchgeo's ``BaseTask`` and the distillation ``Recipe``: a second task is a second
-subclass, never an ``if`` in the shared code.
+file holds, and then its runtime, its scene output, its exporter and its evaluation. In the spirit of torchgeo's
+``BaseTask`` and the distillation ``Recipe``: a second task is a second subclass, never an ``if`` in the shared
+code.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Task(ABC):
 
     # --------------------------------------------------------------------------------------------- fine-tuning
 
-    def check(self, cfg: FinetuneConfig) -> None:
+    def check(self, cfg: FinetuneConfig) -> None:  # noqa: B027 (optional hook: nothing to check by default)
         """User-facing checks of ``cfg`` for this task, before anything is read."""
 
     @abstractmethod
@@ -73,13 +74,13 @@ class Task(ABC):
         """Training tiles and their collate function (None: the default)."""
 
     @abstractmethod
-    def objective(self, model: nn.Module, data: TrainingData, cfg: FinetuneConfig, device: torch.device
-                  ) -> Objective:
+    def objective(self, model: nn.Module, data: TrainingData, cfg: FinetuneConfig, device: torch.device) -> Objective:
         """What the training loop minimises (``cdkd.train.loop.Objective``)."""
 
     @abstractmethod
-    def save(self, path: Path, model: nn.Module, student: StudentInfo, schema: ClassSchema, tile: int,
-             overlap: int) -> None:
+    def save(
+        self, path: Path, model: nn.Module, student: StudentInfo, schema: ClassSchema, tile: int, overlap: int
+    ) -> None:
         """The artifact (``artifact_name``), everything inference needs in one file."""
 
     def report(self, data: TrainingData) -> dict[str, Any]:
@@ -99,13 +100,14 @@ class Task(ABC):
     def open_runtime(self, spec: RuntimeSpec) -> Any:
         """The model ``spec`` names, ready to run on tiles (a ``cdkd.inference.runtimes.Runtime`` of this task)."""
 
-    def check_scene_job(self, model: str, *, many: bool, cluster: bool, preview: bool) -> None:
+    def check_scene_job(self, model: str, *, many: bool, cluster: bool, preview: bool) -> None:  # noqa: B027
         """User-facing checks of a ``cdkd segment`` job before anything is read: ``many`` scenes (``--out-dir``),
         on a dask ``cluster``, with a ``preview``."""
 
     @abstractmethod
-    def segment_scene(self, scene: str | Path, runtime: Any, out: str | Path, options: SegmentOptions,
-                      log: Log | None = None) -> Any:
+    def segment_scene(
+        self, scene: str | Path, runtime: Any, out: str | Path, options: SegmentOptions, log: Log | None = None
+    ) -> Any:
         """The task's output for one scene (a report with ``summary()``, ``outputs()`` and ``to_dict()``)."""
 
     @abstractmethod

@@ -37,9 +37,11 @@ LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "lo
 
 def check_format(fmt: str) -> str:
     if fmt not in INSTANCE_FORMATS:
-        raise CdkdValueError(f"format {fmt!r} is not an instance format; with --task instance choose one of "
-                             f"{', '.join(INSTANCE_FORMATS)} (coco: a COCO JSON and its images; geo: a GeoTIFF and "
-                             "its vector footprints)")
+        raise CdkdValueError(
+            f"format {fmt!r} is not an instance format; with --task instance choose one of "
+            f"{', '.join(INSTANCE_FORMATS)} (coco: a COCO JSON and its images; geo: a GeoTIFF and "
+            "its vector footprints)"
+        )
     return fmt
 
 
@@ -66,32 +68,45 @@ def training_norm(data: InstanceData, norm: NormStats, in_chans: int, log: Calla
     if all(i.dtype == norm.dtype and i.count >= max(norm.bands) for i in infos):
         return norm
     count = min(i.count for i in infos)
-    bands = norm.bands if count >= max(norm.bands) else ((1,) * in_chans if count == 1 else tuple(range(1, in_chans + 1)))
+    bands = (
+        norm.bands if count >= max(norm.bands) else ((1,) * in_chans if count == 1 else tuple(range(1, in_chans + 1)))
+    )
     if max(bands) > count:
         raise DataError(f"{infos[0].path}: has {count} band(s) but the student takes {in_chans}")
     stats = compute_stats(infos, bands, n_samples=64, window=512)
-    log(f"the training images are {infos[0].dtype} with {count} band(s), the student's statistics are for "
+    log(
+        f"the training images are {infos[0].dtype} with {count} band(s), the student's statistics are for "
         f"{norm.dtype} bands {list(norm.bands)}: normalising with statistics of the training images (bands "
-        f"{list(bands)}), stored in detector.pt")
+        f"{list(bands)}), stored in detector.pt"
+    )
     return stats
 
 
 def build_detector(student: nn.Module, num_classes: int, cfg: FinetuneConfig) -> Detector:
     """``cfg.instance``'s detector on ``student`` (frozen unless ``cfg.head.unfreeze``)."""
     c = cfg.instance
-    return Detector(student, num_classes, layer=c.layer, channels=c.channels, freeze_encoder=not cfg.head.unfreeze,
-                    anchor_sizes=c.anchor_sizes, box_batch_size_per_image=c.box_batch_size_per_image,
-                    detections_per_image=c.detections_per_image)
+    return Detector(
+        student,
+        num_classes,
+        layer=c.layer,
+        channels=c.channels,
+        freeze_encoder=not cfg.head.unfreeze,
+        anchor_sizes=c.anchor_sizes,
+        box_batch_size_per_image=c.box_batch_size_per_image,
+        detections_per_image=c.detections_per_image,
+    )
 
 
 def tiles(data: InstanceData, norm: NormStats, tile: int, cfg: FinetuneConfig) -> InstanceTiles:
-    return InstanceTiles(data, norm, tile, augment=cfg.data.augment, seed=cfg.train.seed,
-                         object_bias=cfg.instance.object_bias)
+    return InstanceTiles(
+        data, norm, tile, augment=cfg.data.augment, seed=cfg.train.seed, object_bias=cfg.instance.object_bias
+    )
 
 
 def save(path: Path, model: Detector, student: StudentInfo, schema: ClassSchema, tile: int, overlap: int) -> None:
-    save_detector(path, model, DetectorInfo(student=student, head=model.config(), classes=schema, tile_size=tile,
-                                            overlap=overlap))
+    save_detector(
+        path, model, DetectorInfo(student=student, head=model.config(), classes=schema, tile_size=tile, overlap=overlap)
+    )
 
 
 class InstanceTask(Task):
@@ -105,8 +120,14 @@ class InstanceTask(Task):
     def training_data(self, cfg: FinetuneConfig, student: StudentInfo, log: Log) -> TrainingData:
         data = read_data(cfg.data, log)
         norm = training_norm(data, student.norm, student.in_chans, log)
-        return TrainingData(data.schema, norm, [im.path for im in data.images], len(data.images),
-                            f"{len(data.images)} images, {data.num_objects} objects", data)
+        return TrainingData(
+            data.schema,
+            norm,
+            [im.path for im in data.images],
+            len(data.images),
+            f"{len(data.images)} images, {data.num_objects} objects",
+            data,
+        )
 
     def build(self, student: nn.Module, schema: ClassSchema, cfg: FinetuneConfig) -> nn.Module:
         return build_detector(student, schema.num_classes, cfg)
@@ -117,12 +138,14 @@ class InstanceTask(Task):
     def dataset(self, data: TrainingData, tile: int, cfg: FinetuneConfig) -> tuple[Any, Callable | None]:
         return tiles(data.items, data.norm, tile, cfg), collate_instances
 
-    def objective(self, model: nn.Module, data: TrainingData, cfg: FinetuneConfig,
-                  device: torch.device) -> InstanceObjective:
+    def objective(
+        self, model: nn.Module, data: TrainingData, cfg: FinetuneConfig, device: torch.device
+    ) -> InstanceObjective:
         return InstanceObjective(model, device, cfg.train.batch_size)
 
-    def save(self, path: Path, model: nn.Module, student: StudentInfo, schema: ClassSchema, tile: int,
-             overlap: int) -> None:
+    def save(
+        self, path: Path, model: nn.Module, student: StudentInfo, schema: ClassSchema, tile: int, overlap: int
+    ) -> None:
         save(path, model, student, schema, tile, overlap)
 
     def report(self, data: TrainingData) -> dict[str, Any]:
@@ -134,8 +157,10 @@ class InstanceTask(Task):
 
     def check_runtime(self, model: str | Path, kind: str) -> None:
         if kind == "tensorrt":
-            raise CdkdValueError(f"{model}: instance models (Mask R-CNN) do not build TensorRT engines here (NMS, "
-                                 "RoIAlign and a variable number of detections); run the .onnx in ONNX Runtime")
+            raise CdkdValueError(
+                f"{model}: instance models (Mask R-CNN) do not build TensorRT engines here (NMS, "
+                "RoIAlign and a variable number of detections); run the .onnx in ONNX Runtime"
+            )
         super().check_runtime(model, kind)
 
     def open_runtime(self, spec: RuntimeSpec) -> Any:
@@ -147,11 +172,14 @@ class InstanceTask(Task):
 
     def check_scene_job(self, model: str, *, many: bool, cluster: bool, preview: bool) -> None:
         if many or cluster or preview:
-            raise CdkdValueError(f"{model}: an instance model segments one scene at a time, here: give --out "
-                                 "FILE.gpkg (no --out-dir, --scheduler or --preview)")
+            raise CdkdValueError(
+                f"{model}: an instance model segments one scene at a time, here: give --out "
+                "FILE.gpkg (no --out-dir, --scheduler or --preview)"
+            )
 
-    def segment_scene(self, scene: str | Path, runtime: Any, out: str | Path, options: SegmentOptions,
-                      log: Log | None = None) -> Any:
+    def segment_scene(
+        self, scene: str | Path, runtime: Any, out: str | Path, options: SegmentOptions, log: Log | None = None
+    ) -> Any:
         from cdkd.scene.instances import segment_instances
 
         return segment_instances(scene, runtime, out, options, log)
@@ -177,8 +205,9 @@ class InstanceObjective:
     def begin_step(self) -> None:
         pass
 
-    def micro(self, batch: dict, autocast: Callable[[], contextlib.AbstractContextManager]
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro(
+        self, batch: dict, autocast: Callable[[], contextlib.AbstractContextManager]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         images = batch["image"].to(self.device, non_blocking=True)
         targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
         with autocast():
@@ -190,11 +219,26 @@ class InstanceObjective:
         return loss, parts
 
     def end_step(self, parts: dict[str, Any]) -> StepLog:
-        row = {"loss": parts["loss"], **{k: parts[k] for k in LOSSES if k in parts},
-               "objects_per_tile": parts.get("objects", 0) / self.batch_size}
-        return StepLog(parts["loss"], row, shown={"loss": f"{parts['loss']:.3f}",
-                                                  "mask": f"{parts.get('loss_mask', float('nan')):.3f}"})
+        row = {
+            "loss": parts["loss"],
+            **{k: parts[k] for k in LOSSES if k in parts},
+            "objects_per_tile": parts.get("objects", 0) / self.batch_size,
+        }
+        return StepLog(
+            parts["loss"],
+            row,
+            shown={"loss": f"{parts['loss']:.3f}", "mask": f"{parts.get('loss_mask', float('nan')):.3f}"},
+        )
 
 
-__all__ = ["LOSSES", "InstanceObjective", "InstanceTask", "build_detector", "check_format", "read_data", "save",
-           "tiles", "training_norm"]
+__all__ = [
+    "LOSSES",
+    "InstanceObjective",
+    "InstanceTask",
+    "build_detector",
+    "check_format",
+    "read_data",
+    "save",
+    "tiles",
+    "training_norm",
+]

@@ -44,15 +44,19 @@ class SemanticTask(Task):
 
     def check(self, cfg: FinetuneConfig) -> None:
         if cfg.data.format not in FORMATS:
-            raise CdkdValueError(f"unknown format {cfg.data.format!r}; choose one of {', '.join(FORMATS)} (instance "
-                                 "formats coco and geo go with --task instance)")
+            raise CdkdValueError(
+                f"unknown format {cfg.data.format!r}; choose one of {', '.join(FORMATS)} (instance "
+                "formats coco and geo go with --task instance)"
+            )
         if cfg.head.type not in HEADS:
             raise CdkdValueError(f"head must be one of {', '.join(HEADS)}, got {cfg.head.type!r}")
         if cfg.head.type == "upernet" and cfg.head.norm == "bn" and cfg.train.batch_size < 2:
             # BatchNorm after the 1x1 pyramid pooling sees one value per channel at batch 1 and cannot train
-            raise CdkdValueError("--batch-size 1 cannot train the UPerNet's BatchNorm (its 1x1 pyramid pooling has "
-                                 "one value per channel); use --batch-size 2 or more (with --grad-accum to save "
-                                 "memory), or head.norm: gn in --config")
+            raise CdkdValueError(
+                "--batch-size 1 cannot train the UPerNet's BatchNorm (its 1x1 pyramid pooling has "
+                "one value per channel); use --batch-size 2 or more (with --grad-accum to save "
+                "memory), or head.norm: gn in --config"
+            )
 
     def training_data(self, cfg: FinetuneConfig, student: StudentInfo, log: Log) -> TrainingData:
         schema = schema_for(cfg.data.format, cfg.data.classes)
@@ -62,24 +66,35 @@ class SemanticTask(Task):
         return TrainingData(schema, student.norm, files, len(pairs), f"{len(pairs)} pairs", pairs)
 
     def build(self, student: nn.Module, schema: ClassSchema, cfg: FinetuneConfig) -> nn.Module:
-        return Segmenter(student, num_classes=schema.num_classes, head=cfg.head.type, layers=cfg.head.layers,
-                         channels=cfg.head.channels, freeze_encoder=not cfg.head.unfreeze, norm=cfg.head.norm)
+        return Segmenter(
+            student,
+            num_classes=schema.num_classes,
+            head=cfg.head.type,
+            layers=cfg.head.layers,
+            channels=cfg.head.channels,
+            freeze_encoder=not cfg.head.unfreeze,
+            norm=cfg.head.norm,
+        )
 
     def describe(self, cfg: FinetuneConfig, student: StudentInfo) -> str:
         return f"a {cfg.head.type} head on {student.arch}"
 
     def dataset(self, data: TrainingData, tile: int, cfg: FinetuneConfig) -> tuple[Any, Callable | None]:
-        return LabeledTiles(data.items, data.schema, data.norm, tile, augment=cfg.data.augment,
-                            seed=cfg.train.seed), None
+        return LabeledTiles(
+            data.items, data.schema, data.norm, tile, augment=cfg.data.augment, seed=cfg.train.seed
+        ), None
 
-    def objective(self, model: nn.Module, data: TrainingData, cfg: FinetuneConfig,
-                  device: torch.device) -> SemanticObjective:
-        weight = (class_weights(class_frequencies(data.items, data.schema)).to(device) if cfg.head.class_balanced
-                  else None)
+    def objective(
+        self, model: nn.Module, data: TrainingData, cfg: FinetuneConfig, device: torch.device
+    ) -> SemanticObjective:
+        weight = (
+            class_weights(class_frequencies(data.items, data.schema)).to(device) if cfg.head.class_balanced else None
+        )
         return SemanticObjective(model, data.schema.ignore_index, weight, device)
 
-    def save(self, path: Path, model: nn.Module, student: StudentInfo, schema: ClassSchema, tile: int,
-             overlap: int) -> None:
+    def save(
+        self, path: Path, model: nn.Module, student: StudentInfo, schema: ClassSchema, tile: int, overlap: int
+    ) -> None:
         info = SegmenterInfo(student=student, head=model.config(), classes=schema, tile_size=tile, overlap=overlap)
         save_segmenter(path, model, info)
 
@@ -94,8 +109,9 @@ class SemanticTask(Task):
         self.check_runtime(spec.model, runtime_for(spec.model, spec.runtime))
         return spec.open()
 
-    def segment_scene(self, scene: str | Path, runtime: Any, out: str | Path, options: SegmentOptions,
-                      log: Log | None = None) -> Any:
+    def segment_scene(
+        self, scene: str | Path, runtime: Any, out: str | Path, options: SegmentOptions, log: Log | None = None
+    ) -> Any:
         from cdkd.scene.engine import segment_scene
 
         return segment_scene(scene, runtime, out, options, log)
@@ -110,23 +126,25 @@ class SemanticTask(Task):
 
         given = [k for k in ("labels", "class_field") if options.pop(k, None) is not None]
         if given:
-            raise CdkdValueError(f"{model}: a segmenter is evaluated on image/mask pairs; "
-                                 f"{', '.join('--' + k.replace('_', '-') for k in given)} go with instance data")
+            raise CdkdValueError(
+                f"{model}: a segmenter is evaluated on image/mask pairs; "
+                f"{', '.join('--' + k.replace('_', '-') for k in given)} go with instance data"
+            )
         return evaluate(model, data, fmt, out, **options)
 
 
 class SemanticObjective:
     """Cross-entropy over the pixels that are not ignored; the step logs its pixel accuracy."""
 
-    def __init__(self, model: nn.Module, ignore_index: int, weight: torch.Tensor | None,
-                 device: torch.device) -> None:
+    def __init__(self, model: nn.Module, ignore_index: int, weight: torch.Tensor | None, device: torch.device) -> None:
         self.model, self.ignore, self.weight, self.device = model, ignore_index, weight, device
 
     def begin_step(self) -> None:
         pass
 
-    def micro(self, batch: dict, autocast: Callable[[], contextlib.AbstractContextManager]
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro(
+        self, batch: dict, autocast: Callable[[], contextlib.AbstractContextManager]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
         with autocast():
@@ -135,10 +153,16 @@ class SemanticObjective:
         if not torch.isfinite(loss):  # a crop that is all ignore pixels: nothing to learn from
             loss = logits.sum() * 0.0
         keep = labels != self.ignore
-        return loss, {"loss": float(loss.detach()), "correct": int((logits.argmax(1)[keep] == labels[keep]).sum()),
-                      "counted": int(keep.sum())}
+        return loss, {
+            "loss": float(loss.detach()),
+            "correct": int((logits.argmax(1)[keep] == labels[keep]).sum()),
+            "counted": int(keep.sum()),
+        }
 
     def end_step(self, parts: dict[str, Any]) -> StepLog:
         acc = parts["correct"] / max(parts["counted"], 1e-12)
-        return StepLog(parts["loss"], {"loss": parts["loss"], "pixel_acc": acc},
-                       shown={"loss": f"{parts['loss']:.3f}", "acc": f"{acc:.3f}"})
+        return StepLog(
+            parts["loss"],
+            {"loss": parts["loss"], "pixel_acc": acc},
+            shown={"loss": f"{parts['loss']:.3f}", "acc": f"{acc:.3f}"},
+        )

@@ -79,5 +79,7 @@ def restore_model(model: nn.Module, state: dict[str, torch.Tensor], path: Path) 
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     missing = [k for k in missing if k not in frozen]
     if missing or unexpected:
-        raise CheckpointError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}); was the run's configuration changed?")
+        raise CheckpointError(
+            f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); was the run's configuration changed?"
+        )

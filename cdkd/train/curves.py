@@ -71,8 +71,9 @@ def layout(history: History) -> list[tuple[Panel, list[str]]]:
     columns = [k for k in history.columns() if k not in NOT_DRAWN]
     out = []
     for panel in (*PANELS, OTHER):
-        keys = [k for k in panel.keys if k in columns] + [k for k in columns
-                                                           if panel_of(k) is panel and k not in panel.keys]
+        keys = [k for k in panel.keys if k in columns] + [
+            k for k in columns if panel_of(k) is panel and k not in panel.keys
+        ]
         if keys:
             out.append((panel, keys))
     return out
@@ -95,8 +96,9 @@ def draw_curves(history: History, out: str | Path, title: str) -> Path:
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     # Fixed margins in pixels rather than constrained layout, which would measure every tick label again and
     # take most of the drawing time.
-    fig.subplots_adjust(left=60 / width, right=1 - 15 / width, top=1 - TITLE_PX / height, bottom=45 / height,
-                        wspace=0.28, hspace=0.42)
+    fig.subplots_adjust(
+        left=60 / width, right=1 - 15 / width, top=1 - TITLE_PX / height, bottom=45 / height, wspace=0.28, hspace=0.42
+    )
     fig.suptitle(title, fontsize=10, y=1 - 12 / height, va="top")
     if not panels:
         ax = fig.add_subplot(1, 1, 1)
@@ -139,8 +141,9 @@ def _draw_panel(ax: Axes, history: History, panel: Panel, keys: list[str]) -> No
         ax.legend(fontsize=7, loc="best", frameon=False)
 
 
-def _draw_series(ax: Axes, steps: np.ndarray, values: np.ndarray, color: str, label: str,
-                 noisy: bool, log: bool) -> None:
+def _draw_series(
+    ax: Axes, steps: np.ndarray, values: np.ndarray, color: str, label: str, noisy: bool, log: bool
+) -> None:
     if len(steps) == 0:
         return
     if len(steps) > MAX_POINTS:
@@ -163,8 +166,12 @@ def _bins(steps: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, ..
     """Mean step, min, max and mean value of ``n`` consecutive bins of (nearly) equal length."""
     edges = np.linspace(0, len(steps), n + 1).astype(int)[:-1]
     counts = np.diff(np.append(edges, len(steps)))
-    return (np.add.reduceat(steps, edges) / counts, np.minimum.reduceat(values, edges),
-            np.maximum.reduceat(values, edges), np.add.reduceat(values, edges) / counts)
+    return (
+        np.add.reduceat(steps, edges) / counts,
+        np.minimum.reduceat(values, edges),
+        np.maximum.reduceat(values, edges),
+        np.add.reduceat(values, edges) / counts,
+    )
 
 
 def _running_mean(values: np.ndarray, window: int) -> np.ndarray:
@@ -179,8 +186,17 @@ def _draw_marks(ax: Axes, marks: list[tuple[int, str]], label: bool) -> None:
     for step, text in marks:
         ax.axvline(step, color="0.35", linestyle="--", linewidth=0.8)
         if label:
-            ax.annotate(text, (step, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -2),
-                        textcoords="offset points", fontsize=7, color="0.25", va="top", rotation=90)
+            ax.annotate(
+                text,
+                (step, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(2, -2),
+                textcoords="offset points",
+                fontsize=7,
+                color="0.25",
+                va="top",
+                rotation=90,
+            )
 
 
 def _draw_stage_ratios(ax: Axes, history: History) -> None:

@@ -56,13 +56,14 @@ def init_distributed(device: str = "auto") -> DistContext:
 
 
 def resolve_device(name: str, ctx: DistContext) -> torch.device:
-    """"auto" -> the local GPU if there is one, else the CPU; a CUDA device that is absent is a clear error."""
+    """ "auto" -> the local GPU if there is one, else the CPU; a CUDA device that is absent is a clear error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise CdkdValueError(f"device {name!r} requested but CUDA is not available on this machine; "
-                                 "use --device cpu")
+            raise CdkdValueError(
+                f"device {name!r} requested but CUDA is not available on this machine; use --device cpu"
+            )
         return torch.device("cuda", ctx.local_rank) if name == "cuda" else torch.device(name)
     if name != "cpu":
         raise CdkdValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")

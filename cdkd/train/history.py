@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-
 # Events drawn as vertical lines, and the label each gets (mask-cdkd logs a stage change, rs4d the step its
 # reference loss was fixed; rs4d's frequent "ratios" events are visible as the corruption curve itself).
 MARKED_EVENTS = ("stage", "reference")
@@ -82,8 +81,11 @@ class History:
 
     def marks(self) -> list[tuple[int, str]]:
         """(step, label) of the events drawn as vertical lines: a stage change is labelled by the new stage."""
-        return [(int(e["step"]), str(e.get("stage", e["event"])) if e["event"] == "stage" else str(e["event"]))
-                for e in self.events if e["event"] in MARKED_EVENTS]
+        return [
+            (int(e["step"]), str(e.get("stage", e["event"])) if e["event"] == "stage" else str(e["event"]))
+            for e in self.events
+            if e["event"] in MARKED_EVENTS
+        ]
 
     def images_per_s(self) -> float | None:
         """The median throughput of the newest rows."""

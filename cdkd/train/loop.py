@@ -51,8 +51,9 @@ class Objective(Protocol):
     def begin_step(self) -> None:
         """Before a step's micro-batches (a recipe reads its loss weights and knobs here)."""
 
-    def micro(self, batch: Any, autocast: Callable[[], contextlib.AbstractContextManager]) -> tuple[
-            torch.Tensor, dict[str, torch.Tensor | float]]:
+    def micro(
+        self, batch: Any, autocast: Callable[[], contextlib.AbstractContextManager]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """The loss of one micro-batch (its forward under ``autocast()``) and its parts."""
 
     def end_step(self, parts: dict[str, torch.Tensor | float]) -> StepLog:
@@ -63,15 +64,32 @@ class TrainLoop:
     """``train``'s loop over ``model`` (``net``: the same model, DDP-wrapped when ``ctx`` is) with ``optimizer`` and
     ``scheduler``; ``checkpoint(step)`` returns a checkpoint's payload; ``images_per_step`` counts every rank's."""
 
-    def __init__(self, train: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, paths: RunDir,
-                 checkpoint: Callable[[int], dict[str, Any]], checkpoint_format: str, *, net: nn.Module | None = None,
-                 ctx: DistContext | None = None, name: str = "train", progress: bool = True,
-                 log: Callable[[str], None] = lambda _msg: None) -> None:
+    def __init__(
+        self,
+        train: TrainConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        device: torch.device,
+        paths: RunDir,
+        checkpoint: Callable[[int], dict[str, Any]],
+        checkpoint_format: str,
+        *,
+        net: nn.Module | None = None,
+        ctx: DistContext | None = None,
+        name: str = "train",
+        progress: bool = True,
+        log: Callable[[str], None] = lambda _msg: None,
+    ) -> None:
         self.train, self.model, self.net = train, model, net if net is not None else model
         self.optimizer, self.scheduler, self.device, self.paths = optimizer, scheduler, device, paths
-        self.payload, self.format, self.name, self.progress, self.log = checkpoint, checkpoint_format, name, \
-            progress, log
+        self.payload, self.format, self.name, self.progress, self.log = (
+            checkpoint,
+            checkpoint_format,
+            name,
+            progress,
+            log,
+        )
         self.ctx = ctx if ctx is not None else DistContext()
         self.amp_dtype = autocast_dtype(train.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
@@ -85,8 +103,9 @@ class TrainLoop:
         """Optimiser steps ``start .. steps - 1`` over ``batches``; the last step's log (None when none ran)."""
         cfg = self.train
         self.steps = steps
-        bar = progress_bar(steps, initial=start, desc=self.name, unit="step",
-                           enabled=self.progress and self.ctx.is_main)
+        bar = progress_bar(
+            steps, initial=start, desc=self.name, unit="step", enabled=self.progress and self.ctx.is_main
+        )
         last = None
         self.model.train()
         tick = time.perf_counter()
@@ -102,8 +121,9 @@ class TrainLoop:
                     self.log(message)
                     self.record({"step": done, **record})
                 if done % cfg.log_every == 0 or done == steps:
-                    self.record({"step": done, "lr": self.scheduler.get_last_lr()[0], **last.row,
-                                 "images_per_s": speed})
+                    self.record(
+                        {"step": done, "lr": self.scheduler.get_last_lr()[0], **last.row, "images_per_s": speed}
+                    )
                 bar.update(1)
                 bar.set_postfix(**last.shown, img_s=f"{speed:.1f}")
                 if done % cfg.checkpoint_every == 0 or done == steps:
@@ -118,8 +138,11 @@ class TrainLoop:
         sums: dict[str, Any] = {}
         for micro in range(accum):
             # Skip the gradient all-reduce on all but the last micro-batch of the step.
-            sync = (contextlib.nullcontext() if micro == accum - 1 or not hasattr(self.net, "no_sync")
-                    else self.net.no_sync())
+            sync = (
+                contextlib.nullcontext()
+                if micro == accum - 1 or not hasattr(self.net, "no_sync")
+                else self.net.no_sync()
+            )
             with sync:
                 loss, parts = objective.micro(next(batches), self.autocast)
                 self.scaler.scale(loss / accum).backward()

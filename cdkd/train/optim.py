@@ -58,7 +58,7 @@ def lr_lambda(kind: str, warmup: int, steps: int, power: float = 0.9) -> Callabl
     return f
 
 
-def check_train_config(train: "TrainConfig") -> None:
+def check_train_config(train: TrainConfig) -> None:
     """User-facing checks of the training settings every job shares."""
     if train.steps is not None and train.epochs is not None:
         raise CdkdValueError("give --steps or --epochs, not both")

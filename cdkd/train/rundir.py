@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cdkd.errors import CheckpointError, ConfigError, OutputExistsError
-from cdkd.utils.atomic import atomic_write_text
 from cdkd.train.checkpoint import list_checkpoints, load_checkpoint
 from cdkd.train.history import finite, read_metrics
+from cdkd.utils.atomic import atomic_write_text
 from cdkd.utils.paths import check_writable
 from cdkd.utils.runlock import RunLock, holder, in_use_error
 
@@ -58,8 +58,7 @@ class RunDir:
         return self.root / "tensorboard"
 
     def _files(self) -> list[Path]:
-        return [self.artifact, self.config, self.metrics, self.report, self.checkpoints, self.curves,
-                self.tensorboard]
+        return [self.artifact, self.config, self.metrics, self.report, self.checkpoints, self.curves, self.tensorboard]
 
     def check(self, resume: bool, overwrite: bool, checkpoint_format: str) -> dict[str, Any] | None:
         """Refuse a folder another live run holds, one that cannot be written, or an earlier run's (unless
@@ -74,13 +73,18 @@ class RunDir:
         if resume:
             if not ckpts:
                 if existing:
-                    raise CheckpointError(f"{self.root}: nothing to resume (no checkpoint in {self.checkpoints}); "
-                                          "pass --overwrite (not --resume) to start again")
+                    raise CheckpointError(
+                        f"{self.root}: nothing to resume (no checkpoint in {self.checkpoints}); "
+                        "pass --overwrite (not --resume) to start again"
+                    )
                 raise CheckpointError(f"{self.root}: nothing to resume (no {self.kind} there); run without --resume")
             return load_checkpoint(ckpts[-1], checkpoint_format)
         if existing and not overwrite:
-            hint = ("pass --resume to continue it or --overwrite to start again" if ckpts else
-                    "pass --overwrite to start again")
+            hint = (
+                "pass --resume to continue it or --overwrite to start again"
+                if ckpts
+                else "pass --overwrite to start again"
+            )
             raise OutputExistsError(f"{self.root}: already holds a {self.kind} ({', '.join(existing)}); {hint}")
         return None
 
@@ -151,8 +155,10 @@ def check_identity(saved: dict[str, Any], now: dict[str, Any], where: Path) -> N
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if changed:
         diffs = "; ".join(f"{k}: {_short(saved.get(k))} then, {_short(now.get(k))} now" for k in changed[:3])
-        raise CheckpointError(f"{where}: cannot resume: {', '.join(changed)} differ from what the interrupted run "
-                              f"read ({diffs}); give the run's own inputs, or pass --overwrite to start again")
+        raise CheckpointError(
+            f"{where}: cannot resume: {', '.join(changed)} differ from what the interrupted run "
+            f"read ({diffs}); give the run's own inputs, or pass --overwrite to start again"
+        )
 
 
 def _short(value: Any) -> str:
@@ -166,8 +172,9 @@ def check_resumable(saved: dict[str, Any], now: dict[str, Any], allowed: set[str
     changed = sorted(k for k in a if k not in allowed and a[k] != b.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {a[k]!r} -> {b.get(k)!r}" for k in changed[:4])
-        raise ConfigError(f"{where}: cannot resume with a different configuration ({diffs}); "
-                          "resume with the run's own config.yaml")
+        raise ConfigError(
+            f"{where}: cannot resume with a different configuration ({diffs}); resume with the run's own config.yaml"
+        )
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

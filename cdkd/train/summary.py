@@ -16,17 +16,15 @@ from typing import Any
 import yaml
 
 from cdkd.errors import CdkdIOError, CdkdValueError
-from cdkd.train.curves import PANELS, draw_curves
-from cdkd.train.history import History, is_number
 from cdkd.train.checkpoint import list_checkpoints
-from cdkd.utils.paths import check_writable
-from cdkd.train.history import finite
+from cdkd.train.curves import PANELS, draw_curves
+from cdkd.train.history import History, finite, is_number
 from cdkd.train.rundir import RunDir
+from cdkd.utils.paths import check_writable
 from cdkd.utils.runlock import describe, holder
 
 # The artifact each kind of run ends with (the trainers' ``run_dir``): kind -> method -> file name.
-ARTIFACTS = {"distill": {None: "student.pt"},
-             "finetune": {"semantic": "segmenter.pt", "instance": "detector.pt"}}
+ARTIFACTS = {"distill": {None: "student.pt"}, "finetune": {"semantic": "segmenter.pt", "instance": "detector.pt"}}
 KINDS = {"distill": "distillation run", "finetune": "fine-tuning run"}
 PICTURE_FORMATS = (".png", ".pdf", ".svg")
 LOSS_PANELS = ("loss", "terms")
@@ -74,13 +72,17 @@ class RunSummary:
     def lines(self) -> list[str]:
         """The summary as a person reads it."""
         total = self.total if self.total is not None else "? (set in epochs)"
-        rows = [("run", self.run),
-                ("kind", f"{self.kind} ({self.method}), {self.status}" + (f" by {self.holder}" if self.holder else "")),
-                ("steps", f"{self.step} of {total}")]
+        rows = [
+            ("run", self.run),
+            ("kind", f"{self.kind} ({self.method}), {self.status}" + (f" by {self.holder}" if self.holder else "")),
+            ("steps", f"{self.step} of {total}"),
+        ]
         if self.losses:
             rows.append(("losses", ", ".join(f"{k} {v:.4g}" for k, v in self.losses.items())))
         if self.stage is not None or self.ratio is not None:
-            rows.append(("stage", ", ".join(filter(None, [self.stage, self.ratio is not None and f"r {self.ratio:.3f}"]))))
+            rows.append(
+                ("stage", ", ".join(filter(None, [self.stage, self.ratio is not None and f"r {self.ratio:.3f}"])))
+            )
         rows += [(key, f"{value:.4g}") for key, value in self.extra.items()]
         if self.images_per_s is not None:
             rows.append(("throughput", f"{self.images_per_s:.3g} images/s"))
@@ -134,8 +136,10 @@ def identify(root: Path) -> tuple[str, str, RunDir]:
     elif (root / "detector.pt").is_file() or (root / "segmenter.pt").is_file():
         kind, method = "finetune", "instance" if (root / "detector.pt").is_file() else "semantic"
     else:
-        raise CdkdIOError(f"{root}: not a training run (no config.yaml, report.json or model of cdkd distill or "
-                          "finetune); give the --out folder of a run")
+        raise CdkdIOError(
+            f"{root}: not a training run (no config.yaml, report.json or model of cdkd distill or "
+            "finetune); give the --out folder of a run"
+        )
     names = ARTIFACTS[kind]
     return kind, method, RunDir(root, names.get(method, names.get(None, "segmenter.pt")), KINDS[kind])
 
@@ -164,19 +168,31 @@ def _summarize(root: Path, total: int | None) -> tuple[RunSummary, History]:
     if elapsed is None and done and is_number(report.get("seconds")) and not report.get("resumed_from"):
         elapsed = float(report["seconds"])  # a run logged before rows carried their time
     summary = RunSummary(
-        run=str(root), kind=kind, method=method, status="finished" if done else "running" if live else "stopped",
-        step=history.step, total=total, losses={k: last[k] for k in loss_keys if is_number(last.get(k))},
-        last=dict(last), stage=last.get("stage") if isinstance(last.get("stage"), str) else None,
-        ratio=last["ratio"] if is_number(last.get("ratio")) else None, images_per_s=history.images_per_s(),
-        elapsed_s=elapsed, checkpoints=[p.name for p in ckpts],
-        checkpoint_step=int(ckpts[-1].stem.rsplit("_", 1)[-1]) if ckpts else None, artifact=str(paths.artifact),
-        artifact_present=paths.artifact.is_file(), holder=describe(live) if live and not done else None,
-        extra={k: last[k] for k in ("pixel_acc", "noise_ratio", "mask_ratio") if is_number(last.get(k))})
+        run=str(root),
+        kind=kind,
+        method=method,
+        status="finished" if done else "running" if live else "stopped",
+        step=history.step,
+        total=total,
+        losses={k: last[k] for k in loss_keys if is_number(last.get(k))},
+        last=dict(last),
+        stage=last.get("stage") if isinstance(last.get("stage"), str) else None,
+        ratio=last["ratio"] if is_number(last.get("ratio")) else None,
+        images_per_s=history.images_per_s(),
+        elapsed_s=elapsed,
+        checkpoints=[p.name for p in ckpts],
+        checkpoint_step=int(ckpts[-1].stem.rsplit("_", 1)[-1]) if ckpts else None,
+        artifact=str(paths.artifact),
+        artifact_present=paths.artifact.is_file(),
+        holder=describe(live) if live and not done else None,
+        extra={k: last[k] for k in ("pixel_acc", "noise_ratio", "mask_ratio") if is_number(last.get(k))},
+    )
     return summary, history
 
 
-def write_curves(run: str | Path, out: str | Path | None = None, total: int | None = None,
-                 overwrite: bool = True) -> RunSummary:
+def write_curves(
+    run: str | Path, out: str | Path | None = None, total: int | None = None, overwrite: bool = True
+) -> RunSummary:
     """Draw the curves of the run in ``run`` into ``out`` (default ``RUN/curves.png``, which is always redrawn; any
     other file only with ``overwrite``); returns the run's summary."""
     summary, history = _summarize(Path(run), total)

@@ -18,8 +18,7 @@ from typing import Any
 
 from cdkd.errors import CdkdValueError
 from cdkd.train.curves import panel_of
-from cdkd.train.history import is_number
-from cdkd.train.history import read_metrics
+from cdkd.train.history import is_number, read_metrics
 
 NOT_SCALARS = ("step", "time")
 
@@ -27,8 +26,9 @@ NOT_SCALARS = ("step", "time")
 def require_tensorboard() -> None:
     """Raise a one-line error naming the package when ``tensorboard`` is not installed."""
     if importlib.util.find_spec("tensorboard") is None:
-        raise CdkdValueError("--tensorboard needs the tensorboard package: pip install tensorboard "
-                             "(or pip install 'cdkd[tensorboard]')")
+        raise CdkdValueError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard (or pip install 'cdkd[tensorboard]')"
+        )
 
 
 def has_events(folder: Path) -> bool:

@@ -27,5 +27,7 @@ def check_fits(need: int, what: str, fix: str) -> None:
     ``fix`` which option to change. Only the certain failures are refused: the estimate is a lower bound."""
     have = available_bytes()
     if have is not None and need > have:
-        raise CdkdValueError(f"{what} need at least {need / 2**30:.1f} GiB of memory, more than the "
-                             f"{have / 2**30:.1f} GiB available; {fix}")
+        raise CdkdValueError(
+            f"{what} need at least {need / 2**30:.1f} GiB of memory, more than the "
+            f"{have / 2**30:.1f} GiB available; {fix}"
+        )

@@ -67,8 +67,10 @@ def describe(info: dict[str, Any]) -> str:
 
 
 def in_use_error(folder: str | Path, info: dict[str, Any], what: str) -> RunInUseError:
-    return RunInUseError(f"{what}: another cdkd run is writing it ({describe(info)}; its lock is {lock_path(folder)}); "
-                         "wait for it to finish or stop it first")
+    return RunInUseError(
+        f"{what}: another cdkd run is writing it ({describe(info)}; its lock is {lock_path(folder)}); "
+        "wait for it to finish or stop it first"
+    )
 
 
 class RunLock:
@@ -83,7 +85,7 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         if self._fd is not None:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -111,8 +113,14 @@ class RunLock:
             raise in_use_error(self.folder, _read(path) or {}, self.what)
 
     def _write(self, fd: int) -> None:
-        text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                           "command": " ".join(sys.argv[:1] + sys.argv[1:8])})
+        text = json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.time(),
+                "command": " ".join(sys.argv[:1] + sys.argv[1:8]),
+            }
+        )
         os.ftruncate(fd, 1)  # the first byte is the one msvcrt locks; the text follows on a new line
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, b"\n" + text.encode())
@@ -126,7 +134,7 @@ class RunLock:
         os.close(self._fd)  # closing drops the flock
         self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:

@@ -22,8 +22,16 @@ _EXPORTS = {
     "vectorize": "cdkd.vector.vectorize",
 }
 
-__all__ = ["AreaMode", "ClassResult", "MinArea", "VectorizeConfig", "VectorizeReport", "VectorizeSettings",
-           "parse_min_area", "vectorize"]
+__all__ = [
+    "AreaMode",
+    "ClassResult",
+    "MinArea",
+    "VectorizeConfig",
+    "VectorizeReport",
+    "VectorizeSettings",
+    "parse_min_area",
+    "vectorize",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -72,12 +72,16 @@ def check_writable(fmt: VectorFormat, path: str | Path) -> None:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise CdkdIOError(f"{path}: writing GeoParquet needs GDAL's Parquet driver (pyogrio's GDAL "
-                              f"{pyogrio.__gdal_version_string__} has none) or pyarrow; install it with "
-                              "pip install 'cdkd[geoparquet]'") from None
+            raise CdkdIOError(
+                f"{path}: writing GeoParquet needs GDAL's Parquet driver (pyogrio's GDAL "
+                f"{pyogrio.__gdal_version_string__} has none) or pyarrow; install it with "
+                "pip install 'cdkd[geoparquet]'"
+            ) from None
     elif fmt.driver != "Parquet" and not gdal_writes(fmt.driver):
-        raise CdkdIOError(f"{path}: pyogrio's GDAL {pyogrio.__gdal_version_string__} has no {fmt.driver} writer; "
-                          "write a .gpkg instead")
+        raise CdkdIOError(
+            f"{path}: pyogrio's GDAL {pyogrio.__gdal_version_string__} has no {fmt.driver} writer; "
+            "write a .gpkg instead"
+        )
 
 
 def convert(staged: Path, layer: str, out: Path, fmt: VectorFormat) -> None:
@@ -91,17 +95,33 @@ def convert(staged: Path, layer: str, out: Path, fmt: VectorFormat) -> None:
     out.unlink(missing_ok=True)  # the empty temporary that atomic_path made: GDAL wants to create the file
     options = {"SPATIAL_INDEX": "YES"} if fmt.driver == "FlatGeobuf" else None
     with open_arrow(staged, layer=layer, batch_size=READ_BATCH, use_pyarrow=False) as (meta, stream):
-        write_arrow(stream, out, layer=layer, driver=fmt.driver, geometry_name=meta["geometry_name"],
-                    geometry_type="Polygon", crs=meta["crs"], layer_options=options)
+        write_arrow(
+            stream,
+            out,
+            layer=layer,
+            driver=fmt.driver,
+            geometry_name=meta["geometry_name"],
+            geometry_type="Polygon",
+            crs=meta["crs"],
+            layer_options=options,
+        )
 
 
 def geo_metadata(crs_wkt: str, geometry_column: str = "geometry") -> dict[str, Any]:
     """GeoParquet 1.1 file metadata (the ``geo`` key) for WKB polygons in the CRS ``crs_wkt``."""
     import pyproj
 
-    return {"version": "1.1.0", "primary_column": geometry_column,
-            "columns": {geometry_column: {"encoding": "WKB", "geometry_types": ["Polygon"],
-                                          "crs": pyproj.CRS.from_user_input(crs_wkt).to_json_dict()}}}
+    return {
+        "version": "1.1.0",
+        "primary_column": geometry_column,
+        "columns": {
+            geometry_column: {
+                "encoding": "WKB",
+                "geometry_types": ["Polygon"],
+                "crs": pyproj.CRS.from_user_input(crs_wkt).to_json_dict(),
+            }
+        },
+    }
 
 
 def _to_geoparquet(staged: Path, layer: str, out: Path) -> None:
@@ -120,6 +140,7 @@ def _to_geoparquet(staged: Path, layer: str, out: Path) -> None:
         schema = pa.schema(fields, metadata={b"geo": json.dumps(geo_metadata(crs)).encode()})
         with pq.ParquetWriter(out, schema, compression="zstd") as writer:
             for batch in reader:
-                columns = [c.cast(pa.binary()) if n == geometry else c for n, c in zip(batch.schema.names,
-                                                                                       batch.columns)]
+                columns = [
+                    c.cast(pa.binary()) if n == geometry else c for n, c in zip(batch.schema.names, batch.columns)
+                ]
                 writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))

@@ -47,8 +47,10 @@ def check_layer_names(names: list[str]) -> None:
             raise CdkdValueError("a GeoPackage layer name must not be empty")
         other = seen.setdefault(name.lower(), name)
         if other != name:
-            raise CdkdValueError(f"layer names {other!r} and {name!r} differ only in case, which a GeoPackage "
-                                 "cannot hold; rename one of the classes")
+            raise CdkdValueError(
+                f"layer names {other!r} and {name!r} differ only in case, which a GeoPackage "
+                "cannot hold; rename one of the classes"
+            )
 
 
 class GpkgWriter:
@@ -67,15 +69,26 @@ class GpkgWriter:
         self._buffered: dict[str, tuple[int, int]] = {}  # features and vertices buffered per layer
         self.counts: dict[str, int] = {}  # features written per layer
 
-    def add(self, layer: str, polygons: np.ndarray, class_ids: np.ndarray, class_names: np.ndarray,
-            area_m2: np.ndarray, perimeter_m: np.ndarray) -> None:
+    def add(
+        self,
+        layer: str,
+        polygons: np.ndarray,
+        class_ids: np.ndarray,
+        class_names: np.ndarray,
+        area_m2: np.ndarray,
+        perimeter_m: np.ndarray,
+    ) -> None:
         """Queue (n,) polygons and their fields for ``layer``; full batches (``BATCH`` features or
         ``BATCH_VERTICES`` vertices) are written at once."""
         if not len(polygons):
             return
-        chunk = {"class_id": np.asarray(class_ids, dtype=np.int32), "class_name": np.asarray(class_names, dtype=object),
-                 "area_m2": np.asarray(area_m2, dtype=np.float64),
-                 "perimeter_m": np.asarray(perimeter_m, dtype=np.float64), "geometry": polygons}
+        chunk = {
+            "class_id": np.asarray(class_ids, dtype=np.int32),
+            "class_name": np.asarray(class_names, dtype=object),
+            "area_m2": np.asarray(area_m2, dtype=np.float64),
+            "perimeter_m": np.asarray(perimeter_m, dtype=np.float64),
+            "geometry": polygons,
+        }
         self._buffers.setdefault(layer, []).append(chunk)
         features, vertices = self._buffered.get(layer, (0, 0))
         features, vertices = features + len(polygons), vertices + int(shapely.get_num_coordinates(polygons).sum())
@@ -96,10 +109,20 @@ class GpkgWriter:
         new = layer not in self.counts
         # append=True also creates the file and new layers; index options only matter when a layer is created,
         # the version only when the file is
-        pyogrio.raw.write(self.path, geometry, list(columns.values()), list(columns), layer=layer, driver="GPKG",
-                          geometry_type="Polygon", crs=self.crs_wkt, append=True, promote_to_multi=False,
-                          layer_options={"SPATIAL_INDEX": "YES"} if new else None,
-                          dataset_options=None if self.path.exists() else DATASET_OPTIONS)
+        pyogrio.raw.write(
+            self.path,
+            geometry,
+            list(columns.values()),
+            list(columns),
+            layer=layer,
+            driver="GPKG",
+            geometry_type="Polygon",
+            crs=self.crs_wkt,
+            append=True,
+            promote_to_multi=False,
+            layer_options={"SPATIAL_INDEX": "YES"} if new else None,
+            dataset_options=None if self.path.exists() else DATASET_OPTIONS,
+        )
         self.counts[layer] = self.counts.get(layer, 0) + len(geometry)
 
     def close(self) -> dict[str, int]:

@@ -80,8 +80,9 @@ def _cancel_shared(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.n
     i, j = np.searchsorted(points, lo), np.searchsorted(points, hi)
     n = len(points)
     cover = np.cumsum(np.bincount(i, minlength=n) - np.bincount(j, minlength=n))[:-1]  # stretch k: points k..k+1
-    heading = np.cumsum(np.bincount(i, weights=direction, minlength=n)
-                        - np.bincount(j, weights=direction, minlength=n))[:-1]
+    heading = np.cumsum(
+        np.bincount(i, weights=direction, minlength=n) - np.bincount(j, weights=direction, minlength=n)
+    )[:-1]
     once = np.flatnonzero(cover == 1)
     forward = heading[once] > 0
     a, b = np.where(forward, points[once], points[once + 1]), np.where(forward, points[once + 1], points[once])
@@ -147,8 +148,9 @@ def _drop_collinear(xy: np.ndarray, ring: np.ndarray) -> tuple[np.ndarray, np.nd
     nxt = _next_in_ring(ring)
     prev = np.empty_like(nxt)
     prev[nxt] = np.arange(len(nxt))
-    straight = ((xy[prev, 0] == xy[:, 0]) & (xy[:, 0] == xy[nxt, 0])) | \
-               ((xy[prev, 1] == xy[:, 1]) & (xy[:, 1] == xy[nxt, 1]))
+    straight = ((xy[prev, 0] == xy[:, 0]) & (xy[:, 0] == xy[nxt, 0])) | (
+        (xy[prev, 1] == xy[:, 1]) & (xy[:, 1] == xy[nxt, 1])
+    )
     return xy[~straight], ring[~straight]
 
 

@@ -90,8 +90,10 @@ def choose_area(mode: Any, crs: CRS, transform: Affine, width: int, height: int)
     if value == "auto":
         return AreaChoice("planar" if error <= AREAL_TOLERANCE else "ellipsoidal", error)
     if value == "planar" and math.isinf(error) and crs.is_geographic:
-        raise DataError(f"CRS {crs.to_string()!r} is in degrees: planar areas would be in square degrees; "
-                        "use --area ellipsoidal (or auto)")
+        raise DataError(
+            f"CRS {crs.to_string()!r} is in degrees: planar areas would be in square degrees; "
+            "use --area ellipsoidal (or auto)"
+        )
     return AreaChoice(value, error)
 
 
@@ -99,8 +101,10 @@ def planar_note(crs: CRS, choice: AreaChoice) -> str | None:
     """A warning when planar measures were asked for where they are not ground measures (``AREAL_TOLERANCE``)."""
     if choice.mode != "planar" or choice.scale_error <= AREAL_TOLERANCE:
         return None
-    return (f"areas are planar in {crs.to_string()}, whose areal scale differs from 1 by up to "
-            f"{100 * choice.scale_error:.2g} % over this raster; --area auto or ellipsoidal gives ground areas")
+    return (
+        f"areas are planar in {crs.to_string()}, whose areal scale differs from 1 by up to "
+        f"{100 * choice.scale_error:.2g} % over this raster; --area auto or ellipsoidal gives ground areas"
+    )
 
 
 def area_perimeter(geoms: np.ndarray, crs: CRS, mode: str) -> tuple[np.ndarray, np.ndarray]:

@@ -44,8 +44,9 @@ def polygonize(ids: np.ndarray, valid: np.ndarray, row0: int) -> tuple[np.ndarra
     ring_owner: list[int] = []
     values: list[float] = []
     for n, (geom, value) in enumerate(features):
-        rings.extend(np.fromiter(chain.from_iterable(r), np.float64, 2 * len(r)).reshape(-1, 2)
-                     for r in geom["coordinates"])
+        rings.extend(
+            np.fromiter(chain.from_iterable(r), np.float64, 2 * len(r)).reshape(-1, 2) for r in geom["coordinates"]
+        )
         ring_owner.extend([n] * len(geom["coordinates"]))
         values.append(value)
     if not values:
@@ -146,8 +147,9 @@ class StripMerger:
             release_freed_memory()  # before the next join's peak comes on top of this one's freed pages
         return joined
 
-    def add(self, polygons: np.ndarray, classes: np.ndarray, ids: np.ndarray, valid: np.ndarray, row0: int,
-            last: bool) -> tuple[np.ndarray, np.ndarray]:
+    def add(
+        self, polygons: np.ndarray, classes: np.ndarray, ids: np.ndarray, valid: np.ndarray, row0: int, last: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Add the polygons of strip rows ``[row0, row0 + h)`` (from ``polygonize``) and its ids/validity (h, W).
 
         Returns an iterator over batches of the polygons that are now final, in pixel coordinates, and their
@@ -186,8 +188,9 @@ class StripMerger:
         self._last_row = (ids[-1].copy(), valid[-1].copy())
         return self._final(polygons[done], classes[done], closing)
 
-    def _final(self, polygons: np.ndarray, classes: np.ndarray,
-               closing: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _final(
+        self, polygons: np.ndarray, classes: np.ndarray, closing: list[int]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if len(polygons):
             yield polygons, classes
         joined: list[shapely.Polygon] = []

@@ -83,8 +83,9 @@ def sieve_size(min_area: MinArea, transform: Affine, crs: CRS, width: int, heigh
 
     A region of ``n`` pixels is smaller than ``A`` when ``n * pixel_area < A``, i.e. ``n < ceil(A / pixel_area)``.
     """
-    pixels = (min_area.value if min_area.unit == "px" else
-              min_area.value / pixel_area_m2(transform, crs, width, height, area))
+    pixels = (
+        min_area.value if min_area.unit == "px" else min_area.value / pixel_area_m2(transform, crs, width, height, area)
+    )
     return max(1, math.ceil(pixels - 1e-9))  # 1e-9: 100 m2 at exactly 100 m2 a pixel is 1 px, not 2
 
 

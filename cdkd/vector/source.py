@@ -26,11 +26,11 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from cdkd.data.classes import ClassSchema
+from cdkd.data.classraster import read_class_schema
 from cdkd.data.files import open_raster
 from cdkd.data.gdal import gdal_reason
 from cdkd.errors import CdkdIOError, DataError
 from cdkd.geodesy import is_geographic, metres_per_unit
-from cdkd.data.classraster import read_class_schema
 
 MAX_LISTED = 10  # unknown values named in an error message (most frequent first)
 
@@ -73,11 +73,15 @@ def inspect(path: str | Path, classes: str | Path | None = None) -> ClassRaster:
             raise DataError(f"{path}: has {src.count} bands; a class raster has exactly one (class ids)")
         dtype = np.dtype(src.dtypes[0])
         if dtype.kind not in "ui":
-            raise DataError(f"{path}: band type {dtype.name} is not an integer type; a class raster holds integer "
-                            "class ids (e.g. uint8 from cdkd segment)")
+            raise DataError(
+                f"{path}: band type {dtype.name} is not an integer type; a class raster holds integer "
+                "class ids (e.g. uint8 from cdkd segment)"
+            )
         if src.crs is None:
-            raise DataError(f"{path}: has no CRS, so polygon areas would be meaningless; assign the right one "
-                            "(e.g. gdal_edit.py -a_srs EPSG:32633) and run again")
+            raise DataError(
+                f"{path}: has no CRS, so polygon areas would be meaningless; assign the right one "
+                "(e.g. gdal_edit.py -a_srs EPSG:32633) and run again"
+            )
         try:
             if not is_geographic(src.crs):
                 metres_per_unit(src.crs)
@@ -88,12 +92,13 @@ def inspect(path: str | Path, classes: str | Path | None = None) -> ClassRaster:
         else:
             schema, legend = read_class_schema(src), "raster metadata"
             if schema is None:
-                raise DataError(f"{path}: has no class metadata (it was not written by cdkd segment); pass a class "
-                                "file with --classes classes.yaml")
+                raise DataError(
+                    f"{path}: has no class metadata (it was not written by cdkd segment); pass a class "
+                    "file with --classes classes.yaml"
+                )
         raw = tuple(schema.value_map) if schema.value_map is not None else ()
         ids = tuple(schema.value_map[v] for v in raw) if schema.value_map is not None else ()
-        return ClassRaster(path, src.width, src.height, dtype.name, src.crs, src.transform, schema, legend,
-                           raw, ids)
+        return ClassRaster(path, src.width, src.height, dtype.name, src.crs, src.transform, schema, legend, raw, ids)
 
 
 def read_rows(src: Any, raster: ClassRaster, row0: int, row1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,11 +183,16 @@ def class_counts(raster: ClassRaster, value_counts: Counter) -> dict[int, int]:
         bad.sort(key=lambda vn: -vn[1])
         shown = ", ".join(f"{v} ({n} px)" for v, n in bad[:MAX_LISTED])
         more = f", and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        expected = (f"raw values {', '.join(map(str, raster.raw_values))}" if lookup is not None
-                    else f"class ids 0..{schema.num_classes - 1}")
-        raise DataError(f"{raster.path}: {len(bad)} value{'s' if len(bad) != 1 else ''} that are neither class ids "
-                        f"nor nodata: {shown}{more} (the legend from {raster.legend} expects {expected}); set the "
-                        "raster's nodata value or pass a class file whose 'values' / 'ignore' cover them")
+        expected = (
+            f"raw values {', '.join(map(str, raster.raw_values))}"
+            if lookup is not None
+            else f"class ids 0..{schema.num_classes - 1}"
+        )
+        raise DataError(
+            f"{raster.path}: {len(bad)} value{'s' if len(bad) != 1 else ''} that are neither class ids "
+            f"nor nodata: {shown}{more} (the legend from {raster.legend} expects {expected}); set the "
+            "raster's nodata value or pass a class file whose 'values' / 'ignore' cover them"
+        )
     if not per_class:
         raise DataError(f"{raster.path}: every pixel is nodata; there is nothing to vectorize")
     return dict(sorted(per_class.items()))

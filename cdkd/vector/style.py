@@ -29,13 +29,22 @@ STYLE_NAME = "cdkd classes"
 
 def _symbol(index: int, rgb: tuple[int, int, int]) -> str:
     fill = ",".join(str(v) for v in rgb) + ",255"
-    props = {"color": fill, "style": "solid", "outline_color": OUTLINE, "outline_style": "solid",
-             "outline_width": "0.1", "outline_width_unit": "MM", "joinstyle": "bevel"}
-    lines = [f'      <symbol type="fill" name="{index}" alpha="1" clip_to_extent="1" force_rhr="0">',
-             '        <layer class="SimpleFill" enabled="1" locked="0" pass="0">',
-             *(f"          <prop k={quoteattr(k)} v={quoteattr(v)}/>" for k, v in props.items()),
-             "        </layer>",
-             "      </symbol>"]
+    props = {
+        "color": fill,
+        "style": "solid",
+        "outline_color": OUTLINE,
+        "outline_style": "solid",
+        "outline_width": "0.1",
+        "outline_width_unit": "MM",
+        "joinstyle": "bevel",
+    }
+    lines = [
+        f'      <symbol type="fill" name="{index}" alpha="1" clip_to_extent="1" force_rhr="0">',
+        '        <layer class="SimpleFill" enabled="1" locked="0" pass="0">',
+        *(f"          <prop k={quoteattr(k)} v={quoteattr(v)}/>" for k, v in props.items()),
+        "        </layer>",
+        "      </symbol>",
+    ]
     return "\n".join(lines)
 
 
@@ -43,7 +52,8 @@ def qml(schema: ClassSchema, field: str = CLASS_FIELD) -> str:
     """QML text (UTF-8 XML) of a categorized renderer on ``field`` with one category per class of ``schema``."""
     categories = "\n".join(
         f'      <category value="{c.id}" label={quoteattr(c.name)} symbol="{i}" render="true"/>'
-        for i, c in enumerate(schema.classes))
+        for i, c in enumerate(schema.classes)
+    )
     symbols = "\n".join(_symbol(i, c.color) for i, c in enumerate(schema.classes))
     return (
         "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
@@ -83,5 +93,4 @@ def write_layer_styles(path: str | Path, layers: list[str], schema: ClassSchema,
         "ui": text(""),
         "update_time": np.full(n, np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "ms")),
     }
-    pyogrio.raw.write(path, None, list(fields.values()), list(fields), layer="layer_styles", driver="GPKG",
-                      append=True)
+    pyogrio.raw.write(path, None, list(fields.values()), list(fields), layer="layer_styles", driver="GPKG", append=True)

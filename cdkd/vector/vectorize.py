@@ -111,10 +111,13 @@ class VectorizeReport:
         width = max([len("class")] + [len(c.name) for c in self.classes])
         lines = [f"{'id':>3}  {'class':<{width}}  {'polygons':>9}  {f'area ({unit[0]})':>12}"]
         for c in self.classes:
-            lines.append(f"{c.class_id:>3}  {c.name:<{width}}  {c.polygons:>9}  "
-                         f"{format_area(c.area_m2, unit, with_unit=False):>12}")
-        lines.append(f"{'':>3}  {'total':<{width}}  {self.polygons:>9}  "
-                     f"{format_area(self.area_m2, unit, with_unit=False):>12}")
+            lines.append(
+                f"{c.class_id:>3}  {c.name:<{width}}  {c.polygons:>9}  "
+                f"{format_area(c.area_m2, unit, with_unit=False):>12}"
+            )
+        lines.append(
+            f"{'':>3}  {'total':<{width}}  {self.polygons:>9}  {format_area(self.area_m2, unit, with_unit=False):>12}"
+        )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,8 +131,10 @@ def _check_shared_style(path: Path, style: str) -> None:
     """QGIS loads ``<name>.qml`` as the style of every ``<name>.*`` beside it, so ``a.fgb`` and ``a.parquet``
     share ``a.qml``: the same style is no conflict; another one (other classes) would restyle the other file."""
     if path.exists() and path.read_text() != style:
-        raise OutputExistsError(f"{path}: already holds another style (QGIS gives it to every {path.stem}.* file "
-                                "beside it); pass --overwrite to replace it, or choose another output name")
+        raise OutputExistsError(
+            f"{path}: already holds another style (QGIS gives it to every {path.stem}.* file "
+            "beside it); pass --overwrite to replace it, or choose another output name"
+        )
 
 
 def check_simplify(simplify: float | None) -> float | None:
@@ -161,8 +166,9 @@ def _bar(strips: list[Strip], desc: str, progress: bool) -> Iterable[Strip]:
     return track(strips, desc=desc, unit="strip", enabled=progress)
 
 
-def final_polygons(src: Any, raster: ClassRaster, strips: Iterable[Strip],
-                   sieve_px: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def final_polygons(
+    src: Any, raster: ClassRaster, strips: Iterable[Strip], sieve_px: int | None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Final polygons in pixel coordinates and their class ids, in batches, strip by strip (top to bottom)."""
     merger = StripMerger()
     for strip in strips:
@@ -240,23 +246,35 @@ def vectorize(
     names = info.schema.names
     layer_name = layer if layer is not None else raster_path.stem
     check_layer_names(list(names) if layer_per_class else [layer_name])
-    sieve_px = (sieve_size(area_limit, info.transform, info.crs, info.width, info.height, measure.mode)
-                if area_limit else None)
+    sieve_px = (
+        sieve_size(area_limit, info.transform, info.crs, info.width, info.height, measure.mode) if area_limit else None
+    )
     halo = sieve_halo(sieve_px) if sieve_px else 0
     rows = window_rows if window_rows is not None else default_window_rows(info.width)
     strips = plan_strips(info.height, rows, halo)
-    settings = VectorizeSettings(info.legend, str(area_limit) if area_limit else None, sieve_px, halo, tolerance,
-                                 None if layer_per_class else layer_name, layer_per_class, rows, len(strips),
-                                 area=measure.mode, planar_scale_error_percent=measure.scale_error_percent,
-                                 format=fmt.name)
+    settings = VectorizeSettings(
+        info.legend,
+        str(area_limit) if area_limit else None,
+        sieve_px,
+        halo,
+        tolerance,
+        None if layer_per_class else layer_name,
+        layer_per_class,
+        rows,
+        len(strips),
+        area=measure.mode,
+        planar_scale_error_percent=measure.scale_error_percent,
+        format=fmt.name,
+    )
 
     with open_raster(raster_path) as src, rasterio.Env(GDAL_CACHEMAX=_cache_bytes(src, rows, halo)):
         scan(info, src, _bar(strips, "scan", progress))
         with atomic_path(out) as tmp, _staged(tmp, fmt) as gpkg:
             writer = GpkgWriter(gpkg, info.crs.to_wkt())
             sink = PolygonSink(writer, info, None if layer_per_class else layer_name, measure.mode)
-            _write_polygons(sink, final_polygons(src, info, _bar(strips, "vectorize", progress), sieve_px),
-                            info, tolerance)
+            _write_polygons(
+                sink, final_polygons(src, info, _bar(strips, "vectorize", progress), sieve_px), info, tolerance
+            )
             layers = tuple(writer.close())
             if fmt.multi_layer:
                 write_layer_styles(gpkg, list(layers), info.schema)
@@ -266,16 +284,27 @@ def vectorize(
         atomic_write_text(style_path, qml(info.schema))
 
     classes_out = sink.results()
-    report = VectorizeReport(raster_path, out, json_path, style_path, info.crs.to_string(), layers, classes_out,
-                             sum(c.polygons for c in classes_out), sum(c.area_m2 for c in classes_out),
-                             time.perf_counter() - start, settings,
-                             tuple(w for w in [planar_note(info.crs, measure)] if w))
+    report = VectorizeReport(
+        raster_path,
+        out,
+        json_path,
+        style_path,
+        info.crs.to_string(),
+        layers,
+        classes_out,
+        sum(c.polygons for c in classes_out),
+        sum(c.area_m2 for c in classes_out),
+        time.perf_counter() - start,
+        settings,
+        tuple(w for w in [planar_note(info.crs, measure)] if w),
+    )
     atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
 
 
-def _write_polygons(sink: PolygonSink, strips: Iterable[tuple[np.ndarray, np.ndarray]], raster: ClassRaster,
-                    tolerance: float | None) -> None:
+def _write_polygons(
+    sink: PolygonSink, strips: Iterable[tuple[np.ndarray, np.ndarray]], raster: ClassRaster, tolerance: float | None
+) -> None:
     """Feed each strip's final pixel polygons to ``sink`` in CRS coordinates (simplified together at the end
     with ``tolerance``), in ``gpkg.batches``: bounded in polygons and in vertices."""
     held: list[tuple[np.ndarray, np.ndarray]] = []  # pixel polygons, kept only for --simplify
@@ -338,9 +367,9 @@ class PolygonSink:
             return
         for cid in np.unique(class_ids):
             pick = class_ids == cid
-            self.writer.add(self.names[cid], polygons[pick], class_ids[pick], names[pick], area[pick],
-                            perimeter[pick])
+            self.writer.add(self.names[cid], polygons[pick], class_ids[pick], names[pick], area[pick], perimeter[pick])
 
     def results(self) -> tuple[ClassResult, ...]:
-        return tuple(ClassResult(i, str(n), int(self.polygons[i]), float(self.area_m2[i]))
-                     for i, n in enumerate(self.names))
+        return tuple(
+            ClassResult(i, str(n), int(self.polygons[i]), float(self.area_m2[i])) for i, n in enumerate(self.names)
+        )

@@ -44,8 +44,7 @@ from cdkd.data.files import RasterInfo
 from cdkd.data.sensors import teacher_bands
 from cdkd.data.stats import NormStats
 from cdkd.distill.corruption import PatchDraws, patch_validity
-from cdkd.distill.guided_masking import (guided_mask, gumbel_noise, hidden_patches, mask_saliency_rank,
-                                         patch_saliency)
+from cdkd.distill.guided_masking import guided_mask, gumbel_noise, hidden_patches, mask_saliency_rank, patch_saliency
 from cdkd.distill.recipes.base import FixedWeights, LossControl, Recipe
 from cdkd.distill.spectral import patch_spectra, spectral_angle_loss, to_physical
 from cdkd.errors import CdkdValueError
@@ -73,8 +72,9 @@ class HyperKD(nn.Module):
         norm: the data's statistics: the spectral term measures angles in the data's units.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, cfg: HyperKDConfig, weights: np.ndarray,
-                 norm: NormStats) -> None:
+    def __init__(
+        self, teacher: nn.Module, student: nn.Module, cfg: HyperKDConfig, weights: np.ndarray, norm: NormStats
+    ) -> None:
         super().__init__()
         self.teacher = teacher
         self.student = student
@@ -94,9 +94,15 @@ class HyperKD(nn.Module):
         self.register_buffer("band_mean", torch.tensor(norm.mean, dtype=torch.float32), persistent=False)
         self.register_buffer("band_std", torch.tensor(norm.std, dtype=torch.float32), persistent=False)
         self.projectors = nn.ModuleList(nn.Linear(student.embed_dim, teacher.embed_dim) for _ in t_taps)
-        self.decoder = MAEDecoder(student.embed_dim, dim=cfg.decoder_dim, depth=cfg.decoder_depth,
-                                  num_heads=cfg.decoder_heads, patch_size=self.patch_size, out_chans=in_chans,
-                                  fills_masked=student.encodes_visible_only)
+        self.decoder = MAEDecoder(
+            student.embed_dim,
+            dim=cfg.decoder_dim,
+            depth=cfg.decoder_depth,
+            num_heads=cfg.decoder_heads,
+            patch_size=self.patch_size,
+            out_chans=in_chans,
+            fills_masked=student.encodes_visible_only,
+        )
 
     def train(self, mode: bool = True) -> HyperKD:
         super().train(mode)
@@ -113,8 +119,13 @@ class HyperKD(nn.Module):
         with torch.no_grad():
             return self.teacher.forward_masked(aligned, None, self.teacher_taps)
 
-    def choose_mask(self, t_last: torch.Tensor, batch: Mapping[str, torch.Tensor], patch_valid: torch.Tensor,
-                    knobs: Mapping[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    def choose_mask(
+        self,
+        t_last: torch.Tensor,
+        batch: Mapping[str, torch.Tensor],
+        patch_valid: torch.Tensor,
+        knobs: Mapping[str, float],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked, saliency), each (B, N)."""
         saliency = patch_saliency(t_last, patch_valid)
         ratio = float(knobs.get("mask_ratio", self.cfg.mask_ratio))
@@ -125,8 +136,9 @@ class HyperKD(nn.Module):
     def forward_student(self, images: torch.Tensor, hidden: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.student.forward_masked(images, hidden, self.student_taps)
 
-    def kd_loss(self, t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor],
-                keep: torch.Tensor) -> torch.Tensor:
+    def kd_loss(
+        self, t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor], keep: torch.Tensor
+    ) -> torch.Tensor:
         """MSE between projected student features and layer-normalised teacher features on ``keep`` tokens,
         averaged over the tap pairs (Mask-CDKD's KD with a frozen teacher)."""
         weight = keep.to(torch.float32)
@@ -137,12 +149,19 @@ class HyperKD(nn.Module):
             total = total + (((proj(s).float() - target) ** 2).mean(-1) * weight).sum() / denom
         return total / len(self.projectors)
 
-    def reconstruction_losses(self, pred: torch.Tensor, images: torch.Tensor, masked: torch.Tensor,
-                              patch_valid: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruction_losses(
+        self,
+        pred: torch.Tensor,
+        images: torch.Tensor,
+        masked: torch.Tensor,
+        patch_valid: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel MSE, spectral angle) on the masked valid patches; pred (B, N, p*p*C)."""
         p, c = self.patch_size, images.shape[1]
-        pix = reconstruction_loss(pred, images, masked, patch_size=p, norm_pix=self.cfg.norm_pix_loss,
-                                  valid=patch_valid)
+        pix = reconstruction_loss(
+            pred, images, masked, patch_size=p, norm_pix=self.cfg.norm_pix_loss, valid=patch_valid
+        )
         if self.cfg.spectral_loss == "none":
             return pix, pix.new_zeros(())
         target = patchify(images, p).float()
@@ -156,8 +175,9 @@ class HyperKD(nn.Module):
         weight = pixel_valid * (masked & patch_valid).unsqueeze(-1)
         return pix, spectral_angle_loss(pred_phys, true_phys, weight)
 
-    def forward(self, batch: Mapping[str, torch.Tensor], knobs: Mapping[str, float] | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: Mapping[str, torch.Tensor], knobs: Mapping[str, float] | None = None
+    ) -> dict[str, torch.Tensor]:
         """batch: ``image`` (B, C, H, W) normalised, ``valid`` (B, H, W), ``noise_seed`` (B,); knobs: optional
         ``mask_ratio`` / ``guided_ratio``. Returns the unweighted terms of ``TERMS``."""
         images, knobs = batch["image"], knobs or {}
@@ -193,18 +213,21 @@ class HyperKDRecipe(Recipe):
     def validate(self) -> None:
         c: HyperKDConfig = self.settings  # each setting's own range: config.check_ranges
         if c.spectral_loss not in SPECTRAL_LOSSES:
-            raise CdkdValueError(f"hyperkd.spectral_loss must be one of {', '.join(SPECTRAL_LOSSES)}, got "
-                                 f"{c.spectral_loss!r}")
+            raise CdkdValueError(
+                f"hyperkd.spectral_loss must be one of {', '.join(SPECTRAL_LOSSES)}, got {c.spectral_loss!r}"
+            )
         teacher_bands(c.teacher_ranges)  # raises on malformed ranges
 
     def band_set(self) -> BandSet:
         """The student's bands (from the data's statistics, which the trainer sets before ``build``)."""
         stats = self.stats
         if stats is None or stats.spectral is None:
-            raise CdkdValueError("hyperkd needs to know what each band measures, and the data says nothing about "
-                                 "wavelengths (no wavelength_nm / CENTRAL_WAVELENGTH_UM tags, ENVI header or known "
-                                 "band names): pass --wavelengths with a sensor preset (sentinel2, naip, "
-                                 "worldview3, enmap) or the centres in nm")
+            raise CdkdValueError(
+                "hyperkd needs to know what each band measures, and the data says nothing about "
+                "wavelengths (no wavelength_nm / CENTRAL_WAVELENGTH_UM tags, ENVI header or known "
+                "band names): pass --wavelengths with a sensor preset (sentinel2, naip, "
+                "worldview3, enmap) or the centres in nm"
+            )
         return stats.spectral
 
     def alignment(self) -> tuple[np.ndarray, BandSet, BandSet]:
@@ -214,8 +237,10 @@ class HyperKDRecipe(Recipe):
             return alignment_weights(student, teacher), student, teacher
         except CdkdValueError as e:
             bands = ",".join(map(str, self.cfg.data.bands or ()))
-            raise CdkdValueError(f"{e}; the student reads band(s) {bands} of the data: read more of them (--bands, "
-                                 "--in-chans; by default hyperkd reads every band)") from None
+            raise CdkdValueError(
+                f"{e}; the student reads band(s) {bands} of the data: read more of them (--bands, "
+                "--in-chans; by default hyperkd reads every band)"
+            ) from None
 
     def build_teacher(self) -> nn.Module:
         from cdkd.models.teacher import build_frozen_teacher
@@ -244,10 +269,14 @@ class HyperKDRecipe(Recipe):
 def alignment_record(weights: np.ndarray, student: BandSet, teacher: BandSet) -> dict[str, Any]:
     """The alignment as report.json / student.pt keep it: the table as text lines and the weights per channel."""
     names = [b.name or f"{b.center_nm:g}nm" for b in student.bands]
-    return {"table": format_alignment(weights, student, teacher).splitlines(),
-            "teacher": teacher.to_dict(),
-            "weights": {t.name: {n: round(float(w), 6) for n, w in zip(names, row) if w > 0}
-                        for t, row in zip(teacher.bands, weights)}}
+    return {
+        "table": format_alignment(weights, student, teacher).splitlines(),
+        "teacher": teacher.to_dict(),
+        "weights": {
+            t.name: {n: round(float(w), 6) for n, w in zip(names, row) if w > 0}
+            for t, row in zip(teacher.bands, weights)
+        },
+    }
 
 
 def init_patch_embed(student: nn.Module, teacher: nn.Module, weights: np.ndarray) -> None:
@@ -256,11 +285,17 @@ def init_patch_embed(student: nn.Module, teacher: nn.Module, weights: np.ndarray
     and SAM keep the embedding in ``patch_embed.proj`` (a 16 x 16 stride-16 convolution)."""
     s_conv, t_conv = student.patch_embed.proj, teacher.patch_embed.proj
     if tuple(s_conv.kernel_size) != tuple(t_conv.kernel_size):
-        raise CdkdValueError(f"hyperkd: student patch {tuple(s_conv.kernel_size)} and teacher patch "
-                             f"{tuple(t_conv.kernel_size)} differ; set hyperkd.init_patch_embed: false")
+        raise CdkdValueError(
+            f"hyperkd: student patch {tuple(s_conv.kernel_size)} and teacher patch "
+            f"{tuple(t_conv.kernel_size)} differ; set hyperkd.init_patch_embed: false"
+        )
     with torch.no_grad():
-        new = patch_embed_from_teacher(t_conv.weight.detach().cpu().numpy(), weights, s_conv.out_channels,
-                                       base=s_conv.weight.detach().cpu().numpy())
+        new = patch_embed_from_teacher(
+            t_conv.weight.detach().cpu().numpy(),
+            weights,
+            s_conv.out_channels,
+            base=s_conv.weight.detach().cpu().numpy(),
+        )
         s_conv.weight.copy_(torch.as_tensor(new, dtype=s_conv.weight.dtype))
         if s_conv.bias is not None and t_conv.bias is not None and s_conv.out_channels == t_conv.out_channels:
             s_conv.bias.copy_(t_conv.bias)

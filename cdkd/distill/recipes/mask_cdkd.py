@@ -51,8 +51,15 @@ class MaskCDKDControl(LossControl):
         message = self.schedule.update(losses["t_mae"], losses["s_mae"])
         if message is None:
             return None
-        return Event(message, {"event": "stage", "stage": self.stage, "ratio": self.schedule.ratio,
-                               "weights": list(self.schedule.weights)})
+        return Event(
+            message,
+            {
+                "event": "stage",
+                "stage": self.stage,
+                "ratio": self.schedule.ratio,
+                "weights": list(self.schedule.weights),
+            },
+        )
 
     def log_fields(self) -> dict[str, Any]:
         return {"ratio": self.schedule.ratio, "stage": self.stage}
@@ -87,8 +94,14 @@ class MaskCDKDRecipe(Recipe):
         from cdkd.models.mae import PatchMasker
 
         d = self.cfg.data
-        return UnlabeledTiles(rasters, stats, d.tile_size, augment=d.augment, seed=self.cfg.train.seed,
-                              mask_fn=PatchMasker(d.tile_size, self.settings.mask_ratio))
+        return UnlabeledTiles(
+            rasters,
+            stats,
+            d.tile_size,
+            augment=d.augment,
+            seed=self.cfg.train.seed,
+            mask_fn=PatchMasker(d.tile_size, self.settings.mask_ratio),
+        )
 
     def control(self) -> LossControl:
         o = self.settings

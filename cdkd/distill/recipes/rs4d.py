@@ -61,7 +61,7 @@ class RS4D(nn.Module):
         self.patch_size = int(student.patch_size)
         self.projector = nn.Linear(student.embed_dim, teacher.out_chans)
 
-    def train(self, mode: bool = True) -> "RS4D":
+    def train(self, mode: bool = True) -> RS4D:
         super().train(mode)
         self.teacher.eval()  # a fixed target network
         return self
@@ -72,14 +72,16 @@ class RS4D(nn.Module):
         with torch.no_grad():
             return self.teacher(teacher_input(images)).flatten(2).transpose(1, 2)
 
-    def choose_patches(self, batch: Mapping[str, torch.Tensor], patch_valid: torch.Tensor,
-                       knobs: Mapping[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    def choose_patches(
+        self, batch: Mapping[str, torch.Tensor], patch_valid: torch.Tensor, knobs: Mapping[str, float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         mask_ratio = float(knobs.get("mask_ratio", self.cfg.mask_ratio))
         noise_ratio = float(knobs.get("noise_ratio", self.cfg.noise_ratio))
         return select_patches(batch["patch_order"], patch_valid, mask_ratio, noise_ratio)
 
-    def corrupt(self, images: torch.Tensor, masked: torch.Tensor, noised: torch.Tensor,
-                seeds: torch.Tensor) -> torch.Tensor:
+    def corrupt(
+        self, images: torch.Tensor, masked: torch.Tensor, noised: torch.Tensor, seeds: torch.Tensor
+    ) -> torch.Tensor:
         if noised.any():
             noise = seeded_noise(seeds, tuple(images.shape[1:]), images.device) * self.cfg.noise_std
         else:  # e.g. the (0 %, 10 %) ablation: no noise to draw
@@ -99,8 +101,9 @@ class RS4D(nn.Module):
         weight = patch_valid.to(per_patch.dtype)
         return (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
 
-    def forward(self, batch: Mapping[str, torch.Tensor], knobs: Mapping[str, float] | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: Mapping[str, torch.Tensor], knobs: Mapping[str, float] | None = None
+    ) -> dict[str, torch.Tensor]:
         """batch: ``image`` (B, C, H, W) normalised, ``valid`` (B, H, W), ``patch_order`` (B, N), ``noise_seed``
         (B,); knobs: ``noise_ratio``, ``mask_ratio`` (default: the configured ones). Returns {"l1": loss}."""
         images, knobs = batch["image"], knobs or {}
@@ -142,7 +145,7 @@ class CorruptionControl(LossControl):
         """Bias-corrected EMA of the L1 loss; nan before the first update."""
         if self.updates == 0:
             return math.nan
-        return self._ema / (1.0 - self.cfg.ema_decay ** self.updates)
+        return self._ema / (1.0 - self.cfg.ema_decay**self.updates)
 
     def weights(self) -> dict[str, float]:
         return {"l1": 1.0}
@@ -160,28 +163,41 @@ class CorruptionControl(LossControl):
             return None
         if self.reference is None:
             self.reference = self.smoothed
-            return Event(f"rs4d: reference loss {self.reference:.4f}; corruption ratios now rise as the loss falls",
-                         {"event": "reference", "reference_loss": self.reference})
+            return Event(
+                f"rs4d: reference loss {self.reference:.4f}; corruption ratios now rise as the loss falls",
+                {"event": "reference", "reference_loss": self.reference},
+            )
         span = self.reference * (1.0 - self.cfg.adapt_target)
         self.progress = max(self.progress, min(1.0, max(0.0, (self.reference - self.smoothed) / max(span, 1e-12))))
         now = (self.noise_ratio, self.mask_ratio)
         if max(abs(a - b) for a, b in zip(now, self._logged)) < RATIO_EVENT_STEP:
             return None
         self._logged = now
-        return Event(f"rs4d: noise ratio {now[0]:.3f}, mask ratio {now[1]:.3f} (smoothed loss {self.smoothed:.4f}, "
-                     f"reference {self.reference:.4f})",
-                     {"event": "ratios", "noise_ratio": now[0], "mask_ratio": now[1], "progress": self.progress})
+        return Event(
+            f"rs4d: noise ratio {now[0]:.3f}, mask ratio {now[1]:.3f} (smoothed loss {self.smoothed:.4f}, "
+            f"reference {self.reference:.4f})",
+            {"event": "ratios", "noise_ratio": now[0], "mask_ratio": now[1], "progress": self.progress},
+        )
 
     def log_fields(self) -> dict[str, Any]:
         return {"stage": self.stage}
 
     def summary(self) -> dict[str, Any]:
-        return {"stage": self.stage, "noise_ratio": self.noise_ratio, "mask_ratio": self.mask_ratio,
-                "reference_loss": self.reference}
+        return {
+            "stage": self.stage,
+            "noise_ratio": self.noise_ratio,
+            "mask_ratio": self.mask_ratio,
+            "reference_loss": self.reference,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates, "ema": self._ema, "reference": self.reference, "progress": self.progress,
-                "logged": list(self._logged)}
+        return {
+            "updates": self.updates,
+            "ema": self._ema,
+            "reference": self.reference,
+            "progress": self.progress,
+            "logged": list(self._logged),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.updates, self._ema = int(state["updates"]), float(state["ema"])
@@ -198,15 +214,19 @@ class RS4DRecipe(Recipe):
     def validate(self) -> None:
         c: RS4DConfig = self.settings  # each setting's own range: config.check_ranges
         if c.noise_ratio + c.mask_ratio > 1.0:
-            raise CdkdValueError(f"noise ratio {c.noise_ratio} + mask ratio {c.mask_ratio} exceed 1: noised and "
-                                 "masked patches are disjoint")
+            raise CdkdValueError(
+                f"noise ratio {c.noise_ratio} + mask ratio {c.mask_ratio} exceed 1: noised and "
+                "masked patches are disjoint"
+            )
         if c.adaptive:
             if c.max_noise_ratio < c.noise_ratio or c.max_mask_ratio < c.mask_ratio:
-                raise CdkdValueError("adaptive ratios only rise: max_noise_ratio / max_mask_ratio must be >= the "
-                                     "noise / mask ratios")
+                raise CdkdValueError(
+                    "adaptive ratios only rise: max_noise_ratio / max_mask_ratio must be >= the noise / mask ratios"
+                )
             if c.max_noise_ratio + c.max_mask_ratio > 1.0:
-                raise CdkdValueError(f"max noise ratio {c.max_noise_ratio} + max mask ratio {c.max_mask_ratio} "
-                                     "exceed 1")
+                raise CdkdValueError(
+                    f"max noise ratio {c.max_noise_ratio} + max mask ratio {c.max_mask_ratio} exceed 1"
+                )
 
     def build_teacher(self) -> nn.Module:
         from cdkd.models.teacher import build_frozen_teacher

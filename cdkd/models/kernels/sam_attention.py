@@ -34,8 +34,14 @@ import torch.nn.functional as F
 
 from cdkd.errors import CdkdValueError
 
-__all__ = ["ATTENTION_IMPLS", "FusedSamAttention", "decomposed_rel_pos", "fuse_sam_attention", "rel_pos_table",
-           "resolve_impl"]
+__all__ = [
+    "ATTENTION_IMPLS",
+    "FusedSamAttention",
+    "decomposed_rel_pos",
+    "fuse_sam_attention",
+    "rel_pos_table",
+    "resolve_impl",
+]
 
 ATTENTION_IMPLS = ("auto", "sam", "sdpa", "flex")
 
@@ -53,14 +59,18 @@ def rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     the CPU, a host-device mix that compiled graphs avoid)."""
     length = 2 * size - 1
     if rel_pos.shape[0] != length:  # tables learnt for another grid are resampled linearly, as SAM does
-        rel_pos = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=length,
-                                mode="linear").reshape(-1, length).permute(1, 0)
+        rel_pos = (
+            F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=length, mode="linear")
+            .reshape(-1, length)
+            .permute(1, 0)
+        )
     coords = torch.arange(size, device=rel_pos.device)
     return rel_pos[coords[:, None] - coords[None, :] + (size - 1)]
 
 
-def decomposed_rel_pos(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int]
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def decomposed_rel_pos(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, heads, H * W, C) -> rel_h (B, heads, H * W, H) and rel_w (B, heads, H * W, W): the bias terms of
     segment-anything's ``add_decomposed_rel_pos`` per query and key row / key column (unscaled q, as there)."""
     h, w = hw
@@ -79,8 +89,9 @@ def _position_keys(h: int, w: int, pad: int, dtype: torch.dtype, device: torch.d
     return F.pad(keys, (0, pad))
 
 
-def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
-                   scale: float) -> torch.Tensor:
+def attention_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float
+) -> torch.Tensor:
     """softmax(scale q k^T + rel_h[:, :, :, row(k)] + rel_w[:, :, :, col(k)]) v through one SDPA call; q, k, v
     (B, heads, N, C), rel_h (B, heads, N, H), rel_w (B, heads, N, W) -> (B, heads, N, C)."""
     b, heads, n, c = q.shape
@@ -104,8 +115,9 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
-                   scale: float) -> torch.Tensor:
+def attention_flex(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float
+) -> torch.Tensor:
     """The same attention through flex_attention, the bias added by a score modifier (two gathers per score)."""
     w = rel_w.shape[-1]
 

@@ -50,11 +50,42 @@ def _combine(a1, b1, a2, b2):
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, y_ptr, state_ptr,
-    length, dim, nstate, n_chunks,
-    su_b, su_l, su_d, sdt_b, sdt_l, sdt_d, sa_d, sa_n, sb_b, sb_l, sb_n, sc_b, sc_l, sc_n, sy_b, sy_l, sy_d,
-    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    u_ptr,
+    dt_ptr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    d_ptr,
+    bias_ptr,
+    y_ptr,
+    state_ptr,
+    length,
+    dim,
+    nstate,
+    n_chunks,
+    su_b,
+    su_l,
+    su_d,
+    sdt_b,
+    sdt_l,
+    sdt_d,
+    sa_d,
+    sa_n,
+    sb_b,
+    sb_l,
+    sb_n,
+    sc_b,
+    sc_l,
+    sc_n,
+    sy_b,
+    sy_l,
+    sy_d,
+    HAS_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Tiles are laid out (channel d, state n, token l): the scan runs along the last, fastest axis.
     pid_b = tl.program_id(0).to(tl.int64)
@@ -106,12 +137,50 @@ def _scan_fwd_kernel(
 
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, dy_ptr, state_ptr,
-    du_ptr, ddt_ptr, da_ptr, db_ptr, dc_ptr, dd_ptr, dbias_ptr,
-    length, dim, nstate, n_chunks, n_dblocks,
-    su_b, su_l, su_d, sdt_b, sdt_l, sdt_d, sa_d, sa_n, sb_b, sb_l, sb_n, sc_b, sc_l, sc_n, sdy_b, sdy_l, sdy_d,
-    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    u_ptr,
+    dt_ptr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    d_ptr,
+    bias_ptr,
+    dy_ptr,
+    state_ptr,
+    du_ptr,
+    ddt_ptr,
+    da_ptr,
+    db_ptr,
+    dc_ptr,
+    dd_ptr,
+    dbias_ptr,
+    length,
+    dim,
+    nstate,
+    n_chunks,
+    n_dblocks,
+    su_b,
+    su_l,
+    su_d,
+    sdt_b,
+    sdt_l,
+    sdt_d,
+    sa_d,
+    sa_n,
+    sb_b,
+    sb_l,
+    sb_n,
+    sc_b,
+    sc_l,
+    sc_n,
+    sdy_b,
+    sdy_l,
+    sdy_d,
+    HAS_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -170,8 +239,9 @@ def _scan_bwd_kernel(
         if SOFTPLUS:
             dt_p = tl.where(dt_p > 20.0, dt_p, tl.log(1.0 + tl.exp(dt_p)))
         dt_p = tl.where(mask_dp, dt_p, 0.0)
-        b_p = tl.load(b_base + offs_n[:, None] * sb_n + prev[None, :] * sb_l,
-                      mask=mask_n[:, None] & mask_pl[None, :], other=0.0).to(tl.float32)
+        b_p = tl.load(
+            b_base + offs_n[:, None] * sb_n + prev[None, :] * sb_l, mask=mask_n[:, None] & mask_pl[None, :], other=0.0
+        ).to(tl.float32)
         # Step t+1's step size: the adjoint flows back through its decay (none past the sequence's end).
         nxt = rows + 1
         mask_dx = mask_d[:, None] & (nxt < length)[None, :]
@@ -183,15 +253,21 @@ def _scan_bwd_kernel(
 
         # States: h[t-1] recomputed from the chunk's start state, then h[t].
         h0 = tl.load(state_base + chunk * dim * nstate + state_offs, mask=mask_dn, other=0.0)
-        pa, pb = tl.associative_scan((tl.exp(dt_p[:, None, :] * A[:, :, None]),
-                                      (dt_p * u_p)[:, None, :] * b_p[None, :, :]),
-                                     axis=2, combine_fn=_combine)
+        pa, pb = tl.associative_scan(
+            (tl.exp(dt_p[:, None, :] * A[:, :, None]), (dt_p * u_p)[:, None, :] * b_p[None, :, :]),
+            axis=2,
+            combine_fn=_combine,
+        )
         h_prev = pa * h0[:, :, None] + pb
         decay = tl.exp(dt[:, None, :] * A[:, :, None])
         h = decay * h_prev + (dt * u)[:, None, :] * bv[None, :, :]
         # Adjoint: g[t] = C[t] dy[t] + exp(dt[t+1] A) g[t+1], the carry entering after the chunk's last token.
-        ga, gb = tl.associative_scan((tl.exp(dt_x[:, None, :] * A[:, :, None]), dy[:, None, :] * cv[None, :, :]),
-                                     axis=2, combine_fn=_combine, reverse=True)
+        ga, gb = tl.associative_scan(
+            (tl.exp(dt_x[:, None, :] * A[:, :, None]), dy[:, None, :] * cv[None, :, :]),
+            axis=2,
+            combine_fn=_combine,
+            reverse=True,
+        )
         adj = gb + ga * g[:, :, None]
         g = tl.sum(tl.where((offs_l == 0)[None, None, :], adj, 0.0), axis=2)
 
@@ -238,11 +314,32 @@ class SelectiveScanFn(torch.autograd.Function):
         bias = delta_bias.contiguous() if delta_bias is not None else u
         grid = (batch, triton.cdiv(dim, block_d))
         _scan_fwd_kernel[grid](
-            u, delta, A, B, C, D_, bias, y, states,
-            length, dim, nstate, n_chunks,
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *y.stride(),
-            HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(nstate), num_warps=warps,
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D_,
+            bias,
+            y,
+            states,
+            length,
+            dim,
+            nstate,
+            n_chunks,
+            *u.stride(),
+            *delta.stride(),
+            *A.stride(),
+            *B.stride(),
+            *C.stride(),
+            *y.stride(),
+            HAS_D=D is not None,
+            HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus),
+            BLOCK_L=block_l,
+            BLOCK_D=block_d,
+            BLOCK_N=triton.next_power_of_2(nstate),
+            num_warps=warps,
         )
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, states)
         ctx.delta_softplus = bool(delta_softplus)
@@ -270,16 +367,50 @@ class SelectiveScanFn(torch.autograd.Function):
         D_ = D.contiguous() if D is not None else u
         bias = delta_bias.contiguous() if delta_bias is not None else u
         _scan_bwd_kernel[(batch, n_dblocks)](
-            u, delta, A, B, C, D_, bias, dy, states,
-            du, ddelta, dA, dB, dC, dD, dbias,
-            length, dim, nstate, n_chunks, n_dblocks,
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *dy.stride(),
-            HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus,
-            BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(nstate), num_warps=warps,
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D_,
+            bias,
+            dy,
+            states,
+            du,
+            ddelta,
+            dA,
+            dB,
+            dC,
+            dD,
+            dbias,
+            length,
+            dim,
+            nstate,
+            n_chunks,
+            n_dblocks,
+            *u.stride(),
+            *delta.stride(),
+            *A.stride(),
+            *B.stride(),
+            *C.stride(),
+            *dy.stride(),
+            HAS_D=D is not None,
+            HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=ctx.delta_softplus,
+            BLOCK_L=block_l,
+            BLOCK_D=block_d,
+            BLOCK_N=triton.next_power_of_2(nstate),
+            num_warps=warps,
         )
-        grads = (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype),
-                 dC.sum(1).to(C.dtype), None if D is None else dD.sum(0).to(D.dtype),
-                 None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype))
+        grads = (
+            du.to(u.dtype),
+            ddelta.to(delta.dtype),
+            dA.sum(0).to(A.dtype),
+            dB.sum(1).to(B.dtype),
+            dC.sum(1).to(C.dtype),
+            None if D is None else dD.sum(0).to(D.dtype),
+            None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype),
+        )
         return (*grads, None, None, None)
 
 
@@ -302,5 +433,6 @@ def selective_scan_triton(
     ``config_fwd`` / ``config_bwd``: (BLOCK_L, BLOCK_D, num_warps), default ``FORWARD`` / ``BACKWARD``; the backward
     walks the forward's chunks, so only its BLOCK_D and warps apply.
     """
-    return SelectiveScanFn.apply(u, delta, A, B, C, D, delta_bias, delta_softplus, config_fwd or FORWARD,
-                                 config_bwd or BACKWARD)
+    return SelectiveScanFn.apply(
+        u, delta, A, B, C, D, delta_bias, delta_softplus, config_fwd or FORWARD, config_bwd or BACKWARD
+    )

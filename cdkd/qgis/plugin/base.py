@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from qgis.core import (
     QgsProcessing,
@@ -62,8 +62,9 @@ class CdkdAlgorithm(QgsProcessingAlgorithm):
     def groupId(self) -> str:  # noqa: N802
         return ""
 
-    def run_cdkd(self, args: list[str], feedback: QgsProcessingFeedback,
-                 on_cancel: Callable[[CdkdCanceledError], str]) -> RunResult:
+    def run_cdkd(
+        self, args: list[str], feedback: QgsProcessingFeedback, on_cancel: Callable[[CdkdCanceledError], str]
+    ) -> RunResult:
         """Run ``cdkd ARGS`` for this algorithm; cdkd's error becomes the algorithm's error message."""
         try:
             return run_cdkd(args, FeedbackListener(feedback))
@@ -74,16 +75,26 @@ class CdkdAlgorithm(QgsProcessingAlgorithm):
 
     # --------------------------------------------------------------------------------------------- parameters
 
-    def add(self, param: QgsProcessingParameterDefinition, advanced: bool = False,
-            help_text: Optional[str] = None) -> None:
+    def add(
+        self, param: QgsProcessingParameterDefinition, advanced: bool = False, help_text: str | None = None
+    ) -> None:
         if advanced:
             param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         if help_text and hasattr(param, "setHelp"):  # QGIS >= 3.16
             param.setHelp(help_text)
         self.addParameter(param)
 
-    def add_number(self, name: str, text: str, integer: bool = True, default: Any = None, minimum: Any = None,
-                   maximum: Any = None, optional: bool = False, advanced: bool = False) -> None:
+    def add_number(
+        self,
+        name: str,
+        text: str,
+        integer: bool = True,
+        default: Any = None,
+        minimum: Any = None,
+        maximum: Any = None,
+        optional: bool = False,
+        advanced: bool = False,
+    ) -> None:
         kind = QgsProcessingParameterNumber.Integer if integer else QgsProcessingParameterNumber.Double
         param = QgsProcessingParameterNumber(name, text, kind, default, optional)
         if minimum is not None:
@@ -98,8 +109,9 @@ class CdkdAlgorithm(QgsProcessingAlgorithm):
     def add_scene(self, name: str, text: str) -> None:
         self.add(QgsProcessingParameterRasterLayer(name, text))
 
-    def add_string(self, name: str, text: str, default: Optional[str] = None, optional: bool = True,
-                   advanced: bool = False) -> None:
+    def add_string(
+        self, name: str, text: str, default: str | None = None, optional: bool = True, advanced: bool = False
+    ) -> None:
         self.add(QgsProcessingParameterString(name, text, default, False, optional), advanced)
 
     def file_of(self, parameters: dict, name: str, context: QgsProcessingContext) -> str:
@@ -108,8 +120,10 @@ class CdkdAlgorithm(QgsProcessingAlgorithm):
         if layer is None:
             raise QgsProcessingException(self.invalidRasterError(parameters, name))
         if layer.providerType() != "gdal":
-            raise QgsProcessingException(f"{layer.name()}: cdkd reads raster files (GDAL); this layer comes from "
-                                         f"the {layer.providerType()} provider. Save it as a GeoTIFF first.")
+            raise QgsProcessingException(
+                f"{layer.name()}: cdkd reads raster files (GDAL); this layer comes from "
+                f"the {layer.providerType()} provider. Save it as a GeoTIFF first."
+            )
         return layer.source()
 
     @staticmethod
@@ -120,10 +134,10 @@ class CdkdAlgorithm(QgsProcessingAlgorithm):
             return False
         return not (hasattr(value, "isNull") and value.isNull())
 
-    def optional_int(self, parameters: dict, name: str, context: QgsProcessingContext) -> Optional[int]:
+    def optional_int(self, parameters: dict, name: str, context: QgsProcessingContext) -> int | None:
         return self.parameterAsInt(parameters, name, context) if self.given(parameters, name) else None
 
-    def optional_double(self, parameters: dict, name: str, context: QgsProcessingContext) -> Optional[float]:
+    def optional_double(self, parameters: dict, name: str, context: QgsProcessingContext) -> float | None:
         return self.parameterAsDouble(parameters, name, context) if self.given(parameters, name) else None
 
     @staticmethod
@@ -135,7 +149,8 @@ class CdkdAlgorithm(QgsProcessingAlgorithm):
 
 # ------------------------------------------------------------------------------------------------ outputs
 
-def vector_destination(destination: str) -> tuple[str, Optional[str]]:
+
+def vector_destination(destination: str) -> tuple[str, str | None]:
     """(file, layer name or None) of a vector destination: a path, or ``ogr:dbname='x.gpkg' table="t" (geom)``
     as Processing writes "Save to GeoPackage"."""
     if not destination.startswith("ogr:"):
@@ -159,8 +174,9 @@ class _Styler(QgsProcessingLayerPostProcessorInterface):
             feedback.pushInfo(f"{layer.source()}: no cdkd class style found; QGIS's default style is used")
 
 
-def style_on_load(context: QgsProcessingContext, destination: str, apply: Callable[[Any], bool],
-                  layers: Optional[list[str]] = None) -> None:
+def style_on_load(
+    context: QgsProcessingContext, destination: str, apply: Callable[[Any], bool], layers: list[str] | None = None
+) -> None:
     """When Processing loads ``destination`` into the project, style it with ``apply`` (``style_class_raster``,
     ``style_polygons``). ``layers``: load these layers of the GeoPackage instead of its first one.
 
@@ -177,8 +193,9 @@ def style_on_load(context: QgsProcessingContext, destination: str, apply: Callab
         keys = []
         for name in layers:
             keys.append(f"{path}|layername={name}")
-            loads[keys[-1]] = QgsProcessingContext.LayerDetails(name, template.project, template.outputName,
-                                                                template.layerTypeHint)
+            loads[keys[-1]] = QgsProcessingContext.LayerDetails(
+                name, template.project, template.outputName, template.layerTypeHint
+            )
         context.setLayersToLoadOnCompletion(loads)
     else:
         keys = [destination]

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 CONFIG_NAME = "cdkd_processing.json"  # written by ``cdkd qgis install`` beside the plugin's files
 ENV_EXECUTABLE = "CDKD_EXECUTABLE"
@@ -42,7 +42,7 @@ TAIL_LINES = 20  # stderr lines kept to explain a crash that printed no ``Error:
 class CdkdRunError(Exception):
     """cdkd stopped with an error; the message is cdkd's own line (or the end of what it printed)."""
 
-    def __init__(self, message: str, exit_code: Optional[int] = None) -> None:
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -68,11 +68,11 @@ class CdkdCommand:
         return env
 
 
-def config_path(plugin_dir: Optional[Path] = None) -> Path:
+def config_path(plugin_dir: Path | None = None) -> Path:
     return Path(plugin_dir or Path(__file__).resolve().parent) / CONFIG_NAME
 
 
-def find_cdkd(plugin_dir: Optional[Path] = None, environ: Optional[Mapping[str, str]] = None) -> CdkdCommand:
+def find_cdkd(plugin_dir: Path | None = None, environ: Mapping[str, str] | None = None) -> CdkdCommand:
     """The cdkd to run: ``$CDKD_EXECUTABLE``, else the one ``cdkd qgis install`` recorded, else ``cdkd`` on PATH."""
     environ = os.environ if environ is None else environ
     given = environ.get(ENV_EXECUTABLE)
@@ -91,8 +91,10 @@ def find_cdkd(plugin_dir: Optional[Path] = None, environ: Optional[Mapping[str, 
     found = shutil.which("cdkd")
     if found:
         return CdkdCommand((found,), source="PATH")
-    raise CdkdRunError("cdkd not found: run `cdkd qgis install` in the environment where cdkd is installed (it "
-                     f"records which cdkd to call), or set {ENV_EXECUTABLE} to the cdkd executable")
+    raise CdkdRunError(
+        "cdkd not found: run `cdkd qgis install` in the environment where cdkd is installed (it "
+        f"records which cdkd to call), or set {ENV_EXECUTABLE} to the cdkd executable"
+    )
 
 
 class Listener:
@@ -125,8 +127,13 @@ class RunResult:
     canceled: bool = False  # Cancel came too late: cdkd had finished
 
 
-def run_cdkd(args: Sequence[str], listener: Optional[Listener] = None, command: Optional[CdkdCommand] = None,
-             poll: float = POLL_SECONDS, grace: float = STOP_GRACE_SECONDS) -> RunResult:
+def run_cdkd(
+    args: Sequence[str],
+    listener: Listener | None = None,
+    command: CdkdCommand | None = None,
+    poll: float = POLL_SECONDS,
+    grace: float = STOP_GRACE_SECONDS,
+) -> RunResult:
     """Run ``cdkd --progress-format json ARGS...`` and follow it until it exits (see the module docstring).
 
     Raises ``CdkdRunError`` with cdkd's one-line error (non-zero exit), ``CdkdCanceledError`` after Cancel.
@@ -139,12 +146,23 @@ def run_cdkd(args: Sequence[str], listener: Optional[Listener] = None, command: 
     if os.name == "nt":  # a process group of its own, so CTRL_BREAK_EVENT reaches cdkd and not QGIS
         extra["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=command.environment(os.environ), text=True, encoding="utf-8", errors="replace",
-                                bufsize=1, **extra)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=command.environment(os.environ),
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            **extra,
+        )
     except OSError as e:
-        raise CdkdRunError(f"cannot start cdkd ({argv[0]}, from {command.source}): {e.strerror or e}; run `cdkd qgis "
-                         "install` again from the environment that has cdkd") from None
+        raise CdkdRunError(
+            f"cannot start cdkd ({argv[0]}, from {command.source}): {e.strerror or e}; run `cdkd qgis "
+            "install` again from the environment that has cdkd"
+        ) from None
     return _Follower(proc, listener, poll, grace).follow()
 
 
@@ -157,14 +175,16 @@ class _Follower:
         self.outputs: list[str] = []
         self.stdout: list[str] = []
         self.tail: list[str] = []
-        self.error: Optional[str] = None
-        self.error_line: Optional[str] = None
-        self.interrupted: Optional[str] = None
-        self.canceled_at: Optional[float] = None
+        self.error: str | None = None
+        self.error_line: str | None = None
+        self.interrupted: str | None = None
+        self.canceled_at: float | None = None
 
     def follow(self) -> RunResult:
-        pumps = [threading.Thread(target=self._pump, args=(name, stream), daemon=True)
-                 for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))]
+        pumps = [
+            threading.Thread(target=self._pump, args=(name, stream), daemon=True)
+            for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))
+        ]
         for pump in pumps:
             pump.start()
         open_streams = len(pumps)
@@ -223,9 +243,9 @@ class _Follower:
             return
         self.tail = (self.tail + [line])[-TAIL_LINES:]
         if line.startswith("Error: "):
-            self.error_line = line[len("Error: "):]
+            self.error_line = line[len("Error: ") :]
         elif line.startswith("Warning: "):
-            self.listener.warning(line[len("Warning: "):])
+            self.listener.warning(line[len("Warning: ") :])
         elif not line.startswith("Interrupted"):
             self.listener.info(line)
 
@@ -267,7 +287,7 @@ class _Follower:
         raise CdkdRunError(message, code)
 
 
-def _event(line: str) -> Optional[dict]:
+def _event(line: str) -> dict | None:
     """A cdkd JSON event line as a dict, or None for any other line."""
     if not line.startswith("{"):
         return None

@@ -4,7 +4,7 @@ a detector), both ``cdkd segment`` underneath."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from qgis.core import (
     QgsProcessingContext,
@@ -51,26 +51,40 @@ class _SceneAlgorithm(CdkdAlgorithm):
         self.add_number(self.OVERLAP, "Overlap in px (empty: the model's)", minimum=0, optional=True)
         self.add_number(self.BATCH_SIZE, "Batch size (tiles per forward pass)", default=4, minimum=1)
         self.add_string(self.DEVICE, "Device (auto, cpu, cuda or cuda:N)", default="auto", optional=False)
-        self.add(QgsProcessingParameterBand(self.BANDS, "Bands fed to the model, in order (empty: the model's)",
-                                            None, self.INPUT, True, True))
+        self.add(
+            QgsProcessingParameterBand(
+                self.BANDS, "Bands fed to the model, in order (empty: the model's)", None, self.INPUT, True, True
+            )
+        )
         self.add(QgsProcessingParameterBoolean(self.RESUME, "Resume an interrupted run (same output file)", False))
         self.add_choice(self.RUNTIME, "Runtime", RUNTIMES)
         self.add_choice(self.AMP, "Mixed precision on CUDA (PyTorch models)", AMP)
         self.add_choice(self.STATS, "Normalisation statistics", STATS)
-        self.add_number(self.THREADS, "ONNX Runtime CPU threads (empty: its default)", minimum=1, optional=True,
-                        advanced=True)
-        self.add_number(self.READ_THREADS, "Reader threads (empty: cdkd's default)", minimum=0, optional=True,
-                        advanced=True)
+        self.add_number(
+            self.THREADS, "ONNX Runtime CPU threads (empty: its default)", minimum=1, optional=True, advanced=True
+        )
+        self.add_number(
+            self.READ_THREADS, "Reader threads (empty: cdkd's default)", minimum=0, optional=True, advanced=True
+        )
 
-    def segment_args(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback,
-                     out: str) -> list[str]:
+    def segment_args(
+        self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback, out: str
+    ) -> list[str]:
         """``segment SCENE --model|--engine M --out OUT ...`` for these parameters; ``--resume`` when asked for
         and there is an interrupted run of ``out``, else ``--overwrite`` (Processing asks before it replaces)."""
         model = self.parameterAsFile(parameters, self.MODEL, context)
-        args = ["segment", self.file_of(parameters, self.INPUT, context),
-                "--model" if model.lower().endswith(".pt") else "--engine", model, "--out", out,
-                "--batch-size", str(self.parameterAsInt(parameters, self.BATCH_SIZE, context)),
-                "--device", self.parameterAsString(parameters, self.DEVICE, context).strip() or "auto"]
+        args = [
+            "segment",
+            self.file_of(parameters, self.INPUT, context),
+            "--model" if model.lower().endswith(".pt") else "--engine",
+            model,
+            "--out",
+            out,
+            "--batch-size",
+            str(self.parameterAsInt(parameters, self.BATCH_SIZE, context)),
+            "--device",
+            self.parameterAsString(parameters, self.DEVICE, context).strip() or "auto",
+        ]
         self.flag(args, "--tile-size", self.optional_int(parameters, self.TILE_SIZE, context))
         self.flag(args, "--overlap", self.optional_int(parameters, self.OVERLAP, context))
         self.flag(args, "--threads", self.optional_int(parameters, self.THREADS, context))
@@ -81,8 +95,12 @@ class _SceneAlgorithm(CdkdAlgorithm):
         runtime = RUNTIMES[self.parameterAsEnum(parameters, self.RUNTIME, context)]
         if runtime != "auto":
             args += ["--runtime", runtime]
-        args += ["--amp", AMP[self.parameterAsEnum(parameters, self.AMP, context)],
-                 "--stats", STATS[self.parameterAsEnum(parameters, self.STATS, context)]]
+        args += [
+            "--amp",
+            AMP[self.parameterAsEnum(parameters, self.AMP, context)],
+            "--stats",
+            STATS[self.parameterAsEnum(parameters, self.STATS, context)],
+        ]
         resume = self.parameterAsBoolean(parameters, self.RESUME, context)
         if resume and partial_state(out).is_file():
             args.append("--resume")
@@ -95,9 +113,12 @@ class _SceneAlgorithm(CdkdAlgorithm):
     def cancel_message(self, out: str) -> Any:
         def message(error: CdkdCanceledError) -> str:
             if partial_state(out).is_file():
-                return (f"Canceled: cdkd saved a checkpoint of {out}. Run the algorithm again with the same output "
-                        "file and 'Resume an interrupted run' ticked to continue from it.")
+                return (
+                    f"Canceled: cdkd saved a checkpoint of {out}. Run the algorithm again with the same output "
+                    "file and 'Resume an interrupted run' ticked to continue from it."
+                )
             return f"Canceled before cdkd saved any work ({error})."
+
         return message
 
 
@@ -114,25 +135,32 @@ class SegmentAlgorithm(_SceneAlgorithm):
         return "Segment scene"
 
     def shortHelpString(self) -> str:  # noqa: N802
-        return ("Land-cover classes of a raster scene of any size with a cdkd model (segmenter.pt from cdkd "
-                "finetune, or its ONNX / TensorRT export), blended seamlessly across overlapping tiles and written "
-                "as a Cloud-Optimized GeoTIFF with the model's class colours and names.\n\n"
-                "Runs your cdkd installation (see 'cdkd qgis install'). Cancel stops at a checkpoint: run again "
-                "with the same output and 'Resume an interrupted run' ticked to continue.")
+        return (
+            "Land-cover classes of a raster scene of any size with a cdkd model (segmenter.pt from cdkd "
+            "finetune, or its ONNX / TensorRT export), blended seamlessly across overlapping tiles and written "
+            "as a Cloud-Optimized GeoTIFF with the model's class colours and names.\n\n"
+            "Runs your cdkd installation (see 'cdkd qgis install'). Cancel stops at a checkpoint: run again "
+            "with the same output and 'Resume an interrupted run' ticked to continue."
+        )
 
-    def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict | None = None) -> None:  # noqa: N802
         self.add_scene_parameters()
         self.add_run_parameters()
-        self.add(QgsProcessingParameterBoolean(self.PROBS, "Also write a confidence raster (<output>_confidence.tif)",
-                                               False))
+        self.add(
+            QgsProcessingParameterBoolean(self.PROBS, "Also write a confidence raster (<output>_confidence.tif)", False)
+        )
         self.add(QgsProcessingParameterBoolean(self.PREVIEW, "Also write a preview PNG (<output>.png)", False))
         self.add(QgsProcessingParameterRasterDestination(self.OUTPUT, "Class raster"))
         self.addOutput(QgsProcessingOutputRasterLayer(self.CONFIDENCE, "Confidence raster"))
         self.addOutput(QgsProcessingOutputFile(self.PREVIEW, "Preview PNG"))
         self.addOutput(QgsProcessingOutputFile(self.REPORT, "Report (JSON)"))
 
-    def processAlgorithm(self, parameters: dict, context: QgsProcessingContext,  # noqa: N802
-                         feedback: QgsProcessingFeedback) -> dict:
+    def processAlgorithm(
+        self,
+        parameters: dict,
+        context: QgsProcessingContext,  # noqa: N802
+        feedback: QgsProcessingFeedback,
+    ) -> dict:
         out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         args = self.segment_args(parameters, context, feedback, out)
         probs = self.parameterAsBoolean(parameters, self.PROBS, context)
@@ -147,8 +175,12 @@ class SegmentAlgorithm(_SceneAlgorithm):
             confidence = next((p for p in result.outputs if p.endswith(f"_confidence{Path(out).suffix}")), None)
             outputs[self.CONFIDENCE] = confidence
             if confidence and context.project() is not None:
-                context.addLayerToLoadOnCompletion(confidence, QgsProcessingContext.LayerDetails(
-                    f"{Path(out).stem} confidence", context.project(), self.CONFIDENCE))
+                context.addLayerToLoadOnCompletion(
+                    confidence,
+                    QgsProcessingContext.LayerDetails(
+                        f"{Path(out).stem} confidence", context.project(), self.CONFIDENCE
+                    ),
+                )
         if preview:
             outputs[self.PREVIEW] = str(Path(out).with_suffix(".png"))
         return outputs
@@ -167,21 +199,33 @@ class SegmentObjectsAlgorithm(_SceneAlgorithm):
         return "Segment objects"
 
     def shortHelpString(self) -> str:  # noqa: N802
-        return ("One polygon per object (buildings, vehicles, ...) found by a cdkd detector (detector.pt from "
-                "cdkd finetune --task instance, or its ONNX export) over a raster scene of any size; objects cut "
-                "by tile borders are joined. Fields: class_name, score, area_m2. Output: GeoPackage (styled), "
-                "FlatGeobuf or GeoParquet.\n\nCancel stops at a checkpoint; 'Resume an interrupted run' continues.")
+        return (
+            "One polygon per object (buildings, vehicles, ...) found by a cdkd detector (detector.pt from "
+            "cdkd finetune --task instance, or its ONNX export) over a raster scene of any size; objects cut "
+            "by tile borders are joined. Fields: class_name, score, area_m2. Output: GeoPackage (styled), "
+            "FlatGeobuf or GeoParquet.\n\nCancel stops at a checkpoint; 'Resume an interrupted run' continues."
+        )
 
-    def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict | None = None) -> None:  # noqa: N802
         self.add_scene_parameters()
-        self.add_number(self.MIN_SCORE, "Minimum score (detections scoring less are dropped)", integer=False,
-                        default=0.5, minimum=0.0, maximum=1.0)
+        self.add_number(
+            self.MIN_SCORE,
+            "Minimum score (detections scoring less are dropped)",
+            integer=False,
+            default=0.5,
+            minimum=0.0,
+            maximum=1.0,
+        )
         self.add_run_parameters()
         self.add(QgsProcessingParameterVectorDestination(self.OUTPUT, "Objects", POLYGONS))
         self.addOutput(QgsProcessingOutputFile(self.REPORT, "Report (JSON)"))
 
-    def processAlgorithm(self, parameters: dict, context: QgsProcessingContext,  # noqa: N802
-                         feedback: QgsProcessingFeedback) -> dict:
+    def processAlgorithm(
+        self,
+        parameters: dict,
+        context: QgsProcessingContext,  # noqa: N802
+        feedback: QgsProcessingFeedback,
+    ) -> dict:
         destination = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         out, layer = vector_destination(destination)
         if layer is not None and layer != Path(out).stem:
@@ -189,6 +233,5 @@ class SegmentObjectsAlgorithm(_SceneAlgorithm):
         args = self.segment_args(parameters, context, feedback, out)
         args += ["--min-score", str(self.parameterAsDouble(parameters, self.MIN_SCORE, context))]
         self.run_cdkd(args, feedback, self.cancel_message(out))
-        style_on_load(context, destination, style_polygons,
-                      [Path(out).stem] if out.lower().endswith(".gpkg") else None)
+        style_on_load(context, destination, style_polygons, [Path(out).stem] if out.lower().endswith(".gpkg") else None)
         return {self.OUTPUT: out, self.REPORT: str(Path(out).with_suffix(".json"))}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 RAT_COLUMNS = ("Value", "Class_Name", "Red", "Green", "Blue", "Alpha")
 
@@ -70,7 +69,7 @@ def style_class_raster(layer) -> bool:  # noqa: ANN001 (QgsRasterLayer)
     return True
 
 
-def polygon_style(path: str | Path) -> Optional[Path]:
+def polygon_style(path: str | Path) -> Path | None:
     """The ``.qml`` cdkd writes beside a FlatGeobuf or GeoParquet file, if there is one."""
     qml = Path(path).with_suffix(".qml")
     return qml if qml.is_file() else None

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from cdkd.data.classraster import NODATA
 from cdkd.errors import CdkdValueError, CheckpointError
 from cdkd.geodesy import PixelAreas
-from cdkd.data.classraster import NODATA
 
 STATE_FORMAT = "cdkd-class-area-tally/1"
 CHUNK_PIXELS = 1 << 20  # pixels per bincount: bounds the int64 keys' transient memory to 8 MB
@@ -32,8 +32,12 @@ CHUNK_PIXELS = 1 << 20  # pixels per bincount: bounds the int64 keys' transient 
 def _grid_key(crs: Any, transform: Any, width: int, height: int) -> dict[str, Any]:
     """What the pixel areas depend on, for checking that a state belongs to this raster."""
     wkt = crs.to_wkt() if hasattr(crs, "to_wkt") else str(crs)
-    return {"crs_sha1": hashlib.sha1(wkt.encode()).hexdigest(), "transform": [float(v) for v in tuple(transform)[:6]],
-            "width": int(width), "height": int(height)}
+    return {
+        "crs_sha1": hashlib.sha1(wkt.encode()).hexdigest(),
+        "transform": [float(v) for v in tuple(transform)[:6]],
+        "width": int(width),
+        "height": int(height),
+    }
 
 
 class ClassAreaTally:
@@ -45,8 +49,9 @@ class ClassAreaTally:
         rows_done: sorted, disjoint [start, stop) row ranges tallied so far.
     """
 
-    def __init__(self, num_classes: int, crs: Any, transform: Any, width: int, height: int, *,
-                 areas: PixelAreas | None = None) -> None:
+    def __init__(
+        self, num_classes: int, crs: Any, transform: Any, width: int, height: int, *, areas: PixelAreas | None = None
+    ) -> None:
         if not 0 < num_classes <= NODATA:
             raise CdkdValueError(f"num_classes must be 1..{NODATA}, got {num_classes}")
         self.num_classes = int(num_classes)
@@ -80,20 +85,21 @@ class ClassAreaTally:
         ids = classes if valid is None else np.where(valid, classes, NODATA)
         bad = (ids >= k) & (ids != NODATA) | (ids < 0)
         if bad.any():
-            raise CdkdValueError(f"rows {top}..{top + n - 1}: class id {int(ids[bad][0])} is neither 0..{k - 1} "
-                                 f"nor nodata ({NODATA})")
+            raise CdkdValueError(
+                f"rows {top}..{top + n - 1}: class id {int(ids[bad][0])} is neither 0..{k - 1} nor nodata ({NODATA})"
+            )
         self._claim(top, top + n)
         blocks, block_of_column = self.areas.blocks, self.areas.block_of_column
         area = self.areas.rows(top, n)  # (n, blocks) m² per pixel
         step = max(1, CHUNK_PIXELS // self.width)
         for r0 in range(0, n, step):
-            chunk = np.minimum(ids[r0:r0 + step], k).astype(np.int64)  # nodata -> bin k, dropped below
+            chunk = np.minimum(ids[r0 : r0 + step], k).astype(np.int64)  # nodata -> bin k, dropped below
             m = chunk.shape[0]
             cell = np.arange(m)[:, None] * blocks + (block_of_column if blocks > 1 else 0)  # (row, block) index
             counts = np.bincount((cell * (k + 1) + chunk).ravel(), minlength=m * blocks * (k + 1))
             counts = counts.reshape(m * blocks, k + 1)[:, :k]
             self.pixels += counts.sum(0)
-            self.area_m2 += area[r0:r0 + m].reshape(-1) @ counts
+            self.area_m2 += area[r0 : r0 + m].reshape(-1) @ counts
 
     def _claim(self, start: int, stop: int) -> None:
         """Record rows [start, stop) as tallied; refuse any overlap with rows already tallied."""
@@ -121,9 +127,14 @@ class ClassAreaTally:
 
     def state(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot (floats round-trip exactly through ``json``)."""
-        return {"format": STATE_FORMAT, "grid": self.grid, "num_classes": self.num_classes,
-                "pixels": self.pixels.tolist(), "area_m2": self.area_m2.tolist(),
-                "rows_done": [list(r) for r in self.rows_done]}
+        return {
+            "format": STATE_FORMAT,
+            "grid": self.grid,
+            "num_classes": self.num_classes,
+            "pixels": self.pixels.tolist(),
+            "area_m2": self.area_m2.tolist(),
+            "rows_done": [list(r) for r in self.rows_done],
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any], crs: Any, transform: Any, width: int, height: int) -> ClassAreaTally:
@@ -131,8 +142,9 @@ class ClassAreaTally:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise CheckpointError("not a cdkd class-area tally state")
         if state["grid"] != _grid_key(crs, transform, width, height):
-            raise CheckpointError("the class-area tally state belongs to another raster (CRS, transform or size "
-                                  "changed)")
+            raise CheckpointError(
+                "the class-area tally state belongs to another raster (CRS, transform or size changed)"
+            )
         tally = cls(int(state["num_classes"]), crs, transform, width, height)
         tally.pixels = np.asarray(state["pixels"], dtype=np.int64)
         tally.area_m2 = np.asarray(state["area_m2"], dtype=np.float64)

@@ -10,8 +10,8 @@ import numpy as np
 from cdkd.artifacts import InferenceMeta
 from cdkd.config import PATCH_SIZE, bounded, check_ranges
 from cdkd.errors import CdkdValueError
-from cdkd.scene.core.source import SceneInfo
 from cdkd.inference.tiler import PAD_MODES
+from cdkd.scene.core.source import SceneInfo
 from cdkd.utils.memory import check_fits
 
 __all__ = ["SegmentOptions", "cache_budget", "check_buffers", "resolve_tiling"]
@@ -37,8 +37,9 @@ class SegmentOptions:
     assets: tuple[str, ...] | None = None  # STAC items: asset keys stacked as the bands (None: by the model's bands)
 
 
-def resolve_tiling(meta: InferenceMeta, options: SegmentOptions, fixed_tile: bool = False,
-                   runtime: str = "torch") -> tuple[int, int]:
+def resolve_tiling(
+    meta: InferenceMeta, options: SegmentOptions, fixed_tile: bool = False, runtime: str = "torch"
+) -> tuple[int, int]:
     """(tile, overlap) for ``options`` with a model described by ``meta``; ``fixed_tile``: the model (an ONNX or
     TensorRT export) takes its own tile size only."""
     check_ranges(options)
@@ -47,8 +48,10 @@ def resolve_tiling(meta: InferenceMeta, options: SegmentOptions, fixed_tile: boo
     if tile <= 0 or tile % PATCH_SIZE:
         raise CdkdValueError(f"tile size {tile} is not a positive multiple of the patch size {PATCH_SIZE}")
     if tile != meta.tile_size and fixed_tile:
-        raise CdkdValueError(f"the {runtime} model was built for {meta.tile_size} px tiles and cannot take "
-                             f"--tile-size {tile}; export it again at that size or use the segmenter.pt")
+        raise CdkdValueError(
+            f"the {runtime} model was built for {meta.tile_size} px tiles and cannot take "
+            f"--tile-size {tile}; export it again at that size or use the segmenter.pt"
+        )
     if not 0 <= overlap < tile:
         raise CdkdValueError(f"overlap {overlap} must be >= 0 and smaller than the tile size {tile}")
     if options.batch_size < 1:
@@ -75,5 +78,6 @@ def check_buffers(info: SceneInfo, meta: InferenceMeta, tile: int, batch_size: i
     (K x tile x width), a batch of tiles and of their logits, all float32 (the model's activations come on top)."""
     k = meta.num_classes
     need = 4 * (k * tile * info.width + batch_size * (meta.in_chans + k) * tile * tile)
-    check_fits(need, f"{info.path}: tiles of {tile} px in batches of {batch_size}",
-               "use a smaller --tile-size or --batch-size")
+    check_fits(
+        need, f"{info.path}: tiles of {tile} px in batches of {batch_size}", "use a smaller --tile-size or --batch-size"
+    )

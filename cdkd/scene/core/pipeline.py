@@ -75,8 +75,16 @@ class TilePrefetcher:
     of eight 1024 px tiles cost that thread more than the GPU's time for the batch).
     """
 
-    def __init__(self, read: Reader, tile: int, pad_mode: str, threads: int, depth: int,
-                 times: StageTimes, stage_on: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        read: Reader,
+        tile: int,
+        pad_mode: str,
+        threads: int,
+        depth: int,
+        times: StageTimes,
+        stage_on: str | torch.device | None = None,
+    ) -> None:
         self.read, self.tile, self.pad_mode, self.depth, self.times = read, tile, pad_mode, max(1, depth), times
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cdkd-read") if threads > 0 else None
         device = torch.device(stage_on) if stage_on is not None else None
@@ -89,8 +97,12 @@ class TilePrefetcher:
         or a tensor on ``stage_on``."""
         if self.stage_on is None:
             shape = (len(xs), *xs[0].shape)
-            if self._batch is None or self._batch.shape[1:] != shape[1:] or len(self._batch) < len(xs) \
-                    or self._batch.dtype != xs[0].dtype:
+            if (
+                self._batch is None
+                or self._batch.shape[1:] != shape[1:]
+                or len(self._batch) < len(xs)
+                or self._batch.dtype != xs[0].dtype
+            ):
                 self._batch = np.empty(shape, xs[0].dtype)
             return np.stack(xs, out=self._batch[: len(xs)])
         batch = torch.empty((len(xs), *xs[0].shape), dtype=xs[0].dtype, device=self.stage_on)
@@ -150,14 +162,22 @@ def reader_threads(requested: int | None, device: str | torch.device) -> int:
     return max(2, min(6, (os.cpu_count() or 2) - 2))
 
 
-def prefetcher_for(read: Reader, tile: int, options: Any, device: str | torch.device, times: StageTimes,
-                   stage: bool = False) -> TilePrefetcher:
+def prefetcher_for(
+    read: Reader, tile: int, options: Any, device: str | torch.device, times: StageTimes, stage: bool = False
+) -> TilePrefetcher:
     """The prefetcher of a run with ``options`` (``pad_mode``, ``read_threads``, ``batch_size``): enough tiles in
     flight to fill two batches while every thread reads; ``stage``: batches assembled on ``device`` (for a
     runtime whose ``forward`` takes tensors there, ``Runtime.takes_tensors``)."""
     threads = reader_threads(options.read_threads, device)
-    return TilePrefetcher(read, tile, options.pad_mode, threads, depth=2 * options.batch_size + threads, times=times,
-                          stage_on=device if stage else None)
+    return TilePrefetcher(
+        read,
+        tile,
+        options.pad_mode,
+        threads,
+        depth=2 * options.batch_size + threads,
+        times=times,
+        stage_on=device if stage else None,
+    )
 
 
 class WeightCache:
@@ -169,8 +189,7 @@ class WeightCache:
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, w: TileWindow) -> torch.Tensor:
-        key = (w.row > 0, w.row + w.height < self.height, w.height, w.col > 0, w.col + w.width < self.width,
-               w.width)
+        key = (w.row > 0, w.row + w.height < self.height, w.height, w.col > 0, w.col + w.width < self.width, w.width)
         if key not in self._cache:
             weights = window_weights(w, self.height, self.width, self.overlap)
             self._cache[key] = torch.from_numpy(weights).to(self.device)
@@ -185,9 +204,17 @@ class RowCounts:
     skipped: int = 0
 
 
-def model_outputs(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, prefetcher: TilePrefetcher,
-                  forward: Callable[[np.ndarray], Any], batch_size: int, times: StageTimes, counts: RowCounts,
-                  should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[Tile, Any]]:
+def model_outputs(
+    rows: Sequence[Sequence[TileWindow]],
+    start: int,
+    stop: int,
+    prefetcher: TilePrefetcher,
+    forward: Callable[[np.ndarray], Any],
+    batch_size: int,
+    times: StageTimes,
+    counts: RowCounts,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Iterator[tuple[Tile, Any]]:
     """``(tile, model output or None)`` for every window of rows ``start..stop-1``, in plan order.
 
     Tiles are batched across row boundaries (a skipped tile, without a valid pixel, gets None and never reaches
@@ -234,18 +261,25 @@ def model_outputs(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, p
     yield from drain()
 
 
-def blend_rows(rows: Sequence[Sequence[TileWindow]], start: int, stop: int, prefetcher: TilePrefetcher,
-               forward: Callable[[np.ndarray], torch.Tensor], blender: PlanBlender, weights: WeightCache,
-               batch_size: int, times: StageTimes, counts: RowCounts,
-               should_stop: Callable[[], bool] = lambda: False,
-               ) -> Iterator[tuple[int, Partial | None, FinishedRows | None]]:
+def blend_rows(
+    rows: Sequence[Sequence[TileWindow]],
+    start: int,
+    stop: int,
+    prefetcher: TilePrefetcher,
+    forward: Callable[[np.ndarray], torch.Tensor],
+    blender: PlanBlender,
+    weights: WeightCache,
+    batch_size: int,
+    times: StageTimes,
+    counts: RowCounts,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Iterator[tuple[int, Partial | None, FinishedRows | None]]:
     """``(row index, head, finished rows)`` for window rows ``start..stop-1`` of ``rows``, in order (see
     ``PlanBlender.end``): ``model_outputs`` blended on ``blender.device`` (``forward`` returns logits there).
 
     A finished row is handed out before the next row starts: its results are final once it is yielded.
     """
-    for tile, logits in model_outputs(rows, start, stop, prefetcher, forward, batch_size, times, counts,
-                                      should_stop):
+    for tile, logits in model_outputs(rows, start, stop, prefetcher, forward, batch_size, times, counts, should_stop):
         t0 = time.perf_counter()
         w = tile.window
         if w.col == rows[tile.row][0].col:

@@ -43,8 +43,12 @@ def reduce_mode(rows: np.ndarray, nodata: int) -> np.ndarray:
         return out
     m = q[:, mixed]  # (4, number of mixed blocks)
     same = {(i, j): m[i] == m[j] for i in range(4) for j in range(i + 1, 4)}
-    counts = np.stack([sum((same[tuple(sorted((i, j)))] for j in range(4) if j != i),
-                           np.zeros(m.shape[1], np.int8)) for i in range(4)])
+    counts = np.stack(
+        [
+            sum((same[tuple(sorted((i, j)))] for j in range(4) if j != i), np.zeros(m.shape[1], np.int8))
+            for i in range(4)
+        ]
+    )
     counts[m == nodata] = -1
     pick = counts.argmax(axis=0)  # first of the most frequent: ties go to the earlier pixel
     out[mixed] = np.take_along_axis(m, pick[None], axis=0)[0]
@@ -115,5 +119,6 @@ class Pyramid:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.next_top = [int(v) for v in state["next_top"]]
-        self.leftover = [np.asarray(state[f"leftover_{i}"]) if f"leftover_{i}" in state else None
-                         for i in range(self.levels)]
+        self.leftover = [
+            np.asarray(state[f"leftover_{i}"]) if f"leftover_{i}" in state else None for i in range(self.levels)
+        ]

@@ -19,8 +19,16 @@ from cdkd.scene.core.source import SceneInfo, SceneSource
 if TYPE_CHECKING:
     from cdkd.inference.runtimes import Runtime
 
-__all__ = ["ClassArea", "Log", "SceneReport", "TileProgress", "announce_bands", "build_report", "log_stderr",
-           "provenance"]
+__all__ = [
+    "ClassArea",
+    "Log",
+    "SceneReport",
+    "TileProgress",
+    "announce_bands",
+    "build_report",
+    "log_stderr",
+    "provenance",
+]
 
 
 @dataclass(frozen=True)
@@ -79,13 +87,17 @@ def scene_summary(report: dict[str, Any]) -> str:
     tiles, valid area, speed, and each class's share and ground area in one readable unit."""
     from cdkd.units import area_unit, format_area
 
-    lines = [f"{report['scene']} -> {report['output']}: {report['width']}x{report['height']} px, "
-             f"{report['tiles_run']} of {report['tiles']} tiles run, {format_area(report['area_m2'])} valid, "
-             f"{report['seconds']:.1f} s ({report['mpx_per_s']:.2f} Mpx/s, {report['runtime']} on "
-             f"{report['device']})"]
+    lines = [
+        f"{report['scene']} -> {report['output']}: {report['width']}x{report['height']} px, "
+        f"{report['tiles_run']} of {report['tiles']} tiles run, {format_area(report['area_m2'])} valid, "
+        f"{report['seconds']:.1f} s ({report['mpx_per_s']:.2f} Mpx/s, {report['runtime']} on "
+        f"{report['device']})"
+    ]
     unit = area_unit([report["area_m2"]])
-    lines += [f"  {name:<20} {100 * c['fraction']:6.2f} %  {format_area(c['area_m2'], unit):>14}"
-              for name, c in report["classes"].items()]
+    lines += [
+        f"  {name:<20} {100 * c['fraction']:6.2f} %  {format_area(c['area_m2'], unit):>14}"
+        for name, c in report["classes"].items()
+    ]
     return "\n".join(lines)
 
 
@@ -108,8 +120,10 @@ def announce_bands(source: SceneSource, log: Log) -> None:
     if source.stac is not None:
         log(source.stac.describe())
     if bands != tuple(range(1, info.count + 1)):
-        log(f"{info.path}: the model reads band(s) {','.join(map(str, bands))} of the scene's {info.count} "
-            "(choose others with --bands)")
+        log(
+            f"{info.path}: the model reads band(s) {','.join(map(str, bands))} of the scene's {info.count} "
+            "(choose others with --bands)"
+        )
 
 
 def log_stderr(msg: str) -> None:
@@ -120,29 +134,68 @@ def provenance(runtime: Any, options: SegmentOptions, norm: Any, device: str) ->
     """The report fields that reproduce a run (any task): statistics, model file and hash, runtime options with
     the reader threads used on ``device``, cdkd version."""
     meta = runtime.meta
-    return {"stats": {"mode": options.stats, "mean": list(norm.mean), "std": list(norm.std), "dtype": norm.dtype},
-            "model": {"path": runtime.path, "sha256": model_sha256(runtime), "arch": meta.arch, "head": meta.head},
-            "runtime_options": {**runtime.options, "read_threads": reader_threads(options.read_threads, device)},
-            "cdkd_version": cdkd.__version__}
+    return {
+        "stats": {"mode": options.stats, "mean": list(norm.mean), "std": list(norm.std), "dtype": norm.dtype},
+        "model": {"path": runtime.path, "sha256": model_sha256(runtime), "arch": meta.arch, "head": meta.head},
+        "runtime_options": {**runtime.options, "read_threads": reader_threads(options.read_threads, device)},
+        "cdkd_version": cdkd.__version__,
+    }
 
 
-def build_report(*, scene: str | Path, final: Path, conf: Path | None, runtime: Runtime, info: SceneInfo, tile: int,
-                 overlap: int, options: SegmentOptions, tiles: int, counts: RowCounts, tally: Any, seconds: float,
-                 resumed_from: int, pixels_run: int, bands: tuple[int, ...], norm: Any,
-                 stages: dict[str, float]) -> SceneReport:
+def build_report(
+    *,
+    scene: str | Path,
+    final: Path,
+    conf: Path | None,
+    runtime: Runtime,
+    info: SceneInfo,
+    tile: int,
+    overlap: int,
+    options: SegmentOptions,
+    tiles: int,
+    counts: RowCounts,
+    tally: Any,
+    seconds: float,
+    resumed_from: int,
+    pixels_run: int,
+    bands: tuple[int, ...],
+    norm: Any,
+    stages: dict[str, float],
+) -> SceneReport:
     """The report of one scene, local or on a cluster."""
     valid = int(tally.pixels.sum())
     areas = np.asarray(tally.area_m2, dtype=np.float64)
-    classes = {c.name: ClassArea(int(n), round(float(a), 2), float(n) / valid)
-               for c, n, a in zip(runtime.meta.classes.classes, tally.pixels, areas)}
+    classes = {
+        c.name: ClassArea(int(n), round(float(a), 2), float(n) / valid)
+        for c, n, a in zip(runtime.meta.classes.classes, tally.pixels, areas)
+    }
     return SceneReport(
-        scene=str(scene), output=str(final), confidence=str(conf) if conf else None, runtime=runtime.name,
-        device=runtime.device, crs=info.crs.to_string(), width=info.width, height=info.height, tile_size=tile,
-        overlap=overlap, batch_size=options.batch_size, tiles=tiles, tiles_run=counts.run,
-        tiles_skipped=counts.skipped, valid_pixels=valid, area_m2=round(float(areas.sum()), 2), seconds=seconds,
-        mpx_per_s=pixels_run / 1e6 / max(seconds, 1e-9), resumed_from_row=resumed_from, pixels_this_run=pixels_run,
-        bands=list(bands), scene_bands=info.count, **provenance(runtime, options, norm, runtime.blend_device),
-        stages=stages, classes=classes)
+        scene=str(scene),
+        output=str(final),
+        confidence=str(conf) if conf else None,
+        runtime=runtime.name,
+        device=runtime.device,
+        crs=info.crs.to_string(),
+        width=info.width,
+        height=info.height,
+        tile_size=tile,
+        overlap=overlap,
+        batch_size=options.batch_size,
+        tiles=tiles,
+        tiles_run=counts.run,
+        tiles_skipped=counts.skipped,
+        valid_pixels=valid,
+        area_m2=round(float(areas.sum()), 2),
+        seconds=seconds,
+        mpx_per_s=pixels_run / 1e6 / max(seconds, 1e-9),
+        resumed_from_row=resumed_from,
+        pixels_this_run=pixels_run,
+        bands=list(bands),
+        scene_bands=info.count,
+        **provenance(runtime, options, norm, runtime.blend_device),
+        stages=stages,
+        classes=classes,
+    )
 
 
 Log = Callable[[str], None]

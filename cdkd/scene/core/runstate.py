@@ -32,8 +32,19 @@ from cdkd.utils.runlock import LOCK_NAME, RunLock, holder, in_use_error
 if TYPE_CHECKING:
     from cdkd.inference.runtimes import Runtime
 
-__all__ = ["OUTPUT_SUFFIXES", "STATE_FORMAT", "check_outputs", "claimed", "deferred_sigint", "fingerprint",
-           "load_arrays", "load_state", "model_sha256", "output_paths", "save_state"]
+__all__ = [
+    "OUTPUT_SUFFIXES",
+    "STATE_FORMAT",
+    "check_outputs",
+    "claimed",
+    "deferred_sigint",
+    "fingerprint",
+    "load_arrays",
+    "load_state",
+    "model_sha256",
+    "output_paths",
+    "save_state",
+]
 
 
 STATE_FORMAT = "cdkd.scene-state/2"
@@ -45,8 +56,12 @@ OUTPUT_SUFFIXES = (".tif", ".tiff")
 def output_paths(out: Path) -> tuple[Path, Path, Path, Path]:
     """(class raster, confidence raster, report JSON, partial-work folder) for the output ``out``."""
     out = Path(out)
-    return (out, out.with_name(f"{out.stem}_confidence{out.suffix}"), out.with_suffix(".json"),
-            out.with_name(out.name + ".partial"))
+    return (
+        out,
+        out.with_name(f"{out.stem}_confidence{out.suffix}"),
+        out.with_suffix(".json"),
+        out.with_name(out.name + ".partial"),
+    )
 
 
 def model_sha256(runtime: Runtime) -> str:
@@ -54,8 +69,9 @@ def model_sha256(runtime: Runtime) -> str:
     return file_sha256(runtime.path)
 
 
-def fingerprint(scene: str | Path, runtime: Runtime, source: SceneSource, tile: int, overlap: int,
-                probs: bool) -> dict[str, Any]:
+def fingerprint(
+    scene: str | Path, runtime: Runtime, source: SceneSource, tile: int, overlap: int, probs: bool
+) -> dict[str, Any]:
     """What must not change between an interrupted run and its resumption: the scene's identity, the model's
     weights (the file's SHA-256, not only its metadata: two models with the same classes and tile size give other
     maps), how it runs (runtime, autocast) and every option that changes the output."""
@@ -67,13 +83,27 @@ def fingerprint(scene: str | Path, runtime: Runtime, source: SceneSource, tile: 
         st = Path(scene).stat()
         identity = {"scene": str(Path(scene).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     info = source.info
-    return {**identity, "shape": [info.height, info.width, info.count], "model": model_sha256(runtime),
-            "runtime": runtime.name, "amp": runtime.options.get("amp"), "tile": tile, "overlap": overlap,
-            "bands": list(source.bands), "norm": source.norm.to_dict(), "probs": probs}
+    return {
+        **identity,
+        "shape": [info.height, info.width, info.count],
+        "model": model_sha256(runtime),
+        "runtime": runtime.name,
+        "amp": runtime.options.get("amp"),
+        "tile": tile,
+        "overlap": overlap,
+        "bands": list(source.bands),
+        "norm": source.norm.to_dict(),
+        "probs": probs,
+    }
 
 
-def check_outputs(scene: str | Path, out: Path, options: SegmentOptions, suffixes: tuple[str, ...] = OUTPUT_SUFFIXES,
-                  kind: str = "the class raster is a GeoTIFF (COG)") -> None:
+def check_outputs(
+    scene: str | Path,
+    out: Path,
+    options: SegmentOptions,
+    suffixes: tuple[str, ...] = OUTPUT_SUFFIXES,
+    kind: str = "the class raster is a GeoTIFF (COG)",
+) -> None:
     """Refuse, before any work, outputs that would replace the scene, do not end in one of ``suffixes``, are being
     written by another live run, or are in the way (``--overwrite``); a ``resume`` needs an interrupted run's
     checkpoint. Each refusal offers what the next command will accept."""
@@ -85,8 +115,9 @@ def check_outputs(scene: str | Path, out: Path, options: SegmentOptions, suffixe
         for path in (final, conf, report):
             if path.resolve() == target:
                 # the rename at the end would replace the scene while (or after) it is read: the input would be lost
-                raise CdkdValueError(f"{path}: the output would replace the scene being segmented; choose another "
-                                     "output")
+                raise CdkdValueError(
+                    f"{path}: the output would replace the scene being segmented; choose another output"
+                )
     live = holder(partial)
     if live is not None:
         raise in_use_error(partial, live, out)
@@ -96,19 +127,25 @@ def check_outputs(scene: str | Path, out: Path, options: SegmentOptions, suffixe
         if resumable:
             return
         if partial.exists():
-            raise CheckpointError(f"{out}: the interrupted run in {partial} stopped before its first checkpoint, so "
-                                  "there is nothing to resume; pass --overwrite (not --resume) to start again")
+            raise CheckpointError(
+                f"{out}: the interrupted run in {partial} stopped before its first checkpoint, so "
+                "there is nothing to resume; pass --overwrite (not --resume) to start again"
+            )
         if final.exists():
-            raise CheckpointError(f"{out}: is complete (no interrupted run to resume); pass --overwrite (not "
-                                  "--resume) to make it again")
+            raise CheckpointError(
+                f"{out}: is complete (no interrupted run to resume); pass --overwrite (not --resume) to make it again"
+            )
         raise CheckpointError(f"{out}: nothing to resume (no interrupted run in {partial}); run without --resume")
     existing = [p.name for p in (final, conf, report, partial) if p.exists()]
     if existing and not options.overwrite:
         if resumable:
-            raise OutputExistsError(f"{out}: an interrupted run is in the way ({', '.join(existing)}); pass --resume "
-                                    "to continue it or --overwrite to start again")
-        raise OutputExistsError(f"{out}: existing output is in the way ({', '.join(existing)}); pass --overwrite to "
-                                "replace it")
+            raise OutputExistsError(
+                f"{out}: an interrupted run is in the way ({', '.join(existing)}); pass --resume "
+                "to continue it or --overwrite to start again"
+            )
+        raise OutputExistsError(
+            f"{out}: existing output is in the way ({', '.join(existing)}); pass --overwrite to replace it"
+        )
 
 
 @contextlib.contextmanager
@@ -164,9 +201,11 @@ def load_state(partial: Path, expected: dict[str, Any]) -> dict[str, Any]:
     changed = sorted(k for k in set(old) | set(expected) if old.get(k) != expected.get(k))
     if changed:
         diffs = "; ".join(f"{k}: {_short(old.get(k))} then, {_short(expected.get(k))} now" for k in changed[:3])
-        raise CheckpointError(f"{partial}: cannot resume: {', '.join(changed)} differ from the interrupted run's "
-                              f"({diffs}); resume with the same inputs and options, or pass --overwrite to start "
-                              "again")
+        raise CheckpointError(
+            f"{partial}: cannot resume: {', '.join(changed)} differ from the interrupted run's "
+            f"({diffs}); resume with the same inputs and options, or pass --overwrite to start "
+            "again"
+        )
     return state
 
 

@@ -68,8 +68,16 @@ class SceneSource:
             hold the model's bands (``cdkd.data.stac.choose_assets``).
     """
 
-    def __init__(self, path: str | Path, in_chans: int, norm: NormStats, bands: Sequence[int] | None = None,
-                 stats: str = "model", stats_samples: int = 64, assets: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        in_chans: int,
+        norm: NormStats,
+        bands: Sequence[int] | None = None,
+        stats: str = "model",
+        stats_samples: int = 64,
+        assets: Sequence[str] | None = None,
+    ) -> None:
         self.path = raster_path(path)
         if stats not in STATS_MODES:
             raise CdkdValueError(f"unknown --stats {stats!r}; choose one of {', '.join(STATS_MODES)}")
@@ -97,8 +105,10 @@ class SceneSource:
     def _check_header(self) -> SceneInfo:
         src = self._src
         if src.crs is None:
-            raise DataError(f"{self.path}: has no CRS, so its output could not be placed on a map; assign one "
-                            "(e.g. gdal_edit.py -a_srs EPSG:XXXX) and run again")
+            raise DataError(
+                f"{self.path}: has no CRS, so its output could not be placed on a map; assign one "
+                "(e.g. gdal_edit.py -a_srs EPSG:XXXX) and run again"
+            )
         if src.width < 1 or src.height < 1:
             raise DataError(f"{self.path}: has no pixels")
         dtypes = set(src.dtypes)
@@ -106,8 +116,9 @@ class SceneSource:
             raise DataError(f"{self.path}: bands of different pixel types {sorted(dtypes)} are not supported")
         if np.dtype(src.dtypes[0]).kind == "c":
             raise DataError(f"{self.path}: complex pixel type {src.dtypes[0]} is not supported")
-        return SceneInfo(str(self.path), src.width, src.height, src.count, src.dtypes[0], src.crs, src.transform,
-                         src.nodata)
+        return SceneInfo(
+            str(self.path), src.width, src.height, src.count, src.dtypes[0], src.crs, src.transform, src.nodata
+        )
 
     def _check_bands(self, in_chans: int, norm: NormStats, bands: Sequence[int] | None) -> tuple[int, ...]:
         mapped = None  # a model that knows its wavelengths reads the scene's bands by wavelength (cdkd.data.bands)
@@ -115,13 +126,20 @@ class SceneSource:
             mapped = choose_scene_bands(norm.spectral, band_set_of(self._src, self.path), bands, self.path)
         chosen = check_bands(bands) if bands is not None else (mapped or norm.bands)
         if len(chosen) != in_chans:
-            raise DataError(f"{self.path}: --bands {','.join(map(str, chosen))} gives {len(chosen)} band(s), but "
-                            f"the model takes {in_chans}")
+            raise DataError(
+                f"{self.path}: --bands {','.join(map(str, chosen))} gives {len(chosen)} band(s), but "
+                f"the model takes {in_chans}"
+            )
         if max(chosen) > self.info.count:
-            hint = (f"; map the scene's bands onto the model's with --bands, e.g. --bands "
-                    f"{','.join(['1'] * in_chans)}" if bands is None else "")
-            raise DataError(f"{self.path}: has {self.info.count} band(s), but band {max(chosen)} is needed "
-                            f"(the model reads bands {','.join(map(str, chosen))}){hint}")
+            hint = (
+                f"; map the scene's bands onto the model's with --bands, e.g. --bands {','.join(['1'] * in_chans)}"
+                if bands is None
+                else ""
+            )
+            raise DataError(
+                f"{self.path}: has {self.info.count} band(s), but band {max(chosen)} is needed "
+                f"(the model reads bands {','.join(map(str, chosen))}){hint}"
+            )
         return chosen
 
     def _probe(self) -> None:
@@ -135,12 +153,16 @@ class SceneSource:
             try:
                 scene = compute_stats([info], self.bands, n_samples=samples, window=512, read=self._read_window)
             except DataError:
-                raise DataError(f"{self.path}: no valid pixel in {samples} sampled windows; the scene is empty "
-                                "(all nodata) or nearly so") from None
+                raise DataError(
+                    f"{self.path}: no valid pixel in {samples} sampled windows; the scene is empty "
+                    "(all nodata) or nearly so"
+                ) from None
             return scene
         if norm.dtype != self.info.dtype:
-            raise DataError(f"{self.path}: pixels are {self.info.dtype} but the model's normalisation statistics "
-                            f"are for {norm.dtype}; pass --stats scene to normalise with this scene's statistics")
+            raise DataError(
+                f"{self.path}: pixels are {self.info.dtype} but the model's normalisation statistics "
+                f"are for {norm.dtype}; pass --stats scene to normalise with this scene's statistics"
+            )
         return NormStats(norm.mean, norm.std, self.bands, norm.dtype, norm.spectral)
 
     # ---------------------------------------------------------------------------------------------------- reads
@@ -150,16 +172,18 @@ class SceneSource:
         try:
             return read_pixels(self._dataset(), self.bands, window.to_rasterio())
         except (RasterioError, OSError) as e:
-            raise CdkdIOError(f"{self.path}: cannot read pixels at row {window.row}, col {window.col} "
-                              f"({gdal_reason(e)})") from None
+            raise CdkdIOError(
+                f"{self.path}: cannot read pixels at row {window.row}, col {window.col} ({gdal_reason(e)})"
+            ) from None
 
     def read_normalized(self, window: TileWindow) -> tuple[np.ndarray, np.ndarray]:
         """``(x, valid)``: (C, h, w) float32 normalised pixels, 0 (the mean) where invalid, and validity."""
         pixels, valid = self.read(window)
         return self.norm.normalize(pixels, valid), valid
 
-    def _read_window(self, path: str, bands: tuple[int, ...], row: int, col: int, height: int,
-                     width: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read_window(
+        self, path: str, bands: tuple[int, ...], row: int, col: int, height: int, width: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``cdkd.data.files.read_window`` on the open scene (a STAC scene has no path that opens alone)."""
         return read_pixels(self._dataset(), bands, TileWindow(row, col, height, width).to_rasterio())
 

@@ -30,21 +30,36 @@ from rasterio.errors import RasterioError
 from rasterio.transform import Affine
 
 from cdkd.data.classes import ClassSchema
-from cdkd.errors import CdkdIOError
 from cdkd.data.classraster import NODATA, class_tags, colormap, write_gis_legend
+from cdkd.errors import CdkdIOError
+from cdkd.inference.rowblend import CONFIDENCE_NODATA, FinishedRows
 from cdkd.scene.core.pyramid import Pyramid
 from cdkd.scene.core.source import SceneInfo
-from cdkd.inference.rowblend import CONFIDENCE_NODATA, FinishedRows
 from cdkd.utils.atomic import atomic_path
 
 BLOCK = 512
 OVERVIEW_CHUNK_ROWS = BLOCK  # overview rows are gathered into chunks of at least this many rows
 VRT_OPEN_SOURCES = 8  # chunk files a VRT keeps open while the COG is written
 QUEUE_ITEMS = 4  # finished bands waiting for the writer: bounds memory when writing falls behind
-CHUNK_PROFILE = dict(driver="GTiff", count=1, dtype="uint8", tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
-                     compress="zstd", zstd_level=1)
-COG_OPTIONS = dict(driver="COG", COMPRESS="DEFLATE", PREDICTOR="YES", BLOCKSIZE=BLOCK, BIGTIFF="IF_SAFER",
-                   OVERVIEWS="FORCE_USE_EXISTING", NUM_THREADS="ALL_CPUS")
+CHUNK_PROFILE = dict(
+    driver="GTiff",
+    count=1,
+    dtype="uint8",
+    tiled=True,
+    blockxsize=BLOCK,
+    blockysize=BLOCK,
+    compress="zstd",
+    zstd_level=1,
+)
+COG_OPTIONS = dict(
+    driver="COG",
+    COMPRESS="DEFLATE",
+    PREDICTOR="YES",
+    BLOCKSIZE=BLOCK,
+    BIGTIFF="IF_SAFER",
+    OVERVIEWS="FORCE_USE_EXISTING",
+    NUM_THREADS="ALL_CPUS",
+)
 
 
 def overview_factors(width: int, height: int, smallest: int = BLOCK) -> list[int]:
@@ -88,8 +103,12 @@ def write_chunk(path: Path, rows: np.ndarray, transform: Affine) -> None:
     """(n, W) uint8 ``rows`` as a closed GeoTIFF at ``path`` (temporary name, then rename); ``transform``: see
     ``chunk_transform``."""
     try:
-        with atomic_path(path) as tmp, rasterio.open(tmp, "w", width=rows.shape[1], height=rows.shape[0],
-                                                     transform=transform, **CHUNK_PROFILE) as dst:
+        with (
+            atomic_path(path) as tmp,
+            rasterio.open(
+                tmp, "w", width=rows.shape[1], height=rows.shape[0], transform=transform, **CHUNK_PROFILE
+            ) as dst,
+        ):
             dst.write(rows, 1)
     except (RasterioError, OSError) as e:
         raise CdkdIOError(f"{path}: cannot write ({e})") from None
@@ -163,12 +182,13 @@ class LayerChunks:
 
     def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         prefix = f"{self.layer.name}."
-        mine = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        mine = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
         self.pyramid.restore({"next_top": meta["next_top"], **mine})
         self.chunks = [[tuple(c) for c in level] for level in meta["chunks"]]
         self.pending_top = list(meta["pending_top"])
-        self.pending = [[mine[f"pending_{level}"]] if f"pending_{level}" in mine else []
-                        for level in range(self.levels + 1)]
+        self.pending = [
+            [mine[f"pending_{level}"]] if f"pending_{level}" in mine else [] for level in range(self.levels + 1)
+        ]
         self._remove_stale()
 
     def _remove_stale(self) -> None:
@@ -195,7 +215,9 @@ class LayerChunks:
             ET.SubElement(band, "Description").text = "confidence (255 x max softmax)"
         for top, rows in self.chunks[level]:
             src = ET.SubElement(band, "SimpleSource")
-            ET.SubElement(src, "SourceFilename", relativeToVRT="1").text = f"{self.folder.name}/{chunk_name(level, top)}"
+            ET.SubElement(
+                src, "SourceFilename", relativeToVRT="1"
+            ).text = f"{self.folder.name}/{chunk_name(level, top)}"
             ET.SubElement(src, "SourceBand").text = "1"
             rect = dict(xOff="0", xSize=str(width), ySize=str(rows))
             ET.SubElement(src, "SrcRect", yOff="0", **rect)
@@ -249,8 +271,15 @@ class SceneWriter:
     ``on_rows(finished)`` runs in the writer thread for every band (the engine's area tally).
     """
 
-    def __init__(self, partial: Path, info: SceneInfo, layers: list[Layer], times: Any,
-                 on_rows: Callable[[FinishedRows], None], threaded: bool = True) -> None:
+    def __init__(
+        self,
+        partial: Path,
+        info: SceneInfo,
+        layers: list[Layer],
+        times: Any,
+        on_rows: Callable[[FinishedRows], None],
+        threaded: bool = True,
+    ) -> None:
         self.partial, self.info, self.times, self.on_rows = partial, info, times, on_rows
         self.layers = {layer.name: LayerChunks(partial / layer.name, info, layer) for layer in layers}
         self._queue: queue.Queue = queue.Queue(QUEUE_ITEMS)
@@ -335,6 +364,14 @@ class SceneWriter:
         self.times.add("write", time.perf_counter() - start)
 
 
-__all__ = ["BLOCK", "Layer", "LayerChunks", "SceneWriter", "chunk_transform", "class_layers", "overview_factors",
-           "read_chunk",
-           "write_chunk"]
+__all__ = [
+    "BLOCK",
+    "Layer",
+    "LayerChunks",
+    "SceneWriter",
+    "chunk_transform",
+    "class_layers",
+    "overview_factors",
+    "read_chunk",
+    "write_chunk",
+]
