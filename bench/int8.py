@@ -343,7 +343,7 @@ def accuracy(args: argparse.Namespace) -> None:
                 print(f"| {name} | {n} | " + " | ".join(f"{100 * agree[k]:.2f} %" for k in models) + " |")
 
         if args.labeled is not None:
-            from cdkd.finetune.evaluate import evaluate
+            from cdkd.evaluation.semantic import evaluate
 
             print("\n| model | mIoU | OA | mF1 | mIoU - float32 |")
             print("|---|---|---|---|---|")

@@ -8,7 +8,7 @@ everywhere:
 - ``geodesic_area_perimeter``: polygons (the vectorizer's ``area_m2``/``perimeter_m`` on the ellipsoid), ring by
   ring, so a hole is subtracted and its boundary counted whatever the rings' orientation;
 - ``PixelAreas``: the ground area of every pixel of a raster, by row and column block (the scene report's
-  per-class areas through ``cdkd.scene.areas.ClassAreaTally``, and anything else that counts pixels);
+  per-class areas through ``cdkd.scene.core.areas.ClassAreaTally``, and anything else that counts pixels);
 - ``planar_scale_error``: how far a CRS's planar areas are from the ground over a raster's extent, which decides
   whether planar measures may stand for ground ones (``AREAL_TOLERANCE``, ``cdkd.vector.measure``).
 
