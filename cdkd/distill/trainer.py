@@ -42,20 +42,12 @@ from cdkd.train.checkpoint import restore_model, rng_state, set_rng_state, train
 from cdkd.train.distributed import DistContext, cleanup_distributed, init_distributed, resolve_device
 from cdkd.train.loop import StepLog, TrainLoop
 from cdkd.train.optim import adamw, check_train_config, lr_lambda
-from cdkd.train.rundir import RunDir, check_identity, check_resumable
+from cdkd.train.rundir import RESUMABLE_TRAINING_KEYS, RunDir, check_identity, check_resumable
 from cdkd.utils.paths import file_sha256, files_digest
 
 DEFAULT_STEPS = 1000
 # Settings a resumed run may change: they do not alter the trajectory (or, for steps, only extend it).
-RESUMABLE_KEYS = {
-    "train.steps",
-    "train.epochs",
-    "train.checkpoint_every",
-    "train.log_every",
-    "train.device",
-    "train.tensorboard",
-    "data.num_workers",
-    "data.root",
+RESUMABLE_KEYS = RESUMABLE_TRAINING_KEYS | {
     "teacher.checkpoint",
     "teacher.grad_checkpointing",
     "train.compile",

@@ -31,22 +31,12 @@ from cdkd.train.checkpoint import restore_model, rng_state, set_rng_state, train
 from cdkd.train.distributed import DistContext, resolve_device
 from cdkd.train.loop import TrainLoop
 from cdkd.train.optim import adamw, check_train_config, lr_lambda
-from cdkd.train.rundir import RunDir, check_identity, check_resumable
+from cdkd.train.rundir import RESUMABLE_TRAINING_KEYS, RunDir, check_identity, check_resumable
 from cdkd.utils.paths import file_sha256, files_digest
 
 CHECKPOINT_FORMAT = "cdkd.finetune-checkpoint"
 DEFAULT_EPOCHS = 30.0
-RESUMABLE_KEYS = {
-    "train.steps",
-    "train.epochs",
-    "train.checkpoint_every",
-    "train.log_every",
-    "train.device",
-    "train.tensorboard",
-    "data.num_workers",
-    "data.root",
-    "student",
-}
+RESUMABLE_KEYS = RESUMABLE_TRAINING_KEYS | {"student"}
 
 
 def run_dir(root: str | Path, task: str = "semantic") -> RunDir:

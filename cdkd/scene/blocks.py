@@ -46,6 +46,7 @@ from cdkd.scene.core.pipeline import (
     prefetcher_for,
 )
 from cdkd.scene.core.report import (
+    RunTotals,
     SceneReport,
     TileProgress,
     announce_bands,
@@ -298,25 +299,17 @@ def segment_scene_on_cluster(
                 times.add(stage, seconds)
         tally = ClassAreaTally(meta.num_classes, info.crs, info.transform, info.width, info.height)
         _assemble(partial, info, meta.classes, options.probs, results, tally, times, final, conf)
-        report = build_report(
-            scene=scene,
-            final=final,
-            conf=conf if options.probs else None,
-            runtime=kind_runtime,
-            info=info,
-            tile=tile,
-            overlap=overlap,
-            options=options,
-            tiles=sum(len(r) for r in plan),
-            counts=counts,
-            tally=tally,
-            seconds=time.perf_counter() - start,
-            resumed_from=0,
-            pixels_run=info.width * info.height,
-            bands=source.bands,
-            norm=source.norm,
-            stages=times.to_dict(),
+        totals = RunTotals(
+            sum(len(r) for r in plan),
+            counts,
+            tally,
+            time.perf_counter() - start,
+            0,
+            info.width * info.height,
+            times.to_dict(),
         )
+        outputs = (final, conf if options.probs else None)
+        report = build_report(scene, outputs, kind_runtime, source, (tile, overlap), options, totals)
         report = SceneReport(
             **{
                 **report.to_dict(),

@@ -50,6 +50,7 @@ from cdkd.scene.core.pipeline import (
 )
 from cdkd.scene.core.report import (
     Log,
+    RunTotals,
     SceneReport,
     TileProgress,
     announce_bands,
@@ -272,22 +273,14 @@ class _LocalRun:
         tops = [row[0].row for row in self.plan]
         first = tops[self.resumed_from] if self.resumed_from < len(tops) else info.height
         pixels_run = (info.height - first) * info.width
-        return build_report(
-            scene=self.scene,
-            final=final,
-            conf=conf if options.probs else None,
-            runtime=runtime,
-            info=info,
-            tile=self.tile,
-            overlap=self.overlap,
-            options=options,
-            tiles=sum(len(r) for r in self.plan),
-            counts=self.counts,
-            tally=self.tally,
-            seconds=seconds,
-            resumed_from=self.resumed_from,
-            pixels_run=pixels_run,
-            bands=self.source.bands,
-            norm=self.source.norm,
-            stages=self.times.to_dict(),
+        totals = RunTotals(
+            sum(len(r) for r in self.plan),
+            self.counts,
+            self.tally,
+            seconds,
+            self.resumed_from,
+            pixels_run,
+            self.times.to_dict(),
         )
+        outputs = (final, conf if options.probs else None)
+        return build_report(self.scene, outputs, runtime, self.source, (self.tile, self.overlap), options, totals)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Set
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +167,23 @@ def _short(value: Any) -> str:
     return text[:12] if len(text) == 64 else text
 
 
-def check_resumable(saved: dict[str, Any], now: dict[str, Any], allowed: set[str], where: Path) -> None:
+# Settings any resumed training run may change: they do not alter the trajectory (steps and epochs only extend
+# it). Each job adds its own (``cdkd.distill.trainer``, ``cdkd.finetune.trainer``).
+RESUMABLE_TRAINING_KEYS = frozenset(
+    {
+        "train.steps",
+        "train.epochs",
+        "train.checkpoint_every",
+        "train.log_every",
+        "train.device",
+        "train.tensorboard",
+        "data.num_workers",
+        "data.root",
+    }
+)
+
+
+def check_resumable(saved: dict[str, Any], now: dict[str, Any], allowed: Set[str], where: Path) -> None:
     """A resumed run must use its own configuration, except for the dotted keys in ``allowed``."""
     a, b = _flatten(saved), _flatten(now)
     changed = sorted(k for k in a if k not in allowed and a[k] != b.get(k))

@@ -14,7 +14,7 @@ from cdkd.progress import progress_bar
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.pipeline import RowCounts, reader_threads
 from cdkd.scene.core.runstate import model_sha256
-from cdkd.scene.core.source import SceneInfo, SceneSource
+from cdkd.scene.core.source import SceneSource
 
 if TYPE_CHECKING:
     from cdkd.inference.runtimes import Runtime
@@ -142,27 +142,33 @@ def provenance(runtime: Any, options: SegmentOptions, norm: Any, device: str) ->
     }
 
 
+@dataclass(frozen=True)
+class RunTotals:
+    """What one scene run counted, local or on a cluster: windows planned and run, class pixels and ground areas
+    (``ClassAreaTally``), time, and where a resumed run started."""
+
+    tiles: int
+    counts: RowCounts
+    tally: Any
+    seconds: float
+    resumed_from: int  # window rows done before this run
+    pixels_run: int  # scene pixels this run covered
+    stages: dict[str, float]  # seconds each stage was busy
+
+
 def build_report(
-    *,
     scene: str | Path,
-    final: Path,
-    conf: Path | None,
+    outputs: tuple[Path, Path | None],
     runtime: Runtime,
-    info: SceneInfo,
-    tile: int,
-    overlap: int,
+    source: SceneSource,
+    tiling: tuple[int, int],
     options: SegmentOptions,
-    tiles: int,
-    counts: RowCounts,
-    tally: Any,
-    seconds: float,
-    resumed_from: int,
-    pixels_run: int,
-    bands: tuple[int, ...],
-    norm: Any,
-    stages: dict[str, float],
+    totals: RunTotals,
 ) -> SceneReport:
-    """The report of one scene, local or on a cluster."""
+    """The report of one scene: ``outputs`` (class raster, confidence raster or None) written with ``runtime`` from
+    ``source`` in ``tiling`` (tile, overlap) windows, and the ``totals`` of the run."""
+    info, (final, conf), (tile, overlap) = source.info, outputs, tiling
+    tally, counts = totals.tally, totals.counts
     valid = int(tally.pixels.sum())
     areas = np.asarray(tally.area_m2, dtype=np.float64)
     classes = {
@@ -181,19 +187,19 @@ def build_report(
         tile_size=tile,
         overlap=overlap,
         batch_size=options.batch_size,
-        tiles=tiles,
+        tiles=totals.tiles,
         tiles_run=counts.run,
         tiles_skipped=counts.skipped,
         valid_pixels=valid,
         area_m2=round(float(areas.sum()), 2),
-        seconds=seconds,
-        mpx_per_s=pixels_run / 1e6 / max(seconds, 1e-9),
-        resumed_from_row=resumed_from,
-        pixels_this_run=pixels_run,
-        bands=list(bands),
+        seconds=totals.seconds,
+        mpx_per_s=totals.pixels_run / 1e6 / max(totals.seconds, 1e-9),
+        resumed_from_row=totals.resumed_from,
+        pixels_this_run=totals.pixels_run,
+        bands=list(source.bands),
         scene_bands=info.count,
-        **provenance(runtime, options, norm, runtime.blend_device),
-        stages=stages,
+        **provenance(runtime, options, source.norm, runtime.blend_device),
+        stages=totals.stages,
         classes=classes,
     )
 
