@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,8 @@ from cdkd.errors import CheckpointError
 from cdkd.models.student import build_student
 from cdkd.models.upernet import Segmenter
 from cdkd.utils.atomic import atomic_torch_save
+
+InfoT = TypeVar("InfoT", bound="SegmenterInfo")  # an artifact's info class: segmenter or detector
 
 STUDENT_FORMAT = "cdkd.student"
 STUDENT_VERSION = 1
@@ -261,7 +263,7 @@ def _save_with_head(path: str | Path, fmt: str, version: int, model: nn.Module, 
     )
 
 
-def _head_info(blob: dict[str, Any], cls: type[SegmenterInfo]) -> SegmenterInfo:
+def _head_info(blob: dict[str, Any], cls: type[InfoT]) -> InfoT:
     """The info of a student + head artifact read by ``_read_artifact``."""
     st = blob["student"]
     student = StudentInfo(

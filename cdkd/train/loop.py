@@ -141,7 +141,7 @@ class TrainLoop:
             sync = (
                 contextlib.nullcontext()
                 if micro == accum - 1 or not hasattr(self.net, "no_sync")
-                else self.net.no_sync()
+                else self.net.no_sync()  # type: ignore[operator]  # DistributedDataParallel's context manager
             )
             with sync:
                 loss, parts = objective.micro(next(batches), self.autocast)

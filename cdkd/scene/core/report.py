@@ -17,7 +17,7 @@ from cdkd.scene.core.runstate import model_sha256
 from cdkd.scene.core.source import SceneInfo, SceneSource
 
 if TYPE_CHECKING:
-    from cdkd.inference.runtimes import Runtime
+    from cdkd.inference.runtimes import RuntimeInfo
 
 __all__ = [
     "ClassArea",
@@ -147,7 +147,7 @@ def build_report(
     scene: str | Path,
     final: Path,
     conf: Path | None,
-    runtime: Runtime,
+    runtime: RuntimeInfo,
     info: SceneInfo,
     tile: int,
     overlap: int,
