@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,11 @@ from cdkd.errors import CheckpointError
 from cdkd.models.student import build_student
 from cdkd.models.upernet import Segmenter
 from cdkd.utils.atomic import atomic_torch_save
+
+if TYPE_CHECKING:
+    from cdkd.models.instance import Detector
+
+InfoT = TypeVar("InfoT", bound="SegmenterInfo")  # an artifact's info class: segmenter or detector
 
 STUDENT_FORMAT = "cdkd.student"
 STUDENT_VERSION = 1
@@ -261,7 +266,7 @@ def _save_with_head(path: str | Path, fmt: str, version: int, model: nn.Module, 
     )
 
 
-def _head_info(blob: dict[str, Any], cls: type[SegmenterInfo]) -> SegmenterInfo:
+def _head_info(blob: dict[str, Any], cls: type[InfoT]) -> InfoT:
     """The info of a student + head artifact read by ``_read_artifact``."""
     st = blob["student"]
     student = StudentInfo(
@@ -320,7 +325,7 @@ def save_detector(path: str | Path, detector: nn.Module, info: DetectorInfo) -> 
     _save_with_head(path, DETECTOR_FORMAT, DETECTOR_VERSION, detector, info)
 
 
-def load_detector(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, DetectorInfo]:
+def load_detector(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Detector, DetectorInfo]:
     """Rebuild the detector in ``detector.pt``; returns (``cdkd.models.instance.Detector`` in eval mode, its info)."""
     from cdkd.models.instance import Detector
 

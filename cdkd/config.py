@@ -13,13 +13,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar, cast
 
 import yaml
 
 from cdkd.errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 PATCH_SIZE = 16  # SAM and the ViT-S students all use 16 px patches
 
@@ -328,7 +331,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config", 
     for k, v in data.items():
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
-            kwargs[k] = from_dict(tp, v or {}, source=f"{source}: {k}", base=getattr(base, k))
+            kwargs[k] = from_dict(
+                cast("type[DataclassInstance]", tp), v or {}, source=f"{source}: {k}", base=getattr(base, k)
+            )
         else:
             kwargs[k] = _coerce(tp, v, f"{source}: {k}")
     return dataclasses.replace(base, **kwargs)
@@ -338,7 +343,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value or {}, source=where)
+        return from_dict(cast("type[DataclassInstance]", tp), value or {}, source=where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

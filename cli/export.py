@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import typer
 
@@ -124,7 +125,7 @@ def export_command(
         elif onnx_int8:
             _export_int8(
                 model,
-                out,
+                cast(Path, out),  # --out is required without --sidecar (checked above)
                 calib,
                 calib_tiles,
                 calib_method,
@@ -141,7 +142,7 @@ def export_command(
 
             res = task_of_model(model).export_onnx(
                 model,
-                out,
+                cast(Path, out),
                 opset=opset,
                 dynamic_batch=dynamic_batch,
                 batch_size=batch_size,
@@ -166,7 +167,7 @@ def export_command(
 
             res = build_engine(
                 model,
-                out,
+                cast(Path, out),
                 fp16=fp16,
                 int8=int8,
                 calib=calib,

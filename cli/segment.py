@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import typer
 
@@ -148,11 +148,11 @@ def segment_command(
 
         if (model is None) == (engine is None):
             raise CdkdValueError("give exactly one of --model segmenter.pt or --engine model.onnx|model.engine")
-        scenes = expand_scenes(scenes)
+        paths = expand_scenes(scenes)
         if (out is None) == (out_dir is None):
             raise CdkdValueError("give exactly one of --out FILE (one scene) or --out-dir DIR")
-        if out is not None and len(scenes) != 1:
-            raise CdkdValueError(f"--out names one output but {len(scenes)} scenes were given; use --out-dir")
+        if out is not None and len(paths) != 1:
+            raise CdkdValueError(f"--out names one output but {len(paths)} scenes were given; use --out-dir")
         flags = o.given(
             {
                 "tile_size": tile_size,
@@ -173,7 +173,7 @@ def segment_command(
         if options.resume and options.overwrite:
             raise CdkdValueError("--resume and --overwrite contradict each other; pick one")
         if preview:
-            outputs = [out] if out is not None else [dst for _, dst in plan_outputs(scenes, out_dir)]
+            outputs = [out] if out is not None else [dst for _, dst in plan_outputs(paths, cast(Path, out_dir))]
             _check_previews(outputs, options.overwrite or options.resume)  # a resumed run finishes its previews
         spec = RuntimeSpec(str(model or engine), o.value(runtime), device, amp.value, threads)
         task = task_of_model(spec.model, spec.runtime)
@@ -182,24 +182,26 @@ def segment_command(
             if scheduler is not None:
                 from cdkd.scene.blocks import segment_scene_on_cluster
 
-                report = segment_scene_on_cluster(scenes[0], spec, out, scheduler, options, block_rows)
+                report = segment_scene_on_cluster(paths[0], spec, out, scheduler, options, block_rows)
             else:
-                report = task.segment_scene(scenes[0], task.open_runtime(spec), out, options)
+                report = task.segment_scene(paths[0], task.open_runtime(spec), out, options)
             typer.echo(report.summary())
             if preview:
-                _write_preview(scenes[0], out, options.bands)
+                _write_preview(paths[0], out, options.bands)
             finish([*report.outputs(), preview_path(out) if preview else None])
             return
-        batch = segment_many(scenes, out_dir, spec, options, scheduler, on_error.value)
+        assert out_dir is not None  # exactly one of --out and --out-dir, checked above
+        batch = segment_many(paths, out_dir, spec, options, scheduler, on_error.value)
         for result in batch.scenes:
             if result.ok:
+                assert result.report is not None  # a scene that succeeded carries its report
                 typer.echo(scene_summary(result.report))
                 if preview:
                     _write_preview(result.scene, Path(result.output), options.bands)
             else:
                 print(f"Error: {result.error}", file=sys.stderr)
-        typer.echo(f"{len(batch.scenes) - len(batch.failed)} of {len(scenes)} scene(s) done in {batch.seconds:.1f} s")
-        if batch.failed or len(batch.scenes) < len(scenes):
+        typer.echo(f"{len(batch.scenes) - len(batch.failed)} of {len(paths)} scene(s) done in {batch.seconds:.1f} s")
+        if batch.failed or len(batch.scenes) < len(paths):
             raise typer.Exit(1)
         finish([r.output for r in batch.scenes])
 

@@ -79,8 +79,8 @@ def vectorize_command(
     with cli_errors():
         from cdkd.config import apply_overrides
         from cdkd.progress import finish
-        from cdkd.vector import vectorize
         from cdkd.vector.config import VectorizeConfig
+        from cdkd.vector.vectorize import vectorize
 
         cfg = VectorizeConfig.load(config) if config is not None else VectorizeConfig()
         cfg = apply_overrides(cfg, o.given(flags)).check()

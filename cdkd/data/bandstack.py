@@ -142,7 +142,7 @@ class BandStack:
         if unknown:
             raise CdkdValueError(f"{path}: unknown key(s) {', '.join(unknown)} in a band manifest")
         base = path.resolve().parent
-        opts = {
+        opts: dict[str, Any] = {
             "resampling": str(spec.get("resampling", "bilinear")),
             "wavelengths": None if spec.get("wavelengths") is None else str(spec["wavelengths"]),
         }
@@ -174,7 +174,7 @@ class BandStack:
         if self.spectral is not None:
             return items, self.spectral
         if self.wavelengths:
-            spectral = parse_wavelengths(self.wavelengths, len(items), [b.name for b in items])
+            spectral: BandSet | None = parse_wavelengths(self.wavelengths, len(items), [b.name for b in items])
             return items, spectral
         if all(b.band is not None for b in items):
             spectral = BandSet(tuple(b.band for b in items))  # type: ignore[misc]
@@ -233,7 +233,7 @@ class BandStack:
                 "xSize": b.width * t.a / g.a,
                 "ySize": b.height * t.e / g.e,
             }
-            ET.SubElement(src, "DstRect", **{k2: _num(v) for k2, v in dst.items()})
+            ET.SubElement(src, "DstRect", {k2: _num(v) for k2, v in dst.items()})
             if b.nodata is not None:
                 ET.SubElement(src, "NODATA").text = repr(float(b.nodata))
         return ET.tostring(root, encoding="unicode")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import numpy as np
 import yaml
@@ -320,7 +320,7 @@ class ClassSchema:
             if bad:
                 self._raise_unknown_values(path, bad)
             lut = np.zeros(hi + 1, dtype=np.int64)
-            lut[present] = mapped
+            lut[present] = cast("list[int]", mapped)  # no None left: unknown values raised above
             return lut[mask]
         values, inverse, counts = np.unique(mask, return_inverse=True, return_counts=True)
         mapped = [self._raw_to_id(int(v)) for v in values]

@@ -25,7 +25,7 @@ import fnmatch
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 
@@ -177,10 +177,10 @@ def _palette(n: int) -> list[tuple[int, int, int]]:
     while len(out) < n:
         h = (0.61803398875 * k) % 1.0
         v = 0.95 - 0.25 * ((k // 7) % 3)
-        rgb = tuple(round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, v))
+        rgb = cast("tuple[int, int, int]", tuple(round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, v)))
         if rgb not in seen:
             seen.add(rgb)
-            out.append(rgb)  # type: ignore[arg-type]
+            out.append(rgb)
         k += 1
     return out
 

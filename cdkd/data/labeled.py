@@ -22,7 +22,7 @@ import fnmatch
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, cast
 
 import numpy as np
 import torch
@@ -280,7 +280,7 @@ def _palette(src, schema: ClassSchema) -> dict[int, tuple[int, int, int]] | None
     if not cmap or _is_gray_ramp(cmap):
         return None
     colors = {i: tuple(int(c) for c in rgba[:3]) for i, rgba in cmap.items()}
-    return colors if set(colors.values()) & set(schema.colors) else None
+    return cast("dict[int, tuple[int, int, int]]", colors) if set(colors.values()) & set(schema.colors) else None
 
 
 def _decode_palette(

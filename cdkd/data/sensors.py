@@ -31,11 +31,11 @@ from cdkd.data.bands import Band, BandSet, normalize_band_name
 from cdkd.errors import CdkdValueError
 
 
-def _ranges(sensor: str, table: list[tuple[str, float, float]]) -> BandSet:
+def _ranges(sensor: str, table: Sequence[tuple[str, float, float]]) -> BandSet:
     return BandSet(tuple(Band((lo + hi) / 2, hi - lo, name) for name, lo, hi in table), sensor)
 
 
-def _centres(sensor: str, table: list[tuple[str, float, float]]) -> BandSet:
+def _centres(sensor: str, table: Sequence[tuple[str, float, float]]) -> BandSet:
     return BandSet(tuple(Band(c, w, name) for name, c, w in table), sensor)
 
 

@@ -31,7 +31,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from cdkd.data.bands import Band, BandSet, tolerance_nm
 from cdkd.data.sensors import TEACHER_RGB, band_set_from_names
@@ -419,13 +419,13 @@ class StacScene:
         srs = ET.Element("SRS")
         try:
             srs.text = CRS.from_user_input(self.crs).to_wkt()
-        except CRSError as e:
+        except CRSError as err:
             raise DataError(
-                f"{self.label}: its projection extension's CRS {self.crs!r} is not one GDAL knows ({e})"
+                f"{self.label}: its projection extension's CRS {self.crs!r} is not one GDAL knows ({err})"
             ) from None
         root.insert(0, srs)
         geo = root.find("GeoTransform")
-        if geo is not None and tuple(float(v) for v in geo.text.split(",")) == _IDENTITY:
+        if geo is not None and tuple(float(v) for v in cast(str, geo.text).split(",")) == _IDENTITY:
             sizes = {(r.get("xSize"), r.get("ySize")) for r in root.iter("SrcRect")}
             if self.transform is None or len(sizes) > 1:
                 raise DataError(

@@ -21,7 +21,10 @@ SURFACES = (
 
 def demo_schema() -> ClassSchema:
     """The demo's four classes (ids 0..3, 255 = ignore)."""
-    return ClassSchema(tuple(LandCoverClass(i, name, color) for i, (name, color, _, _) in enumerate(SURFACES)))
+    # LandCoverClass parses the "#RRGGBB" colours into RGB tuples
+    return ClassSchema(
+        tuple(LandCoverClass(i, name, color) for i, (name, color, _, _) in enumerate(SURFACES))  # type: ignore[arg-type]
+    )
 
 
 def _smooth_noise(rng: np.random.Generator, n: int, height: int, width: int, scale: int) -> np.ndarray:

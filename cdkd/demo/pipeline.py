@@ -190,6 +190,7 @@ def run_demo(
     vector = vectorize(landcover, polygons, min_area="4px", progress=progress)
 
     agreement = _agreement(landcover, data["truth"])
+    assert scene.confidence is not None  # probs=True writes the confidence raster
     outputs = {
         "scene": data["scene"],
         "student": student,

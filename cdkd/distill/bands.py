@@ -56,6 +56,7 @@ def choose_bands(
                 f"bands {','.join(map(str, default))} (--bands to choose)"
             )
         return _settled(cfg, default, n)
+    assert measured is not None  # picked is only found in a measured band set
     if picked != default:
         chosen = ", ".join(measured.bands[i - 1].label() for i in picked)
         log(

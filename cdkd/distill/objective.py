@@ -14,7 +14,7 @@ It returns the three unweighted losses; the loss weights come from :mod:`cdkd.di
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -124,7 +124,7 @@ class MaskCDKD(nn.Module):
         t_pred = self.teacher_decoder(t_last, grid)
         s_fill = mask if self.student.encodes_visible_only else None
         s_pred = self.student_decoder(s_last, grid, fill=s_fill)
-        rec = dict(patch_size=self.patch_size, norm_pix=self.cfg.norm_pix_loss, valid=patch_valid)
+        rec: dict[str, Any] = dict(patch_size=self.patch_size, norm_pix=self.cfg.norm_pix_loss, valid=patch_valid)
         t_mae = reconstruction_loss(t_pred, teacher_input(images), mask, **rec)
         s_mae = reconstruction_loss(s_pred, images, mask, **rec)
         return Losses(kd=kd, t_mae=t_mae, s_mae=s_mae)

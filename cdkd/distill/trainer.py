@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn as nn
@@ -169,10 +169,10 @@ class _Run:
         # which is how a resumed run rebuilds the same frozen random weights without storing them.
         torch.manual_seed(cfg.train.seed)
         teacher = self.recipe.build_teacher()
-        arch_args = {"img_size": cfg.data.tile_size, "in_chans": cfg.student.in_chans}
+        arch_args: dict[str, Any] = {"img_size": cfg.data.tile_size, "in_chans": cfg.student.in_chans}
         student = build_student(cfg.student.arch, **arch_args)
         if cfg.student.grad_checkpointing:
-            student.set_grad_checkpointing(True)
+            student.set_grad_checkpointing(True)  # type: ignore[operator]  # timm's method on every student
         model = self.recipe.build(teacher, student).to(self.device)
         done = apply_speedups(model, self.device, compile=cfg.train.compile, channels_last=cfg.train.channels_last)
         if any(done.values()):
@@ -189,7 +189,7 @@ class _Run:
         rasters = find_rasters(self.cfg.data.root, bands=self.cfg.data.bands, min_bands=self.cfg.student.in_chans or 1)
         require_one_dtype(rasters, self.cfg.data.root)
         cfg = self._settle_bands(rasters)
-        bands = cfg.data.bands
+        bands = cast("tuple[int, ...]", cfg.data.bands)  # settled just above
         rasters = readable(rasters, bands, cfg.data.root)
         if blob is not None:
             check_resumable(blob["config"], to_dict(cfg), RESUMABLE_KEYS, self.paths.checkpoints)
@@ -291,7 +291,7 @@ class _Run:
             )
             if self.ctx.is_main:
                 info = replace(info, provenance=self._provenance(steps, len(rasters)))
-                save_student(self.paths.artifact, model.student, info)
+                save_student(self.paths.artifact, cast(nn.Module, model.student), info)
             loop.finish(
                 {
                     "student": str(self.paths.artifact),

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from cdkd.errors import CdkdValueError, DataError, OutputExistsError
 from cdkd.progress import track
 from cdkd.scene.objects import SceneObject
 from cdkd.utils.atomic import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:
+    import shapely
 
 IOU_TYPES = ("bbox", "segm")
 SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
@@ -121,7 +124,7 @@ def object_results(
                 width,
                 (y0, x0, y1 - y0, x1 - x0),
             )
-        bx0, by0, bx1, by1 = obj.box if obj.box is not None else obj.polygon.bounds
+        bx0, by0, bx1, by1 = obj.box if obj.box is not None else cast("shapely.Polygon", obj.polygon).bounds
         out.append(
             {
                 "image_id": image_id,
@@ -135,7 +138,7 @@ def object_results(
 
 
 def match_footprints(
-    predicted: Sequence[Any], scores: Sequence[float], truth: Sequence[Any], iou: float = 0.5
+    predicted: Sequence[Any] | np.ndarray, scores: Sequence[float], truth: Sequence[Any] | np.ndarray, iou: float = 0.5
 ) -> dict[str, Any]:
     """Greedy one-to-one matching of predicted polygons (best score first) with labelled ones, in one CRS: a
     prediction matches the unmatched label it overlaps most if their IoU is at least ``iou`` (COCO's rule for
@@ -392,7 +395,7 @@ def draw_predictions(
                         np.asarray(obj.polygon.exterior.coords), closed=True, fill=False, edgecolor=color, linewidth=1.4
                     )
                 )
-            x0, y0, x1, y1 = obj.box if obj.box is not None else obj.polygon.bounds
+            x0, y0, x1, y1 = obj.box if obj.box is not None else cast("shapely.Polygon", obj.polygon).bounds
             ax.add_patch(
                 Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linestyle=":", linewidth=0.8)
             )

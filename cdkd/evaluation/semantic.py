@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,10 @@ from cdkd.inference.sliding import Predict, runtime_predict, sliding_window_logi
 from cdkd.progress import track
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 from cdkd.utils.paths import check_writable
+
+if TYPE_CHECKING:
+    from cdkd.data.labeled import LabeledPair
+    from cdkd.models.upernet import Segmenter
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class StageTimer:
     forward hooks while the model runs, so evaluation pays no extra forward pass. On CUDA each boundary
     synchronises the device (kernels are asynchronous; without it the split would be meaningless)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: Segmenter) -> None:
         self.encoder_s = self.decoder_s = 0.0
         cuda = any(p.is_cuda for p in model.parameters())
         self._sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -203,7 +207,7 @@ def evaluate(
     pairs = find_pairs(data, fmt, split)
     check_labels(pairs, schema, fmt)
     acc = MetricAccumulator(schema.num_classes, schema.ignore_index, class_names=schema.names)
-    iterator = pairs
+    iterator: Iterable[LabeledPair] = pairs
     if progress:
         iterator = track(pairs, desc="evaluate", unit="image")
     model = getattr(rt, "model", None)
@@ -241,4 +245,4 @@ def evaluate(
     atomic_write_text(outputs[1], metrics.markdown_table() + "\n")
     with atomic_path(outputs[2]) as tmp:
         metrics.plot_confusion(tmp)
-    return EvalOutputs(metrics, *outputs, cost=cost)
+    return EvalOutputs(metrics, outputs[0], outputs[1], outputs[2], cost=cost)

@@ -163,7 +163,7 @@ def fixed_position_embedding(encoder: Any, grid: int) -> Iterator[None]:
             )
             name = "_pos_embed"  # timm's own method
 
-            def fixed(x: torch.Tensor) -> torch.Tensor:  # timm's _pos_embed: (B, h, w, C) -> (B, h * w, C)
+            def fixed(x: torch.Tensor) -> torch.Tensor:  # type: ignore[misc]  # timm's _pos_embed: (B, h, w, C) -> (B, h * w, C)
                 b, _, _, c = x.shape
                 return encoder.pos_drop(x.view(b, -1, c) + pos)
 
@@ -196,6 +196,7 @@ def _trace(model: Any, meta: InferenceMeta, opset: int, batch: int, dynamic: boo
             external_data=False,
             verbose=False,
         )
+    assert program is not None  # the dynamo exporter returns its program
     return program.model_proto
 
 

@@ -393,7 +393,7 @@ def export_int8(
         float_parity = None
         if from_onnx:
             float_onnx = model
-            reference = OnnxRuntime(model, device="cpu")
+            reference: OnnxRuntime | TorchRuntime = OnnxRuntime(model, device="cpu")
         else:
             float_onnx = Path(tmp) / "float.onnx"
             float_parity = export_onnx(

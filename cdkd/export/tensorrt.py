@@ -174,7 +174,7 @@ def _calibrator(trt: Any, tiles: np.ndarray | None, batch: int, cache: Path) -> 
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)  # pybind11 bases must be initialised explicitly
             self.index = 0
-            self.buffer = None
+            self.buffer: torch.Tensor | None = None
             if tiles is not None:
                 self.buffer = torch.empty((batch, *tiles.shape[1:]), dtype=torch.float32, device="cuda")
 
@@ -184,6 +184,7 @@ def _calibrator(trt: Any, tiles: np.ndarray | None, batch: int, cache: Path) -> 
         def get_batch(self, names: list[str]) -> list[int] | None:
             if tiles is None or self.index + batch > len(tiles):
                 return None  # no more batches: calibration ends
+            assert self.buffer is not None  # allocated whenever there are tiles
             self.buffer.copy_(torch.from_numpy(tiles[self.index : self.index + batch]))
             torch.cuda.synchronize()  # TensorRT reads the buffer on its own stream
             self.index += batch

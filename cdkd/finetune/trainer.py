@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -97,7 +97,7 @@ def finetune(
     steps = cfg.train.steps if cfg.train.steps is not None else max(1, math.ceil(epochs * data.samples / per_step))
     if blob is not None and int(blob["step"]) >= steps and paths.artifact.is_file():
         log(f"{paths.root}: already finished at step {blob['step']}; nothing to do (give more --steps to go on)")
-        report = json.loads(paths.report.read_text()) if paths.report.is_file() else {}
+        report: Any = json.loads(paths.report.read_text()) if paths.report.is_file() else {}
         return FinetuneResult(paths.root, paths.artifact, int(blob["step"]), report.get("final_loss"), 0.0, cfg.task)
     torch.manual_seed(cfg.train.seed)
     model = task.build(student, data.schema, cfg).to(device)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cdkd.errors import CdkdValueError
 from cdkd.inference.runtimes import OnnxRuntime, TorchRuntime, check_batch
+
+if TYPE_CHECKING:
+    import torch
 
 MASK_THRESHOLD = 0.5  # Mask R-CNN's: a pixel belongs to the object where its mask probability is >= 0.5
 
@@ -60,7 +63,7 @@ class TorchDetectorRuntime(TorchRuntime):
         model, info = load_detector(path, map_location=self._device)
         return model.eval(), info.inference_meta()
 
-    def forward(self, batch: np.ndarray) -> Any:
+    def forward(self, batch: np.ndarray | torch.Tensor) -> Any:
         raise CdkdValueError(f"{self.path}: an instance model gives objects, not logits; call detect()")
 
     def detect(self, batch: np.ndarray) -> list[Detections]:

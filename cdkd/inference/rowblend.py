@@ -140,6 +140,7 @@ def first_argmax(x: Array, out: Array | None = None, scratch: ArgmaxScratch | No
     A pass per class; torch's own ``argmax(dim=0)`` reduces across memory strides and was ~5x slower (numpy's
     ``argmax(axis=0)`` ~1.4x). Numpy: ``scratch`` holds the running maximum and comparison between calls.
     """
+    index: np.ndarray | torch.Tensor  # one name for both paths
     if isinstance(x, np.ndarray):
         shape = x.shape[1:]
         best, better = (
@@ -153,11 +154,11 @@ def first_argmax(x: Array, out: Array | None = None, scratch: ArgmaxScratch | No
             np.maximum(best, x[k], out=best)
             np.putmask(index, better, k)
         return index
-    best = x[0].clone()
-    index = torch.zeros(best.shape, dtype=torch.uint8, device=x.device) if out is None else out.zero_()
+    peak = x[0].clone()
+    index = torch.zeros(peak.shape, dtype=torch.uint8, device=x.device) if out is None else out.zero_()
     for k in range(1, x.shape[0]):
-        better = x[k] > best
-        best = torch.maximum(best, x[k])
+        better = x[k] > peak
+        peak = torch.maximum(peak, x[k])
         index.masked_fill_(better, k)
     return index
 
@@ -453,6 +454,7 @@ class PlanBlender:
             regions += [(m0, m1, c, d) for c, d in self._shared_cols]
         rows = slice(a - self.top, b - self.top)
         if self.output == "logits":
+            assert self._direct_logits is not None  # kept whenever the output is logits
             out = (
                 self._arrays.copy(self._direct_logits[:, rows])
                 if m0 < m1

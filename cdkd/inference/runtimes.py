@@ -36,6 +36,28 @@ SUFFIXES = {
 AMP_MODES = ("auto", "none", "fp16", "bf16")
 
 
+class RuntimeInfo(Protocol):
+    """What reports and resume fingerprints read of a runtime: also met by a model that runs on dask workers."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def meta(self) -> InferenceMeta: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def blend_device(self) -> str: ...
+
+    @property
+    def options(self) -> dict: ...
+
+
 class Runtime(Protocol):
     """(B, C, T, T) float32 normalised tiles -> (B, K, T, T) float32 logits, with the model's metadata."""
 
@@ -114,7 +136,7 @@ class TorchRuntime:
     autocast on a CPU with native bf16 when asked for (``amp="bf16"``; "auto" keeps float32 there)."""
 
     name = "torch"
-    max_batch = None
+    max_batch: int | None = None
     fixed_tile = False  # the ViT resamples its position embedding: any multiple of the patch size
     takes_tensors = True  # forward also takes a float32 tensor batch already on the device
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
@@ -170,5 +170,5 @@ def pad_to_tile(
     if mode == "constant":
         padded = np.pad(array, pad, mode="constant", constant_values=value)
     else:
-        padded = np.pad(array, pad, mode=mode)
+        padded = np.pad(array, pad, mode=cast(Literal["reflect", "symmetric", "edge"], mode))  # checked above
     return padded, (h, w)

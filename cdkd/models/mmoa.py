@@ -18,7 +18,7 @@ exactly at initialisation, and the gate sits in the steep middle of its softmax 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -177,5 +177,5 @@ class MMoA(nn.Module):
         streams, weights = self.stream_weights(h)
         if weights is None:
             return torch.stack(streams, dim=0).sum(0)
-        mixed = sum(weights[..., j : j + 1] * s for j, s in enumerate(streams))
+        mixed = cast(torch.Tensor, sum(weights[..., j : j + 1] * s for j, s in enumerate(streams)))
         return mixed * self.num_streams

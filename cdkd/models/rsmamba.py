@@ -171,4 +171,4 @@ class RSMamba(TokenGridBackbone):
         trunc_normal_(self.mask_token, std=0.02)
         with torch.no_grad():
             for blk in self.blocks:
-                blk.mixer.out_proj.weight.div_(math.sqrt(self.depth))
+                blk.mixer.out_proj.weight.div_(math.sqrt(self.depth))  # type: ignore[union-attr, operator]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,10 @@ from cdkd.errors import SAM_CHECKPOINT_HELP, CdkdValueError, CheckpointError
 from cdkd.models.kernels.sam_attention import fuse_sam_attention
 from cdkd.models.mmoa import MMoA
 from cdkd.utils.paths import file_sha256
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import ImageEncoderViT
+    from segment_anything.modeling.image_encoder import Block as SamBlock
 
 # SAM variant -> (embed dim, 0-based global-attention blocks), as in segment_anything/build_sam.py.
 # vit_t is SAM's architecture at a small size (8 blocks, 256-d, 8 px windows) for CPU experiments such as
@@ -129,7 +133,7 @@ def _read_encoder_state(path: Path, variant: str) -> dict[str, torch.Tensor]:
 class AdaptedBlock(nn.Module):
     """SAM's ``Block`` with its FFN branch replaced by :class:`MMoA`; attention and norms are SAM's own modules."""
 
-    def __init__(self, block: nn.Module, mmoa: MMoA) -> None:
+    def __init__(self, block: SamBlock, mmoa: MMoA) -> None:
         super().__init__()
         self.norm1, self.attn, self.norm2 = block.norm1, block.attn, block.norm2
         self.window_size = block.window_size
@@ -157,7 +161,7 @@ class MMoATeacher(nn.Module):
     without the N x N score matrix, on CUDA, and segment-anything's own code on the CPU; same parameters either way.
     """
 
-    def __init__(self, encoder: nn.Module, cfg: TeacherConfig) -> None:
+    def __init__(self, encoder: ImageEncoderViT, cfg: TeacherConfig) -> None:
         super().__init__()
         self.cfg = cfg
         fuse_sam_attention(encoder, cfg.attention)

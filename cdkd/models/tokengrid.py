@@ -77,7 +77,7 @@ class TokenGridBackbone(nn.Module):
             bias=bias,
             strict_img_size=False,
         )
-        self.base_grid: tuple[int, int] = tuple(self.patch_embed.grid_size)  # type: ignore[assignment]
+        self.base_grid: tuple[int, int] = tuple(self.patch_embed.grid_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.base_grid[0] * self.base_grid[1], embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.feature_info = [
@@ -190,7 +190,7 @@ class TokenGridBackbone(nn.Module):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise CdkdValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(self.depth, indices)
+        take_indices, max_index = feature_take_indices(self.depth, indices)  # type: ignore[arg-type]  # any sequence
         t, layout = self._embed(x)
         # Without the final tokens there is no reason to run blocks past the last one taken.
         last = max_index if stop_early or intermediates_only else None

@@ -159,6 +159,7 @@ class UPerHead(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
         # Small classifier init (mmseg: normal std 0.01): initial logits near 0, i.e. a uniform prediction.
         nn.init.normal_(self.classifier.weight, std=0.01)
+        assert self.classifier.bias is not None  # Conv2d's bias=True
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -193,6 +194,7 @@ class LinearHead(nn.Module):
         self.norm = nn.BatchNorm2d(total)
         self.classifier = nn.Conv2d(total, num_classes, kernel_size=1)
         nn.init.normal_(self.classifier.weight, std=0.01)
+        assert self.classifier.bias is not None  # Conv2d's bias=True
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:

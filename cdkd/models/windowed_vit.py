@@ -55,7 +55,7 @@ class WindowedBlock(Block):
         super().__init__(*args, **kwargs)
         self.is_global = is_global
         # The manual (unfused) path of timm's Attention materialises the full score matrix; never take it.
-        self.attn.fused_attn = True
+        self.attn.fused_attn = True  # type: ignore[assignment]  # timm's Attention flag, not a submodule
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, num_windows: int = 1, attn_mask: torch.Tensor | None = None

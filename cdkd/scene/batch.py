@@ -98,7 +98,8 @@ def scene_stem(scene: str | Path) -> str:
 
 def plan_outputs(scenes: Sequence[str | Path], out_dir: str | Path) -> list[tuple[str | Path, Path]]:
     """(scene, OUT_DIR/<stem>.tif) pairs; two scenes with one stem would write one file, so that is refused."""
-    pairs, seen = [], {}
+    pairs: list[tuple[str | Path, Path]] = []
+    seen: dict[Path, str | Path] = {}
     for s in scenes:
         out = Path(out_dir) / f"{scene_stem(s)}.tif"
         if out in seen:
@@ -152,19 +153,23 @@ def segment_many(
 
 
 def _run_local(
-    pairs: list[tuple[Path, Path]], spec: RuntimeSpec, options: SegmentOptions, on_error: str
+    pairs: list[tuple[str | Path, Path]], spec: RuntimeSpec, options: SegmentOptions, on_error: str
 ) -> list[SceneResult]:
     runtime = spec.open()
-    results = []
+    results: list[SceneResult] = []
     for scene, out in pairs:
-        results.append(_result(scene, out, lambda s=scene, o=out: segment_scene(s, runtime, o, options)))
+
+        def run(s: str | Path = scene, o: Path = out) -> SceneReport:
+            return segment_scene(s, runtime, o, options)
+
+        results.append(_result(scene, out, run))
         if not results[-1].ok and on_error == "fail":
             break
     return results
 
 
 def _run_cluster(
-    pairs: list[tuple[Path, Path]], spec: RuntimeSpec, options: SegmentOptions, scheduler: str, on_error: str
+    pairs: list[tuple[str | Path, Path]], spec: RuntimeSpec, options: SegmentOptions, scheduler: str, on_error: str
 ) -> list[SceneResult]:
     client = connect(scheduler)
     from distributed import as_completed
@@ -173,7 +178,7 @@ def _run_cluster(
     with client:
         register_runtime(client, spec)
         futures = {client.submit(_segment_on_worker, str(s), str(o), options, pure=False): (s, o) for s, o in pairs}
-        done: dict[Path, SceneResult] = {}
+        done: dict[str | Path, SceneResult] = {}
         for future in as_completed(futures):
             scene, out = futures[future]
             try:

@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import rasterio
@@ -128,14 +128,17 @@ def _marker(partial: Path, kind: str, index: int) -> Path:
 
 def _write_rows(partial: Path, rows: FinishedRows, transform: Affine) -> tuple[int, int]:
     at = chunk_transform(transform, 0, rows.top)
-    write_chunk(partial / "classes" / chunk_name(0, rows.top), rows.classes, at)
+    # a scene's rows carry classes (only evaluation's carry logits alone)
+    write_chunk(partial / "classes" / chunk_name(0, rows.top), cast(np.ndarray, rows.classes), at)
     if rows.confidence is not None:
         write_chunk(partial / "confidence" / chunk_name(0, rows.top), rows.confidence, at)
     return rows.top, rows.rows
 
 
 def _save_partials(path: Path, **partials: Partial | None) -> None:
-    arrays = {f"{name}.{k}": v for name, p in partials.items() if p is not None for k, v in p.state().items()}
+    arrays: dict[str, Any] = {
+        f"{name}.{k}": v for name, p in partials.items() if p is not None for k, v in p.state().items()
+    }
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -234,7 +237,11 @@ def run_seam(job: _Job, upper: int, *done: Any) -> dict[str, Any]:
     chunks = (
         []
         if tail is None
-        else [_write_rows(partial_dir, merge_seam(tail, head, job.options.probs), Affine.from_gdal(*job.transform))]
+        else [
+            _write_rows(
+                partial_dir, merge_seam(tail, cast(Partial, head), job.options.probs), Affine.from_gdal(*job.transform)
+            )
+        ]
     )
     result = {"seam": upper, "chunks": chunks}
     atomic_write_text(marker, json.dumps(result))
@@ -381,7 +388,7 @@ def _assemble(
         info,
         class_layers(schema, probs),
         times,
-        on_rows=lambda rows: tally.add(rows.top, rows.classes),
+        on_rows=lambda rows: tally.add(rows.top, cast(np.ndarray, rows.classes)),
         threaded=False,
     )
     for top, _ in chunks:

@@ -39,7 +39,7 @@ def register_runtime(client: Any, spec: RuntimeSpec) -> None:
 
         def __init__(self, spec: RuntimeSpec) -> None:
             self.spec = spec
-            self.runtime = None
+            self.runtime: Runtime | None = None
 
         def setup(self, worker: Any) -> None:
             self.runtime = self.spec.open()
@@ -52,4 +52,5 @@ def worker_runtime() -> tuple[Runtime, str]:
     from distributed import get_worker
 
     worker = get_worker()
-    return worker.plugins[PLUGIN_NAME].runtime, worker.address
+    plugin: Any = worker.plugins[PLUGIN_NAME]  # the RuntimePlugin that register_runtime put there
+    return plugin.runtime, worker.address

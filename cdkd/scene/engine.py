@@ -23,7 +23,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import rasterio
@@ -154,7 +154,7 @@ class _LocalRun:
             info,
             class_layers(self.runtime.meta.classes, options.probs),
             self.times,
-            on_rows=lambda rows: self.tally.add(rows.top, rows.classes),
+            on_rows=lambda rows: self.tally.add(rows.top, cast(np.ndarray, rows.classes)),
         )
         blender = self.blender()
         if state is not None:

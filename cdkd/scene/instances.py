@@ -58,7 +58,7 @@ from cdkd.scene.core.runstate import (
     save_state,
 )
 from cdkd.scene.core.source import SceneSource
-from cdkd.scene.objects import MERGE_IOU, ObjectMerger, SceneObject, mask_polygon
+from cdkd.scene.objects import MERGE_IOU, Box, ObjectMerger, SceneObject, mask_polygon
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 
 DEFAULT_MIN_SCORE = 0.5
@@ -81,14 +81,17 @@ def window_objects(
     window: TileWindow,
     valid: np.ndarray | None,
     min_score: float,
-) -> tuple[list[shapely.Polygon | None], list[int], list[float], list[tuple[float, ...]]]:
+) -> tuple[list[shapely.Polygon | None], list[int], list[float], list[Box]]:
     """(mask polygons in image px or None, class ids, scores, boxes in image px) of one window's ``Detections``
     scoring at least ``min_score``, in the order of ``ObjectMerger.add``'s arguments.
 
     Masks are cropped to the window (tiles of images smaller than the tile are padded) and to its valid pixels;
     boxes to the window.
     """
-    polygons, classes, scores, boxes = [], [], [], []
+    polygons: list[shapely.Polygon | None] = []
+    classes: list[int] = []
+    scores: list[float] = []
+    boxes: list[Box] = []
     h, w = window.shape
     for k in np.flatnonzero(det.scores >= min_score):
         mask = det.masks[k][:h, :w]

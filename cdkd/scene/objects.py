@@ -23,6 +23,7 @@ plain arrays, for the scene engine's checkpoints.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import shapely
@@ -148,7 +149,7 @@ class ObjectMerger:
         bounds = np.array([p.bounds for p in old]).reshape(-1, 4)
         boxes = boxes if boxes is not None else [tuple(shapely.bounds(p).tolist()) for p in polygons]
         for poly, cid, score, box in zip(polygons, class_ids, scores, boxes):
-            box = tuple(float(v) for v in box)
+            box = cast(Box, tuple(float(v) for v in box))
             if poly is None:  # no mask pixel: the box, on pixel edges, stands in for joining
                 x0, y0 = np.floor(box[:2])
                 x1, y1 = np.maximum(np.ceil(box[2:]), (x0 + 1, y0 + 1))
@@ -158,7 +159,7 @@ class ObjectMerger:
             else:
                 piece = _Piece(poly, int(cid), float(score), window, self._new_group(), box)
             x0, y0, x1, y1 = piece.bounds
-            near = (
+            near: np.ndarray | list[int] = (
                 np.flatnonzero((bounds[:, 0] < x1) & (bounds[:, 2] > x0) & (bounds[:, 1] < y1) & (bounds[:, 3] > y0))
                 if len(old)
                 else []
@@ -171,7 +172,7 @@ class ObjectMerger:
                         self._parent[max(a, b)] = min(a, b)  # the older group's id survives
             self.pieces.append(piece)
 
-    def _same(self, p: _Piece, q: _Piece) -> bool:
+    def _same(self, p: _Piece, q: _Piece) -> bool | np.bool_:
         """IoU of the two pieces' pixels inside the part of the image both their windows see (exact, in pixels;
         polygon overlays of pixel-edged shapes that touch along edges trip GEOS)."""
         a, b = p.window, q.window

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 
@@ -135,7 +135,7 @@ def _chunk_classes(
             continue
         a, b = max(finished.top, y0), min(finished.top + finished.rows, y1)
         if a < b:
-            out[a - y0 : b - y0] = finished.classes[a - finished.top : b - finished.top]
+            out[a - y0 : b - y0] = cast(np.ndarray, finished.classes)[a - finished.top : b - finished.top]
     return out
 
 

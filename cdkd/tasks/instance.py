@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn as nn
@@ -146,7 +146,7 @@ class InstanceTask(Task):
     def save(
         self, path: Path, model: nn.Module, student: StudentInfo, schema: ClassSchema, tile: int, overlap: int
     ) -> None:
-        save(path, model, student, schema, tile, overlap)
+        save(path, cast(Detector, model), student, schema, tile, overlap)  # this task's model
 
     def report(self, data: TrainingData) -> dict[str, Any]:
         return {"images": data.samples}

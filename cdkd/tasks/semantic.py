@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -95,8 +95,9 @@ class SemanticTask(Task):
     def save(
         self, path: Path, model: nn.Module, student: StudentInfo, schema: ClassSchema, tile: int, overlap: int
     ) -> None:
-        info = SegmenterInfo(student=student, head=model.config(), classes=schema, tile_size=tile, overlap=overlap)
-        save_segmenter(path, model, info)
+        segmenter = cast(Segmenter, model)  # this task's model
+        info = SegmenterInfo(student=student, head=segmenter.config(), classes=schema, tile_size=tile, overlap=overlap)
+        save_segmenter(path, segmenter, info)
 
     def report(self, data: TrainingData) -> dict[str, Any]:
         return {"pairs": data.samples}

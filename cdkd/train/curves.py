@@ -123,7 +123,7 @@ def draw_curves(history: History, out: str | Path, title: str) -> Path:
 def _draw_panel(ax: Axes, history: History, panel: Panel, keys: list[str]) -> None:
     ax.set_title(panel.title if panel is not OTHER or len(keys) > 2 else ", ".join(keys), fontsize=9)
     ax.grid(True, alpha=0.3, linewidth=0.5)
-    ax.xaxis.get_major_locator().set_params(integer=True)  # steps: no 1.5 on a run of a few steps
+    ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]  # MaxNLocator's; steps: no 1.5 on a run of a few steps
     series = [history.series(key) for key in keys]
     pos = np.concatenate([values[values > 0] for _, values in series])
     log = panel.log and len(pos) > 0 and pos.max() >= LOG_SPAN * pos.min()

@@ -39,7 +39,7 @@ class History:
         rows: dict[int, dict[str, Any]] = {}
         events = []
         for row in read_metrics(Path(path)):
-            step = row.get("step")
+            step: Any = row.get("step")
             if not is_number(step):
                 continue
             if "event" in row:

@@ -18,7 +18,7 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import torch
 import torch.nn as nn
@@ -53,7 +53,7 @@ class Objective(Protocol):
 
     def micro(
         self, batch: Any, autocast: Callable[[], contextlib.AbstractContextManager]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    ) -> tuple[torch.Tensor, Mapping[str, torch.Tensor | float]]:
         """The loss of one micro-batch (its forward under ``autocast()``) and its parts."""
 
     def end_step(self, parts: dict[str, torch.Tensor | float]) -> StepLog:
@@ -141,7 +141,7 @@ class TrainLoop:
             sync = (
                 contextlib.nullcontext()
                 if micro == accum - 1 or not hasattr(self.net, "no_sync")
-                else self.net.no_sync()
+                else self.net.no_sync()  # type: ignore[operator]  # DistributedDataParallel's context manager
             )
             with sync:
                 loss, parts = objective.micro(next(batches), self.autocast)

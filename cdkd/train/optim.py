@@ -27,7 +27,8 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, fused: bool | None =
     every trainable parameter is a CUDA floating-point tensor (build the optimiser after moving the model), else
     torch's default multi-tensor form (the CPU's optimiser is unchanged).
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

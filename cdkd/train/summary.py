@@ -24,7 +24,10 @@ from cdkd.utils.paths import check_writable
 from cdkd.utils.runlock import describe, holder
 
 # The artifact each kind of run ends with (the trainers' ``run_dir``): kind -> method -> file name.
-ARTIFACTS = {"distill": {None: "student.pt"}, "finetune": {"semantic": "segmenter.pt", "instance": "detector.pt"}}
+ARTIFACTS: dict[str, dict[str | None, str]] = {
+    "distill": {None: "student.pt"},
+    "finetune": {"semantic": "segmenter.pt", "instance": "detector.pt"},
+}
 KINDS = {"distill": "distillation run", "finetune": "fine-tuning run"}
 PICTURE_FORMATS = (".png", ".pdf", ".svg")
 LOSS_PANELS = ("loss", "terms")
@@ -81,7 +84,10 @@ class RunSummary:
             rows.append(("losses", ", ".join(f"{k} {v:.4g}" for k, v in self.losses.items())))
         if self.stage is not None or self.ratio is not None:
             rows.append(
-                ("stage", ", ".join(filter(None, [self.stage, self.ratio is not None and f"r {self.ratio:.3f}"])))
+                (
+                    "stage",
+                    ", ".join(filter(None, [self.stage, f"r {self.ratio:.3f}" if self.ratio is not None else None])),
+                )
             )
         rows += [(key, f"{value:.4g}") for key, value in self.extra.items()]
         if self.images_per_s is not None:
@@ -153,12 +159,12 @@ def _summarize(root: Path, total: int | None) -> tuple[RunSummary, History]:
     kind, method, paths = identify(root)
     history = History.read(paths.metrics)
     cfg, report = _read_config(paths.config), _read_json(paths.report)
-    steps_cfg = (cfg.get("train") or {}).get("steps")
+    train: dict[str, Any] = cfg.get("train") or {}
+    steps_cfg: Any = train.get("steps")
     if total is None:
         # config.yaml is rewritten by every session (a resume may ask for more steps than report.json's run had)
-        total = int(steps_cfg) if is_number(steps_cfg) else report.get("steps")
-        if not is_number(total) or total < history.step:
-            total = None
+        steps: Any = int(steps_cfg) if is_number(steps_cfg) else report.get("steps")
+        total = None if not is_number(steps) or steps < history.step else steps
     last = history.last
     loss_keys = [k for k in history.columns() if any(p.name in LOSS_PANELS and p.holds(k) for p in PANELS)]
     ckpts = list_checkpoints(paths.checkpoints)

@@ -66,7 +66,7 @@ def describe(info: dict[str, Any]) -> str:
     return f"pid {info.get('pid', '?')} on {info.get('host', '?')}{since}"
 
 
-def in_use_error(folder: str | Path, info: dict[str, Any], what: str) -> RunInUseError:
+def in_use_error(folder: str | Path, info: dict[str, Any], what: str | Path) -> RunInUseError:
     return RunInUseError(
         f"{what}: another cdkd run is writing it ({describe(info)}; its lock is {lock_path(folder)}); "
         "wait for it to finish or stop it first"

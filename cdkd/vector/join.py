@@ -165,8 +165,8 @@ def join_pieces(pieces: list[shapely.Polygon]) -> shapely.Polygon:
     """One polygon from the pieces of a component (pixel coordinates; they share edges along strip borders)."""
     if len(pieces) == 1:
         return pieces[0]
-    pieces = np.asarray(pieces, dtype=object)
-    start, end = _boundary_edges(pieces)
+    array = np.asarray(pieces, dtype=object)
+    start, end = _boundary_edges(array)
     path, ring = _walk(start, end)
     xy, ring = _drop_collinear(start[path], ring)
     del start, end, path
@@ -179,7 +179,7 @@ def join_pieces(pieces: list[shapely.Polygon]) -> shapely.Polygon:
     xy, ring = _closed(xy.astype(np.float64), ring)
     walked = shapely.linearrings(xy, indices=ring)
     del xy, ring
-    rings, owner = shapely.get_rings(pieces, return_index=True)
+    rings, owner = shapely.get_rings(array, return_index=True)
     holes = rings[np.r_[False, owner[1:] == owner[:-1]]]  # each piece's first ring is its shell
     del rings
     inner = np.concatenate([np.delete(walked, shells[0]), holes])

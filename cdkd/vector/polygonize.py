@@ -149,7 +149,7 @@ class StripMerger:
 
     def add(
         self, polygons: np.ndarray, classes: np.ndarray, ids: np.ndarray, valid: np.ndarray, row0: int, last: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Add the polygons of strip rows ``[row0, row0 + h)`` (from ``polygonize``) and its ids/validity (h, W).
 
         Returns an iterator over batches of the polygons that are now final, in pixel coordinates, and their
@@ -168,6 +168,7 @@ class StripMerger:
         comp = np.full(len(polygons), -1, dtype=np.int64)
         comp[moving] = [self._new(polygons[i], int(classes[i])) for i in moving]
         if linked:
+            assert self._last_row is not None  # set with the border it links across
             columns = contacts(*self._last_row, ids[0], valid[0])
             if len(columns):
                 # a contact run links the piece above whose bottom edge spans it to the piece below whose top

@@ -87,6 +87,7 @@ def inspect(path: str | Path, classes: str | Path | None = None) -> ClassRaster:
                 metres_per_unit(src.crs)
         except DataError as e:
             raise DataError(f"{path}: {e}") from None
+        schema: ClassSchema | None
         if classes is not None:
             schema, legend = ClassSchema.load(classes), str(classes)
         else:

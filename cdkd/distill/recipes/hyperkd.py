@@ -29,7 +29,7 @@ the mean saliency percentile of the masked patches (0.5 = uniform masking).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -71,6 +71,10 @@ class HyperKD(nn.Module):
         weights: (T, C) alignment weights (``cdkd.data.alignment.alignment_weights``).
         norm: the data's statistics: the spectral term measures angles in the data's units.
     """
+
+    align_weights: torch.Tensor  # buffers, registered in __init__
+    band_mean: torch.Tensor
+    band_std: torch.Tensor
 
     def __init__(
         self, teacher: nn.Module, student: nn.Module, cfg: HyperKDConfig, weights: np.ndarray, norm: NormStats
@@ -251,7 +255,7 @@ class HyperKDRecipe(Recipe):
         weights, _, _ = self.alignment()
         if self.settings.init_patch_embed:
             init_patch_embed(student, teacher, weights)
-        return HyperKD(teacher, student, self.settings, weights, self.stats)  # type: ignore[arg-type]
+        return HyperKD(teacher, student, self.settings, weights, self.stats)
 
     def dataset(self, rasters: Sequence[RasterInfo], stats: NormStats) -> Dataset:
         return PatchDraws(super().dataset(rasters, stats), self.cfg.data.tile_size, seed=self.cfg.train.seed)
@@ -283,7 +287,8 @@ def init_patch_embed(student: nn.Module, teacher: nn.Module, weights: np.ndarray
     """Set the student's patch-embedding filters from the teacher's through the alignment ``weights`` (T, C)
     (``cdkd.data.alignment.patch_embed_from_teacher``); its bias too when the widths agree. Every cdkd student
     and SAM keep the embedding in ``patch_embed.proj`` (a 16 x 16 stride-16 convolution)."""
-    s_conv, t_conv = student.patch_embed.proj, teacher.patch_embed.proj
+    s_conv = cast(nn.Conv2d, student.patch_embed.proj)  # type: ignore[union-attr]
+    t_conv = cast(nn.Conv2d, teacher.patch_embed.proj)  # type: ignore[union-attr]
     if tuple(s_conv.kernel_size) != tuple(t_conv.kernel_size):
         raise CdkdValueError(
             f"hyperkd: student patch {tuple(s_conv.kernel_size)} and teacher patch "

@@ -8,7 +8,7 @@ the random streams are those of the trainer before recipes existed, so earlier r
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,9 @@ from cdkd.distill.objective import MaskCDKD
 from cdkd.distill.recipes.base import Event, LossControl, Recipe
 from cdkd.distill.schedule import LossSchedule
 from cdkd.errors import CdkdValueError
+
+if TYPE_CHECKING:
+    from cdkd.models.teacher import MMoATeacher
 
 TERMS = ("kd", "t_mae", "s_mae")
 
@@ -87,7 +90,10 @@ class MaskCDKDRecipe(Recipe):
         return build_teacher(self.cfg.teacher)
 
     def build(self, teacher: nn.Module, student: nn.Module) -> nn.Module:
-        return MaskCDKDObjective(teacher, student, self.settings, in_chans=self.cfg.student.in_chans)
+        # the teacher build_teacher made; in_chans settled with the bands (cdkd.distill.bands) before building
+        return MaskCDKDObjective(
+            cast("MMoATeacher", teacher), student, self.settings, in_chans=cast(int, self.cfg.student.in_chans)
+        )
 
     def dataset(self, rasters: Sequence[RasterInfo], stats: NormStats) -> Dataset:
         from cdkd.data import UnlabeledTiles

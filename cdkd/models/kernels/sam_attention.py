@@ -27,12 +27,17 @@ checkpoints load unchanged whichever form runs.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from cdkd.errors import CdkdValueError
+
+if TYPE_CHECKING:
+    from segment_anything.modeling.image_encoder import Attention as SamAttention
+    from segment_anything.modeling.image_encoder import ImageEncoderViT
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -135,7 +140,7 @@ class FusedSamAttention(nn.Module):
     """segment-anything's ``Attention`` computed by ``impl`` (see ``ATTENTION_IMPLS`` and the module doc), sharing the
     wrapped module's parameters under the same names. (B, H, W, C) -> (B, H, W, C), as the original."""
 
-    def __init__(self, attn: nn.Module, impl: str = "auto") -> None:
+    def __init__(self, attn: SamAttention, impl: str = "auto") -> None:
         super().__init__()
         if impl not in ATTENTION_IMPLS:
             raise CdkdValueError(f"teacher attention must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
@@ -166,7 +171,7 @@ class FusedSamAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 
-def fuse_sam_attention(encoder: nn.Module, impl: str = "auto") -> nn.Module:
+def fuse_sam_attention(encoder: ImageEncoderViT, impl: str = "auto") -> ImageEncoderViT:
     """Swap every block's attention of a segment-anything ``ImageEncoderViT`` for :class:`FusedSamAttention`
     (in place; parameters and their names unchanged). Returns ``encoder``."""
     if impl not in ATTENTION_IMPLS:

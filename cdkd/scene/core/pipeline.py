@@ -112,6 +112,8 @@ class TilePrefetcher:
 
     def _load(self, row: int, last: bool, window: TileWindow) -> Tile:
         start = time.perf_counter()
+        x: np.ndarray | torch.Tensor | None
+        valid: np.ndarray | torch.Tensor
         x, valid = self.read(window)
         if not valid.any():
             x = None

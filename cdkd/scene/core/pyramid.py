@@ -42,7 +42,7 @@ def reduce_mode(rows: np.ndarray, nodata: int) -> np.ndarray:
     if not mixed.any():
         return out
     m = q[:, mixed]  # (4, number of mixed blocks)
-    same = {(i, j): m[i] == m[j] for i in range(4) for j in range(i + 1, 4)}
+    same: dict[tuple[int, ...], Any] = {(i, j): m[i] == m[j] for i in range(4) for j in range(i + 1, 4)}
     counts = np.stack(
         [
             sum((same[tuple(sorted((i, j)))] for j in range(4) if j != i), np.zeros(m.shape[1], np.int8))

@@ -17,7 +17,7 @@ from cdkd.scene.core.runstate import model_sha256
 from cdkd.scene.core.source import SceneSource
 
 if TYPE_CHECKING:
-    from cdkd.inference.runtimes import Runtime
+    from cdkd.inference.runtimes import RuntimeInfo
 
 __all__ = [
     "ClassArea",
@@ -159,7 +159,7 @@ class RunTotals:
 def build_report(
     scene: str | Path,
     outputs: tuple[Path, Path | None],
-    runtime: Runtime,
+    runtime: RuntimeInfo,
     source: SceneSource,
     tiling: tuple[int, int],
     options: SegmentOptions,

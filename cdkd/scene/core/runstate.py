@@ -30,7 +30,7 @@ from cdkd.utils.paths import check_writable, file_sha256
 from cdkd.utils.runlock import LOCK_NAME, RunLock, holder, in_use_error
 
 if TYPE_CHECKING:
-    from cdkd.inference.runtimes import Runtime
+    from cdkd.inference.runtimes import RuntimeInfo
 
 __all__ = [
     "OUTPUT_SUFFIXES",
@@ -64,21 +64,22 @@ def output_paths(out: Path) -> tuple[Path, Path, Path, Path]:
     )
 
 
-def model_sha256(runtime: Runtime) -> str:
+def model_sha256(runtime: RuntimeInfo) -> str:
     """SHA-256 of the runtime's model file (cached: engines can be hundreds of MB)."""
     return file_sha256(runtime.path)
 
 
 def fingerprint(
-    scene: str | Path, runtime: Runtime, source: SceneSource, tile: int, overlap: int, probs: bool
+    scene: str | Path, runtime: RuntimeInfo, source: SceneSource, tile: int, overlap: int, probs: bool
 ) -> dict[str, Any]:
     """What must not change between an interrupted run and its resumption: the scene's identity, the model's
     weights (the file's SHA-256, not only its metadata: two models with the same classes and tile size give other
     maps), how it runs (runtime, autocast) and every option that changes the output."""
+    identity: dict[str, Any]
     if source.stac is not None:
         identity = source.stac.identity()  # the item's href and id, and every asset's href
     elif is_virtual_path(scene):
-        identity: dict[str, Any] = {"scene": str(scene)}  # GDAL alone can stat it; the header facts stand in
+        identity = {"scene": str(scene)}  # GDAL alone can stat it; the header facts stand in
     else:
         st = Path(scene).stat()
         identity = {"scene": str(Path(scene).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -216,7 +217,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def save_state(partial: Path, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+def save_state(partial: Path, state: dict[str, Any], arrays: dict[str, Any]) -> None:
     """``state.json`` and the arrays it names (``state_<n>.npz``): arrays first, then the JSON that points at them,
     so a crash between the two leaves the previous, consistent pair."""
     n = int(state.get("sequence", 0))

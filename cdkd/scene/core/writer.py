@@ -220,8 +220,8 @@ class LayerChunks:
             ).text = f"{self.folder.name}/{chunk_name(level, top)}"
             ET.SubElement(src, "SourceBand").text = "1"
             rect = dict(xOff="0", xSize=str(width), ySize=str(rows))
-            ET.SubElement(src, "SrcRect", yOff="0", **rect)
-            ET.SubElement(src, "DstRect", yOff=str(top), **rect)
+            ET.SubElement(src, "SrcRect", {"yOff": "0", **rect})
+            ET.SubElement(src, "DstRect", {"yOff": str(top), **rect})
         if level == 0:
             for sub in range(1, self.levels + 1):
                 ov = ET.SubElement(band, "Overview")
