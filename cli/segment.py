@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional, cast
+from typing import Any, Optional, cast
 
 import typer
 
@@ -140,10 +140,8 @@ def segment_command(
     with cli_errors(resumable=True):
         from cdkd.errors import CdkdValueError
         from cdkd.inference.runtimes import RuntimeSpec
-        from cdkd.progress import finish
-        from cdkd.scene.batch import expand_scenes, plan_outputs, segment_many
+        from cdkd.scene.batch import expand_scenes, plan_outputs
         from cdkd.scene.core.options import SegmentOptions
-        from cdkd.scene.core.report import scene_summary
         from cdkd.tasks import task_of_model
 
         if (model is None) == (engine is None):
@@ -179,31 +177,63 @@ def segment_command(
         task = task_of_model(spec.model, spec.runtime)
         task.check_scene_job(spec.model, many=out is None, cluster=scheduler is not None, preview=preview)
         if out is not None:
-            if scheduler is not None:
-                from cdkd.scene.blocks import segment_scene_on_cluster
+            _segment_one(paths[0], out, spec, task, options, scheduler, block_rows, preview)
+        else:
+            _segment_many(paths, cast(Path, out_dir), spec, options, scheduler, on_error.value, preview)
 
-                report = segment_scene_on_cluster(paths[0], spec, out, scheduler, options, block_rows)
-            else:
-                report = task.segment_scene(paths[0], task.open_runtime(spec), out, options)
-            typer.echo(report.summary())
+
+def _segment_one(
+    scene: str | Path,
+    out: Path,
+    spec: Any,
+    task: Any,
+    options: Any,
+    scheduler: str | None,
+    block_rows: int,
+    preview: bool,
+) -> None:
+    """One scene to ``out``, here through the model's task or on a dask cluster (semantic models)."""
+    from cdkd.progress import finish
+
+    if scheduler is not None:
+        from cdkd.scene.blocks import segment_scene_on_cluster
+
+        report = segment_scene_on_cluster(scene, spec, out, scheduler, options, block_rows)
+    else:
+        report = task.segment_scene(scene, task.open_runtime(spec), out, options)
+    typer.echo(report.summary())
+    if preview:
+        _write_preview(scene, out, options.bands)
+    finish([*report.outputs(), preview_path(out) if preview else None])
+
+
+def _segment_many(
+    scenes: list[str | Path],
+    out_dir: Path,
+    spec: Any,
+    options: Any,
+    scheduler: str | None,
+    on_error: str,
+    preview: bool,
+) -> None:
+    """Every scene to ``out_dir``: one summary per scene, one line per failure, a non-zero exit if any failed."""
+    from cdkd.progress import finish
+    from cdkd.scene.batch import segment_many
+    from cdkd.scene.core.report import scene_summary
+
+    batch = segment_many(scenes, out_dir, spec, options, scheduler, on_error)
+    for result in batch.scenes:
+        if result.ok:
+            assert result.report is not None  # a scene that succeeded carries its report
+            typer.echo(scene_summary(result.report))
             if preview:
-                _write_preview(paths[0], out, options.bands)
-            finish([*report.outputs(), preview_path(out) if preview else None])
-            return
-        assert out_dir is not None  # exactly one of --out and --out-dir, checked above
-        batch = segment_many(paths, out_dir, spec, options, scheduler, on_error.value)
-        for result in batch.scenes:
-            if result.ok:
-                assert result.report is not None  # a scene that succeeded carries its report
-                typer.echo(scene_summary(result.report))
-                if preview:
-                    _write_preview(result.scene, Path(result.output), options.bands)
-            else:
-                print(f"Error: {result.error}", file=sys.stderr)
-        typer.echo(f"{len(batch.scenes) - len(batch.failed)} of {len(paths)} scene(s) done in {batch.seconds:.1f} s")
-        if batch.failed or len(batch.scenes) < len(paths):
-            raise typer.Exit(1)
-        finish([r.output for r in batch.scenes])
+                _write_preview(result.scene, Path(result.output), options.bands)
+        else:
+            print(f"Error: {result.error}", file=sys.stderr)
+    typer.echo(f"{len(batch.scenes) - len(batch.failed)} of {len(scenes)} scene(s) done in {batch.seconds:.1f} s")
+    if batch.failed or len(batch.scenes) < len(scenes):
+        raise typer.Exit(1)
+    finish([r.output for r in batch.scenes])
 
 
 def preview_path(out: Path) -> Path:
