@@ -66,6 +66,13 @@ def segment_command(
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help="Tiles per forward pass (default 4).", rich_help_panel=TILING
     ),
+    edge_context: Optional[int] = typer.Option(
+        None,
+        "--edge-context",
+        help="Px of reflected context past the scene's edge, so its border pixels are predicted like inner ones "
+        "(default 64, at most half a tile; 0: windows end at the edge).",
+        rich_help_panel=TILING,
+    ),
     read_threads: Optional[int] = typer.Option(
         None,
         "--read-threads",
@@ -156,6 +163,7 @@ def segment_command(
                 "tile_size": tile_size,
                 "overlap": overlap,
                 "batch_size": batch_size,
+                "edge_context": edge_context,
                 "bands": o.ints(bands, "--bands"),
                 "stats": o.value(stats),
                 "probs": probs,

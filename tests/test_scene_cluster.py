@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,8 @@ def _read(path: Path) -> np.ndarray:
         return src.read(1)
 
 
-def _local(scene: Path, model_pt: Path, out: Path) -> Path:
-    segment_scene(scene, open_runtime(model_pt), out, QUIET)
+def _local(scene: Path, model_pt: Path, out: Path, options: SegmentOptions = QUIET) -> Path:
+    segment_scene(scene, open_runtime(model_pt), out, options)
     return out
 
 
@@ -111,7 +112,8 @@ def test_resume_of_a_cluster_run_redoes_only_missing_blocks(cluster, tmp_path, m
     import cdkd.scene.blocks as blocks
 
     scene = make_geotiff(tmp_path / "s.tif", synthetic_image((3, 300, 200), seed=6))
-    local = _local(scene, model_pt, tmp_path / "local.tif")
+    pinned = replace(QUIET, edge_context=0)  # 0: the block counts below are without margin
+    local = _local(scene, model_pt, tmp_path / "local.tif", pinned)
     out = tmp_path / "cl.tif"
 
     def interrupted(*args, **kwargs):
@@ -120,7 +122,7 @@ def test_resume_of_a_cluster_run_redoes_only_missing_blocks(cluster, tmp_path, m
     monkeypatch.setattr(blocks, "_assemble", interrupted)
     with pytest.raises(KeyboardInterrupt):
         segment_scene_on_cluster(
-            scene, RuntimeSpec(str(model_pt)), out, cluster.scheduler_address, QUIET, rows_per_block=2
+            scene, RuntimeSpec(str(model_pt)), out, cluster.scheduler_address, pinned, rows_per_block=2
         )
     monkeypatch.undo()
     markers = sorted((output_paths(out)[3] / "blocks").glob("block_*.json"))
@@ -132,7 +134,7 @@ def test_resume_of_a_cluster_run_redoes_only_missing_blocks(cluster, tmp_path, m
         RuntimeSpec(str(model_pt)),
         out,
         cluster.scheduler_address,
-        SegmentOptions(progress=False, probs=True, resume=True),
+        replace(pinned, resume=True),
         rows_per_block=2,
     )
     assert np.array_equal(_read(out), _read(local))
@@ -142,7 +144,7 @@ def test_resume_of_a_cluster_run_redoes_only_missing_blocks(cluster, tmp_path, m
             RuntimeSpec(str(model_pt)),
             out,
             cluster.scheduler_address,
-            SegmentOptions(progress=False, resume=True),
+            SegmentOptions(progress=False, resume=True, edge_context=0),
             rows_per_block=2,
         )
     assert kept  # the kept blocks' markers were read back, not recomputed (their results stood)

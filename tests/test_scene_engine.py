@@ -47,10 +47,12 @@ def _classes(path: Path) -> np.ndarray:
 
 def test_streaming_equals_whole_image_blending(scene, runtime, tmp_path):
     """Row-band streaming must give exactly the argmax of blending the whole image at once (no seams)."""
-    report = segment_scene(scene, runtime, tmp_path / "out.tif", SegmentOptions(batch_size=1, **QUIET))
+    options = SegmentOptions(batch_size=1, edge_context=0, **QUIET)  # 0: the tile count below is without margin
+    report = segment_scene(scene, runtime, tmp_path / "out.tif", options)
     with rasterio.open(scene) as src:
         image = runtime.meta.norm.normalize(src.read())
-    logits = sliding_window_logits(runtime_as_torch(runtime), image, 64, 16, runtime.meta.num_classes, batch_size=1)
+    predict = runtime_as_torch(runtime)
+    logits = sliding_window_logits(predict, image, 64, 16, runtime.meta.num_classes, batch_size=1, edge_context=0)
     expected = logits.argmax(0).numpy()
     assert np.array_equal(_classes(tmp_path / "out.tif"), expected)
     assert report.tiles == report.tiles_run == 12  # 150 -> rows 0, 48, 86; 203 -> cols 0, 48, 96, 139
@@ -151,15 +153,16 @@ class Interrupting:
 
 def test_resume_continues_and_matches_an_uninterrupted_run(scene, runtime, tmp_path):
     whole = tmp_path / "whole.tif"
-    segment_scene(scene, runtime, whole, SegmentOptions(batch_size=2, **QUIET))
+    pinned = dict(batch_size=2, edge_context=0, **QUIET)  # 0: the row and call counts below are without margin
+    segment_scene(scene, runtime, whole, SegmentOptions(**pinned))
     out = tmp_path / "out.tif"
     with pytest.raises(KeyboardInterrupt):  # 2 calls per window row: dies in the third row
-        segment_scene(scene, Interrupting(runtime, after=5), out, SegmentOptions(batch_size=2, **QUIET))
+        segment_scene(scene, Interrupting(runtime, after=5), out, SegmentOptions(**pinned))
     assert not out.exists() and (output_paths(out)[3] / "state.json").exists()
     with pytest.raises(OutputExistsError, match="--resume"):
-        segment_scene(scene, runtime, out, SegmentOptions(batch_size=2, **QUIET))
+        segment_scene(scene, runtime, out, SegmentOptions(**pinned))
     counting = Interrupting(runtime, after=-1)
-    report = segment_scene(scene, counting, out, SegmentOptions(batch_size=2, resume=True, **QUIET))
+    report = segment_scene(scene, counting, out, SegmentOptions(resume=True, **pinned))
     assert report.resumed_from_row == 2 and counting.calls == 2  # only the last window row was run again
     assert np.array_equal(_classes(out), _classes(whole))
     assert report.valid_pixels == 150 * 203
@@ -168,9 +171,10 @@ def test_resume_continues_and_matches_an_uninterrupted_run(scene, runtime, tmp_p
 def test_resume_refuses_a_changed_setting(scene, runtime, tmp_path):
     out = tmp_path / "out.tif"
     with pytest.raises(KeyboardInterrupt):
-        segment_scene(scene, Interrupting(runtime, after=2), out, SegmentOptions(batch_size=4, **QUIET))
+        # 0: a first window row of three windows, done before the second call (with a margin, six)
+        segment_scene(scene, Interrupting(runtime, after=2), out, SegmentOptions(batch_size=4, edge_context=0, **QUIET))
     with pytest.raises(CheckpointError, match="overlap"):
-        segment_scene(scene, runtime, out, SegmentOptions(overlap=8, resume=True, **QUIET))
+        segment_scene(scene, runtime, out, SegmentOptions(overlap=8, edge_context=0, resume=True, **QUIET))
     with pytest.raises(CheckpointError, match="nothing to resume"):
         segment_scene(scene, runtime, tmp_path / "other.tif", SegmentOptions(resume=True, **QUIET))
 
@@ -200,8 +204,10 @@ def test_all_nodata_scene_is_refused_and_leaves_nothing(tmp_path, runtime):
 
 
 def test_other_tile_size_with_torch(scene, runtime, tmp_path):
-    report = segment_scene(scene, runtime, tmp_path / "out.tif", SegmentOptions(tile_size=96, overlap=32, **QUIET))
-    assert report.tile_size == 96 and report.tiles == 6
+    report = segment_scene(
+        scene, runtime, tmp_path / "out.tif", SegmentOptions(tile_size=96, overlap=32, edge_context=0, **QUIET)
+    )
+    assert report.tile_size == 96 and report.tiles == 6  # without margin (edge_context 0)
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI

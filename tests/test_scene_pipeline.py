@@ -30,7 +30,7 @@ from cdkd.scene.core.pyramid import Pyramid, reduce_mean, reduce_mode
 from cdkd.scene.core.runstate import output_paths
 from cdkd.scene.engine import segment_scene
 
-QUIET = dict(progress=False, checkpoint_seconds=0)
+QUIET = dict(progress=False, checkpoint_seconds=0, edge_context=0)  # 0: the references here plan without margin
 SCHEMA = BUILTIN_SCHEMAS["dubai"]
 K = SCHEMA.num_classes
 
@@ -290,9 +290,11 @@ class Interrupting:
 
 def test_ctrl_c_saves_a_checkpoint_that_resume_continues(collar_scene, linear, tmp_path):
     whole = tmp_path / "whole.tif"
-    segment_scene(collar_scene, linear, whole, SegmentOptions(progress=False, probs=True))
+    slow = dict(
+        progress=False, probs=True, batch_size=2, checkpoint_seconds=3600, edge_context=0
+    )  # no timed checkpoint
+    segment_scene(collar_scene, linear, whole, SegmentOptions(**slow))
     out = tmp_path / "out.tif"
-    slow = dict(progress=False, probs=True, batch_size=2, checkpoint_seconds=3600)  # no timed checkpoint
     with pytest.raises(KeyboardInterrupt):
         segment_scene(collar_scene, Interrupting(linear, after=4), out, SegmentOptions(**slow))
     state = json.loads((output_paths(out)[3] / "state.json").read_text())

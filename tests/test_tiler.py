@@ -136,8 +136,9 @@ def test_tile_window_slices_and_rasterio():
     assert array[0][window.slices][0, 0] == array[0, 10, 20]
     rio = window.to_rasterio()
     assert (rio.col_off, rio.row_off, rio.width, rio.height) == (20, 10, 40, 30)
+    assert TileWindow(row=-1, col=0, height=4, width=4).row == -1  # an edge margin reaches past the image
     with pytest.raises(CdkdValueError):
-        TileWindow(row=-1, col=0, height=4, width=4)
+        TileWindow(row=0, col=0, height=0, width=4)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -303,7 +304,8 @@ def test_sliding_blend_is_a_convex_combination(overlap):
     n = len(plan_windows(height, width, tile, overlap))
     values = np.random.default_rng(overlap).uniform(-10, 10, size=n)
     predict = CountingPredict(values)
-    out = sliding_window_logits(predict, torch.zeros(4, height, width), tile, overlap, num_classes=K, batch_size=4)
+    image = torch.zeros(4, height, width)  # the plan without an edge margin: plan_windows's
+    out = sliding_window_logits(predict, image, tile, overlap, num_classes=K, batch_size=4, edge_context=0)
     assert predict.seen == n
     assert all(s[1:] == (4, tile, tile) for s in predict.batch_shapes) and predict.batch_shapes[0][0] == 4
     assert out.min() >= values.min() - 1e-4 and out.max() <= values.max() + 1e-4

@@ -148,9 +148,15 @@ def check_schema_matches(model_schema: ClassSchema, data_schema: ClassSchema, so
 
 
 def predict_image(
-    predict: Predict, meta: InferenceMeta, pixels: np.ndarray, batch_size: int = 4, overlap: int | None = None
+    predict: Predict,
+    meta: InferenceMeta,
+    pixels: np.ndarray,
+    batch_size: int = 4,
+    overlap: int | None = None,
+    edge_context: int | None = None,
 ) -> np.ndarray:
-    """Class ids (H, W) for one raw image (C, H, W): normalised with the model's statistics, sliding windows.
+    """Class ids (H, W) for one raw image (C, H, W): normalised with the model's statistics, sliding windows
+    with the scene engine's edge margin (``edge_context``, see ``tiler.edge_margin``).
 
     ``predict``: (B, C, T, T) normalised tiles -> (B, K, T, T) logits, e.g. ``runtime_predict(open_runtime(...))``.
     """
@@ -164,6 +170,7 @@ def predict_image(
         meta.num_classes,
         batch_size=batch_size,
         pad_mode="constant",
+        edge_context=edge_context,
     )
     return logits.argmax(0).numpy()
 

@@ -38,11 +38,22 @@ def _ramp(tile: int, overlap: int) -> np.ndarray:
     return np.minimum(up, up[::-1])
 
 
-def axis_profile(offset: int, length: int, size: int, overlap: int, kind: str = "cosine") -> np.ndarray:
+def neighbours(offset: int, length: int, size: int, margin: int = 0) -> tuple[bool, bool]:
+    """Whether a window at ``offset`` covering ``length`` px of an axis of ``size`` px has a neighbouring window
+    (before, after) in a plan with edge margin ``margin`` (``tiler.plan_rows``): the plan's first window starts
+    at ``-margin`` and its last ends ``margin`` px past the image, along an axis longer than the window (an axis
+    no longer than the tile has one window of its own size and no margin)."""
+    m = margin if size > length else 0
+    return offset > -m, offset + length < size + m
+
+
+def axis_profile(
+    offset: int, length: int, size: int, overlap: int, kind: str = "cosine", margin: int = 0
+) -> np.ndarray:
     """(length,) float64 weights along one axis of a window at ``offset`` covering ``length`` of ``size`` px.
 
-    A Hann ramp over ``overlap`` px on each side that has a neighbouring window (the window does not touch the
-    image border there), flat 1 on a side at the border. ``"flat"`` (or ``overlap == 0``): all ones.
+    A Hann ramp over ``overlap`` px on each side that has a neighbouring window (``neighbours``: the window is not
+    the plan's first or last there), flat 1 on a side at the border. ``"flat"`` (or ``overlap == 0``): all ones.
     """
     if kind not in BLEND_KINDS:
         raise CdkdValueError(f"unknown blend kind {kind!r}; choose one of {', '.join(BLEND_KINDS)}")
@@ -51,23 +62,30 @@ def axis_profile(offset: int, length: int, size: int, overlap: int, kind: str = 
         return profile
     ramp = _ramp(length, min(overlap, length))
     half = np.arange(length) < (length + 1) // 2  # _ramp meets itself in the middle: split it there
-    if offset > 0:  # a neighbour before: rise from ~0
+    before, after = neighbours(offset, length, size, margin)
+    if before:  # a neighbour before: rise from ~0
         profile = np.where(half, ramp, profile)
-    if offset + length < size:  # a neighbour after: fall to ~0
+    if after:  # a neighbour after: fall to ~0
         profile = np.where(~half, ramp, profile)
     return profile
 
 
-def window_weights(window: TileWindow, height: int, width: int, overlap: int, kind: str = "cosine") -> np.ndarray:
+def window_weights(
+    window: TileWindow, height: int, width: int, overlap: int, kind: str = "cosine", margin: int = 0
+) -> np.ndarray:
     """(h, w) float32 weights for the logits of ``window`` in a ``height`` x ``width`` image (see the module).
 
     The outer product of the row and column profiles (``axis_profile``): separable, so along an image border two
     neighbours blend in the same proportions as further in. The smallest weight, in a corner shared by four
     windows, is ``(0.5 - 0.5 cos(pi / (2 overlap)))**2`` (1e-7 for overlap 64): positive, so a pixel whose
     neighbours were all skipped still gets a defined value.
+
+    A window of a plan with an edge margin ``margin`` (``tiler.plan_rows``) may reach past the image; its weights
+    cover the whole window, as those of the image padded by ``margin`` px with a plan without margin, and the
+    blender keeps the part inside the image.
     """
-    rows = axis_profile(window.row, window.height, height, overlap, kind)
-    cols = axis_profile(window.col, window.width, width, overlap, kind)
+    rows = axis_profile(window.row, window.height, height, overlap, kind, margin)
+    cols = axis_profile(window.col, window.width, width, overlap, kind, margin)
     return np.outer(rows, cols).astype(np.float32)
 
 

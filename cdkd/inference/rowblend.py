@@ -352,7 +352,8 @@ class PlanBlender:
     def begin(self, index: int) -> None:
         """Start window row ``index``: clear the frames its windows will add to."""
         self.top = self.row_tops[index]
-        self._rows = exclusive(self.row_tops, index, self.win_h, self.height)
+        # a plan with an edge margin has windows reaching past the image: only their part inside it is blended
+        self._rows = _clip(*exclusive(self.row_tops, index, self.win_h, self.height), 0, self.height)
         e0, e1 = (r - self.top for r in self._rows)
         for t in (self._sum, self._w, self._valid):
             t[..., :e0, :] = 0
@@ -374,8 +375,8 @@ class PlanBlender:
         ec0, ec1 = self._col_excl[window.col]
         # the frame: the window's rows above and below the exclusive rows, and its shared columns between them
         frame = [
-            (window.row, r0, c0, c1),
-            (r1, window.row + window.height, c0, c1),
+            (max(window.row, 0), r0, c0, c1),
+            (r1, min(window.row + window.height, self.height), c0, c1),
             (r0, r1, c0, max(c0, ec0)),
             (r0, r1, min(c1, ec1), c1),
         ]
@@ -417,21 +418,23 @@ class PlanBlender:
 
     def end(self, index: int) -> tuple[Partial | None, FinishedRows | None]:
         """Close window row ``index``: (head or None, its final rows or None). The carry moves on."""
-        top, bottom = self.top, self.top + self.win_h
+        top = max(self.top, 0)  # the row's image rows: windows of an edge margin reach past the image
+        bottom = min(self.top + self.win_h, self.height)
         if self.carry is not None:  # the rows above, added last: carry + row partial, a sum of two terms
             n = self.carry.rows
-            if self.carry.top != top or n > self.win_h:
+            if self.carry.top != top or n > bottom - top:
                 raise CdkdValueError(f"carry rows {self.carry.top}..{self.carry.bottom} do not start row {top}")
-            self._sum[:, :n] += self.carry.logit_sum
-            self._w[:n] += self.carry.weight_sum
-            self._valid[:n] |= self.carry.valid
+            rows = slice(top - self.top, top - self.top + n)
+            self._sum[:, rows] += self.carry.logit_sum
+            self._w[rows] += self.carry.weight_sum
+            self._valid[rows] |= self.carry.valid
         start = top
         head = None
         if self.head:
             head_stop = self._rows[0] if self._rows[0] > top else top
             head, start, self.head = self._partial(top, head_stop), head_stop, False
         stop = self.row_tops[index + 1] if index + 1 < len(self.row_tops) else self.height
-        stop = min(stop, bottom)
+        stop = max(min(stop, bottom), start)
         finished = self._finish(start, stop) if start < stop else None
         self.carry = self._partial(stop, bottom) if stop < bottom else None
         return head, finished

@@ -16,7 +16,16 @@ import torch
 from cdkd.errors import CdkdValueError
 from cdkd.inference.blend import window_weights
 from cdkd.inference.rowblend import PlanBlender, to_numpy
-from cdkd.inference.tiler import PAD_MODES, TileWindow, as_int, pad_to_tile, plan_rows
+from cdkd.inference.tiler import (
+    PAD_MODES,
+    TileWindow,
+    as_int,
+    edge_margin,
+    inside,
+    pad_to_tile,
+    plan_rows,
+    reflect_outside,
+)
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,14 +46,18 @@ def _batches(windows: Sequence[TileWindow], batch_size: int) -> Iterator[Sequenc
 def _extract_tile(image: torch.Tensor, window: TileWindow, tile: int, pad_mode: str) -> torch.Tensor:
     """(C, tile, tile) tile of the (C, H, W) ``image`` at ``window``, on the image's device.
 
-    A window is smaller than the tile only when the image is, which makes the padding path rare and small;
-    it goes through numpy because torch's reflect padding cannot extend an axis by more than its own length.
+    A window is smaller than the tile only when the image is, and reaches past the image only in a plan with an
+    edge margin (reflected about the edge: ``tiler.reflect_outside``, as the scene engine's reads), which makes
+    the padding paths rare and small; they go through numpy because torch's reflect padding cannot extend an
+    axis by more than its own length.
     """
-    rows, cols = window.slices
+    part, pads = inside(window, image.shape[1], image.shape[2])
+    rows, cols = part.slices
     crop = image[:, rows, cols]
-    if window.shape == (tile, tile):
+    if window.shape == (tile, tile) and part == window:
         return crop
-    padded, _ = pad_to_tile(crop.cpu().numpy(), tile, mode=pad_mode)
+    padded = reflect_outside(crop.cpu().numpy(), pads)
+    padded, _ = pad_to_tile(padded, tile, mode=pad_mode)
     return torch.from_numpy(padded).to(image.device)
 
 
@@ -67,6 +80,7 @@ def sliding_window_logits(
     num_classes: int,
     batch_size: int = 4,
     pad_mode: str = "reflect",
+    edge_context: int | None = None,
 ) -> torch.Tensor:
     """Blended (K, H, W) float32 CPU logits of ``predict`` over the whole (C, H, W) ``image``.
 
@@ -76,6 +90,9 @@ def sliding_window_logits(
     (``window_weights``) in the canonical order of ``rowblend``; the output does not depend on ``batch_size``.
     Tiles of images smaller than the tile are padded at the bottom/right with ``pad_mode`` (see ``pad_to_tile``)
     and the padding is cropped from the logits, so it only influences the prediction through the model's context.
+    ``edge_context``: the plan's edge margin in px (``tiler.edge_margin``: default 64, at most half a tile; as
+    ``SegmentOptions.edge_context``): windows reach that far past the image, filled by reflection, so the pixels
+    at its edge are predicted with context beyond them, as in the scene engine.
     """
     image = _as_image(image)
     tile = as_int("tile", tile)
@@ -88,7 +105,8 @@ def sliding_window_logits(
     if pad_mode not in PAD_MODES:  # checked up front: padding is only reached for images smaller than the tile
         raise CdkdValueError(f"unknown pad mode {pad_mode!r}; choose one of {', '.join(PAD_MODES)}")
     _, height, width = image.shape
-    rows = plan_rows(height, width, tile, overlap)  # validates tile and overlap
+    margin = edge_margin(tile, edge_context)
+    rows = plan_rows(height, width, tile, overlap, margin)  # validates tile and overlap
     windows = [w for row in rows for w in row]
     last_of_row = {id(row[-1]) for row in rows}
     blender = PlanBlender(
@@ -111,10 +129,10 @@ def sliding_window_logits(
                 raise CdkdValueError(f"predict returned logits of shape {tuple(logits.shape)}, expected {expected}")
             logits = logits.detach().float().to(image.device)
             for window, tile_logits in zip(chunk, logits):
-                if window.col == 0:
+                if window.col == rows[0][0].col:  # the row's first window (-margin with an edge margin)
                     blender.begin(index)
                 h, w = window.shape  # crop the padding off (only images smaller than the tile have any)
-                weights = window_weights(window, height, width, overlap)
+                weights = window_weights(window, height, width, overlap, margin=margin)  # the blender crops them
                 blender.add(window, tile_logits[:, :h, :w], weights, np.ones((h, w), dtype=bool))
                 if id(window) in last_of_row:
                     _, final = blender.end(index)

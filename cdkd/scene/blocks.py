@@ -37,7 +37,7 @@ from cdkd.inference.runtimes import RuntimeSpec, runtime_for
 from cdkd.inference.tiler import plan_rows
 from cdkd.scene.cluster import connect, register_runtime, worker_runtime
 from cdkd.scene.core.areas import ClassAreaTally
-from cdkd.scene.core.options import SegmentOptions, cache_budget, resolve_tiling
+from cdkd.scene.core.options import SegmentOptions, cache_budget, resolve_margin, resolve_tiling
 from cdkd.scene.core.pipeline import (
     RowCounts,
     StageTimes,
@@ -118,6 +118,7 @@ class _Job:
     bands: tuple[int, ...]
     tile: int
     overlap: int
+    margin: int  # the plan's edge margin (tiler.edge_margin)
     options: SegmentOptions
     transform: tuple[float, ...]  # the scene's, GDAL order: chunk files are georeferenced (writer.chunk_transform)
 
@@ -165,7 +166,7 @@ def run_block(job: _Job, block: Block) -> dict[str, Any]:
         rasterio.Env(GDAL_CACHEMAX=cache_budget(source.info, job.tile)),
     ):
         info = source.info
-        plan = plan_rows(info.height, info.width, job.tile, job.overlap)
+        plan = plan_rows(info.height, info.width, job.tile, job.overlap, job.margin)
         blender = PlanBlender(
             meta.num_classes,
             [r[0].row for r in plan],
@@ -184,7 +185,7 @@ def run_block(job: _Job, block: Block) -> dict[str, Any]:
             times,
             stage=getattr(runtime, "takes_tensors", False),
         )
-        weights = WeightCache(info.height, info.width, job.overlap, blender.device)
+        weights = WeightCache(info.height, info.width, job.overlap, blender.device, job.margin)
         chunks, head = [], None
         try:
             for _, row_head, finished in blend_rows(
@@ -266,6 +267,7 @@ def segment_scene_on_cluster(
     check_num_classes(meta.classes)
     kind = runtime_for(spec.model, spec.runtime)
     tile, overlap = resolve_tiling(meta, options, fixed_tile=kind != "torch", runtime=kind)
+    margin = resolve_margin(options, tile)
     check_outputs(scene, out, options)
     final, conf, report_path, partial = output_paths(out)
     kind_runtime = _SpecRuntime(spec, meta, kind)
@@ -275,9 +277,12 @@ def segment_scene_on_cluster(
     ):
         announce_bands(source, log or log_stderr)
         info = source.info
-        plan = plan_rows(info.height, info.width, tile, overlap)
+        plan = plan_rows(info.height, info.width, tile, overlap, margin)
         blocks = plan_blocks([r[0].row for r in plan], plan[0][0].height, rows_per_block)
-        expected = {**fingerprint(scene, kind_runtime, source, tile, overlap, options.probs), "blocks": rows_per_block}
+        expected = {
+            **fingerprint(scene, kind_runtime, source, tile, overlap, options.probs, margin),
+            "blocks": rows_per_block,
+        }
         # a STAC scene's workers stack the assets chosen here (the norm they get may not say the model's bands)
         assets = tuple(a.key for a in source.stac.assets) if source.stac is not None else None
         job = _Job(
@@ -288,6 +293,7 @@ def segment_scene_on_cluster(
             source.bands,
             tile,
             overlap,
+            margin,
             SegmentOptions(**dict(asdict(options), progress=False, assets=assets)),
             info.transform.to_gdal(),
         )
@@ -316,7 +322,7 @@ def segment_scene_on_cluster(
             times.to_dict(),
         )
         outputs = (final, conf if options.probs else None)
-        report = build_report(scene, outputs, kind_runtime, source, (tile, overlap), options, totals)
+        report = build_report(scene, outputs, kind_runtime, source, (tile, overlap, margin), options, totals)
         report = SceneReport(
             **{
                 **report.to_dict(),

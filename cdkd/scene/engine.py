@@ -39,6 +39,7 @@ from cdkd.scene.core.options import (
     SegmentOptions,
     cache_budget,
     check_buffers,
+    resolve_margin,
     resolve_tiling,
 )
 from cdkd.scene.core.pipeline import (
@@ -110,7 +111,7 @@ def segment_scene(
     ):
         check_buffers(source.info, meta, tile, options.batch_size)
         announce_bands(source, log or log_stderr)
-        run = _LocalRun(scene, source, runtime, out, options, tile, overlap)
+        run = _LocalRun(scene, source, runtime, out, options, tile, overlap, resolve_margin(options, tile))
         with claimed(partial, out, options.resume):
             run.execute()
             report = run.report(time.perf_counter() - start)
@@ -131,12 +132,13 @@ class _LocalRun:
         options: SegmentOptions,
         tile: int,
         overlap: int,
+        margin: int,
     ) -> None:
         self.scene, self.source, self.runtime, self.out, self.options = scene, source, runtime, out, options
-        self.tile, self.overlap, self.info = tile, overlap, source.info
-        self.plan = plan_rows(self.info.height, self.info.width, tile, overlap)
+        self.tile, self.overlap, self.margin, self.info = tile, overlap, margin, source.info
+        self.plan = plan_rows(self.info.height, self.info.width, tile, overlap, margin)
         self.partial = output_paths(out)[3]
-        self.fingerprint = fingerprint(scene, runtime, source, tile, overlap, options.probs)
+        self.fingerprint = fingerprint(scene, runtime, source, tile, overlap, options.probs, margin)
         self.times, self.counts = StageTimes(), RowCounts()
         self.tally = ClassAreaTally(
             runtime.meta.num_classes, self.info.crs, self.info.transform, self.info.width, self.info.height
@@ -167,7 +169,7 @@ class _LocalRun:
             self.times,
             stage=getattr(self.runtime, "takes_tensors", False),
         )
-        weights = WeightCache(info.height, info.width, self.overlap, blender.device)
+        weights = WeightCache(info.height, info.width, self.overlap, blender.device, self.margin)
         total = sum(len(r) for r in self.plan)
         progress = TileProgress(
             total, sum(len(r) for r in self.plan[: self.rows_done]), options.progress, Path(str(self.scene)).name
@@ -271,7 +273,7 @@ class _LocalRun:
         info, runtime, options = self.info, self.runtime, self.options
         final, conf, _, _ = output_paths(self.out)
         tops = [row[0].row for row in self.plan]
-        first = tops[self.resumed_from] if self.resumed_from < len(tops) else info.height
+        first = max(0, tops[self.resumed_from]) if self.resumed_from < len(tops) else info.height
         pixels_run = (info.height - first) * info.width
         totals = RunTotals(
             sum(len(r) for r in self.plan),
@@ -283,4 +285,6 @@ class _LocalRun:
             self.times.to_dict(),
         )
         outputs = (final, conf if options.probs else None)
-        return build_report(self.scene, outputs, runtime, self.source, (self.tile, self.overlap), options, totals)
+        return build_report(
+            self.scene, outputs, runtime, self.source, (self.tile, self.overlap, self.margin), options, totals
+        )

@@ -31,7 +31,7 @@ from cdkd.data.classraster import NODATA
 from cdkd.errors import CdkdValueError, DataError
 from cdkd.inference.rowblend import PlanBlender
 from cdkd.inference.runtimes import Runtime, RuntimeSpec
-from cdkd.inference.tiler import TileWindow, plan_rows
+from cdkd.inference.tiler import TileWindow, edge_margin, inside, plan_rows, reflect_outside
 from cdkd.scene.core.pipeline import (
     RowCounts,
     StageTimes,
@@ -97,6 +97,7 @@ def _chunk_classes(
     shape: tuple[int, int],
     tile: int,
     overlap: int,
+    margin: int,
     batch_size: int,
     pad_mode: str,
     depth: int,
@@ -110,7 +111,7 @@ def _chunk_classes(
     y1, x1 = y0 + out_chunks[0][i], x0 + out_chunks[1][j]
     by0, bx0 = y0 - min(depth, y0), x0 - min(depth, x0)  # boundary="none": no halo beyond the scene's edge
     height, width = shape
-    rows = plan_rows(height, width, tile, overlap)
+    rows = plan_rows(height, width, tile, overlap, margin)
     tops, cols = [r[0].row for r in rows], [w.col for w in rows[0]]
     win_h, win_w = rows[0][0].shape
     ra = next(k for k, t in enumerate(tops) if t + win_h > y0)
@@ -118,16 +119,17 @@ def _chunk_classes(
     keep = [[w for w in row if w.col < x1 and w.col + w.width > x0] for row in rows]
 
     def read(w: TileWindow) -> tuple[np.ndarray, np.ndarray]:
-        pixels = block[:, w.row - by0 : w.row - by0 + w.height, w.col - bx0 : w.col - bx0 + w.width]
+        part, pads = inside(w, height, width)  # past the scene's edge: reflected, as SceneSource.read
+        pixels = block[:, part.row - by0 : part.row - by0 + part.height, part.col - bx0 : part.col - bx0 + part.width]
         valid = _validity(pixels, nodata)
-        return meta.norm.normalize(pixels, valid), valid
+        return reflect_outside(meta.norm.normalize(pixels, valid), pads), reflect_outside(valid, pads)
 
     runtime = model.runtime
     blender = PlanBlender(meta.num_classes, tops, cols, (win_h, win_w), shape, runtime.blend_device, x_range=(x0, x1))
     times, counts = StageTimes(), RowCounts()
     prefetcher = TilePrefetcher(read, tile, pad_mode, threads=0, depth=1, times=times)
     out = np.full((y1 - y0, x1 - x0), NODATA, dtype=np.uint8)
-    weights = WeightCache(height, width, overlap, blender.device)
+    weights = WeightCache(height, width, overlap, blender.device, margin)
     for _, _, finished in blend_rows(
         keep, ra, rb, prefetcher, runtime.forward, blender, weights, batch_size, times, counts
     ):
@@ -147,6 +149,7 @@ def predict(
     overlap: int | None = None,
     batch_size: int = 4,
     pad_mode: str = "reflect",
+    edge_context: int | None = None,
 ) -> Any:
     """Lazy land-cover classes of a (band, y, x) ``xarray.DataArray``: a (y, x) uint8 DataArray, dask-backed.
 
@@ -156,6 +159,8 @@ def predict(
         model: a ``segmenter.pt``/``.onnx``/``.engine`` path (each dask worker opens it once) or an opened runtime.
         bands: 1-based positions along ``band`` fed to the model, in order (default: the model's ``norm.bands``).
         overlap: window overlap in px (default: the model's); the tile size is the model's.
+        edge_context: px of reflected context past the scene's edge (``tiler.edge_margin``; default 64, at most
+            half a tile), as ``SegmentOptions.edge_context``.
 
     The result carries ``data``'s ``y``/``x`` coordinates and CRS (``spatial_ref``), ``_FillValue`` 255 (nodata),
     and CF ``flag_values``/``flag_meanings`` plus ``cdkd_classes`` (names and colours) as attributes.
@@ -174,6 +179,7 @@ def predict(
     overlap = meta.overlap if overlap is None else int(overlap)
     if not 0 <= overlap < tile:
         raise CdkdValueError(f"overlap {overlap} must be >= 0 and smaller than the tile size {tile}")
+    margin = edge_margin(tile, edge_context)
     chosen = tuple(bands) if bands is not None else meta.norm.bands
     count = data.shape[0]
     if len(chosen) != meta.in_chans:
@@ -207,6 +213,7 @@ def predict(
         shape=(height, width),
         tile=tile,
         overlap=overlap,
+        margin=margin,
         batch_size=batch_size,
         pad_mode=pad_mode,
         depth=depth,

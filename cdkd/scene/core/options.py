@@ -10,11 +10,11 @@ import numpy as np
 from cdkd.artifacts import InferenceMeta
 from cdkd.config import PATCH_SIZE, bounded, check_ranges
 from cdkd.errors import CdkdValueError
-from cdkd.inference.tiler import PAD_MODES
+from cdkd.inference.tiler import PAD_MODES, edge_margin
 from cdkd.scene.core.source import SceneInfo
 from cdkd.utils.memory import check_fits
 
-__all__ = ["SegmentOptions", "cache_budget", "check_buffers", "resolve_tiling"]
+__all__ = ["SegmentOptions", "cache_budget", "check_buffers", "resolve_margin", "resolve_tiling"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class SegmentOptions:
     stats: str = "model"  # "model": the statistics stored with the model; "scene": computed from this scene
     probs: bool = False  # also write a uint8 confidence raster (max softmax x 255)
     pad_mode: str = "reflect"  # padding of scenes smaller than one tile
+    # px of reflected context past the scene's edge (tiler.edge_margin); None: 64, at most (tile - 1) // 2
+    edge_context: int | None = bounded(None, ge=0, flag="--edge-context")
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
@@ -61,6 +63,11 @@ def resolve_tiling(
     if options.read_threads is not None and options.read_threads < 0:
         raise CdkdValueError(f"read threads must be >= 0, got {options.read_threads}")
     return tile, overlap
+
+
+def resolve_margin(options: SegmentOptions, tile: int) -> int:
+    """The edge margin of the plan (``tiler.edge_margin``): ``options.edge_context`` or the default for ``tile``."""
+    return edge_margin(tile, options.edge_context)
 
 
 def cache_budget(info: SceneInfo, tile: int) -> int:

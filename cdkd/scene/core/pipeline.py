@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from cdkd.inference.blend import window_weights
+from cdkd.inference.blend import neighbours, window_weights
 from cdkd.inference.rowblend import FinishedRows, Partial, PlanBlender
 from cdkd.inference.tiler import TileWindow, pad_to_tile
 
@@ -186,14 +186,19 @@ class WeightCache:
     """``window_weights`` as tensors on the device: a plan has at most nine distinct ones (first, middle and last
     window along each axis), so each is built once."""
 
-    def __init__(self, height: int, width: int, overlap: int, device: torch.device) -> None:
-        self.height, self.width, self.overlap, self.device = height, width, overlap, device
+    def __init__(self, height: int, width: int, overlap: int, device: torch.device, margin: int = 0) -> None:
+        self.height, self.width, self.overlap, self.device, self.margin = height, width, overlap, device, margin
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, w: TileWindow) -> torch.Tensor:
-        key = (w.row > 0, w.row + w.height < self.height, w.height, w.col > 0, w.col + w.width < self.width, w.width)
+        key = (
+            *neighbours(w.row, w.height, self.height, self.margin),
+            w.height,
+            *neighbours(w.col, w.width, self.width, self.margin),
+            w.width,
+        )
         if key not in self._cache:
-            weights = window_weights(w, self.height, self.width, self.overlap)
+            weights = window_weights(w, self.height, self.width, self.overlap, margin=self.margin)
             self._cache[key] = torch.from_numpy(weights).to(self.device)
         return self._cache[key]
 

@@ -62,6 +62,7 @@ class SceneReport:
     mpx_per_s: float  # scene pixels this run covered (valid or not) per second of this run
     resumed_from_row: int  # window rows already done when this run started (0 for a fresh run)
     pixels_this_run: int = 0
+    edge_context: int = 0  # px of reflected context past the scene's edge (tiler.edge_margin)
     bands: list[int] = field(default_factory=list)  # 1-based scene bands fed to the model, in order
     scene_bands: int = 0  # bands the scene has
     stats: dict[str, Any] = field(default_factory=dict)  # normalisation: mode ("model"/"scene"), mean, std, dtype
@@ -161,13 +162,13 @@ def build_report(
     outputs: tuple[Path, Path | None],
     runtime: RuntimeInfo,
     source: SceneSource,
-    tiling: tuple[int, int],
+    tiling: tuple[int, ...],
     options: SegmentOptions,
     totals: RunTotals,
 ) -> SceneReport:
     """The report of one scene: ``outputs`` (class raster, confidence raster or None) written with ``runtime`` from
-    ``source`` in ``tiling`` (tile, overlap) windows, and the ``totals`` of the run."""
-    info, (final, conf), (tile, overlap) = source.info, outputs, tiling
+    ``source`` in ``tiling`` (tile, overlap[, edge margin]) windows, and the ``totals`` of the run."""
+    info, (final, conf), (tile, overlap, *rest) = source.info, outputs, tiling
     tally, counts = totals.tally, totals.counts
     valid = int(tally.pixels.sum())
     areas = np.asarray(tally.area_m2, dtype=np.float64)
@@ -196,6 +197,7 @@ def build_report(
         mpx_per_s=totals.pixels_run / 1e6 / max(totals.seconds, 1e-9),
         resumed_from_row=totals.resumed_from,
         pixels_this_run=totals.pixels_run,
+        edge_context=rest[0] if rest else 0,
         bands=list(source.bands),
         scene_bands=info.count,
         **provenance(runtime, options, source.norm, runtime.blend_device),

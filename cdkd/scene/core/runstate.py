@@ -70,7 +70,13 @@ def model_sha256(runtime: RuntimeInfo) -> str:
 
 
 def fingerprint(
-    scene: str | Path, runtime: RuntimeInfo, source: SceneSource, tile: int, overlap: int, probs: bool
+    scene: str | Path,
+    runtime: RuntimeInfo,
+    source: SceneSource,
+    tile: int,
+    overlap: int,
+    probs: bool,
+    margin: int = 0,
 ) -> dict[str, Any]:
     """What must not change between an interrupted run and its resumption: the scene's identity, the model's
     weights (the file's SHA-256, not only its metadata: two models with the same classes and tile size give other
@@ -92,6 +98,7 @@ def fingerprint(
         "amp": runtime.options.get("amp"),
         "tile": tile,
         "overlap": overlap,
+        "edge_context": margin,
         "bands": list(source.bands),
         "norm": source.norm.to_dict(),
         "probs": probs,

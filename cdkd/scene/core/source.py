@@ -33,7 +33,7 @@ from cdkd.data.gdal import gdal_reason, raster_path
 from cdkd.data.stac import StacScene, is_stac, stac_scene
 from cdkd.data.stats import NormStats, compute_stats
 from cdkd.errors import CdkdIOError, CdkdValueError, DataError
-from cdkd.inference.tiler import TileWindow
+from cdkd.inference.tiler import TileWindow, inside, reflect_outside
 
 PROBE = 256  # side of the probe windows read at open: corrupt pixel data fails here, not hours into a job
 STATS_MODES = ("model", "scene")
@@ -168,13 +168,18 @@ class SceneSource:
     # ---------------------------------------------------------------------------------------------------- reads
 
     def read(self, window: TileWindow) -> tuple[np.ndarray, np.ndarray]:
-        """``(pixels, valid)``: (C, h, w) pixels in the scene's dtype and (h, w) bool validity (GDAL's mask)."""
+        """``(pixels, valid)``: (C, h, w) pixels in the scene's dtype and (h, w) bool validity (GDAL's mask).
+
+        A window reaching past the scene (a plan with an edge margin) reads its part inside the scene, and the
+        rest is that part reflected about the scene's edge (``tiler.reflect_outside``), pixels and mask alike."""
+        part, pads = inside(window, self.info.height, self.info.width)
         try:
-            return read_pixels(self._dataset(), self.bands, window.to_rasterio())
+            pixels, valid = read_pixels(self._dataset(), self.bands, part.to_rasterio())
         except (RasterioError, OSError) as e:
             raise CdkdIOError(
                 f"{self.path}: cannot read pixels at row {window.row}, col {window.col} ({gdal_reason(e)})"
             ) from None
+        return reflect_outside(pixels, pads), reflect_outside(valid, pads)
 
     def read_normalized(self, window: TileWindow) -> tuple[np.ndarray, np.ndarray]:
         """``(x, valid)``: (C, h, w) float32 normalised pixels, 0 (the mean) where invalid, and validity."""
