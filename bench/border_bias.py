@@ -11,9 +11,11 @@ last rows and columns. This script measures it two ways for a ``segmenter.pt``:
   scene (``cdkd segment``'s class raster);
 * the edge effect itself, label-free (``--context``): the central part of each scene, cut out with a margin, is
   segmented alone, so its border pixels sit at window edges, and compared with the same pixels segmented inside the
-  whole scene, where they have their real context; once as the engine runs today and once with the cut-out
-  reflect-padded by ``--pad`` px first (the windows then extend past its border). Agreement in the border band
-  against the interior says how much the missing context costs, and whether mirrored context gives it back.
+  whole scene, where they have their real context; three times: without edge margin (``edge_context`` 0: windows
+  end at the border), as the engine runs by default (``--edge-context``: windows reach past the border, filled by
+  reflection) and with the cut-out reflect-padded by ``--pad`` px first and segmented without margin (the
+  definition the engine's margin follows). Agreement in the border band against the interior says how much the
+  missing context costs, and how much mirrored context gives back.
 
     python bench/border_bias.py --model runs/seg/segmenter.pt --data dubai/ --format dubai --split 'tile[7-8]' \
         --scenes ../shared/data/scenes/cogeo.tif ../shared/data/scenes/naip_4band.tif
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -117,15 +120,22 @@ def _write(path: Path, array: np.ndarray, profile: dict) -> Path:
 
 
 def context_part(
-    runtime, scenes: list[str], margin: int, pad: int, strip: int, bands: tuple[int, ...] | None
+    runtime,
+    scenes: list[str],
+    margin: int,
+    pad: int,
+    strip: int,
+    bands: tuple[int, ...] | None,
+    edge_context: int | None = None,
 ) -> list[dict]:
-    """Per scene: agreement with the whole-scene prediction in the border band and inside, for the cut-out as is
-    and reflect-padded by ``pad`` px."""
+    """Per scene: agreement with the whole-scene prediction in the border band and inside, for the cut-out without
+    edge margin, with the engine's (``edge_context``, None: its default) and reflect-padded by ``pad`` px."""
     from rasterio.windows import Window
     from rasterio.windows import transform as window_transform
 
     rows = []
-    opts = SegmentOptions(progress=False, bands=bands)
+    opts = SegmentOptions(progress=False, bands=bands, edge_context=edge_context)
+    no_margin = replace(opts, edge_context=0)
     with tempfile.TemporaryDirectory() as tmp:
         for i, scene in enumerate(scenes):
             with rasterio.open(scene) as src:
@@ -143,7 +153,7 @@ def context_part(
                     nodata=src.nodata,
                 )
             whole_out = Path(tmp) / f"w{i}.tif"
-            segment_scene(scene, runtime, whole_out, opts, log=lambda m: None)
+            segment_scene(scene, runtime, whole_out, no_margin, log=lambda m: None)  # as the earlier numbers
             with rasterio.open(whole_out) as src:
                 truth = src.read(1, window=win)
             plain = _write(Path(tmp) / f"c{i}.tif", cut, profile)
@@ -160,9 +170,15 @@ def context_part(
                 ),
             )
             result = {"scene": str(scene), "size": [h, w]}
-            for name, path, off in (("as_is", plain, 0), ("reflect_padded", padded, pad)):
+            variants = (
+                ("as_is", plain, 0, no_margin),
+                ("engine", plain, 0, opts),
+                ("reflect_padded", padded, pad, no_margin),
+            )
+            for name, path, off, options in variants:
                 out = Path(tmp) / f"{name}{i}.tif"
-                segment_scene(path, runtime, out, opts, log=lambda m: None)
+                report = segment_scene(path, runtime, out, options, log=lambda m: None)
+                result[f"{name}_edge_context"] = report.edge_context
                 with rasterio.open(out) as src:
                     pred = src.read(1)[off : off + h, off : off + w]
                 edge = border_mask(h, w, strip)
@@ -191,6 +207,7 @@ def main() -> None:
     ap.add_argument("--context", nargs="*", default=[], help="scenes for the label-free edge-effect part")
     ap.add_argument("--margin", type=int, default=128, help="--context: the cut-out's margin inside the scene")
     ap.add_argument("--pad", type=int, default=64, help="--context: reflect padding of the cut-out, in px")
+    ap.add_argument("--edge-context", type=int, help="--context: the engine's edge margin (default: its own)")
     ap.add_argument("--json")
     args = ap.parse_args()
     runtime = open_runtime(args.model)
@@ -219,14 +236,18 @@ def main() -> None:
             print(f"   {'whole':<7}" + " ".join(f"{n[:8]:>9} {100 * v:5.1f}%" for n, v in zip(names, row["whole"])))
     if args.context:
         bands = tuple(int(b) for b in args.bands.split(",")) if args.bands else None
-        result["context"] = context_part(runtime, args.context, args.margin, args.pad, args.strip, bands)
+        result["context"] = context_part(
+            runtime, args.context, args.margin, args.pad, args.strip, bands, args.edge_context
+        )
         print(f"edge effect: agreement with the whole-scene prediction ({args.strip} px border band / interior)")
         for row in result["context"]:
-            a, p = row["as_is"], row["reflect_padded"]
+            a, e, p = row["as_is"], row["engine"], row["reflect_padded"]
             print(
-                f"  {Path(row['scene']).name:<28} as is {100 * a['border_agreement']:5.1f} / "
-                f"{100 * a['interior_agreement']:5.1f} %   reflect-padded {100 * p['border_agreement']:5.1f} / "
-                f"{100 * p['interior_agreement']:5.1f} %   border changed to {a['border_changed_to']}"
+                f"  {Path(row['scene']).name:<16} no margin {100 * a['border_agreement']:5.1f} / "
+                f"{100 * a['interior_agreement']:5.1f} %   engine (edge context {row['engine_edge_context']} px) "
+                f"{100 * e['border_agreement']:5.1f} / {100 * e['interior_agreement']:5.1f} %   reflect-padded "
+                f"{100 * p['border_agreement']:5.1f} / {100 * p['interior_agreement']:5.1f} %   border changed to "
+                f"{a['border_changed_to']} / {e['border_changed_to']}"
             )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

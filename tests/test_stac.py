@@ -215,7 +215,8 @@ def test_an_interrupted_item_resumes_and_a_changed_item_is_refused(tmp_path, s2_
     data = _item(tmp_path, patch, bands=MODEL_BANDS)
     item = _write(tmp_path / "item.json", data)
     runtime = RuntimeSpec(str(s2_model)).open()
-    options = dict(progress=False, batch_size=2, checkpoint_seconds=0)  # a row of two windows per batch
+    # a row of two windows per batch (edge_context 0: without margin, as the row count below)
+    options = dict(progress=False, batch_size=2, checkpoint_seconds=0, edge_context=0)
     segment_scene(item, runtime, tmp_path / "whole.tif", SegmentOptions(**options))
     with pytest.raises(KeyboardInterrupt):
         segment_scene(item, _Interrupted(runtime, after=2), tmp_path / "out.tif", SegmentOptions(**options))
