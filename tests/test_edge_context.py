@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import make_geotiff, make_segmenter, synthetic_image
+from conftest import make_geotiff, make_segmenter, one_clean_error, synthetic_image
+from typer.testing import CliRunner
 
 import cdkd
 from cdkd.errors import CdkdValueError, CheckpointError
@@ -19,6 +20,7 @@ from cdkd.inference.sliding import sliding_window_logits
 from cdkd.inference.tiler import edge_margin, plan_rows
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.engine import segment_scene
+from cli.main import app
 
 MARGIN = 20  # with 64 px tiles and 16 px overlap: the first window row starts at -20, the second at 28
 QUIET = dict(progress=False, checkpoint_seconds=0)
@@ -150,3 +152,13 @@ def test_the_default_margin_is_the_same_in_the_engine_and_in_evaluation(scene, i
     x = runtime.meta.norm.normalize(image, valid)
     classes = sliding_window_logits(predict, x, 64, 16, runtime.meta.num_classes).numpy().argmax(0)
     assert np.array_equal(classes[valid], _read(tmp_path / "lc.tif")[valid])
+
+
+def test_cli_takes_edge_context_and_refuses_a_bad_one_in_one_line(scene, model_pt, tmp_path):
+    args = ["segment", str(scene), "--model", str(model_pt), "--no-progress", "--out"]
+    res = CliRunner().invoke(app, [*args, str(tmp_path / "a.tif"), "--edge-context", "40"])
+    assert res.exit_code != 0 and "--edge-context 40 must be" in one_clean_error(res.output)
+    assert not list(tmp_path.iterdir())  # nothing left behind
+    res = CliRunner().invoke(app, [*args, str(tmp_path / "b.tif"), "--edge-context", "12"])
+    assert res.exit_code == 0, res.output
+    assert '"edge_context": 12' in (tmp_path / "b.json").read_text()

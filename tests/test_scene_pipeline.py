@@ -182,12 +182,13 @@ def test_blended_logits_are_continuous_across_window_edges(tmp_path):
     assert max(seam_index(_read(tmp_path / "out.tif"), 64, 16)) < 1.3
 
 
+@pytest.mark.parametrize("margin", [0, 20])  # 20: an edge margin, windows reaching past the image
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_the_torch_blend_a_gpu_runs_equals_the_numpy_blend(device):
+def test_the_torch_blend_a_gpu_runs_equals_the_numpy_blend(device, margin):
     """The GPU's code path (torch tensors) against the CPU's (numpy): the same classes, confidence within 1."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    rows = plan_rows(150, 203, 64, 16)
+    rows = plan_rows(150, 203, 64, 16, margin)
     tops, cols = [r[0].row for r in rows], [w.col for w in rows[0]]
     outs = []
     for target, backend in (("cpu", "numpy"), (device, "torch")):
@@ -196,14 +197,15 @@ def test_the_torch_blend_a_gpu_runs_equals_the_numpy_blend(device):
         for i, row in enumerate(rows):
             blender.begin(i)
             for w in row:
-                r = np.random.default_rng(w.row * 1000 + w.col)
+                r = np.random.default_rng((w.row + margin) * 1000 + w.col + margin)  # offsets from -margin
                 logits = torch.from_numpy(r.normal(size=(K, 64, 64)).astype(np.float32)).to(target)
                 valid = np.ones((64, 64), bool)
                 valid[:5] = w.row > 0  # some nodata in the first row of windows
-                if w.col == 139 and w.row == 48:
+                if w == rows[1][-1]:
                     blender.add(w, None, None, np.zeros((64, 64), bool))  # a skipped window
                 else:
-                    blender.add(w, logits, torch.from_numpy(window_weights(w, 150, 203, 16)).to(target), valid)
+                    weights = window_weights(w, 150, 203, 16, margin=margin)
+                    blender.add(w, logits, torch.from_numpy(weights).to(target), valid)
             _, fin = blender.end(i)
             classes.append(fin.classes)
             conf.append(fin.confidence)

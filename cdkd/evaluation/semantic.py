@@ -28,6 +28,7 @@ from cdkd.errors import CdkdValueError, DataError, OutputExistsError
 from cdkd.evaluation.metrics import MetricAccumulator, SegMetrics
 from cdkd.inference.runtimes import open_runtime
 from cdkd.inference.sliding import Predict, runtime_predict, sliding_window_logits
+from cdkd.inference.tiler import edge_margin
 from cdkd.progress import track
 from cdkd.utils.atomic import atomic_path, atomic_write_text
 from cdkd.utils.paths import check_writable
@@ -246,6 +247,7 @@ def evaluate(
         images=len(pairs),
         tile_size=meta.tile_size,
         overlap=meta.overlap if overlap is None else overlap,
+        edge_context=edge_margin(meta.tile_size),  # predict_image's default (tiler.edge_margin)
         cost=cost.to_dict(),
     )
     atomic_write_text(outputs[0], json.dumps(report, indent=2))

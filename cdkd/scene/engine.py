@@ -102,6 +102,7 @@ def segment_scene(
     start = time.perf_counter()
     check_num_classes(runtime.meta.classes)
     tile, overlap = resolve_tiling(runtime.meta, options, runtime.fixed_tile, runtime.name)
+    margin = resolve_margin(options, tile)
     check_outputs(scene, out, options)
     meta = runtime.meta
     final, _, report_path, partial = output_paths(out)
@@ -111,7 +112,7 @@ def segment_scene(
     ):
         check_buffers(source.info, meta, tile, options.batch_size)
         announce_bands(source, log or log_stderr)
-        run = _LocalRun(scene, source, runtime, out, options, tile, overlap, resolve_margin(options, tile))
+        run = _LocalRun(scene, source, runtime, out, options, tile, overlap, margin)
         with claimed(partial, out, options.resume):
             run.execute()
             report = run.report(time.perf_counter() - start)
