@@ -165,14 +165,18 @@ def test_version_comes_from_the_package_metadata() -> None:
     assert out.strip() == f"cdkd {version('cdkd')}" == f"cdkd {cdkd.__version__}"
 
 
-def test_shell_completion_is_offered_and_completes_choices() -> None:
+def test_shell_completion_is_offered_and_completes_choices(monkeypatch) -> None:
     import os
     import shutil
     import subprocess
 
     res, out = _run(["--help"])
     assert "--install-completion" in out and "--show-completion" in out
+    # --show-completion detects the shell from the parent processes (shellingham), which a job started under
+    # nohup has none of; Typer's own switch makes the option take the shell's name instead
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     res = runner.invoke(app, ["--show-completion", "bash"], prog_name="cdkd")
+    monkeypatch.delenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION")
     assert res.exit_code == 0 and "_CDKD_COMPLETE=complete_bash" in res.output
     exe = shutil.which("cdkd")
     if exe is None:
