@@ -19,7 +19,7 @@ Nothing else has to be kept in sync by hand: the loaders rebuild the networks fr
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -308,16 +308,7 @@ class DetectorInfo(SegmenterInfo):
     ``Detector.config()``), object classes and inference settings."""
 
     def inference_meta(self) -> InferenceMeta:
-        return InferenceMeta(
-            classes=self.classes,
-            norm=self.norm,
-            tile_size=self.tile_size,
-            overlap=self.overlap,
-            in_chans=self.in_chans,
-            arch=self.student.arch,
-            head="maskrcnn",
-            task="instance",
-        )
+        return replace(super().inference_meta(), head="maskrcnn", task="instance")
 
 
 def save_detector(path: str | Path, detector: nn.Module, info: DetectorInfo) -> None:
