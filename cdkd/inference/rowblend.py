@@ -23,6 +23,8 @@ Float32 products, sums, comparisons and maxima are exact in both, so the class i
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -206,20 +208,40 @@ def add_weighted(dst: Array, logits: Array, weights: Array, scratch: np.ndarray 
         dst += logits * weights
 
 
-BACKENDS = ("auto", "numpy", "torch")
+BACKENDS = ("auto", "numpy", "torch", "triton")
+
+
+def blend_backend(device: str | torch.device, backend: str = "auto") -> str:
+    """The blender's backend on ``device``: ``backend``, or for "auto" numpy on the CPU, the Triton kernels
+    (``blend_triton``) on CUDA where triton is importable, torch otherwise. "triton" on the CPU needs Triton's
+    interpreter (``TRITON_INTERPRET=1`` before triton is imported): how its tests run without a GPU."""
+    if backend not in BACKENDS:
+        raise CdkdValueError(f"unknown blend backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    kind = torch.device(device).type
+    if backend == "numpy" and kind != "cpu":
+        raise CdkdValueError(f"the numpy blend backend runs on the CPU only, not on {device}")
+    if backend == "triton" and kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CdkdValueError(
+            f"the triton blend backend runs on a CUDA GPU, not on {device} (or in Triton's interpreter, "
+            "TRITON_INTERPRET=1); use auto, numpy or torch"
+        )
+    if backend != "auto":
+        return backend
+    if kind == "cpu":
+        return "numpy"
+    if kind == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "torch"
 
 
 class _Arrays:
-    """Allocation and transfer for the blender's device: numpy on the CPU, torch elsewhere (``backend="torch"``
-    forces torch, also on the CPU: the GPU's code path, testable without a GPU)."""
+    """Allocation and transfer for the blender's device: numpy arrays for the numpy backend, torch tensors for the
+    others (``backend="torch"`` on the CPU: the GPU's code path, testable without a GPU)."""
 
     def __init__(self, device: str | torch.device, backend: str = "auto") -> None:
-        if backend not in BACKENDS:
-            raise CdkdValueError(f"unknown array backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.device = torch.device(device)
-        self.numpy = self.device.type == "cpu" and backend != "torch"
-        if self.numpy is False and backend == "numpy":
-            raise CdkdValueError(f"the numpy backend runs on the CPU only, not on {self.device}")
+        self.backend = blend_backend(self.device, backend)
+        self.numpy = self.backend == "numpy"
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> Array:
         if self.numpy:
@@ -306,7 +328,7 @@ class PlanBlender:
     None for a skipped window), then ``end(i)`` -> ``(head, finished)``. ``carry`` is what the next row adds to
     (set it to resume). ``head=True``: the block starts below a window row it does not see, so the first row's
     rows that the row above also covers are handed out as a ``Partial`` head instead of being finished.
-    ``output="logits"`` gives blended logits instead of class ids (evaluation). ``backend``: see ``_Arrays``.
+    ``output="logits"`` gives blended logits instead of class ids (evaluation). ``backend``: see ``blend_backend``.
     """
 
     def __init__(
@@ -346,6 +368,14 @@ class PlanBlender:
         self._scratch = np.empty((num_classes, self.win_h, self.win_w), np.float32) if self._arrays.numpy else None
         self._argmax = ArgmaxScratch((self.win_h, max(self.win_w, self.x1 - self.x0))) if self._arrays.numpy else None
         self.top, self._rows = 0, (0, 0)
+        # the Triton kernels: one launch per window and one per finished row, in place of a few kernels per frame
+        # piece (blend_triton); for class ids only (evaluation's blended logits take the torch form)
+        self.backend = "torch" if self._arrays.backend == "triton" and output != "classes" else self._arrays.backend
+        self._shared_mask = None
+        if self.backend == "triton":
+            self._shared_mask = torch.zeros(self.x1 - self.x0, dtype=torch.uint8, device=self.device)
+            for a, b in self._shared_cols:
+                self._shared_mask[a - self.x0 : b - self.x0] = 1
 
     # ------------------------------------------------------------------------------------------------ a row
 
@@ -354,6 +384,10 @@ class PlanBlender:
         self.top = self.row_tops[index]
         # a plan with an edge margin has windows reaching past the image: only their part inside it is blended
         self._rows = _clip(*exclusive(self.row_tops, index, self.win_h, self.height), 0, self.height)
+        if self.backend == "triton":  # three fills, not three per frame piece: the frames are most of the row
+            for t in (self._sum, self._w, self._valid):
+                t.zero_()
+            return
         e0, e1 = (r - self.top for r in self._rows)
         for t in (self._sum, self._w, self._valid):
             t[..., :e0, :] = 0
@@ -373,6 +407,20 @@ class PlanBlender:
             raise CdkdValueError(f"{window} lies outside columns {self.x0}..{self.x1}")
         r0, r1 = self._rows
         ec0, ec1 = self._col_excl[window.col]
+        if self.backend == "triton":
+            from cdkd.inference import blend_triton
+
+            blend_triton.add_window(
+                logits,
+                weights,
+                valid.contiguous(),
+                self._buffers(),
+                (window.row, window.col, window.height, window.width),
+                (self.top, self.x0),
+                (self.height, c0, c1),
+                (r0, r1, ec0, ec1),
+            )
+            return
         # the frame: the window's rows above and below the exclusive rows, and its shared columns between them
         frame = [
             (max(window.row, 0), r0, c0, c1),
@@ -439,6 +487,15 @@ class PlanBlender:
         self.carry = self._partial(stop, bottom) if stop < bottom else None
         return head, finished
 
+    def _buffers(self) -> dict[str, Any]:
+        return {
+            "sum": self._sum,
+            "weights": self._w,
+            "valid": self._valid,
+            "classes": self._direct,
+            "confidence": self._direct_conf,
+        }
+
     def _partial(self, a: int, b: int) -> Partial | None:
         if a >= b:
             return None
@@ -470,9 +527,16 @@ class PlanBlender:
                         self._sum[(slice(None), *band)], self._w[band]
                     )
             return FinishedRows(a, None, logits=out)
-        for r0, r1, c0, c1 in regions:
-            if r0 < r1 and c0 < c1:
-                self._reduce(r0, r1, c0, c1)
+        if self.backend == "triton":
+            from cdkd.inference import blend_triton
+
+            assert self._shared_mask is not None  # built with the triton backend
+            band = (a - self.top, b - self.top)
+            blend_triton.reduce_rows(self._buffers(), self._shared_mask, band, (m0 - self.top, m1 - self.top))
+        else:
+            for r0, r1, c0, c1 in regions:
+                if r0 < r1 and c0 < c1:
+                    self._reduce(r0, r1, c0, c1)
         classes, ready = self._arrays.host(self._direct[rows])
         conf = self._arrays.host(self._direct_conf[rows])[0] if self._direct_conf is not None else None
         if ready is not None and conf is not None:  # one event after both copies

@@ -176,6 +176,7 @@ def run_block(job: _Job, block: Block) -> dict[str, Any]:
             runtime.blend_device,
             probs=options.probs,
             head=block.head,
+            backend=options.blend_backend,
         )
         prefetcher = prefetcher_for(
             source.read_normalized,

@@ -31,7 +31,7 @@ import rasterio
 from cdkd.data.classraster import check_num_classes
 from cdkd.data.gdal import raster_path
 from cdkd.errors import CdkdValueError, DataError
-from cdkd.inference.rowblend import Partial, PlanBlender
+from cdkd.inference.rowblend import Partial, PlanBlender, blend_backend
 from cdkd.inference.runtimes import Runtime
 from cdkd.inference.tiler import plan_rows
 from cdkd.scene.core.areas import ClassAreaTally
@@ -103,6 +103,7 @@ def segment_scene(
     check_num_classes(runtime.meta.classes)
     tile, overlap = resolve_tiling(runtime.meta, options, runtime.fixed_tile, runtime.name)
     margin = resolve_margin(options, tile)
+    blend_backend(runtime.blend_device, options.blend_backend)  # one that cannot run here is refused before any work
     check_outputs(scene, out, options)
     meta = runtime.meta
     final, _, report_path, partial = output_paths(out)
@@ -229,6 +230,7 @@ class _LocalRun:
             (info.height, info.width),
             self.runtime.blend_device,
             probs=self.options.probs,
+            backend=self.options.blend_backend,
         )
 
     # ------------------------------------------------------------------------------------------------ state

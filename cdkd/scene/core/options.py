@@ -10,6 +10,7 @@ import numpy as np
 from cdkd.artifacts import InferenceMeta
 from cdkd.config import PATCH_SIZE, bounded, check_ranges
 from cdkd.errors import CdkdValueError
+from cdkd.inference.rowblend import BACKENDS
 from cdkd.inference.tiler import PAD_MODES, edge_margin
 from cdkd.scene.core.source import SceneInfo
 from cdkd.utils.memory import check_fits
@@ -37,6 +38,9 @@ class SegmentOptions:
     read_threads: int | None = bounded(None, ge=0, le=256, flag="--read-threads")  # None: pipeline.reader_threads
     min_score: float | None = bounded(None, ge=0, le=1, flag="--min-score")  # instances: weaker ones dropped (0.5)
     assets: tuple[str, ...] | None = None  # STAC items: asset keys stacked as the bands (None: by the model's bands)
+    # how the device blends (rowblend.blend_backend): numpy on the CPU, Triton kernels on CUDA; class ids are the
+    # same bits with any of them
+    blend_backend: str = "auto"
 
 
 def resolve_tiling(
@@ -60,6 +64,8 @@ def resolve_tiling(
         raise CdkdValueError(f"batch size must be at least 1, got {options.batch_size}")
     if options.pad_mode not in PAD_MODES:
         raise CdkdValueError(f"unknown pad mode {options.pad_mode!r}; choose one of {', '.join(PAD_MODES)}")
+    if options.blend_backend not in BACKENDS:
+        raise CdkdValueError(f"unknown blend backend {options.blend_backend!r}; choose one of {', '.join(BACKENDS)}")
     if options.read_threads is not None and options.read_threads < 0:
         raise CdkdValueError(f"read threads must be >= 0, got {options.read_threads}")
     return tile, overlap

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 import cdkd
+from cdkd.inference.rowblend import blend_backend
 from cdkd.progress import progress_bar
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.pipeline import RowCounts, reader_threads
@@ -143,6 +144,12 @@ def provenance(runtime: Any, options: SegmentOptions, norm: Any, device: str) ->
     }
 
 
+def _with_blend(fields: dict[str, Any], runtime: RuntimeInfo, options: SegmentOptions) -> dict[str, Any]:
+    """``provenance`` of a class raster, whose runtime options also say how the device blended."""
+    blend = blend_backend(runtime.blend_device, options.blend_backend)
+    return {**fields, "runtime_options": {**fields["runtime_options"], "blend": blend}}
+
+
 @dataclass(frozen=True)
 class RunTotals:
     """What one scene run counted, local or on a cluster: windows planned and run, class pixels and ground areas
@@ -200,7 +207,7 @@ def build_report(
         edge_context=rest[0] if rest else 0,
         bands=list(source.bands),
         scene_bands=info.count,
-        **provenance(runtime, options, source.norm, runtime.blend_device),
+        **_with_blend(provenance(runtime, options, source.norm, runtime.blend_device), runtime, options),
         stages=totals.stages,
         classes=classes,
     )
