@@ -54,7 +54,8 @@ python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'c
 # 0. the GPU-only tests: device-side blending equals numpy's; the fused Mamba scans (Triton; mamba_ssm if installed)
 #    equal the PyTorch one in values and gradients; SAM's fused attention (sdpa, flex) equals segment-anything's
 step tests_cuda 150 python3 -m pytest -q -p no:cacheprovider tests/test_scene_pipeline.py tests/test_ssm_scan.py \
-  tests/test_scan_triton.py tests/test_sam_attention.py -k "cuda or fused or torch_blend or triton or sdpa or flex"
+  tests/test_scan_triton.py tests/test_sam_attention.py tests/test_blend_triton.py tests/test_cuda_graph.py \
+  -k "cuda or fused or torch_blend or triton or sdpa or flex"
 # 1. the selective scan alone: Triton block sizes vs mamba_ssm (if installed) vs the chunked PyTorch form
 step scan_kernel 60 python3 bench/scan_kernel.py --tiles 4 --size 1024 --json "$out/scan_kernel.json"
 # 2. the students' forward on the GPU (bf16): global ViT-S vs windowed vs RS4D's state-space student (its scan now
@@ -73,7 +74,8 @@ step distill_fused 100 python3 bench/distill_throughput.py --teachers vit_b --st
 step distill_compiled 150 python3 bench/distill_throughput.py --teachers vit_b --students vit_s --sizes 1024 \
   --batch-size 8 --steps 2 --amp bf16 --device cuda --compile on --attention sdpa --no-flops \
   --json "$out/distill_compiled.json"
-# 4. the engine with the real model (vit_s + UPerNet 512, 1024 px) on CUDA, bf16: engine / bare model
+# 4. the engine with the real model (vit_s + UPerNet 512, 1024 px) on CUDA, bf16: engine / bare model, eager with the
+#    torch blend (as before), then a CUDA graph with the Triton blend (the default)
 step overhead_cuda 90 python3 bench/scene.py --base "$base" --parts overhead --device cuda --overhead-factor 144 \
   --batch-size 8 --workdir "$work" --json "$out/overhead_cuda.json"
 # 5. end-to-end throughput per runtime at 1024 px on the GPU: torch CUDA bf16, and ONNX Runtime's CUDA provider
@@ -120,8 +122,10 @@ for ln in (out / "steps.txt").read_text().splitlines() if (out / "steps.txt").ex
     line(f"step {name}", f"{'ok' if rc == '0' else 'TIMEOUT' if rc in ('124', '137') else 'exit ' + rc}, {sec} s")
 o = load("overhead_cuda.json")
 r = (o or {}).get("overhead", {}).get("result") or {}
-if r:
-    line("engine / bare model (vit_s + UPerNet 512, 1024 px, bf16)", f"{r['ratio']:.2f} ({r['tiles_s']:.0f} tiles/s)")
+for v in r.get("variants", [r] if r else []):
+    how = f"graph {'on' if v.get('cuda_graph') is True else 'off'}, blend {v.get('blend')}"
+    line(f"engine / bare model (vit_s+UPerNet 512, 1024, bf16; {how})",
+         f"{v['ratio']:.2f} ({v['tiles_s']:.0f} / {v.get('model_tiles_s', 0):.0f} tiles/s)")
 runs = [load(f"distill_{name}.json") or {} for name in ("baseline", "fused", "compiled")]
 peak = next((r["peak"]["tflops"] for r in runs if r.get("peak", {}).get("tflops")), None)
 if peak:

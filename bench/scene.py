@@ -458,19 +458,31 @@ def job_ceiling(scene: str, out: str, tile: int, overlap: int, batch: int, read_
 def job_overhead(
     model: str, scene: str, out: str, device: str, batch: int, threads: int | None, read_threads: int | None = None
 ) -> dict:
-    """Engine time vs the bare model on as many tiles (batches already in memory), after a warm-up."""
+    """Engine time vs the bare model on as many tiles, per variant: on CUDA the eager forward with the torch blend
+    (the engine before CUDA graphs and the Triton blend), then both (the default); on the CPU the default."""
+    _set_threads(threads)
+    cuda = device.startswith("cuda")
+    variants = [("off", "torch"), ("on", "triton")] if cuda else [("auto", "auto")]
+    rows = [_overhead_variant(model, scene, out, device, batch, read_threads, g, b) for g, b in variants]
+    return {**rows[-1], "variants": rows}
+
+
+def _overhead_variant(
+    model: str, scene: str, out: str, device: str, batch: int, read_threads: int | None, graph: str, blend: str
+) -> dict:
+    """One engine run and the bare model (batches already in memory) on as many tiles, after a warm-up."""
     from cdkd.inference.runtimes import open_runtime
     from cdkd.scene.core.options import SegmentOptions
     from cdkd.scene.engine import segment_scene
 
-    _set_threads(threads)
-    rt = open_runtime(model, device=device)
+    rt = open_runtime(model, device=device, cuda_graph=graph)
     t = rt.meta.tile_size
     x = np.random.default_rng(0).normal(size=(batch, rt.meta.in_chans, t, t)).astype(np.float32)
-    _sync(rt.forward(x))  # warm-up (cuDNN autotuning, allocator)
-    report = segment_scene(
-        scene, rt, out, SegmentOptions(batch_size=batch, overwrite=True, progress=False, read_threads=read_threads)
+    _sync(rt.forward(x))  # warm-up (cuDNN autotuning, allocator, the graph's capture)
+    options = SegmentOptions(
+        batch_size=batch, overwrite=True, progress=False, read_threads=read_threads, blend_backend=blend
     )
+    report = segment_scene(scene, rt, out, options)
     tiles = report.tiles_run
     start = time.perf_counter()
     for i in range(0, tiles, batch):
@@ -483,8 +495,11 @@ def job_overhead(
         "ratio": report.seconds / bare,
         "device": rt.device,
         "amp": rt.options.get("amp"),
+        "cuda_graph": rt.options.get("cuda_graph"),
+        "blend": report.runtime_options.get("blend"),
         "stages": report.stages,
         "tiles_s": tiles / report.seconds,
+        "model_tiles_s": tiles / bare,
     }
 
 
@@ -835,11 +850,13 @@ def print_overhead(o: dict) -> None:
     if not r:
         print("   failed")
         return
-    print(
-        f"   {r['device']} (amp {r['amp']}): engine {r['engine_s']:.2f} s, bare model {r['model_s']:.2f} s on "
-        f"{r['tiles']} tiles: engine / model = {r['ratio']:.3f} ({r['tiles_s']:.2f} tiles/s)"
-    )
-    print(f"   stage busy seconds: {r['stages']}")
+    for v in r.get("variants", [r]):
+        print(
+            f"   {v['device']} (amp {v['amp']}, cuda graph {v.get('cuda_graph')}, blend {v.get('blend')}): engine "
+            f"{v['engine_s']:.2f} s, bare model {v['model_s']:.2f} s on {v['tiles']} tiles: engine / model = "
+            f"{v['ratio']:.3f} ({v['tiles_s']:.2f} tiles/s; bare {v.get('model_tiles_s', 0):.2f})"
+        )
+        print(f"   stage busy seconds: {v['stages']}")
 
 
 def print_scaleout(o: dict) -> None:

@@ -36,6 +36,12 @@ class Amp(Choice):  # cdkd.inference.runtimes / cdkd.train.optim AMP_MODES
     fp16 = "fp16"
 
 
+class CudaGraph(Choice):  # cdkd.inference.runtimes.GRAPH_MODES
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class Stats(Choice):  # cdkd.scene.core.source.STATS_MODES
     model = "model"
     scene = "scene"

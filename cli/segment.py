@@ -57,6 +57,12 @@ def segment_command(
     threads: Optional[int] = typer.Option(
         None, "--threads", help="ONNX Runtime CPU threads (default: one per physical core).", rich_help_panel=RUN
     ),
+    cuda_graph: o.CudaGraph = typer.Option(
+        o.CudaGraph.auto,
+        "--cuda-graph",
+        help="Replay --model's forward as a CUDA graph (auto = on CUDA).",
+        rich_help_panel=RUN,
+    ),
     tile_size: Optional[int] = typer.Option(
         None, "--tile-size", help="Tile size in px (default: the model's).", rich_help_panel=TILING
     ),
@@ -181,7 +187,7 @@ def segment_command(
         if preview:
             outputs = [out] if out is not None else [dst for _, dst in plan_outputs(paths, cast(Path, out_dir))]
             _check_previews(outputs, options.overwrite or options.resume)  # a resumed run finishes its previews
-        spec = RuntimeSpec(str(model or engine), o.value(runtime), device, amp.value, threads)
+        spec = RuntimeSpec(str(model or engine), o.value(runtime), device, amp.value, threads, cuda_graph.value)
         task = task_of_model(spec.model, spec.runtime)
         task.check_scene_job(spec.model, many=out is None, cluster=scheduler is not None, preview=preview)
         if out is not None:

@@ -151,6 +151,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     w["config_yaml"].write_text("train: [1, 2\n")
     w["config_range"] = root / "range.yaml"
     w["config_range"].write_text("batch_size: 0\n")
+    w["config_blend"] = root / "blend.yaml"
+    w["config_blend"].write_text("blend_backend: cuda\n")
     return w
 
 
@@ -267,6 +269,9 @@ CASES: dict[str, Case] = {
     "seg-bad-runtime": Case((*SEG, "--runtime", "jax"), ("--runtime",), 2),
     "seg-bad-amp": Case((*SEG, "--amp", "fp8"), ("--amp",), 2),
     "seg-bad-stats": Case((*SEG, "--stats", "median"), ("--stats",), 2),
+    "seg-bad-cuda-graph": Case((*SEG, "--cuda-graph", "maybe"), ("--cuda-graph",), 2),
+    "seg-cuda-graph-on-cpu": Case((*SEG, "--cuda-graph", "on", "--device", "cpu"), ("--cuda-graph on", "CUDA"), 2),
+    "seg-blend-backend": Case((*SEG, "--config", "{config_blend}"), ("blend backend", "triton"), 2),
     "seg-bad-on-error": Case((*SEG, "--on-error", "retry"), ("--on-error",), 2),
     "seg-out-png": Case(("segment", "{scene}", "--model", "{seg}", "--out", "{out}/lc.png"), ("lc.png", ".tif"), 2),
     "seg-out-gpkg-semantic": Case(

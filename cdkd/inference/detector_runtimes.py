@@ -57,6 +57,8 @@ class Detections:
 class TorchDetectorRuntime(TorchRuntime):
     """A ``detector.pt`` on the CPU or a CUDA GPU (``TorchRuntime``'s device and autocast handling)."""
 
+    graphable = False  # detections vary in number from tile to tile
+
     def _load(self, path: str | Path) -> tuple[Any, Any]:
         from cdkd.artifacts import load_detector
 

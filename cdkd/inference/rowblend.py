@@ -531,8 +531,8 @@ class PlanBlender:
             from cdkd.inference import blend_triton
 
             assert self._shared_mask is not None  # built with the triton backend
-            band = (a - self.top, b - self.top)
-            blend_triton.reduce_rows(self._buffers(), self._shared_mask, band, (m0 - self.top, m1 - self.top))
+            done = (m0 - self.top, m1 - self.top)
+            blend_triton.reduce_rows(self._buffers(), self._shared_mask, (a - self.top, b - self.top), done)
         else:
             for r0, r1, c0, c1 in regions:
                 if r0 < r1 and c0 < c1:

@@ -34,6 +34,7 @@ SUFFIXES = {
     ".trt": "tensorrt",
 }
 AMP_MODES = ("auto", "none", "fp16", "bf16")
+GRAPH_MODES = ("auto", "on", "off")  # CUDA graphs of a torch model's forward: auto = on CUDA
 
 
 class RuntimeInfo(Protocol):
@@ -133,21 +134,28 @@ def cpu_bf16_supported() -> bool:
 
 class TorchRuntime:
     """A ``segmenter.pt`` on the CPU or a CUDA GPU; fp16/bf16 autocast on CUDA (``amp="auto"`` = bf16), bf16
-    autocast on a CPU with native bf16 when asked for (``amp="bf16"``; "auto" keeps float32 there)."""
+    autocast on a CPU with native bf16 when asked for (``amp="bf16"``; "auto" keeps float32 there). On CUDA the
+    forward is replayed as a CUDA graph (``cuda_graph``: "auto" = on CUDA, ``cudagraph.GraphedForward``); if
+    capturing fails the model runs eagerly and ``options["cuda_graph"]`` says why."""
 
     name = "torch"
     max_batch: int | None = None
     fixed_tile = False  # the ViT resamples its position embedding: any multiple of the patch size
     takes_tensors = True  # forward also takes a float32 tensor batch already on the device
+    graphable = True  # a forward of fixed shapes: capturable as a CUDA graph
 
-    def __init__(self, path: str | Path, device: str = "auto", amp: str = "auto") -> None:
+    def __init__(self, path: str | Path, device: str = "auto", amp: str = "auto", cuda_graph: str = "auto") -> None:
         import torch
 
         from cdkd.train.distributed import DistContext, resolve_device
 
         if amp not in AMP_MODES:
             raise CdkdValueError(f"unknown amp mode {amp!r}; choose one of {', '.join(AMP_MODES)}")
+        if cuda_graph not in GRAPH_MODES:
+            raise CdkdValueError(f"unknown cuda graph mode {cuda_graph!r}; choose one of {', '.join(GRAPH_MODES)}")
         self._device = resolve_device(device, DistContext())
+        if cuda_graph == "on" and self._device.type != "cuda":
+            raise CdkdValueError(f"--cuda-graph on needs a CUDA device, not {self._device}; use auto or off")
         self.model, self.meta = self._load(path)
         self.path = str(path)
         self.device = self.blend_device = str(self._device)
@@ -161,9 +169,15 @@ class TorchRuntime:
                     "would be emulated, slower than float32); use --amp none"
                 )
             self._dtype = torch.bfloat16
+        self._graphed = None
+        if self._device.type == "cuda" and cuda_graph != "off" and self.graphable:
+            from cdkd.inference.cudagraph import GraphedForward
+
+            self._graphed = GraphedForward(self._eager)
         self.options = {
             "amp": str(self._dtype).replace("torch.", "") if self._dtype else "none",
             "threads": torch.get_num_threads() if self._device.type == "cpu" else None,
+            "cuda_graph": self._graphed is not None,
         }
 
     def _load(self, path: str | Path) -> tuple[torch.nn.Module, InferenceMeta]:
@@ -182,9 +196,22 @@ class TorchRuntime:
             x = to_device(batch.float(), self._device)
         else:
             x = to_device(torch.from_numpy(check_batch(batch, self.meta, fixed_tile=False)), self._device)
+        if self._graphed is None:
+            return self._eager(x)
+        try:
+            return self._graphed(x)
+        except RuntimeError as e:  # a model or driver that cannot be captured still runs, eagerly, and says so
+            self._graphed = None
+            self.options["cuda_graph"] = f"off: capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            return self._eager(x)
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        # no autocast cache: a cached cast of a weight made while capturing would be freed with the capture
         with (
             torch.inference_mode(),
-            torch.autocast(self._device.type, dtype=self._dtype, enabled=self._dtype is not None),
+            torch.autocast(self._device.type, dtype=self._dtype, enabled=self._dtype is not None, cache_enabled=False),
         ):
             return self.model(x).float()
 
@@ -403,13 +430,18 @@ class TensorRTRuntime:
 
 
 def open_runtime(
-    path: str | Path, runtime: str | None = None, device: str = "auto", amp: str = "auto", threads: int | None = None
+    path: str | Path,
+    runtime: str | None = None,
+    device: str = "auto",
+    amp: str = "auto",
+    threads: int | None = None,
+    cuda_graph: str = "auto",
 ) -> Runtime:
     """The runtime for the segmenter file ``path`` (``segmenter.pt``, ``.onnx`` or ``.engine``). An instance model
     (``detector.pt``) is opened by its task: ``cdkd.tasks.task_of_model(path).open_runtime``."""
     kind = runtime_for(path, runtime)
     if kind == "torch":
-        return TorchRuntime(path, device=device, amp=amp)
+        return TorchRuntime(path, device=device, amp=amp, cuda_graph=cuda_graph)
     if kind == "onnx":
         return OnnxRuntime(path, device=device, threads=threads)
     return TensorRTRuntime(path, device=device)
@@ -424,9 +456,10 @@ class RuntimeSpec:
     device: str = "auto"
     amp: str = "auto"
     threads: int | None = None
+    cuda_graph: str = "auto"
 
     def open(self) -> Runtime:
-        return open_runtime(self.model, self.runtime, self.device, self.amp, self.threads)
+        return open_runtime(self.model, self.runtime, self.device, self.amp, self.threads, self.cuda_graph)
 
     def meta(self) -> InferenceMeta:
         """The model's metadata without loading it to run (a TensorRT engine needs no GPU for this)."""
