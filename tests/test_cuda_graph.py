@@ -4,6 +4,8 @@ captured again, and the engine's class raster unchanged."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import rasterio
@@ -11,6 +13,7 @@ import torch
 from conftest import make_geotiff, make_segmenter, synthetic_image
 
 from cdkd.errors import CdkdValueError
+from cdkd.inference.cudagraph import GraphedForward, _Graph
 from cdkd.inference.runtimes import RuntimeSpec, TorchRuntime
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.engine import segment_scene
@@ -25,6 +28,35 @@ def test_cuda_graphs_only_where_cuda_runs(segmenter_pt):
         TorchRuntime(segmenter_pt, device="cpu", cuda_graph="on")
     with pytest.raises(CdkdValueError, match="unknown cuda graph mode"):
         TorchRuntime(segmenter_pt, device="cpu", cuda_graph="yes")
+
+
+class _ReplayEagerly(GraphedForward):
+    """``GraphedForward``'s bookkeeping on the CPU: a "graph" whose replay runs the forward on the static input
+    into the static output, as a captured graph does (capturing itself needs CUDA: the tests below)."""
+
+    def _capture(self, x: torch.Tensor) -> _Graph:
+        static = x.detach().clone()
+        out = self.forward(static)
+        graph = SimpleNamespace(replay=lambda: out.copy_(self.forward(static)))
+        self.captures.append(tuple(x.shape))
+        return _Graph(graph, static, out)  # type: ignore[arg-type]
+
+
+def test_graph_bookkeeping_pads_recaptures_and_forgets_the_least_recently_used():
+    weight = torch.arange(1.0, 4.0).view(1, 3, 1, 1)
+    graphed = _ReplayEagerly(lambda x: (x * weight).sum(1, keepdim=True), max_graphs=2)
+    graphed.captures = []
+    x = torch.randn(5, 3, 4, 4)
+    want = (x * weight).sum(1, keepdim=True)
+    held = graphed(x[:4])
+    assert torch.equal(held, want[:4])
+    assert torch.equal(graphed(x[2:4]), want[2:4])  # padded into the batch of 4
+    assert torch.equal(graphed(x), want) and graphed.captures == [(4, 3, 4, 4), (5, 3, 4, 4)]  # larger: again
+    assert torch.equal(held, want[:4])  # the caller's copy: later replays do not overwrite it
+    graphed(torch.randn(1, 3, 8, 8))
+    graphed(x[:1])  # (3, 4, 4) used last
+    graphed(torch.randn(1, 3, 2, 2))  # a third shape: (3, 8, 8) goes
+    assert graphed.captured == {(3, 4, 4): 5, (3, 2, 2): 1}
 
 
 @cuda

@@ -7,7 +7,7 @@ whole forward is one ``replay``.
 
 A graph is captured for each tile shape, at the largest batch seen so far (a scene's tiles have one shape and the
 engine's batch size, so a scene captures once); a smaller batch, a scene's last, runs padded to the captured
-one. The captured kernels are the eager model's own, so the logits are those of the eager forward with the same
+one. At most ``max_graphs`` shapes keep their graph (and its memory pool), the least recently used going first. The captured kernels are the eager model's own, so the logits are those of the eager forward with the same
 batch size. What the graph writes is copied out, so a caller may hold the logits across batches.
 """
 
@@ -33,9 +33,9 @@ class GraphedForward:
     (C, H, W). ``warmup`` eager runs on a side stream come before each capture (cuDNN and cuBLAS choose their
     algorithms and allocate their workspaces there, outside the graph)."""
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], warmup: int = 2) -> None:
-        self.forward, self.warmup = forward, warmup
-        self._graphs: dict[tuple[int, ...], _Graph] = {}
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], warmup: int = 2, max_graphs: int = 4) -> None:
+        self.forward, self.warmup, self.max_graphs = forward, warmup, max_graphs
+        self._graphs: dict[tuple[int, ...], _Graph] = {}  # in order of last use
 
     @property
     def captured(self) -> dict[tuple[int, ...], int]:
@@ -44,10 +44,12 @@ class GraphedForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape, n = tuple(x.shape[1:]), len(x)
-        entry = self._graphs.get(shape)
+        entry = self._graphs.pop(shape, None)  # a smaller one's memory pool goes with it
         if entry is None or len(entry.x) < n:
-            self._graphs.pop(shape, None)  # its memory pool goes with it
-            entry = self._graphs[shape] = self._capture(x)
+            while len(self._graphs) >= self.max_graphs:  # images of many sizes: the least recently used goes
+                self._graphs.pop(next(iter(self._graphs)))
+            entry = self._capture(x)
+        self._graphs[shape] = entry
         entry.x[:n].copy_(x)  # a padded tail keeps the last batch's tiles: each tile's logits are its own
         entry.graph.replay()
         return entry.y[:n].clone()
@@ -61,6 +63,8 @@ class GraphedForward:
                 self.forward(static)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread-local: the reader threads go on pinning host memory (cudaHostAlloc) while this thread captures,
+        # which the default global mode would make them fail
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             y = self.forward(static)
         return _Graph(graph, static, y)

@@ -15,7 +15,9 @@ device) is touched only in the frames, and the *carry* (the sums of the rows abo
 window row still covers, normally ``overlap`` rows) is all that passes from row to row. Memory grows with the
 scene's width, never its height, and only uint8 class ids (and confidence) leave the device.
 
-On a GPU the arrays are torch tensors. On the CPU they are numpy arrays (a CPU runtime's torch logits are viewed
+On a GPU the arrays are torch tensors, and ``blend_triton``'s kernels do a window's work in one launch and a
+finished row's reduction in another (the torch form's few kernels per frame piece cost the thread that feeds the GPU
+more than the GPU's time). On the CPU they are numpy arrays (a CPU runtime's torch logits are viewed
 without a copy): numpy's kernels are single-threaded and release the GIL, so the reader and writer threads run
 beside them, while torch's intra-op threads competed with those threads for the cores and ran 3-5x slower here.
 Float32 products, sums, comparisons and maxima are exact in both, so the class ids do not depend on the choice.
