@@ -7,8 +7,9 @@ whole forward is one ``replay``.
 
 A graph is captured for each tile shape, at the largest batch seen so far (a scene's tiles have one shape and the
 engine's batch size, so a scene captures once); a smaller batch, a scene's last, runs padded to the captured
-one. At most ``max_graphs`` shapes keep their graph (and its memory pool), the least recently used going first. The captured kernels are the eager model's own, so the logits are those of the eager forward with the same
-batch size. What the graph writes is copied out, so a caller may hold the logits across batches.
+one. At most ``max_graphs`` shapes keep their graph (and its memory pool), the least recently used going first.
+The captured kernels are the eager model's own, so the logits are those of the eager forward with the same batch
+size. What the graph writes is copied out, so a caller may hold the logits across batches.
 """
 
 from __future__ import annotations
