@@ -546,17 +546,16 @@ def job_scaleout(model: str, scene: str, work: str, workers: int, block_rows: in
     }
 
 
-def content_matched_seams(classes: np.ndarray, tile: int, overlap: int, period: int) -> float:
+def content_matched_seams(classes: np.ndarray, tile: int, overlap: int, period: int, margin: int = 0) -> float:
     """The seam index with the content held fixed, for a mosaic of one base scene repeated every ``period`` px:
     the change rate at window edges over the rate at the same base-scene position in the copies where no window
     edge lies. (Edges fall on other content than the average row, and an untrained ViT changes class more often on
     its 16 px patch grid, which the window edges share: both inflate the plain index without any seam.)"""
-    from cdkd.inference.tiler import grid_offsets
+    from cdkd.inference.tiler import window_edges
 
     change = (classes[:, 1:] != classes[:, :-1]).mean(axis=0)
     size = classes.shape[1]
-    offsets = grid_offsets(size, tile, overlap)
-    edges = {o - 1 for o in offsets if o > 0} | {o + tile - 1 for o in offsets if o + tile < size}
+    edges = set(window_edges(size, tile, overlap, margin))
     at, elsewhere = [], []
     for e in sorted(edges):
         same = [p for p in range(e % period, size - 1, period) if p not in edges]
@@ -575,18 +574,19 @@ def job_seams(model: str, scene: str, out: str, period: list[int]) -> dict:
     from cdkd.scene.engine import segment_scene
 
     rt = open_runtime(model, device="cpu")
-    segment_scene(scene, rt, out, SegmentOptions(overwrite=True, progress=False, batch_size=4))
+    report = segment_scene(scene, rt, out, SegmentOptions(overwrite=True, progress=False, batch_size=4))
     with rasterio.open(out) as src:
         classes = src.read(1)
-    tile, overlap = rt.meta.tile_size, rt.meta.overlap
-    cols, rows = seam_index(classes, tile, overlap, nodata=255)
+    tile, overlap, margin = rt.meta.tile_size, rt.meta.overlap, report.edge_context
+    cols, rows = seam_index(classes, tile, overlap, nodata=255, margin=margin)
     return {
         "cols": cols,
         "rows": rows,
         "tile": tile,
         "overlap": overlap,
-        "matched_cols": content_matched_seams(classes, tile, overlap, period[1]),
-        "matched_rows": content_matched_seams(classes.T, tile, overlap, period[0]),
+        "edge_context": margin,
+        "matched_cols": content_matched_seams(classes, tile, overlap, period[1], margin),
+        "matched_rows": content_matched_seams(classes.T, tile, overlap, period[0], margin),
     }
 
 

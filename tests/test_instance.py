@@ -332,6 +332,9 @@ def test_min_score_and_overlap_rules(constructed, tmp_path):
         segment_instances(constructed, runtime, tmp_path / "a.gpkg", SegmentOptions(overlap=0, **QUIET))
     with pytest.raises(CdkdValueError, match="vector polygons"):
         segment_instances(constructed, runtime, tmp_path / "a.tif", SegmentOptions(**QUIET))
+    with pytest.raises(CdkdValueError, match="--edge-context applies to class rasters"):  # not ignored silently
+        segment_instances(constructed, runtime, tmp_path / "a.gpkg", SegmentOptions(edge_context=8, **QUIET))
+    assert not (tmp_path / "a.gpkg").exists()
     with pytest.raises(OutputExistsError, match="--overwrite"):
         segment_instances(constructed, runtime, tmp_path / "none.gpkg", SegmentOptions(**QUIET))
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cdkd.errors import CdkdValueError
-from cdkd.inference.blend import axis_profile, window_weights
+from cdkd.inference.blend import axis_profile, seam_index, window_weights
 from cdkd.inference.sliding import sliding_window_logits
-from cdkd.inference.tiler import TileWindow, grid_offsets, pad_to_tile, plan_rows, plan_windows
+from cdkd.inference.tiler import TileWindow, grid_offsets, pad_to_tile, plan_rows, plan_windows, window_edges
 
 # --------------------------------------------------------------------------------------------------------------
 # grid_offsets
@@ -347,3 +347,25 @@ def test_sliding_errors():
         sliding_window_logits(pixelwise, image, tile=64, overlap=0, num_classes=K, pad_mode="wrap")
     with pytest.raises(CdkdValueError, match=r"\(C, H, W\)"):
         sliding_window_logits(pixelwise, torch.zeros(40, 40), tile=64, overlap=0, num_classes=K)
+
+
+@pytest.mark.parametrize("margin", [0, 20])
+def test_window_edges_are_where_the_plans_windows_start_and_end(margin):
+    cols = plan_rows(64, 203, 64, 16, margin)[0]
+    starts = {w.col - 1 for w in cols if w.col > 0}
+    ends = {w.col + w.width - 1 for w in cols if w.col + w.width < 203}
+    assert window_edges(203, 64, 16, margin) == sorted(starts | ends)
+    assert window_edges(50, 64, 16, margin) == []  # one window, the image's own size
+
+
+def test_seam_index_follows_the_grid_an_edge_margin_shifts():
+    """A class raster that changes only at the edges of a plan with margin 20: the index sees those seams when told
+    the margin, and not at the unshifted grid's edges."""
+    classes = np.zeros((120, 203), np.uint8)
+    rng = np.random.default_rng(0)
+    classes[:] = rng.integers(0, 2, 120)[:, None]  # changes across rows everywhere, none across columns...
+    for p in window_edges(203, 64, 16, 20):  # ...except at the shifted grid's column edges
+        classes[:, p + 1 :] ^= 1
+    with_margin, _ = seam_index(classes, 64, 16, margin=20)
+    without, _ = seam_index(classes, 64, 16)
+    assert with_margin > 10 and without < 1

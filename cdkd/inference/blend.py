@@ -89,24 +89,23 @@ def window_weights(
     return np.outer(rows, cols).astype(np.float32)
 
 
-def seam_index(classes: np.ndarray, tile: int, overlap: int, nodata: int | None = None) -> tuple[float, float]:
+def seam_index(
+    classes: np.ndarray, tile: int, overlap: int, nodata: int | None = None, margin: int = 0
+) -> tuple[float, float]:
     """How much more often the class changes across a window edge than across any pixel boundary.
 
-    ``classes``: (H, W) class ids of a scene segmented with ``tile``/``overlap`` windows. Returns (across columns,
-    across rows): the change rate between the two pixels at an inner window edge (where a window starts or ends
-    inside the image) over the scene's mean change rate in that direction; 1.0 means the window grid leaves no
-    trace. Pairs with a ``nodata`` pixel are left out.
+    ``classes``: (H, W) class ids of a scene segmented with ``tile``/``overlap`` windows and edge margin
+    ``margin`` (the report's ``edge_context``: it shifts the grid). Returns (across columns, across rows): the
+    change rate between the two pixels at an inner window edge (``tiler.window_edges``) over the scene's mean
+    change rate in that direction; 1.0 means the window grid leaves no trace. Pairs with a ``nodata`` pixel are
+    left out.
     """
-    from cdkd.inference.tiler import grid_offsets
+    from cdkd.inference.tiler import window_edges
 
     def ratio(a: np.ndarray) -> float:  # along axis 1 of a
-        size = a.shape[1]
         change = a[:, 1:] != a[:, :-1]
         ok = np.ones_like(change) if nodata is None else (a[:, 1:] != nodata) & (a[:, :-1] != nodata)
-        length = min(tile, size)
-        edges = {o - 1 for o in grid_offsets(size, tile, overlap) if o > 0}
-        edges |= {o + length - 1 for o in grid_offsets(size, tile, overlap) if o + length < size}
-        idx = sorted(edges)
+        idx = window_edges(a.shape[1], tile, overlap, margin)
         mean = change[ok].mean() if ok.any() else 0.0
         at = change[:, idx][ok[:, idx]].mean() if idx and ok[:, idx].any() else 0.0
         return float(at / mean) if mean > 0 else 1.0

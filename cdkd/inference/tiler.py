@@ -142,6 +142,15 @@ def _axis_plan(size: int, tile: int, overlap: int, margin: int) -> tuple[list[in
     return grid_offsets(size, tile, overlap), min(tile, size)
 
 
+def window_edges(size: int, tile: int, overlap: int, margin: int = 0) -> list[int]:
+    """Pixels ``p`` of an axis of ``size`` px such that a window of the plan (``plan_rows`` with ``margin``) starts
+    at ``p + 1`` or ends at ``p``, inside the image: where the window grid could leave a seam between ``p`` and
+    ``p + 1``. Sorted."""
+    offsets, length = _axis_plan(size, tile, overlap, margin)
+    edges = {o - 1 for o in offsets if 0 < o < size} | {o + length - 1 for o in offsets if 0 < o + length < size}
+    return sorted(edges)
+
+
 def plan_rows(height: int, width: int, tile: int, overlap: int, margin: int = 0) -> list[list[TileWindow]]:
     """The windows of ``plan_windows`` grouped by window row, top to bottom, each row left to right.
 

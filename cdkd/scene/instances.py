@@ -243,6 +243,11 @@ def segment_instances(
             "instance segmentation needs overlapping windows (--overlap > 0): an object cut by a "
             "tile border is joined where two windows both see it"
         )
+    if options.edge_context:  # not silently ignored: objects are joined across a plan without margin
+        raise CdkdValueError(
+            f"{runtime.path}: --edge-context applies to class rasters; an instance model's windows stay inside "
+            "the scene (leave it out, or 0)"
+        )
     min_score = check_min_score(options.min_score)
     check_outputs(scene, out, options, suffixes=VECTOR_OUTPUTS, kind="objects are written as vector polygons")
     _check_writable(out)
