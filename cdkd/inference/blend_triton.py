@@ -21,6 +21,7 @@ division are the GPU's, not numpy's (in the interpreter they are numpy's, and it
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -100,6 +101,7 @@ def _add_window_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    plane = band_plane.to(tl.int64)  # K planes of a wide row pass 2**31 elements: 64-bit offsets
     i = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # the window's pixel rows
     j = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]  # and columns
     y = win_row + i  # image row
@@ -117,9 +119,9 @@ def _add_window_kernel(
         lo = i * stride_lr + j  # the window's logits: (K, h, w) with a unit column stride
         weight = tl.load(weight_ptr + own, mask=frame, other=0.0)
         for k in range(0, K):
-            s = tl.load(sum_ptr + k * band_plane + band, mask=frame, other=0.0)
+            s = tl.load(sum_ptr + k * plane + band, mask=frame, other=0.0)
             v = tl.load(logits_ptr + k * stride_lk + lo, mask=frame, other=0.0)
-            tl.store(sum_ptr + k * band_plane + band, s + v * weight, mask=frame)
+            tl.store(sum_ptr + k * plane + band, s + v * weight, mask=frame)
         ws = tl.load(wsum_ptr + band, mask=frame, other=0.0)
         tl.store(wsum_ptr + band, ws + weight, mask=frame)
         index = _first_argmax(logits_ptr, lo, stride_lk, alone, K)
@@ -152,6 +154,7 @@ def _reduce_rows_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    plane = band_plane.to(tl.int64)  # as in _add_window_kernel
     r = row0 + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # band rows
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     in_range = (r < row0 + rows) & (c < band_w)
@@ -159,12 +162,17 @@ def _reduce_rows_kernel(
     todo = in_range & (shared | (r < m0) | (r >= m1))  # the exclusive parts are reduced already
     band = r * band_w + c
     valid = tl.load(bvalid_ptr + band, mask=todo, other=0) != 0
-    index = _first_argmax(sum_ptr, band, band_plane, todo, K)  # dividing by one positive weight keeps the order
+    index = _first_argmax(sum_ptr, band, plane, todo, K)  # dividing by one positive weight keeps the order
     tl.store(direct_ptr + band, tl.where(valid, index, 255).to(tl.uint8), mask=todo)
     if PROBS:
         weight = tl.load(wsum_ptr + band, mask=todo, other=0.0)
-        conf = _confidence(sum_ptr, band, band_plane, todo, weight, K)
+        conf = _confidence(sum_ptr, band, plane, todo, weight, K)
         tl.store(conf_ptr + band, tl.where(valid, conf, 0).to(tl.uint8), mask=todo)
+
+
+def _on(device: torch.device) -> Any:
+    """Triton launches on the current CUDA device: make it the buffers' (``--device cuda:1``)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _launch_options() -> dict[str, Any]:
@@ -203,39 +211,40 @@ def add_window(
     if logits is not None and logits.stride(2) != 1:
         logits = logits.contiguous()
     grid = (triton.cdiv(h, BLOCK[0]), triton.cdiv(w, BLOCK[1]))
-    _add_window_kernel[grid](
-        logits if logits is not None else total,
-        weights if weights is not None else buffers["weights"],
-        valid.view(torch.uint8),
-        total,
-        buffers["weights"],
-        buffers["valid"].view(torch.uint8),
-        buffers["classes"],
-        conf if conf is not None else buffers["classes"],
-        k,
-        h,
-        w,
-        logits.stride(0) if logits is not None else 0,
-        logits.stride(1) if logits is not None else 0,
-        win_row,
-        win_col,
-        top,
-        x0,
-        band_w,
-        band_h * band_w,
-        height,
-        c0,
-        c1,
-        r0,
-        r1,
-        e0,
-        e1,
-        HAS_LOGITS=has_logits,
-        PROBS=conf is not None,
-        BLOCK_R=BLOCK[0],
-        BLOCK_C=BLOCK[1],
-        **_launch_options(),
-    )
+    with _on(total.device):
+        _add_window_kernel[grid](
+            logits if logits is not None else total,
+            weights if weights is not None else buffers["weights"],
+            valid.view(torch.uint8),
+            total,
+            buffers["weights"],
+            buffers["valid"].view(torch.uint8),
+            buffers["classes"],
+            conf if conf is not None else buffers["classes"],
+            k,
+            h,
+            w,
+            logits.stride(0) if logits is not None else 0,
+            logits.stride(1) if logits is not None else 0,
+            win_row,
+            win_col,
+            top,
+            x0,
+            band_w,
+            band_h * band_w,
+            height,
+            c0,
+            c1,
+            r0,
+            r1,
+            e0,
+            e1,
+            HAS_LOGITS=has_logits,
+            PROBS=conf is not None,
+            BLOCK_R=BLOCK[0],
+            BLOCK_C=BLOCK[1],
+            **_launch_options(),
+        )
 
 
 def reduce_rows(
@@ -250,22 +259,23 @@ def reduce_rows(
     m0, m1 = exclusive
     conf = buffers["confidence"]
     grid = (triton.cdiv(b - a, BLOCK[0]), triton.cdiv(band_w, BLOCK[1]))
-    _reduce_rows_kernel[grid](
-        total,
-        buffers["weights"],
-        buffers["valid"].view(torch.uint8),
-        shared,
-        buffers["classes"],
-        conf if conf is not None else buffers["classes"],
-        k,
-        a,
-        b - a,
-        band_w,
-        band_h * band_w,
-        m0,
-        m1,
-        PROBS=conf is not None,
-        BLOCK_R=BLOCK[0],
-        BLOCK_C=BLOCK[1],
-        **_launch_options(),
-    )
+    with _on(total.device):
+        _reduce_rows_kernel[grid](
+            total,
+            buffers["weights"],
+            buffers["valid"].view(torch.uint8),
+            shared,
+            buffers["classes"],
+            conf if conf is not None else buffers["classes"],
+            k,
+            a,
+            b - a,
+            band_w,
+            band_h * band_w,
+            m0,
+            m1,
+            PROBS=conf is not None,
+            BLOCK_R=BLOCK[0],
+            BLOCK_C=BLOCK[1],
+            **_launch_options(),
+        )

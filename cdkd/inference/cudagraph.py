@@ -14,6 +14,7 @@ size. What the graph writes is copied out, so a caller may hold the logits acros
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,10 +53,15 @@ class GraphedForward:
             entry = self._capture(x)
         self._graphs[shape] = entry
         entry.x[:n].copy_(x)  # a padded tail keeps the last batch's tiles: each tile's logits are its own
-        entry.graph.replay()
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            entry.graph.replay()
         return entry.y[:n].clone()
 
     def _capture(self, x: torch.Tensor) -> _Graph:
+        with torch.cuda.device(x.device):  # the graph's streams and memory pool on the model's device
+            return self._capture_here(x)
+
+    def _capture_here(self, x: torch.Tensor) -> _Graph:
         static = x.detach().clone()
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
