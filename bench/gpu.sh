@@ -76,7 +76,7 @@ step distill_compiled 150 python3 bench/distill_throughput.py --teachers vit_b -
   --json "$out/distill_compiled.json"
 # 4. the engine with the real model (vit_s + UPerNet 512, 1024 px) on CUDA, bf16: engine / bare model, eager with the
 #    torch blend (as before), then a CUDA graph with the Triton blend (the default)
-step overhead_cuda 90 python3 bench/scene.py --base "$base" --parts overhead --device cuda --overhead-factor 144 \
+step overhead_cuda 110 python3 bench/scene.py --base "$base" --parts overhead --device cuda --overhead-factor 144 \
   --batch-size 8 --workdir "$work" --json "$out/overhead_cuda.json"
 # 5. end-to-end throughput per runtime at 1024 px on the GPU: torch CUDA bf16, and ONNX Runtime's CUDA provider
 #    where onnxruntime-gpu is installed (its wheel, ~300 MB, is too large to carry to a lent machine)
