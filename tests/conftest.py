@@ -20,6 +20,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # real imagery lives beside the repository (../shared/data) and is never copied into it
 SHARED_DATA = Path(os.environ.get("CDKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -317,3 +318,20 @@ def make_segmenter(
 def segmenter_pt(tmp_path) -> Path:
     """A tiny 3-band, 64 px, 5-class (Dubai schema) segmenter.pt with seeded random weights."""
     return make_segmenter(tmp_path / "segmenter.pt")
+
+
+def run_interpreted(test_file: str) -> None:
+    """The tests of ``test_file`` in a fresh process whose triton is imported with ``TRITON_INTERPRET=1``: Triton
+    reads the variable when its library is imported, which torchvision and timm trigger while pytest collects, so
+    a process that did not set it first cannot interpret kernels. Fails unless some passed and none failed."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]

@@ -9,16 +9,13 @@ division).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import make_geotiff, synthetic_image
+from conftest import TRITON_INTERPRETED, make_geotiff, run_interpreted, synthetic_image
 from test_scene_pipeline import QUIET, LinearRuntime
 
 from cdkd.data.classraster import NODATA
@@ -33,7 +30,7 @@ from cdkd.scene.engine import segment_scene
 pytest.importorskip("triton")
 
 CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = TRITON_INTERPRETED
 DEVICE = "cuda" if CUDA else "cpu"
 CONF_TOLERANCE = 1 if CUDA else 0  # the GPU's exp and division are not numpy's; the interpreter's are
 K = 6
@@ -46,17 +43,7 @@ def test_in_the_triton_interpreter() -> None:
     """This file's kernel tests in a fresh process whose triton is imported with ``TRITON_INTERPRET=1``."""
     if CUDA or INTERPRETED:
         pytest.skip("the kernel tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+    run_interpreted(__file__)
 
 
 def test_kernels_compile_without_multiply_add(tmp_path, monkeypatch) -> None:

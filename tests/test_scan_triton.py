@@ -13,20 +13,16 @@ order than the token loop; measured differences are ~1e-6).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import TRITON_INTERPRETED, run_interpreted
 
 pytest.importorskip("triton")
 
 from cdkd.models.ssm_scan import selective_scan, selective_scan_chunked, selective_scan_ref  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = TRITON_INTERPRETED
 DEVICE = "cuda" if CUDA else "cpu"
 kernel_test = pytest.mark.skipif(
     not (CUDA or INTERPRETED), reason="run by test_in_the_triton_interpreter (a process with TRITON_INTERPRET=1)"
@@ -37,17 +33,7 @@ def test_in_the_triton_interpreter() -> None:
     """This file's kernel tests in a fresh process whose triton is imported with ``TRITON_INTERPRET=1``."""
     if CUDA or INTERPRETED:
         pytest.skip("the kernel tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+    run_interpreted(__file__)
 
 
 def test_kernels_compile_for_the_gpu(tmp_path, monkeypatch) -> None:
