@@ -16,11 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+# Triton kernels run compiled on a GPU, else in Triton's interpreter, in the process ``run_interpreted`` starts
+kernel_test = pytest.mark.skipif(
+    not (CUDA or TRITON_INTERPRETED),
+    reason="run by test_in_the_triton_interpreter (a process with TRITON_INTERPRET=1)",
+)
 # real imagery lives beside the repository (../shared/data) and is never copied into it
 SHARED_DATA = Path(os.environ.get("CDKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -323,7 +330,10 @@ def segmenter_pt(tmp_path) -> Path:
 def run_interpreted(test_file: str) -> None:
     """The tests of ``test_file`` in a fresh process whose triton is imported with ``TRITON_INTERPRET=1``: Triton
     reads the variable when its library is imported, which torchvision and timm trigger while pytest collects, so
-    a process that did not set it first cannot interpret kernels. Fails unless some passed and none failed."""
+    a process that did not set it first cannot interpret kernels. Fails unless some passed and none failed;
+    skipped where the kernels run in this process (a GPU, or this is that process)."""
+    if CUDA or TRITON_INTERPRETED:
+        pytest.skip("the kernel tests run in this process")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],

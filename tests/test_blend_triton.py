@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import TRITON_INTERPRETED, make_geotiff, run_interpreted, synthetic_image
+from conftest import CUDA, TRITON_INTERPRETED, kernel_test, make_geotiff, run_interpreted, synthetic_image
 from test_scene_pipeline import QUIET, LinearRuntime
 
 from cdkd.data.classraster import NODATA
@@ -29,20 +29,14 @@ from cdkd.scene.engine import segment_scene
 
 pytest.importorskip("triton")
 
-CUDA = torch.cuda.is_available()
 INTERPRETED = TRITON_INTERPRETED
 DEVICE = "cuda" if CUDA else "cpu"
 CONF_TOLERANCE = 1 if CUDA else 0  # the GPU's exp and division are not numpy's; the interpreter's are
 K = 6
-kernel_test = pytest.mark.skipif(
-    not (CUDA or INTERPRETED), reason="run by test_in_the_triton_interpreter (a process with TRITON_INTERPRET=1)"
-)
 
 
 def test_in_the_triton_interpreter() -> None:
     """This file's kernel tests in a fresh process whose triton is imported with ``TRITON_INTERPRET=1``."""
-    if CUDA or INTERPRETED:
-        pytest.skip("the kernel tests run in this process")
     run_interpreted(__file__)
 
 

@@ -15,24 +15,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TRITON_INTERPRETED, run_interpreted
+from conftest import CUDA, TRITON_INTERPRETED, kernel_test, run_interpreted
 
 pytest.importorskip("triton")
 
 from cdkd.models.ssm_scan import selective_scan, selective_scan_chunked, selective_scan_ref  # noqa: E402
 
-CUDA = torch.cuda.is_available()
 INTERPRETED = TRITON_INTERPRETED
 DEVICE = "cuda" if CUDA else "cpu"
-kernel_test = pytest.mark.skipif(
-    not (CUDA or INTERPRETED), reason="run by test_in_the_triton_interpreter (a process with TRITON_INTERPRET=1)"
-)
 
 
 def test_in_the_triton_interpreter() -> None:
     """This file's kernel tests in a fresh process whose triton is imported with ``TRITON_INTERPRET=1``."""
-    if CUDA or INTERPRETED:
-        pytest.skip("the kernel tests run in this process")
     run_interpreted(__file__)
 
 
