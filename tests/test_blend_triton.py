@@ -180,3 +180,18 @@ def test_the_engine_with_the_triton_blend_equals_numpy_bitwise(tmp_path) -> None
     assert np.array_equal(rasters["numpy"][0], rasters["triton"][0])
     diff = np.abs(rasters["numpy"][1].astype(int) - rasters["triton"][1].astype(int))
     assert diff.max() <= CONF_TOLERANCE
+
+
+def test_auto_picks_the_triton_blend_only_where_it_can_compile(monkeypatch) -> None:
+    """numpy on the CPU; on CUDA the kernels when triton is importable and the card is one Triton supports."""
+    from cdkd.inference import rowblend
+
+    assert rowblend.blend_backend("cpu") == "numpy"
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    assert rowblend.blend_backend("cuda:0") == "triton"
+    capability["value"] = (6, 1)  # a Pascal card: Triton has no code for it
+    assert rowblend.blend_backend("cuda:0") == "torch"
+    capability["value"] = (9, 0)
+    monkeypatch.setattr(rowblend.importlib.util, "find_spec", lambda name: None)  # a torch build without triton
+    assert rowblend.blend_backend("cuda:0") == "torch"

@@ -215,8 +215,9 @@ BACKENDS = ("auto", "numpy", "torch", "triton")
 
 def blend_backend(device: str | torch.device, backend: str = "auto") -> str:
     """The blender's backend on ``device``: ``backend``, or for "auto" numpy on the CPU, the Triton kernels
-    (``blend_triton``) on CUDA where triton is importable, torch otherwise. "triton" on the CPU needs Triton's
-    interpreter (``TRITON_INTERPRET=1`` before triton is imported): how its tests run without a GPU."""
+    (``blend_triton``) on a CUDA GPU that Triton supports where triton is importable, torch otherwise. "triton"
+    on the CPU needs Triton's interpreter (``TRITON_INTERPRET=1`` before triton is imported): how its tests run
+    without a GPU."""
     if backend not in BACKENDS:
         raise CdkdValueError(f"unknown blend backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     kind = torch.device(device).type
@@ -231,9 +232,17 @@ def blend_backend(device: str | torch.device, backend: str = "auto") -> str:
         return backend
     if kind == "cpu":
         return "numpy"
-    if kind == "cuda" and importlib.util.find_spec("triton") is not None:
+    if kind == "cuda" and importlib.util.find_spec("triton") is not None and _triton_capable(torch.device(device)):
         return "triton"
     return "torch"
+
+
+TRITON_MIN_CAPABILITY = (7, 5)  # Triton's oldest supported NVIDIA architecture (Turing)
+
+
+def _triton_capable(device: torch.device) -> bool:
+    """Whether Triton compiles for this GPU (an older card keeps the torch blend rather than failing mid-scene)."""
+    return tuple(torch.cuda.get_device_capability(device)) >= TRITON_MIN_CAPABILITY
 
 
 class _Arrays:
