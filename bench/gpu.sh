@@ -148,8 +148,8 @@ for block in (load("students_cuda.json") or {}).get("sizes", []):
         line(f"student {name} forward {block['size']} px batch 4",
              f"{m['median_s'] * 1e3:.1f} ms ({m['time_vs_vit_s']:.2f}x vit_s)")
 for row in (load("segmenters_cuda.json") or {}).get("segmenters", {}).get("rows", []):
-    eager, comp = row.get("eager_tiles_s"), row.get("compiled_tiles_s")
-    res = f"{eager or 0:.0f} eager / {comp or 0:.0f} compiled tiles/s"
+    eager, comp, graphed = (row.get(f"{k}_tiles_s") for k in ("eager", "compiled", "graphed"))
+    res = f"{eager or 0:.0f} eager / {graphed or 0:.0f} graph / {comp or 0:.0f} compiled tiles/s"
     line(f"{row['model']} + UPerNet {row['channels']} ({row['size']} px, b{row['batch']})", res)
 ce = ((load("ceiling.json") or {}).get("ceiling") or {}).get("best")
 if ce:

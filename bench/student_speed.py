@@ -20,7 +20,8 @@ with the device synchronised, and the memory columns are the CUDA allocator's pe
 ``--segmenters 512,256`` adds the bare-model table a user picks a model from: tiles/s of each student + UPerNet with
 those head widths (as ``cdkd finetune`` builds it: blocks 3, 6, 9, 12, 6 classes) at ``--seg-size`` px (1024), eager
 and compiled (``--compile both``: the student's blocks compiled in place, one graph shared by all blocks of a kind,
-plus the neck and the head; the rsmamba scan runs as its fused kernel behind a graph break). Only the table is
+plus the neck and the head; the rsmamba scan runs as its fused kernel behind a graph break), and on CUDA the eager
+model replayed as CUDA graphs (``graphed``: what ``cdkd segment`` runs for a ``segmenter.pt``). Only the table is
 printed with ``--segmenters-only``.
 """
 
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -209,6 +211,17 @@ def compile_segmenter(model: nn.Module) -> nn.Module:
     return model
 
 
+def graphed_segmenter(model: nn.Module) -> Any:
+    """``model``'s forward as ``cdkd segment`` runs a ``segmenter.pt`` on CUDA: bf16, replayed as CUDA graphs."""
+    from cdkd.inference.cudagraph import GraphedForward
+
+    def forward(t: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return model(t).float()
+
+    return GraphedForward(forward)
+
+
 def segmenter_table(
     names: list[str],
     channels: list[int],
@@ -245,6 +258,12 @@ def segmenter_table(
                     file=sys.stderr,
                     flush=True,
                 )
+                if dev.type == "cuda" and not compiled:  # the eager model as the torch runtime replays it
+                    graphed = graphed_segmenter(model)
+                    t = statistics.median(time_forward({name: graphed}, x, repeats)[name])
+                    row["graphed_tiles_s"] = batch / t
+                    print(f"  {size} px {name} + UPerNet {ch} graphed: {batch / t:.1f} tiles/s", file=sys.stderr)
+                    del graphed
                 del model
             rows.append(row)
             _relative(rows)
@@ -257,7 +276,7 @@ def _relative(rows: list[dict]) -> None:
     """Each row's tiles/s over vit_s's with the same head width."""
     for r in rows:
         ref = next((x for x in rows if x["model"] == "vit_s" and x["channels"] == r["channels"]), None)
-        for key in ("eager", "compiled"):
+        for key in ("eager", "compiled", "graphed"):
             if ref and f"{key}_tiles_s" in r and f"{key}_tiles_s" in ref:
                 r[f"{key}_vs_vit_s"] = r[f"{key}_tiles_s"] / ref[f"{key}_tiles_s"]
 
@@ -267,13 +286,14 @@ def print_segmenter_table(rows: list[dict], where: str) -> None:
         return
     r0 = rows[0]
     print(f"student + UPerNet at {r0['size']} px, batch {r0['batch']}, {where}: tiles/s (x vit_s with the same head)")
-    print(f"{'model':<12}{'head ch':>8}{'eager':>10}{'compiled':>10}{'compiled/eager':>16}{'x vit_s':>9}")
+    header = f"{'model':<12}{'head ch':>8}{'eager':>10}{'graphed':>10}{'compiled':>10}{'compiled/eager':>16}"
+    print(f"{header}{'x vit_s':>9}")
     for r in rows:
-        eager, comp = r.get("eager_tiles_s"), r.get("compiled_tiles_s")
+        eager, comp, graphed = r.get("eager_tiles_s"), r.get("compiled_tiles_s"), r.get("graphed_tiles_s")
         ratio = f"{comp / eager:.2f}" if eager and comp else "-"
         rel = r.get("compiled_vs_vit_s", r.get("eager_vs_vit_s"))
         print(
-            f"{r['model']:<12}{r['channels']:>8}{_num(eager):>10}{_num(comp):>10}{ratio:>16}"
+            f"{r['model']:<12}{r['channels']:>8}{_num(eager):>10}{_num(graphed):>10}{_num(comp):>10}{ratio:>16}"
             f"{'-' if rel is None else f'{rel:.2f}':>9}"
         )
 
