@@ -59,7 +59,13 @@ def test_kernels_compile_without_multiply_add(tmp_path, monkeypatch) -> None:
         (module._reduce_rows_kernel, ["*fp32", "*fp32", "*u8", "*u8", "*u8", "*u8"], False),
     )
     for kernel, pointers, window in kernels:
-        consts = {**blocks, "PROBS": True, **({"HAS_LOGITS": True} if window else {})}
+        consts = {
+            **blocks,
+            "PROBS": True,
+            "NODATA_ID": 255,
+            "NODATA_CONF": 0,
+            **({"HAS_LOGITS": True} if window else {}),
+        }
         kinds = iter(pointers + ["i32"] * len(kernel.arg_names))
         signature = {n: "constexpr" if n in consts else next(kinds) for n in kernel.arg_names}
         source = ASTSource(

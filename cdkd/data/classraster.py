@@ -27,6 +27,7 @@ from cdkd.errors import CdkdIOError, CdkdValueError
 from cdkd.utils.atomic import atomic_write_text
 
 NODATA = 255
+CONFIDENCE_NODATA = 0  # confidence is round(255 * max softmax) >= 255 / K >= 1 wherever a pixel is valid
 CLASSES_TAG = "CDKD_CLASSES"
 MAX_CLASSES = NODATA  # ids 0..254; 255 is nodata
 

@@ -28,11 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
+from cdkd.data.classraster import CONFIDENCE_NODATA, NODATA
+
 __all__ = ["BLOCK", "add_window", "reduce_rows"]
 
 BLOCK = (16, 64)  # (rows, columns) of a program's tile of pixels: 64 consecutive float32 columns per row
-NODATA = 255  # cdkd.data.classraster.NODATA
-CONFIDENCE_NODATA = 0  # rowblend.CONFIDENCE_NODATA
 
 
 @triton.jit
@@ -98,6 +98,8 @@ def _add_window_kernel(
     e1,
     HAS_LOGITS: tl.constexpr,
     PROBS: tl.constexpr,
+    NODATA_ID: tl.constexpr,
+    NODATA_CONF: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -125,14 +127,14 @@ def _add_window_kernel(
         ws = tl.load(wsum_ptr + band, mask=frame, other=0.0)
         tl.store(wsum_ptr + band, ws + weight, mask=frame)
         index = _first_argmax(logits_ptr, lo, stride_lk, alone, K)
-        tl.store(direct_ptr + band, tl.where(valid, index, 255).to(tl.uint8), mask=alone)
+        tl.store(direct_ptr + band, tl.where(valid, index, NODATA_ID).to(tl.uint8), mask=alone)
         if PROBS:
             conf = _confidence(logits_ptr, lo, stride_lk, alone, tl.full(index.shape, 1.0, tl.float32), K)
-            tl.store(conf_ptr + band, tl.where(valid, conf, 0).to(tl.uint8), mask=alone)
+            tl.store(conf_ptr + band, tl.where(valid, conf, NODATA_CONF).to(tl.uint8), mask=alone)
     else:  # a skipped window (no valid pixel): its own pixels are nodata
-        tl.store(direct_ptr + band, tl.full(valid.shape, 255, tl.uint8), mask=alone)
+        tl.store(direct_ptr + band, tl.full(valid.shape, NODATA_ID, tl.uint8), mask=alone)
         if PROBS:
-            tl.store(conf_ptr + band, tl.full(valid.shape, 0, tl.uint8), mask=alone)
+            tl.store(conf_ptr + band, tl.full(valid.shape, NODATA_CONF, tl.uint8), mask=alone)
 
 
 @triton.jit
@@ -151,6 +153,8 @@ def _reduce_rows_kernel(
     m0,
     m1,
     PROBS: tl.constexpr,
+    NODATA_ID: tl.constexpr,
+    NODATA_CONF: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -163,11 +167,11 @@ def _reduce_rows_kernel(
     band = r * band_w + c
     valid = tl.load(bvalid_ptr + band, mask=todo, other=0) != 0
     index = _first_argmax(sum_ptr, band, plane, todo, K)  # dividing by one positive weight keeps the order
-    tl.store(direct_ptr + band, tl.where(valid, index, 255).to(tl.uint8), mask=todo)
+    tl.store(direct_ptr + band, tl.where(valid, index, NODATA_ID).to(tl.uint8), mask=todo)
     if PROBS:
         weight = tl.load(wsum_ptr + band, mask=todo, other=0.0)
         conf = _confidence(sum_ptr, band, plane, todo, weight, K)
-        tl.store(conf_ptr + band, tl.where(valid, conf, 0).to(tl.uint8), mask=todo)
+        tl.store(conf_ptr + band, tl.where(valid, conf, NODATA_CONF).to(tl.uint8), mask=todo)
 
 
 def _on(device: torch.device) -> Any:
@@ -241,6 +245,8 @@ def add_window(
             e1,
             HAS_LOGITS=has_logits,
             PROBS=conf is not None,
+            NODATA_ID=NODATA,
+            NODATA_CONF=CONFIDENCE_NODATA,
             BLOCK_R=BLOCK[0],
             BLOCK_C=BLOCK[1],
             **_launch_options(),
@@ -275,6 +281,8 @@ def reduce_rows(
             m0,
             m1,
             PROBS=conf is not None,
+            NODATA_ID=NODATA,
+            NODATA_CONF=CONFIDENCE_NODATA,
             BLOCK_R=BLOCK[0],
             BLOCK_C=BLOCK[1],
             **_launch_options(),

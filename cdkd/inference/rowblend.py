@@ -33,11 +33,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from cdkd.data.classraster import NODATA
+from cdkd.data.classraster import CONFIDENCE_NODATA, NODATA
 from cdkd.errors import CdkdValueError
 from cdkd.inference.tiler import TileWindow
 
-CONFIDENCE_NODATA = 0  # confidence is round(255 * max softmax) >= 255 / K >= 1 wherever a pixel is valid
 OUTPUTS = ("classes", "logits")
 
 
