@@ -212,13 +212,18 @@ def add_weighted(dst: Array, logits: Array, weights: Array, scratch: np.ndarray 
 BACKENDS = ("auto", "numpy", "torch", "triton")
 
 
+def check_backend(backend: str) -> None:
+    """Refuse a blend backend that is not one of ``BACKENDS`` (before any device is known)."""
+    if backend not in BACKENDS:
+        raise CdkdValueError(f"unknown blend backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
 def blend_backend(device: str | torch.device, backend: str = "auto") -> str:
     """The blender's backend on ``device``: ``backend``, or for "auto" numpy on the CPU, the Triton kernels
     (``blend_triton``) on a CUDA GPU that Triton supports where triton is importable, torch otherwise. "triton"
     on the CPU needs Triton's interpreter (``TRITON_INTERPRET=1`` before triton is imported): how its tests run
     without a GPU."""
-    if backend not in BACKENDS:
-        raise CdkdValueError(f"unknown blend backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     kind = torch.device(device).type
     if backend == "numpy" and kind != "cpu":
         raise CdkdValueError(f"the numpy blend backend runs on the CPU only, not on {device}")

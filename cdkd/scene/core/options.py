@@ -10,7 +10,7 @@ import numpy as np
 from cdkd.artifacts import InferenceMeta
 from cdkd.config import PATCH_SIZE, bounded, check_ranges
 from cdkd.errors import CdkdValueError
-from cdkd.inference.rowblend import BACKENDS
+from cdkd.inference.rowblend import check_backend
 from cdkd.inference.tiler import PAD_MODES, edge_margin
 from cdkd.scene.core.source import SceneInfo
 from cdkd.utils.memory import check_fits
@@ -64,8 +64,7 @@ def resolve_tiling(
         raise CdkdValueError(f"batch size must be at least 1, got {options.batch_size}")
     if options.pad_mode not in PAD_MODES:
         raise CdkdValueError(f"unknown pad mode {options.pad_mode!r}; choose one of {', '.join(PAD_MODES)}")
-    if options.blend_backend not in BACKENDS:
-        raise CdkdValueError(f"unknown blend backend {options.blend_backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(options.blend_backend)
     if options.read_threads is not None and options.read_threads < 0:
         raise CdkdValueError(f"read threads must be >= 0, got {options.read_threads}")
     return tile, overlap
