@@ -75,6 +75,7 @@ def test_one_scene_in_blocks_equals_the_local_engine_bitwise(cluster, tmp_path, 
     assert np.array_equal(_read(tmp_path / "cl.tif"), _read(local))
     assert np.array_equal(_read(tmp_path / "cl_confidence.tif"), _read(tmp_path / "local_confidence.tif"))
     assert report.runtime_options["blocks"] == 5 and len(report.runtime_options["workers"]) == 2
+    assert report.runtime_options["blend"] == "numpy"  # what the workers ran, as they report it
     with rasterio.open(tmp_path / "cl.tif") as a, rasterio.open(local) as b:
         assert a.overviews(1) == b.overviews(1) and a.tags() == b.tags()
     assert not output_paths(tmp_path / "cl.tif")[3].exists()

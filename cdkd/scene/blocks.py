@@ -217,6 +217,7 @@ def run_block(job: _Job, block: Block) -> dict[str, Any]:
         "worker": address,
         "seconds": time.perf_counter() - start,
         "stages": times.to_dict(),
+        "blend": blender.backend,
     }
     atomic_write_text(marker, json.dumps(result))
     return result
@@ -321,6 +322,7 @@ def segment_scene_on_cluster(
             0,
             info.width * info.height,
             times.to_dict(),
+            ",".join(sorted({r["blend"] for r in results if r.get("blend")})) or None,
         )
         outputs = (final, conf if options.probs else None)
         report = build_report(scene, outputs, kind_runtime, source, (tile, overlap, margin), options, totals)

@@ -103,7 +103,7 @@ def segment_scene(
     check_num_classes(runtime.meta.classes)
     tile, overlap = resolve_tiling(runtime.meta, options, runtime.fixed_tile, runtime.name)
     margin = resolve_margin(options, tile)
-    blend_backend(runtime.blend_device, options.blend_backend)  # one that cannot run here is refused before any work
+    blend = blend_backend(runtime.blend_device, options.blend_backend)  # one that cannot run is refused first
     check_outputs(scene, out, options)
     meta = runtime.meta
     final, _, report_path, partial = output_paths(out)
@@ -114,6 +114,7 @@ def segment_scene(
         check_buffers(source.info, meta, tile, options.batch_size)
         announce_bands(source, log or log_stderr)
         run = _LocalRun(scene, source, runtime, out, options, tile, overlap, margin)
+        run.blend = blend
         with claimed(partial, out, options.resume):
             run.execute()
             report = run.report(time.perf_counter() - start)
@@ -147,6 +148,7 @@ class _LocalRun:
         )
         self.rows_done = self.resumed_from = 0
         self.sequence = 0
+        self.blend: str | None = None  # the blend backend, for the report
 
     # ------------------------------------------------------------------------------------------------ run
 
@@ -286,6 +288,7 @@ class _LocalRun:
             self.resumed_from,
             pixels_run,
             self.times.to_dict(),
+            self.blend,
         )
         outputs = (final, conf if options.probs else None)
         return build_report(

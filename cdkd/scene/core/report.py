@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 import cdkd
-from cdkd.inference.rowblend import blend_backend
 from cdkd.progress import progress_bar
 from cdkd.scene.core.options import SegmentOptions
 from cdkd.scene.core.pipeline import RowCounts, reader_threads
@@ -144,9 +143,11 @@ def provenance(runtime: Any, options: SegmentOptions, norm: Any, device: str) ->
     }
 
 
-def _with_blend(fields: dict[str, Any], runtime: RuntimeInfo, options: SegmentOptions) -> dict[str, Any]:
-    """``provenance`` of a class raster, whose runtime options also say how the device blended."""
-    blend = blend_backend(runtime.blend_device, options.blend_backend)
+def _with_blend(fields: dict[str, Any], blend: str | None) -> dict[str, Any]:
+    """``provenance`` of a class raster, whose runtime options also say how the device blended (``blend``: the
+    backend, or the workers' backends; None: not known)."""
+    if blend is None:
+        return fields
     return {**fields, "runtime_options": {**fields["runtime_options"], "blend": blend}}
 
 
@@ -162,6 +163,7 @@ class RunTotals:
     resumed_from: int  # window rows done before this run
     pixels_run: int  # scene pixels this run covered
     stages: dict[str, float]  # seconds each stage was busy
+    blend: str | None = None  # the blend backend (rowblend.blend_backend) that ran, the workers' joined by ","
 
 
 def build_report(
@@ -207,7 +209,7 @@ def build_report(
         edge_context=rest[0] if rest else 0,
         bands=list(source.bands),
         scene_bands=info.count,
-        **_with_blend(provenance(runtime, options, source.norm, runtime.blend_device), runtime, options),
+        **_with_blend(provenance(runtime, options, source.norm, runtime.blend_device), totals.blend),
         stages=totals.stages,
         classes=classes,
     )
