@@ -391,6 +391,14 @@ class PlanBlender:
             self._shared_mask = torch.zeros(self.x1 - self.x0, dtype=torch.uint8, device=self.device)
             for a, b in self._shared_cols:
                 self._shared_mask[a - self.x0 : b - self.x0] = 1
+        # the row's buffers as the kernels take them (the same arrays for every row)
+        self._buffers = {
+            "sum": self._sum,
+            "weights": self._w,
+            "valid": self._valid,
+            "classes": self._direct,
+            "confidence": self._direct_conf,
+        }
 
     # ------------------------------------------------------------------------------------------------ a row
 
@@ -429,7 +437,7 @@ class PlanBlender:
                 logits,
                 weights,
                 valid.contiguous(),
-                self._buffers(),
+                self._buffers,
                 (window.row, window.col, window.height, window.width),
                 (self.top, self.x0),
                 (self.height, c0, c1),
@@ -502,15 +510,6 @@ class PlanBlender:
         self.carry = self._partial(stop, bottom) if stop < bottom else None
         return head, finished
 
-    def _buffers(self) -> dict[str, Any]:
-        return {
-            "sum": self._sum,
-            "weights": self._w,
-            "valid": self._valid,
-            "classes": self._direct,
-            "confidence": self._direct_conf,
-        }
-
     def _partial(self, a: int, b: int) -> Partial | None:
         if a >= b:
             return None
@@ -547,7 +546,7 @@ class PlanBlender:
 
             assert self._shared_mask is not None  # built with the triton backend
             done = (m0 - self.top, m1 - self.top)
-            blend_triton.reduce_rows(self._buffers(), self._shared_mask, (a - self.top, b - self.top), done)
+            blend_triton.reduce_rows(self._buffers, self._shared_mask, (a - self.top, b - self.top), done)
         else:
             for r0, r1, c0, c1 in regions:
                 if r0 < r1 and c0 < c1:
